@@ -1,0 +1,234 @@
+//! The appliance's operations on a data dir: the catalog plus its vaults.
+//!
+//! The CLI (and later the HTTP API) call these; each one keeps the catalog and the vaults
+//! in step (a backup is recorded in the catalog after its manifest is in the vault; a
+//! delete removes the manifest first). The data dir holds `catalog.sqlite` and, by
+//! default, `vaults/<name>/`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::backup::{BackupOptions, backup_disk};
+use crate::catalog::{BackupEntry, Catalog, VaultEntry};
+use crate::chunk::ChunkSize;
+use crate::error::{Error, Result};
+use crate::manifest::BackupManifest;
+use crate::restore::{ImageFormat, RestoreStats, restore_disk};
+use crate::source::open_source;
+use crate::vault::Vault;
+use crate::vault::gc::{GcStats, gc};
+use crate::vault::verify::{VerifyReport, verify};
+
+/// An open data dir.
+pub struct App {
+    data: PathBuf,
+    catalog: Catalog,
+}
+
+/// Usage figures of a vault.
+#[derive(Debug, Clone, Serialize)]
+pub struct VaultInfo {
+    pub name: String,
+    pub path: String,
+    pub id: String,
+    pub chunk_size: u32,
+    pub zstd_level: i32,
+    pub backups: usize,
+    /// Sum of the backups' virtual disk sizes.
+    pub logical_bytes: u64,
+    /// Stored (compressed) blob bytes.
+    pub stored_bytes: u64,
+    /// Bytes of pack files on disk.
+    pub pack_bytes: u64,
+    pub packs: usize,
+    pub dedup_ratio: f64,
+    pub capacity: Option<u64>,
+}
+
+impl App {
+    pub fn open(data: &Path) -> Result<App> {
+        Ok(App {
+            data: data.to_path_buf(),
+            catalog: Catalog::open(data)?,
+        })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Create a vault named `name` at `path` (default `<data>/vaults/<name>`).
+    pub fn create_vault(&self, name: &str, path: Option<&Path>, chunk_size: ChunkSize, zstd_level: i32) -> Result<VaultEntry> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(Error::config(format!(
+                "vault name {name:?} must be letters, digits, '-', '_' or '.'"
+            )));
+        }
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!("a vault named {name:?} already exists")));
+        }
+        let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
+        let vault = Vault::create(&path, chunk_size, zstd_level)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: std::fs::canonicalize(&path).unwrap_or(path),
+            vault_id: vault.config().id.clone(),
+            chunk_size: chunk_size.bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        Ok(entry)
+    }
+
+    /// Register an existing vault (e.g. on a new appliance, or a vault on a NAS) and
+    /// rebuild the catalog's view of it. Returns the number of backups found.
+    pub fn attach_vault(&mut self, name: &str, path: &Path) -> Result<usize> {
+        let vault = Vault::open(path)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+            vault_id: vault.config().id.clone(),
+            chunk_size: vault.chunk_size().bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        self.rescan(name)
+    }
+
+    pub fn open_vault(&self, name: &str) -> Result<Vault> {
+        Vault::open(&self.catalog.vault(name)?.path)
+    }
+
+    pub fn vault_info(&self, name: &str) -> Result<VaultInfo> {
+        let entry = self.catalog.vault(name)?;
+        let vault = Vault::open(&entry.path)?;
+        let lookup = vault.lookup_reconciled()?;
+        let (pack_bytes, packs) = vault.stored_bytes(&lookup)?;
+        let stored_bytes = lookup.stored_blob_bytes()?;
+        let backups = self.catalog.backups(Some(name), None)?;
+        let logical_bytes: u64 = backups.iter().map(|b| b.manifest.logical_size()).sum();
+        Ok(VaultInfo {
+            name: entry.name,
+            path: entry.path.display().to_string(),
+            id: vault.config().id.clone(),
+            chunk_size: vault.chunk_size().bytes(),
+            zstd_level: vault.config().zstd_level,
+            backups: backups.len(),
+            logical_bytes,
+            stored_bytes,
+            pack_bytes,
+            packs,
+            dedup_ratio: if stored_bytes == 0 {
+                0.0
+            } else {
+                logical_bytes as f64 / stored_bytes as f64
+            },
+            capacity: vault.config().capacity,
+        })
+    }
+
+    /// Rebuild the catalog's view of a vault (and the vault's lookup index) from the
+    /// vault itself. Returns the number of backups found.
+    pub fn rescan(&mut self, name: &str) -> Result<usize> {
+        let vault = self.open_vault(name)?;
+        vault.lookup()?.rebuild(vault.store().as_ref())?;
+        let manifests = vault.manifests()?;
+        self.catalog.replace_backups(name, &manifests)?;
+        Ok(manifests.len())
+    }
+
+    /// Back up the disk at `source_spec` into vault `vault_name`.
+    pub fn backup(&self, source_spec: &str, vault_name: &str, opts: &BackupOptions) -> Result<BackupManifest> {
+        let vault = self.open_vault(vault_name)?;
+        let mut source = open_source(source_spec)?;
+        let mut opts = opts.clone();
+        let disk_id = opts
+            .disk_id
+            .get_or_insert_with(|| default_disk_id(source_spec))
+            .clone();
+        if opts.name.is_none() {
+            // Two one-off backups of a disk within the same second stay distinguishable.
+            let base = crate::manifest::manual_name();
+            let mut name = base.clone();
+            let mut n = 1;
+            while self.catalog.name_taken(vault_name, &disk_id, &name)? {
+                n += 1;
+                name = format!("{base}_{n}");
+            }
+            opts.name = Some(name);
+        }
+        let m = backup_disk(&vault, source.as_mut(), &opts)?;
+        self.catalog.put_backup(vault_name, &m)?;
+        Ok(m)
+    }
+
+    pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
+        self.catalog.find_backup(id_or_name)
+    }
+
+    /// Restore one disk (default: the first) of a backup into a new image.
+    pub fn restore(&self, id_or_name: &str, disk: Option<&str>, to: &Path, format: ImageFormat, opts: &BackupOptions) -> Result<RestoreStats> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = self.open_vault(&entry.vault)?;
+        let d = match disk {
+            None => entry.manifest.disks.first(),
+            Some(name) => entry.manifest.disks.iter().find(|d| d.name == name || d.disk_id == name),
+        }
+        .ok_or_else(|| Error::not_found(format!("backup {} has no disk {disk:?}", entry.manifest.name)))?;
+        restore_disk(&vault, d, to, format, opts)
+    }
+
+    /// Delete a backup: its manifest goes; GC frees what nothing else uses.
+    pub fn delete_backup(&self, id_or_name: &str) -> Result<BackupManifest> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = self.open_vault(&entry.vault)?;
+        match vault.delete_manifest(&entry.manifest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.catalog.remove_backup(&entry.manifest.id)?;
+        Ok(entry.manifest)
+    }
+
+    pub fn gc(&self, vault_name: &str, repack_below: u8) -> Result<GcStats> {
+        let vault = self.open_vault(vault_name)?;
+        gc(&vault, repack_below)
+    }
+
+    /// Verify a whole vault, or one backup.
+    pub fn verify(&self, vault_name: &str, backup: Option<&str>, threads: usize) -> Result<VerifyReport> {
+        let vault = self.open_vault(vault_name)?;
+        match backup {
+            None => verify(&vault, None, threads),
+            Some(b) => {
+                let entry = self.find_backup(b)?;
+                if entry.vault != vault_name {
+                    return Err(Error::config(format!(
+                        "backup {b} is in vault {}, not {vault_name}",
+                        entry.vault
+                    )));
+                }
+                verify(&vault, Some(std::slice::from_ref(&entry.manifest)), threads)
+            }
+        }
+    }
+}
+
+/// The disk id used when none is given: the source path made absolute (so that the
+/// same image backed up from two working directories is one disk).
+pub fn default_disk_id(spec: &str) -> String {
+    let (prefix, path) = match spec.split_once(':') {
+        Some((p, rest)) if ["raw", "qcow2", "vmdk"].contains(&p) => (Some(p), rest),
+        _ => (None, spec),
+    };
+    if spec.contains("://") {
+        return spec.to_string();
+    }
+    let abs = std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string());
+    match prefix {
+        Some(p) => format!("{p}:{abs}"),
+        None => abs,
+    }
+}

@@ -1,0 +1,570 @@
+//! Disk backup: the parallel read → hash → compress → store pipeline.
+//!
+//! ```text
+//!  caller thread (owns the source; sources need not be Send)
+//!    reads the chunks of the read plan, in disk order ──jobs (bounded)──▶ N workers
+//!    builds index pages from the results  ◀──results──  zero check, blake3, dedup lookup,
+//!    stores pages and the root                           zstd (only for new chunks)
+//!                                                              │ new blobs (bounded)
+//!                                                              ▼
+//!                                                       writer thread: PackWriter →
+//!                                                       publish pack → lookup index
+//! ```
+//!
+//! The read plan is a set of extents (allocated, or changed since a checkpoint) over the
+//! chunk grid. A page with nothing to read keeps the previous backup's page digest (or
+//! `ZERO`); a page with something to read starts from the previous page's entries and
+//! overwrites the slots read. So a full backup is "no base, read everything allocated",
+//! and an incremental is "base = previous index, read only what changed": every backup's
+//! index is complete and restores on its own.
+//!
+//! Memory is bounded: the job queue holds a few chunks per worker, only the pages being
+//! filled are in memory, and dedup state lives in the SQLite lookup index (plus a set of
+//! digests claimed by this backup and not yet indexed, at most about a pack's worth).
+//!
+//! Crash safety: the vault lock is held shared; packs are published atomically as they
+//! fill; the manifest is written last. A crash leaves only packs that no manifest reaches.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+
+use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob, Encoder, encode_blob, is_zero};
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, pages_for};
+use crate::manifest::{
+    BackupKind, BackupManifest, DiskManifest, MANIFEST_VERSION, ResourceKind, manual_name,
+    new_backup_id, now_rfc3339,
+};
+use crate::source::{BlockSource, Extent};
+use crate::vault::Vault;
+use crate::vault::lookup::LookupIndex;
+use crate::vault::pack::{PackWriter, SealedPack};
+
+/// Live counters of a running job, for progress display and the task API.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+    pub bytes_stored: AtomicU64,
+}
+
+/// How to run a backup.
+#[derive(Clone, Default)]
+pub struct BackupOptions {
+    /// Stable id of the disk across backups (default: the source description).
+    pub disk_id: Option<String>,
+    /// Backup name (default `manualbk_<time>`).
+    pub name: Option<String>,
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+    /// Set to stop the backup; it then fails with `Cancelled` and records nothing.
+    pub cancel: Option<Arc<AtomicBool>>,
+    pub progress: Option<Arc<Progress>>,
+}
+
+/// What to read and what to start from.
+pub struct ReadPlan {
+    /// Extents to read (sorted, non-overlapping).
+    pub extents: Vec<Extent>,
+    /// Previous index whose unread slots are kept (incremental), or None (full).
+    pub base: Option<IndexRoot>,
+    pub kind: BackupKind,
+    pub strategy: String,
+    pub parent: Option<String>,
+}
+
+/// Outcome of one disk's pipeline run.
+pub struct DiskOutcome {
+    pub index_root: ChunkDigest,
+    pub bytes_allocated: u64,
+    pub bytes_read: u64,
+    pub bytes_stored: u64,
+    pub chunks_read: u64,
+    pub chunks_new: u64,
+}
+
+/// Back up one disk into `vault` as a new backup; returns its manifest (already written).
+pub fn backup_disk(vault: &Vault, source: &mut dyn BlockSource, opts: &BackupOptions) -> Result<BackupManifest> {
+    let started = Instant::now();
+    let disk_id = opts.disk_id.clone().unwrap_or_else(|| source.describe());
+    let _lock = vault.lock_shared()?;
+    let extents = source.allocated_extents()?;
+    let plan = ReadPlan {
+        extents,
+        base: None,
+        kind: BackupKind::Full,
+        strategy: "allocation".into(),
+        parent: None,
+    };
+    let outcome = run_disk(vault, source, &plan, opts)
+        .map_err(|e| e.context_prefix(format!("backup of {}", source.describe())))?;
+    let manifest = BackupManifest {
+        version: MANIFEST_VERSION,
+        id: new_backup_id(),
+        name: opts.name.clone().unwrap_or_else(manual_name),
+        resource: disk_id.clone(),
+        resource_kind: ResourceKind::Disk,
+        created: now_rfc3339(),
+        vault_id: vault.config().id.clone(),
+        chunk_size: vault.chunk_size().bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+        disks: vec![DiskManifest {
+            name: "disk0".into(),
+            disk_id,
+            source: source.describe(),
+            format: source.format().as_str().into(),
+            size: source.size(),
+            index_root: outcome.index_root,
+            kind: plan.kind,
+            strategy: plan.strategy,
+            parent: plan.parent,
+            bytes_allocated: outcome.bytes_allocated,
+            bytes_read: outcome.bytes_read,
+            bytes_stored: outcome.bytes_stored,
+            chunks_total: vault.chunk_size().chunks_for(source.size()),
+            chunks_read: outcome.chunks_read,
+            chunks_new: outcome.chunks_new,
+        }],
+    };
+    check_cancel(opts)?;
+    vault.put_manifest(&manifest)?;
+    Ok(manifest)
+}
+
+fn check_cancel(opts: &BackupOptions) -> Result<()> {
+    if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+        return Err(Error::cancelled("backup cancelled"));
+    }
+    Ok(())
+}
+
+struct Job {
+    page: usize,
+    slot: usize,
+    buf: Vec<u8>,
+}
+
+struct JobResult {
+    page: usize,
+    slot: usize,
+    digest: ChunkDigest,
+    new: bool,
+}
+
+/// Digests this backup decided to store and that are not indexed yet.
+type Claimed = Mutex<HashSet<ChunkDigest>>;
+
+/// Returns true when the caller should store `digest` (it is neither in the vault nor
+/// claimed by another worker of this backup).
+fn claim(lookup: &LookupIndex, claimed: &Claimed, digest: &ChunkDigest) -> Result<bool> {
+    if claimed.lock().unwrap_or_else(|p| p.into_inner()).contains(digest) {
+        return Ok(false);
+    }
+    if lookup.contains(digest)? {
+        return Ok(false);
+    }
+    Ok(claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest))
+}
+
+/// A page being filled.
+struct PageState {
+    entries: Vec<ChunkDigest>,
+    outstanding: usize,
+    all_sent: bool,
+}
+
+/// Chunk numbers covered by `extents` (sorted), each once.
+fn plan_chunks(extents: &[Extent], chunk: u64, disk_size: u64) -> impl Iterator<Item = u64> + '_ {
+    let mut next = 0u64;
+    extents.iter().flat_map(move |e| {
+        let end = e.end().min(disk_size);
+        if e.length == 0 || e.offset >= end {
+            return 0..0;
+        }
+        let first = (e.offset / chunk).max(next);
+        let last = (end - 1) / chunk + 1;
+        next = next.max(last);
+        first..last.max(first)
+    })
+}
+
+/// Run the pipeline for one disk according to `plan`.
+pub fn run_disk(vault: &Vault, source: &mut dyn BlockSource, plan: &ReadPlan, opts: &BackupOptions) -> Result<DiskOutcome> {
+    let cs = vault.chunk_size().as_u64();
+    let size = source.size();
+    let chunks = cs_chunks(size, cs);
+    let npages = pages_for(chunks);
+    if let Some(base) = &plan.base
+        && (base.disk_size != size || base.chunk_size != vault.chunk_size())
+    {
+        return Err(Error::invalid(format!(
+            "previous index is for a disk of {} bytes, this disk has {size}",
+            base.disk_size
+        )));
+    }
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    };
+    let level = vault.config().zstd_level;
+    let bytes_allocated: u64 = plan.extents.iter().map(|e| e.length).sum();
+    if let Some(p) = &opts.progress {
+        p.bytes_total.store(bytes_allocated, Ordering::Relaxed);
+    }
+    let main_lookup = vault.lookup_reconciled()?;
+    let claimed: Claimed = Mutex::new(HashSet::new());
+    let failed = AtomicBool::new(false);
+    let stored = AtomicU64::new(0);
+    let capacity_left = match vault.config().capacity {
+        Some(cap) => Some(cap.saturating_sub(vault.stored_bytes(&main_lookup)?.0)),
+        None => None,
+    };
+
+    let (job_tx, job_rx) = bounded::<Job>(threads * 4);
+    let (res_tx, res_rx) = unbounded::<Result<JobResult>>();
+    let (blob_tx, blob_rx) = bounded::<EncodedBlob>(threads * 4);
+
+    std::thread::scope(|scope| -> Result<DiskOutcome> {
+        let writer = scope.spawn(|| {
+            let r = write_blobs(vault, blob_rx, &claimed, &stored, capacity_left, opts);
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            r
+        });
+        for _ in 0..threads {
+            let (job_rx, res_tx, blob_tx) = (job_rx.clone(), res_tx.clone(), blob_tx.clone());
+            let (claimed, failed) = (&claimed, &failed);
+            scope.spawn(move || {
+                if let Err(e) = hash_worker(vault, level, job_rx, &res_tx, blob_tx, claimed) {
+                    failed.store(true, Ordering::Relaxed);
+                    let _ = res_tx.send(Err(e));
+                }
+            });
+        }
+        drop((job_rx, res_tx));
+
+        let mut reader = Reader {
+            vault,
+            lookup: &main_lookup,
+            claimed: &claimed,
+            level,
+            base: plan.base.as_ref(),
+            chunks,
+            pages: HashMap::new(),
+            root_pages: match &plan.base {
+                Some(b) => b.pages.clone(),
+                None => vec![ChunkDigest::ZERO; npages],
+            },
+            blob_tx: blob_tx.clone(),
+            new_chunks: 0,
+        };
+        let read = reader.read_all(source, plan, &job_tx, &res_rx, opts, &failed);
+        drop(job_tx);
+        let result = read.and_then(|(bytes_read, chunks_read)| {
+            while reader.pages.values().any(|p| p.outstanding > 0 || !p.all_sent) {
+                let r = res_rx
+                    .recv()
+                    .map_err(|_| Error::new(ErrorKind::Io, "backup workers stopped unexpectedly"))?;
+                reader.apply(r?)?;
+            }
+            let root = IndexRoot {
+                disk_size: size,
+                chunk_size: vault.chunk_size(),
+                pages: std::mem::take(&mut reader.root_pages),
+            };
+            let root_digest = reader.store_blob(BlobKind::IndexRoot, root.encode())?;
+            Ok((bytes_read, chunks_read, root_digest))
+        });
+        let new_chunks = reader.new_chunks;
+        drop(reader);
+        drop(blob_tx);
+        if result.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        // Drain results so that workers can finish, then collect the writer.
+        while res_rx.recv().is_ok() {}
+        let written = writer
+            .join()
+            .map_err(|_| Error::new(ErrorKind::Io, "pack writer thread panicked"))?;
+        let (bytes_read, chunks_read, index_root) = result?;
+        written?;
+        Ok(DiskOutcome {
+            index_root,
+            bytes_allocated,
+            bytes_read,
+            bytes_stored: stored.load(Ordering::Relaxed),
+            chunks_read,
+            chunks_new: new_chunks,
+        })
+    })
+}
+
+fn cs_chunks(size: u64, cs: u64) -> u64 {
+    size.div_ceil(cs)
+}
+
+/// The caller-thread side: reads chunks, collects results, builds pages.
+struct Reader<'a> {
+    vault: &'a Vault,
+    lookup: &'a LookupIndex,
+    claimed: &'a Claimed,
+    level: i32,
+    base: Option<&'a IndexRoot>,
+    chunks: u64,
+    pages: HashMap<usize, PageState>,
+    root_pages: Vec<ChunkDigest>,
+    blob_tx: Sender<EncodedBlob>,
+    new_chunks: u64,
+}
+
+impl Reader<'_> {
+    fn read_all(
+        &mut self,
+        source: &mut dyn BlockSource,
+        plan: &ReadPlan,
+        job_tx: &Sender<Job>,
+        res_rx: &Receiver<Result<JobResult>>,
+        opts: &BackupOptions,
+        failed: &AtomicBool,
+    ) -> Result<(u64, u64)> {
+        let cs = self.vault.chunk_size().as_u64();
+        let size = source.size();
+        let mut bytes_read = 0u64;
+        let mut chunks_read = 0u64;
+        let mut current: Option<usize> = None;
+        for c in plan_chunks(&plan.extents, cs, size) {
+            let page = (c / PAGE_ENTRIES as u64) as usize;
+            if current != Some(page) {
+                if let Some(prev) = current {
+                    self.page_sent(prev)?;
+                }
+                self.open_page(page)?;
+                current = Some(page);
+            }
+            check_cancel(opts)?;
+            if failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let off = c * cs;
+            let len = cs.min(size - off) as usize;
+            let mut buf = vec![0u8; len];
+            source
+                .read_at(&mut buf, off)
+                .map_err(|e| e.context_prefix(format!("reading disk offset {off}")))?;
+            bytes_read += len as u64;
+            chunks_read += 1;
+            if let Some(p) = &opts.progress {
+                p.bytes_done.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            if let Some(st) = self.pages.get_mut(&page) {
+                st.outstanding += 1;
+            }
+            let slot = (c % PAGE_ENTRIES as u64) as usize;
+            if job_tx.send(Job { page, slot, buf }).is_err() {
+                break;
+            }
+            while let Ok(r) = res_rx.try_recv() {
+                self.apply(r?)?;
+            }
+        }
+        if let Some(prev) = current {
+            self.page_sent(prev)?;
+        }
+        Ok((bytes_read, chunks_read))
+    }
+
+    fn open_page(&mut self, page: usize) -> Result<()> {
+        let n = page_len(self.chunks, page);
+        let entries = match self.base.map(|b| b.pages[page]) {
+            Some(d) if !d.is_zero() => {
+                let (_, bytes) = self.vault.read_blob(self.lookup, &d)?;
+                decode_page(&bytes, n)?
+            }
+            _ => vec![ChunkDigest::ZERO; n],
+        };
+        self.pages.insert(
+            page,
+            PageState {
+                entries,
+                outstanding: 0,
+                all_sent: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn page_sent(&mut self, page: usize) -> Result<()> {
+        if let Some(st) = self.pages.get_mut(&page) {
+            st.all_sent = true;
+        }
+        self.maybe_finish(page)
+    }
+
+    fn apply(&mut self, r: JobResult) -> Result<()> {
+        if r.new {
+            self.new_chunks += 1;
+        }
+        if let Some(st) = self.pages.get_mut(&r.page) {
+            st.entries[r.slot] = r.digest;
+            st.outstanding -= 1;
+        }
+        self.maybe_finish(r.page)
+    }
+
+    fn maybe_finish(&mut self, page: usize) -> Result<()> {
+        let done = self
+            .pages
+            .get(&page)
+            .is_some_and(|st| st.all_sent && st.outstanding == 0);
+        if !done {
+            return Ok(());
+        }
+        let Some(st) = self.pages.remove(&page) else {
+            return Ok(());
+        };
+        self.root_pages[page] = match encode_page(&st.entries) {
+            None => ChunkDigest::ZERO,
+            Some(bytes) => self.store_blob(BlobKind::IndexPage, bytes)?,
+        };
+        Ok(())
+    }
+
+    /// Store an index blob unless the vault already has it.
+    fn store_blob(&mut self, kind: BlobKind, plain: Vec<u8>) -> Result<ChunkDigest> {
+        let digest = ChunkDigest::of(&plain);
+        if claim(self.lookup, self.claimed, &digest)? {
+            let blob = encode_blob(kind, plain, self.level)?;
+            self.blob_tx
+                .send(blob)
+                .map_err(|_| Error::new(ErrorKind::Io, "pack writer stopped"))?;
+        }
+        Ok(digest)
+    }
+}
+
+/// A worker: zero check, hash, dedup, compress.
+fn hash_worker(
+    vault: &Vault,
+    level: i32,
+    jobs: Receiver<Job>,
+    results: &Sender<Result<JobResult>>,
+    blobs: Sender<EncodedBlob>,
+    claimed: &Claimed,
+) -> Result<()> {
+    let lookup = vault.lookup()?;
+    let mut encoder = Encoder::new(level)?;
+    for Job { page, slot, buf } in jobs {
+        let (digest, new) = if is_zero(&buf) {
+            (ChunkDigest::ZERO, false)
+        } else {
+            let digest = ChunkDigest::of(&buf);
+            if claim(&lookup, claimed, &digest)? {
+                let blob = encoder.encode(BlobKind::Data, digest, buf);
+                if blobs.send(blob).is_err() {
+                    return Err(Error::new(ErrorKind::Io, "pack writer stopped"));
+                }
+                (digest, true)
+            } else {
+                (digest, false)
+            }
+        };
+        if results
+            .send(Ok(JobResult {
+                page,
+                slot,
+                digest,
+                new,
+            }))
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The writer thread: packs blobs; a publisher thread beside it makes each full pack
+/// durable and indexes it while the writer fills the next one.
+fn write_blobs(
+    vault: &Vault,
+    blobs: Receiver<EncodedBlob>,
+    claimed: &Claimed,
+    stored: &AtomicU64,
+    capacity_left: Option<u64>,
+    opts: &BackupOptions,
+) -> Result<()> {
+    let mut lookup = vault.lookup()?;
+    let (sealed_tx, sealed_rx) = bounded::<SealedPack>(1);
+    std::thread::scope(|scope| {
+        let publisher = scope.spawn(move || -> Result<()> {
+            for sealed in sealed_rx {
+                let info = sealed.publish()?;
+                lookup.insert_pack(&info)?;
+                let mut c = claimed.lock().unwrap_or_else(|p| p.into_inner());
+                for e in &info.entries {
+                    c.remove(&e.digest);
+                }
+            }
+            Ok(())
+        });
+        let written = (|| -> Result<()> {
+            let mut writer = PackWriter::new(Arc::clone(vault.store()), vault.config().pack_target);
+            for blob in blobs {
+                let total = stored.load(Ordering::Relaxed) + blob.stored_len() as u64;
+                if let Some(left) = capacity_left
+                    && total > left
+                {
+                    return Err(Error::new(
+                        ErrorKind::Full,
+                        format!(
+                            "vault {} would exceed its capacity limit ({left} bytes left); nothing was recorded",
+                            vault.root().display()
+                        ),
+                    ));
+                }
+                let sealed = writer.add(&blob)?;
+                stored.store(total, Ordering::Relaxed);
+                if let Some(p) = &opts.progress {
+                    p.bytes_stored.store(total, Ordering::Relaxed);
+                }
+                if let Some(s) = sealed
+                    && sealed_tx.send(s).is_err()
+                {
+                    break;
+                }
+            }
+            if let Some(s) = writer.seal() {
+                let _ = sealed_tx.send(s);
+            }
+            Ok(())
+        })();
+        drop(sealed_tx);
+        let published = publisher
+            .join()
+            .map_err(|_| Error::new(ErrorKind::Io, "pack publisher thread panicked"))?;
+        written.and(published)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_chunks_covers_each_chunk_once() {
+        let ext = [
+            Extent { offset: 0, length: 10 },
+            Extent { offset: 100, length: 200 },
+            Extent { offset: 300, length: 1 },
+            Extent { offset: 1000, length: 100 },
+        ];
+        let v: Vec<u64> = plan_chunks(&ext, 128, 1050).collect();
+        assert_eq!(v, vec![0, 1, 2, 7, 8]);
+    }
+}

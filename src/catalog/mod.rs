@@ -1,0 +1,254 @@
+//! The appliance's catalog: SQLite (WAL) in the data dir.
+//!
+//! It records which vaults exist (name → path) and caches every backup manifest so that
+//! listings do not walk the vaults. Everything it holds about backups can be rebuilt
+//! from the vaults (`vault rescan`): the vault is the truth, the catalog a cache.
+//! The schema is versioned with `PRAGMA user_version` and migrated by the embedded,
+//! ordered [`MIGRATIONS`]; a catalog newer than this build is refused.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::error::{Error, Result};
+use crate::manifest::BackupManifest;
+
+/// Ordered schema migrations; migration `i` brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE vaults (
+    name       TEXT PRIMARY KEY,
+    path       TEXT NOT NULL,
+    vault_id   TEXT NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    created    TEXT NOT NULL
+);
+CREATE TABLE backups (
+    id           TEXT PRIMARY KEY,
+    vault        TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    resource     TEXT NOT NULL,
+    created      TEXT NOT NULL,
+    logical_size INTEGER NOT NULL,
+    bytes_stored INTEGER NOT NULL,
+    manifest     TEXT NOT NULL
+);
+CREATE INDEX backups_by_resource ON backups(vault, resource, created);
+CREATE INDEX backups_by_name ON backups(name);
+"];
+
+/// A vault known to the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub vault_id: String,
+    pub chunk_size: u32,
+    pub created: String,
+}
+
+/// A backup as the catalog knows it.
+#[derive(Debug, Clone)]
+pub struct BackupEntry {
+    pub vault: String,
+    pub manifest: BackupManifest,
+}
+
+/// An open catalog.
+pub struct Catalog {
+    conn: Connection,
+}
+
+impl Catalog {
+    /// Open (creating and migrating as needed) the catalog in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Catalog> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| Error::io(format!("creating data dir {}", data_dir.display()), e))?;
+        let conn = Connection::open(data_dir.join("catalog.sqlite"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut cat = Catalog { conn };
+        cat.migrate()?;
+        Ok(cat)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(Error::unsupported(format!(
+                "catalog schema version {version} is newer than this build ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Schema version in use.
+    pub fn schema_version(&self) -> Result<i64> {
+        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    pub fn add_vault(&self, v: &VaultEntry) -> Result<()> {
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO vaults (name, path, vault_id, chunk_size, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![v.name, v.path.to_string_lossy(), v.vault_id, v.chunk_size as i64, v.created],
+        )?;
+        if n == 0 {
+            return Err(Error::conflict(format!("a vault named {:?} already exists", v.name)));
+        }
+        Ok(())
+    }
+
+    pub fn vaults(&self) -> Result<Vec<VaultEntry>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, path, vault_id, chunk_size, created FROM vaults ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(VaultEntry {
+                name: r.get(0)?,
+                path: PathBuf::from(r.get::<_, String>(1)?),
+                vault_id: r.get(2)?,
+                chunk_size: r.get::<_, i64>(3)? as u32,
+                created: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn vault(&self, name: &str) -> Result<VaultEntry> {
+        self.vaults()?
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::not_found(format!("no vault named {name:?} (see `blockvault vault list`)")))
+    }
+
+    /// Record (or refresh) a backup.
+    pub fn put_backup(&self, vault: &str, m: &BackupManifest) -> Result<()> {
+        let json = serde_json::to_string(m).map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO backups (id, vault, name, resource, created, logical_size, bytes_stored, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                m.id,
+                vault,
+                m.name,
+                m.resource,
+                m.created,
+                m.logical_size() as i64,
+                m.bytes_stored() as i64,
+                json
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Backups, oldest first, optionally filtered by vault and resource (disk id).
+    pub fn backups(&self, vault: Option<&str>, resource: Option<&str>) -> Result<Vec<BackupEntry>> {
+        let mut st = self.conn.prepare(
+            "SELECT vault, manifest FROM backups
+             WHERE (?1 IS NULL OR vault = ?1) AND (?2 IS NULL OR resource = ?2)
+             ORDER BY created, id",
+        )?;
+        let rows = st.query_map(params![vault, resource], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (vault, json) = row?;
+            let manifest = BackupManifest::from_json(json.as_bytes())?;
+            out.push(BackupEntry { vault, manifest });
+        }
+        Ok(out)
+    }
+
+    /// Find a backup by id or by name; a name shared by several backups is ambiguous.
+    pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
+        let by_id: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT vault, manifest FROM backups WHERE id = ?1",
+                params![id_or_name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((vault, json)) = by_id {
+            return Ok(BackupEntry {
+                vault,
+                manifest: BackupManifest::from_json(json.as_bytes())?,
+            });
+        }
+        let mut st = self
+            .conn
+            .prepare("SELECT vault, manifest FROM backups WHERE name = ?1")?;
+        let rows: Vec<(String, String)> = st
+            .query_map(params![id_or_name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        match rows.len() {
+            0 => Err(Error::not_found(format!("no backup with id or name {id_or_name:?}"))),
+            1 => {
+                let (vault, json) = rows.into_iter().next().unwrap_or_default();
+                Ok(BackupEntry {
+                    vault,
+                    manifest: BackupManifest::from_json(json.as_bytes())?,
+                })
+            }
+            n => Err(Error::conflict(format!(
+                "{n} backups are named {id_or_name:?}; use the backup id instead"
+            ))),
+        }
+    }
+
+    /// Is `name` already used by a backup of `resource` in `vault`?
+    pub fn name_taken(&self, vault: &str, resource: &str, name: &str) -> Result<bool> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT 1 FROM backups WHERE vault = ?1 AND resource = ?2 AND name = ?3",
+        )?;
+        Ok(st.exists(params![vault, resource, name])?)
+    }
+
+    pub fn remove_backup(&self, id: &str) -> Result<()> {
+        self.conn.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+        Ok(())
+    }
+
+    /// Replace the catalog's backups of `vault` with `manifests` (rescan).
+    pub fn replace_backups(&mut self, vault: &str, manifests: &[BackupManifest]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM backups WHERE vault = ?1", params![vault])?;
+        tx.commit()?;
+        for m in manifests {
+            self.put_backup(vault, m)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(c.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        drop(c);
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(c.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        let v = VaultEntry {
+            name: "v".into(),
+            path: dir.path().join("v"),
+            vault_id: "x".into(),
+            chunk_size: 65536,
+            created: "now".into(),
+        };
+        c.add_vault(&v).unwrap();
+        assert!(c.add_vault(&v).is_err());
+        assert_eq!(c.vault("v").unwrap(), v);
+        assert!(c.vault("w").is_err());
+    }
+}

@@ -1,0 +1,566 @@
+//! The `blockvault` command line: parses arguments, calls `blockvault::app`, prints.
+//! `anyhow` lives only here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use blockvault::app::App;
+use blockvault::backup::{BackupOptions, Progress};
+use blockvault::chunk::ChunkSize;
+use blockvault::manifest::BackupManifest;
+use blockvault::restore::ImageFormat;
+
+#[derive(Parser)]
+#[command(
+    name = "blockvault",
+    version,
+    about = "Block-level backup appliance for virtual machine disks"
+)]
+struct Cli {
+    /// Data directory (catalog and default vault location).
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKVAULT_DATA",
+        default_value = "./blockvault-data"
+    )]
+    data: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars or chatter.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage vaults.
+    #[command(subcommand)]
+    Vault(VaultCmd),
+    /// Back up a disk image (raw, qcow2, vmdk; `raw:`/`qcow2:`/`vmdk:` force a format).
+    Backup {
+        source: String,
+        #[arg(long)]
+        vault: String,
+        /// Stable id of the disk across backups (default: the absolute source path).
+        #[arg(long)]
+        id: Option<String>,
+        /// Backup name (default manualbk_<yyyymmdd-hhmmss>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List or delete backups.
+    #[command(subcommand)]
+    Backups(BackupsCmd),
+    /// Restore a backup (id or name) into a new disk image.
+    Restore {
+        backup: String,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Disk of a multi-disk backup (default: the first).
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Free the blobs no backup needs.
+    Gc {
+        #[arg(long)]
+        vault: String,
+        /// Rewrite packs whose live share fell below this percentage.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+        repack_below: u8,
+    },
+    /// Re-read and re-hash stored data; exit status 1 when anything is corrupt.
+    Verify {
+        #[arg(long)]
+        vault: String,
+        backup: Option<String>,
+    },
+    /// Measure this machine's hashing, compression, lookup and pack speeds.
+    Benchmark {
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+        /// Seconds per figure.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Also back up and restore an image of 4×N GiB holding N GiB of mixed data.
+        #[arg(long)]
+        image_gib: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaultCmd {
+    /// Create a vault.
+    Create {
+        name: String,
+        /// Where (default <data>/vaults/NAME).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+    },
+    /// List vaults.
+    List,
+    /// Usage of a vault.
+    Info { name: String },
+    /// Rebuild the catalog and the lookup index from the vault's own files.
+    Rescan { name: String },
+    /// Register an existing vault directory under NAME and read its backups.
+    Attach { name: String, path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum BackupsCmd {
+    /// List backups, oldest first.
+    List {
+        #[arg(long)]
+        vault: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Delete a backup (GC frees its blobs).
+    Delete { backup: String },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLOCKVAULT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let opts = |name: Option<String>, id: Option<String>| BackupOptions {
+        disk_id: id,
+        name,
+        threads: cli.threads,
+        cancel: None,
+        progress: None,
+    };
+    match cli.cmd {
+        Cmd::Vault(VaultCmd::Create {
+            ref name,
+            ref path,
+            ref chunk_size,
+            zstd_level,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let v = app.create_vault(
+                name,
+                path.as_deref(),
+                ChunkSize::parse(chunk_size)?,
+                zstd_level,
+            )?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"name": v.name, "path": v.path, "id": v.vault_id, "chunk_size": v.chunk_size})
+                );
+            } else if !cli.quiet {
+                println!(
+                    "created vault {} at {} (chunk size {} KiB)",
+                    v.name,
+                    v.path.display(),
+                    v.chunk_size / 1024
+                );
+            }
+        }
+        Cmd::Vault(VaultCmd::List) => {
+            let app = App::open(&cli.data)?;
+            let vaults = app.catalog().vaults()?;
+            if cli.json {
+                let v: Vec<_> = vaults
+                    .iter()
+                    .map(|v| json!({"name": v.name, "path": v.path, "id": v.vault_id, "chunk_size": v.chunk_size, "created": v.created}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for v in vaults {
+                    println!(
+                        "{:<20} {:>6} KiB  {}",
+                        v.name,
+                        v.chunk_size / 1024,
+                        v.path.display()
+                    );
+                }
+            }
+        }
+        Cmd::Vault(VaultCmd::Info { ref name }) => {
+            let info = App::open(&cli.data)?.vault_info(name)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                println!("vault       {} ({})", info.name, info.path);
+                println!(
+                    "chunk size  {} KiB, zstd level {}",
+                    info.chunk_size / 1024,
+                    info.zstd_level
+                );
+                println!("backups     {}", info.backups);
+                println!("logical     {}", human(info.logical_bytes));
+                println!(
+                    "stored      {} in {} packs ({} on disk)",
+                    human(info.stored_bytes),
+                    info.packs,
+                    human(info.pack_bytes)
+                );
+                println!("dedup ratio {:.2}", info.dedup_ratio);
+            }
+        }
+        Cmd::Vault(VaultCmd::Rescan { ref name }) => {
+            let n = App::open(&cli.data)?.rescan(name)?;
+            if cli.json {
+                println!("{}", json!({"vault": name, "backups": n}));
+            } else if !cli.quiet {
+                println!("vault {name}: {n} backups in the catalog");
+            }
+        }
+        Cmd::Vault(VaultCmd::Attach { ref name, ref path }) => {
+            let n = App::open(&cli.data)?.attach_vault(name, path)?;
+            if cli.json {
+                println!("{}", json!({"vault": name, "backups": n}));
+            } else if !cli.quiet {
+                println!("attached vault {name} at {}: {n} backups", path.display());
+            }
+        }
+        Cmd::Backup {
+            ref source,
+            ref vault,
+            ref id,
+            ref name,
+        } => {
+            let app = App::open(&cli.data)?;
+            let mut o = opts(name.clone(), id.clone());
+            let bar = progress_bar(&cli, &mut o, "backup");
+            let m = app.backup(source, vault, &o);
+            finish_bar(bar);
+            let m = m?;
+            print_backup(&cli, &m)?;
+        }
+        Cmd::Backups(BackupsCmd::List {
+            ref vault,
+            ref disk,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let list = app.catalog().backups(vault.as_deref(), disk.as_deref())?;
+            if cli.json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|b| backup_json(&b.manifest, Some(&b.vault)))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for b in list {
+                    let m = &b.manifest;
+                    println!(
+                        "{:<26} {:<26} {:<10} {:>10} {:>10}  {}",
+                        m.id,
+                        m.name,
+                        b.vault,
+                        human(m.logical_size()),
+                        human(m.bytes_stored()),
+                        m.resource
+                    );
+                }
+            }
+        }
+        Cmd::Backups(BackupsCmd::Delete { ref backup }) => {
+            let m = App::open(&cli.data)?.delete_backup(backup)?;
+            if cli.json {
+                println!("{}", json!({"deleted": m.id, "name": m.name}));
+            } else if !cli.quiet {
+                println!(
+                    "deleted backup {} ({}); run `gc` to free its space",
+                    m.name, m.id
+                );
+            }
+        }
+        Cmd::Restore {
+            ref backup,
+            ref to,
+            ref format,
+            ref disk,
+        } => {
+            let app = App::open(&cli.data)?;
+            let format: ImageFormat = format.parse()?;
+            let mut o = opts(None, None);
+            let bar = progress_bar(&cli, &mut o, "restore");
+            let t = std::time::Instant::now();
+            let stats = app.restore(backup, disk.as_deref(), to, format, &o);
+            finish_bar(bar);
+            let stats = stats?;
+            let secs = t.elapsed().as_secs_f64();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"backup": backup, "to": to, "bytes_written": stats.bytes_written,
+                           "chunks_written": stats.chunks_written, "chunks_zero": stats.chunks_zero, "seconds": secs})
+                );
+            } else if !cli.quiet {
+                println!(
+                    "restored {} to {} ({} written, {:.1}s)",
+                    backup,
+                    to.display(),
+                    human(stats.bytes_written),
+                    secs
+                );
+            }
+        }
+        Cmd::Gc {
+            ref vault,
+            repack_below,
+        } => {
+            let spin = spinner(&cli, "gc: marking live blobs and sweeping packs");
+            let stats = App::open(&cli.data)?.gc(vault, repack_below);
+            spin.finish_and_clear();
+            let stats = stats?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else if !cli.quiet {
+                println!(
+                    "gc {vault}: {} backups, {} live blobs; deleted {} packs, rewrote {}; removed {} blobs; freed {}",
+                    stats.backups,
+                    stats.live_blobs,
+                    stats.packs_deleted,
+                    stats.packs_rewritten,
+                    stats.blobs_removed,
+                    human(stats.bytes_freed)
+                );
+            }
+        }
+        Cmd::Verify {
+            ref vault,
+            ref backup,
+        } => {
+            let threads = if cli.threads == 0 {
+                num_cpus()
+            } else {
+                cli.threads
+            };
+            let spin = spinner(&cli, "verify: re-reading and re-hashing packs");
+            let report = App::open(&cli.data)?.verify(vault, backup.as_deref(), threads);
+            spin.finish_and_clear();
+            let report = report?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "verified {} packs, {} blobs, {}: {}",
+                    report.packs_checked,
+                    report.blobs_checked,
+                    human(report.bytes_checked),
+                    if report.is_clean() {
+                        "all good"
+                    } else {
+                        "DAMAGE FOUND"
+                    }
+                );
+                for b in &report.corrupt_blobs {
+                    println!("corrupt blob {} in pack {}: {}", b.digest, b.pack, b.error);
+                }
+                for d in &report.damage {
+                    match d.offset {
+                        Some(o) => println!(
+                            "  hurts backup {} ({}) {} at offset {o}: {}",
+                            d.backup_name, d.backup_id, d.disk, d.what
+                        ),
+                        None => println!(
+                            "  hurts backup {} ({}) {}: {}",
+                            d.backup_name, d.backup_id, d.disk, d.what
+                        ),
+                    }
+                }
+            }
+            return Ok(if report.is_clean() { 0 } else { 1 });
+        }
+        Cmd::Benchmark {
+            zstd_level,
+            seconds,
+            image_gib,
+        } => {
+            if !(0.05..=60.0).contains(&seconds) {
+                bail!("--seconds must be between 0.05 and 60");
+            }
+            let r = blockvault::benchmark::run(zstd_level, seconds, image_gib)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{:<28} {:>14} {:>14}  ({} threads)",
+                    "", "1 thread", "all threads", r.threads
+                );
+                for f in &r.figures {
+                    println!(
+                        "{:<28} {:>14.0} {:>14.0}  {}",
+                        f.name, f.single, f.all, f.unit
+                    );
+                }
+                if let Some(i) = &r.image {
+                    println!(
+                        "full backup of {} disk with {} data: {:.2}s ({:.0} MB/s logical, {:.0} MB/s allocated), stored {}",
+                        human(i.disk_bytes),
+                        human(i.data_bytes),
+                        i.backup_seconds,
+                        i.backup_logical_mb_s,
+                        i.backup_allocated_mb_s,
+                        human(i.bytes_stored)
+                    );
+                    println!(
+                        "restore: {:.2}s; peak RSS {:.0} MiB",
+                        i.restore_seconds, i.peak_rss_mib
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn backup_json(m: &BackupManifest, vault: Option<&str>) -> serde_json::Value {
+    let d = m.disks.first();
+    json!({
+        "id": m.id,
+        "name": m.name,
+        "vault": vault,
+        "disk_id": m.resource,
+        "created": m.created,
+        "logical_size": m.logical_size(),
+        "bytes_allocated": m.disks.iter().map(|d| d.bytes_allocated).sum::<u64>(),
+        "bytes_read": m.disks.iter().map(|d| d.bytes_read).sum::<u64>(),
+        "bytes_stored": m.bytes_stored(),
+        "chunks_total": m.disks.iter().map(|d| d.chunks_total).sum::<u64>(),
+        "chunks_read": m.disks.iter().map(|d| d.chunks_read).sum::<u64>(),
+        "chunks_new": m.disks.iter().map(|d| d.chunks_new).sum::<u64>(),
+        "kind": d.map(|d| d.kind),
+        "strategy": d.map(|d| d.strategy.clone()),
+        "parent": d.and_then(|d| d.parent.clone()),
+        "seconds": m.seconds,
+        "disks": m.disks,
+    })
+}
+
+fn print_backup(cli: &Cli, m: &BackupManifest) -> Result<()> {
+    if cli.json {
+        println!("{}", backup_json(m, None));
+    } else if !cli.quiet {
+        let read: u64 = m.disks.iter().map(|d| d.bytes_read).sum();
+        println!(
+            "backup {} ({}) of {}: {} logical, {} read, {} new stored, {:.1}s",
+            m.name,
+            m.id,
+            m.resource,
+            human(m.logical_size()),
+            human(read),
+            human(m.bytes_stored()),
+            m.seconds
+        );
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal (and not --quiet/--json).
+fn progress_bar(
+    cli: &Cli,
+    opts: &mut BackupOptions,
+    what: &str,
+) -> Option<(
+    indicatif::ProgressBar,
+    std::thread::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicBool>,
+)> {
+    if cli.quiet || cli.json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let progress = Arc::new(Progress::default());
+    opts.progress = Some(Arc::clone(&progress));
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_string());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (b, s) = (bar.clone(), Arc::clone(&stop));
+    let h = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            b.set_length(progress.bytes_total.load(Ordering::Relaxed));
+            b.set_position(progress.bytes_done.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    Some((bar, h, stop))
+}
+
+/// A spinner for jobs without a byte count (hidden unless stderr is a terminal).
+fn spinner(cli: &Cli, msg: &str) -> indicatif::ProgressBar {
+    if cli.quiet || cli.json || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let s = indicatif::ProgressBar::new_spinner();
+    s.set_message(msg.to_string());
+    s.enable_steady_tick(Duration::from_millis(120));
+    s
+}
+
+fn finish_bar(
+    bar: Option<(
+        indicatif::ProgressBar,
+        std::thread::JoinHandle<()>,
+        Arc<std::sync::atomic::AtomicBool>,
+    )>,
+) {
+    if let Some((bar, h, stop)) = bar {
+        stop.store(true, Ordering::Relaxed);
+        let _ = h.join();
+        bar.finish_and_clear();
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,195 @@
+//! Backup manifests: the JSON record that makes a backup exist.
+//!
+//! A manifest is written last, atomically, after every pack it needs is durable
+//! (`backups/<resource>/<backup-id>.json` in the vault). It lists, for each disk, the
+//! digest of its index root (see `index`) plus sizes and how the backup was taken.
+//! Manifests are versioned (`version`); a reader refuses versions it does not know.
+//! The catalog caches them and can be rebuilt from them (`vault rescan`).
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::chunk::ChunkDigest;
+use crate::error::{Error, Result};
+
+/// Current manifest version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What a backup protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceKind {
+    Disk,
+    Server,
+}
+
+/// Full (everything allocated read) or incremental (only changes read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    Full,
+    Incremental,
+}
+
+/// One disk of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskManifest {
+    /// Name of the disk within the backup ("disk0" for single-disk backups).
+    pub name: String,
+    /// Stable id of the disk across backups.
+    pub disk_id: String,
+    /// Where it was read from (path or URI) and as what format.
+    pub source: String,
+    pub format: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Digest of the disk index root blob.
+    pub index_root: ChunkDigest,
+    pub kind: BackupKind,
+    /// How changes were found: "allocation", "compare", "bitmap", ...
+    pub strategy: String,
+    /// Backup this one was derived from (incrementals).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Bytes the source reported allocated.
+    pub bytes_allocated: u64,
+    /// Bytes actually read from the source.
+    pub bytes_read: u64,
+    /// New bytes written to the vault (after compression).
+    pub bytes_stored: u64,
+    /// Chunk slots of the disk.
+    pub chunks_total: u64,
+    /// Chunks read from the source.
+    pub chunks_read: u64,
+    /// Chunks that were new to the vault (stored).
+    pub chunks_new: u64,
+}
+
+/// A backup: one point in time of one resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupManifest {
+    pub version: u32,
+    /// Unique id (`<yyyymmddThhmmss>-<random>`).
+    pub id: String,
+    /// Display name (`manualbk_…`, `autobk_…`, or given).
+    pub name: String,
+    /// Disk id or server name this backup belongs to.
+    pub resource: String,
+    pub resource_kind: ResourceKind,
+    /// RFC 3339 creation time.
+    pub created: String,
+    pub vault_id: String,
+    pub chunk_size: u32,
+    pub seconds: f64,
+    pub disks: Vec<DiskManifest>,
+}
+
+impl BackupManifest {
+    /// Key of this manifest in its vault.
+    pub fn key(&self) -> String {
+        format!("backups/{}/{}.json", resource_dir(&self.resource), self.id)
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<BackupManifest> {
+        let m: BackupManifest = serde_json::from_slice(bytes)
+            .map_err(|e| Error::invalid("manifest is not valid JSON").with_source(e))?;
+        if m.version != MANIFEST_VERSION {
+            return Err(Error::unsupported(format!(
+                "manifest version {} (this build reads version {MANIFEST_VERSION})",
+                m.version
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Logical size: sum of the disks' virtual sizes.
+    pub fn logical_size(&self) -> u64 {
+        self.disks.iter().map(|d| d.size).sum()
+    }
+
+    pub fn bytes_stored(&self) -> u64 {
+        self.disks.iter().map(|d| d.bytes_stored).sum()
+    }
+}
+
+/// Directory name for a resource id: readable, file-name safe, and unique (a short hash
+/// of the exact id is appended whenever characters had to be replaced).
+pub fn resource_dir(resource: &str) -> String {
+    let clean: String = resource
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    let short: String = clean.chars().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+    if short == resource {
+        short
+    } else {
+        format!("{short}-{}", &blake3::hash(resource.as_bytes()).to_hex()[..8])
+    }
+}
+
+/// Now, as RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// A new backup id: sortable timestamp + random suffix.
+pub fn new_backup_id() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}-{}",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        hex::encode(rand::random::<[u8; 4]>())
+    )
+}
+
+/// Default name of a one-off backup: `manualbk_<yyyymmdd-hhmmss>`.
+pub fn manual_name() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!(
+        "manualbk_{:04}{:02}{:02}-{:02}{:02}{:02}",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_dirs_are_safe_and_distinct() {
+        assert_eq!(resource_dir("db-disk1"), "db-disk1");
+        let a = resource_dir("/tmp/a b.qcow2");
+        let b = resource_dir("/tmp/a_b.qcow2");
+        assert_ne!(a, b);
+        assert!(!a.contains('/'));
+        assert!(!resource_dir("..").starts_with('.'));
+        assert!(resource_dir(&"x".repeat(500)).len() < 80);
+    }
+
+    #[test]
+    fn ids_and_names_have_their_shape() {
+        let id = new_backup_id();
+        assert_eq!(id.len(), 15 + 1 + 8);
+        assert!(manual_name().starts_with("manualbk_"));
+    }
+}

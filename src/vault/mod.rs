@@ -1,0 +1,259 @@
+//! A vault: where backups live (packs of blobs, manifests, the lookup-index cache).
+//!
+//! Layout of a local vault (DESIGN §5):
+//!
+//! ```text
+//! <vault>/vault.toml                      id, chunk size, zstd level, pack target, capacity
+//! <vault>/packs/<aa>/<pack-id>.pack       immutable packs (see `pack`)
+//! <vault>/packs/tmp/                      packs being written (garbage after a crash)
+//! <vault>/backups/<resource>/<id>.json    manifests (see `manifest`)
+//! <vault>/cache/lookup.sqlite             chunk lookup index (rebuildable)
+//! <vault>/locks/vault.lock                shared by backups, exclusive for GC
+//! ```
+//!
+//! Locking: a backup holds the vault lock *shared* from its first blob to its manifest, so
+//! any number of backups run side by side. GC takes it *exclusive* (and fails fast with
+//! `Conflict` while a backup runs), so GC never deletes a blob that a running backup
+//! deduplicated against but has not yet referenced from a manifest. Restore and verify
+//! take no lock: packs are immutable and GC publishes replacements before deleting.
+
+pub mod gc;
+pub mod lookup;
+pub mod pack;
+pub mod store;
+pub mod verify;
+pub mod walk;
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{BlobKind, ChunkDigest, ChunkSize, decode_blob};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::manifest::BackupManifest;
+
+use self::lookup::LookupIndex;
+use self::pack::DEFAULT_PACK_TARGET;
+use self::store::{ChunkStore, LocalStore, write_atomic};
+
+/// Current vault format version.
+const VAULT_FORMAT: u32 = 1;
+
+/// `vault.toml`: what a vault is, chosen at creation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VaultConfig {
+    pub format: u32,
+    pub id: String,
+    pub chunk_size: ChunkSize,
+    pub zstd_level: i32,
+    pub pack_target: u64,
+    pub created: String,
+    /// Optional capacity limit in bytes of stored data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+}
+
+/// An open vault.
+pub struct Vault {
+    root: PathBuf,
+    config: VaultConfig,
+    store: Arc<dyn ChunkStore>,
+}
+
+/// A held vault lock; released on drop.
+pub struct VaultLock {
+    _file: File,
+}
+
+impl Vault {
+    /// Create a new vault in `root` (which must not hold one yet).
+    pub fn create(root: &Path, chunk_size: ChunkSize, zstd_level: i32) -> Result<Vault> {
+        if !(1..=19).contains(&zstd_level) {
+            return Err(Error::config(format!(
+                "zstd level {zstd_level} must be between 1 and 19"
+            )));
+        }
+        let cfg_path = root.join("vault.toml");
+        if cfg_path.exists() {
+            return Err(Error::conflict(format!(
+                "{} already holds a vault",
+                root.display()
+            )));
+        }
+        for dir in ["packs", "backups", "cache", "locks"] {
+            fs::create_dir_all(root.join(dir))
+                .ctx(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        let config = VaultConfig {
+            format: VAULT_FORMAT,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            chunk_size,
+            zstd_level,
+            pack_target: DEFAULT_PACK_TARGET,
+            created: crate::manifest::now_rfc3339(),
+            capacity: None,
+        };
+        let text = toml::to_string(&config)
+            .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
+        write_atomic(&cfg_path, text.as_bytes())?;
+        Vault::open(root)
+    }
+
+    /// Open the vault in `root`.
+    pub fn open(root: &Path) -> Result<Vault> {
+        let cfg_path = root.join("vault.toml");
+        let text = fs::read_to_string(&cfg_path).map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                ErrorKind::NotFound
+            } else {
+                ErrorKind::Io
+            };
+            Error::new(kind, format!("no vault at {} (reading vault.toml)", root.display()))
+                .with_source(e)
+        })?;
+        let config: VaultConfig = toml::from_str(&text).map_err(|e| {
+            Error::invalid(format!("{} is not a valid vault.toml", cfg_path.display()))
+                .with_source(e)
+        })?;
+        if config.format != VAULT_FORMAT {
+            return Err(Error::unsupported(format!(
+                "vault format {} (this build reads format {VAULT_FORMAT})",
+                config.format
+            )));
+        }
+        for dir in ["cache", "locks"] {
+            fs::create_dir_all(root.join(dir))
+                .ctx(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        Ok(Vault {
+            root: root.to_path_buf(),
+            config,
+            store: Arc::new(LocalStore::new(root)),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.config.chunk_size
+    }
+
+    pub fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.store
+    }
+
+    /// Update the capacity limit (None: unlimited).
+    pub fn set_capacity(&mut self, capacity: Option<u64>) -> Result<()> {
+        self.config.capacity = capacity;
+        let text = toml::to_string(&self.config)
+            .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
+        write_atomic(&self.root.join("vault.toml"), text.as_bytes())
+    }
+
+    /// A new connection to the lookup index (one per thread).
+    pub fn lookup(&self) -> Result<LookupIndex> {
+        LookupIndex::open(&self.root.join("cache").join("lookup.sqlite"))
+    }
+
+    /// A lookup connection after bringing the index in line with the packs on disk.
+    pub fn lookup_reconciled(&self) -> Result<LookupIndex> {
+        let mut l = self.lookup()?;
+        let (added, removed) = l.reconcile(self.store.as_ref())?;
+        if added + removed > 0 {
+            tracing::info!(added, removed, "lookup index reconciled with packs");
+        }
+        Ok(l)
+    }
+
+    fn lock_file(&self) -> Result<File> {
+        let path = self.root.join("locks").join("vault.lock");
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("opening {}", path.display()))
+    }
+
+    /// Shared lock for a backup (waits while GC runs).
+    pub fn lock_shared(&self) -> Result<VaultLock> {
+        let f = self.lock_file()?;
+        f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
+        Ok(VaultLock { _file: f })
+    }
+
+    /// Exclusive lock for GC; `Conflict` when backups are running.
+    pub fn try_lock_exclusive(&self) -> Result<VaultLock> {
+        let f = self.lock_file()?;
+        match f.try_lock() {
+            Ok(()) => Ok(VaultLock { _file: f }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
+                "vault {} is in use by a running backup; try again when it has finished",
+                self.root.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io("taking the vault lock", e)),
+        }
+    }
+
+    /// Read, verify and decode one blob.
+    pub fn read_blob(&self, lookup: &LookupIndex, digest: &ChunkDigest) -> Result<(BlobKind, Vec<u8>)> {
+        let loc = lookup.get(digest)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "blob {digest} is missing from the vault (run `vault rescan` to rebuild the lookup index; if it stays missing the backup is damaged)"
+                ),
+            )
+        })?;
+        let stored = self
+            .store
+            .read_pack_range(loc.pack, loc.offset, loc.length as usize)?;
+        decode_blob(&stored, digest)
+            .map_err(|e| e.context_prefix(format!("pack {} offset {}", loc.pack, loc.offset)))
+    }
+
+    /// Bytes stored in packs (from the lookup index).
+    pub fn stored_bytes(&self, lookup: &LookupIndex) -> Result<(u64, usize)> {
+        let packs = lookup.packs()?;
+        Ok((packs.iter().map(|(_, s)| s).sum(), packs.len()))
+    }
+
+    // ---- manifests ----
+
+    /// Write a manifest atomically. This is the commit point of a backup.
+    pub fn put_manifest(&self, m: &BackupManifest) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(m)
+            .map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
+        self.store.put_file(&m.key(), &bytes)
+    }
+
+    /// Every manifest in the vault, oldest first. An unreadable manifest is an error:
+    /// GC must never run on a partial view of what is live.
+    pub fn manifests(&self) -> Result<Vec<BackupManifest>> {
+        let mut out = Vec::new();
+        for key in self.store.list_files("backups")? {
+            if !key.ends_with(".json") {
+                continue;
+            }
+            let bytes = self.store.get_file(&key)?;
+            let m = BackupManifest::from_json(&bytes)
+                .map_err(|e| e.context_prefix(format!("manifest {key}")))?;
+            out.push(m);
+        }
+        out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+        Ok(out)
+    }
+
+    /// Remove a backup's manifest (its blobs are freed by the next GC).
+    pub fn delete_manifest(&self, m: &BackupManifest) -> Result<()> {
+        self.store.remove_file(&m.key())
+    }
+}

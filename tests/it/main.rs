@@ -1,0 +1,8 @@
+//! Integration tests: the real `blockvault` binary against real images made with
+//! qemu-img and qemu-io, compared with `qemu-img compare`.
+
+mod common;
+
+mod backup;
+mod integrity;
+mod sources;
