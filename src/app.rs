@@ -59,14 +59,26 @@ impl App {
     }
 
     /// Create a vault named `name` at `path` (default `<data>/vaults/<name>`).
-    pub fn create_vault(&self, name: &str, path: Option<&Path>, chunk_size: ChunkSize, zstd_level: i32) -> Result<VaultEntry> {
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    pub fn create_vault(
+        &self,
+        name: &str,
+        path: Option<&Path>,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+    ) -> Result<VaultEntry> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
             return Err(Error::config(format!(
                 "vault name {name:?} must be letters, digits, '-', '_' or '.'"
             )));
         }
         if self.catalog.vault(name).is_ok() {
-            return Err(Error::conflict(format!("a vault named {name:?} already exists")));
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
         }
         let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
         let vault = Vault::create(&path, chunk_size, zstd_level)?;
@@ -139,7 +151,12 @@ impl App {
     }
 
     /// Back up the disk at `source_spec` into vault `vault_name`.
-    pub fn backup(&self, source_spec: &str, vault_name: &str, opts: &BackupOptions) -> Result<BackupManifest> {
+    pub fn backup(
+        &self,
+        source_spec: &str,
+        vault_name: &str,
+        opts: &BackupOptions,
+    ) -> Result<BackupManifest> {
         let vault = self.open_vault(vault_name)?;
         let mut source = open_source(source_spec)?;
         let mut opts = opts.clone();
@@ -168,14 +185,30 @@ impl App {
     }
 
     /// Restore one disk (default: the first) of a backup into a new image.
-    pub fn restore(&self, id_or_name: &str, disk: Option<&str>, to: &Path, format: ImageFormat, opts: &BackupOptions) -> Result<RestoreStats> {
+    pub fn restore(
+        &self,
+        id_or_name: &str,
+        disk: Option<&str>,
+        to: &Path,
+        format: ImageFormat,
+        opts: &BackupOptions,
+    ) -> Result<RestoreStats> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = match disk {
             None => entry.manifest.disks.first(),
-            Some(name) => entry.manifest.disks.iter().find(|d| d.name == name || d.disk_id == name),
+            Some(name) => entry
+                .manifest
+                .disks
+                .iter()
+                .find(|d| d.name == name || d.disk_id == name),
         }
-        .ok_or_else(|| Error::not_found(format!("backup {} has no disk {disk:?}", entry.manifest.name)))?;
+        .ok_or_else(|| {
+            Error::not_found(format!(
+                "backup {} has no disk {disk:?}",
+                entry.manifest.name
+            ))
+        })?;
         restore_disk(&vault, d, to, format, opts)
     }
 
@@ -198,7 +231,12 @@ impl App {
     }
 
     /// Verify a whole vault, or one backup.
-    pub fn verify(&self, vault_name: &str, backup: Option<&str>, threads: usize) -> Result<VerifyReport> {
+    pub fn verify(
+        &self,
+        vault_name: &str,
+        backup: Option<&str>,
+        threads: usize,
+    ) -> Result<VerifyReport> {
         let vault = self.open_vault(vault_name)?;
         match backup {
             None => verify(&vault, None, threads),
@@ -226,7 +264,8 @@ pub fn default_disk_id(spec: &str) -> String {
     if spec.contains("://") {
         return spec.to_string();
     }
-    let abs = std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string());
+    let abs =
+        std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string());
     match prefix {
         Some(p) => format!("{p}:{abs}"),
         None => abs,

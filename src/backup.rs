@@ -88,7 +88,11 @@ pub struct DiskOutcome {
 }
 
 /// Back up one disk into `vault` as a new backup; returns its manifest (already written).
-pub fn backup_disk(vault: &Vault, source: &mut dyn BlockSource, opts: &BackupOptions) -> Result<BackupManifest> {
+pub fn backup_disk(
+    vault: &Vault,
+    source: &mut dyn BlockSource,
+    opts: &BackupOptions,
+) -> Result<BackupManifest> {
     let started = Instant::now();
     let disk_id = opts.disk_id.clone().unwrap_or_else(|| source.describe());
     let _lock = vault.lock_shared()?;
@@ -136,7 +140,11 @@ pub fn backup_disk(vault: &Vault, source: &mut dyn BlockSource, opts: &BackupOpt
 }
 
 fn check_cancel(opts: &BackupOptions) -> Result<()> {
-    if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+    if opts
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+    {
         return Err(Error::cancelled("backup cancelled"));
     }
     Ok(())
@@ -161,13 +169,20 @@ type Claimed = Mutex<HashSet<ChunkDigest>>;
 /// Returns true when the caller should store `digest` (it is neither in the vault nor
 /// claimed by another worker of this backup).
 fn claim(lookup: &LookupIndex, claimed: &Claimed, digest: &ChunkDigest) -> Result<bool> {
-    if claimed.lock().unwrap_or_else(|p| p.into_inner()).contains(digest) {
+    if claimed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(digest)
+    {
         return Ok(false);
     }
     if lookup.contains(digest)? {
         return Ok(false);
     }
-    Ok(claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest))
+    Ok(claimed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(*digest))
 }
 
 /// A page being filled.
@@ -193,7 +208,12 @@ fn plan_chunks(extents: &[Extent], chunk: u64, disk_size: u64) -> impl Iterator<
 }
 
 /// Run the pipeline for one disk according to `plan`.
-pub fn run_disk(vault: &Vault, source: &mut dyn BlockSource, plan: &ReadPlan, opts: &BackupOptions) -> Result<DiskOutcome> {
+pub fn run_disk(
+    vault: &Vault,
+    source: &mut dyn BlockSource,
+    plan: &ReadPlan,
+    opts: &BackupOptions,
+) -> Result<DiskOutcome> {
     let cs = vault.chunk_size().as_u64();
     let size = source.size();
     let chunks = cs_chunks(size, cs);
@@ -267,10 +287,14 @@ pub fn run_disk(vault: &Vault, source: &mut dyn BlockSource, plan: &ReadPlan, op
         let read = reader.read_all(source, plan, &job_tx, &res_rx, opts, &failed);
         drop(job_tx);
         let result = read.and_then(|(bytes_read, chunks_read)| {
-            while reader.pages.values().any(|p| p.outstanding > 0 || !p.all_sent) {
-                let r = res_rx
-                    .recv()
-                    .map_err(|_| Error::new(ErrorKind::Io, "backup workers stopped unexpectedly"))?;
+            while reader
+                .pages
+                .values()
+                .any(|p| p.outstanding > 0 || !p.all_sent)
+            {
+                let r = res_rx.recv().map_err(|_| {
+                    Error::new(ErrorKind::Io, "backup workers stopped unexpectedly")
+                })?;
                 reader.apply(r?)?;
             }
             let root = IndexRoot {
@@ -559,10 +583,22 @@ mod tests {
     #[test]
     fn plan_chunks_covers_each_chunk_once() {
         let ext = [
-            Extent { offset: 0, length: 10 },
-            Extent { offset: 100, length: 200 },
-            Extent { offset: 300, length: 1 },
-            Extent { offset: 1000, length: 100 },
+            Extent {
+                offset: 0,
+                length: 10,
+            },
+            Extent {
+                offset: 100,
+                length: 200,
+            },
+            Extent {
+                offset: 300,
+                length: 1,
+            },
+            Extent {
+                offset: 1000,
+                length: 100,
+            },
         ];
         let v: Vec<u64> = plan_chunks(&ext, 128, 1050).collect();
         assert_eq!(v, vec![0, 1, 2, 7, 8]);

@@ -53,8 +53,19 @@ pub struct Report {
 /// Deterministic mixed data: text-like and random 64 KiB chunks alternating.
 pub fn mixed_chunks(n: usize, chunk: usize, seed: u64) -> Vec<Vec<u8>> {
     let words = [
-        "backup ", "vault ", "chunk ", "disk ", "restore ", "the ", "of ", "index ", "qemu ",
-        "2026-11-22 ", "INFO ", "error ", "\n",
+        "backup ",
+        "vault ",
+        "chunk ",
+        "disk ",
+        "restore ",
+        "the ",
+        "of ",
+        "index ",
+        "qemu ",
+        "2026-11-22 ",
+        "INFO ",
+        "error ",
+        "\n",
     ];
     let mut x = seed | 1;
     let mut next = move || {
@@ -130,7 +141,12 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
     let hash = |c: &Vec<u8>| {
         std::hint::black_box(ChunkDigest::of(c));
     };
-    fig("blake3", mb(rate(&chunks, 1, dur, hash)), mb(rate(&chunks, threads, dur, hash)), "MB/s");
+    fig(
+        "blake3",
+        mb(rate(&chunks, 1, dur, hash)),
+        mb(rate(&chunks, threads, dur, hash)),
+        "MB/s",
+    );
 
     let compress = |c: &Vec<u8>| {
         thread_local! {
@@ -197,9 +213,17 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
     for i in &infos {
         lookup.insert_pack(i)?;
     }
-    let entries: Vec<_> = infos.iter().flat_map(|i| i.entries.iter().map(move |e| (i.id, *e))).collect();
+    let entries: Vec<_> = infos
+        .iter()
+        .flat_map(|i| i.entries.iter().map(move |e| (i.id, *e)))
+        .collect();
     let read_one = |(id, e): &(crate::vault::pack::PackId, crate::vault::pack::PackEntry)| {
-        std::hint::black_box(vault.store().read_pack_range(*id, e.offset, e.length as usize).ok());
+        std::hint::black_box(
+            vault
+                .store()
+                .read_pack_range(*id, e.offset, e.length as usize)
+                .ok(),
+        );
     };
     let read_single = rate(&entries, 1, dur, read_one) * cs as f64 / 1e6;
     let read_all = rate(&entries, threads, dur, read_one) * cs as f64 / 1e6;
@@ -221,7 +245,12 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
             }
         });
     };
-    fig("chunk lookups", rate(&digests, 1, dur, lk), rate(&digests, threads, dur, lk), "lookups/s");
+    fig(
+        "chunk lookups",
+        rate(&digests, 1, dur, lk),
+        rate(&digests, threads, dur, lk),
+        "lookups/s",
+    );
 
     let image = match image_gib {
         Some(gib) => Some(image_figures(&dir, gib, level)?),
@@ -237,7 +266,10 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("blockvault-bench-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let dir = std::env::temp_dir().join(format!(
+        "blockvault-bench-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    ));
     std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
@@ -246,7 +278,7 @@ fn tempfile_dir() -> Result<std::path::PathBuf> {
 /// the disk (text, random, a duplicated region), backed up and restored.
 fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<ImageFigures> {
     use std::os::unix::fs::FileExt;
-    let disk = data_gib * 4 << 30;
+    let disk = (data_gib * 4) << 30;
     let path = dir.join("bench.raw");
     let f = std::fs::File::create(&path).ctx(|| "creating benchmark image")?;
     f.set_len(disk).ctx(|| "sizing benchmark image")?;
@@ -259,12 +291,17 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
         // Regions every 256 MiB; every 8th region repeats region 0 (duplicate data).
         let base = r * (disk / regions);
         for i in 0..(per_region / cs as u64) {
-            let src = if r % 8 == 7 { i as usize } else { (i as usize + r as usize * 31) % 1024 };
+            let src = if r % 8 == 7 {
+                i as usize
+            } else {
+                (i as usize + r as usize * 31) % 1024
+            };
             let mut c = pattern[src].clone();
             if r % 8 != 7 {
                 c[..8].copy_from_slice(&(r * 1_000_000 + i).to_le_bytes());
             }
-            f.write_all_at(&c, base + i * cs as u64).ctx(|| "writing benchmark image")?;
+            f.write_all_at(&c, base + i * cs as u64)
+                .ctx(|| "writing benchmark image")?;
         }
     }
     f.sync_all().ctx(|| "syncing benchmark image")?;
@@ -276,7 +313,13 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
     let backup_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let out = dir.join("restored.raw");
-    restore_disk(&vault, &m.disks[0], &out, ImageFormat::Raw, &BackupOptions::default())?;
+    restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        &BackupOptions::default(),
+    )?;
     let restore_seconds = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(&path);

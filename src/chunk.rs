@@ -338,8 +338,9 @@ pub fn decode_blob(stored: &[u8], expected: &ChunkDigest) -> Result<(BlobKind, V
     let h = parse_blob_header(stored)?;
     let payload = &stored[BLOB_HEADER_LEN..];
     let plain = if h.compressed {
-        let out = zstd::bulk::decompress(payload, h.plain_len)
-            .map_err(|e| Error::corrupt(format!("blob {} does not decompress", expected.short())).with_source(e))?;
+        let out = zstd::bulk::decompress(payload, h.plain_len).map_err(|e| {
+            Error::corrupt(format!("blob {} does not decompress", expected.short())).with_source(e)
+        })?;
         if out.len() != h.plain_len {
             return Err(Error::corrupt(format!(
                 "blob {} decompressed to {} bytes, header says {}",
@@ -413,7 +414,9 @@ mod tests {
         let stored = [&blob.header[..], &blob.payload].concat();
         assert_eq!(decode_blob(&stored, &d).unwrap().1, text);
 
-        let random: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let random: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let d = ChunkDigest::of(&random);
         let blob = enc.encode(BlobKind::Data, d, random.clone());
         let stored = [&blob.header[..], &blob.payload].concat();

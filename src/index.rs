@@ -69,7 +69,8 @@ impl IndexRoot {
                 bytes[4]
             )));
         }
-        let u32_at = |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let chunk_size = ChunkSize::new(u32_at(8))
             .map_err(|e| Error::corrupt(format!("disk index root: {}", e.context())))?;
         let mut sz = [0u8; 8];
@@ -126,7 +127,10 @@ pub fn decode_page(bytes: &[u8], expected: usize) -> Result<Vec<ChunkDigest>> {
             expected
         )));
     }
-    bytes.chunks_exact(32).map(ChunkDigest::from_slice).collect()
+    bytes
+        .chunks_exact(32)
+        .map(ChunkDigest::from_slice)
+        .collect()
 }
 
 #[cfg(test)]
@@ -141,7 +145,11 @@ mod tests {
         let root = IndexRoot {
             disk_size,
             chunk_size: cs,
-            pages: vec![ChunkDigest([1; 32]), ChunkDigest::ZERO, ChunkDigest([3; 32])],
+            pages: vec![
+                ChunkDigest([1; 32]),
+                ChunkDigest::ZERO,
+                ChunkDigest([3; 32]),
+            ],
         };
         assert_eq!(root.chunk_count(), 2049);
         assert_eq!(root.page_len(0), 1024);

@@ -127,11 +127,21 @@ pub fn resource_dir(resource: &str) -> String {
         })
         .collect();
     let clean = clean.trim_start_matches('.');
-    let short: String = clean.chars().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+    let short: String = clean
+        .chars()
+        .rev()
+        .take(60)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     if short == resource {
         short
     } else {
-        format!("{short}-{}", &blake3::hash(resource.as_bytes()).to_hex()[..8])
+        format!(
+            "{short}-{}",
+            &blake3::hash(resource.as_bytes()).to_hex()[..8]
+        )
     }
 }
 

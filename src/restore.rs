@@ -87,8 +87,12 @@ pub struct Qcow2Writer {
 
 impl Qcow2Writer {
     pub fn create(path: &Path, size: u64) -> Result<Qcow2Writer> {
-        use imago::{FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage, StorageCreateOptions};
-        let io_err = |e: std::io::Error| Error::io(format!("creating qcow2 image {}", path.display()), e);
+        use imago::{
+            FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage,
+            StorageCreateOptions,
+        };
+        let io_err =
+            |e: std::io::Error| Error::io(format!("creating qcow2 image {}", path.display()), e);
         let storage = imago::file::File::create_open(
             StorageCreateOptions::new().filename(path.to_string_lossy().to_string()),
         )
@@ -162,12 +166,23 @@ fn staging_path(to: &Path) -> Result<PathBuf> {
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| Error::config(format!("bad restore target {}", to.display())))?;
-    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    Ok(dir.join(format!(".{name}.partial-{}", hex::encode(rand::random::<[u8; 4]>()))))
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(dir.join(format!(
+        ".{name}.partial-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    )))
 }
 
 /// Fetch, verify and write every non-zero chunk of `disk` into `writer`.
-pub fn restore_into(vault: &Vault, disk: &DiskManifest, writer: &mut dyn ImageWriter, opts: &BackupOptions) -> Result<RestoreStats> {
+pub fn restore_into(
+    vault: &Vault,
+    disk: &DiskManifest,
+    writer: &mut dyn ImageWriter,
+    opts: &BackupOptions,
+) -> Result<RestoreStats> {
     let lookup = vault.lookup_reconciled()?;
     let root = load_root(vault, &lookup, disk)?;
     let cs = root.chunk_size.as_u64();
@@ -196,9 +211,12 @@ pub fn restore_into(vault: &Vault, disk: &DiskManifest, writer: &mut dyn ImageWr
                     }
                 };
                 for (offset, digest) in job_rx {
-                    let r = vault.read_blob(&lookup, &digest).map(|(_, d)| (offset, d)).map_err(|e| {
-                        e.context_prefix(format!("chunk {digest} at disk offset {offset}"))
-                    });
+                    let r = vault
+                        .read_blob(&lookup, &digest)
+                        .map(|(_, d)| (offset, d))
+                        .map_err(|e| {
+                            e.context_prefix(format!("chunk {digest} at disk offset {offset}"))
+                        });
                     if res_tx.send(r).is_err() {
                         break;
                     }
@@ -226,7 +244,11 @@ pub fn restore_into(vault: &Vault, disk: &DiskManifest, writer: &mut dyn ImageWr
                         stats.chunks_zero += 1;
                         continue;
                     }
-                    if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    if opts
+                        .cancel
+                        .as_ref()
+                        .is_some_and(|c| c.load(Ordering::Relaxed))
+                    {
                         return Err(Error::cancelled("restore cancelled"));
                     }
                     job_tx

@@ -73,7 +73,9 @@ impl Catalog {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let version: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version as usize > MIGRATIONS.len() {
             return Err(Error::unsupported(format!(
                 "catalog schema version {version} is newer than this build ({})",
@@ -91,7 +93,9 @@ impl Catalog {
 
     /// Schema version in use.
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
     pub fn add_vault(&self, v: &VaultEntry) -> Result<()> {
@@ -100,15 +104,18 @@ impl Catalog {
             params![v.name, v.path.to_string_lossy(), v.vault_id, v.chunk_size as i64, v.created],
         )?;
         if n == 0 {
-            return Err(Error::conflict(format!("a vault named {:?} already exists", v.name)));
+            return Err(Error::conflict(format!(
+                "a vault named {:?} already exists",
+                v.name
+            )));
         }
         Ok(())
     }
 
     pub fn vaults(&self) -> Result<Vec<VaultEntry>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT name, path, vault_id, chunk_size, created FROM vaults ORDER BY name")?;
+        let mut st = self.conn.prepare(
+            "SELECT name, path, vault_id, chunk_size, created FROM vaults ORDER BY name",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(VaultEntry {
                 name: r.get(0)?,
@@ -125,12 +132,17 @@ impl Catalog {
         self.vaults()?
             .into_iter()
             .find(|v| v.name == name)
-            .ok_or_else(|| Error::not_found(format!("no vault named {name:?} (see `blockvault vault list`)")))
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no vault named {name:?} (see `blockvault vault list`)"
+                ))
+            })
     }
 
     /// Record (or refresh) a backup.
     pub fn put_backup(&self, vault: &str, m: &BackupManifest) -> Result<()> {
-        let json = serde_json::to_string(m).map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
+        let json = serde_json::to_string(m)
+            .map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
         self.conn.execute(
             "INSERT OR REPLACE INTO backups (id, vault, name, resource, created, logical_size, bytes_stored, manifest)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -155,7 +167,9 @@ impl Catalog {
              WHERE (?1 IS NULL OR vault = ?1) AND (?2 IS NULL OR resource = ?2)
              ORDER BY created, id",
         )?;
-        let rows = st.query_map(params![vault, resource], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = st.query_map(params![vault, resource], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (vault, json) = row?;
@@ -188,7 +202,9 @@ impl Catalog {
             .query_map(params![id_or_name], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         match rows.len() {
-            0 => Err(Error::not_found(format!("no backup with id or name {id_or_name:?}"))),
+            0 => Err(Error::not_found(format!(
+                "no backup with id or name {id_or_name:?}"
+            ))),
             1 => {
                 let (vault, json) = rows.into_iter().next().unwrap_or_default();
                 Ok(BackupEntry {
@@ -211,7 +227,8 @@ impl Catalog {
     }
 
     pub fn remove_backup(&self, id: &str) -> Result<()> {
-        self.conn.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+        self.conn
+            .execute("DELETE FROM backups WHERE id = ?1", params![id])?;
         Ok(())
     }
 

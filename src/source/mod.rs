@@ -78,3 +78,18 @@ mod vmdk;
 pub use self::qcow2::Qcow2Source;
 pub use self::raw::RawSource;
 pub use self::vmdk::VmdkSource;
+mod open;
+
+pub use self::open::open_source;
+
+/// Open an image file read-only; a missing file is `NotFound` and names the path.
+pub(crate) fn open_file(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            crate::ErrorKind::NotFound
+        } else {
+            crate::ErrorKind::Io
+        };
+        crate::Error::new(kind, format!("opening {}", path.display())).with_source(e)
+    })
+}

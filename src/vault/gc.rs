@@ -132,6 +132,8 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
         let _ = id;
     }
     stats.stored_after = lookup.stored_blob_bytes()?;
-    stats.bytes_freed = stats.pack_bytes_before.saturating_sub(stats.pack_bytes_after);
+    stats.bytes_freed = stats
+        .pack_bytes_before
+        .saturating_sub(stats.pack_bytes_after);
     Ok(stats)
 }

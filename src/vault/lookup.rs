@@ -177,9 +177,11 @@ impl LookupIndex {
 
     /// Sum of the stored (compressed) lengths of every blob in every pack.
     pub fn stored_blob_bytes(&self) -> Result<u64> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT COALESCE(SUM(blob_bytes), 0) FROM packs", [], |r| r.get(0))?;
+        let n: i64 =
+            self.conn
+                .query_row("SELECT COALESCE(SUM(blob_bytes), 0) FROM packs", [], |r| {
+                    r.get(0)
+                })?;
         Ok(n as u64)
     }
 

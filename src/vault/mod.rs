@@ -110,8 +110,11 @@ impl Vault {
             } else {
                 ErrorKind::Io
             };
-            Error::new(kind, format!("no vault at {} (reading vault.toml)", root.display()))
-                .with_source(e)
+            Error::new(
+                kind,
+                format!("no vault at {} (reading vault.toml)", root.display()),
+            )
+            .with_source(e)
         })?;
         let config: VaultConfig = toml::from_str(&text).map_err(|e| {
             Error::invalid(format!("{} is not a valid vault.toml", cfg_path.display()))
@@ -204,7 +207,11 @@ impl Vault {
     }
 
     /// Read, verify and decode one blob.
-    pub fn read_blob(&self, lookup: &LookupIndex, digest: &ChunkDigest) -> Result<(BlobKind, Vec<u8>)> {
+    pub fn read_blob(
+        &self,
+        lookup: &LookupIndex,
+        digest: &ChunkDigest,
+    ) -> Result<(BlobKind, Vec<u8>)> {
         let loc = lookup.get(digest)?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Corrupt,

@@ -143,7 +143,7 @@ pub fn parse_footer(footer: &[u8], pack_len: u64) -> Result<(u64, usize)> {
 /// Parse and check a pack's trailer (entries + footer, i.e. the pack's last bytes from
 /// `entries_offset`).
 pub fn parse_trailer(trailer: &[u8], entries_offset: u64) -> Result<Vec<PackEntry>> {
-    if trailer.len() < FOOTER_LEN || (trailer.len() - FOOTER_LEN) % ENTRY_LEN != 0 {
+    if trailer.len() < FOOTER_LEN || !(trailer.len() - FOOTER_LEN).is_multiple_of(ENTRY_LEN) {
         return Err(Error::corrupt("pack trailer has a bad length"));
     }
     let (body, footer) = trailer.split_at(trailer.len() - FOOTER_LEN);
@@ -182,7 +182,9 @@ pub fn parse_trailer(trailer: &[u8], entries_offset: u64) -> Result<Vec<PackEntr
 pub fn read_pack_entries(store: &dyn ChunkStore, id: PackId) -> Result<Vec<PackEntry>> {
     let len = store.pack_len(id)?;
     if len < (PACK_MAGIC.len() + FOOTER_LEN) as u64 {
-        return Err(Error::corrupt(format!("pack {id} is truncated ({len} bytes)")));
+        return Err(Error::corrupt(format!(
+            "pack {id} is truncated ({len} bytes)"
+        )));
     }
     let footer = store.read_pack_range(id, len - FOOTER_LEN as u64, FOOTER_LEN)?;
     let (entries_offset, _count) =

@@ -66,11 +66,18 @@ impl LocalStore {
 
     fn pack_path(&self, id: PackId) -> PathBuf {
         let hex = id.to_string();
-        self.root.join("packs").join(&hex[..2]).join(format!("{hex}.pack"))
+        self.root
+            .join("packs")
+            .join(&hex[..2])
+            .join(format!("{hex}.pack"))
     }
 
     fn key_path(&self, key: &str) -> Result<PathBuf> {
-        if key.split('/').any(|p| p.is_empty() || p == "." || p == "..") || key.starts_with('/') {
+        if key
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+            || key.starts_with('/')
+        {
             return Err(Error::invalid(format!("bad vault key {key:?}")));
         }
         Ok(self.root.join(key))
@@ -113,7 +120,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::invalid(format!("no parent directory for {}", path.display())))?;
     fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", hex::encode(rand::random::<[u8; 6]>())));
+    let tmp = dir.join(format!(
+        ".{name}.tmp-{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
     let result = (|| {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -171,7 +181,11 @@ impl ChunkStore for LocalStore {
             } else {
                 ErrorKind::Io
             };
-            Error::new(kind, format!("reading {len} bytes at {offset} of pack {id}")).with_source(e)
+            Error::new(
+                kind,
+                format!("reading {len} bytes at {offset} of pack {id}"),
+            )
+            .with_source(e)
         })?;
         Ok(buf)
     }

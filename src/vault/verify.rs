@@ -56,7 +56,11 @@ impl VerifyReport {
 }
 
 /// Verify the whole vault (`only = None`) or the given backups.
-pub fn verify(vault: &Vault, only: Option<&[BackupManifest]>, threads: usize) -> Result<VerifyReport> {
+pub fn verify(
+    vault: &Vault,
+    only: Option<&[BackupManifest]>,
+    threads: usize,
+) -> Result<VerifyReport> {
     let lookup = vault.lookup_reconciled()?;
     let all;
     let manifests: &[BackupManifest] = match only {
@@ -107,7 +111,12 @@ pub fn verify(vault: &Vault, only: Option<&[BackupManifest]>, threads: usize) ->
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
-                    let Some(id) = next.lock().unwrap_or_else(|p| p.into_inner()).next().copied() else {
+                    let Some(id) = next
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .next()
+                        .copied()
+                    else {
                         break;
                     };
                     let (bad, blobs, bytes) = check_pack(vault, id);
@@ -140,7 +149,9 @@ pub fn verify(vault: &Vault, only: Option<&[BackupManifest]>, threads: usize) ->
             };
             walk_disk(vault, &lookup, disk, &mut visited, &mut |item| {
                 match item {
-                    WalkItem::Damaged { what, error } => damage.push(hurt(None, format!("{what}: {error}"))),
+                    WalkItem::Damaged { what, error } => {
+                        damage.push(hurt(None, format!("{what}: {error}")))
+                    }
                     WalkItem::Chunks(chunks) => {
                         for (off, d) in chunks {
                             if let Some(e) = bad.get(d) {

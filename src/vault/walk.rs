@@ -30,7 +30,12 @@ pub fn load_root(vault: &Vault, lookup: &LookupIndex, disk: &DiskManifest) -> Re
 }
 
 /// Load page `p` of an index (all-zero pages are not stored).
-pub fn load_page(vault: &Vault, lookup: &LookupIndex, root: &IndexRoot, p: usize) -> Result<Vec<ChunkDigest>> {
+pub fn load_page(
+    vault: &Vault,
+    lookup: &LookupIndex,
+    root: &IndexRoot,
+    p: usize,
+) -> Result<Vec<ChunkDigest>> {
     let n = root.page_len(p);
     let d = root.pages[p];
     if d.is_zero() {
@@ -82,13 +87,20 @@ pub fn walk_disk(
         if d.is_zero() || !visited.insert(*d) {
             continue;
         }
-        f(WalkItem::Page { page: p, digest: *d })?;
+        f(WalkItem::Page {
+            page: p,
+            digest: *d,
+        })?;
         match load_page(vault, lookup, &root, p) {
             Ok(entries) => {
                 chunks.clear();
-                chunks.extend(entries.iter().enumerate().filter(|(_, d)| !d.is_zero()).map(|(i, d)| {
-                    ((p * PAGE_ENTRIES + i) as u64 * cs, *d)
-                }));
+                chunks.extend(
+                    entries
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, d)| !d.is_zero())
+                        .map(|(i, d)| ((p * PAGE_ENTRIES + i) as u64 * cs, *d)),
+                );
                 f(WalkItem::Chunks(&chunks))?;
             }
             Err(error) => f(WalkItem::Damaged {

@@ -25,7 +25,10 @@ fn every_source_format_round_trips_into_raw_and_qcow2() {
         for format in ["raw", "qcow2"] {
             let out = env.path(&format!("{f}.{format}"));
             env.restore(&id, &out, format);
-            assert!(images_equal(&src, &out), "{f} restored as {format} differs from its source");
+            assert!(
+                images_equal(&src, &out),
+                "{f} restored as {format} differs from its source"
+            );
         }
     }
     assert_eq!(env.backups().len(), FORMATS.len());
@@ -38,12 +41,19 @@ fn unallocated_space_is_not_read_and_raw_restore_stays_sparse() {
     let b = env.backup(&fx.join("disk.qcow2"), "d");
     // The fixture is a 64 MiB disk with a few MiB of data.
     assert_eq!(u(&b, "logical_size"), 64 << 20);
-    assert!(u(&b, "bytes_read") < 16 << 20, "read {} bytes", u(&b, "bytes_read"));
+    assert!(
+        u(&b, "bytes_read") < 16 << 20,
+        "read {} bytes",
+        u(&b, "bytes_read")
+    );
     let out = env.path("r.raw");
     env.restore(s(&b, "id"), &out, "raw");
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
-    assert!(allocated < 16 << 20, "restored raw image allocates {allocated} bytes");
+    assert!(
+        allocated < 16 << 20,
+        "restored raw image allocates {allocated} bytes"
+    );
 }
 
 #[test]
@@ -74,8 +84,22 @@ fn changed_image_stores_only_the_changed_chunks() {
     // Three scattered 64 KiB writes, each inside one chunk, each with a fresh pattern;
     // plus a 4 KiB write inside a fourth chunk.
     let img_s = img.to_str().unwrap();
-    for (pattern, off, len) in [(0x11, "1M", "64k"), (0x12, "17M", "64k"), (0x13, "40M", "64k"), (0x14, "50M", "4k")] {
-        sh("qemu-io", &["-f", "qcow2", "-c", &format!("write -P {pattern} {off} {len}"), img_s]);
+    for (pattern, off, len) in [
+        (0x11, "1M", "64k"),
+        (0x12, "17M", "64k"),
+        (0x13, "40M", "64k"),
+        (0x14, "50M", "4k"),
+    ] {
+        sh(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {pattern} {off} {len}"),
+                img_s,
+            ],
+        );
     }
     let b = env.backup(&img, "d");
     assert_eq!(u(&b, "chunks_new"), 4, "{b}");
@@ -112,7 +136,11 @@ fn gc_after_deleting_the_first_of_three_backups_frees_exactly_its_blobs() {
     }
     // Nothing left to free.
     let again = env.json(&["gc", "--vault", "v", "--repack-below", "100"]);
-    assert_eq!(u(&again, "packs_deleted") + u(&again, "packs_rewritten"), 0, "{again}");
+    assert_eq!(
+        u(&again, "packs_deleted") + u(&again, "packs_rewritten"),
+        0,
+        "{again}"
+    );
     let v = env.run(&["verify", "--vault", "v"]);
     assert!(v.status.success());
 }
@@ -145,8 +173,16 @@ fn vault_rescan_rebuilds_the_catalog_from_the_vault() {
     let vault_dir = env.vault_dir();
     let data = env.data();
     std::fs::remove_dir_all(vault_dir.join("cache")).unwrap();
-    let out = env.cmd().args(["vault", "attach", "v", vault_dir.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = env
+        .cmd()
+        .args(["vault", "attach", "v", vault_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.ok(&["vault", "rescan", "v"]);
     let list = env.backups();
     assert_eq!(list.len(), 1);

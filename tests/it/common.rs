@@ -86,18 +86,35 @@ impl Env {
         a.extend_from_slice(args);
         let out = self.ok(&a);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("bad JSON from {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout))
+            panic!(
+                "bad JSON from {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
         })
     }
 
     /// Back up `source` into vault `v` as disk `id`; returns the JSON result.
     pub fn backup(&self, source: &Path, id: &str) -> Value {
-        self.json(&["backup", source.to_str().unwrap(), "--vault", "v", "--id", id])
+        self.json(&[
+            "backup",
+            source.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            id,
+        ])
     }
 
     /// Restore backup `b` to `to` in `format`.
     pub fn restore(&self, b: &str, to: &Path, format: &str) -> Value {
-        self.json(&["restore", b, "--to", to.to_str().unwrap(), "--format", format])
+        self.json(&[
+            "restore",
+            b,
+            "--to",
+            to.to_str().unwrap(),
+            "--format",
+            format,
+        ])
     }
 
     pub fn backups(&self) -> Vec<Value> {

@@ -35,7 +35,16 @@ fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
     }
     let mut child = env
         .cmd()
-        .args(["--threads", "1", "backup", img.to_str().unwrap(), "--vault", "v", "--id", "d"])
+        .args([
+            "--threads",
+            "1",
+            "backup",
+            img.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            "d",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -43,14 +52,23 @@ fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
     // Wait until the backup has published at least one pack, then kill it.
     let start = Instant::now();
     while pack_files(&env.vault_dir()).is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no pack appeared");
-        assert!(child.try_wait().unwrap().is_none(), "backup finished before it could be killed");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pack appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished before it could be killed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!pack_files(&env.vault_dir()).is_empty());
-    assert!(env.backups().is_empty(), "a killed backup must not be listed");
+    assert!(
+        env.backups().is_empty(),
+        "a killed backup must not be listed"
+    );
     let v = env.run(&["verify", "--vault", "v"]);
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
     // GC frees the orphaned packs; a new backup then works and restores.
@@ -71,7 +89,16 @@ fn a_flipped_byte_in_a_stored_chunk_is_found_by_verify_and_fails_restore() {
     let img = env.path("d.raw");
     write_raw(&img, 8 << 20, 0, &random_bytes(2 << 20, 9));
     // One worker thread, so that chunk 0 is the first blob of the pack.
-    let b = env.json(&["--threads", "1", "backup", img.to_str().unwrap(), "--vault", "v", "--id", "d"]);
+    let b = env.json(&[
+        "--threads",
+        "1",
+        "backup",
+        img.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "d",
+    ]);
     let id = s(&b, "id").to_string();
     assert!(env.run(&["verify", "--vault", "v"]).status.success());
     // Data chunks are written first: flip a byte inside the first blob of the pack.
@@ -81,16 +108,27 @@ fn a_flipped_byte_in_a_stored_chunk_is_found_by_verify_and_fails_restore() {
     bytes[8 + 12 + 1000] ^= 0x01;
     std::fs::write(&packs[0], &bytes).unwrap();
 
-    let v = env.cmd().args(["--json", "verify", "--vault", "v"]).output().unwrap();
+    let v = env
+        .cmd()
+        .args(["--json", "verify", "--vault", "v"])
+        .output()
+        .unwrap();
     assert_eq!(v.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
-    assert_eq!(report["corrupt_blobs"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(
+        report["corrupt_blobs"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
     let damage = report["damage"].as_array().unwrap();
     assert_eq!(damage.len(), 1, "{report}");
     assert_eq!(damage[0]["backup_id"], id.as_str());
     assert_eq!(damage[0]["offset"], 0);
     // The single-backup form finds it too.
-    assert_eq!(env.run(&["verify", "--vault", "v", &id]).status.code(), Some(1));
+    assert_eq!(
+        env.run(&["verify", "--vault", "v", &id]).status.code(),
+        Some(1)
+    );
 
     let out = env.path("r.raw");
     let r = env.run(&["restore", &id, "--to", out.to_str().unwrap()]);
@@ -121,9 +159,20 @@ fn hostile_images_give_a_clear_error_and_record_nothing() {
         n += 1;
         let out = env.run(&["backup", p.to_str().unwrap(), "--vault", "v", "--id", &name]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{name}: expected a clean error, got {:?}: {err}", out.status);
-        assert!(err.contains("error:") && !err.contains("panicked"), "{name}: {err}");
-        assert!(err.contains(&name), "{name}: the error should name the file: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{name}: expected a clean error, got {:?}: {err}",
+            out.status
+        );
+        assert!(
+            err.contains("error:") && !err.contains("panicked"),
+            "{name}: {err}"
+        );
+        assert!(
+            err.contains(&name),
+            "{name}: the error should name the file: {err}"
+        );
     }
     assert!(n >= 6, "only {n} hostile fixtures");
     assert!(env.backups().is_empty());
