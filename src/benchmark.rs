@@ -105,11 +105,13 @@ fn rate<T: Sync>(items: &[T], threads: usize, dur: Duration, f: impl Fn(&T) + Sy
             .map(|t| {
                 let f = &f;
                 s.spawn(move || {
+                    // Every thread walks all items (offset by its number), so each
+                    // sees the same mix of data.
                     let mut n = 0u64;
-                    let mut i = t;
+                    let mut i = t * items.len() / threads;
                     while start.elapsed() < dur {
                         f(&items[i % items.len()]);
-                        i += threads;
+                        i += 1;
                         n += 1;
                     }
                     n

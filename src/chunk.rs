@@ -255,6 +255,14 @@ impl Encoder {
     /// Encode `plain` (whose digest is already known). Takes ownership of the buffer so
     /// that an incompressible chunk is stored without a copy.
     pub fn encode(&mut self, kind: BlobKind, digest: ChunkDigest, plain: Vec<u8>) -> EncodedBlob {
+        if self.looks_incompressible(&plain) {
+            return EncodedBlob {
+                digest,
+                kind,
+                header: blob_header(kind, false, plain.len()),
+                payload: plain,
+            };
+        }
         let bound = zstd::zstd_safe::compress_bound(plain.len());
         self.scratch.clear();
         self.scratch.reserve(bound);
@@ -274,6 +282,28 @@ impl Encoder {
             kind,
             header,
             payload,
+        }
+    }
+}
+
+impl Encoder {
+    /// Already-compressed or encrypted data (random-looking) costs zstd time and saves
+    /// nothing. Like borg's "auto" mode, compress a 4 KiB sample from the middle of a
+    /// large chunk first; if that does not shrink by 3%, store the chunk as is. A wrong
+    /// guess costs only space, never correctness.
+    fn looks_incompressible(&mut self, plain: &[u8]) -> bool {
+        const SAMPLE: usize = 4096;
+        if plain.len() < 4 * SAMPLE {
+            return false;
+        }
+        let mid = plain.len() / 2;
+        let sample = &plain[mid - SAMPLE / 2..mid + SAMPLE / 2];
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(SAMPLE));
+        match self.cctx.compress_to_buffer(sample, &mut self.scratch) {
+            Ok(n) => n > SAMPLE - SAMPLE * 3 / 100,
+            Err(_) => false,
         }
     }
 }
