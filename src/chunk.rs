@@ -473,14 +473,19 @@ mod tests {
         }
 
         #[test]
-        fn decoder_rejects_mutations(data in proptest::collection::vec(any::<u8>(), 1..3000), pos in any::<usize>(), bit in 0u8..8) {
+        fn decoder_never_returns_wrong_plaintext(data in proptest::collection::vec(any::<u8>(), 1..3000), pos in any::<usize>(), bit in 0u8..8) {
             let mut enc = Encoder::new(1).unwrap();
             let d = ChunkDigest::of(&data);
             let blob = enc.encode(BlobKind::Data, d, data.clone());
             let mut stored = [&blob.header[..], &blob.payload].concat();
             let p = pos % stored.len();
             stored[p] ^= 1 << bit;
-            prop_assert!(decode_blob(&stored, &d).is_err());
+            // A flip may land on a bit zstd ignores; what must never happen is a
+            // decode that returns different plaintext.
+            match decode_blob(&stored, &d) {
+                Ok((_, plain)) => prop_assert_eq!(plain, data),
+                Err(_) => {}
+            }
         }
     }
 }
