@@ -8,7 +8,8 @@ if ! command -v qemu-img >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-utils
 fi
 cargo build --release --locked
-bv() { ./target/release/blockvault --data "${BLOCKVAULT_DATA:-./blockvault-data}" "$@"; }
+bin="${CARGO_TARGET_DIR:-target}/release/blockvault"
+bv() { "$bin" --data "${BLOCKVAULT_DATA:-./blockvault-data}" "$@"; }
 disk="${1:-}"
 if [ -z "$disk" ]; then
   bash fixtures/make.sh target/fixtures >/dev/null
