@@ -26,6 +26,36 @@ impl Extent {
     }
 }
 
+/// Append `[offset, offset + length)` to a sorted extent list, merging it with the last
+/// extent when they touch or overlap. Every source builds its allocation map with this.
+pub fn push_extent(out: &mut Vec<Extent>, offset: u64, length: u64) {
+    if length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.end() >= offset => {
+            let end = last.end().max(offset + length);
+            last.length = end - last.offset;
+        }
+        _ => out.push(Extent { offset, length }),
+    }
+}
+
+/// Refuse a read that does not lie within a disk of `size` bytes.
+pub(crate) fn check_read(
+    what: &dyn std::fmt::Display,
+    size: u64,
+    offset: u64,
+    len: usize,
+) -> Result<()> {
+    if offset.saturating_add(len as u64) > size {
+        return Err(crate::Error::invalid(format!(
+            "{what}: read of {len} bytes at {offset} past the disk end ({size} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 /// The on-disk format a source was opened as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceFormat {

@@ -16,7 +16,7 @@ use imago::format::gate::ImplicitOpenGate;
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, ShallowMapping, StorageOpenOptions};
 
-use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, open_file};
+use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, open_file, push_extent};
 use crate::error::{Error, Result};
 
 /// Deepest backing chain we follow.
@@ -225,13 +225,7 @@ impl Qcow2Source {
             }
             let len = len.min(max);
             if data {
-                match out.last_mut() {
-                    Some(last) if last.end() == pos => last.length += len,
-                    _ => out.push(Extent {
-                        offset: pos,
-                        length: len,
-                    }),
-                }
+                push_extent(&mut out, pos, len);
             }
             pos += len;
         }
@@ -261,13 +255,7 @@ impl BlockSource for Qcow2Source {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset.saturating_add(buf.len() as u64) > self.size {
-            return Err(Error::invalid(format!(
-                "{}: read of {} bytes at {offset} past the disk end",
-                self.path.display(),
-                buf.len()
-            )));
-        }
+        check_read(&self.path.display(), self.size, offset, buf.len())?;
         self.image.read(&mut *buf, offset).map_err(|e| {
             Error::invalid(format!(
                 "{}: reading disk offset {offset}",

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use nix::unistd::{Whence, lseek};
 
-use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, open_file};
+use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, open_file, push_extent};
 use crate::error::{Error, IoContext, Result};
 
 /// A raw disk image (or block device).
@@ -57,6 +57,7 @@ impl BlockSource for RawSource {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_read(&self.path.display(), self.size, offset, buf.len())?;
         self.file.read_exact_at(buf, offset).ctx(|| {
             format!(
                 "reading {} bytes at offset {offset} of {}",
@@ -98,13 +99,7 @@ impl BlockSource for RawSource {
             if hole <= data {
                 break;
             }
-            match out.last_mut() {
-                Some(last) if last.end() == data => last.length += hole - data,
-                _ => out.push(Extent {
-                    offset: data,
-                    length: hole - data,
-                }),
-            }
+            push_extent(&mut out, data, hole - data);
             pos = hole;
         }
         Ok(out)

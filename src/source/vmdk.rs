@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use vmdk::{VmdkChainReader, VmdkFileReader};
 
-use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat};
+use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, push_extent};
 use crate::error::{Error, Result};
 
 const MAX_CHAIN_DEPTH: usize = 64;
@@ -85,13 +85,7 @@ fn layer_extents(path: &Path, r: &mut VmdkFileReader, size: u64) -> Result<Vec<E
         if end <= offset {
             continue;
         }
-        match out.last_mut() {
-            Some(last) if last.end() >= offset => last.length = last.length.max(end - last.offset),
-            _ => out.push(Extent {
-                offset,
-                length: end - offset,
-            }),
-        }
+        push_extent(&mut out, offset, end - offset);
     }
     Ok(out)
 }
@@ -102,13 +96,7 @@ fn union(a: Vec<Extent>, b: Vec<Extent>) -> Vec<Extent> {
     all.sort();
     let mut out: Vec<Extent> = Vec::with_capacity(all.len());
     for e in all {
-        match out.last_mut() {
-            Some(last) if last.end() >= e.offset => {
-                let end = last.end().max(e.end());
-                last.length = end - last.offset;
-            }
-            _ => out.push(e),
-        }
+        push_extent(&mut out, e.offset, e.length);
     }
     out
 }
@@ -127,13 +115,7 @@ impl BlockSource for VmdkSource {
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        if offset.saturating_add(buf.len() as u64) > self.size {
-            return Err(Error::invalid(format!(
-                "{}: read of {} bytes at {offset} past the disk end",
-                self.path.display(),
-                buf.len()
-            )));
-        }
+        check_read(&self.path.display(), self.size, offset, buf.len())?;
         self.reader
             .seek(SeekFrom::Start(offset))
             .and_then(|_| self.reader.read_exact(buf))
