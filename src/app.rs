@@ -15,7 +15,7 @@ use crate::chunk::ChunkSize;
 use crate::error::{Error, Result};
 use crate::manifest::BackupManifest;
 use crate::restore::{ImageFormat, RestoreStats, restore_disk};
-use crate::source::open_source;
+use crate::source::open_source_with;
 use crate::vault::Vault;
 use crate::vault::gc::{GcStats, gc};
 use crate::vault::verify::{VerifyReport, verify};
@@ -158,7 +158,11 @@ impl App {
         opts: &BackupOptions,
     ) -> Result<BackupManifest> {
         let vault = self.open_vault(vault_name)?;
-        let mut source = open_source(source_spec)?;
+        let bitmap = match &opts.change {
+            crate::cbt::ChangeHint::Bitmap(b) => Some(b.as_str()),
+            _ => None,
+        };
+        let mut source = open_source_with(source_spec, bitmap)?;
         let mut opts = opts.clone();
         let disk_id = opts
             .disk_id
@@ -261,7 +265,7 @@ pub fn default_disk_id(spec: &str) -> String {
         Some((p, rest)) if ["raw", "qcow2", "vmdk"].contains(&p) => (Some(p), rest),
         _ => (None, spec),
     };
-    if spec.contains("://") {
+    if crate::nbd::NbdUri::is_nbd(spec) {
         return spec.to_string();
     }
     let abs =

@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
+use crate::cbt::{ChangeHint, Decision, decide};
 use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob, Encoder, encode_blob, is_zero};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, pages_for};
@@ -64,6 +65,8 @@ pub struct BackupOptions {
     /// Set to stop the backup; it then fails with `Cancelled` and records nothing.
     pub cancel: Option<Arc<AtomicBool>>,
     pub progress: Option<Arc<Progress>>,
+    /// What is known about changes since the previous backup (see `cbt`).
+    pub change: ChangeHint,
 }
 
 /// What to read and what to start from.
@@ -96,14 +99,14 @@ pub fn backup_disk(
     let started = Instant::now();
     let disk_id = opts.disk_id.clone().unwrap_or_else(|| source.describe());
     let _lock = vault.lock_shared()?;
-    let extents = source.allocated_extents()?;
-    let plan = ReadPlan {
-        extents,
-        base: None,
-        kind: BackupKind::Full,
-        strategy: "allocation".into(),
-        parent: None,
-    };
+    let lookup = vault.lookup_reconciled()?;
+    let Decision {
+        plan,
+        checkpoint,
+        note,
+    } = decide(vault, &lookup, source, &disk_id, &opts.change)
+        .map_err(|e| e.context_prefix(format!("backup of {}", source.describe())))?;
+    drop(lookup);
     let outcome = run_disk(vault, source, &plan, opts)
         .map_err(|e| e.context_prefix(format!("backup of {}", source.describe())))?;
     let manifest = BackupManifest {
@@ -126,6 +129,8 @@ pub fn backup_disk(
             kind: plan.kind,
             strategy: plan.strategy,
             parent: plan.parent,
+            checkpoint,
+            note,
             bytes_allocated: outcome.bytes_allocated,
             bytes_read: outcome.bytes_read,
             bytes_stored: outcome.bytes_stored,

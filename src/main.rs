@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use blockvault::app::App;
 use blockvault::backup::{BackupOptions, Progress};
+use blockvault::cbt::{ChangeHint, parse_change_list};
 use blockvault::chunk::ChunkSize;
 use blockvault::manifest::BackupManifest;
 use blockvault::restore::ImageFormat;
@@ -61,6 +62,20 @@ enum Cmd {
         /// Backup name (default manualbk_<yyyymmdd-hhmmss>).
         #[arg(long)]
         name: Option<String>,
+        /// NBD source: the dirty bitmap NAME records every change since the previous
+        /// backup of this disk taken with --bitmap NAME (the first one is full).
+        #[arg(long, conflicts_with_all = ["since_base", "changed_extents"])]
+        bitmap: Option<String>,
+        /// The source is an overlay (qcow2 with backing file, VMDK delta) on the image the
+        /// previous backup of this disk read: read only the overlay's own clusters.
+        #[arg(long, conflicts_with = "changed_extents")]
+        since_base: bool,
+        /// JSON list of changed extents [{"start":…,"length":…}] (VMware CBT shape).
+        #[arg(long)]
+        changed_extents: Option<PathBuf>,
+        /// The backup (id or name) the change list is relative to (default: the latest).
+        #[arg(long, requires = "changed_extents")]
+        since: Option<String>,
     },
     /// List or delete backups.
     #[command(subcommand)]
@@ -164,6 +179,7 @@ fn run(cli: Cli) -> Result<i32> {
         threads: cli.threads,
         cancel: None,
         progress: None,
+        change: ChangeHint::Auto,
     };
     match cli.cmd {
         Cmd::Vault(VaultCmd::Create {
@@ -256,9 +272,28 @@ fn run(cli: Cli) -> Result<i32> {
             ref vault,
             ref id,
             ref name,
+            ref bitmap,
+            since_base,
+            ref changed_extents,
+            ref since,
         } => {
             let app = App::open(&cli.data)?;
             let mut o = opts(name.clone(), id.clone());
+            o.change = if let Some(b) = bitmap {
+                ChangeHint::Bitmap(b.clone())
+            } else if since_base {
+                ChangeHint::SinceBase
+            } else if let Some(f) = changed_extents {
+                let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                let (extents, in_file) = parse_change_list(&bytes, None)
+                    .with_context(|| format!("change list {}", f.display()))?;
+                ChangeHint::ChangeList {
+                    extents,
+                    since: since.clone().or(in_file),
+                }
+            } else {
+                ChangeHint::Auto
+            };
             let bar = progress_bar(&cli, &mut o, "backup");
             let m = app.backup(source, vault, &o);
             finish_bar(bar);
@@ -466,6 +501,7 @@ fn backup_json(m: &BackupManifest, vault: Option<&str>) -> serde_json::Value {
         "kind": d.map(|d| d.kind),
         "strategy": d.map(|d| d.strategy.clone()),
         "parent": d.and_then(|d| d.parent.clone()),
+        "note": d.and_then(|d| d.note.clone()),
         "seconds": m.seconds,
         "disks": m.disks,
     })

@@ -32,6 +32,14 @@ pub enum BackupKind {
     Incremental,
 }
 
+/// What the source must remember so that the next backup reads only the changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Dirty bitmap that records every change after this backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+}
+
 /// One disk of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiskManifest {
@@ -52,6 +60,12 @@ pub struct DiskManifest {
     /// Backup this one was derived from (incrementals).
     #[serde(default)]
     pub parent: Option<String>,
+    /// What the next backup of this disk may start from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpoint>,
+    /// Why a change-tracking strategy was not used (fallbacks are never silent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Bytes the source reported allocated.
     pub bytes_allocated: u64,
     /// Bytes actually read from the source.

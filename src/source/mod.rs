@@ -99,18 +99,37 @@ pub trait BlockSource {
     /// the disk size. May over-approximate (say "allocated" for zeros), never
     /// under-approximate. For an image with a backing chain this covers every layer.
     fn allocated_extents(&mut self) -> Result<Vec<Extent>>;
+
+    /// For an overlay (qcow2 with a backing file, VMDK delta disk): the image it is
+    /// layered on. None for a self-contained disk.
+    fn backing(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// Extents allocated in this layer alone: for an overlay, exactly what changed since
+    /// its base was taken. Defaults to the whole allocation map.
+    fn top_layer_extents(&mut self) -> Result<Vec<Extent>> {
+        self.allocated_extents()
+    }
+
+    /// Extents a dirty bitmap marks as changed; None when the source has no bitmap.
+    fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
+        None
+    }
 }
 
+mod nbd;
 mod qcow2;
 mod raw;
 mod vmdk;
 
+pub use self::nbd::NbdSource;
 pub use self::qcow2::Qcow2Source;
 pub use self::raw::RawSource;
 pub use self::vmdk::VmdkSource;
 mod open;
 
-pub use self::open::open_source;
+pub use self::open::{open_source, open_source_with};
 
 /// Open an image file read-only; a missing file is `NotFound` and names the path.
 pub(crate) fn open_file(path: &std::path::Path) -> Result<std::fs::File> {

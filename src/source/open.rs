@@ -4,14 +4,24 @@
 use std::io::Read;
 use std::path::Path;
 
-use super::{BlockSource, Qcow2Source, RawSource, VmdkSource, open_file};
+use super::{BlockSource, NbdSource, Qcow2Source, RawSource, VmdkSource, open_file};
 use crate::error::{Error, Result};
+use crate::nbd::NbdUri;
 
 /// Open the disk named by `spec`.
 pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
-        return Err(Error::unsupported(format!(
-            "{spec}: NBD sources are not implemented yet"
+    open_source_with(spec, None)
+}
+
+/// Open the disk named by `spec`; for an NBD export, also negotiate the dirty bitmap
+/// `bitmap`. A bitmap on an image file is refused (files carry no live bitmap).
+pub fn open_source_with(spec: &str, bitmap: Option<&str>) -> Result<Box<dyn BlockSource>> {
+    if NbdUri::is_nbd(spec) {
+        return Ok(Box::new(NbdSource::open(spec, bitmap)?));
+    }
+    if let Some(b) = bitmap {
+        return Err(Error::config(format!(
+            "--bitmap {b} needs an NBD source (export the image with qemu-nbd -B {b})"
         )));
     }
     let (forced, path) = match spec.split_once(':') {

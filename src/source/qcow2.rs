@@ -176,11 +176,6 @@ impl Qcow2Source {
         self.backing.as_deref()
     }
 
-    /// Extents allocated in the top image alone (the change since its backing image).
-    pub fn top_layer_extents(&mut self) -> Result<Vec<Extent>> {
-        self.extents(true)
-    }
-
     fn extents(&mut self, shallow: bool) -> Result<Vec<Extent>> {
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = 0u64;
@@ -267,5 +262,13 @@ impl BlockSource for Qcow2Source {
 
     fn allocated_extents(&mut self) -> Result<Vec<Extent>> {
         self.extents(false)
+    }
+
+    fn backing(&self) -> Option<PathBuf> {
+        self.backing.clone()
+    }
+
+    fn top_layer_extents(&mut self) -> Result<Vec<Extent>> {
+        self.extents(true)
     }
 }

@@ -21,6 +21,7 @@ pub struct VmdkSource {
     path: PathBuf,
     reader: VmdkChainReader,
     size: u64,
+    parent: Option<PathBuf>,
 }
 
 fn vmdk_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -47,6 +48,10 @@ impl VmdkSource {
                 path.display()
             )));
         }
+        let parent = (top.parent_cid() != 0xffff_ffff)
+            .then(|| parent_hint(top.descriptor_text()))
+            .flatten()
+            .map(|h| path.parent().unwrap_or(Path::new(".")).join(h));
         drop(top);
         let reader =
             VmdkChainReader::open(path).map_err(|e| vmdk_err(path, "cannot open VMDK chain", e))?;
@@ -61,6 +66,7 @@ impl VmdkSource {
             path: path.to_path_buf(),
             reader,
             size,
+            parent,
         })
     }
 
@@ -120,6 +126,17 @@ impl BlockSource for VmdkSource {
             .seek(SeekFrom::Start(offset))
             .and_then(|_| self.reader.read_exact(buf))
             .map_err(|e| vmdk_err(&self.path, &format!("reading disk offset {offset}"), e))
+    }
+
+    fn backing(&self) -> Option<PathBuf> {
+        self.parent.clone()
+    }
+
+    /// Grains allocated in the top layer alone (a delta disk's change since its parent).
+    fn top_layer_extents(&mut self) -> Result<Vec<Extent>> {
+        let mut r = VmdkFileReader::open_path(&self.path)
+            .map_err(|e| vmdk_err(&self.path, "cannot open VMDK image", e))?;
+        layer_extents(&self.path, &mut r, self.size)
     }
 
     fn allocated_extents(&mut self) -> Result<Vec<Extent>> {

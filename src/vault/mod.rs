@@ -259,6 +259,24 @@ impl Vault {
         Ok(out)
     }
 
+    /// The manifests of one resource (disk id or server), oldest first.
+    pub fn manifests_of(&self, resource: &str) -> Result<Vec<BackupManifest>> {
+        let dir = format!("backups/{}", crate::manifest::resource_dir(resource));
+        let mut out = Vec::new();
+        for key in self.store.list_files(&dir)? {
+            if !key.ends_with(".json") {
+                continue;
+            }
+            let m = BackupManifest::from_json(&self.store.get_file(&key)?)
+                .map_err(|e| e.context_prefix(format!("manifest {key}")))?;
+            if m.resource == resource {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
+        Ok(out)
+    }
+
     /// Remove a backup's manifest (its blobs are freed by the next GC).
     pub fn delete_manifest(&self, m: &BackupManifest) -> Result<()> {
         self.store.remove_file(&m.key())

@@ -1,0 +1,19 @@
+//! NBD: the client (and later the server) blockvault uses to reach live disks.
+//!
+//! `proto` holds the wire format and its parsers, `uri` the libnbd URI forms, `client`
+//! the negotiating, pipelining client (see its doc for why we do not use the `nbd` crate).
+
+pub mod client;
+pub mod proto;
+pub mod uri;
+
+pub use client::{NbdClient, StatusExtent};
+pub use uri::NbdUri;
+
+/// Meta context name of the allocation map.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// Meta context name of a QEMU dirty bitmap.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}
