@@ -186,3 +186,55 @@ pub fn u(v: &Value, key: &str) -> u64 {
 pub fn s<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no {key} in {v}"))
 }
+
+/// A server process (qemu-nbd, nbdkit) killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub socket: PathBuf,
+}
+
+impl Server {
+    /// Start `cmd args…` that listens on unix socket `socket`; wait until it accepts.
+    pub fn start(cmd: &str, args: &[&str], socket: &Path) -> Server {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new(cmd)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd}: {e}"));
+        let start = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            assert!(
+                start.elapsed().as_secs() < 20,
+                "{cmd} did not start listening"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Server {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    /// `qemu-nbd` exporting `image` (read-only, persistent) with extra args.
+    pub fn qemu_nbd(image: &Path, socket: &Path, extra: &[&str]) -> Server {
+        let s = socket.to_str().unwrap().to_string();
+        let mut args = vec!["-t", "-r", "-k", &s];
+        args.extend_from_slice(extra);
+        let img = image.to_str().unwrap().to_string();
+        args.push(&img);
+        Server::start("qemu-nbd", &args, socket)
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

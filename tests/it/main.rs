@@ -4,5 +4,7 @@
 mod common;
 
 mod backup;
+mod incremental;
 mod integrity;
+mod nbd;
 mod sources;
