@@ -7,7 +7,7 @@ use std::path::Path;
 
 use blockvault::ErrorKind;
 use blockvault::nbd::{NbdClient, NbdUri};
-use blockvault::source::{BlockSource, open_source};
+use blockvault::source::open_source;
 
 use crate::common::*;
 
