@@ -45,6 +45,9 @@ use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
 use crate::vault::pack::{PackWriter, SealedPack};
 
+/// Consecutive chunks read with one request.
+const READ_RUN: usize = 16;
+
 /// Live counters of a running job, for progress display and the task API.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -367,8 +370,42 @@ impl Reader<'_> {
         let mut bytes_read = 0u64;
         let mut chunks_read = 0u64;
         let mut current: Option<usize> = None;
-        for c in plan_chunks(&plan.extents, cs, size) {
-            let page = (c / PAGE_ENTRIES as u64) as usize;
+        let mut planned = plan_chunks(&plan.extents, cs, size).peekable();
+        let max_run = if source.prefers_large_reads() {
+            READ_RUN
+        } else {
+            1
+        };
+        let mut run: Vec<u64> = Vec::with_capacity(READ_RUN);
+        let mut big: Vec<u8> = Vec::new();
+        while let Some(first) = planned.next() {
+            check_cancel(opts)?;
+            if failed.load(Ordering::Relaxed) {
+                break;
+            }
+            // Sources with a per-request cost (NBD) get runs of consecutive chunks (up to
+            // 1 MiB) in one request; files are read chunk by chunk, without a copy.
+            run.clear();
+            run.push(first);
+            while run.len() < max_run
+                && planned.peek() == Some(&(first + run.len() as u64))
+                && (first + run.len() as u64) % PAGE_ENTRIES as u64 != 0
+            {
+                run.extend(planned.next());
+            }
+            let off = first * cs;
+            let end = ((first + run.len() as u64) * cs).min(size);
+            big.clear();
+            big.resize((end - off) as usize, 0);
+            source
+                .read_at(&mut big, off)
+                .map_err(|e| e.context_prefix(format!("reading disk offset {off}")))?;
+            bytes_read += end - off;
+            chunks_read += run.len() as u64;
+            if let Some(p) = &opts.progress {
+                p.bytes_done.fetch_add(end - off, Ordering::Relaxed);
+            }
+            let page = (first / PAGE_ENTRIES as u64) as usize;
             if current != Some(page) {
                 if let Some(prev) = current {
                     self.page_sent(prev)?;
@@ -376,27 +413,20 @@ impl Reader<'_> {
                 self.open_page(page)?;
                 current = Some(page);
             }
-            check_cancel(opts)?;
-            if failed.load(Ordering::Relaxed) {
-                break;
-            }
-            let off = c * cs;
-            let len = cs.min(size - off) as usize;
-            let mut buf = vec![0u8; len];
-            source
-                .read_at(&mut buf, off)
-                .map_err(|e| e.context_prefix(format!("reading disk offset {off}")))?;
-            bytes_read += len as u64;
-            chunks_read += 1;
-            if let Some(p) = &opts.progress {
-                p.bytes_done.fetch_add(len as u64, Ordering::Relaxed);
-            }
-            if let Some(st) = self.pages.get_mut(&page) {
-                st.outstanding += 1;
-            }
-            let slot = (c % PAGE_ENTRIES as u64) as usize;
-            if job_tx.send(Job { page, slot, buf }).is_err() {
-                break;
+            for (i, c) in run.iter().enumerate() {
+                let start = i * cs as usize;
+                let buf = if run.len() == 1 {
+                    std::mem::take(&mut big)
+                } else {
+                    big[start..(start + cs as usize).min(big.len())].to_vec()
+                };
+                if let Some(st) = self.pages.get_mut(&page) {
+                    st.outstanding += 1;
+                }
+                let slot = (c % PAGE_ENTRIES as u64) as usize;
+                if job_tx.send(Job { page, slot, buf }).is_err() {
+                    return Ok((bytes_read, chunks_read));
+                }
             }
             while let Ok(r) = res_rx.try_recv() {
                 self.apply(r?)?;

@@ -112,6 +112,12 @@ pub trait BlockSource {
         self.allocated_extents()
     }
 
+    /// True when each read has a round-trip cost (network), so that the pipeline should
+    /// read runs of consecutive chunks with one request.
+    fn prefers_large_reads(&self) -> bool {
+        false
+    }
+
     /// Extents a dirty bitmap marks as changed; None when the source has no bitmap.
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
         None

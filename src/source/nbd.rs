@@ -56,6 +56,10 @@ impl BlockSource for NbdSource {
             .extents_with(BASE_ALLOCATION, STATE_HOLE | STATE_ZERO, false)
     }
 
+    fn prefers_large_reads(&self) -> bool {
+        true
+    }
+
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
         let b = self.bitmap.clone()?;
         Some(
