@@ -389,7 +389,7 @@ impl Reader<'_> {
             run.push(first);
             while run.len() < max_run
                 && planned.peek() == Some(&(first + run.len() as u64))
-                && (first + run.len() as u64) % PAGE_ENTRIES as u64 != 0
+                && !(first + run.len() as u64).is_multiple_of(PAGE_ENTRIES as u64)
             {
                 run.extend(planned.next());
             }
