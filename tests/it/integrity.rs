@@ -189,3 +189,57 @@ fn a_missing_source_or_vault_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
+
+#[test]
+fn gc_refuses_to_run_while_a_backup_holds_the_vault() {
+    let env = Env::new();
+    let img = env.path("big.raw");
+    for i in 0..4u64 {
+        write_raw(&img, 256 << 20, i << 26, &random_bytes(64 << 20, 200 + i));
+    }
+    let mut child = env
+        .cmd()
+        .args([
+            "--threads",
+            "1",
+            "backup",
+            img.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            "d",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Once the backup has published a pack, it holds the vault lock.
+    let start = Instant::now();
+    while pack_files(&env.vault_dir()).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pack appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished too early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let gc = env.run(&["gc", "--vault", "v"]);
+    let still_running = child.try_wait().unwrap().is_none();
+    let err = String::from_utf8_lossy(&gc.stderr).to_string();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        still_running,
+        "the backup ended before gc ran; the test proves nothing"
+    );
+    assert_eq!(gc.status.code(), Some(2), "gc ran beside a backup: {err}");
+    assert!(err.contains("in use by a running backup"), "{err}");
+    // After the backup, gc runs and the backup still restores.
+    env.json(&["gc", "--vault", "v"]);
+    let b = &env.backups()[0];
+    let out = env.path("r.raw");
+    env.restore(s(b, "id"), &out, "raw");
+    assert!(images_equal(&img, &out));
+}
