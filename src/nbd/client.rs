@@ -576,8 +576,11 @@ impl NbdClient {
         Ok(out)
     }
 
-    /// Polite goodbye.
-    pub fn disconnect(mut self) {
+}
+
+impl Drop for NbdClient {
+    /// A clean NBD_CMD_DISC, so that the server does not log an abrupt disconnect.
+    fn drop(&mut self) {
         let cookie = self.next_cookie();
         let _ = self.write_all(&encode_request(0, CMD_DISC, cookie, 0, 0));
     }
