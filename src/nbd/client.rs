@@ -79,6 +79,8 @@ pub struct NbdClient {
     structured: bool,
     contexts: Vec<(u32, String)>,
     cookie: u64,
+    /// In transmission phase (negotiation finished).
+    ready: bool,
 }
 
 impl NbdClient {
@@ -112,8 +114,10 @@ impl NbdClient {
             structured: false,
             contexts: Vec::new(),
             cookie: 1,
+            ready: false,
         };
         c.negotiate(&uri.export, meta)?;
+        c.ready = true;
         Ok(c)
     }
 
@@ -581,6 +585,9 @@ impl NbdClient {
 impl Drop for NbdClient {
     /// A clean NBD_CMD_DISC, so that the server does not log an abrupt disconnect.
     fn drop(&mut self) {
+        if !self.ready {
+            return;
+        }
         let cookie = self.next_cookie();
         let _ = self.write_all(&encode_request(0, CMD_DISC, cookie, 0, 0));
     }
