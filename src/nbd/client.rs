@@ -579,7 +579,6 @@ impl NbdClient {
         }
         Ok(out)
     }
-
 }
 
 impl Drop for NbdClient {

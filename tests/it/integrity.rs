@@ -25,13 +25,12 @@ fn pack_files(vault: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
-    let env = Env::new();
+/// Start a single-threaded backup of `mib` MiB of random data and return once it has
+/// published its first pack (so it is mid-way and holds the vault lock).
+fn backup_in_flight(env: &Env, mib: u64, seed: u64) -> (std::process::Child, PathBuf) {
     let img = env.path("big.raw");
-    // 384 MiB of random data: several packs, and long enough to be killed midway.
-    for i in 0..6u64 {
-        write_raw(&img, 384 << 20, i << 26, &random_bytes(64 << 20, 100 + i));
+    for i in 0..mib / 64 {
+        write_raw(&img, mib << 20, i << 26, &random_bytes(64 << 20, seed + i));
     }
     let mut child = env
         .cmd()
@@ -49,7 +48,6 @@ fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Wait until the backup has published at least one pack, then kill it.
     let start = Instant::now();
     while pack_files(&env.vault_dir()).is_empty() {
         assert!(
@@ -58,10 +56,18 @@ fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
         );
         assert!(
             child.try_wait().unwrap().is_none(),
-            "backup finished before it could be killed"
+            "backup finished too early"
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    (child, img)
+}
+
+#[test]
+fn sigkill_in_the_middle_of_a_backup_leaves_no_backup_and_a_clean_vault() {
+    let env = Env::new();
+    // 384 MiB of random data: several packs, and long enough to be killed midway.
+    let (mut child, _img) = backup_in_flight(&env, 384, 100);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!pack_files(&env.vault_dir()).is_empty());
@@ -193,39 +199,7 @@ fn a_missing_source_or_vault_is_a_clear_error() {
 #[test]
 fn gc_refuses_to_run_while_a_backup_holds_the_vault() {
     let env = Env::new();
-    let img = env.path("big.raw");
-    for i in 0..4u64 {
-        write_raw(&img, 256 << 20, i << 26, &random_bytes(64 << 20, 200 + i));
-    }
-    let mut child = env
-        .cmd()
-        .args([
-            "--threads",
-            "1",
-            "backup",
-            img.to_str().unwrap(),
-            "--vault",
-            "v",
-            "--id",
-            "d",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Once the backup has published a pack, it holds the vault lock.
-    let start = Instant::now();
-    while pack_files(&env.vault_dir()).is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no pack appeared"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "backup finished too early"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (mut child, img) = backup_in_flight(&env, 256, 200);
     let gc = env.run(&["gc", "--vault", "v"]);
     let still_running = child.try_wait().unwrap().is_none();
     let err = String::from_utf8_lossy(&gc.stderr).to_string();
