@@ -25,15 +25,9 @@ fn pack_files(vault: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Start a single-threaded backup of `mib` MiB of random data and return once it has
-/// published its first pack (so it is mid-way and holds the vault lock).
-fn backup_in_flight(env: &Env, mib: u64, seed: u64) -> (std::process::Child, PathBuf) {
-    let img = env.path("big.raw");
-    for i in 0..mib / 64 {
-        write_raw(&img, mib << 20, i << 26, &random_bytes(64 << 20, seed + i));
-    }
-    let mut child = env
-        .cmd()
+/// Start `blockvault --threads 1 backup IMG --vault v --id d` in the background.
+fn spawn_backup(env: &Env, img: &Path) -> std::process::Child {
+    env.cmd()
         .args([
             "--threads",
             "1",
@@ -47,7 +41,17 @@ fn backup_in_flight(env: &Env, mib: u64, seed: u64) -> (std::process::Child, Pat
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Start a single-threaded backup of `mib` MiB of random data and return once it has
+/// published its first pack (so it is mid-way and holds the vault lock).
+fn backup_in_flight(env: &Env, mib: u64, seed: u64) -> (std::process::Child, PathBuf) {
+    let img = env.path("big.raw");
+    for i in 0..mib / 64 {
+        write_raw(&img, mib << 20, i << 26, &random_bytes(64 << 20, seed + i));
+    }
+    let mut child = spawn_backup(env, &img);
     let start = Instant::now();
     while pack_files(&env.vault_dir()).is_empty() {
         assert!(
@@ -206,22 +210,7 @@ fn gc_refuses_to_run_while_a_backup_holds_the_vault() {
         .flat_map(|i| format!("line {i:010}\n").into_bytes())
         .collect();
     write_raw(&img, 64 << 20, 0, &text);
-    let mut child = env
-        .cmd()
-        .args([
-            "--threads",
-            "1",
-            "backup",
-            img.to_str().unwrap(),
-            "--vault",
-            "v",
-            "--id",
-            "d",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_backup(&env, &img);
     // Wait until the backup holds the vault lock (shared).
     let lock = env.vault_dir().join("locks").join("vault.lock");
     let start = Instant::now();
