@@ -9,11 +9,15 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::backup::{BackupOptions, backup_disk};
+use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
 use crate::catalog::{BackupEntry, Catalog, VaultEntry};
+use crate::cbt::ChangeHint;
 use crate::chunk::ChunkSize;
 use crate::error::{Error, Result};
+use crate::freeze::FreezeHooks;
+use crate::live::{LiveOptions, backup_live, disk_id};
 use crate::manifest::BackupManifest;
+use crate::manifest::{Capture, ResourceKind};
 use crate::restore::{ImageFormat, RestoreStats, restore_disk};
 use crate::source::open_source_with;
 use crate::vault::Vault;
@@ -162,30 +166,145 @@ impl App {
             crate::cbt::ChangeHint::Bitmap(b) => Some(b.as_str()),
             _ => None,
         };
-        let mut source = open_source_with(source_spec, bitmap)?;
+        let source = open_source_with(source_spec, bitmap)?;
         let mut opts = opts.clone();
         let disk_id = opts
             .disk_id
             .get_or_insert_with(|| default_disk_id(source_spec))
             .clone();
+        self.name_backup(vault_name, &disk_id, &mut opts)?;
+        let m = backup_disk(&vault, source, &opts)?;
+        self.catalog.put_backup(vault_name, &m)?;
+        Ok(m)
+    }
+
+    /// Give `opts` a backup name unless it has one: `manualbk_<time>`, with `_2`, `_3`…
+    /// when one-off backups of the resource fall within the same second.
+    fn name_backup(&self, vault: &str, resource: &str, opts: &mut BackupOptions) -> Result<()> {
         if opts.name.is_none() {
-            // Two one-off backups of a disk within the same second stay distinguishable.
             let base = crate::manifest::manual_name();
             let mut name = base.clone();
             let mut n = 1;
-            while self.catalog.name_taken(vault_name, &disk_id, &name)? {
+            while self.catalog.name_taken(vault, resource, &name)? {
                 n += 1;
                 name = format!("{base}_{n}");
             }
             opts.name = Some(name);
         }
-        let m = backup_disk(&vault, source.as_mut(), &opts)?;
+        Ok(())
+    }
+
+    /// Back up server `server` made of image files (`(disk name, source spec)`), all disks
+    /// as one backup. Freeze hooks, if any, run before the first disk is read and thaw
+    /// after the last: image files have no instant of their own.
+    pub fn backup_server_files(
+        &self,
+        server: &str,
+        vault_name: &str,
+        disks: &[(String, String)],
+        hooks: &FreezeHooks,
+        opts: &BackupOptions,
+    ) -> Result<BackupManifest> {
+        let vault = self.open_vault(vault_name)?;
+        let mut opts = opts.clone();
+        self.name_backup(vault_name, server, &mut opts)?;
+        let mut jobs = Vec::new();
+        for (name, spec) in disks {
+            jobs.push(DiskJob {
+                name: name.clone(),
+                disk_id: disk_id(server, name),
+                source: open_source_with(spec, None)?,
+                change: match &opts.change {
+                    ChangeHint::SinceBase => ChangeHint::SinceBase,
+                    _ => ChangeHint::Auto,
+                },
+                next_checkpoint: None,
+                note: None,
+            });
+        }
+        let mut frozen = hooks.freeze(server);
+        let mut capture = || {
+            frozen.thaw();
+            let (consistency, note, steps) = frozen.outcome();
+            Some(Capture {
+                method: "image-files".into(),
+                consistency,
+                note,
+                snapshot_at: None,
+                steps,
+            })
+        };
+        let m = backup_resource(
+            &vault,
+            server,
+            ResourceKind::Server,
+            jobs,
+            &mut capture,
+            &opts,
+        )?;
+        self.catalog.put_backup(vault_name, &m)?;
+        Ok(m)
+    }
+
+    /// Back up all disks (or `live.nodes`) of a running QEMU at one instant.
+    pub fn backup_live(
+        &self,
+        server: &str,
+        vault_name: &str,
+        live: &LiveOptions,
+        opts: &BackupOptions,
+    ) -> Result<BackupManifest> {
+        let vault = self.open_vault(vault_name)?;
+        let mut opts = opts.clone();
+        self.name_backup(vault_name, server, &mut opts)?;
+        let m = backup_live(&vault, server, live, &opts)?;
         self.catalog.put_backup(vault_name, &m)?;
         Ok(m)
     }
 
     pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
         self.catalog.find_backup(id_or_name)
+    }
+
+    /// Restore every disk of a backup into directory `dir` as `<disk name>.<format>`.
+    /// Returns (disk name, path, stats) per disk. Stops at the first failure (disks
+    /// restored before it stay; the failed one leaves nothing).
+    pub fn restore_all(
+        &self,
+        id_or_name: &str,
+        dir: &Path,
+        format: ImageFormat,
+        opts: &BackupOptions,
+    ) -> Result<Vec<(String, PathBuf, RestoreStats)>> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = self.open_vault(&entry.vault)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let targets: Vec<PathBuf> = entry
+            .manifest
+            .disks
+            .iter()
+            .map(|d| {
+                dir.join(format!(
+                    "{}.{}",
+                    safe_file_name(&d.name),
+                    format.extension()
+                ))
+            })
+            .collect();
+        if let Some(t) = targets.iter().find(|t| t.exists()) {
+            return Err(Error::conflict(format!(
+                "{} already exists; restore never overwrites a file",
+                t.display()
+            )));
+        }
+        let mut out = Vec::new();
+        for (d, to) in entry.manifest.disks.iter().zip(targets) {
+            let stats = restore_disk(&vault, d, &to, format, opts)
+                .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
+            out.push((d.name.clone(), to, stats));
+        }
+        Ok(out)
     }
 
     /// Restore one disk (default: the first) of a backup into a new image.
@@ -256,6 +375,21 @@ impl App {
             }
         }
     }
+}
+
+/// A disk name as a file name (node names may hold characters paths must not).
+fn safe_file_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    s.trim_start_matches('.').to_string()
 }
 
 /// The disk id used when none is given: the source path made absolute (so that the

@@ -309,9 +309,9 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
     f.sync_all().ctx(|| "syncing benchmark image")?;
     drop(f);
     let vault = Vault::create(&dir.join("img-vault"), ChunkSize::new(cs as u32)?, level)?;
-    let mut src = RawSource::open(&path)?;
+    let src = RawSource::open(&path)?;
     let t = Instant::now();
-    let m = backup_disk(&vault, &mut src, &BackupOptions::default())?;
+    let m = backup_disk(&vault, Box::new(src), &BackupOptions::default())?;
     let backup_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let out = dir.join("restored.raw");

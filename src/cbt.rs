@@ -112,10 +112,14 @@ fn same_file(a: &str, b: &Path) -> bool {
     ca == cb
 }
 
-/// The latest backup of `disk_id` in `vault` and its disk entry.
-pub fn previous(vault: &Vault, disk_id: &str) -> Result<Option<(BackupManifest, DiskManifest)>> {
+/// The latest backup of `disk_id` (a disk of `resource`) in `vault` and its disk entry.
+pub fn previous(
+    vault: &Vault,
+    resource: &str,
+    disk_id: &str,
+) -> Result<Option<(BackupManifest, DiskManifest)>> {
     let mut found = None;
-    for m in vault.manifests_of(disk_id)? {
+    for m in vault.manifests_of(resource)? {
         if let Some(d) = m.disks.iter().find(|d| d.disk_id == disk_id).cloned() {
             found = Some((m, d));
         }
@@ -128,10 +132,11 @@ pub fn decide(
     vault: &Vault,
     lookup: &LookupIndex,
     source: &mut dyn BlockSource,
+    resource: &str,
     disk_id: &str,
     hint: &ChangeHint,
 ) -> Result<Decision> {
-    let prev = previous(vault, disk_id)?;
+    let prev = previous(vault, resource, disk_id)?;
     let size = source.size();
     // The parent is usable only if its index is intact and of the same geometry.
     let parent: std::result::Result<(BackupManifest, DiskManifest, IndexRoot), String> = match &prev

@@ -52,11 +52,18 @@ enum Cmd {
     #[command(subcommand)]
     Vault(VaultCmd),
     /// Back up a disk image (raw, qcow2, vmdk; `raw:`/`qcow2:`/`vmdk:` force a format).
+    ///
+    /// One source backs up a disk. Several sources (`NAME=SPEC` or just `SPEC`, named
+    /// disk0, disk1, …) back up a server made of image files as one backup (`--id` names
+    /// the server). `qmp:SOCKET` captures every disk of a running QEMU VM or
+    /// qemu-storage-daemon at one instant (copy-before-write fleecing; incremental
+    /// through dirty bitmaps it manages itself).
     Backup {
-        source: String,
+        #[arg(required = true)]
+        sources: Vec<String>,
         #[arg(long)]
         vault: String,
-        /// Stable id of the disk across backups (default: the absolute source path).
+        /// Stable id of the disk (default: the absolute source path) or the server name.
         #[arg(long)]
         id: Option<String>,
         /// Backup name (default manualbk_<yyyymmdd-hhmmss>).
@@ -76,11 +83,14 @@ enum Cmd {
         /// The backup (id or name) the change list is relative to (default: the latest).
         #[arg(long, requires = "changed_extents")]
         since: Option<String>,
+        #[command(flatten)]
+        server: Box<ServerArgs>,
     },
     /// List or delete backups.
     #[command(subcommand)]
     Backups(BackupsCmd),
-    /// Restore a backup (id or name) into a new disk image.
+    /// Restore a backup (id or name) into a new disk image; a server backup's disks go
+    /// into directory --to as <disk>.<format> unless --disk picks one.
     Restore {
         backup: String,
         #[arg(long)]
@@ -116,6 +126,71 @@ enum Cmd {
         #[arg(long)]
         image_gib: Option<u64>,
     },
+}
+
+/// Options of server backups (live over QMP, or image files).
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// qmp: disks to capture, by node or device name (default: all disks of the VM, or
+    /// every exported node of a qemu-storage-daemon).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// qmp: NBD server the QEMU process already runs (unix socket path or HOST:PORT);
+    /// by default blockvault starts one on a private socket and stops it afterwards.
+    #[arg(long)]
+    nbd_server: Option<String>,
+    /// qmp: directory for the temporary fleecing images (QEMU must be able to write it).
+    #[arg(long)]
+    fleece_dir: Option<PathBuf>,
+    /// Command run (sh -c) to quiesce applications before the point in time.
+    #[arg(long)]
+    freeze: Option<String>,
+    /// Command run (sh -c) right after the point in time; runs whenever --freeze was tried.
+    #[arg(long)]
+    thaw: Option<String>,
+    /// Guest agent socket: guest-fsfreeze-freeze/thaw around the point in time.
+    #[arg(long)]
+    qga: Option<PathBuf>,
+    /// Limit for each freeze or thaw step, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    freeze_timeout: f64,
+}
+
+impl ServerArgs {
+    fn hooks(&self) -> blockvault::freeze::FreezeHooks {
+        blockvault::freeze::FreezeHooks {
+            freeze_script: self.freeze.clone(),
+            thaw_script: self.thaw.clone(),
+            qga: self.qga.clone(),
+            timeout: Some(Duration::from_secs_f64(self.freeze_timeout.max(0.001))),
+        }
+    }
+}
+
+/// `NAME=SPEC` or `SPEC` (named `disk<i>`).
+fn named_disk(i: usize, arg: &str) -> (String, String) {
+    match arg.split_once('=') {
+        Some((name, spec))
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !std::path::Path::new(arg).exists() =>
+        {
+            (name.to_string(), spec.to_string())
+        }
+        _ => (format!("disk{i}"), arg.to_string()),
+    }
+}
+
+/// Cancel flag raised by SIGINT or SIGTERM: the running job stops cleanly.
+fn cancel_on_signals() -> Result<Arc<std::sync::atomic::AtomicBool>> {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .context("installing a signal handler")?;
+    }
+    Ok(flag)
 }
 
 #[derive(Subcommand)]
@@ -268,7 +343,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Backup {
-            ref source,
+            ref sources,
             ref vault,
             ref id,
             ref name,
@@ -276,9 +351,11 @@ fn run(cli: Cli) -> Result<i32> {
             since_base,
             ref changed_extents,
             ref since,
+            ref server,
         } => {
             let app = App::open(&cli.data)?;
             let mut o = opts(name.clone(), id.clone());
+            o.cancel = Some(cancel_on_signals()?);
             o.change = if let Some(b) = bitmap {
                 ChangeHint::Bitmap(b.clone())
             } else if since_base {
@@ -295,7 +372,40 @@ fn run(cli: Cli) -> Result<i32> {
                 ChangeHint::Auto
             };
             let bar = progress_bar(&cli, &mut o, "backup");
-            let m = app.backup(source, vault, &o);
+            let live = sources.len() == 1 && sources[0].starts_with("qmp:");
+            let m = if live {
+                let sock = &sources[0]["qmp:".len()..];
+                let server_id = match id {
+                    Some(i) => i.clone(),
+                    None => format!("qmp:{}", blockvault::app::default_disk_id(sock)),
+                };
+                let l = blockvault::live::LiveOptions {
+                    qmp: PathBuf::from(sock),
+                    nodes: server.nodes.clone(),
+                    nbd_server: server.nbd_server.clone(),
+                    fleece_dir: server.fleece_dir.clone(),
+                    hooks: server.hooks(),
+                    timeout: None,
+                };
+                app.backup_live(&server_id, vault, &l, &o)
+            } else if sources.len() > 1 {
+                let Some(server_id) = id else {
+                    bail!("a backup of several disks is a server backup: name it with --id");
+                };
+                let disks: Vec<(String, String)> = sources
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| named_disk(i, a))
+                    .collect();
+                app.backup_server_files(server_id, vault, &disks, &server.hooks(), &o)
+            } else {
+                if !server.hooks().is_empty() {
+                    bail!(
+                        "--freeze, --thaw and --qga apply to server backups (qmp: or several disks)"
+                    );
+                }
+                app.backup(&sources[0], vault, &o)
+            };
             finish_bar(bar);
             let m = m?;
             print_backup(&cli, &m)?;
@@ -347,6 +457,37 @@ fn run(cli: Cli) -> Result<i32> {
             let app = App::open(&cli.data)?;
             let format: ImageFormat = format.parse()?;
             let mut o = opts(None, None);
+            o.cancel = Some(cancel_on_signals()?);
+            if disk.is_none() && app.find_backup(backup)?.manifest.disks.len() > 1 {
+                let bar = progress_bar(&cli, &mut o, "restore");
+                let t = std::time::Instant::now();
+                let done = app.restore_all(backup, to, format, &o);
+                finish_bar(bar);
+                let done = done?;
+                let secs = t.elapsed().as_secs_f64();
+                if cli.json {
+                    let disks: Vec<_> = done
+                        .iter()
+                        .map(|(n, p, s)| {
+                            json!({"disk": n, "to": p, "bytes_written": s.bytes_written,
+                            "chunks_written": s.chunks_written, "chunks_zero": s.chunks_zero})
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        json!({"backup": backup, "to": to, "disks": disks, "seconds": secs})
+                    );
+                } else if !cli.quiet {
+                    for (n, p, s) in &done {
+                        println!(
+                            "restored disk {n} to {} ({} written)",
+                            p.display(),
+                            human(s.bytes_written)
+                        );
+                    }
+                }
+                return Ok(0);
+            }
             let bar = progress_bar(&cli, &mut o, "restore");
             let t = std::time::Instant::now();
             let stats = app.restore(backup, disk.as_deref(), to, format, &o);
@@ -490,6 +631,8 @@ fn backup_json(m: &BackupManifest, vault: Option<&str>) -> serde_json::Value {
         "name": m.name,
         "vault": vault,
         "disk_id": m.resource,
+        "resource": m.resource,
+        "resource_kind": m.resource_kind,
         "created": m.created,
         "logical_size": m.logical_size(),
         "bytes_allocated": m.disks.iter().map(|d| d.bytes_allocated).sum::<u64>(),
@@ -503,6 +646,7 @@ fn backup_json(m: &BackupManifest, vault: Option<&str>) -> serde_json::Value {
         "parent": d.and_then(|d| d.parent.clone()),
         "note": d.and_then(|d| d.note.clone()),
         "seconds": m.seconds,
+        "capture": m.capture,
         "disks": m.disks,
     })
 }

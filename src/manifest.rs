@@ -40,6 +40,33 @@ pub struct Checkpoint {
     pub bitmap: Option<String>,
 }
 
+/// Consistency a backup really achieved (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Consistency {
+    /// All disks at one instant, as after a power cut.
+    CrashConsistent,
+    /// Applications and file systems were quiesced (freeze hooks succeeded).
+    ApplicationConsistent,
+}
+
+/// How the point in time of a backup was captured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    /// "image-files" (read as they are), "qmp-fleecing" (live copy-before-write).
+    pub method: String,
+    pub consistency: Consistency,
+    /// Why the backup is not application-consistent when that was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// When the point in time was taken (RFC 3339, microseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_at: Option<String>,
+    /// Freeze/thaw steps run, in order, with their outcome ("freeze-script: ok").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<String>,
+}
+
 /// One disk of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DiskManifest {
@@ -97,6 +124,9 @@ pub struct BackupManifest {
     pub chunk_size: u32,
     pub seconds: f64,
     pub disks: Vec<DiskManifest>,
+    /// How the point in time was captured (absent in manifests of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
 }
 
 impl BackupManifest {
@@ -163,6 +193,16 @@ pub fn resource_dir(resource: &str) -> String {
 pub fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Now, as RFC 3339 (UTC) with microseconds: for capture instants.
+pub fn now_rfc3339_precise() -> String {
+    let now = OffsetDateTime::now_utc();
+    let now = now
+        .replace_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap_or(now);
+    now.format(&Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 

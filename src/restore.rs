@@ -34,6 +34,16 @@ pub enum ImageFormat {
     Qcow2,
 }
 
+impl ImageFormat {
+    /// File name extension for images of this format.
+    pub fn extension(&self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 impl std::str::FromStr for ImageFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<ImageFormat> {

@@ -13,6 +13,7 @@ use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdUri, dirty_bitmap_context};
 pub struct NbdSource {
     client: NbdClient,
     uri: String,
+    description: Option<String>,
     bitmap: Option<String>,
 }
 
@@ -28,8 +29,16 @@ impl NbdSource {
         Ok(NbdSource {
             client,
             uri: uri.to_string(),
+            description: None,
             bitmap: bitmap.map(str::to_owned),
         })
+    }
+
+    /// Describe the source as `d` instead of its URI (a temporary export of a live disk
+    /// is better named by the disk).
+    pub fn described_as(mut self, d: String) -> NbdSource {
+        self.description = Some(d);
+        self
     }
 }
 
@@ -39,7 +48,7 @@ impl BlockSource for NbdSource {
     }
 
     fn describe(&self) -> String {
-        self.uri.clone()
+        self.description.clone().unwrap_or_else(|| self.uri.clone())
     }
 
     fn size(&self) -> u64 {

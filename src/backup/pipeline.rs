@@ -1,4 +1,4 @@
-//! Disk backup: the parallel read → hash → compress → store pipeline.
+//! The per-disk pipeline: read → zero check → blake3 → dedup → zstd → pack.
 //!
 //! ```text
 //!  caller thread (owns the source; sources need not be Send)
@@ -11,35 +11,23 @@
 //!                                                       publish pack → lookup index
 //! ```
 //!
-//! The read plan is a set of extents (allocated, or changed since a checkpoint) over the
-//! chunk grid. A page with nothing to read keeps the previous backup's page digest (or
-//! `ZERO`); a page with something to read starts from the previous page's entries and
-//! overwrites the slots read. So a full backup is "no base, read everything allocated",
-//! and an incremental is "base = previous index, read only what changed": every backup's
-//! index is complete and restores on its own.
-//!
-//! Memory is bounded: the job queue holds a few chunks per worker, only the pages being
-//! filled are in memory, and dedup state lives in the SQLite lookup index (plus a set of
-//! digests claimed by this backup and not yet indexed, at most about a pack's worth).
-//!
-//! Crash safety: the vault lock is held shared; packs are published atomically as they
-//! fill; the manifest is written last. A crash leaves only packs that no manifest reaches.
+//! A page with nothing to read keeps the previous backup's page digest (or `ZERO`); a
+//! page with something to read starts from the previous page's entries and overwrites the
+//! slots read. Memory is bounded: the job queue holds a few chunks per worker, only the
+//! pages being filled are in memory, and dedup state lives in the SQLite lookup index
+//! (plus a set of digests claimed by this backup and not yet indexed, at most about a
+//! pack's worth).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
-use crate::cbt::{ChangeHint, Decision, decide};
+use super::{BackupOptions, DiskOutcome, ReadPlan, check_cancel};
 use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob, Encoder, encode_blob, is_zero};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, pages_for};
-use crate::manifest::{
-    BackupKind, BackupManifest, DiskManifest, MANIFEST_VERSION, ResourceKind, manual_name,
-    new_backup_id, now_rfc3339,
-};
 use crate::source::{BlockSource, Extent};
 use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
@@ -47,116 +35,6 @@ use crate::vault::pack::{PackWriter, SealedPack};
 
 /// Consecutive chunks read with one request.
 const READ_RUN: usize = 16;
-
-/// Live counters of a running job, for progress display and the task API.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub bytes_total: AtomicU64,
-    pub bytes_done: AtomicU64,
-    pub bytes_stored: AtomicU64,
-}
-
-/// How to run a backup.
-#[derive(Clone, Default)]
-pub struct BackupOptions {
-    /// Stable id of the disk across backups (default: the source description).
-    pub disk_id: Option<String>,
-    /// Backup name (default `manualbk_<time>`).
-    pub name: Option<String>,
-    /// Worker threads (0: one per core).
-    pub threads: usize,
-    /// Set to stop the backup; it then fails with `Cancelled` and records nothing.
-    pub cancel: Option<Arc<AtomicBool>>,
-    pub progress: Option<Arc<Progress>>,
-    /// What is known about changes since the previous backup (see `cbt`).
-    pub change: ChangeHint,
-}
-
-/// What to read and what to start from.
-pub struct ReadPlan {
-    /// Extents to read (sorted, non-overlapping).
-    pub extents: Vec<Extent>,
-    /// Previous index whose unread slots are kept (incremental), or None (full).
-    pub base: Option<IndexRoot>,
-    pub kind: BackupKind,
-    pub strategy: String,
-    pub parent: Option<String>,
-}
-
-/// Outcome of one disk's pipeline run.
-pub struct DiskOutcome {
-    pub index_root: ChunkDigest,
-    pub bytes_allocated: u64,
-    pub bytes_read: u64,
-    pub bytes_stored: u64,
-    pub chunks_read: u64,
-    pub chunks_new: u64,
-}
-
-/// Back up one disk into `vault` as a new backup; returns its manifest (already written).
-pub fn backup_disk(
-    vault: &Vault,
-    source: &mut dyn BlockSource,
-    opts: &BackupOptions,
-) -> Result<BackupManifest> {
-    let started = Instant::now();
-    let disk_id = opts.disk_id.clone().unwrap_or_else(|| source.describe());
-    let _lock = vault.lock_shared()?;
-    let lookup = vault.lookup_reconciled()?;
-    let Decision {
-        plan,
-        checkpoint,
-        note,
-    } = decide(vault, &lookup, source, &disk_id, &opts.change)
-        .map_err(|e| e.context_prefix(format!("backup of {}", source.describe())))?;
-    drop(lookup);
-    let outcome = run_disk(vault, source, &plan, opts)
-        .map_err(|e| e.context_prefix(format!("backup of {}", source.describe())))?;
-    let manifest = BackupManifest {
-        version: MANIFEST_VERSION,
-        id: new_backup_id(),
-        name: opts.name.clone().unwrap_or_else(manual_name),
-        resource: disk_id.clone(),
-        resource_kind: ResourceKind::Disk,
-        created: now_rfc3339(),
-        vault_id: vault.config().id.clone(),
-        chunk_size: vault.chunk_size().bytes(),
-        seconds: started.elapsed().as_secs_f64(),
-        disks: vec![DiskManifest {
-            name: "disk0".into(),
-            disk_id,
-            source: source.describe(),
-            format: source.format().as_str().into(),
-            size: source.size(),
-            index_root: outcome.index_root,
-            kind: plan.kind,
-            strategy: plan.strategy,
-            parent: plan.parent,
-            checkpoint,
-            note,
-            bytes_allocated: outcome.bytes_allocated,
-            bytes_read: outcome.bytes_read,
-            bytes_stored: outcome.bytes_stored,
-            chunks_total: vault.chunk_size().chunks_for(source.size()),
-            chunks_read: outcome.chunks_read,
-            chunks_new: outcome.chunks_new,
-        }],
-    };
-    check_cancel(opts)?;
-    vault.put_manifest(&manifest)?;
-    Ok(manifest)
-}
-
-fn check_cancel(opts: &BackupOptions) -> Result<()> {
-    if opts
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
-    {
-        return Err(Error::cancelled("backup cancelled"));
-    }
-    Ok(())
-}
 
 struct Job {
     page: usize,
@@ -241,9 +119,6 @@ pub fn run_disk(
     };
     let level = vault.config().zstd_level;
     let bytes_allocated: u64 = plan.extents.iter().map(|e| e.length).sum();
-    if let Some(p) = &opts.progress {
-        p.bytes_total.store(bytes_allocated, Ordering::Relaxed);
-    }
     let main_lookup = vault.lookup_reconciled()?;
     let claimed: Claimed = Mutex::new(HashSet::new());
     let failed = AtomicBool::new(false);

@@ -1,0 +1,520 @@
+//! Live capture of a running QEMU VM or qemu-storage-daemon over QMP: all disks of a
+//! server at one instant, read while the guest keeps writing (DESIGN §4).
+//!
+//! ```text
+//!  prepare   per disk: temporary qcow2 "fleecing" image, blockdev-add with the disk as
+//!            its backing; stale blockvault bitmaps of crashed runs removed
+//!  freeze    optional hooks (`freeze`): scripts, guest-agent fsfreeze
+//!  instant   ONE `transaction`: per disk blockdev-backup sync=none (copy-before-write
+//!            into the fleecing image), block-dirty-bitmap-add NEW, and
+//!            block-dirty-bitmap-disable OLD (the bitmap of the previous backup)
+//!  thaw      at once, whatever the transaction did
+//!  read      block-export-add of every fleecing node (read-only, with OLD), read with
+//!            the NBD client: OLD's dirty extents (incremental) or everything allocated
+//!  cleanup   always: exports, jobs, fleecing nodes and files, the NBD server if we
+//!            started it; bitmaps: success → OLD removed, NEW is the next checkpoint;
+//!            failure/cancel → NEW merged back into OLD, OLD re-enabled, NEW removed
+//! ```
+//! Bitmap names are `blockvault-<tag>-<time>` where the tag is derived from the vault id
+//! and the server name, so two vaults protecting the same VM never consume each other's
+//! bitmaps. Bitmaps are persistent on qcow2 nodes (they survive a clean VM restart);
+//! when the previous backup's bitmap is gone (the VM was restarted from elsewhere, or the
+//! bitmap was lost), that disk is read in full and compared, and the manifest says why.
+//!
+//! The NBD server: QEMU runs at most one. Without `nbd_server`, we start one on a private
+//! unix socket and stop it afterwards; with it (e.g. qemu-storage-daemon started with
+//! `--nbd-server`), the temporary exports are added to that server.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::backup::{BackupOptions, DiskJob, backup_resource};
+use crate::cbt::{ChangeHint, previous};
+use crate::error::{Error, ErrorKind, Result};
+use crate::freeze::FreezeHooks;
+use crate::manifest::{BackupManifest, Capture, Checkpoint, ResourceKind, now_rfc3339_precise};
+use crate::qmp::Qmp;
+use crate::restore::{ImageWriter, Qcow2Writer};
+use crate::source::NbdSource;
+use crate::vault::Vault;
+
+/// How to reach and capture a live QEMU process.
+#[derive(Debug, Clone, Default)]
+pub struct LiveOptions {
+    /// QMP unix socket.
+    pub qmp: PathBuf,
+    /// Disks to capture: node names or device names (default: every disk of the VM, or
+    /// every exported node of a qemu-storage-daemon).
+    pub nodes: Vec<String>,
+    /// Address of an NBD server QEMU already runs: a unix socket path or HOST:PORT.
+    pub nbd_server: Option<String>,
+    /// Where fleecing images go (default: the system temp dir). QEMU must be able to
+    /// create and write files there.
+    pub fleece_dir: Option<PathBuf>,
+    pub hooks: FreezeHooks,
+    /// Limit for one QMP command (default 30 s).
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeInfo {
+    #[serde(rename = "node-name")]
+    node_name: String,
+    drv: String,
+    image: ImageInfo,
+    #[serde(default, rename = "dirty-bitmaps")]
+    dirty_bitmaps: Vec<BitmapInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageInfo {
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct BitmapInfo {
+    name: String,
+    #[serde(default)]
+    recording: bool,
+}
+
+/// One disk being captured.
+struct Disk {
+    /// Name within the backup (device or node name).
+    name: String,
+    node: String,
+    driver: String,
+    size: u64,
+    /// Bitmap of the previous backup, if it is still on the node.
+    old: Option<String>,
+    /// Why `old` could not be used.
+    note: Option<String>,
+    new: String,
+    fleece_file: PathBuf,
+    fleece_node: String,
+    job: String,
+    export: String,
+}
+
+/// What exists and must be undone.
+#[derive(Default)]
+struct Undo {
+    files: Vec<PathBuf>,
+    nodes: Vec<String>,
+    jobs: Vec<String>,
+    exports: Vec<String>,
+    nbd_started: Option<PathBuf>,
+    /// Transaction done: bitmaps rotated.
+    rotated: bool,
+}
+
+/// Back up the disks of the live QEMU at `live.qmp` as server `server`.
+pub fn backup_live(
+    vault: &Vault,
+    server: &str,
+    live: &LiveOptions,
+    opts: &BackupOptions,
+) -> Result<BackupManifest> {
+    let timeout = live.timeout.unwrap_or(Duration::from_secs(30));
+    let mut qmp = Qmp::connect(&live.qmp, timeout)
+        .map_err(|e| e.context_prefix(format!("live backup of {server}")))?;
+    let tag = hex::encode(
+        &blake3::hash(format!("{}/{server}", vault.config().id).as_bytes()).as_bytes()[..4],
+    );
+    let run = hex::encode(rand::random::<[u8; 3]>());
+    let mut disks = discover(&mut qmp, vault, server, live, &tag, &run)?;
+    let mut undo = Undo::default();
+    let result = capture_and_read(&mut qmp, vault, server, live, opts, &mut disks, &mut undo);
+    let problems = cleanup(&mut qmp, &disks, &mut undo, result.is_ok());
+    match result {
+        Ok(m) => {
+            for p in &problems {
+                tracing::warn!(server, "cleanup after the backup: {p}");
+            }
+            Ok(m)
+        }
+        Err(e) if problems.is_empty() => Err(e),
+        Err(e) => Err(e.context_prefix(format!(
+            "live backup failed and cleanup left work to do ({})",
+            problems.join("; ")
+        ))),
+    }
+}
+
+/// Find the disks and their bitmaps; remove stale bitmaps of ours.
+fn discover(
+    qmp: &mut Qmp,
+    vault: &Vault,
+    server: &str,
+    live: &LiveOptions,
+    tag: &str,
+    run: &str,
+) -> Result<Vec<Disk>> {
+    let nodes: Vec<NodeInfo> = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let block: Vec<Value> = qmp.execute("query-block", json!({}))?;
+    // device/qdev name → node name, for VMs.
+    let devices: Vec<(String, String)> = block
+        .iter()
+        .filter_map(|b| {
+            let node = b.get("inserted")?.get("node-name")?.as_str()?.to_string();
+            let dev = b
+                .get("device")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+                .or_else(|| b.get("qdev").and_then(Value::as_str))?
+                .to_string();
+            Some((dev, node))
+        })
+        .collect();
+    let wanted: Vec<(String, String)> = if live.nodes.is_empty() {
+        if devices.is_empty() {
+            let exports: Vec<Value> = qmp.execute("query-block-exports", json!({}))?;
+            let mut v: Vec<(String, String)> = Vec::new();
+            for e in exports {
+                let id = e.get("id").and_then(Value::as_str).unwrap_or("");
+                if let Some(n) = e.get("node-name").and_then(Value::as_str)
+                    && !id.starts_with("blockvault-")
+                    && !v.iter().any(|(_, m)| m == n)
+                {
+                    v.push((n.to_string(), n.to_string()));
+                }
+            }
+            v
+        } else {
+            devices.clone()
+        }
+    } else {
+        live.nodes
+            .iter()
+            .map(|n| match devices.iter().find(|(d, _)| d == n) {
+                Some((d, node)) => (d.clone(), node.clone()),
+                None => (n.clone(), n.clone()),
+            })
+            .collect()
+    };
+    if wanted.is_empty() {
+        return Err(Error::config(format!(
+            "{}: QEMU has no disks to back up (name them with --nodes)",
+            live.qmp.display()
+        )));
+    }
+    let dir = live.fleece_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let stamp = crate::manifest::new_backup_id();
+    let mut disks = Vec::new();
+    for (i, (name, node)) in wanted.into_iter().enumerate() {
+        let info = nodes.iter().find(|n| n.node_name == node).ok_or_else(|| {
+            Error::not_found(format!(
+                "QEMU at {} has no block node {node}",
+                live.qmp.display()
+            ))
+        })?;
+        let prefix = format!("blockvault-{tag}-");
+        let prev = previous(vault, server, &disk_id(server, &name))?;
+        let want_old = prev
+            .as_ref()
+            .and_then(|(_, d)| d.checkpoint.as_ref())
+            .and_then(|c| c.bitmap.clone());
+        let (old, note) = match want_old {
+            Some(b)
+                if info
+                    .dirty_bitmaps
+                    .iter()
+                    .any(|x| x.name == b && x.recording) =>
+            {
+                (Some(b), None)
+            }
+            Some(b) => (
+                None,
+                Some(format!(
+                    "bitmap {b} of the previous backup is gone from node {node} (was QEMU restarted?)"
+                )),
+            ),
+            None => (None, None),
+        };
+        for stale in info
+            .dirty_bitmaps
+            .iter()
+            .filter(|x| x.name.starts_with(&prefix) && Some(&x.name) != old.as_ref())
+        {
+            tracing::info!(
+                node,
+                bitmap = stale.name,
+                "removing a stale blockvault bitmap"
+            );
+            qmp.execute_value(
+                "block-dirty-bitmap-remove",
+                json!({"node": node, "name": stale.name}),
+            )?;
+        }
+        disks.push(Disk {
+            name,
+            driver: info.drv.clone(),
+            size: info.image.virtual_size,
+            old,
+            note,
+            new: format!("{prefix}{stamp}"),
+            fleece_file: dir.join(format!("blockvault-fleece-{run}-{i}.qcow2")),
+            fleece_node: format!("blockvault-fleece-{run}-{i}"),
+            job: format!("blockvault-job-{run}-{i}"),
+            export: format!("blockvault-{run}-{i}"),
+            node,
+        });
+    }
+    Ok(disks)
+}
+
+/// Disk id of disk `name` of `server`.
+pub fn disk_id(server: &str, name: &str) -> String {
+    format!("{server}/{name}")
+}
+
+fn check_cancel(opts: &BackupOptions) -> Result<()> {
+    if opts
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+    {
+        return Err(Error::cancelled("backup cancelled"));
+    }
+    Ok(())
+}
+
+fn capture_and_read(
+    qmp: &mut Qmp,
+    vault: &Vault,
+    server: &str,
+    live: &LiveOptions,
+    opts: &BackupOptions,
+    disks: &mut [Disk],
+    undo: &mut Undo,
+) -> Result<BackupManifest> {
+    // Prepare the fleecing images before freezing, so that the freeze is short.
+    for d in disks.iter() {
+        let mut w = Qcow2Writer::create(&d.fleece_file, d.size)
+            .map_err(|e| e.context_prefix("creating a fleecing image"))?;
+        undo.files.push(d.fleece_file.clone());
+        w.finish()?;
+        drop(w);
+        qmp.execute_value(
+            "blockdev-add",
+            json!({
+                "driver": "qcow2",
+                "node-name": d.fleece_node,
+                "file": {"driver": "file", "filename": d.fleece_file},
+                "backing": d.node,
+            }),
+        )?;
+        undo.nodes.push(d.fleece_node.clone());
+    }
+    check_cancel(opts)?;
+
+    let mut actions = Vec::new();
+    for d in disks.iter() {
+        actions.push(json!({"type": "blockdev-backup", "data": {
+            "job-id": d.job, "device": d.node, "target": d.fleece_node, "sync": "none",
+        }}));
+        actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+            "node": d.node, "name": d.new, "persistent": d.driver == "qcow2",
+        }}));
+        if let Some(old) = &d.old {
+            actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
+                "node": d.node, "name": old,
+            }}));
+        }
+    }
+    let mut frozen = live.hooks.freeze(server);
+    let instant = qmp.execute_value("transaction", json!({"actions": actions}));
+    let snapshot_at = now_rfc3339_precise();
+    if let Err(e) = &instant {
+        frozen.capture_failed(&e.to_string());
+    }
+    frozen.thaw();
+    let (consistency, note, steps) = frozen.outcome();
+    drop(frozen);
+    instant.map_err(|e| e.context_prefix("taking the point in time"))?;
+    undo.rotated = true;
+    undo.jobs = disks.iter().map(|d| d.job.clone()).collect();
+    check_cancel(opts)?;
+
+    let socket = match &live.nbd_server {
+        Some(addr) => addr.clone(),
+        None => {
+            let dir = live.fleece_dir.clone().unwrap_or_else(std::env::temp_dir);
+            let path = dir.join(format!(
+                "blockvault-nbd-{}.sock",
+                hex::encode(rand::random::<[u8; 4]>())
+            ));
+            qmp.execute_value(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": path}}}),
+            )?;
+            undo.nbd_started = Some(path.clone());
+            path.display().to_string()
+        }
+    };
+    let mut jobs = Vec::new();
+    for d in disks.iter() {
+        let mut args = json!({
+            "type": "nbd", "id": d.export, "node-name": d.fleece_node,
+            "name": d.export, "writable": false,
+        });
+        if let Some(old) = &d.old {
+            args["bitmaps"] = json!([old]);
+        }
+        qmp.execute_value("block-export-add", args)?;
+        undo.exports.push(d.export.clone());
+        let uri = nbd_uri(&socket, &d.export);
+        let source = NbdSource::open(&uri, d.old.as_deref())?.described_as(format!(
+            "qmp:{} node {} (point in time {snapshot_at})",
+            live.qmp.display(),
+            d.node
+        ));
+        jobs.push(DiskJob {
+            name: d.name.clone(),
+            disk_id: disk_id(server, &d.name),
+            source: Box::new(source),
+            change: match &d.old {
+                Some(b) => ChangeHint::Bitmap(b.clone()),
+                None => ChangeHint::Auto,
+            },
+            next_checkpoint: Some(Checkpoint {
+                bitmap: Some(d.new.clone()),
+            }),
+            note: d.note.clone(),
+        });
+    }
+    let capture = Capture {
+        method: "qmp-fleecing".into(),
+        consistency,
+        note,
+        snapshot_at: Some(snapshot_at),
+        steps,
+    };
+    let mut capture = Some(capture);
+    backup_resource(
+        vault,
+        server,
+        ResourceKind::Server,
+        jobs,
+        &mut || capture.take(),
+        opts,
+    )
+}
+
+/// `nbd+unix` URI for a socket path, `nbd://` for HOST:PORT.
+fn nbd_uri(server: &str, export: &str) -> String {
+    let path = server.strip_prefix("unix:").unwrap_or(server);
+    if Path::new(path).is_absolute() || !path.contains(':') {
+        format!("nbd+unix:///{export}?socket={path}")
+    } else {
+        format!("nbd://{path}/{export}")
+    }
+}
+
+/// Undo everything in `undo`; returns what could not be undone.
+fn cleanup(qmp: &mut Qmp, disks: &[Disk], undo: &mut Undo, success: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut note = |what: String, r: Result<Value>| {
+        if let Err(e) = r {
+            problems.push(format!("{what}: {e}"));
+        }
+    };
+    for e in undo.exports.drain(..) {
+        let r = qmp.execute_value("block-export-del", json!({"id": e, "mode": "hard"}));
+        note(format!("removing export {e}"), r);
+        let r = wait_gone(qmp, "query-block-exports", "id", &e);
+        note(format!("waiting for export {e} to go"), r);
+    }
+    if let Some(sock) = undo.nbd_started.take() {
+        note(
+            "stopping the NBD server".into(),
+            qmp.execute_value("nbd-server-stop", json!({})),
+        );
+        let _ = std::fs::remove_file(sock);
+    }
+    for j in undo.jobs.drain(..) {
+        let r = qmp.execute_value("block-job-cancel", json!({"device": j, "force": true}));
+        note(format!("cancelling job {j}"), r);
+        let r = wait_gone(qmp, "query-block-jobs", "device", &j);
+        note(format!("waiting for job {j} to end"), r);
+    }
+    for n in undo.nodes.drain(..).rev() {
+        let r = qmp.execute_value("blockdev-del", json!({"node-name": n}));
+        note(format!("removing node {n}"), r);
+    }
+    for f in undo.files.drain(..) {
+        let r = match std::fs::remove_file(&f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", f.display()), e))
+            }
+            _ => Ok(Value::Null),
+        };
+        note("removing a fleecing image".into(), r);
+    }
+    if std::mem::take(&mut undo.rotated) {
+        for d in disks {
+            match (&d.old, success) {
+                (Some(old), true) => {
+                    let r = qmp.execute_value(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": old}),
+                    );
+                    note(format!("removing bitmap {old}"), r);
+                }
+                (Some(old), false) => {
+                    // Keep every change since the previous backup in OLD, tracking on.
+                    let r = qmp.execute_value(
+                        "block-dirty-bitmap-merge",
+                        json!({"node": d.node, "target": old, "bitmaps": [d.new]}),
+                    );
+                    note(format!("merging bitmap {} into {old}", d.new), r);
+                    let r = qmp.execute_value(
+                        "block-dirty-bitmap-enable",
+                        json!({"node": d.node, "name": old}),
+                    );
+                    note(format!("re-enabling bitmap {old}"), r);
+                    let r = qmp.execute_value(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": d.new}),
+                    );
+                    note(format!("removing bitmap {}", d.new), r);
+                }
+                (None, true) => {}
+                (None, false) => {
+                    let r = qmp.execute_value(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": d.node, "name": d.new}),
+                    );
+                    note(format!("removing bitmap {}", d.new), r);
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// Poll `query` until no entry has `field == value` (at most 30 s).
+fn wait_gone(qmp: &mut Qmp, query: &str, field: &str, value: &str) -> Result<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list: Vec<Value> = qmp.execute(query, json!({}))?;
+        if !list
+            .iter()
+            .any(|e| e.get(field).and_then(Value::as_str) == Some(value))
+        {
+            return Ok(Value::Null);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{value} still listed by {query} after 30 s"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
