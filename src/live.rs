@@ -78,6 +78,8 @@ struct ImageInfo {
 
 #[derive(Debug, Deserialize)]
 struct BitmapInfo {
+    /// Empty for anonymous bitmaps (e.g. a running backup job's own).
+    #[serde(default)]
     name: String,
     #[serde(default)]
     recording: bool,
@@ -184,6 +186,7 @@ fn discover(
                     v.push((n.to_string(), n.to_string()));
                 }
             }
+            v.sort();
             v
         } else {
             devices.clone()

@@ -15,7 +15,7 @@ use blockvault::app::App;
 use blockvault::backup::{BackupOptions, Progress};
 use blockvault::cbt::{ChangeHint, parse_change_list};
 use blockvault::chunk::ChunkSize;
-use blockvault::manifest::BackupManifest;
+use blockvault::manifest::{BackupManifest, ResourceKind};
 use blockvault::restore::ImageFormat;
 
 #[derive(Parser)]
@@ -458,7 +458,8 @@ fn run(cli: Cli) -> Result<i32> {
             let format: ImageFormat = format.parse()?;
             let mut o = opts(None, None);
             o.cancel = Some(cancel_on_signals()?);
-            if disk.is_none() && app.find_backup(backup)?.manifest.disks.len() > 1 {
+            let m = app.find_backup(backup)?.manifest;
+            if disk.is_none() && (m.resource_kind == ResourceKind::Server || m.disks.len() > 1) {
                 let bar = progress_bar(&cli, &mut o, "restore");
                 let t = std::time::Instant::now();
                 let done = app.restore_all(backup, to, format, &o);

@@ -137,6 +137,15 @@ pub fn images_equal(a: &Path, b: &Path) -> bool {
         .arg(b)
         .output()
         .expect("running qemu-img compare");
+    if !out.status.success() {
+        eprintln!(
+            "qemu-img compare {} {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     out.status.success()
 }
 

@@ -7,4 +7,6 @@ mod backup;
 mod incremental;
 mod integrity;
 mod nbd;
+mod qsd;
+mod server;
 mod sources;
