@@ -2,15 +2,18 @@
 //! server at one instant, read while the guest keeps writing (DESIGN §4).
 //!
 //! ```text
-//!  prepare   per disk: temporary qcow2 "fleecing" image, blockdev-add with the disk as
-//!            its backing; stale blockvault bitmaps of crashed runs removed
+//!  prepare   per disk: temporary qcow2 "fleecing" image (blockdev-add); stale
+//!            blockvault bitmaps of crashed runs removed
 //!  freeze    optional hooks (`freeze`): scripts, guest-agent fsfreeze
 //!  instant   ONE `transaction`: per disk blockdev-backup sync=none (copy-before-write
 //!            into the fleecing image), block-dirty-bitmap-add NEW, and
 //!            block-dirty-bitmap-disable OLD (the bitmap of the previous backup)
 //!  thaw      at once, whatever the transaction did
-//!  read      block-export-add of every fleecing node (read-only, with OLD), read with
-//!            the NBD client: OLD's dirty extents (incremental) or everything allocated
+//!  read      per disk a `snapshot-access` node on the job's copy-before-write filter
+//!            (the race-free fleecing read path: it reads the old data from the
+//!            fleecing image or the disk, whichever holds it, under the filter's
+//!            locks), exported read-only over NBD with OLD, read with the NBD client:
+//!            OLD's dirty extents (incremental) or everything allocated
 //!  cleanup   always: exports, jobs, fleecing nodes and files, the NBD server if we
 //!            started it; bitmaps: success → OLD removed, NEW is the next checkpoint;
 //!            failure/cancel → NEW merged back into OLD, OLD re-enabled, NEW removed
@@ -23,7 +26,8 @@
 //!
 //! The NBD server: QEMU runs at most one. Without `nbd_server`, we start one on a private
 //! unix socket and stop it afterwards; with it (e.g. qemu-storage-daemon started with
-//! `--nbd-server`), the temporary exports are added to that server.
+//! `--nbd-server`), the temporary exports are added to that server (which is never
+//! stopped: `nbd-server-stop` would remove every export, the guest's own included).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -99,6 +103,10 @@ struct Disk {
     new: String,
     fleece_file: PathBuf,
     fleece_node: String,
+    /// The copy-before-write filter the backup job inserts above the disk.
+    cbw_node: String,
+    /// The point-in-time view: snapshot-access on the filter.
+    snap_node: String,
     job: String,
     export: String,
 }
@@ -108,6 +116,8 @@ struct Disk {
 struct Undo {
     files: Vec<PathBuf>,
     nodes: Vec<String>,
+    /// snapshot-access nodes: removed before the jobs whose filters they read.
+    views: Vec<String>,
     jobs: Vec<String>,
     exports: Vec<String>,
     nbd_started: Option<PathBuf>,
@@ -263,6 +273,8 @@ fn discover(
             new: format!("{prefix}{stamp}"),
             fleece_file: dir.join(format!("blockvault-fleece-{run}-{i}.qcow2")),
             fleece_node: format!("blockvault-fleece-{run}-{i}"),
+            cbw_node: format!("blockvault-cbw-{run}-{i}"),
+            snap_node: format!("blockvault-snap-{run}-{i}"),
             job: format!("blockvault-job-{run}-{i}"),
             export: format!("blockvault-{run}-{i}"),
             node,
@@ -309,7 +321,6 @@ fn capture_and_read(
                 "driver": "qcow2",
                 "node-name": d.fleece_node,
                 "file": {"driver": "file", "filename": d.fleece_file},
-                "backing": d.node,
             }),
         )?;
         undo.nodes.push(d.fleece_node.clone());
@@ -320,6 +331,7 @@ fn capture_and_read(
     for d in disks.iter() {
         actions.push(json!({"type": "blockdev-backup", "data": {
             "job-id": d.job, "device": d.node, "target": d.fleece_node, "sync": "none",
+            "filter-node-name": d.cbw_node,
         }}));
         actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
             "node": d.node, "name": d.new, "persistent": d.driver == "qcow2",
@@ -362,12 +374,17 @@ fn capture_and_read(
     };
     let mut jobs = Vec::new();
     for d in disks.iter() {
+        qmp.execute_value(
+            "blockdev-add",
+            json!({"driver": "snapshot-access", "node-name": d.snap_node, "file": d.cbw_node}),
+        )?;
+        undo.views.push(d.snap_node.clone());
         let mut args = json!({
-            "type": "nbd", "id": d.export, "node-name": d.fleece_node,
+            "type": "nbd", "id": d.export, "node-name": d.snap_node,
             "name": d.export, "writable": false,
         });
         if let Some(old) = &d.old {
-            args["bitmaps"] = json!([old]);
+            args["bitmaps"] = json!([{"node": d.node, "name": old}]);
         }
         qmp.execute_value("block-export-add", args)?;
         undo.exports.push(d.export.clone());
@@ -439,6 +456,10 @@ fn cleanup(qmp: &mut Qmp, disks: &[Disk], undo: &mut Undo, success: bool) -> Vec
             qmp.execute_value("nbd-server-stop", json!({})),
         );
         let _ = std::fs::remove_file(sock);
+    }
+    for n in undo.views.drain(..) {
+        let r = qmp.execute_value("blockdev-del", json!({"node-name": n}));
+        note(format!("removing node {n}"), r);
     }
     for j in undo.jobs.drain(..) {
         let r = qmp.execute_value("block-job-cancel", json!({"device": j, "force": true}));
