@@ -476,3 +476,64 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
         "fleecing images are removed"
     );
 }
+
+/// MOCK guest agent (no VM with a real qemu-ga can run on the test machine): answers
+/// guest-sync with its id, and fsfreeze commands with 2 file systems or an error.
+fn mock_guest_agent(sock: &Path, fail_freeze: bool) -> Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut w = conn.try_clone().unwrap();
+            for line in BufReader::new(conn).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap_or("").to_string();
+                log.lock().unwrap().push(cmd.clone());
+                let reply = match cmd.as_str() {
+                    "guest-sync" => json!({"return": v["arguments"]["id"]}),
+                    "guest-fsfreeze-freeze" if fail_freeze => {
+                        json!({"error": {"class": "GenericError", "desc": "fsfreeze is not supported"}})
+                    }
+                    _ => json!({"return": 2}),
+                };
+                writeln!(w, "{reply}").unwrap();
+            }
+        }
+    });
+    seen
+}
+
+#[test]
+fn the_guest_agent_freezes_and_thaws_around_the_instant() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 8);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let qga = env.path("qga.sock");
+    let seen = mock_guest_agent(&qga, false);
+    let m = live_backup_ok(&env, &qsd, &["--qga", qga.to_str().unwrap()]);
+    assert_eq!(m["capture"]["consistency"], "application-consistent");
+    let cmds: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| *c != "guest-sync")
+        .cloned()
+        .collect();
+    assert_eq!(cmds, ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+
+    // A guest whose freeze fails is thawed anyway and the backup says why.
+    let qga2 = env.path("qga2.sock");
+    let seen = mock_guest_agent(&qga2, true);
+    let m = live_backup_ok(&env, &qsd, &["--qga", qga2.to_str().unwrap()]);
+    assert_eq!(m["capture"]["consistency"], "crash-consistent");
+    assert!(s(&m["capture"], "note").contains("not supported"), "{m}");
+    assert!(
+        seen.lock()
+            .unwrap()
+            .contains(&"guest-fsfreeze-thaw".to_string())
+    );
+}
