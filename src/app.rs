@@ -300,7 +300,7 @@ impl App {
         }
         let mut out = Vec::new();
         for (d, to) in entry.manifest.disks.iter().zip(targets) {
-            let stats = restore_disk(&vault, d, &to, format, opts)
+            let stats = restore_disk(&vault, d, &to, format, None, opts)
                 .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
             out.push((d.name.clone(), to, stats));
         }
@@ -314,6 +314,7 @@ impl App {
         disk: Option<&str>,
         to: &Path,
         format: ImageFormat,
+        size: Option<u64>,
         opts: &BackupOptions,
     ) -> Result<RestoreStats> {
         let entry = self.find_backup(id_or_name)?;
@@ -332,7 +333,7 @@ impl App {
                 entry.manifest.name
             ))
         })?;
-        restore_disk(&vault, d, to, format, opts)
+        restore_disk(&vault, d, to, format, size, opts)
     }
 
     /// Delete a backup: its manifest goes; GC frees what nothing else uses.

@@ -320,6 +320,7 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
         &m.disks[0],
         &out,
         ImageFormat::Raw,
+        None,
         &BackupOptions::default(),
     )?;
     let restore_seconds = t.elapsed().as_secs_f64();

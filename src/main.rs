@@ -100,6 +100,9 @@ enum Cmd {
         /// Disk of a multi-disk backup (default: the first).
         #[arg(long)]
         disk: Option<String>,
+        /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
     },
     /// Free the blobs no backup needs.
     Gc {
@@ -165,6 +168,28 @@ impl ServerArgs {
             timeout: Some(Duration::from_secs_f64(self.freeze_timeout.max(0.001))),
         }
     }
+}
+
+/// A size in bytes, or with a K/M/G/T suffix (powers of 1024).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("bad size {s:?}"))
 }
 
 /// `NAME=SPEC` or `SPEC` (named `disk<i>`).
@@ -453,6 +478,7 @@ fn run(cli: Cli) -> Result<i32> {
             ref to,
             ref format,
             ref disk,
+            size,
         } => {
             let app = App::open(&cli.data)?;
             let format: ImageFormat = format.parse()?;
@@ -491,7 +517,7 @@ fn run(cli: Cli) -> Result<i32> {
             }
             let bar = progress_bar(&cli, &mut o, "restore");
             let t = std::time::Instant::now();
-            let stats = app.restore(backup, disk.as_deref(), to, format, &o);
+            let stats = app.restore(backup, disk.as_deref(), to, format, size, &o);
             finish_bar(bar);
             let stats = stats?;
             let secs = t.elapsed().as_secs_f64();

@@ -11,8 +11,8 @@
 //! any failure (a corrupt chunk names its digest and disk offset) or cancel, the partial
 //! output is removed. An existing target is never overwritten.
 
-use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -27,11 +27,20 @@ use crate::manifest::DiskManifest;
 use crate::vault::Vault;
 use crate::vault::walk::{load_page, load_root};
 
+pub mod vmdk;
+mod writers;
+
+pub use vmdk::Subformat;
+pub use writers::{ImageWriter, Qcow2Writer, RawWriter, VmdkImage};
+
 /// Output image format of a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
     Raw,
     Qcow2,
+    /// VMDK monolithicSparse (`vmdk`, `vmdk-sparse`) or streamOptimized (`vmdk-stream`,
+    /// what OVA/ESXi import takes).
+    Vmdk(Subformat),
 }
 
 impl ImageFormat {
@@ -40,6 +49,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk(_) => "vmdk",
         }
     }
 }
@@ -50,124 +60,12 @@ impl std::str::FromStr for ImageFormat {
         match s {
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
+            "vmdk" | "vmdk-sparse" => Ok(ImageFormat::Vmdk(Subformat::MonolithicSparse)),
+            "vmdk-stream" => Ok(ImageFormat::Vmdk(Subformat::StreamOptimized)),
             other => Err(Error::config(format!(
-                "unknown image format {other:?} (raw or qcow2)"
+                "unknown image format {other:?} (raw, qcow2, vmdk, vmdk-sparse or vmdk-stream)"
             ))),
         }
-    }
-}
-
-/// Where restored chunks go.
-pub trait ImageWriter {
-    /// Write `data` at disk `offset`.
-    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()>;
-    /// Flush and make durable.
-    fn finish(&mut self) -> Result<()>;
-}
-
-/// A sparse raw file. A helper thread flushes written data to disk while restoring goes
-/// on (every [`RawWriter::FLUSH_EVERY`] bytes), so the final sync does not have to write the
-/// whole image at the end: restore time approaches max(decode, disk write) instead of the
-/// sum of the two.
-pub struct RawWriter {
-    file: Arc<File>,
-    unflushed: u64,
-    flusher: Option<(
-        crossbeam_channel::Sender<()>,
-        std::thread::JoinHandle<std::io::Result<()>>,
-    )>,
-}
-
-impl RawWriter {
-    const FLUSH_EVERY: u64 = 64 << 20;
-
-    pub fn create(path: &Path, size: u64) -> Result<RawWriter> {
-        let file = File::create_new(path).ctx(|| format!("creating {}", path.display()))?;
-        file.set_len(size)
-            .ctx(|| format!("sizing {} to {size} bytes", path.display()))?;
-        let file = Arc::new(file);
-        let (tx, rx) = bounded::<()>(1);
-        let f = Arc::clone(&file);
-        let handle = std::thread::spawn(move || {
-            for () in rx {
-                f.sync_data()?;
-            }
-            Ok(())
-        });
-        Ok(RawWriter {
-            file,
-            unflushed: 0,
-            flusher: Some((tx, handle)),
-        })
-    }
-}
-
-impl ImageWriter for RawWriter {
-    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(data, offset)
-            .ctx(|| format!("writing restored data at offset {offset}"))?;
-        self.unflushed += data.len() as u64;
-        if self.unflushed >= Self::FLUSH_EVERY
-            && let Some((tx, _)) = &self.flusher
-        {
-            // If the flusher is still busy, keep counting and ask again later.
-            if tx.try_send(()).is_ok() {
-                self.unflushed = 0;
-            }
-        }
-        Ok(())
-    }
-    fn finish(&mut self) -> Result<()> {
-        if let Some((tx, handle)) = self.flusher.take() {
-            drop(tx);
-            handle
-                .join()
-                .map_err(|_| Error::new(ErrorKind::Io, "flusher thread panicked"))?
-                .ctx(|| "syncing restored image")?;
-        }
-        self.file.sync_all().ctx(|| "syncing restored image")
-    }
-}
-
-/// A new qcow2 image written with imago (thin: only written clusters are allocated).
-pub struct Qcow2Writer {
-    image: imago::FormatAccess<imago::file::File>,
-}
-
-impl Qcow2Writer {
-    pub fn create(path: &Path, size: u64) -> Result<Qcow2Writer> {
-        use imago::{
-            FormatCreateBuilder, FormatDriverBuilder, PermissiveImplicitOpenGate, Storage,
-            StorageCreateOptions,
-        };
-        let io_err =
-            |e: std::io::Error| Error::io(format!("creating qcow2 image {}", path.display()), e);
-        let storage = imago::file::File::create_open(
-            StorageCreateOptions::new().filename(path.to_string_lossy().to_string()),
-        )
-        .map_err(io_err)?;
-        let qcow2 = imago::qcow2::Qcow2::<imago::file::File>::create_builder(storage)
-            .size(size)
-            .create_open(PermissiveImplicitOpenGate::default(), |s| {
-                Ok(imago::qcow2::Qcow2::builder(s).write(true))
-            })
-            .map_err(io_err)?;
-        Ok(Qcow2Writer {
-            image: imago::FormatAccess::new(qcow2),
-        })
-    }
-}
-
-impl ImageWriter for Qcow2Writer {
-    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
-        self.image
-            .write(data, offset)
-            .ctx(|| format!("writing restored data at offset {offset} (qcow2)"))
-    }
-    fn finish(&mut self) -> Result<()> {
-        self.image.flush().ctx(|| "flushing qcow2 image")?;
-        self.image.sync().ctx(|| "syncing qcow2 image")
     }
 }
 
@@ -180,13 +78,27 @@ pub struct RestoreStats {
 }
 
 /// Restore one disk of a backup into a new image at `to`.
+///
+/// `size` may grow the new disk beyond the backed-up size (never shrink it: that would
+/// cut off data).
 pub fn restore_disk(
     vault: &Vault,
     disk: &DiskManifest,
     to: &Path,
     format: ImageFormat,
+    size: Option<u64>,
     opts: &BackupOptions,
 ) -> Result<RestoreStats> {
+    let size = match size {
+        None => disk.size,
+        Some(s) if s < disk.size => {
+            return Err(Error::config(format!(
+                "--size {s} is smaller than the disk ({} bytes); a restore may grow a disk, never shrink it",
+                disk.size
+            )));
+        }
+        Some(s) => s,
+    };
     if to.exists() {
         return Err(Error::conflict(format!(
             "{} already exists; restore never overwrites a file",
@@ -196,8 +108,9 @@ pub fn restore_disk(
     let staging = staging_path(to)?;
     let result = (|| {
         let mut writer: Box<dyn ImageWriter> = match format {
-            ImageFormat::Raw => Box::new(RawWriter::create(&staging, disk.size)?),
-            ImageFormat::Qcow2 => Box::new(Qcow2Writer::create(&staging, disk.size)?),
+            ImageFormat::Raw => Box::new(RawWriter::create(&staging, size)?),
+            ImageFormat::Qcow2 => Box::new(Qcow2Writer::create(&staging, size)?),
+            ImageFormat::Vmdk(sub) => Box::new(VmdkImage::create(&staging, to, size, sub)?),
         };
         let stats = restore_into(vault, disk, writer.as_mut(), opts)?;
         writer.finish()?;
@@ -226,7 +139,10 @@ fn staging_path(to: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Fetch, verify and write every non-zero chunk of `disk` into `writer`.
+/// Fetch, verify and write every non-zero chunk of `disk` into `writer`, in ascending
+/// disk order (workers fetch and decode in parallel; a bounded reorder window puts their
+/// results back in order, so streaming formats such as VMDK streamOptimized can be
+/// written front to back).
 pub fn restore_into(
     vault: &Vault,
     disk: &DiskManifest,
@@ -241,6 +157,7 @@ pub fn restore_into(
     } else {
         opts.threads
     };
+    let window = threads * 8;
     let progress: Option<&Arc<Progress>> = opts.progress.as_ref();
     if let Some(p) = progress {
         p.bytes_total.store(disk.size, Ordering::Relaxed);
@@ -274,17 +191,33 @@ pub fn restore_into(
             });
         }
         drop((job_rx, res_tx));
-        let mut write = |r: Result<(u64, Vec<u8>)>, stats: &mut RestoreStats| -> Result<()> {
+        // Offsets sent, in order; results that arrived ahead of their turn.
+        let mut order: VecDeque<u64> = VecDeque::new();
+        let mut ready: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut take = |r: Result<(u64, Vec<u8>)>,
+                        order: &mut VecDeque<u64>,
+                        stats: &mut RestoreStats|
+         -> Result<()> {
             let (offset, data) = r?;
-            writer.write_at(&data, offset)?;
-            stats.bytes_written += data.len() as u64;
-            stats.chunks_written += 1;
-            if let Some(p) = progress {
-                p.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+            ready.insert(offset, data);
+            while let Some(front) = order.front()
+                && let Some(data) = ready.remove(front)
+            {
+                writer.write_at(&data, *front)?;
+                order.pop_front();
+                stats.bytes_written += data.len() as u64;
+                stats.chunks_written += 1;
+                if let Some(p) = progress {
+                    p.bytes_done.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
             }
             Ok(())
         };
-        let mut sent = 0u64;
+        let recv = |res_rx: &crossbeam_channel::Receiver<Result<(u64, Vec<u8>)>>| {
+            res_rx
+                .recv()
+                .map_err(|_| Error::new(ErrorKind::Io, "restore workers stopped"))
+        };
         let walk = (|| -> Result<()> {
             for p in 0..root.pages.len() {
                 let entries = load_page(vault, &lookup, &root, p)?;
@@ -301,12 +234,15 @@ pub fn restore_into(
                     {
                         return Err(Error::cancelled("restore cancelled"));
                     }
+                    while order.len() >= window {
+                        take(recv(&res_rx)?, &mut order, &mut stats)?;
+                    }
                     job_tx
                         .send((offset, *d))
                         .map_err(|_| Error::new(ErrorKind::Io, "restore workers stopped"))?;
-                    sent += 1;
+                    order.push_back(offset);
                     while let Ok(r) = res_rx.try_recv() {
-                        write(r, &mut stats)?;
+                        take(r, &mut order, &mut stats)?;
                     }
                 }
             }
@@ -314,11 +250,8 @@ pub fn restore_into(
         })();
         drop(job_tx);
         walk?;
-        while stats.chunks_written < sent {
-            let r = res_rx
-                .recv()
-                .map_err(|_| Error::new(ErrorKind::Io, "restore workers stopped"))?;
-            write(r, &mut stats)?;
+        while !order.is_empty() {
+            take(recv(&res_rx)?, &mut order, &mut stats)?;
         }
         Ok(stats)
     })
