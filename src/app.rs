@@ -16,8 +16,9 @@ use crate::chunk::ChunkSize;
 use crate::error::{Error, Result};
 use crate::freeze::FreezeHooks;
 use crate::live::{LiveOptions, backup_live, disk_id};
-use crate::manifest::BackupManifest;
+use crate::manifest::{BackupManifest, DiskManifest};
 use crate::manifest::{Capture, ResourceKind};
+use crate::restore::onto::{OntoStats, restore_onto_nbd};
 use crate::restore::{ImageFormat, RestoreStats, restore_disk};
 use crate::source::open_source_with;
 use crate::vault::Vault;
@@ -307,6 +308,23 @@ impl App {
         Ok(out)
     }
 
+    /// Restore one disk (default: the first) of a backup onto the NBD export at `uri`,
+    /// writing only the chunks that differ.
+    pub fn restore_onto(
+        &self,
+        id_or_name: &str,
+        disk: Option<&str>,
+        uri: &str,
+        target_bitmap: Option<&str>,
+        opts: &BackupOptions,
+    ) -> Result<OntoStats> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = self.open_vault(&entry.vault)?;
+        let d = pick_disk(&entry.manifest, disk)?;
+        let _lock = vault.lock_shared()?;
+        restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
+    }
+
     /// Restore one disk (default: the first) of a backup into a new image.
     pub fn restore(
         &self,
@@ -319,20 +337,7 @@ impl App {
     ) -> Result<RestoreStats> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
-        let d = match disk {
-            None => entry.manifest.disks.first(),
-            Some(name) => entry
-                .manifest
-                .disks
-                .iter()
-                .find(|d| d.name == name || d.disk_id == name),
-        }
-        .ok_or_else(|| {
-            Error::not_found(format!(
-                "backup {} has no disk {disk:?}",
-                entry.manifest.name
-            ))
-        })?;
+        let d = pick_disk(&entry.manifest, disk)?;
         restore_disk(&vault, d, to, format, size, opts)
     }
 
@@ -376,6 +381,15 @@ impl App {
             }
         }
     }
+}
+
+/// Disk `name` (by name or disk id) of a backup, or its first disk.
+fn pick_disk<'m>(m: &'m BackupManifest, name: Option<&str>) -> Result<&'m DiskManifest> {
+    match name {
+        None => m.disks.first(),
+        Some(n) => m.disks.iter().find(|d| d.name == n || d.disk_id == n),
+    }
+    .ok_or_else(|| Error::not_found(format!("backup {} has no disk {name:?}", m.name)))
 }
 
 /// A disk name as a file name (node names may hold characters paths must not).

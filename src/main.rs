@@ -103,6 +103,10 @@ enum Cmd {
         /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// With --to nbd://…: a dirty bitmap of the target that recorded every write since
+        /// the backup; only the chunks it marks are rewritten (nothing is read back).
+        #[arg(long)]
+        target_bitmap: Option<String>,
     },
     /// Free the blobs no backup needs.
     Gc {
@@ -479,11 +483,47 @@ fn run(cli: Cli) -> Result<i32> {
             ref format,
             ref disk,
             size,
+            ref target_bitmap,
         } => {
             let app = App::open(&cli.data)?;
             let format: ImageFormat = format.parse()?;
             let mut o = opts(None, None);
             o.cancel = Some(cancel_on_signals()?);
+            let to_str = to.to_string_lossy();
+            if blockvault::nbd::NbdUri::is_nbd(&to_str) {
+                let bar = progress_bar(&cli, &mut o, "restore");
+                let t = std::time::Instant::now();
+                let st = app.restore_onto(
+                    backup,
+                    disk.as_deref(),
+                    &to_str,
+                    target_bitmap.as_deref(),
+                    &o,
+                );
+                finish_bar(bar);
+                let st = st?;
+                let secs = t.elapsed().as_secs_f64();
+                if cli.json {
+                    let mut v = serde_json::to_value(&st)?;
+                    v["backup"] = json!(backup);
+                    v["to"] = json!(to_str);
+                    v["seconds"] = json!(secs);
+                    println!("{v}");
+                } else if !cli.quiet {
+                    println!(
+                        "restored {backup} onto {to_str}: {} of {} chunks differed, {} written, {} zeroed ({:.1}s)",
+                        st.chunks_written + st.chunks_zeroed,
+                        st.chunks_total,
+                        human(st.bytes_written),
+                        st.chunks_zeroed,
+                        secs
+                    );
+                }
+                return Ok(0);
+            }
+            if target_bitmap.is_some() {
+                bail!("--target-bitmap applies to a restore onto an NBD export");
+            }
             let m = app.find_backup(backup)?.manifest;
             if disk.is_none() && (m.resource_kind == ResourceKind::Server || m.disks.len() > 1) {
                 let bar = progress_bar(&cli, &mut o, "restore");

@@ -27,6 +27,7 @@ use crate::manifest::DiskManifest;
 use crate::vault::Vault;
 use crate::vault::walk::{load_page, load_root};
 
+pub mod onto;
 pub mod vmdk;
 mod writers;
 

@@ -4,6 +4,7 @@
 mod common;
 
 mod backup;
+mod export;
 mod incremental;
 mod integrity;
 mod nbd;

@@ -1,0 +1,230 @@
+//! Restore and export: every output format of every fixture, and restore onto an
+//! existing disk over NBD writing only what differs.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{Env, Server, fixtures, images_equal, random_bytes, s, sh, u, write_raw};
+
+const CHUNK: u64 = 64 << 10;
+
+fn check_clean(image: &Path) {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_fixture_restores_to_every_format_identical_and_clean() {
+    let env = Env::new();
+    let f = fixtures();
+    let sources = [
+        "disk.raw",
+        "disk.qcow2",
+        "compressed.qcow2",
+        "chain-top.qcow2",
+        "sparse.vmdk",
+        "stream.vmdk",
+        "flat.vmdk",
+        "split.vmdk",
+        "vmdk-delta.vmdk",
+    ];
+    for (i, name) in sources.iter().enumerate() {
+        let src = f.join(name);
+        let b = env.backup(&src, &format!("fx{i}"));
+        for format in ["raw", "qcow2", "vmdk", "vmdk-stream"] {
+            let out = env.path(&format!("{i}-{format}.img"));
+            env.restore(s(&b, "id"), &out, format);
+            assert!(images_equal(&out, &src), "{name} as {format}");
+            if format != "raw" {
+                check_clean(&out);
+            }
+        }
+    }
+}
+
+#[test]
+fn restored_images_stay_thin_and_may_grow_but_never_shrink() {
+    let env = Env::new();
+    let src = fixtures().join("disk.qcow2");
+    let b = env.backup(&src, "d");
+    let id = s(&b, "id");
+    let size = u(&b, "logical_size");
+    for format in ["raw", "qcow2", "vmdk", "vmdk-stream"] {
+        let out = env.path(&format!("thin.{format}"));
+        env.restore(id, &out, format);
+        let used = std::fs::metadata(&out).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let allocated = used.blocks() * 512;
+        assert!(
+            allocated < u(&b, "bytes_allocated") + (2 << 20),
+            "{format}: {allocated} bytes allocated for {} of data",
+            u(&b, "bytes_allocated")
+        );
+    }
+    let grown = env.path("grown.qcow2");
+    let bigger = (size + (16 << 20)).to_string();
+    env.json(&[
+        "restore",
+        id,
+        "--to",
+        grown.to_str().unwrap(),
+        "--format",
+        "qcow2",
+        "--size",
+        &bigger,
+    ]);
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&grown)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(u(&info, "virtual-size"), size + (16 << 20));
+    let shrunk = env.path("shrunk.raw");
+    let out = env.run(&[
+        "restore",
+        id,
+        "--to",
+        shrunk.to_str().unwrap(),
+        "--size",
+        "1M",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never shrink"));
+    assert!(!shrunk.exists());
+}
+
+/// A 64 MiB disk: random data in the first 48 MiB, zeros after.
+fn source_disk(env: &Env) -> std::path::PathBuf {
+    let src = env.path("src.raw");
+    write_raw(&src, 64 << 20, 0, &random_bytes(48 << 20, 9));
+    src
+}
+
+/// Drift `target` (qcow2) with qemu-io: 20 chunks rewritten (one of them only 4 KiB),
+/// 6 data chunks zeroed, 5 chunks of the zero area written. 31 of 1,024 chunks (3%).
+fn drift(target: &Path) {
+    let mut args = vec!["-f".to_string(), "qcow2".to_string()];
+    for k in 0..19u64 {
+        args.push("-c".into());
+        args.push(format!("write -P 0x5a {} 64k", (k * 37 % 700) * CHUNK));
+    }
+    args.push("-c".into());
+    args.push(format!("write -P 0x33 {} 4k", 710 * CHUNK + 8192));
+    for k in 0..6u64 {
+        args.push("-c".into());
+        args.push(format!("write -z {} 64k", (720 + k * 3) * CHUNK));
+    }
+    for k in 0..5u64 {
+        args.push("-c".into());
+        args.push(format!("write -P 0x77 {} 64k", (800 + k * 10) * CHUNK));
+    }
+    args.push(target.to_str().unwrap().into());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    sh("qemu-io", &a);
+}
+
+#[test]
+fn restoring_onto_a_drifted_disk_over_nbd_writes_only_the_drifted_chunks() {
+    let env = Env::new();
+    let src = source_disk(&env);
+    let b = env.backup(&src, "vm-disk");
+    let target = env.path("target.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            target.to_str().unwrap(),
+        ],
+    );
+    drift(&target);
+    assert!(!images_equal(&target, &src));
+    let sock = env.path("nbd.sock");
+    let t = target.to_str().unwrap();
+    let server = Server::start(
+        "qemu-nbd",
+        &["-t", "-k", sock.to_str().unwrap(), "-f", "qcow2", t],
+        &sock,
+    );
+    let r = env.json(&["restore", s(&b, "id"), "--to", &server.uri()]);
+    assert_eq!(u(&r, "chunks_total"), 1024);
+    assert_eq!(u(&r, "chunks_written"), 26, "{r}");
+    assert_eq!(u(&r, "bytes_written"), 26 * CHUNK);
+    assert_eq!(u(&r, "chunks_zeroed"), 5, "{r}");
+    assert_eq!(u(&r, "chunks_same"), 1024 - 31);
+    // Again: nothing differs any more.
+    let r2 = env.json(&["restore", s(&b, "id"), "--to", &server.uri()]);
+    assert_eq!(
+        u(&r2, "chunks_written") + u(&r2, "chunks_zeroed"),
+        0,
+        "{r2}"
+    );
+    drop(server);
+    assert!(images_equal(&target, &src));
+}
+
+#[test]
+fn with_the_targets_dirty_bitmap_only_marked_chunks_are_rewritten_and_nothing_is_read() {
+    let env = Env::new();
+    let src = source_disk(&env);
+    let b = env.backup(&src, "vm-disk");
+    let target = env.path("target.qcow2");
+    let t = target.to_str().unwrap();
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            src.to_str().unwrap(),
+            t,
+        ],
+    );
+    sh("qemu-img", &["bitmap", "--add", t, "since-backup"]);
+    drift(&target);
+    let sock = env.path("nbd.sock");
+    let server = Server::start(
+        "qemu-nbd",
+        &[
+            "-t",
+            "-k",
+            sock.to_str().unwrap(),
+            "-f",
+            "qcow2",
+            "-B",
+            "since-backup",
+            t,
+        ],
+        &sock,
+    );
+    let r = env.json(&[
+        "restore",
+        s(&b, "id"),
+        "--to",
+        &server.uri(),
+        "--target-bitmap",
+        "since-backup",
+    ]);
+    assert_eq!(u(&r, "bytes_compared"), 0);
+    assert_eq!(u(&r, "chunks_written"), 26, "{r}");
+    assert_eq!(u(&r, "chunks_zeroed"), 5, "{r}");
+    drop(server);
+    assert!(images_equal(&target, &src));
+}
