@@ -325,6 +325,20 @@ impl App {
         restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
     }
 
+    /// Serve one disk (default: the first) of a backup read-only over NBD until `stop`.
+    pub fn serve_nbd(
+        &self,
+        id_or_name: &str,
+        disk: Option<&str>,
+        listener: &crate::nbd::server::Listener,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<()> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
+        let d = pick_disk(&entry.manifest, disk)?;
+        crate::instant::serve_backup(vault, d, listener, stop)
+    }
+
     /// Restore one disk (default: the first) of a backup into a new image.
     pub fn restore(
         &self,

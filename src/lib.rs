@@ -18,6 +18,7 @@ pub mod chunk;
 pub mod error;
 pub mod freeze;
 pub mod index;
+pub mod instant;
 pub mod live;
 pub mod manifest;
 pub mod nbd;

@@ -108,6 +108,17 @@ enum Cmd {
         #[arg(long)]
         target_bitmap: Option<String>,
     },
+    /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
+    /// Prints the NBD URI clients connect to.
+    ServeNbd {
+        backup: String,
+        /// Disk of a server backup (default: the first).
+        #[arg(long)]
+        disk: Option<String>,
+        /// unix:PATH (or an absolute path) or HOST:PORT.
+        #[arg(long)]
+        listen: String,
+    },
     /// Free the blobs no backup needs.
     Gc {
         #[arg(long)]
@@ -576,6 +587,19 @@ fn run(cli: Cli) -> Result<i32> {
                     secs
                 );
             }
+        }
+        Cmd::ServeNbd {
+            ref backup,
+            ref disk,
+            ref listen,
+        } => {
+            let app = App::open(&cli.data)?;
+            let stop = cancel_on_signals()?;
+            let listener = blockvault::nbd::server::Listener::bind(listen)?;
+            println!("{}", listener.uri());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            app.serve_nbd(backup, disk.as_deref(), &listener, &stop)?;
         }
         Cmd::Gc {
             ref vault,

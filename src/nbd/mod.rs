@@ -1,10 +1,13 @@
-//! NBD: the client (and later the server) blockvault uses to reach live disks.
+//! NBD: the client blockvault uses to reach live disks, and the read-only server that
+//! gives instant access to backups.
 //!
 //! `proto` holds the wire format and its parsers, `uri` the libnbd URI forms, `client`
-//! the negotiating, pipelining client (see its doc for why we do not use the `nbd` crate).
+//! the negotiating, pipelining client (see its doc for why we do not use the `nbd` crate),
+//! `server` the fixed-newstyle server with structured replies and `base:allocation`.
 
 pub mod client;
 pub mod proto;
+pub mod server;
 pub mod uri;
 
 pub use client::{NbdClient, StatusExtent};

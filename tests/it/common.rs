@@ -247,3 +247,23 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The pack files of a vault, sorted.
+pub fn pack_files(vault: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(vault.join("packs")) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        if d.file_name().len() != 2 {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            if f.path().extension().is_some_and(|e| e == "pack") {
+                out.push(f.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}

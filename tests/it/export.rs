@@ -228,3 +228,166 @@ fn with_the_targets_dirty_bitmap_only_marked_chunks_are_rewritten_and_nothing_is
     drop(server);
     assert!(images_equal(&target, &src));
 }
+
+/// `blockvault serve-nbd` in the background; stopped with SIGTERM when dropped.
+struct Served {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl Served {
+    fn start(env: &Env, backup: &str) -> Served {
+        use std::io::BufRead;
+        let sock = env.path("serve.sock");
+        let mut child = env
+            .cmd()
+            .args(["serve-nbd", backup, "--listen"])
+            .arg(format!("unix:{}", sock.display()))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("nbd+unix://"), "{line}");
+        Served {
+            child,
+            uri: line.trim().to_string(),
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu_io(args: &[&str]) -> std::process::Output {
+    Command::new("qemu-io").args(args).output().unwrap()
+}
+
+#[test]
+fn serve_nbd_gives_instant_access_to_several_clients_and_skips_holes() {
+    let env = Env::new();
+    let src = source_disk(&env);
+    let b = env.backup(&src, "vm-disk");
+    let served = Served::start(&env, s(&b, "id"));
+    let uri = served.uri.clone();
+    let compares: Vec<_> = (0..3)
+        .map(|_| {
+            Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw", &uri])
+                .arg(&src)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in compares {
+        assert!(c.wait().unwrap().success(), "a concurrent compare failed");
+    }
+    // The zero tail is reported as a hole: clients do not read it.
+    let map = Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "raw", &uri])
+        .output()
+        .unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let last = map.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(u(&last, "start"), 48 << 20);
+    assert_eq!(last["data"], false);
+    assert_eq!(last["zero"], true);
+    // Read-only: writes are refused.
+    let w = qemu_io(&["-f", "raw", "-c", "write 0 4k", &uri]);
+    assert!(!w.status.success() || String::from_utf8_lossy(&w.stdout).contains("failed"));
+    assert!(served.stop().success());
+}
+
+#[test]
+fn a_qcow2_overlay_on_a_served_backup_reads_it_and_takes_writes_without_touching_it() {
+    let env = Env::new();
+    let src = source_disk(&env);
+    let b = env.backup(&src, "vm-disk");
+    let served = Served::start(&env, s(&b, "id"));
+    let overlay = env.path("boot.qcow2");
+    let o = overlay.to_str().unwrap();
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &served.uri,
+            "-F",
+            "raw",
+            o,
+        ],
+    );
+    // Reads come from the backup.
+    let expect = random_bytes(48 << 20, 9);
+    let pattern_at = |off: usize| expect[off];
+    let r = qemu_io(&["-c", &format!("read -P {} 4096 1", pattern_at(4096)), o]);
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("read 1/1"),
+        "{r:?}"
+    );
+    // Writes go to the overlay.
+    let w = qemu_io(&["-c", "write -P 0x42 1M 1M", "-c", "read -P 0x42 1M 1M", o]);
+    assert!(w.status.success());
+    assert!(!String::from_utf8_lossy(&w.stdout).contains("Pattern verification failed"));
+    // The backup is untouched: the export still equals the source, verify is clean.
+    assert!(images_equal(std::path::Path::new(&served.uri), &src));
+    drop(served);
+    assert!(env.run(&["verify", "--vault", "v"]).status.success());
+}
+
+#[test]
+fn a_corrupt_chunk_is_an_nbd_error_for_its_range_never_wrong_data() {
+    let env = Env::new();
+    let img = env.path("d.raw");
+    write_raw(&img, 8 << 20, 0, &random_bytes(2 << 20, 9));
+    // One worker: chunk 0 is the first blob of the only pack.
+    let b = env.json(&[
+        "--threads",
+        "1",
+        "backup",
+        img.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "d",
+    ]);
+    let packs = crate::common::pack_files(&env.vault_dir());
+    let mut bytes = std::fs::read(&packs[0]).unwrap();
+    bytes[8 + 12 + 1000] ^= 0x01;
+    std::fs::write(&packs[0], &bytes).unwrap();
+    let served = Served::start(&env, s(&b, "id"));
+    let bad = qemu_io(&["-r", "-f", "raw", "-c", "read 0 64k", &served.uri]);
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(out.contains("Input/output error"), "{out}");
+    let good = qemu_io(&["-r", "-f", "raw", "-c", "read 1M 64k", &served.uri]);
+    assert!(String::from_utf8_lossy(&good.stdout).contains("read 65536/65536"));
+    assert!(!images_equal(std::path::Path::new(&served.uri), &img));
+    drop(served);
+    assert_eq!(
+        std::fs::read(&packs[0]).unwrap(),
+        bytes,
+        "the vault is untouched"
+    );
+}

@@ -6,25 +6,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-fn pack_files(vault: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(vault.join("packs")) else {
-        return out;
-    };
-    for d in dirs.flatten() {
-        if d.file_name().len() != 2 {
-            continue;
-        }
-        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-            if f.path().extension().is_some_and(|e| e == "pack") {
-                out.push(f.path());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Start `blockvault --threads 1 backup IMG --vault v --id d` in the background.
 fn spawn_backup(env: &Env, img: &Path) -> std::process::Child {
     env.cmd()

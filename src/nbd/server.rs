@@ -1,0 +1,595 @@
+//! A read-only NBD server: one export, many clients (a thread each).
+//!
+//! Speaks fixed newstyle negotiation (NBD_OPT_EXPORT_NAME, LIST, INFO, GO, ABORT,
+//! STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`) and, in transmission,
+//! READ (structured or simple replies), BLOCK_STATUS (`base:allocation`), FLUSH and CACHE
+//! (no-ops), DISC; writes are refused with EPERM. The export is advertised read-only
+//! and safe for multiple connections.
+//!
+//! What the export holds comes from an [`ExportReader`], one per connection (readers
+//! need not be `Sync`: the backup reader holds a SQLite connection). A read is fully
+//! assembled before any byte of it is sent, so a failing read (a corrupt chunk) becomes
+//! an NBD error for that request, never partial or wrong data.
+//!
+//! Client bytes are untrusted: option payloads are capped ([`MAX_OPTION`]), request
+//! lengths are checked against the export and [`MAX_REQUEST`], and a write payload is
+//! drained (within the cap) before the EPERM reply so the stream stays in sync.
+//!
+//! Why our own: the `nbd` crate's server speaks only oldstyle-like EXPORT_NAME with
+//! simple replies — no structured replies, no meta contexts, so clients could not skip
+//! holes.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::BASE_ALLOCATION;
+use super::proto::*;
+use crate::error::{Error, Result};
+
+/// Largest option payload accepted from a client.
+pub const MAX_OPTION: u32 = 64 << 10;
+/// Largest read (and drained write) request.
+pub const MAX_REQUEST: u32 = 32 << 20;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_LIST: u32 = 3;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const REP_SERVER: u32 = 2;
+const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
+const REP_ERR_INVALID: u32 = REP_ERR_BIT | 3;
+const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
+const REP_ERR_TOO_BIG: u32 = REP_ERR_BIT | 9;
+const INFO_NAME: u16 = 1;
+const CMD_TRIM: u16 = 4;
+const CMD_CACHE: u16 = 5;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+/// Meta context id of `base:allocation` on our connections.
+const ALLOC_ID: u32 = 1;
+
+/// One connection's view of the export.
+pub trait ExportReader {
+    /// Fill `buf` with the bytes at `offset` (within the export).
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Allocation from `offset` for up to `len` bytes: `(length, flags)` runs in order,
+    /// flags being `base:allocation`'s NBD_STATE_HOLE | NBD_STATE_ZERO or 0 for data.
+    fn allocation(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>>;
+}
+
+/// Opens a reader for a new connection.
+pub type ReaderFactory = dyn Fn() -> Result<Box<dyn ExportReader>> + Send + Sync;
+
+/// The export: its name, size and preferred block size.
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    pub name: String,
+    pub size: u64,
+    pub preferred_block: u32,
+}
+
+/// Where to listen.
+pub enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// `unix:PATH` (or an absolute path) or `HOST:PORT`.
+    pub fn bind(spec: &str) -> Result<Listener> {
+        if let Some(p) = spec
+            .strip_prefix("unix:")
+            .or_else(|| spec.starts_with('/').then_some(spec))
+        {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(|e| Error::io(format!("listening on {p}"), e))?;
+            return Ok(Listener::Unix(l, PathBuf::from(p)));
+        }
+        let l =
+            TcpListener::bind(spec).map_err(|e| Error::io(format!("listening on {spec}"), e))?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// Where clients connect (an NBD URI).
+    pub fn uri(&self) -> String {
+        match self {
+            Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|_| "nbd://?".into(), |a| format!("nbd://{a}/")),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Serve `info` on `listener` until `stop` is set. Each client runs on its own thread.
+pub fn serve(
+    listener: &Listener,
+    info: &ExportInfo,
+    open: Arc<ReaderFactory>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let set_nb = |r: std::io::Result<()>| r.map_err(|e| Error::io("configuring the listener", e));
+    match listener {
+        Listener::Unix(l, _) => set_nb(l.set_nonblocking(true))?,
+        Listener::Tcp(l) => set_nb(l.set_nonblocking(true))?,
+    }
+    while !stop.load(Ordering::Relaxed) {
+        let accepted: std::io::Result<Box<dyn Conn>> = match listener {
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn Conn>
+            }),
+        };
+        match accepted {
+            Ok(conn) => {
+                let (info, open) = (info.clone(), Arc::clone(&open));
+                std::thread::spawn(move || {
+                    if let Err(e) = Session::new(conn, info, open).run() {
+                        tracing::info!("NBD client: {e}");
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(Error::io("accepting an NBD client", e)),
+        }
+    }
+    Ok(())
+}
+
+/// A client socket.
+pub trait Conn: Read + Write + Send {
+    fn blocking(&self) -> std::io::Result<()>;
+}
+impl Conn for std::os::unix::net::UnixStream {
+    fn blocking(&self) -> std::io::Result<()> {
+        self.set_nonblocking(false)
+    }
+}
+impl Conn for std::net::TcpStream {
+    fn blocking(&self) -> std::io::Result<()> {
+        self.set_nonblocking(false)
+    }
+}
+
+struct Session {
+    conn: Box<dyn Conn>,
+    info: ExportInfo,
+    open: Arc<ReaderFactory>,
+    structured: bool,
+    alloc_ctx: bool,
+    no_zeroes: bool,
+}
+
+/// What the option phase ended with.
+enum Next {
+    Transmit,
+    Close,
+}
+
+fn be32(b: &[u8], o: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(o..o + 4)?.try_into().ok()?))
+}
+fn be16(b: &[u8], o: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(o..o + 2)?.try_into().ok()?))
+}
+
+/// INFO/GO payload: export name and the info types requested.
+pub fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let n = be32(data, 0)? as usize;
+    let name = data.get(4..4usize.checked_add(n)?)?;
+    let count = be16(data, 4 + n)? as usize;
+    let mut reqs = Vec::with_capacity(count.min(16));
+    for i in 0..count {
+        reqs.push(be16(data, 6 + n + 2 * i)?);
+    }
+    if data.len() != 6 + n + 2 * count {
+        return None;
+    }
+    Some((String::from_utf8(name.to_vec()).ok()?, reqs))
+}
+
+/// LIST/SET_META_CONTEXT payload: export name and the queries.
+pub fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let n = be32(data, 0)? as usize;
+    let name = data.get(4..4usize.checked_add(n)?)?;
+    let count = be32(data, 4 + n)? as usize;
+    let mut pos = 8 + n;
+    let mut queries = Vec::with_capacity(count.min(16));
+    for _ in 0..count {
+        let l = be32(data, pos)? as usize;
+        let q = data.get(pos + 4..(pos + 4).checked_add(l)?)?;
+        queries.push(String::from_utf8(q.to_vec()).ok()?);
+        pos += 4 + l;
+    }
+    if pos != data.len() {
+        return None;
+    }
+    Some((String::from_utf8(name.to_vec()).ok()?, queries))
+}
+
+impl Session {
+    fn new(conn: Box<dyn Conn>, info: ExportInfo, open: Arc<ReaderFactory>) -> Session {
+        Session {
+            conn,
+            info,
+            open,
+            structured: false,
+            alloc_ctx: false,
+            no_zeroes: false,
+        }
+    }
+
+    fn io(e: std::io::Error) -> Error {
+        Error::io("NBD connection", e)
+    }
+
+    fn run(mut self) -> Result<()> {
+        self.conn.blocking().map_err(Self::io)?;
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        self.conn.write_all(&hello).map_err(Self::io)?;
+        let mut cf = [0u8; 4];
+        self.conn.read_exact(&mut cf).map_err(Self::io)?;
+        let cflags = u32::from_be_bytes(cf);
+        if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return Err(Error::invalid("client sent unknown handshake flags"));
+        }
+        self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+        match self.options()? {
+            Next::Close => Ok(()),
+            Next::Transmit => self.transmit(),
+        }
+    }
+
+    fn tflags(&self) -> u16 {
+        TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN
+    }
+
+    fn opt_reply(&mut self, opt: u32, kind: u32, data: &[u8]) -> Result<()> {
+        let mut r = Vec::with_capacity(20 + data.len());
+        r.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        r.extend_from_slice(&opt.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        r.extend_from_slice(data);
+        self.conn.write_all(&r).map_err(Self::io)
+    }
+
+    fn name_ok(&self, name: &str) -> bool {
+        name.is_empty() || name == self.info.name
+    }
+
+    fn options(&mut self) -> Result<Next> {
+        loop {
+            let mut h = [0u8; 16];
+            self.conn.read_exact(&mut h).map_err(Self::io)?;
+            if u64::from_be_bytes(h[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
+                return Err(Error::invalid("client sent a bad option magic"));
+            }
+            let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            let len = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            if len > MAX_OPTION {
+                // Drain what is reasonable, then refuse; a huge length ends the session.
+                if len > MAX_REQUEST {
+                    return Err(Error::invalid("client sent an oversized option"));
+                }
+                std::io::copy(
+                    &mut (&mut self.conn).take(u64::from(len)),
+                    &mut std::io::sink(),
+                )
+                .map_err(Self::io)?;
+                self.opt_reply(opt, REP_ERR_TOO_BIG, b"")?;
+                continue;
+            }
+            let mut data = vec![0u8; len as usize];
+            self.conn.read_exact(&mut data).map_err(Self::io)?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    if !self.name_ok(&name) {
+                        return Err(Error::not_found(format!(
+                            "client asked for export {name:?}"
+                        )));
+                    }
+                    let mut r = Vec::with_capacity(134);
+                    r.extend_from_slice(&self.info.size.to_be_bytes());
+                    r.extend_from_slice(&self.tflags().to_be_bytes());
+                    if !self.no_zeroes {
+                        r.extend_from_slice(&[0u8; 124]);
+                    }
+                    self.conn.write_all(&r).map_err(Self::io)?;
+                    return Ok(Next::Transmit);
+                }
+                OPT_ABORT => {
+                    let _ = self.opt_reply(opt, REP_ACK, b"");
+                    return Ok(Next::Close);
+                }
+                OPT_LIST => {
+                    let mut d = (self.info.name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(self.info.name.as_bytes());
+                    self.opt_reply(opt, REP_SERVER, &d)?;
+                    self.opt_reply(opt, REP_ACK, b"")?;
+                }
+                OPT_STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        self.opt_reply(opt, REP_ERR_INVALID, b"")?;
+                    } else {
+                        self.structured = true;
+                        self.opt_reply(opt, REP_ACK, b"")?;
+                    }
+                }
+                OPT_INFO | OPT_GO => {
+                    let Some((name, reqs)) = parse_go(&data) else {
+                        self.opt_reply(opt, REP_ERR_INVALID, b"")?;
+                        continue;
+                    };
+                    if !self.name_ok(&name) {
+                        self.opt_reply(opt, REP_ERR_UNKNOWN, b"no such export")?;
+                        continue;
+                    }
+                    let mut exp = INFO_EXPORT.to_be_bytes().to_vec();
+                    exp.extend_from_slice(&self.info.size.to_be_bytes());
+                    exp.extend_from_slice(&self.tflags().to_be_bytes());
+                    self.opt_reply(opt, REP_INFO, &exp)?;
+                    let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                    bs.extend_from_slice(&1u32.to_be_bytes());
+                    bs.extend_from_slice(&self.info.preferred_block.to_be_bytes());
+                    bs.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                    self.opt_reply(opt, REP_INFO, &bs)?;
+                    if reqs.contains(&INFO_NAME) {
+                        let mut n = INFO_NAME.to_be_bytes().to_vec();
+                        n.extend_from_slice(self.info.name.as_bytes());
+                        self.opt_reply(opt, REP_INFO, &n)?;
+                    }
+                    self.opt_reply(opt, REP_ACK, b"")?;
+                    if opt == OPT_GO {
+                        return Ok(Next::Transmit);
+                    }
+                }
+                OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                    let set = opt == OPT_SET_META_CONTEXT;
+                    let parsed = parse_meta(&data);
+                    match parsed {
+                        Some((name, _)) if !self.name_ok(&name) => {
+                            self.opt_reply(opt, REP_ERR_UNKNOWN, b"no such export")?;
+                        }
+                        Some(_) if set && !self.structured => {
+                            self.opt_reply(opt, REP_ERR_INVALID, b"structured replies first")?;
+                        }
+                        Some((_, queries)) => {
+                            let wanted = if set {
+                                queries.iter().any(|q| q == BASE_ALLOCATION)
+                            } else {
+                                queries.is_empty()
+                                    || queries.iter().any(|q| q == "base:" || q == BASE_ALLOCATION)
+                            };
+                            if set {
+                                self.alloc_ctx = wanted;
+                            }
+                            if wanted {
+                                let mut d = ALLOC_ID.to_be_bytes().to_vec();
+                                d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                                self.opt_reply(opt, REP_META_CONTEXT, &d)?;
+                            }
+                            self.opt_reply(opt, REP_ACK, b"")?;
+                        }
+                        None => self.opt_reply(opt, REP_ERR_INVALID, b"")?,
+                    }
+                }
+                _ => self.opt_reply(opt, REP_ERR_UNSUP, b"")?,
+            }
+        }
+    }
+
+    fn simple(&mut self, cookie: u64, error: u32, data: &[u8]) -> Result<()> {
+        let mut r = Vec::with_capacity(16 + data.len());
+        r.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        r.extend_from_slice(&error.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        self.conn.write_all(&r).map_err(Self::io)?;
+        if !data.is_empty() {
+            self.conn.write_all(data).map_err(Self::io)?;
+        }
+        Ok(())
+    }
+
+    fn chunk(
+        &mut self,
+        cookie: u64,
+        flags: u16,
+        kind: u16,
+        head: &[u8],
+        data: &[u8],
+    ) -> Result<()> {
+        let mut r = Vec::with_capacity(20 + head.len());
+        r.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        r.extend_from_slice(&flags.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&((head.len() + data.len()) as u32).to_be_bytes());
+        r.extend_from_slice(head);
+        self.conn.write_all(&r).map_err(Self::io)?;
+        if !data.is_empty() {
+            self.conn.write_all(data).map_err(Self::io)?;
+        }
+        Ok(())
+    }
+
+    /// Reply with an error (structured error chunk or simple reply).
+    fn error(&mut self, cookie: u64, errno: u32, msg: &str) -> Result<()> {
+        if self.structured {
+            let msg = &msg.as_bytes()[..msg.len().min(4096)];
+            let mut p = errno.to_be_bytes().to_vec();
+            p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            p.extend_from_slice(msg);
+            self.chunk(cookie, REPLY_FLAG_DONE, REPLY_ERROR, &p, b"")
+        } else {
+            self.simple(cookie, errno, b"")
+        }
+    }
+
+    fn ok(&mut self, cookie: u64) -> Result<()> {
+        if self.structured {
+            self.chunk(cookie, REPLY_FLAG_DONE, REPLY_NONE, b"", b"")
+        } else {
+            self.simple(cookie, 0, b"")
+        }
+    }
+
+    fn transmit(&mut self) -> Result<()> {
+        let mut reader = (self.open)()?;
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; 28];
+            match self.conn.read_exact(&mut h) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(Self::io(e)),
+            }
+            if u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != REQUEST_MAGIC {
+                return Err(Error::invalid("client sent a bad request magic"));
+            }
+            let kind = u16::from_be_bytes([h[6], h[7]]);
+            let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
+            let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default());
+            let len = u32::from_be_bytes([h[24], h[25], h[26], h[27]]);
+            let in_range = offset
+                .checked_add(u64::from(len))
+                .is_some_and(|end| end <= self.info.size);
+            match kind {
+                CMD_READ => {
+                    if !in_range || len > MAX_REQUEST {
+                        self.error(cookie, EINVAL, "read outside the export or too large")?;
+                        continue;
+                    }
+                    buf.resize(len as usize, 0);
+                    match reader.read(offset, &mut buf) {
+                        Ok(()) if self.structured => {
+                            let head = offset.to_be_bytes();
+                            let data = std::mem::take(&mut buf);
+                            let r = self.chunk(
+                                cookie,
+                                REPLY_FLAG_DONE,
+                                REPLY_OFFSET_DATA,
+                                &head,
+                                &data,
+                            );
+                            buf = data;
+                            r?;
+                        }
+                        Ok(()) => {
+                            let data = std::mem::take(&mut buf);
+                            let r = self.simple(cookie, 0, &data);
+                            buf = data;
+                            r?;
+                        }
+                        Err(e) => {
+                            tracing::warn!("NBD read of {len} bytes at {offset} failed: {e}");
+                            self.error(cookie, EIO, &e.to_string())?;
+                        }
+                    }
+                }
+                CMD_BLOCK_STATUS => {
+                    if !self.structured || !self.alloc_ctx || !in_range || len == 0 {
+                        self.error(
+                            cookie,
+                            EINVAL,
+                            "block status needs base:allocation and a range in the export",
+                        )?;
+                        continue;
+                    }
+                    match reader.allocation(offset, u64::from(len)) {
+                        Ok(runs) => {
+                            let mut p = ALLOC_ID.to_be_bytes().to_vec();
+                            for (l, f) in runs.iter().take(1024) {
+                                let l = (*l).min(u64::from(u32::MAX) & !0xffff) as u32;
+                                if l == 0 {
+                                    break;
+                                }
+                                p.extend_from_slice(&l.to_be_bytes());
+                                p.extend_from_slice(&f.to_be_bytes());
+                            }
+                            if p.len() == 4 {
+                                self.error(cookie, EIO, "no allocation information")?;
+                            } else {
+                                self.chunk(cookie, REPLY_FLAG_DONE, REPLY_BLOCK_STATUS, &p, b"")?;
+                            }
+                        }
+                        Err(e) => self.error(cookie, EIO, &e.to_string())?,
+                    }
+                }
+                CMD_DISC => return Ok(()),
+                CMD_FLUSH | CMD_CACHE => self.ok(cookie)?,
+                CMD_WRITE => {
+                    if len > MAX_REQUEST {
+                        return Err(Error::invalid("client sent an oversized write"));
+                    }
+                    std::io::copy(
+                        &mut (&mut self.conn).take(u64::from(len)),
+                        &mut std::io::sink(),
+                    )
+                    .map_err(Self::io)?;
+                    self.error(cookie, EPERM, "the export is read-only")?;
+                }
+                CMD_WRITE_ZEROES | CMD_TRIM => {
+                    self.error(cookie, EPERM, "the export is read-only")?
+                }
+                _ => self.error(cookie, EINVAL, "unknown command")?,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn option_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = parse_go(&bytes);
+            let _ = parse_meta(&bytes);
+        }
+    }
+
+    #[test]
+    fn option_payloads_parse() {
+        let mut go = 3u32.to_be_bytes().to_vec();
+        go.extend_from_slice(b"abc");
+        go.extend_from_slice(&2u16.to_be_bytes());
+        go.extend_from_slice(&0u16.to_be_bytes());
+        go.extend_from_slice(&3u16.to_be_bytes());
+        assert_eq!(parse_go(&go), Some(("abc".into(), vec![0, 3])));
+        assert_eq!(parse_go(&go[..go.len() - 1]), None);
+        let mut m = 0u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&1u32.to_be_bytes());
+        m.extend_from_slice(&15u32.to_be_bytes());
+        m.extend_from_slice(b"base:allocation");
+        assert_eq!(
+            parse_meta(&m),
+            Some((String::new(), vec!["base:allocation".into()]))
+        );
+        m.push(0);
+        assert_eq!(parse_meta(&m), None);
+    }
+}
