@@ -267,6 +267,19 @@ impl App {
         self.catalog.find_backup(id_or_name)
     }
 
+    /// Export every disk of a backup as a full-server image (OVA or qcow2 set).
+    pub fn export_server(
+        &self,
+        id_or_name: &str,
+        dir: &Path,
+        kind: crate::restore::server_image::ServerImage,
+        opts: &BackupOptions,
+    ) -> Result<crate::restore::server_image::ServerExport> {
+        let entry = self.find_backup(id_or_name)?;
+        let vault = self.open_vault(&entry.vault)?;
+        crate::restore::server_image::export_server(&vault, &entry.manifest, dir, kind, opts)
+    }
+
     /// Restore every disk of a backup into directory `dir` as `<disk name>.<format>`.
     /// Returns (disk name, path, stats) per disk. Stops at the first failure (disks
     /// restored before it stay; the failed one leaves nothing).

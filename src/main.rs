@@ -103,6 +103,10 @@ enum Cmd {
         /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Full-server image instead of disk images: ova (OVF + streamOptimized VMDKs in
+        /// DIR/<server>.ova, or --to X.ova) or qcow2-set (DIR with <disk>.qcow2 + server.json).
+        #[arg(long, conflicts_with_all = ["disk", "format", "size"])]
+        image: Option<String>,
         /// With --to nbd://…: a dirty bitmap of the target that recorded every write since
         /// the backup; only the chunks it marks are rewritten (nothing is read back).
         #[arg(long)]
@@ -495,11 +499,32 @@ fn run(cli: Cli) -> Result<i32> {
             ref disk,
             size,
             ref target_bitmap,
+            ref image,
         } => {
             let app = App::open(&cli.data)?;
             let format: ImageFormat = format.parse()?;
             let mut o = opts(None, None);
             o.cancel = Some(cancel_on_signals()?);
+            if let Some(kind) = image {
+                let kind: blockvault::restore::server_image::ServerImage = kind.parse()?;
+                let bar = progress_bar(&cli, &mut o, "export");
+                let t = std::time::Instant::now();
+                let r = app.export_server(backup, to, kind, &o);
+                finish_bar(bar);
+                let r = r?;
+                if cli.json {
+                    let mut v = serde_json::to_value(&r)?;
+                    v["seconds"] = json!(t.elapsed().as_secs_f64());
+                    println!("{v}");
+                } else if !cli.quiet {
+                    println!(
+                        "exported {backup} to {} ({} disks)",
+                        r.path.display(),
+                        r.disks.len()
+                    );
+                }
+                return Ok(0);
+            }
             let to_str = to.to_string_lossy();
             if blockvault::nbd::NbdUri::is_nbd(&to_str) {
                 let bar = progress_bar(&cli, &mut o, "restore");

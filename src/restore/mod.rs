@@ -28,6 +28,7 @@ use crate::vault::Vault;
 use crate::vault::walk::{load_page, load_root};
 
 pub mod onto;
+pub mod server_image;
 pub mod vmdk;
 mod writers;
 

@@ -391,3 +391,117 @@ fn a_corrupt_chunk_is_an_nbd_error_for_its_range_never_wrong_data() {
         "the vault is untouched"
     );
 }
+
+#[test]
+fn a_server_backup_exports_as_an_ova_and_as_a_qcow2_set_without_changing_the_backup() {
+    let env = Env::new();
+    let f = fixtures();
+    let (sys, data) = (f.join("disk.qcow2"), f.join("sparse.vmdk"));
+    let b = env.json(&[
+        "backup",
+        &format!("sys={}", sys.display()),
+        &format!("data={}", data.display()),
+        "--vault",
+        "v",
+        "--id",
+        "web01",
+    ]);
+    let id = s(&b, "id");
+    let before = env.backups();
+
+    let out = env.path("out");
+    let r = env.json(&[
+        "restore",
+        id,
+        "--to",
+        out.to_str().unwrap(),
+        "--image",
+        "ova",
+    ]);
+    let ova = out.join("web01.ova");
+    assert_eq!(s(&r, "path"), ova.to_str().unwrap());
+    let list = Command::new("tar").arg("-tf").arg(&ova).output().unwrap();
+    let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        names,
+        ["web01.ovf", "web01.mf", "sys.vmdk", "data.vmdk"],
+        "OVF first"
+    );
+    let x = env.path("unpacked");
+    std::fs::create_dir(&x).unwrap();
+    sh(
+        "tar",
+        &["-xf", ova.to_str().unwrap(), "-C", x.to_str().unwrap()],
+    );
+    let ovf = std::fs::read_to_string(x.join("web01.ovf")).unwrap();
+    for (i, (disk, src)) in [("sys.vmdk", &sys), ("data.vmdk", &data)]
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            ovf.contains(&format!("ovf:href=\"{disk}\" ovf:id=\"file{i}\"")),
+            "{ovf}"
+        );
+        assert!(ovf.contains(&format!(
+            "ovf:capacity=\"{}\" ovf:capacityAllocationUnits=\"byte\" ovf:diskId=\"vmdisk{i}\" ovf:fileRef=\"file{i}\"",
+            64 << 20
+        )));
+        assert!(ovf.contains(&format!(
+            "<rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>"
+        )));
+        assert!(images_equal(&x.join(disk), src));
+        check_clean(&x.join(disk));
+    }
+    let mf = Command::new("sha256sum")
+        .arg("-c")
+        .arg("web01.mf")
+        .current_dir(&x)
+        .output()
+        .unwrap();
+    assert!(
+        mf.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mf.stdout)
+    );
+
+    let set = env.path("set");
+    env.json(&[
+        "restore",
+        id,
+        "--to",
+        set.to_str().unwrap(),
+        "--image",
+        "qcow2-set",
+    ]);
+    let desc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(set.join("server.json")).unwrap()).unwrap();
+    assert_eq!(desc["server"], "web01");
+    assert_eq!(desc["backup"]["id"], id);
+    for (disk, src) in [("sys", &sys), ("data", &data)] {
+        let file = set.join(format!("{disk}.qcow2"));
+        assert!(images_equal(&file, src));
+        check_clean(&file);
+        assert!(
+            desc["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["file"] == format!("{disk}.qcow2"))
+        );
+    }
+    // Exports never overwrite, and the backup is as it was.
+    let again = env.run(&[
+        "restore",
+        id,
+        "--to",
+        set.to_str().unwrap(),
+        "--image",
+        "qcow2-set",
+    ]);
+    assert!(!again.status.success());
+    assert_eq!(env.backups(), before);
+    assert!(env.run(&["verify", "--vault", "v"]).status.success());
+}

@@ -1,0 +1,324 @@
+//! Full-server images: every disk of a (server) backup as one importable image.
+//!
+//! - `ova`: `<dir>/<server>.ova` (or `--to X.ova`), a tar archive of, in this order, the OVF descriptor,
+//!   the manifest (`.mf`, SHA256 of every file) and one streamOptimized VMDK per disk
+//!   (what ESXi, vCenter, VirtualBox and ovftool import).
+//! - `qcow2-set`: `<dir>/` (new or empty) holding `<disk>.qcow2` per disk and `server.json` describing
+//!   the server (backup id and name, capture, each disk's file, size and id).
+//!
+//! A backup knows disks, not virtual hardware: the OVF's CPU count and memory are
+//! placeholders (1 vCPU, 1 GiB) to adjust at import; disks hang off one LSI Logic SCSI
+//! controller in backup order. Everything is built under a hidden staging name and
+//! renamed into place at the end; on failure or cancel nothing is left. The backup is
+//! only read.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::{ImageFormat, RestoreStats, Subformat, restore_disk};
+use crate::backup::BackupOptions;
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::BackupManifest;
+use crate::vault::Vault;
+
+/// Kind of full-server image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerImage {
+    Ova,
+    Qcow2Set,
+}
+
+impl std::str::FromStr for ServerImage {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ServerImage> {
+        match s {
+            "ova" => Ok(ServerImage::Ova),
+            "qcow2-set" => Ok(ServerImage::Qcow2Set),
+            o => Err(Error::config(format!(
+                "unknown server image {o:?} (ova or qcow2-set)"
+            ))),
+        }
+    }
+}
+
+/// What an export produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerExport {
+    /// The OVA file or the qcow2-set directory.
+    pub path: PathBuf,
+    pub disks: Vec<String>,
+    pub bytes_written: u64,
+}
+
+/// File name for a disk or server name.
+fn safe(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.').to_string();
+    if s.is_empty() { "disk".into() } else { s }
+}
+
+fn staging(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(
+        ".{name}.partial-{}",
+        hex::encode(rand::random::<[u8; 4]>())
+    ))
+}
+
+/// Export every disk of backup `m` as a server image into directory `dir`.
+pub fn export_server(
+    vault: &Vault,
+    m: &BackupManifest,
+    dir: &Path,
+    kind: ServerImage,
+    opts: &BackupOptions,
+) -> Result<ServerExport> {
+    let server = safe(&m.resource);
+    // qcow2-set: `dir` itself (absent or empty). OVA: `dir` if it ends in .ova, else
+    // `dir/<server>.ova`.
+    let (target, ext) = match kind {
+        ServerImage::Ova if dir.extension().is_some_and(|e| e == "ova") => {
+            (dir.to_path_buf(), "vmdk")
+        }
+        ServerImage::Ova => {
+            fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+            (dir.join(format!("{server}.ova")), "vmdk")
+        }
+        ServerImage::Qcow2Set => (dir.to_path_buf(), "qcow2"),
+    };
+    let empty_dir = target.is_dir() && fs::read_dir(&target).is_ok_and(|mut d| d.next().is_none());
+    if target.exists() && !(kind == ServerImage::Qcow2Set && empty_dir) {
+        return Err(Error::conflict(format!(
+            "{} already exists; restore never overwrites",
+            target.display()
+        )));
+    }
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let work = staging(&parent, &server);
+    fs::create_dir(&work).ctx(|| format!("creating {}", work.display()))?;
+    let result = (|| -> Result<ServerExport> {
+        let mut files = Vec::new();
+        let mut written = 0;
+        for d in &m.disks {
+            let file = format!("{}.{ext}", safe(&d.name));
+            let format = match kind {
+                ServerImage::Ova => ImageFormat::Vmdk(Subformat::StreamOptimized),
+                ServerImage::Qcow2Set => ImageFormat::Qcow2,
+            };
+            let RestoreStats { bytes_written, .. } =
+                restore_disk(vault, d, &work.join(&file), format, None, opts)
+                    .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
+            written += bytes_written;
+            files.push(file);
+        }
+        match kind {
+            ServerImage::Qcow2Set => {
+                let desc = server_json(m, &files);
+                fs::write(work.join("server.json"), desc).ctx(|| "writing server.json")?;
+                if empty_dir {
+                    fs::remove_dir(&target).ctx(|| format!("replacing {}", target.display()))?;
+                }
+                fs::rename(&work, &target).ctx(|| format!("renaming into {}", target.display()))?;
+            }
+            ServerImage::Ova => {
+                let ovf_name = format!("{server}.ovf");
+                let ovf = ovf(m, &server, &work, &files)?;
+                let tmp = staging(&parent, &format!("{server}.ova"));
+                let r = write_ova(&tmp, &server, &ovf_name, &ovf, &work, &files);
+                if r.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                r?;
+                fs::rename(&tmp, &target).ctx(|| format!("renaming into {}", target.display()))?;
+                let _ = fs::remove_dir_all(&work);
+            }
+        }
+        Ok(ServerExport {
+            path: target.clone(),
+            disks: m.disks.iter().map(|d| d.name.clone()).collect(),
+            bytes_written: written,
+        })
+    })();
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&work);
+    }
+    result
+}
+
+fn server_json(m: &BackupManifest, files: &[String]) -> String {
+    let disks: Vec<serde_json::Value> = m
+        .disks
+        .iter()
+        .zip(files)
+        .map(|(d, f)| {
+            serde_json::json!({"name": d.name, "file": f, "format": "qcow2", "size": d.size,
+                               "disk_id": d.disk_id, "source": d.source})
+        })
+        .collect();
+    let v = serde_json::json!({
+        "server": m.resource,
+        "backup": {"id": m.id, "name": m.name, "created": m.created},
+        "capture": m.capture,
+        "disks": disks,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The OVF 1.0 descriptor for the disks in `work`.
+fn ovf(m: &BackupManifest, server: &str, work: &Path, files: &[String]) -> Result<String> {
+    let mut refs = String::new();
+    let mut disks = String::new();
+    let mut items = String::new();
+    for (i, (d, f)) in m.disks.iter().zip(files).enumerate() {
+        let len = fs::metadata(work.join(f))
+            .ctx(|| format!("sizing {f}"))?
+            .len();
+        refs.push_str(&format!(
+            "    <File ovf:href=\"{}\" ovf:id=\"file{i}\" ovf:size=\"{len}\"/>\n",
+            xml_escape(f)
+        ));
+        disks.push_str(&format!(
+            "    <Disk ovf:capacity=\"{}\" ovf:capacityAllocationUnits=\"byte\" ovf:diskId=\"vmdisk{i}\" ovf:fileRef=\"file{i}\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n",
+            d.size
+        ));
+        items.push_str(&format!(
+            "      <Item>\n        <rasd:AddressOnParent>{i}</rasd:AddressOnParent>\n        <rasd:ElementName>{}</rasd:ElementName>\n        <rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:Parent>3</rasd:Parent>\n        <rasd:ResourceType>17</rasd:ResourceType>\n      </Item>\n",
+            xml_escape(&d.name),
+            10 + i
+        ));
+    }
+    Ok(format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!-- Exported by blockvault from backup {id} ({name}); CPU and memory are placeholders. -->
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>
+{refs}  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+{disks}  </DiskSection>
+  <VirtualSystem ovf:id="{server}">
+    <Info>A virtual machine restored from a blockvault backup</Info>
+    <Name>{server}</Name>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>{server}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-07</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
+        <rasd:ElementName>1 virtual CPU</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>1</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:ElementName>1024MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>1024</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:ElementName>SCSI Controller 0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
+        <rasd:ResourceType>6</rasd:ResourceType>
+      </Item>
+{items}    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#,
+        id = xml_escape(&m.id),
+        name = xml_escape(&m.name),
+        server = xml_escape(server),
+    ))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .ctx(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Write the OVA tar: descriptor first, manifest second, then the disks.
+fn write_ova(
+    path: &Path,
+    server: &str,
+    ovf_name: &str,
+    ovf: &str,
+    work: &Path,
+    files: &[String],
+) -> Result<()> {
+    let out = fs::File::create_new(path).ctx(|| format!("creating {}", path.display()))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
+    let mut mf = format!("SHA256({ovf_name})= {}\n", hex::encode(Sha256::digest(ovf)));
+    for f in files {
+        mf.push_str(&format!("SHA256({f})= {}\n", sha256_file(&work.join(f))?));
+    }
+    let mut add = |name: &str, data: &[u8]| -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data)
+            .ctx(|| format!("adding {name} to the OVA"))
+    };
+    add(ovf_name, ovf.as_bytes())?;
+    add(&format!("{server}.mf"), mf.as_bytes())?;
+    for f in files {
+        let p = work.join(f);
+        let mut file = fs::File::open(&p).ctx(|| format!("opening {}", p.display()))?;
+        let len = file.metadata().ctx(|| "sizing a disk")?.len();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(len);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, f, &mut file)
+            .ctx(|| format!("adding {f} to the OVA"))?;
+    }
+    let mut w = tar.into_inner().ctx(|| "finishing the OVA")?;
+    w.flush().ctx(|| "flushing the OVA")?;
+    w.into_inner()
+        .map_err(|e| Error::io("flushing the OVA", e.into_error()))?
+        .sync_all()
+        .ctx(|| "syncing the OVA")
+}
