@@ -1,0 +1,257 @@
+//! Command-line arguments (clap) and their parsing helpers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "blockvault",
+    version,
+    about = "Block-level backup appliance for virtual machine disks"
+)]
+pub struct Cli {
+    /// Data directory (catalog and default vault location).
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKVAULT_DATA",
+        default_value = "./blockvault-data"
+    )]
+    pub data: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars or chatter.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Manage vaults.
+    #[command(subcommand)]
+    Vault(VaultCmd),
+    /// Back up a disk image (raw, qcow2, vmdk; `raw:`/`qcow2:`/`vmdk:` force a format).
+    ///
+    /// One source backs up a disk. Several sources (`NAME=SPEC` or just `SPEC`, named
+    /// disk0, disk1, …) back up a server made of image files as one backup (`--id` names
+    /// the server). `qmp:SOCKET` captures every disk of a running QEMU VM or
+    /// qemu-storage-daemon at one instant (copy-before-write fleecing; incremental
+    /// through dirty bitmaps it manages itself).
+    Backup(BackupArgs),
+    /// List or delete backups.
+    #[command(subcommand)]
+    Backups(BackupsCmd),
+    /// Restore a backup (id or name) into a new disk image; a server backup's disks go
+    /// into directory --to as <disk>.<format> unless --disk picks one.
+    Restore(RestoreArgs),
+    /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
+    /// Prints the NBD URI clients connect to.
+    ServeNbd {
+        backup: String,
+        /// Disk of a server backup (default: the first).
+        #[arg(long)]
+        disk: Option<String>,
+        /// unix:PATH (or an absolute path) or HOST:PORT.
+        #[arg(long)]
+        listen: String,
+    },
+    /// Free the blobs no backup needs.
+    Gc {
+        #[arg(long)]
+        vault: String,
+        /// Rewrite packs whose live share fell below this percentage.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+        repack_below: u8,
+    },
+    /// Re-read and re-hash stored data; exit status 1 when anything is corrupt.
+    Verify {
+        #[arg(long)]
+        vault: String,
+        backup: Option<String>,
+    },
+    /// Measure this machine's hashing, compression, lookup and pack speeds.
+    Benchmark {
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+        /// Seconds per figure.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+        /// Also back up and restore an image of 4×N GiB holding N GiB of mixed data.
+        #[arg(long)]
+        image_gib: Option<u64>,
+    },
+}
+
+/// Options of server backups (live over QMP, or image files).
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// qmp: disks to capture, by node or device name (default: all disks of the VM, or
+    /// every exported node of a qemu-storage-daemon).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// qmp: NBD server the QEMU process already runs (unix socket path or HOST:PORT);
+    /// by default blockvault starts one on a private socket and stops it afterwards.
+    #[arg(long)]
+    pub nbd_server: Option<String>,
+    /// qmp: directory for the temporary fleecing images (QEMU must be able to write it).
+    #[arg(long)]
+    pub fleece_dir: Option<PathBuf>,
+    /// Command run (sh -c) to quiesce applications before the point in time.
+    #[arg(long)]
+    pub freeze: Option<String>,
+    /// Command run (sh -c) right after the point in time; runs whenever --freeze was tried.
+    #[arg(long)]
+    pub thaw: Option<String>,
+    /// Guest agent socket: guest-fsfreeze-freeze/thaw around the point in time.
+    #[arg(long)]
+    pub qga: Option<PathBuf>,
+    /// Limit for each freeze or thaw step, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub freeze_timeout: f64,
+}
+
+impl ServerArgs {
+    pub fn hooks(&self) -> blockvault::freeze::FreezeHooks {
+        blockvault::freeze::FreezeHooks {
+            freeze_script: self.freeze.clone(),
+            thaw_script: self.thaw.clone(),
+            qga: self.qga.clone(),
+            timeout: Some(Duration::from_secs_f64(self.freeze_timeout.max(0.001))),
+        }
+    }
+}
+
+/// A size in bytes, or with a K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("bad size {s:?}"))
+}
+
+/// `NAME=SPEC` or `SPEC` (named `disk<i>`).
+pub fn named_disk(i: usize, arg: &str) -> (String, String) {
+    match arg.split_once('=') {
+        Some((name, spec))
+            if !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && !std::path::Path::new(arg).exists() =>
+        {
+            (name.to_string(), spec.to_string())
+        }
+        _ => (format!("disk{i}"), arg.to_string()),
+    }
+}
+
+#[derive(Subcommand)]
+pub enum VaultCmd {
+    /// Create a vault.
+    Create {
+        name: String,
+        /// Where (default <data>/vaults/NAME).
+        #[arg(long)]
+        path: Option<PathBuf>,
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+    },
+    /// List vaults.
+    List,
+    /// Usage of a vault.
+    Info { name: String },
+    /// Rebuild the catalog and the lookup index from the vault's own files.
+    Rescan { name: String },
+    /// Register an existing vault directory under NAME and read its backups.
+    Attach { name: String, path: PathBuf },
+}
+
+#[derive(Subcommand)]
+pub enum BackupsCmd {
+    /// List backups, oldest first.
+    List {
+        #[arg(long)]
+        vault: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// Delete a backup (GC frees its blobs).
+    Delete { backup: String },
+}
+
+#[derive(clap::Args)]
+pub struct BackupArgs {
+    #[arg(required = true)]
+    pub sources: Vec<String>,
+    #[arg(long)]
+    pub vault: String,
+    /// Stable id of the disk (default: the absolute source path) or the server name.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Backup name (default manualbk_<yyyymmdd-hhmmss>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// NBD source: the dirty bitmap NAME records every change since the previous
+    /// backup of this disk taken with --bitmap NAME (the first one is full).
+    #[arg(long, conflicts_with_all = ["since_base", "changed_extents"])]
+    pub bitmap: Option<String>,
+    /// The source is an overlay (qcow2 with backing file, VMDK delta) on the image the
+    /// previous backup of this disk read: read only the overlay's own clusters.
+    #[arg(long, conflicts_with = "changed_extents")]
+    pub since_base: bool,
+    /// JSON list of changed extents [{"start":…,"length":…}] (VMware CBT shape).
+    #[arg(long)]
+    pub changed_extents: Option<PathBuf>,
+    /// The backup (id or name) the change list is relative to (default: the latest).
+    #[arg(long, requires = "changed_extents")]
+    pub since: Option<String>,
+    #[command(flatten)]
+    pub server: Box<ServerArgs>,
+}
+
+#[derive(clap::Args)]
+pub struct RestoreArgs {
+    pub backup: String,
+    #[arg(long)]
+    pub to: PathBuf,
+    #[arg(long, default_value = "raw")]
+    pub format: String,
+    /// Disk of a multi-disk backup (default: the first).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Full-server image instead of disk images: ova (OVF + streamOptimized VMDKs in
+    /// DIR/<server>.ova, or --to X.ova) or qcow2-set (DIR with <disk>.qcow2 + server.json).
+    #[arg(long, conflicts_with_all = ["disk", "format", "size"])]
+    pub image: Option<String>,
+    /// With --to nbd://…: a dirty bitmap of the target that recorded every write since
+    /// the backup; only the chunks it marks are rewritten (nothing is read back).
+    #[arg(long)]
+    pub target_bitmap: Option<String>,
+}

@@ -1,0 +1,80 @@
+//! `blockvault backup`: a disk, a server of image files, or a live QEMU over QMP.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+use super::args::{BackupArgs, Cli, named_disk};
+use super::output::{finish_bar, print_backup, progress_bar};
+use super::{cancel_on_signals, options};
+use blockvault::app::App;
+use blockvault::cbt::{ChangeHint, parse_change_list};
+
+pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
+    let BackupArgs {
+        ref sources,
+        ref vault,
+        ref id,
+        ref name,
+        ref bitmap,
+        since_base,
+        ref changed_extents,
+        ref since,
+        ref server,
+    } = *a;
+    let app = App::open(&cli.data)?;
+    let mut o = options(cli, name.clone(), id.clone());
+    o.cancel = Some(cancel_on_signals()?);
+    o.change = if let Some(b) = bitmap {
+        ChangeHint::Bitmap(b.clone())
+    } else if since_base {
+        ChangeHint::SinceBase
+    } else if let Some(f) = changed_extents {
+        let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+        let (extents, in_file) = parse_change_list(&bytes, None)
+            .with_context(|| format!("change list {}", f.display()))?;
+        ChangeHint::ChangeList {
+            extents,
+            since: since.clone().or(in_file),
+        }
+    } else {
+        ChangeHint::Auto
+    };
+    let bar = progress_bar(cli, &mut o, "backup");
+    let live = sources.len() == 1 && sources[0].starts_with("qmp:");
+    let m = if live {
+        let sock = &sources[0]["qmp:".len()..];
+        let server_id = match id {
+            Some(i) => i.clone(),
+            None => format!("qmp:{}", blockvault::app::default_disk_id(sock)),
+        };
+        let l = blockvault::live::LiveOptions {
+            qmp: PathBuf::from(sock),
+            nodes: server.nodes.clone(),
+            nbd_server: server.nbd_server.clone(),
+            fleece_dir: server.fleece_dir.clone(),
+            hooks: server.hooks(),
+            timeout: None,
+        };
+        app.backup_live(&server_id, vault, &l, &o)
+    } else if sources.len() > 1 {
+        let Some(server_id) = id else {
+            bail!("a backup of several disks is a server backup: name it with --id");
+        };
+        let disks: Vec<(String, String)> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, a)| named_disk(i, a))
+            .collect();
+        app.backup_server_files(server_id, vault, &disks, &server.hooks(), &o)
+    } else {
+        if !server.hooks().is_empty() {
+            bail!("--freeze, --thaw and --qga apply to server backups (qmp: or several disks)");
+        }
+        app.backup(&sources[0], vault, &o)
+    };
+    finish_bar(bar);
+    let m = m?;
+    print_backup(cli, &m)?;
+    Ok(0)
+}
