@@ -22,6 +22,7 @@ pub mod instant;
 pub mod live;
 pub mod manifest;
 pub mod nbd;
+pub mod policy;
 pub mod qmp;
 pub mod restore;
 pub mod source;
