@@ -113,6 +113,19 @@ impl App {
         self.rescan(name)
     }
 
+    /// Set (or clear) a vault's capacity limit in stored bytes.
+    pub fn set_capacity(&self, name: &str, capacity: Option<u64>) -> Result<()> {
+        let mut vault = self.open_vault(name)?;
+        vault.set_capacity(capacity)
+    }
+
+    /// Forget a vault: the catalog drops it and its backups; its files stay (it can be
+    /// attached again).
+    pub fn forget_vault(&self, name: &str) -> Result<()> {
+        self.catalog.vault(name)?;
+        self.catalog.remove_vault(name)
+    }
+
     pub fn open_vault(&self, name: &str) -> Result<Vault> {
         Vault::open(&self.catalog.vault(name)?.path)
     }
@@ -368,9 +381,59 @@ impl App {
         restore_disk(&vault, d, to, format, size, opts)
     }
 
+    /// Stored bytes only this backup references: what deleting it (and GC) would free.
+    /// Walks every backup of its vault (the index pages of each are read once).
+    pub fn exclusive_bytes(&self, entry: &BackupEntry) -> Result<u64> {
+        use crate::vault::walk::{WalkItem, walk_disk};
+        use std::collections::HashSet;
+        let vault = self.open_vault(&entry.vault)?;
+        let lookup = vault.lookup_reconciled()?;
+        let collect =
+            |m: &BackupManifest, set: &mut HashSet<crate::chunk::ChunkDigest>| -> Result<()> {
+                let mut visited = HashSet::new();
+                for d in &m.disks {
+                    walk_disk(&vault, &lookup, d, &mut visited, &mut |item| {
+                        match item {
+                            WalkItem::Root(r) => {
+                                set.insert(r);
+                            }
+                            WalkItem::Page { digest, .. } => {
+                                set.insert(digest);
+                            }
+                            WalkItem::Chunks(c) => set.extend(c.iter().map(|(_, d)| *d)),
+                            WalkItem::Damaged { .. } => {}
+                        }
+                        Ok(())
+                    })?;
+                }
+                Ok(())
+            };
+        let mut mine = HashSet::new();
+        collect(&entry.manifest, &mut mine)?;
+        let mut others = HashSet::new();
+        for b in self.catalog.backups(Some(&entry.vault), None)? {
+            if b.manifest.id != entry.manifest.id {
+                collect(&b.manifest, &mut others)?;
+            }
+        }
+        let mut bytes = 0;
+        for d in mine.difference(&others) {
+            if let Some(loc) = lookup.get(d)? {
+                bytes += u64::from(loc.length);
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Delete a backup: its manifest goes; GC frees what nothing else uses.
     pub fn delete_backup(&self, id_or_name: &str) -> Result<BackupManifest> {
         let entry = self.find_backup(id_or_name)?;
+        if self.catalog.is_protected(&entry.manifest.id)? {
+            return Err(Error::conflict(format!(
+                "backup {} is protected; unprotect it first",
+                entry.manifest.name
+            )));
+        }
         let vault = self.open_vault(&entry.vault)?;
         match vault.delete_manifest(&entry.manifest) {
             Ok(()) => {}

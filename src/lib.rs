@@ -9,12 +9,15 @@
 //! vaults; [`app`] ties catalog and vaults together for the CLI and the service.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
+pub mod api;
 pub mod app;
 pub mod backup;
 pub mod benchmark;
 pub mod catalog;
 pub mod cbt;
 pub mod chunk;
+pub mod config;
 pub mod error;
 pub mod freeze;
 pub mod index;
@@ -25,7 +28,10 @@ pub mod nbd;
 pub mod policy;
 pub mod qmp;
 pub mod restore;
+pub mod scheduler;
+pub mod service;
 pub mod source;
+pub mod task;
 pub mod vault;
 
 pub use error::{Error, ErrorKind, Result};

@@ -171,6 +171,68 @@ fn run(cli: Cli) -> Result<i32> {
             std::io::stdout().flush()?;
             app.serve_nbd(backup, disk.as_deref(), &listener, &stop)?;
         }
+        Cmd::Serve {
+            ref listen,
+            ref config,
+        } => {
+            let mut c = match config {
+                Some(p) => blockvault::config::Config::load(p).map_err(anyhow::Error::msg)?,
+                None => blockvault::config::Config::default(),
+            };
+            if let Some(l) = listen {
+                c.listen = l
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--listen must be HOST:PORT"))?;
+            }
+            // --data (or BLOCKVAULT_DATA) wins over the config file when given.
+            if config.is_none()
+                || std::env::args().any(|a| a == "--data" || a.starts_with("--data="))
+                || std::env::var_os("BLOCKVAULT_DATA").is_some()
+            {
+                c.data = cli.data.clone();
+            }
+            blockvault::api::run_appliance(c, |addr| {
+                println!("blockvault appliance listening on http://{addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+        }
+        Cmd::Token(TokenCmd::Create { ref role, ref name }) => {
+            let role: blockvault::catalog::Role = role.parse()?;
+            let name = name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    role.as_str(),
+                    &blockvault::manifest::new_backup_id()[16..]
+                )
+            });
+            let app = App::open(&cli.data)?;
+            let (info, secret) = app.catalog().create_token(&name, role)?;
+            if !cli.quiet {
+                println!(
+                    "token {} ({}) created; the secret is shown only now:",
+                    info.name,
+                    info.role.as_str()
+                );
+            }
+            println!("{secret}");
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let app = App::open(&cli.data)?;
+            let list = app.catalog().tokens()?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for t in list {
+                    println!("{:<24} {:<9} {}", t.name, t.role.as_str(), t.created);
+                }
+            }
+        }
+        Cmd::Token(TokenCmd::Delete { ref name }) => {
+            if !App::open(&cli.data)?.catalog().delete_token(name)? {
+                bail!("no token named {name:?}");
+            }
+        }
         Cmd::Gc {
             ref vault,
             repack_below,

@@ -5,6 +5,9 @@
 //! from the vaults (`vault rescan`): the vault is the truth, the catalog a cache.
 //! The schema is versioned with `PRAGMA user_version` and migrated by the embedded,
 //! ordered [`MIGRATIONS`]; a catalog newer than this build is refused.
+//!
+//! The service's own state (tokens, resources, policies, tasks, audit, alerts, and the
+//! backups' protected flag) lives here too (`service`); that part is not in any vault.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::manifest::BackupManifest;
 
 /// Ordered schema migrations; migration `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE vaults (
     name       TEXT PRIMARY KEY,
     path       TEXT NOT NULL,
@@ -34,7 +38,52 @@ CREATE TABLE backups (
 );
 CREATE INDEX backups_by_resource ON backups(vault, resource, created);
 CREATE INDEX backups_by_name ON backups(name);
-"];
+",
+    "
+ALTER TABLE backups ADD COLUMN protected INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE tokens (
+    id      TEXT PRIMARY KEY,
+    name    TEXT NOT NULL UNIQUE,
+    role    TEXT NOT NULL,
+    hash    TEXT NOT NULL UNIQUE,
+    created TEXT NOT NULL
+);
+CREATE TABLE resources (
+    name    TEXT PRIMARY KEY,
+    body    TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE policies (
+    name     TEXT PRIMARY KEY,
+    body     TEXT NOT NULL,
+    last_run TEXT,
+    created  TEXT NOT NULL
+);
+CREATE TABLE tasks (
+    id       TEXT PRIMARY KEY,
+    body     TEXT NOT NULL,
+    state    TEXT NOT NULL,
+    created  TEXT NOT NULL
+);
+CREATE INDEX tasks_by_state ON tasks(state, created);
+CREATE TABLE audit (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    at     TEXT NOT NULL,
+    token  TEXT NOT NULL,
+    role   TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path   TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE TABLE alerts (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+",
+];
 
 /// A vault known to the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +101,10 @@ pub struct BackupEntry {
     pub vault: String,
     pub manifest: BackupManifest,
 }
+
+mod service;
+
+pub use service::{AlertRecord, AuditRecord, Role, Table, TokenInfo};
 
 /// An open catalog.
 pub struct Catalog {
@@ -128,6 +181,14 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    pub fn remove_vault(&self, name: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM backups WHERE vault = ?1", params![name])?;
+        self.conn
+            .execute("DELETE FROM vaults WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
     pub fn vault(&self, name: &str) -> Result<VaultEntry> {
         self.vaults()?
             .into_iter()
@@ -144,8 +205,10 @@ impl Catalog {
         let json = serde_json::to_string(m)
             .map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
         self.conn.execute(
-            "INSERT OR REPLACE INTO backups (id, vault, name, resource, created, logical_size, bytes_stored, manifest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO backups (id, vault, name, resource, created, logical_size, bytes_stored, manifest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT(id) DO UPDATE SET vault = ?2, name = ?3, resource = ?4, created = ?5,
+                 logical_size = ?6, bytes_stored = ?7, manifest = ?8",
             params![
                 m.id,
                 vault,
@@ -234,11 +297,15 @@ impl Catalog {
 
     /// Replace the catalog's backups of `vault` with `manifests` (rescan).
     pub fn replace_backups(&mut self, vault: &str, manifests: &[BackupManifest]) -> Result<()> {
+        let protected = self.protected_ids(vault)?;
         let tx = self.conn.transaction()?;
         tx.execute("DELETE FROM backups WHERE vault = ?1", params![vault])?;
         tx.commit()?;
         for m in manifests {
             self.put_backup(vault, m)?;
+            if protected.contains(&m.id) {
+                self.set_protected(&m.id, true)?;
+            }
         }
         Ok(())
     }

@@ -63,6 +63,18 @@ pub enum Cmd {
         #[arg(long)]
         listen: String,
     },
+    /// Run the appliance: HTTP admin API, scheduler and task runner (until SIGTERM).
+    Serve {
+        /// HOST:PORT of the API (default from --config, else 127.0.0.1:8420).
+        #[arg(long)]
+        listen: Option<String>,
+        /// TOML configuration (see appliance/blockvault.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manage API tokens (works offline, on the data dir's catalog).
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Free the blobs no backup needs.
     Gc {
         #[arg(long)]
@@ -254,4 +266,19 @@ pub struct RestoreArgs {
     /// the backup; only the chunks it marks are rewritten (nothing is read back).
     #[arg(long)]
     pub target_bitmap: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; its secret is printed once, alone on the last line.
+    Create {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+    Delete {
+        name: String,
+    },
 }

@@ -1,0 +1,532 @@
+//! Route handlers: input checks, calls into the appliance, JSON out.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, Caller, Shared};
+use crate::backup::BackupOptions;
+use crate::catalog::{Role, Table};
+use crate::chunk::ChunkSize;
+use crate::config::AlertKind;
+use crate::error::Error;
+use crate::restore::ImageFormat;
+use crate::service::{Policy, Resource, UNREACHABLE, backup_resource, prune, resource_of};
+use crate::task::TaskState;
+
+type R<T> = Result<T, ApiError>;
+
+fn app(st: &Shared) -> std::sync::MutexGuard<'_, crate::app::App> {
+    st.app.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn body<T: serde::de::DeserializeOwned>(v: Value) -> R<T> {
+    serde_json::from_value(v).map_err(|e| bad(format!("bad request body: {e}")))
+}
+
+pub async fn health(State(st): State<Shared>) -> R<Json<Value>> {
+    let running = st.tasks.list(Some(TaskState::Running))?.len();
+    let queued = st.tasks.list(Some(TaskState::Queued))?.len();
+    Ok(Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "tasks_running": running,
+        "tasks_queued": queued,
+    })))
+}
+
+// ---- vaults ----
+
+pub async fn list_vaults(State(st): State<Shared>) -> R<Json<Value>> {
+    let app = app(&st);
+    let mut out = Vec::new();
+    for v in app.catalog().vaults()? {
+        out.push(serde_json::to_value(app.vault_info(&v.name)?).unwrap_or_default());
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVault {
+    name: String,
+    path: Option<PathBuf>,
+    chunk_size: Option<String>,
+    zstd_level: Option<i32>,
+    capacity: Option<u64>,
+}
+
+pub async fn create_vault(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let v: NewVault = body(v)?;
+    let cs = match &v.chunk_size {
+        Some(c) => ChunkSize::parse(c)?,
+        None => ChunkSize::new(crate::chunk::DEFAULT_CHUNK_SIZE)?,
+    };
+    let app = app(&st);
+    app.create_vault(&v.name, v.path.as_deref(), cs, v.zstd_level.unwrap_or(1))?;
+    if v.capacity.is_some() {
+        app.set_capacity(&v.name, v.capacity)?;
+    }
+    let info = app.vault_info(&v.name)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(info).unwrap_or_default()),
+    ))
+}
+
+pub async fn get_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    let info = app(&st).vault_info(&name)?;
+    Ok(Json(serde_json::to_value(info).unwrap_or_default()))
+}
+
+pub async fn patch_vault(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(v): Json<Value>,
+) -> R<Json<Value>> {
+    let obj = v.as_object().ok_or_else(|| bad("expected a JSON object"))?;
+    if obj.keys().any(|k| k != "capacity") {
+        return Err(bad("only \"capacity\" (bytes or null) can be changed"));
+    }
+    let cap = match obj.get("capacity") {
+        Some(Value::Null) | None => None,
+        Some(c) => Some(
+            c.as_u64()
+                .ok_or_else(|| bad("capacity must be bytes or null"))?,
+        ),
+    };
+    let app = app(&st);
+    app.set_capacity(&name, cap)?;
+    Ok(Json(
+        serde_json::to_value(app.vault_info(&name)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn delete_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    app(&st).forget_vault(&name)?;
+    Ok(Json(
+        json!({"forgotten": name, "note": "the vault's files were not deleted"}),
+    ))
+}
+
+// ---- resources ----
+
+pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Resource>>> {
+    Ok(Json(app(&st).catalog().list_named(Table::Resources)?))
+}
+
+pub async fn create_resource(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Resource>)> {
+    let r: Resource = body(v)?;
+    let app = app(&st);
+    r.validate(&app)?;
+    app.catalog()
+        .put_named(Table::Resources, &r.name, &r, true)?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+pub async fn get_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Resource>> {
+    Ok(Json(resource_of(&app(&st), &name)?))
+}
+
+/// Merge a JSON patch object into `current` (top-level keys; `name` cannot change).
+fn merge<T: serde::Serialize + serde::de::DeserializeOwned>(current: &T, patch: Value) -> R<T> {
+    let mut v = serde_json::to_value(current).map_err(|e| bad(e.to_string()))?;
+    let p = patch
+        .as_object()
+        .ok_or_else(|| bad("expected a JSON object"))?;
+    if p.get("name").is_some_and(|n| Some(n) != v.get("name")) {
+        return Err(bad("the name cannot be changed"));
+    }
+    for (k, val) in p {
+        v[k] = val.clone();
+    }
+    body(v)
+}
+
+pub async fn patch_resource(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(p): Json<Value>,
+) -> R<Json<Resource>> {
+    let app = app(&st);
+    let r: Resource = merge(&resource_of(&app, &name)?, p)?;
+    r.validate(&app)?;
+    app.catalog()
+        .put_named(Table::Resources, &name, &r, false)?;
+    Ok(Json(r))
+}
+
+pub async fn delete_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    let app = app(&st);
+    let users: Vec<String> = app
+        .catalog()
+        .list_named::<Policy>(Table::Policies)?
+        .into_iter()
+        .filter(|p| p.resources.contains(&name))
+        .map(|p| p.name)
+        .collect();
+    if !users.is_empty() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("resource {name} is used by policies {}", users.join(", ")),
+        ));
+    }
+    app.catalog().delete_named(Table::Resources, &name)?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+// ---- backups ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackup {
+    resource: String,
+    name: Option<String>,
+}
+
+pub async fn create_backup(
+    State(st): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let b: NewBackup = body(v)?;
+    let res = resource_of(&app(&st), &b.resource)?;
+    let data = st.data.clone();
+    let name = b.name.clone();
+    let target = res.name.clone();
+    let id = st.tasks.submit(
+        "backup",
+        &target,
+        Some(target.clone()),
+        &caller.0.name,
+        Box::new(move |ctx| {
+            let opts = BackupOptions {
+                name,
+                cancel: Some(Arc::clone(&ctx.cancel)),
+                progress: Some(Arc::clone(&ctx.progress)),
+                ..Default::default()
+            };
+            ctx.log(format!("backing up {}", res.name));
+            let m = backup_resource(&data, &res, &opts)?;
+            ctx.log(format!("backup {} ({}) done", m.name, m.id));
+            Ok(json!({"backup": m.id, "name": m.name, "bytes_stored": m.bytes_stored()}))
+        }),
+    )?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
+}
+
+fn backup_json(app: &crate::app::App, vault: &str, m: &crate::manifest::BackupManifest) -> Value {
+    json!({
+        "id": m.id,
+        "name": m.name,
+        "vault": vault,
+        "resource": m.resource,
+        "resource_kind": m.resource_kind,
+        "created": m.created,
+        "logical_size": m.logical_size(),
+        "bytes_new": m.bytes_stored(),
+        "protected": app.catalog().is_protected(&m.id).unwrap_or(false),
+        "capture": m.capture,
+        "disks": m.disks,
+    })
+}
+
+pub async fn list_backups(
+    State(st): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> R<Json<Value>> {
+    let app = app(&st);
+    let list = app.catalog().backups(
+        q.get("vault").map(String::as_str),
+        q.get("resource").map(String::as_str),
+    )?;
+    Ok(Json(Value::Array(
+        list.iter()
+            .map(|b| backup_json(&app, &b.vault, &b.manifest))
+            .collect(),
+    )))
+}
+
+pub async fn get_backup(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    let app = app(&st);
+    let entry = app.find_backup(&id)?;
+    let mut v = backup_json(&app, &entry.vault, &entry.manifest);
+    v["bytes_freed_if_deleted"] = json!(app.exclusive_bytes(&entry)?);
+    Ok(Json(v))
+}
+
+pub async fn delete_backup(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    let m = app(&st).delete_backup(&id)?;
+    Ok(Json(json!({"deleted": m.id, "name": m.name})))
+}
+
+pub async fn protect_backup(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+    body_v: Option<Json<Value>>,
+) -> R<Json<Value>> {
+    let protect = match body_v {
+        Some(Json(v)) => v.get("protected").and_then(Value::as_bool).unwrap_or(true),
+        None => true,
+    };
+    let app = app(&st);
+    let entry = app.find_backup(&id)?;
+    app.catalog().set_protected(&entry.manifest.id, protect)?;
+    Ok(Json(json!({"id": entry.manifest.id, "protected": protect})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRestore {
+    backup: String,
+    disk: Option<String>,
+    to: String,
+    format: Option<String>,
+}
+
+pub async fn create_restore(
+    State(st): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let r: NewRestore = body(v)?;
+    let format: ImageFormat = r.format.as_deref().unwrap_or("raw").parse()?;
+    let entry = app(&st).find_backup(&r.backup)?;
+    let data = st.data.clone();
+    let target = entry.manifest.id.clone();
+    let id = st.tasks.submit(
+        "restore",
+        &target,
+        None,
+        &caller.0.name,
+        Box::new(move |ctx| {
+            let app = crate::app::App::open(&data)?;
+            let opts = BackupOptions {
+                cancel: Some(Arc::clone(&ctx.cancel)),
+                progress: Some(Arc::clone(&ctx.progress)),
+                ..Default::default()
+            };
+            ctx.log(format!("restoring {} to {}", entry.manifest.id, r.to));
+            if crate::nbd::NbdUri::is_nbd(&r.to) {
+                let s = app.restore_onto(&entry.manifest.id, r.disk.as_deref(), &r.to, None, &opts)?;
+                return Ok(serde_json::to_value(s).unwrap_or_default());
+            }
+            let s = app.restore(
+                &entry.manifest.id,
+                r.disk.as_deref(),
+                std::path::Path::new(&r.to),
+                format,
+                None,
+                &opts,
+            )?;
+            Ok(json!({"to": r.to, "bytes_written": s.bytes_written, "chunks_written": s.chunks_written}))
+        }),
+    )?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
+}
+
+// ---- policies ----
+
+pub async fn list_policies(State(st): State<Shared>) -> R<Json<Vec<Policy>>> {
+    Ok(Json(app(&st).catalog().list_named(Table::Policies)?))
+}
+
+pub async fn create_policy(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Policy>)> {
+    let p: Policy = body(v)?;
+    let app = app(&st);
+    p.validate(&app)?;
+    app.catalog()
+        .put_named(Table::Policies, &p.name, &p, true)?;
+    Ok((StatusCode::CREATED, Json(p)))
+}
+
+pub async fn get_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Policy>> {
+    Ok(Json(app(&st).catalog().get_named(Table::Policies, &name)?))
+}
+
+pub async fn patch_policy(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(p): Json<Value>,
+) -> R<Json<Policy>> {
+    let app = app(&st);
+    let cur: Policy = app.catalog().get_named(Table::Policies, &name)?;
+    let p: Policy = merge(&cur, p)?;
+    p.validate(&app)?;
+    app.catalog().put_named(Table::Policies, &name, &p, false)?;
+    Ok(Json(p))
+}
+
+pub async fn delete_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    app(&st).catalog().delete_named(Table::Policies, &name)?;
+    Ok(Json(json!({"deleted": name})))
+}
+
+pub async fn preview_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    let app = app(&st);
+    let p: Policy = app.catalog().get_named(Table::Policies, &name)?;
+    let mut out = serde_json::Map::new();
+    for r in &p.resources {
+        let res = resource_of(&app, r)?;
+        let d = prune(&app, &res, &p.retention, false)?;
+        let delete: Vec<&str> = d
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.id.as_str())
+            .collect();
+        out.insert(r.clone(), json!({"delete": delete, "decisions": d}));
+    }
+    Ok(Json(Value::Object(out)))
+}
+
+pub async fn run_policy(
+    State(st): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> R<(StatusCode, Json<Value>)> {
+    let p: Policy = app(&st).catalog().get_named(Table::Policies, &name)?;
+    let ids = crate::scheduler::run_policy(&st.data, &st.tasks, &p, &caller.0.name)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"tasks": ids}))))
+}
+
+// ---- tasks, audit, alerts, tokens ----
+
+pub async fn list_tasks(
+    State(st): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> R<Json<Value>> {
+    let state = match q.get("state") {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<TaskState>(json!(s))
+                .map_err(|_| bad(format!("unknown task state {s:?}")))?,
+        ),
+    };
+    Ok(Json(
+        serde_json::to_value(st.tasks.list(state)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn get_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    Ok(Json(
+        serde_json::to_value(st.tasks.get(&id)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    Ok(Json(
+        serde_json::to_value(st.tasks.cancel(&id)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn audit(State(st): State<Shared>) -> R<Json<Value>> {
+    Ok(Json(
+        serde_json::to_value(app(&st).catalog().audit_log(1000)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn alerts(State(st): State<Shared>) -> R<Json<Value>> {
+    Ok(Json(
+        serde_json::to_value(app(&st).catalog().alerts(1000)?).unwrap_or_default(),
+    ))
+}
+
+pub async fn list_tokens(State(st): State<Shared>) -> R<Json<Value>> {
+    Ok(Json(
+        serde_json::to_value(app(&st).catalog().tokens()?).unwrap_or_default(),
+    ))
+}
+
+pub async fn create_token(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("a token needs a name"))?;
+    let role: Role = v
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("a token needs a role"))?
+        .parse()?;
+    let (info, secret) = app(&st).catalog().create_token(name, role)?;
+    let mut out = serde_json::to_value(info).unwrap_or_default();
+    out["secret"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+pub async fn delete_token(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    if !app(&st).catalog().delete_token(&name)? {
+        return Err(Error::not_found(format!("no token named {name:?}")).into());
+    }
+    Ok(Json(json!({"deleted": name})))
+}
+
+/// Raise the alerts a finished task calls for.
+pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
+    if t.state != TaskState::Failed && t.state != TaskState::Succeeded {
+        return;
+    }
+    let err = t.error.clone().unwrap_or_default();
+    let raise = |k: AlertKind, subject: &str, msg: &str| {
+        if let Err(e) = st.alerts.raise(k, subject, msg) {
+            tracing::error!("raising an alert: {e}");
+        }
+    };
+    if t.state == TaskState::Failed {
+        if err.contains(UNREACHABLE) {
+            raise(AlertKind::SourceUnreachable, &t.target, &err);
+        }
+        if err.contains("is full") || err.contains("capacity") {
+            raise(AlertKind::VaultFull, &t.target, &err);
+        }
+        raise(
+            AlertKind::TaskFailed,
+            &format!("{} {}", t.kind, t.target),
+            &err,
+        );
+    }
+    if t.kind == "backup" {
+        // Capacity warning for the resource's vault.
+        let app = app(st);
+        if let Ok(res) = resource_of(&app, &t.target)
+            && let Ok(info) = app.vault_info(&res.vault)
+            && let Some(cap) = info.capacity
+            && cap > 0
+            && info.pack_bytes * 100 >= cap * u64::from(st.capacity_warn_percent)
+        {
+            drop(app);
+            raise(
+                AlertKind::VaultCapacity,
+                &res.vault,
+                &format!(
+                    "vault {} holds {} of its {} byte limit ({}%)",
+                    res.vault,
+                    info.pack_bytes,
+                    cap,
+                    info.pack_bytes * 100 / cap
+                ),
+            );
+        }
+    }
+}

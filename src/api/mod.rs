@@ -1,0 +1,308 @@
+//! The HTTP admin API (`/api/v1`, JSON), on axum/tokio. Handlers are thin: they check
+//! input, call `app`, `service`, `scheduler` and `task`, and map errors to statuses;
+//! they never reach into vault internals.
+//!
+//! Auth: every call needs `Authorization: Bearer TOKEN` (401 otherwise). The route table
+//! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
+//! backs up, restores, protects, deletes backups and cancels tasks; admin also manages
+//! vaults, resources, policies and tokens): a weaker role gets 403. Every call, allowed
+//! or not, goes to the audit log with the token's name. The same table generates the
+//! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
+//! lacks or miss one it has (tested).
+//!
+//! Catalog access from handlers is short and synchronous, under one mutex; long work is
+//! queued as tasks and answered with `202 {"task": ID}`.
+
+mod handlers;
+mod openapi;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get};
+use serde_json::json;
+
+use crate::alerts::Alerter;
+use crate::app::App;
+use crate::catalog::{Role, TokenInfo};
+use crate::error::{Error, ErrorKind};
+use crate::task::Tasks;
+
+/// Shared state of the handlers.
+pub struct ApiState {
+    pub data: PathBuf,
+    pub app: Mutex<App>,
+    pub tasks: Tasks,
+    pub alerts: Alerter,
+    pub capacity_warn_percent: u8,
+}
+
+pub type Shared = Arc<ApiState>;
+
+/// One route: method, path (axum syntax), least role, summary.
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub role: Role,
+    pub summary: &'static str,
+}
+
+macro_rules! routes {
+    ($( $method:ident $path:literal $role:ident $summary:literal => $handler:path ;)*) => {
+        /// Every route of the API.
+        pub const ROUTES: &[RouteSpec] = &[
+            $( RouteSpec { method: stringify!($method), path: $path, role: Role::$role, summary: $summary }, )*
+        ];
+        fn add_routes(mut r: Router<Shared>) -> Router<Shared> {
+            $( r = r.route(concat!("/api/v1", $path), method_router(stringify!($method), $handler)); )*
+            r
+        }
+    };
+}
+
+fn method_router<H, T>(method: &str, h: H) -> MethodRouter<Shared>
+where
+    H: axum::handler::Handler<T, Shared>,
+    T: 'static,
+{
+    match method {
+        "POST" => axum::routing::post(h),
+        "PATCH" => axum::routing::patch(h),
+        "DELETE" => axum::routing::delete(h),
+        _ => get(h),
+    }
+}
+
+routes! {
+    GET "/health" Auditor "Service health" => handlers::health;
+    GET "/openapi.json" Auditor "This document" => openapi::document;
+    GET "/vaults" Auditor "List vaults with usage" => handlers::list_vaults;
+    POST "/vaults" Admin "Create a vault" => handlers::create_vault;
+    GET "/vaults/{name}" Auditor "A vault with usage" => handlers::get_vault;
+    PATCH "/vaults/{name}" Admin "Change a vault's capacity limit" => handlers::patch_vault;
+    DELETE "/vaults/{name}" Admin "Forget a vault (its files stay)" => handlers::delete_vault;
+    GET "/resources" Auditor "List resources" => handlers::list_resources;
+    POST "/resources" Admin "Create a resource" => handlers::create_resource;
+    GET "/resources/{name}" Auditor "A resource" => handlers::get_resource;
+    PATCH "/resources/{name}" Admin "Change a resource" => handlers::patch_resource;
+    DELETE "/resources/{name}" Admin "Delete a resource" => handlers::delete_resource;
+    POST "/backups" Operator "Back up a resource (task)" => handlers::create_backup;
+    GET "/backups" Auditor "List backups (?vault=&resource=)" => handlers::list_backups;
+    GET "/backups/{id}" Auditor "A backup with its sizes" => handlers::get_backup;
+    DELETE "/backups/{id}" Operator "Delete a backup" => handlers::delete_backup;
+    POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => handlers::protect_backup;
+    POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
+    GET "/policies" Auditor "List policies" => handlers::list_policies;
+    POST "/policies" Admin "Create a policy" => handlers::create_policy;
+    GET "/policies/{name}" Auditor "A policy" => handlers::get_policy;
+    PATCH "/policies/{name}" Admin "Change a policy" => handlers::patch_policy;
+    DELETE "/policies/{name}" Admin "Delete a policy" => handlers::delete_policy;
+    POST "/policies/{name}/preview" Auditor "What retention would delete now" => handlers::preview_policy;
+    POST "/policies/{name}/run" Operator "Run a policy now" => handlers::run_policy;
+    GET "/tasks" Auditor "List tasks (?state=)" => handlers::list_tasks;
+    GET "/tasks/{id}" Auditor "A task with progress and log" => handlers::get_task;
+    POST "/tasks/{id}/cancel" Operator "Cancel a task" => handlers::cancel_task;
+    GET "/audit" Auditor "Who did what, when" => handlers::audit;
+    GET "/alerts" Auditor "Raised alerts" => handlers::alerts;
+    GET "/tokens" Admin "List tokens" => handlers::list_tokens;
+    POST "/tokens" Admin "Create a token (secret shown once)" => handlers::create_token;
+    DELETE "/tokens/{name}" Admin "Delete a token" => handlers::delete_token;
+}
+
+/// An error as an HTTP response: `{"error": "..."}` with a status from its kind.
+pub struct ApiError(pub StatusCode, pub String);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let status = match e.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict | ErrorKind::Cancelled => StatusCode::CONFLICT,
+            ErrorKind::Config | ErrorKind::InvalidFormat | ErrorKind::Unsupported => {
+                StatusCode::BAD_REQUEST
+            }
+            ErrorKind::Full => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+/// The least role for a request (matched against the route table).
+fn required_role(method: &Method, path: &str) -> Option<Role> {
+    let path = path.strip_prefix("/api/v1")?;
+    let segs: Vec<&str> = path.split('/').collect();
+    ROUTES
+        .iter()
+        .find(|r| {
+            r.method == method.as_str() && {
+                let pat: Vec<&str> = r.path.split('/').collect();
+                pat.len() == segs.len()
+                    && pat
+                        .iter()
+                        .zip(&segs)
+                        .all(|(p, s)| p.starts_with('{') || p == s)
+            }
+        })
+        .map(|r| r.role)
+}
+
+/// The token of a request, put there by [`auth`].
+#[derive(Clone)]
+pub struct Caller(pub TokenInfo);
+
+async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let secret = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_owned);
+    let token = match &secret {
+        Some(s) => {
+            let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
+            app.catalog().authenticate(s).ok().flatten()
+        }
+        None => None,
+    };
+    let record = |who: &str, role: &str, status: StatusCode| {
+        let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = app
+            .catalog()
+            .audit(who, role, method.as_str(), &path, status.as_u16())
+        {
+            tracing::error!("audit log: {e}");
+        }
+    };
+    let Some(token) = token else {
+        record("-", "-", StatusCode::UNAUTHORIZED);
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown token (Authorization: Bearer TOKEN)".into(),
+        )
+        .into_response();
+    };
+    let need = required_role(&method, &path);
+    if let Some(need) = need
+        && token.role < need
+    {
+        record(&token.name, token.role.as_str(), StatusCode::FORBIDDEN);
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} {path} needs the {} role; token {} is {}",
+                method,
+                need.as_str(),
+                token.name,
+                token.role.as_str()
+            ),
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(Caller(token.clone()));
+    let resp = next.run(req).await;
+    record(&token.name, token.role.as_str(), resp.status());
+    resp
+}
+
+/// The router over `state`.
+pub fn router(state: Shared) -> Router {
+    add_routes(Router::new())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth,
+        ))
+        .with_state(state)
+}
+
+/// Serve the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The address a listener is bound to, for the startup line.
+pub fn local_addr(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    l.local_addr().ok()
+}
+
+/// Run the appliance: API + scheduler + task runner, until SIGTERM or SIGINT. Running
+/// tasks are then cancelled (and recorded so) within the configured grace time.
+/// `ready` is called with the bound address once the API accepts connections.
+pub fn run_appliance(
+    config: crate::config::Config,
+    ready: impl FnOnce(SocketAddr),
+) -> crate::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    let app = App::open(&config.data)?;
+    let tasks = Tasks::start(&config.data, config.max_parallel_tasks)?;
+    let state = Arc::new(ApiState {
+        data: config.data.clone(),
+        app: Mutex::new(app),
+        tasks: tasks.clone(),
+        alerts: Alerter::new(&config.data, config.webhooks.clone()),
+        capacity_warn_percent: config.capacity_warn_percent,
+    });
+    let hook_state = Arc::clone(&state);
+    tasks.on_end(Arc::new(move |t| {
+        let st = Arc::clone(&hook_state);
+        let t = t.clone();
+        // Alerts may open the catalog and talk to webhooks: off the worker's path.
+        std::thread::spawn(move || handlers::alerts_for(&st, &t));
+    }));
+    let mut scheduler = config
+        .scheduler_enabled
+        .then(|| crate::scheduler::Scheduler::start(&config.data, tasks.clone()));
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+        if let Some(a) = local_addr(&listener) {
+            ready(a);
+        }
+        let shutdown = async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("stopping: cancelling running tasks");
+        };
+        serve(listener, Arc::clone(&state), shutdown)
+            .await
+            .map_err(|e| Error::io("serving the API", e))
+    });
+    if let Some(s) = scheduler.as_mut() {
+        s.stop();
+    }
+    tasks.shutdown(std::time::Duration::from_secs(
+        config.shutdown_grace_seconds,
+    ));
+    result
+}

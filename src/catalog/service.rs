@@ -1,0 +1,416 @@
+//! The service's state in the catalog: API tokens (hashed) and roles, resources and
+//! policies (JSON bodies keyed by name), tasks, the audit log and alerts, and the
+//! protected flag of backups.
+
+use std::collections::HashSet;
+
+use rusqlite::{OptionalExtension, params};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Catalog;
+use crate::error::{Error, Result};
+use crate::manifest::now_rfc3339;
+
+/// What a token may do: auditors read; operators also back up and restore; admins also
+/// manage vaults, resources, policies and tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Auditor,
+    Operator,
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Role> {
+        match s {
+            "auditor" => Ok(Role::Auditor),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            o => Err(Error::config(format!(
+                "unknown role {o:?} (admin, operator or auditor)"
+            ))),
+        }
+    }
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Auditor => "auditor",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A token as listed (never its secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub at: String,
+    pub token: String,
+    pub role: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertRecord {
+    pub seq: i64,
+    pub at: String,
+    pub kind: String,
+    pub subject: String,
+    pub message: String,
+}
+
+/// Hash of a token secret as stored.
+fn token_hash(secret: &str) -> String {
+    blake3::hash(secret.as_bytes()).to_hex().to_string()
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::invalid("encoding JSON").with_source(e))
+}
+
+fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s)
+        .map_err(|e| Error::invalid("catalog row is not valid JSON").with_source(e))
+}
+
+impl Catalog {
+    /// Create a token; returns its info and the secret (shown once, stored hashed).
+    pub fn create_token(&self, name: &str, role: Role) -> Result<(TokenInfo, String)> {
+        let secret = format!("bv_{}", hex::encode(rand::random::<[u8; 24]>()));
+        let info = TokenInfo {
+            id: hex::encode(rand::random::<[u8; 6]>()),
+            name: name.to_string(),
+            role,
+            created: now_rfc3339(),
+        };
+        let n = self.conn.execute(
+            "INSERT OR IGNORE INTO tokens (id, name, role, hash, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![info.id, info.name, role.as_str(), token_hash(&secret), info.created],
+        )?;
+        if n == 0 {
+            return Err(Error::conflict(format!(
+                "a token named {name:?} already exists"
+            )));
+        }
+        Ok((info, secret))
+    }
+
+    /// The token with this secret, if any.
+    pub fn authenticate(&self, secret: &str) -> Result<Option<TokenInfo>> {
+        let row: Option<(String, String, String, String)> = self
+            .conn
+            .query_row(
+                "SELECT id, name, role, created FROM tokens WHERE hash = ?1",
+                params![token_hash(secret)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(id, name, role, created)| {
+            Ok(TokenInfo {
+                id,
+                name,
+                role: role.parse()?,
+                created,
+            })
+        })
+        .transpose()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, role, created FROM tokens ORDER BY name")?;
+        let rows: Vec<(String, String, String, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.into_iter()
+            .map(|(id, name, role, created)| {
+                Ok(TokenInfo {
+                    id,
+                    name,
+                    role: role.parse()?,
+                    created,
+                })
+            })
+            .collect()
+    }
+
+    pub fn delete_token(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM tokens WHERE name = ?1", params![name])?
+            > 0)
+    }
+
+    /// Store a named JSON object in `table` (resources, policies); `create` refuses an
+    /// existing name, otherwise it must exist.
+    pub fn put_named<T: Serialize>(
+        &self,
+        table: Table,
+        name: &str,
+        body: &T,
+        create: bool,
+    ) -> Result<()> {
+        let t = table.as_str();
+        let json = to_json(body)?;
+        let n = if create {
+            self.conn.execute(
+                &format!("INSERT OR IGNORE INTO {t} (name, body, created) VALUES (?1, ?2, ?3)"),
+                params![name, json, now_rfc3339()],
+            )?
+        } else {
+            self.conn.execute(
+                &format!("UPDATE {t} SET body = ?2 WHERE name = ?1"),
+                params![name, json],
+            )?
+        };
+        match (n, create) {
+            (0, true) => Err(Error::conflict(format!(
+                "{} {name:?} already exists",
+                table.noun()
+            ))),
+            (0, false) => Err(Error::not_found(format!(
+                "no {} named {name:?}",
+                table.noun()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn get_named<T: DeserializeOwned>(&self, table: Table, name: &str) -> Result<T> {
+        let body: Option<String> = self
+            .conn
+            .query_row(
+                &format!("SELECT body FROM {} WHERE name = ?1", table.as_str()),
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match body {
+            Some(b) => from_json(&b),
+            None => Err(Error::not_found(format!(
+                "no {} named {name:?}",
+                table.noun()
+            ))),
+        }
+    }
+
+    pub fn list_named<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT body FROM {} ORDER BY name",
+            table.as_str()
+        ))?;
+        let rows: Vec<String> = st
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.iter().map(|b| from_json(b)).collect()
+    }
+
+    pub fn delete_named(&self, table: Table, name: &str) -> Result<()> {
+        let n = self.conn.execute(
+            &format!("DELETE FROM {} WHERE name = ?1", table.as_str()),
+            params![name],
+        )?;
+        if n == 0 {
+            return Err(Error::not_found(format!(
+                "no {} named {name:?}",
+                table.noun()
+            )));
+        }
+        Ok(())
+    }
+
+    /// When a policy last ran (RFC 3339), for missed-run detection after a restart.
+    pub fn policy_last_run(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_run FROM policies WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    pub fn set_policy_last_run(&self, name: &str, at: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE policies SET last_run = ?2 WHERE name = ?1",
+            params![name, at],
+        )?;
+        Ok(())
+    }
+
+    /// Insert or update a task record (JSON body with its state).
+    pub fn put_task<T: Serialize>(
+        &self,
+        id: &str,
+        state: &str,
+        created: &str,
+        body: &T,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO tasks (id, body, state, created) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET body = ?2, state = ?3",
+            params![id, to_json(body)?, state, created],
+        )?;
+        Ok(())
+    }
+
+    pub fn tasks<T: DeserializeOwned>(&self, state: Option<&str>) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(
+            "SELECT body FROM tasks WHERE (?1 IS NULL OR state = ?1) ORDER BY created DESC, id DESC LIMIT 1000",
+        )?;
+        let rows: Vec<String> = st
+            .query_map(params![state], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.iter().map(|b| from_json(b)).collect()
+    }
+
+    pub fn task<T: DeserializeOwned>(&self, id: &str) -> Result<T> {
+        let body: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM tasks WHERE id = ?1", params![id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match body {
+            Some(b) => from_json(&b),
+            None => Err(Error::not_found(format!("no task {id:?}"))),
+        }
+    }
+
+    pub fn audit(
+        &self,
+        token: &str,
+        role: &str,
+        method: &str,
+        path: &str,
+        status: u16,
+    ) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO audit (at, token, role, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now_rfc3339(), token, role, method, path, status],
+        )?;
+        Ok(())
+    }
+
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT seq, at, token, role, method, path, status FROM audit ORDER BY seq DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok(AuditRecord {
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                token: r.get(2)?,
+                role: r.get(3)?,
+                method: r.get(4)?,
+                path: r.get(5)?,
+                status: r.get::<_, i64>(6)? as u16,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn add_alert(&self, kind: &str, subject: &str, message: &str) -> Result<AlertRecord> {
+        let at = now_rfc3339();
+        self.conn.execute(
+            "INSERT INTO alerts (at, kind, subject, message) VALUES (?1, ?2, ?3, ?4)",
+            params![at, kind, subject, message],
+        )?;
+        Ok(AlertRecord {
+            seq: self.conn.last_insert_rowid(),
+            at,
+            kind: kind.into(),
+            subject: subject.into(),
+            message: message.into(),
+        })
+    }
+
+    pub fn alerts(&self, limit: usize) -> Result<Vec<AlertRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT seq, at, kind, subject, message FROM alerts ORDER BY seq DESC LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok(AlertRecord {
+                seq: r.get(0)?,
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                subject: r.get(3)?,
+                message: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn set_protected(&self, backup_id: &str, protected: bool) -> Result<()> {
+        let n = self.conn.execute(
+            "UPDATE backups SET protected = ?2 WHERE id = ?1",
+            params![backup_id, protected as i64],
+        )?;
+        if n == 0 {
+            return Err(Error::not_found(format!("no backup {backup_id:?}")));
+        }
+        Ok(())
+    }
+
+    pub fn is_protected(&self, backup_id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT protected FROM backups WHERE id = ?1",
+                params![backup_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0)
+            != 0)
+    }
+
+    pub(super) fn protected_ids(&self, vault: &str) -> Result<HashSet<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id FROM backups WHERE vault = ?1 AND protected != 0")?;
+        let rows = st.query_map(params![vault], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// Tables holding named JSON objects.
+#[derive(Debug, Clone, Copy)]
+pub enum Table {
+    Resources,
+    Policies,
+}
+
+impl Table {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Table::Resources => "resources",
+            Table::Policies => "policies",
+        }
+    }
+    fn noun(&self) -> &'static str {
+        match self {
+            Table::Resources => "resource",
+            Table::Policies => "policy",
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The appliance's configuration: raw TOML → validated [`Config`] in one step.
+//! Every key is optional (defaults below); unknown keys are errors, so a typo is named.
+//! `appliance/blockvault.toml` documents every option (a test loads it).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Kinds of alerts (webhooks subscribe to some or all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    TaskFailed,
+    VaultCapacity,
+    VaultFull,
+    SourceUnreachable,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhook {
+    pub url: String,
+    /// Empty: every kind.
+    pub events: Vec<AlertKind>,
+    pub timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub log_level: String,
+    pub max_parallel_tasks: usize,
+    pub scheduler_enabled: bool,
+    pub gc_after_prune: bool,
+    pub shutdown_grace_seconds: u64,
+    pub capacity_warn_percent: u8,
+    pub webhooks: Vec<Webhook>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
+            data: PathBuf::from("./blockvault-data"),
+            log_level: "info".into(),
+            max_parallel_tasks: 2,
+            scheduler_enabled: true,
+            gc_after_prune: true,
+            shutdown_grace_seconds: 10,
+            capacity_warn_percent: 80,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    tasks: RawTasks,
+    #[serde(default)]
+    scheduler: RawScheduler,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    log_level: Option<String>,
+    shutdown_grace_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTasks {
+    max_parallel: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    enabled: Option<bool>,
+    gc_after_prune: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    capacity_warn_percent: Option<u8>,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    #[serde(default)]
+    events: Vec<AlertKind>,
+    timeout_seconds: Option<u64>,
+}
+
+impl Config {
+    /// Parse and validate TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, String> {
+        let raw: Raw = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        let d = Config::default();
+        let listen = match raw.server.listen {
+            Some(l) => l
+                .parse()
+                .map_err(|_| format!("{origin}: [server] listen must be HOST:PORT, got {l:?}"))?,
+            None => d.listen,
+        };
+        let log_level = raw.server.log_level.unwrap_or(d.log_level);
+        if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+            return Err(format!(
+                "{origin}: [server] log_level must be error|warn|info|debug|trace, got {log_level:?}"
+            ));
+        }
+        let max = raw.tasks.max_parallel.unwrap_or(d.max_parallel_tasks);
+        if !(1..=64).contains(&max) {
+            return Err(format!(
+                "{origin}: [tasks] max_parallel must be 1..=64, got {max}"
+            ));
+        }
+        let warn = raw
+            .alerts
+            .capacity_warn_percent
+            .unwrap_or(d.capacity_warn_percent);
+        if !(1..=100).contains(&warn) {
+            return Err(format!(
+                "{origin}: [alerts] capacity_warn_percent must be 1..=100, got {warn}"
+            ));
+        }
+        let mut webhooks = Vec::new();
+        for w in raw.alerts.webhook {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(format!(
+                    "{origin}: [[alerts.webhook]] url must start with http:// or https://, got {:?}",
+                    w.url
+                ));
+            }
+            let t = w.timeout_seconds.unwrap_or(5);
+            if !(1..=60).contains(&t) {
+                return Err(format!(
+                    "{origin}: [[alerts.webhook]] timeout_seconds must be 1..=60, got {t}"
+                ));
+            }
+            webhooks.push(Webhook {
+                url: w.url,
+                events: w.events,
+                timeout_seconds: t,
+            });
+        }
+        Ok(Config {
+            listen,
+            data: raw.server.data.unwrap_or(d.data),
+            log_level,
+            max_parallel_tasks: max,
+            scheduler_enabled: raw.scheduler.enabled.unwrap_or(d.scheduler_enabled),
+            gc_after_prune: raw.scheduler.gc_after_prune.unwrap_or(d.gc_after_prune),
+            shutdown_grace_seconds: raw
+                .server
+                .shutdown_grace_seconds
+                .unwrap_or(d.shutdown_grace_seconds),
+            capacity_warn_percent: warn,
+            webhooks,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        Config::from_toml(&text, &path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        assert_eq!(Config::from_toml("", "t").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_named() {
+        for (text, needle) in [
+            ("[tasks]\nmax_parallel = 0", "max_parallel"),
+            ("[server]\nlisten = \"nowhere\"", "listen"),
+            ("[server]\nlog_level = \"loud\"", "log_level"),
+            (
+                "[alerts]\ncapacity_warn_percent = 0",
+                "capacity_warn_percent",
+            ),
+            ("[[alerts.webhook]]\nurl = \"ftp://x\"", "url"),
+            (
+                "[[alerts.webhook]]\nurl = \"http://x\"\ntimeout_seconds = 0",
+                "timeout_seconds",
+            ),
+            ("[server]\nlisen = \"1.2.3.4:5\"", "lisen"),
+            (
+                "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
+                "nope",
+            ),
+        ] {
+            let e = Config::from_toml(text, "t.toml").unwrap_err();
+            assert!(e.contains(needle) && e.starts_with("t.toml"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_loads_and_sets_every_option() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance/blockvault.toml");
+        let c = Config::load(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in [
+            "listen",
+            "data",
+            "log_level",
+            "shutdown_grace_seconds",
+            "max_parallel",
+            "enabled",
+            "gc_after_prune",
+            "capacity_warn_percent",
+            "url",
+            "events",
+            "timeout_seconds",
+        ] {
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{key} ="))),
+                "the example does not set {key}"
+            );
+        }
+        assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));
+    }
+}
