@@ -313,15 +313,13 @@ impl Tasks {
         Ok(out)
     }
 
-    /// Cancel a task: a queued one ends at once, a running one stops at its next check.
+    /// Cancel a task: a queued one ends at once, a running one stops at its next check,
+    /// one that already ended is returned as it is (cancel is idempotent).
     pub fn cancel(&self, id: &str) -> Result<TaskInfo> {
         let mut st = self.inner.lock();
         let Some(l) = st.tasks.get_mut(id) else {
-            let t = self.get(id)?;
-            return Err(Error::conflict(format!(
-                "task {id} already ended ({})",
-                t.state.as_str()
-            )));
+            drop(st);
+            return self.get(id);
         };
         l.cancel.store(true, Ordering::Relaxed);
         if l.info.state == TaskState::Queued {
