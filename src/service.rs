@@ -130,6 +130,27 @@ pub fn backup_resource(
         ));
     }
     probe(res)?;
+    let r = backup_kind(&app, res, opts);
+    if let Err(e) = &r
+        && e.kind() == ErrorKind::Full
+    {
+        // The pipeline stopped before the limit; what it wrote is unreferenced: free it.
+        match app.gc(&res.vault, 50) {
+            Ok(s) => tracing::info!(
+                vault = res.vault,
+                "freed {} bytes of the refused backup",
+                s.bytes_freed
+            ),
+            Err(g) => tracing::warn!(
+                vault = res.vault,
+                "could not collect the refused backup's data: {g}"
+            ),
+        }
+    }
+    r
+}
+
+fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<BackupManifest> {
     let mut opts = opts.clone();
     match res.kind {
         ResourceKind::Disk => {

@@ -199,8 +199,10 @@ pub fn run_disk(
         let written = writer
             .join()
             .map_err(|_| Error::new(ErrorKind::Io, "pack writer thread panicked"))?;
-        let (bytes_read, chunks_read, index_root) = result?;
+        // The writer's own failure (capacity, disk full) is the cause when both failed:
+        // the reader then only saw the writer go away.
         written?;
+        let (bytes_read, chunks_read, index_root) = result?;
         Ok(DiskOutcome {
             index_root,
             bytes_allocated,
