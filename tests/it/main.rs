@@ -3,6 +3,7 @@
 
 mod common;
 
+mod appliance;
 mod backup;
 mod export;
 mod incremental;
@@ -10,4 +11,5 @@ mod integrity;
 mod nbd;
 mod qsd;
 mod server;
+mod service;
 mod sources;

@@ -1,0 +1,139 @@
+//! A real `blockvault serve` on 127.0.0.1:0, driven over real HTTP.
+
+use std::io::BufRead;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::Env;
+
+pub struct Appliance {
+    child: Child,
+    pub url: String,
+    agent: ureq::Agent,
+}
+
+impl Appliance {
+    /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config).
+    pub fn start(env: &Env, extra: &[&str]) -> Appliance {
+        let mut child = env
+            .cmd()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting blockvault serve");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        Appliance {
+            child,
+            url,
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                // A refused request's body is not read, so the server closes that
+                // connection: do not reuse connections.
+                .max_idle_connections(0)
+                .max_idle_connections_per_host(0)
+                .build()
+                .into(),
+        }
+    }
+
+    /// `METHOD /api/v1PATH` with `token` and `body`; returns (status, JSON body).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}/api/v1{path}", self.url);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        macro_rules! with_auth {
+            ($rb:expr) => {{
+                let rb = $rb;
+                match &auth {
+                    Some(a) => rb.header("Authorization", a),
+                    None => rb,
+                }
+            }};
+        }
+        let r = match (method, body) {
+            ("GET", _) => with_auth!(self.agent.get(&url)).call(),
+            ("DELETE", _) => with_auth!(self.agent.delete(&url)).call(),
+            ("POST", Some(b)) => with_auth!(self.agent.post(&url)).send_json(&b),
+            ("POST", None) => with_auth!(self.agent.post(&url)).send_empty(),
+            ("PATCH", b) => with_auth!(self.agent.patch(&url)).send_json(b.unwrap_or(json!({}))),
+            (m, _) => panic!("method {m}"),
+        };
+        let mut resp = r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let v = resp.body_mut().read_json::<Value>().unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// Like `call`, requiring `want` status.
+    pub fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        want: u16,
+    ) -> Value {
+        let (s, v) = self.call(method, path, Some(token), body);
+        assert_eq!(s, want, "{method} {path}: {v}");
+        v
+    }
+
+    /// Wait until task `id` ended; returns it.
+    pub fn wait_task(&self, token: &str, id: &str, limit: Duration) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let t = self.ok("GET", &format!("/tasks/{id}"), token, None, 200);
+            if ["succeeded", "failed", "cancelled"].contains(&t["state"].as_str().unwrap_or("")) {
+                return t;
+            }
+            assert!(t0.elapsed() < limit, "task {id} still {}", t["state"]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Create a token with `role` offline; returns the secret (the last line of stdout).
+pub fn token(env: &Env, role: &str, name: &str) -> String {
+    let out = env.ok(&["token", "create", "--role", role, "--name", name]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
