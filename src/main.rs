@@ -32,6 +32,9 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    if let Some(url) = &cli.server {
+        return cli::remote::run(&cli, url);
+    }
     match cli.cmd {
         Cmd::Vault(VaultCmd::Create {
             ref name,
@@ -233,6 +236,7 @@ fn run(cli: Cli) -> Result<i32> {
                 bail!("no token named {name:?}");
             }
         }
+        Cmd::Tasks(ref t) => return cli::tasks::run(&cli, None, t),
         Cmd::Gc {
             ref vault,
             repack_below,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Caller, Shared};
+use crate::app::RestoreRequest;
 use crate::backup::BackupOptions;
 use crate::catalog::{Role, Table};
 use crate::chunk::ChunkSize;
@@ -291,22 +292,16 @@ pub async fn protect_backup(
     Ok(Json(json!({"id": entry.manifest.id, "protected": protect})))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewRestore {
-    backup: String,
-    disk: Option<String>,
-    to: String,
-    format: Option<String>,
-}
-
 pub async fn create_restore(
     State(st): State<Shared>,
     Extension(caller): Extension<Caller>,
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
-    let r: NewRestore = body(v)?;
-    let format: ImageFormat = r.format.as_deref().unwrap_or("raw").parse()?;
+    let r: RestoreRequest = body(v)?;
+    // Refuse a bad request now, not in the task.
+    if let Some(f) = &r.format {
+        f.parse::<ImageFormat>()?;
+    }
     let entry = app(&st).find_backup(&r.backup)?;
     let data = st.data.clone();
     let target = entry.manifest.id.clone();
@@ -323,19 +318,16 @@ pub async fn create_restore(
                 ..Default::default()
             };
             ctx.log(format!("restoring {} to {}", entry.manifest.id, r.to));
-            if crate::nbd::NbdUri::is_nbd(&r.to) {
-                let s = app.restore_onto(&entry.manifest.id, r.disk.as_deref(), &r.to, None, &opts)?;
-                return Ok(serde_json::to_value(s).unwrap_or_default());
-            }
-            let s = app.restore(
-                &entry.manifest.id,
-                r.disk.as_deref(),
-                std::path::Path::new(&r.to),
-                format,
-                None,
-                &opts,
-            )?;
-            Ok(json!({"to": r.to, "bytes_written": s.bytes_written, "chunks_written": s.chunks_written}))
+            let t = std::time::Instant::now();
+            let req = RestoreRequest {
+                backup: entry.manifest.id.clone(),
+                ..r
+            };
+            let mut v = serde_json::to_value(app.run_restore(&req, &opts)?)
+                .map_err(|e| Error::invalid("restore outcome").with_source(e))?;
+            v["backup"] = json!(entry.manifest.id);
+            v["seconds"] = json!(t.elapsed().as_secs_f64());
+            Ok(v)
         }),
     )?;
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))

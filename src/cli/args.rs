@@ -26,6 +26,13 @@ pub struct Cli {
     /// No progress bars or chatter.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Drive a running appliance at this URL (e.g. http://127.0.0.1:8420) instead of
+    /// the data dir: vaults, backups, restores, tokens and tasks go through its API.
+    #[arg(long, global = true, env = "BLOCKVAULT_SERVER")]
+    pub server: Option<String>,
+    /// API token for --server (see `token create`).
+    #[arg(long, global = true, env = "BLOCKVAULT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Worker threads (default: one per core).
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
@@ -72,9 +79,12 @@ pub enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Manage API tokens (works offline, on the data dir's catalog).
+    /// Manage API tokens (offline on the data dir's catalog, or with --server).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Tasks of the appliance (backups, restores, prunes, GC): list, show, cancel.
+    #[command(subcommand)]
+    Tasks(TasksCmd),
     /// Free the blobs no backup needs.
     Gc {
         #[arg(long)]
@@ -163,22 +173,6 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("bad size {s:?}"))
 }
 
-/// `NAME=SPEC` or `SPEC` (named `disk<i>`).
-pub fn named_disk(i: usize, arg: &str) -> (String, String) {
-    match arg.split_once('=') {
-        Some((name, spec))
-            if !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !std::path::Path::new(arg).exists() =>
-        {
-            (name.to_string(), spec.to_string())
-        }
-        _ => (format!("disk{i}"), arg.to_string()),
-    }
-}
-
 #[derive(Subcommand)]
 pub enum VaultCmd {
     /// Create a vault.
@@ -250,9 +244,10 @@ pub struct RestoreArgs {
     pub backup: String,
     #[arg(long)]
     pub to: PathBuf,
-    #[arg(long, default_value = "raw")]
-    pub format: String,
-    /// Disk of a multi-disk backup (default: the first).
+    /// raw (default), qcow2, vmdk (monolithicSparse) or vmdk-stream (streamOptimized).
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Disk of a multi-disk backup (default: every disk, into directory --to).
     #[arg(long)]
     pub disk: Option<String>,
     /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
@@ -281,4 +276,18 @@ pub enum TokenCmd {
     Delete {
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum TasksCmd {
+    /// List tasks, newest first.
+    List {
+        /// queued, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One task with its progress and log.
+    Show { id: String },
+    /// Cancel a queued or running task (needs --server).
+    Cancel { id: String },
 }

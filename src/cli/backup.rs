@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
-use super::args::{BackupArgs, Cli, named_disk};
+use super::args::{BackupArgs, Cli};
 use super::output::{finish_bar, print_backup, progress_bar};
 use super::{cancel_on_signals, options};
 use blockvault::app::App;
 use blockvault::cbt::{ChangeHint, parse_change_list};
+use blockvault::service::named_disk;
 
 pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
     let BackupArgs {

@@ -3,7 +3,9 @@
 pub mod args;
 pub mod backup;
 pub mod output;
+pub mod remote;
 pub mod restore;
+pub mod tasks;
 
 use std::sync::Arc;
 

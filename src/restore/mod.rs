@@ -71,8 +71,29 @@ impl std::str::FromStr for ImageFormat {
     }
 }
 
+/// A disk or server name as a file name (node names may hold characters paths must
+/// not; never empty, never hidden).
+pub fn safe_file_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches('.');
+    if s.is_empty() {
+        "disk".into()
+    } else {
+        s.into()
+    }
+}
+
 /// Outcome of a restore.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct RestoreStats {
     pub bytes_written: u64,
     pub chunks_written: u64,

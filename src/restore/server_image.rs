@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{ImageFormat, RestoreStats, Subformat, restore_disk};
+use super::{ImageFormat, RestoreStats, Subformat, restore_disk, safe_file_name};
 use crate::backup::BackupOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::BackupManifest;
@@ -54,22 +54,6 @@ pub struct ServerExport {
     pub bytes_written: u64,
 }
 
-/// File name for a disk or server name.
-fn safe(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let s = s.trim_start_matches('.').to_string();
-    if s.is_empty() { "disk".into() } else { s }
-}
-
 fn staging(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(
         ".{name}.partial-{}",
@@ -85,7 +69,7 @@ pub fn export_server(
     kind: ServerImage,
     opts: &BackupOptions,
 ) -> Result<ServerExport> {
-    let server = safe(&m.resource);
+    let server = safe_file_name(&m.resource);
     // qcow2-set: `dir` itself (absent or empty). OVA: `dir` if it ends in .ova, else
     // `dir/<server>.ova`.
     let (target, ext) = match kind {
@@ -116,7 +100,7 @@ pub fn export_server(
         let mut files = Vec::new();
         let mut written = 0;
         for d in &m.disks {
-            let file = format!("{}.{ext}", safe(&d.name));
+            let file = format!("{}.{ext}", safe_file_name(&d.name));
             let format = match kind {
                 ServerImage::Ova => ImageFormat::Vmdk(Subformat::StreamOptimized),
                 ServerImage::Qcow2Set => ImageFormat::Qcow2,

@@ -10,6 +10,7 @@ mod incremental;
 mod integrity;
 mod nbd;
 mod qsd;
+mod remote;
 mod server;
 mod service;
 mod sources;

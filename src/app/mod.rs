@@ -1,6 +1,6 @@
 //! The appliance's operations on a data dir: the catalog plus its vaults.
 //!
-//! The CLI (and later the HTTP API) call these; each one keeps the catalog and the vaults
+//! The CLI and the HTTP API call these; each one keeps the catalog and the vaults
 //! in step (a backup is recorded in the catalog after its manifest is in the vault; a
 //! delete removes the manifest first). The data dir holds `catalog.sqlite` and, by
 //! default, `vaults/<name>/`.
@@ -8,6 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+
+mod restores;
+pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
 use crate::catalog::{BackupEntry, Catalog, VaultEntry};
@@ -18,8 +21,6 @@ use crate::freeze::FreezeHooks;
 use crate::live::{LiveOptions, backup_live, disk_id};
 use crate::manifest::{BackupManifest, DiskManifest};
 use crate::manifest::{Capture, ResourceKind};
-use crate::restore::onto::{OntoStats, restore_onto_nbd};
-use crate::restore::{ImageFormat, RestoreStats, restore_disk};
 use crate::source::open_source_with;
 use crate::vault::Vault;
 use crate::vault::gc::{GcStats, gc};
@@ -280,107 +281,6 @@ impl App {
         self.catalog.find_backup(id_or_name)
     }
 
-    /// Export every disk of a backup as a full-server image (OVA or qcow2 set).
-    pub fn export_server(
-        &self,
-        id_or_name: &str,
-        dir: &Path,
-        kind: crate::restore::server_image::ServerImage,
-        opts: &BackupOptions,
-    ) -> Result<crate::restore::server_image::ServerExport> {
-        let entry = self.find_backup(id_or_name)?;
-        let vault = self.open_vault(&entry.vault)?;
-        crate::restore::server_image::export_server(&vault, &entry.manifest, dir, kind, opts)
-    }
-
-    /// Restore every disk of a backup into directory `dir` as `<disk name>.<format>`.
-    /// Returns (disk name, path, stats) per disk. Stops at the first failure (disks
-    /// restored before it stay; the failed one leaves nothing).
-    pub fn restore_all(
-        &self,
-        id_or_name: &str,
-        dir: &Path,
-        format: ImageFormat,
-        opts: &BackupOptions,
-    ) -> Result<Vec<(String, PathBuf, RestoreStats)>> {
-        let entry = self.find_backup(id_or_name)?;
-        let vault = self.open_vault(&entry.vault)?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let targets: Vec<PathBuf> = entry
-            .manifest
-            .disks
-            .iter()
-            .map(|d| {
-                dir.join(format!(
-                    "{}.{}",
-                    safe_file_name(&d.name),
-                    format.extension()
-                ))
-            })
-            .collect();
-        if let Some(t) = targets.iter().find(|t| t.exists()) {
-            return Err(Error::conflict(format!(
-                "{} already exists; restore never overwrites a file",
-                t.display()
-            )));
-        }
-        let mut out = Vec::new();
-        for (d, to) in entry.manifest.disks.iter().zip(targets) {
-            let stats = restore_disk(&vault, d, &to, format, None, opts)
-                .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
-            out.push((d.name.clone(), to, stats));
-        }
-        Ok(out)
-    }
-
-    /// Restore one disk (default: the first) of a backup onto the NBD export at `uri`,
-    /// writing only the chunks that differ.
-    pub fn restore_onto(
-        &self,
-        id_or_name: &str,
-        disk: Option<&str>,
-        uri: &str,
-        target_bitmap: Option<&str>,
-        opts: &BackupOptions,
-    ) -> Result<OntoStats> {
-        let entry = self.find_backup(id_or_name)?;
-        let vault = self.open_vault(&entry.vault)?;
-        let d = pick_disk(&entry.manifest, disk)?;
-        let _lock = vault.lock_shared()?;
-        restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
-    }
-
-    /// Serve one disk (default: the first) of a backup read-only over NBD until `stop`.
-    pub fn serve_nbd(
-        &self,
-        id_or_name: &str,
-        disk: Option<&str>,
-        listener: &crate::nbd::server::Listener,
-        stop: &std::sync::atomic::AtomicBool,
-    ) -> Result<()> {
-        let entry = self.find_backup(id_or_name)?;
-        let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
-        let d = pick_disk(&entry.manifest, disk)?;
-        crate::instant::serve_backup(vault, d, listener, stop)
-    }
-
-    /// Restore one disk (default: the first) of a backup into a new image.
-    pub fn restore(
-        &self,
-        id_or_name: &str,
-        disk: Option<&str>,
-        to: &Path,
-        format: ImageFormat,
-        size: Option<u64>,
-        opts: &BackupOptions,
-    ) -> Result<RestoreStats> {
-        let entry = self.find_backup(id_or_name)?;
-        let vault = self.open_vault(&entry.vault)?;
-        let d = pick_disk(&entry.manifest, disk)?;
-        restore_disk(&vault, d, to, format, size, opts)
-    }
-
     /// Stored bytes only this backup references: what deleting it (and GC) would free.
     /// Walks every backup of its vault (the index pages of each are read once).
     pub fn exclusive_bytes(&self, entry: &BackupEntry) -> Result<u64> {
@@ -480,21 +380,6 @@ fn pick_disk<'m>(m: &'m BackupManifest, name: Option<&str>) -> Result<&'m DiskMa
         Some(n) => m.disks.iter().find(|d| d.name == n || d.disk_id == n),
     }
     .ok_or_else(|| Error::not_found(format!("backup {} has no disk {name:?}", m.name)))
-}
-
-/// A disk name as a file name (node names may hold characters paths must not).
-fn safe_file_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    s.trim_start_matches('.').to_string()
 }
 
 /// The disk id used when none is given: the source path made absolute (so that the

@@ -1,0 +1,421 @@
+//! Remote mode: with `--server URL --token T` the command line drives a running
+//! appliance through its HTTP API instead of opening the data dir.
+//!
+//! The commands keep their meaning: `backup` backs up a resource (created from the
+//! sources on first use, named by `--id` like a local backup's disk id), `restore`
+//! queues a restore with the same [`RestoreRequest`] the local command carries out, and
+//! both wait for their task, show its progress and cancel it on Ctrl-C. Paths are the
+//! appliance's: relative ones that exist here are made absolute first, which is right
+//! when the appliance runs on this host. What only makes sense next to the vault files
+//! (rescan, attach, gc, verify, serving, benchmarks) is refused with a clear error.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Value, json};
+
+use super::args::{BackupArgs, BackupsCmd, Cli, Cmd, TokenCmd, VaultCmd};
+use super::cancel_on_signals;
+use super::output::human;
+
+/// A running appliance's API.
+pub struct Remote {
+    base: String,
+    auth: String,
+    agent: ureq::Agent,
+}
+
+/// One path segment, percent-encoded (resource names are often paths).
+pub fn seg(s: &str) -> String {
+    utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+}
+
+impl Remote {
+    pub fn new(url: &str, token: Option<&str>) -> Result<Remote> {
+        let Some(token) = token else {
+            bail!(
+                "--server needs --token (or BLOCKVAULT_TOKEN); create one with `blockvault token create`"
+            );
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--server must be an http:// or https:// URL, not {url:?}");
+        }
+        Ok(Remote {
+            base: format!("{}/api/v1", url.trim_end_matches('/')),
+            auth: format!("Bearer {token}"),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(120)))
+                .build()
+                .into(),
+        })
+    }
+
+    /// `METHOD /api/v1PATH` with an optional JSON body; a non-2xx answer is an error
+    /// that carries the appliance's own message.
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let r = match (method, body) {
+            ("GET", _) => self
+                .agent
+                .get(&url)
+                .header("Authorization", &self.auth)
+                .call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &self.auth)
+                .call(),
+            ("POST", Some(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .send_json(b),
+            ("POST", None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .send_empty(),
+            (m, _) => bail!("HTTP method {m} is not used by the command line"),
+        };
+        let mut resp = r.with_context(|| format!("reaching the appliance at {url}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer of {method} {url}"))?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !(200..300).contains(&status) {
+            let msg = v["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| match status {
+                    401 => "no or unknown token".into(),
+                    403 => "the token's role may not do this".into(),
+                    _ => v.to_string(),
+                });
+            bail!("the appliance refused {method} {path} ({status}): {msg}");
+        }
+        Ok(v)
+    }
+
+    /// Follow task `id` to its end (progress on a terminal; Ctrl-C cancels it on the
+    /// appliance); returns its result, or fails with the task's error.
+    pub fn wait_task(&self, cli: &Cli, id: &str) -> Result<Value> {
+        let stop = cancel_on_signals()?;
+        let bar = (!cli.quiet && !cli.json && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new(100);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos:>3}% {prefix}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            b
+        });
+        let mut asked_cancel = false;
+        let t = loop {
+            let t = self.call("GET", &format!("/tasks/{}", seg(id)), None)?;
+            let state = t["state"].as_str().unwrap_or("").to_string();
+            if let Some(b) = &bar {
+                b.set_message(state.clone());
+                b.set_position(t["progress_percent"].as_f64().unwrap_or(0.0) as u64);
+                b.set_prefix(format!(
+                    "{}/s",
+                    human(t["bytes_per_second"].as_f64().unwrap_or(0.0) as u64)
+                ));
+            }
+            if ["succeeded", "failed", "cancelled"].contains(&state.as_str()) {
+                break t;
+            }
+            if stop.load(Ordering::Relaxed) && !asked_cancel {
+                self.call("POST", &format!("/tasks/{}/cancel", seg(id)), None)?;
+                asked_cancel = true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        match t["state"].as_str() {
+            Some("succeeded") => Ok(t["result"].clone()),
+            Some(s) => bail!(
+                "task {id} {s}: {}",
+                t["error"].as_str().unwrap_or("no error recorded")
+            ),
+            None => bail!("task {id}: the appliance sent no state"),
+        }
+    }
+}
+
+fn print(cli: &Cli, v: &Value, human_line: impl FnOnce(&Value) -> String) -> Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+    } else if !cli.quiet {
+        println!("{}", human_line(v));
+    }
+    Ok(())
+}
+
+fn not_remote(what: &str) -> anyhow::Error {
+    anyhow!(
+        "{what} runs next to the vault files, not through the API: drop --server and run it on the appliance"
+    )
+}
+
+/// A source path as the appliance should see it: made absolute when it exists here.
+fn absolute(spec: &str) -> String {
+    let (prefix, path) = match spec.split_once(':') {
+        Some((p, rest)) if ["raw", "qcow2", "vmdk", "qmp"].contains(&p) => {
+            (Some(p), rest.to_string())
+        }
+        _ if blockvault::nbd::NbdUri::is_nbd(spec) => return spec.to_string(),
+        _ => (None, spec.to_string()),
+    };
+    let path = std::fs::canonicalize(&path).map_or(path, |p| p.display().to_string());
+    match prefix {
+        Some(p) => format!("{p}:{path}"),
+        None => path,
+    }
+}
+
+/// Run `cli.cmd` against the appliance at `url`.
+pub fn run(cli: &Cli, url: &str) -> Result<i32> {
+    let r = Remote::new(url, cli.token.as_deref())?;
+    match &cli.cmd {
+        Cmd::Vault(VaultCmd::Create {
+            name,
+            path,
+            chunk_size,
+            zstd_level,
+        }) => {
+            let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level});
+            let v = r.call("POST", "/vaults", Some(&body))?;
+            print(cli, &v, |v| {
+                format!(
+                    "created vault {} at {} (chunk size {} KiB)",
+                    name,
+                    v["path"].as_str().unwrap_or(""),
+                    v["chunk_size"].as_u64().unwrap_or(0) / 1024
+                )
+            })?;
+        }
+        Cmd::Vault(VaultCmd::List) => {
+            let v = r.call("GET", "/vaults", None)?;
+            print(cli, &v, |v| {
+                lines(v, |x| {
+                    format!(
+                        "{:<20} {:>6} KiB  {}",
+                        x["name"].as_str().unwrap_or(""),
+                        x["chunk_size"].as_u64().unwrap_or(0) / 1024,
+                        x["path"].as_str().unwrap_or("")
+                    )
+                })
+            })?;
+        }
+        Cmd::Vault(VaultCmd::Info { name }) => {
+            let v = r.call("GET", &format!("/vaults/{}", seg(name)), None)?;
+            print(cli, &v, |v| {
+                format!(
+                    "vault {}: {} backups, {} logical, {} stored in {} packs, dedup ratio {:.2}",
+                    name,
+                    v["backups"],
+                    human(v["logical_bytes"].as_u64().unwrap_or(0)),
+                    human(v["stored_bytes"].as_u64().unwrap_or(0)),
+                    v["packs"],
+                    v["dedup_ratio"].as_f64().unwrap_or(0.0)
+                )
+            })?;
+        }
+        Cmd::Vault(VaultCmd::Rescan { .. }) => return Err(not_remote("vault rescan")),
+        Cmd::Vault(VaultCmd::Attach { .. }) => return Err(not_remote("vault attach")),
+        Cmd::Backup(a) => return backup(cli, &r, a),
+        Cmd::Backups(BackupsCmd::List { vault, disk }) => {
+            let mut q = Vec::new();
+            if let Some(v) = vault {
+                q.push(format!("vault={}", seg(v)));
+            }
+            if let Some(d) = disk {
+                q.push(format!("resource={}", seg(d)));
+            }
+            let v = r.call("GET", &format!("/backups?{}", q.join("&")), None)?;
+            print(cli, &v, |v| {
+                lines(v, |b| {
+                    format!(
+                        "{:<26} {:<26} {:<10} {:>10} {:>10}  {}",
+                        b["id"].as_str().unwrap_or(""),
+                        b["name"].as_str().unwrap_or(""),
+                        b["vault"].as_str().unwrap_or(""),
+                        human(b["logical_size"].as_u64().unwrap_or(0)),
+                        human(b["bytes_new"].as_u64().unwrap_or(0)),
+                        b["resource"].as_str().unwrap_or("")
+                    )
+                })
+            })?;
+        }
+        Cmd::Backups(BackupsCmd::Delete { backup }) => {
+            let v = r.call("DELETE", &format!("/backups/{}", seg(backup)), None)?;
+            print(cli, &v, |v| {
+                format!(
+                    "deleted backup {} ({}); the appliance's GC frees its space",
+                    v["name"].as_str().unwrap_or(""),
+                    v["deleted"].as_str().unwrap_or("")
+                )
+            })?;
+        }
+        Cmd::Restore(a) => {
+            let body = serde_json::to_value(super::restore::request(a))?;
+            let task = r.call("POST", "/restores", Some(&body))?;
+            let id = task["task"]
+                .as_str()
+                .context("the appliance sent no task id")?;
+            let v = r.wait_task(cli, id)?;
+            return super::restore::print_outcome(cli, &v);
+        }
+        Cmd::Token(TokenCmd::Create { role, name }) => {
+            let name = name.clone().unwrap_or_else(|| {
+                format!("{role}-{}", &blockvault::manifest::new_backup_id()[16..])
+            });
+            let v = r.call(
+                "POST",
+                "/tokens",
+                Some(&json!({"name": name, "role": role})),
+            )?;
+            if !cli.quiet {
+                println!("token {name} ({role}) created; the secret is shown only now:");
+            }
+            println!("{}", v["secret"].as_str().unwrap_or(""));
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let v = r.call("GET", "/tokens", None)?;
+            print(cli, &v, |v| {
+                lines(v, |t| {
+                    format!(
+                        "{:<24} {:<9} {}",
+                        t["name"].as_str().unwrap_or(""),
+                        t["role"].as_str().unwrap_or(""),
+                        t["created"].as_str().unwrap_or("")
+                    )
+                })
+            })?;
+        }
+        Cmd::Token(TokenCmd::Delete { name }) => {
+            r.call("DELETE", &format!("/tokens/{}", seg(name)), None)?;
+        }
+        Cmd::Tasks(t) => return super::tasks::run(cli, Some(&r), t),
+        Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
+        Cmd::Serve { .. } => bail!("serve starts an appliance; it takes no --server"),
+        Cmd::Gc { .. } => return Err(not_remote("gc")),
+        Cmd::Verify { .. } => return Err(not_remote("verify")),
+        Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
+    }
+    Ok(0)
+}
+
+/// One line per element of a JSON array.
+pub fn lines(v: &Value, f: impl Fn(&Value) -> String) -> String {
+    v.as_array()
+        .map(|a| a.iter().map(f).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
+}
+
+/// `backup` through the API: make sure the resource exists as asked, back it up, wait.
+fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
+    if a.bitmap.is_some() || a.since_base || a.changed_extents.is_some() {
+        bail!(
+            "--bitmap, --since-base and --changed-extents are not available with --server: \
+             the appliance picks the change tracking of a resource itself"
+        );
+    }
+    let s = &a.server;
+    if s.freeze.is_some() || s.thaw.is_some() || s.qga.is_some() || s.fleece_dir.is_some() {
+        bail!("freeze/thaw hooks and --fleece-dir are not available with --server");
+    }
+    let sources: Vec<String> = a
+        .sources
+        .iter()
+        .map(|x| match x.split_once('=') {
+            Some((n, spec)) if !std::path::Path::new(x).exists() => {
+                format!("{n}={}", absolute(spec))
+            }
+            _ => absolute(x),
+        })
+        .collect();
+    let server = sources.len() > 1 || sources[0].starts_with("qmp:");
+    let name = match (&a.id, server) {
+        (Some(i), _) => i.clone(),
+        (None, false) => blockvault::app::default_disk_id(&sources[0]),
+        (None, true) if sources.len() == 1 => sources[0].clone(),
+        (None, true) => bail!("a backup of several disks is a server backup: name it with --id"),
+    };
+    let want = json!({
+        "name": name,
+        "kind": if server { "server" } else { "disk" },
+        "sources": sources,
+        "vault": a.vault,
+        "nodes": s.nodes,
+        "nbd_server": s.nbd_server,
+    });
+    match r.call("GET", &format!("/resources/{}", seg(&name)), None) {
+        Ok(have) => {
+            if have["sources"] != want["sources"] || have["vault"] != want["vault"] {
+                bail!(
+                    "the appliance already has a resource {name:?} with sources {} in vault {}; \
+                     back it up under another --id, or change the resource (PATCH /resources/{name})",
+                    have["sources"],
+                    have["vault"]
+                );
+            }
+        }
+        Err(e) if e.to_string().contains("(404)") => {
+            let mut body = want.clone();
+            if s.nodes.is_empty() {
+                body.as_object_mut().map(|o| o.remove("nodes"));
+            }
+            if s.nbd_server.is_none() {
+                body.as_object_mut().map(|o| o.remove("nbd_server"));
+            }
+            r.call("POST", "/resources", Some(&body)).with_context(|| {
+                format!(
+                    "the appliance has no resource {name:?} yet; creating it needs an admin token"
+                )
+            })?;
+        }
+        Err(e) => return Err(e),
+    }
+    let task = r.call(
+        "POST",
+        "/backups",
+        Some(&json!({"resource": name, "name": a.name})),
+    )?;
+    let id = task["task"]
+        .as_str()
+        .context("the appliance sent no task id")?;
+    let result = r.wait_task(cli, id)?;
+    let backup = result["backup"]
+        .as_str()
+        .context("the task named no backup")?;
+    let b = r.call("GET", &format!("/backups/{}", seg(backup)), None)?;
+    print(cli, &b, |b| {
+        let read: u64 = b["disks"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|d| d["bytes_read"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        format!(
+            "backup {} ({}) of {}: {} logical, {} read, {} new stored",
+            b["name"].as_str().unwrap_or(""),
+            b["id"].as_str().unwrap_or(""),
+            b["resource"].as_str().unwrap_or(""),
+            human(b["logical_size"].as_u64().unwrap_or(0)),
+            human(read),
+            human(b["bytes_new"].as_u64().unwrap_or(0)),
+        )
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,70 @@
+//! `blockvault tasks`: the appliance's tasks. Listing and showing read the catalog of
+//! the data dir (what the appliance last recorded) or, with `--server`, the live view
+//! with progress; cancelling needs the running appliance.
+
+use anyhow::{Result, bail};
+use serde_json::Value;
+
+use super::args::{Cli, TasksCmd};
+use super::output::human;
+use super::remote::{Remote, lines, seg};
+use blockvault::app::App;
+use blockvault::task::TaskInfo;
+
+pub fn run(cli: &Cli, remote: Option<&Remote>, cmd: &TasksCmd) -> Result<i32> {
+    let v: Value = match (cmd, remote) {
+        (TasksCmd::List { state }, Some(r)) => {
+            let q = state
+                .as_deref()
+                .map(|s| format!("?state={}", seg(s)))
+                .unwrap_or_default();
+            r.call("GET", &format!("/tasks{q}"), None)?
+        }
+        (TasksCmd::List { state }, None) => {
+            let app = App::open(&cli.data)?;
+            serde_json::to_value(app.catalog().tasks::<TaskInfo>(state.as_deref())?)?
+        }
+        (TasksCmd::Show { id }, Some(r)) => r.call("GET", &format!("/tasks/{}", seg(id)), None)?,
+        (TasksCmd::Show { id }, None) => {
+            serde_json::to_value(App::open(&cli.data)?.catalog().task::<TaskInfo>(id)?)?
+        }
+        (TasksCmd::Cancel { id }, Some(r)) => {
+            r.call("POST", &format!("/tasks/{}/cancel", seg(id)), None)?
+        }
+        (TasksCmd::Cancel { .. }, None) => {
+            bail!("cancelling a task needs the running appliance: add --server URL --token T")
+        }
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if !cli.quiet {
+        match cmd {
+            TasksCmd::List { .. } => println!("{}", lines(&v, summary)),
+            _ => {
+                println!("{}", summary(&v));
+                if let Some(e) = v["error"].as_str() {
+                    println!("  error: {e}");
+                }
+                for l in v["log"].as_array().into_iter().flatten() {
+                    println!("  {}", l.as_str().unwrap_or(""));
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// One line: id, kind, state, progress, target, who.
+fn summary(t: &Value) -> String {
+    let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+    format!(
+        "{:<26} {:<8} {:<10} {:>5.1}% {:>10}  {} (by {})",
+        s("id"),
+        s("kind"),
+        s("state"),
+        t["progress_percent"].as_f64().unwrap_or(0.0),
+        human(t["bytes_done"].as_u64().unwrap_or(0)),
+        s("target"),
+        s("by"),
+    )
+}
