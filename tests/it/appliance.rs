@@ -137,3 +137,33 @@ pub fn token(env: &Env, role: &str, name: &str) -> String {
         .trim()
         .to_string()
 }
+
+#[test]
+fn the_systemd_unit_runs_serve_as_its_own_user_restarts_and_is_hardened() {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance/blockvault.service"),
+    )
+    .unwrap();
+    let has = |kv: &str| unit.lines().any(|l| l.trim() == kv);
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    assert!(
+        exec.contains(" serve --config /etc/blockvault/blockvault.toml"),
+        "{exec}"
+    );
+    for kv in [
+        "User=blockvault",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        "PrivateTmp=yes",
+        "StateDirectory=blockvault",
+        "KillSignal=SIGTERM",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(has(kv), "the unit lacks {kv}");
+    }
+}
