@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Quick start on a new machine: install what is needed, build, and run the appliance's
-# main job on its embedded defaults (data dir ./blockvault-data, vault "default").
-#   bash appliance/quickstart.sh [DISK_IMAGE]
+# Quick start on a new machine: install what is needed, build, run the appliance's main
+# job once on its embedded defaults (data dir ./blockvault-data, vault "default", SQLite
+# catalog): back up a disk twice, list, restore, compare, verify; then start the
+# appliance (HTTP admin API on 127.0.0.1:8420, scheduler, task runner) with a fresh
+# admin token, until Ctrl-C. --no-serve stops after the demo.
+#   bash appliance/quickstart.sh [--no-serve] [DISK_IMAGE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+serve=1
+if [ "${1:-}" = "--no-serve" ]; then serve=0; shift; fi
 if ! command -v qemu-img >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-utils
 fi
@@ -25,3 +30,10 @@ bv restore "$last" --to "$out" --format qcow2
 qemu-img compare "$disk" "$out" && echo "restored image $out equals the source"
 bv verify --vault default
 bv vault info default
+[ "$serve" = 1 ] || exit 0
+token="$(bv --quiet token create --role admin --name "quickstart-$(date +%Y%m%d-%H%M%S)")"
+echo
+echo "admin token (shown once): $token"
+echo "try: $bin --server http://127.0.0.1:8420 --token $token backups list"
+echo "     curl -H 'Authorization: Bearer $token' http://127.0.0.1:8420/api/v1/health"
+exec "$bin" --data "${BLOCKVAULT_DATA:-./blockvault-data}" serve --listen 127.0.0.1:8420
