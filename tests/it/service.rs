@@ -424,6 +424,48 @@ fn cancelling_a_running_backup_stops_it_within_2_seconds_and_records_nothing() {
     assert_eq!(crate::common::pack_files(&env.vault_dir()).len(), 0);
 }
 
+#[test]
+fn cancelling_a_running_restore_removes_the_partial_image() {
+    let env = Env::new();
+    let admin = token(&env, "admin", "root");
+    let img = env.path("d.raw");
+    // 192 MiB of random data: a streamOptimized VMDK deflates all of it, slowly.
+    for i in 0..3u64 {
+        write_raw(&img, 192 << 20, i << 26, &random_bytes(64 << 20, i));
+    }
+    let b = env.backup(&img, "d");
+    let srv = Appliance::start(&env, &[]);
+    let out = env.path("out");
+    std::fs::create_dir(&out).unwrap();
+    let to = out.join("d.vmdk");
+    let t = srv.ok(
+        "POST",
+        "/restores",
+        &admin,
+        Some(json!({"backup": b["id"], "to": to, "format": "vmdk-stream"})),
+        202,
+    );
+    let id = t["task"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    while srv.ok("GET", &format!("/tasks/{id}"), &admin, None, 200)["bytes_done"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the restore never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    srv.ok("POST", &format!("/tasks/{id}/cancel"), &admin, None, 200);
+    let done = srv.wait_task(&admin, &id, Duration::from_secs(10));
+    assert_eq!(done["state"], "cancelled", "{done}");
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert!(left.is_empty(), "a cancelled restore left {left:?}");
+    assert!(srv.stop());
+}
+
 /// A tiny HTTP receiver for webhooks: records every POSTed JSON body.
 fn webhook_receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
