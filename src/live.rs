@@ -30,13 +30,12 @@
 //! stopped: `nbd-server-stop` would remove every export, the guest's own included).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::backup::{BackupOptions, DiskJob, backup_resource};
+use crate::backup::{BackupOptions, DiskJob, backup_resource, check_cancel};
 use crate::cbt::{ChangeHint, previous};
 use crate::error::{Error, ErrorKind, Result};
 use crate::freeze::FreezeHooks;
@@ -286,17 +285,6 @@ fn discover(
 /// Disk id of disk `name` of `server`.
 pub fn disk_id(server: &str, name: &str) -> String {
     format!("{server}/{name}")
-}
-
-fn check_cancel(opts: &BackupOptions) -> Result<()> {
-    if opts
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
-    {
-        return Err(Error::cancelled("backup cancelled"));
-    }
-    Ok(())
 }
 
 fn capture_and_read(

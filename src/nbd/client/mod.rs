@@ -152,6 +152,16 @@ impl NbdClient {
         Ok(v)
     }
 
+    /// The header of the next reply (simple or structured), checked.
+    fn read_reply_header(&mut self) -> Result<ReplyHeader> {
+        let mut m = [0u8; 4];
+        self.read_exact(&mut m)?;
+        let magic = u32::from_be_bytes(m);
+        let rest_len = reply_rest_len(magic).map_err(|e| self.err(e.context()))?;
+        let rest = self.read_u(rest_len)?;
+        parse_reply_header(magic, &rest).map_err(|e| self.err(e.context()))
+    }
+
     fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<()> {
         let mut m = Vec::with_capacity(16 + data.len());
         m.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -371,12 +381,7 @@ impl NbdClient {
         buf: &mut [u8],
         pending: &mut Vec<(u64, usize, usize, u64)>,
     ) -> Result<()> {
-        let mut m = [0u8; 4];
-        self.read_exact(&mut m)?;
-        let magic = u32::from_be_bytes(m);
-        let rest_len = reply_rest_len(magic).map_err(|e| self.err(e.context()))?;
-        let rest = self.read_u(rest_len)?;
-        let header = parse_reply_header(magic, &rest).map_err(|e| self.err(e.context()))?;
+        let header = self.read_reply_header()?;
         let cookie = match header {
             ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
         };
@@ -498,24 +503,18 @@ impl NbdClient {
         self.write_all(&encode_request(0, CMD_BLOCK_STATUS, cookie, offset, len))?;
         let mut out: Vec<StatusExtent> = Vec::new();
         loop {
-            let mut m = [0u8; 4];
-            self.read_exact(&mut m)?;
-            let magic = u32::from_be_bytes(m);
-            let rest_len = reply_rest_len(magic).map_err(|e| self.err(e.context()))?;
-            let rest = self.read_u(rest_len)?;
-            let (flags, kind, length) =
-                match parse_reply_header(magic, &rest).map_err(|e| self.err(e.context()))? {
-                    ReplyHeader::Structured {
-                        flags,
-                        kind,
-                        cookie: c,
-                        length,
-                    } if c == cookie => (flags, kind, length),
-                    ReplyHeader::Simple { error, cookie: c } if c == cookie && error != 0 => {
-                        return Err(self.err(format!("block status failed: {}", errno_name(error))));
-                    }
-                    _ => return Err(self.err("sent an unexpected reply to block status")),
-                };
+            let (flags, kind, length) = match self.read_reply_header()? {
+                ReplyHeader::Structured {
+                    flags,
+                    kind,
+                    cookie: c,
+                    length,
+                } if c == cookie => (flags, kind, length),
+                ReplyHeader::Simple { error, cookie: c } if c == cookie && error != 0 => {
+                    return Err(self.err(format!("block status failed: {}", errno_name(error))));
+                }
+                _ => return Err(self.err("sent an unexpected reply to block status")),
+            };
             if length > MAX_STATUS_PAYLOAD {
                 return Err(self.err(format!("block-status chunk of {length} bytes")));
             }

@@ -71,12 +71,7 @@ impl NbdClient {
             _ => "flush",
         };
         loop {
-            let mut m = [0u8; 4];
-            self.read_exact(&mut m)?;
-            let magic = u32::from_be_bytes(m);
-            let rest_len = reply_rest_len(magic).map_err(|e| self.err(e.context()))?;
-            let rest = self.read_u(rest_len)?;
-            let header = parse_reply_header(magic, &rest).map_err(|e| self.err(e.context()))?;
+            let header = self.read_reply_header()?;
             let name = self.name.clone();
             let failed = |errno: u32, msg: String| {
                 Error::new(
