@@ -11,7 +11,8 @@
 //!  server: {"return": [...], "id": 2}      or {"error": {"class": "...", "desc": "..."}, "id": 2}
 //! ```
 //! Messages are one JSON object per line (QEMU ends them with `\r\n`). Events that arrive
-//! while waiting for a reply are queued and can be waited for with [`Qmp::wait_event`].
+//! while waiting for a reply are skipped: the capture polls state with `query-*` commands,
+//! which cannot miss an event that came before it asked.
 //! The guest agent has no greeting and no ids: [`Qga`] resynchronises with `guest-sync`
 //! (a random token echoed back) before each command, so a stale reply from an earlier
 //! timed-out command is never taken for the answer to the current one.
@@ -20,13 +21,11 @@
 //! whole QAPI schema; we need a dozen commands, synchronously, with timeouts and a cap
 //! on message size (a hostile or confused peer must not make us allocate without bound).
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -42,9 +41,29 @@ struct JsonLines {
     writer: UnixStream,
 }
 
+/// `UnixStream::connect` has no timeout and blocks as long as the listener's backlog is
+/// full (QEMU's chardev sockets listen with a backlog of 1 and accept nobody while a
+/// client, e.g. libvirt, is attached). Connect on a helper thread and give up after
+/// `timeout`; a late connection is closed by that thread (the receiver is gone).
+fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("unix-connect".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(p));
+        })?;
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("not accepted within {:.1}s", timeout.as_secs_f64()),
+        ))
+    })
+}
+
 impl JsonLines {
     fn connect(path: &Path, timeout: Duration) -> Result<JsonLines> {
-        let stream = UnixStream::connect(path)
+        let stream = connect_within(path, timeout)
             .map_err(|e| Error::io(format!("connecting to {}", path.display()), e))?;
         stream
             .set_write_timeout(Some(timeout))
@@ -67,24 +86,52 @@ impl JsonLines {
             .map_err(|e| Error::io(format!("writing to {}", self.path.display()), e))
     }
 
-    /// The next message, waiting at most until `deadline`.
+    /// The next message, waiting at most until `deadline` (for the whole message: the
+    /// socket timeout is renewed with what is left before every read, so a peer that
+    /// trickles bytes cannot stretch it).
     fn recv(&mut self, deadline: Instant) -> Result<Value> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(self.timed_out());
-        }
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(left))
-            .map_err(|e| Error::io("setting a socket timeout", e))?;
         let mut line = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_MESSAGE)
-            .read_until(b'\n', &mut line)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => self.timed_out(),
-                _ => Error::io(format!("reading from {}", self.path.display()), e),
-            })?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.timed_out());
+            }
+            self.reader
+                .get_ref()
+                .set_read_timeout(Some(left))
+                .map_err(|e| Error::io("setting a socket timeout", e))?;
+            let buf = match self.reader.fill_buf() {
+                Ok(buf) => buf,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(match e.kind() {
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                            self.timed_out()
+                        }
+                        _ => Error::io(format!("reading from {}", self.path.display()), e),
+                    });
+                }
+            };
+            if buf.is_empty() {
+                break;
+            }
+            let (n, end) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if (line.len() + n) as u64 > MAX_MESSAGE {
+                return Err(Error::invalid(format!(
+                    "{}: message longer than {MAX_MESSAGE} bytes",
+                    self.path.display()
+                )));
+            }
+            line.extend_from_slice(&buf[..n]);
+            self.reader.consume(n);
+            if end {
+                break;
+            }
+        }
+        let n = line.len();
         if n == 0 {
             return Err(Error::new(
                 ErrorKind::Io,
@@ -110,19 +157,10 @@ impl JsonLines {
     }
 }
 
-/// An asynchronous QMP event.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    pub event: String,
-    #[serde(default)]
-    pub data: Value,
-}
-
 /// A QMP connection (capabilities negotiated).
 pub struct Qmp {
     conn: JsonLines,
     next_id: u64,
-    events: VecDeque<Event>,
     timeout: Duration,
     /// QEMU's version as "major.minor.micro".
     pub version: String,
@@ -149,7 +187,6 @@ impl Qmp {
         let mut qmp = Qmp {
             conn,
             next_id: 1,
-            events: VecDeque::new(),
             timeout,
             version,
         };
@@ -180,13 +217,13 @@ impl Qmp {
                 e.context_prefix(format!("QMP {command} on {}", self.conn.path.display()))
             })?;
             if reply.get("event").is_some() {
-                if let Ok(ev) = serde_json::from_value::<Event>(reply) {
-                    self.events.push_back(ev);
-                }
                 continue;
             }
-            if reply.get("id").and_then(Value::as_u64) != Some(id) {
-                continue; // a reply to an earlier command that timed out
+            match reply.get("id") {
+                Some(i) if i.as_u64() == Some(id) => {}
+                // QEMU answers a command it could not even parse with an id-less error.
+                None if reply.get("error").is_some() => {}
+                _ => continue, // a reply to an earlier command that timed out
             }
             if let Some(err) = reply.get("error") {
                 let class = err.get("class").and_then(Value::as_str).unwrap_or("");
@@ -199,37 +236,6 @@ impl Qmp {
             }
             return Ok(reply.get("return").cloned().unwrap_or(Value::Null));
         }
-    }
-
-    /// Wait (at most `timeout`) for an event that `want` accepts; events already queued
-    /// count. Other events stay queued.
-    pub fn wait_event(
-        &mut self,
-        timeout: Duration,
-        want: impl Fn(&Event) -> bool,
-    ) -> Result<Event> {
-        if let Some(i) = self.events.iter().position(&want) {
-            return Ok(self.events.remove(i).expect("index from position"));
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let msg = self.conn.recv(deadline)?;
-            if msg.get("event").is_none() {
-                continue;
-            }
-            let Ok(ev) = serde_json::from_value::<Event>(msg) else {
-                continue;
-            };
-            if want(&ev) {
-                return Ok(ev);
-            }
-            self.events.push_back(ev);
-        }
-    }
-
-    /// Drop queued events (e.g. before starting a new phase).
-    pub fn clear_events(&mut self) {
-        self.events.clear();
     }
 }
 
@@ -267,5 +273,111 @@ impl Qga {
             ));
         }
         Ok(r.get("return").cloned().unwrap_or(Value::Null))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Peers that misbehave cannot be made of a real QEMU: these are scripted mock
+    //! peers on a unix socket (the real qemu-storage-daemon is in tests/it/server.rs).
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A peer that writes `script` (after reading one line per `\n` in `reads`) and
+    /// then stays silent until dropped.
+    fn peer(script: Vec<(usize, &'static str)>) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let Ok((s, _)) = l.accept() else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            for (reads, text) in script {
+                for _ in 0..reads {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+                for b in text.bytes() {
+                    if w.write_all(&[b]).is_err() {
+                        return;
+                    }
+                    if text.starts_with("TRICKLE") {
+                        std::thread::sleep(Duration::from_millis(40));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        (dir, path)
+    }
+
+    const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"major\": 10, \"minor\": 0, \"micro\": 2}}, \"capabilities\": []}}\r\n";
+
+    #[test]
+    fn a_silent_peer_times_out_instead_of_hanging() {
+        let (_d, path) = peer(vec![]);
+        let t = Instant::now();
+        let e = Qmp::connect(&path, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_the_deadline() {
+        let (_d, path) = peer(vec![(0, "TRICKLE ......................................")]);
+        let t = Instant::now();
+        assert!(Qmp::connect(&path, Duration::from_millis(300)).is_err());
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn events_and_stale_replies_are_skipped_and_errors_are_errors() {
+        let (_d, path) = peer(vec![
+            (0, GREETING),
+            (1, "{\"return\": {}, \"id\": 1}\r\n"),
+            (
+                1,
+                concat!(
+                    "{\"event\": \"JOB_STATUS_CHANGE\", \"data\": {}}\r\n",
+                    "{\"return\": \"stale\", \"id\": 99}\r\n",
+                    "{\"return\": [1, 2], \"id\": 2}\r\n"
+                ),
+            ),
+            (
+                1,
+                "{\"error\": {\"class\": \"DeviceNotFound\", \"desc\": \"no node x\"}, \"id\": 3}\r\n",
+            ),
+            (
+                1,
+                "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error\"}}\r\n",
+            ),
+        ]);
+        let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.version, "10.0.2");
+        let v: Vec<u32> = q.execute("query-block-exports", json!({})).unwrap();
+        assert_eq!(v, [1, 2]);
+        let e = q
+            .execute_value("blockdev-del", json!({"node-name": "x"}))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.to_string().contains("no node x"), "{e}");
+        let e = q.execute_value("query-version", json!({})).unwrap_err();
+        assert!(e.to_string().contains("JSON parse error"), "{e}");
+    }
+
+    #[test]
+    fn a_socket_without_a_greeting_is_not_qmp() {
+        let (_d, path) = peer(vec![(0, "{\"hello\": 1}\n")]);
+        let e = Qmp::connect(&path, Duration::from_secs(2)).err().unwrap();
+        assert!(e.to_string().contains("not a QMP socket"), "{e}");
     }
 }

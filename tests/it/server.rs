@@ -479,14 +479,32 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
 
 /// MOCK guest agent (no VM with a real qemu-ga can run on the test machine): answers
 /// guest-sync with its id, and fsfreeze commands with 2 file systems or an error.
-fn mock_guest_agent(sock: &Path, fail_freeze: bool) -> Arc<std::sync::Mutex<Vec<String>>> {
+/// Its thread ends when the returned guard is dropped (otherwise it would sit in accept()
+/// for the rest of the test run under this test's thread name).
+fn mock_guest_agent(
+    sock: &Path,
+    fail_freeze: bool,
+) -> (Arc<std::sync::Mutex<Vec<String>>>, StopOnDrop) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = Arc::clone(&stop);
+    let thread = std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            let conn = match listener.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
             let mut w = conn.try_clone().unwrap();
             for line in BufReader::new(conn).lines() {
                 let Ok(line) = line else { break };
@@ -500,11 +518,24 @@ fn mock_guest_agent(sock: &Path, fail_freeze: bool) -> Arc<std::sync::Mutex<Vec<
                     }
                     _ => json!({"return": 2}),
                 };
-                writeln!(w, "{reply}").unwrap();
+                if writeln!(w, "{reply}").is_err() {
+                    break;
+                }
             }
         }
     });
-    seen
+    (seen, StopOnDrop(stop, Some(thread)))
+}
+
+struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 #[test]
@@ -513,7 +544,7 @@ fn the_guest_agent_freezes_and_thaws_around_the_instant() {
     let a = random_image(&env, "a", 4, 8);
     let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
     let qga = env.path("qga.sock");
-    let seen = mock_guest_agent(&qga, false);
+    let (seen, _agent) = mock_guest_agent(&qga, false);
     let m = live_backup_ok(&env, &qsd, &["--qga", qga.to_str().unwrap()]);
     assert_eq!(m["capture"]["consistency"], "application-consistent");
     let cmds: Vec<String> = seen
@@ -527,7 +558,7 @@ fn the_guest_agent_freezes_and_thaws_around_the_instant() {
 
     // A guest whose freeze fails is thawed anyway and the backup says why.
     let qga2 = env.path("qga2.sock");
-    let seen = mock_guest_agent(&qga2, true);
+    let (seen, _agent2) = mock_guest_agent(&qga2, true);
     let m = live_backup_ok(&env, &qsd, &["--qga", qga2.to_str().unwrap()]);
     assert_eq!(m["capture"]["consistency"], "crash-consistent");
     assert!(s(&m["capture"], "note").contains("not supported"), "{m}");
