@@ -395,11 +395,10 @@ fn a_hanging_freeze_script_times_out_and_the_backup_is_crash_consistent() {
     assert!(images_equal(&dir.join("a.raw"), Path::new(&qsd.uri("a"))));
 }
 
-#[test]
-fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
-    let env = Env::bare();
+/// A live backup of one 64 MiB text disk into a zstd-19 vault (slow enough to interrupt),
+/// started in the background and returned once its temporary export exists.
+fn live_backup_in_flight(env: &Env) -> (Qsd, std::process::Child, std::path::PathBuf) {
     env.ok(&["vault", "create", "v", "--zstd-level", "19"]);
-    // Compressible data: zstd-19 makes the backup slow enough to cancel mid-way.
     let words = [
         "block", "vault", "qemu", "fleece", "bitmap", "chunk", "pack", "index",
     ];
@@ -412,7 +411,7 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
         v.truncate((MIB - CHUNK) as usize);
         v
     };
-    let a = image(&env, "a", 64, text);
+    let a = image(env, "a", 64, text);
     let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
     let fleece = env.path("fleece");
     std::fs::create_dir(&fleece).unwrap();
@@ -452,6 +451,53 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    (qsd, child, fleece)
+}
+
+#[test]
+fn a_killed_live_backup_leaves_leftovers_that_the_next_backup_removes() {
+    let env = Env::bare();
+    let (qsd, mut child, fleece) = live_backup_in_flight(&env);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = qsd.leftovers();
+    assert!(
+        left.iter().any(|l| l.contains("job")) && left.iter().any(|l| l.contains("export")),
+        "{left:?}"
+    );
+    // The next run (into a fast vault) finds the dead run's objects and removes them.
+    env.ok(&["vault", "create", "fast"]);
+    let out = env.run(&[
+        "--json",
+        "backup",
+        &format!("qmp:{}", qsd.qmp.display()),
+        "--vault",
+        "fast",
+        "--id",
+        "srv",
+        "--nbd-server",
+        qsd.nbd.to_str().unwrap(),
+        "--fleece-dir",
+        fleece.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    assert_eq!(std::fs::read_dir(&fleece).unwrap().count(), 0);
+    assert_eq!(
+        env.backups().len(),
+        1,
+        "only the finished backup is recorded"
+    );
+}
+
+#[test]
+fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
+    let env = Env::bare();
+    let (qsd, child, fleece) = live_backup_in_flight(&env);
     std::thread::sleep(Duration::from_millis(200));
     let signalled = Instant::now();
     nix::sys::signal::kill(

@@ -18,6 +18,9 @@
 //!            started it; bitmaps: success → OLD removed, NEW is the next checkpoint;
 //!            failure/cancel → NEW merged back into OLD, OLD re-enabled, NEW removed
 //! ```
+//! A run killed before its cleanup (SIGKILL, a crash of the appliance) leaves its
+//! objects in QEMU; the next run of any server on that QEMU removes them first
+//! ([`leftovers`]).
 //! Bitmap names are `blockvault-<tag>-<time>` where the tag is derived from the vault id
 //! and the server name, so two vaults protecting the same VM never consume each other's
 //! bitmaps. Bitmaps are persistent on qcow2 nodes (they survive a clean VM restart);
@@ -28,6 +31,8 @@
 //! unix socket and stop it afterwards; with it (e.g. qemu-storage-daemon started with
 //! `--nbd-server`), the temporary exports are added to that server (which is never
 //! stopped: `nbd-server-stop` would remove every export, the guest's own included).
+
+mod leftovers;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -138,6 +143,12 @@ pub fn backup_live(
         &blake3::hash(format!("{}/{server}", vault.config().id).as_bytes()).as_bytes()[..4],
     );
     let run = hex::encode(rand::random::<[u8; 3]>());
+    // One live backup per QEMU at a time; whoever holds the lock owns every
+    // `blockvault-` object in it, so those of a run that died are removed first.
+    let _lock = leftovers::VmLock::acquire(&live.qmp, opts)?;
+    for what in leftovers::sweep(&mut qmp)? {
+        tracing::warn!(server, "removed a leftover of a backup that died: {what}");
+    }
     let mut disks = discover(&mut qmp, vault, server, live, &tag, &run)?;
     let mut undo = Undo::default();
     let result = capture_and_read(&mut qmp, vault, server, live, opts, &mut disks, &mut undo);
@@ -331,8 +342,10 @@ fn capture_and_read(
         }
     }
     let mut frozen = live.hooks.freeze(server);
-    let instant = qmp.execute_value("transaction", json!({"actions": actions}));
+    // The instant lies between sending the transaction and its reply: stamp it before
+    // sending, so every freeze step is provably earlier and every thaw step later.
     let snapshot_at = now_rfc3339_precise();
+    let instant = qmp.execute_value("transaction", json!({"actions": actions}));
     if let Err(e) = &instant {
         frozen.capture_failed(&e.to_string());
     }
@@ -511,7 +524,7 @@ fn cleanup(qmp: &mut Qmp, disks: &[Disk], undo: &mut Undo, success: bool) -> Vec
 }
 
 /// Poll `query` until no entry has `field == value` (at most 30 s).
-fn wait_gone(qmp: &mut Qmp, query: &str, field: &str, value: &str) -> Result<Value> {
+pub(crate) fn wait_gone(qmp: &mut Qmp, query: &str, field: &str, value: &str) -> Result<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let list: Vec<Value> = qmp.execute(query, json!({}))?;
