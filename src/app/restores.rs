@@ -152,6 +152,7 @@ impl App {
     ) -> Result<ServerExport> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
+        let _lock = vault.lock_shared()?;
         export_server(&vault, &entry.manifest, dir, kind, opts)
     }
 
@@ -167,6 +168,7 @@ impl App {
     ) -> Result<Vec<DiskRestored>> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
+        let _lock = vault.lock_shared()?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let targets: Vec<PathBuf> = entry
@@ -244,6 +246,8 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
+        // GC must not repack or delete what the restore is about to read.
+        let _lock = vault.lock_shared()?;
         restore_disk(&vault, d, to, format, size, opts)
     }
 }

@@ -171,8 +171,34 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
+/// Disks per SCSI controller: units 0-15 without 7, the controller's own.
+const UNITS_PER_CONTROLLER: usize = 15;
+/// SCSI controllers a VM may have.
+const MAX_CONTROLLERS: usize = 4;
+
+/// (controller, unit) of the `i`-th disk.
+fn scsi_slot(i: usize) -> (usize, usize) {
+    let unit = i % UNITS_PER_CONTROLLER;
+    (
+        i / UNITS_PER_CONTROLLER,
+        if unit >= 7 { unit + 1 } else { unit },
+    )
+}
+
 /// The OVF 1.0 descriptor for the disks in `work`.
 fn ovf(m: &BackupManifest, server: &str, work: &Path, files: &[String]) -> Result<String> {
+    let controllers = m.disks.len().div_ceil(UNITS_PER_CONTROLLER).max(1);
+    if controllers > MAX_CONTROLLERS {
+        return Err(Error::new(
+            crate::error::ErrorKind::Unsupported,
+            format!(
+                "an OVA holds at most {} disks ({MAX_CONTROLLERS} SCSI controllers); backup {} has {}: export it as a qcow2-set",
+                MAX_CONTROLLERS * UNITS_PER_CONTROLLER,
+                m.name,
+                m.disks.len()
+            ),
+        ));
+    }
     let mut refs = String::new();
     let mut disks = String::new();
     let mut items = String::new();
@@ -186,14 +212,25 @@ fn ovf(m: &BackupManifest, server: &str, work: &Path, files: &[String]) -> Resul
         ));
         disks.push_str(&format!(
             "    <Disk ovf:capacity=\"{}\" ovf:capacityAllocationUnits=\"byte\" ovf:diskId=\"vmdisk{i}\" ovf:fileRef=\"file{i}\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n",
-            d.size
+            // The VMDK's capacity: whole sectors.
+            d.size.next_multiple_of(512)
         ));
+        let (ctrl, unit) = scsi_slot(i);
         items.push_str(&format!(
-            "      <Item>\n        <rasd:AddressOnParent>{i}</rasd:AddressOnParent>\n        <rasd:ElementName>{}</rasd:ElementName>\n        <rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:Parent>3</rasd:Parent>\n        <rasd:ResourceType>17</rasd:ResourceType>\n      </Item>\n",
+            "      <Item>\n        <rasd:AddressOnParent>{unit}</rasd:AddressOnParent>\n        <rasd:ElementName>{}</rasd:ElementName>\n        <rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:Parent>{}</rasd:Parent>\n        <rasd:ResourceType>17</rasd:ResourceType>\n      </Item>\n",
             xml_escape(&d.name),
-            10 + i
+            10 + i,
+            3 + ctrl
         ));
     }
+    let scsi: String = (0..controllers)
+        .map(|c| {
+            format!(
+                "      <Item>\n        <rasd:Address>{c}</rasd:Address>\n        <rasd:ElementName>SCSI Controller {c}</rasd:ElementName>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>\n        <rasd:ResourceType>6</rasd:ResourceType>\n      </Item>\n",
+                3 + c
+            )
+        })
+        .collect();
     Ok(format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!-- Exported by blockvault from backup {id} ({name}); CPU and memory are placeholders. -->
@@ -228,14 +265,7 @@ fn ovf(m: &BackupManifest, server: &str, work: &Path, files: &[String]) -> Resul
         <rasd:ResourceType>4</rasd:ResourceType>
         <rasd:VirtualQuantity>1024</rasd:VirtualQuantity>
       </Item>
-      <Item>
-        <rasd:Address>0</rasd:Address>
-        <rasd:ElementName>SCSI Controller 0</rasd:ElementName>
-        <rasd:InstanceID>3</rasd:InstanceID>
-        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
-        <rasd:ResourceType>6</rasd:ResourceType>
-      </Item>
-{items}    </VirtualHardwareSection>
+{scsi}{items}    </VirtualHardwareSection>
   </VirtualSystem>
 </Envelope>
 "#,
@@ -305,4 +335,19 @@ fn write_ova(
         .map_err(|e| Error::io("flushing the OVA", e.into_error()))?
         .sync_all()
         .ctx(|| "syncing the OVA")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scsi_slot;
+
+    #[test]
+    fn disks_skip_the_controllers_own_unit_7_and_fill_15_per_controller() {
+        let slots: Vec<_> = (0..17).map(scsi_slot).collect();
+        assert_eq!(slots[6], (0, 6));
+        assert_eq!(slots[7], (0, 8));
+        assert_eq!(slots[14], (0, 15));
+        assert_eq!(slots[15], (1, 0));
+        assert!(slots.iter().all(|&(_, u)| u != 7 && u <= 15));
+    }
 }

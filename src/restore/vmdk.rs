@@ -147,12 +147,14 @@ fn descriptor(info: &DescriptorInfo, sub: Subformat, capacity: u64) -> io::Resul
         Subformat::StreamOptimized => "streamOptimized",
         Subformat::MonolithicSparse => "monolithicSparse",
     };
-    let cylinders = (capacity / (16 * 63)).min(16383);
+    // VMware's geometry: 16 heads on IDE (cylinders capped at 16383), 255 on SCSI.
+    let heads: u64 = if info.adapter_type == "ide" { 16 } else { 255 };
+    let cylinders = (capacity / (heads * 63)).clamp(1, if heads == 16 { 16383 } else { 65535 });
     Ok(format!(
         "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID=ffffffff\n\
          createType=\"{create_type}\"\n\n# Extent description\nRW {capacity} SPARSE \"{}\"\n\n\
          # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"{}\"\n\
-         ddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"16\"\n\
+         ddb.geometry.cylinders = \"{cylinders}\"\nddb.geometry.heads = \"{heads}\"\n\
          ddb.geometry.sectors = \"63\"\nddb.adapterType = \"{}\"\n",
         info.cid, info.extent_name, info.hw_version, info.adapter_type
     ))
@@ -182,19 +184,19 @@ pub struct VmdkWriter {
 }
 
 impl VmdkWriter {
-    /// Start a new image in `file` (truncated first). `size` is in bytes and
-    /// must be a non-zero multiple of 512 and at most 2 TiB.
+    /// Start a new image in `file` (truncated first). `size` is in bytes, non-zero and at
+    /// most 2 TiB; VMDK counts whole sectors, so a size that is not a multiple of 512 is
+    /// rounded up (as qemu-img does) and the tail reads as zeros.
     pub fn create(
         file: File,
         size: u64,
         sub: Subformat,
         info: DescriptorInfo,
     ) -> io::Result<VmdkWriter> {
-        if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_SIZE {
-            return Err(invalid(
-                "VMDK size must be a non-zero multiple of 512 bytes, at most 2 TiB",
-            ));
-        }
+        let size = size
+            .checked_next_multiple_of(SECTOR)
+            .filter(|&s| s > 0 && s <= MAX_SIZE)
+            .ok_or_else(|| invalid("a VMDK disk is larger than 0 and at most 2 TiB"))?;
         let capacity = size / SECTOR;
         let grains = capacity.div_ceil(GRAIN_SECTORS);
         let gt_count = grains.div_ceil(GTES_PER_GT);
@@ -274,16 +276,15 @@ impl VmdkWriter {
     }
 
     /// Data at ascending offsets (each call's offset >= the end of the previous
-    /// call's data); offset and data.len() are multiples of 512; data may be
+    /// call's data); offset is a multiple of 512 (the length need not be: the
+    /// last chunk of a disk of odd size is short, the grain's rest stays zero); data may be
     /// smaller or larger than a grain and need not be grain-aligned (buffer a
     /// partial grain; gaps between calls are zero/unallocated). All-zero grains
     /// are not stored. Writing past `size` or a non-ascending offset is an error.
     pub fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
         let len = data.len() as u64;
-        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
-            return Err(invalid(
-                "VMDK write offset and length must be multiples of 512",
-            ));
+        if !offset.is_multiple_of(SECTOR) {
+            return Err(invalid("VMDK writes start at multiples of 512"));
         }
         if offset < self.next_off {
             return Err(invalid(
@@ -562,7 +563,12 @@ mod tests {
         let f = || tempfile::tempfile().unwrap();
         let info = DescriptorInfo::default;
         for sub in [Subformat::StreamOptimized, Subformat::MonolithicSparse] {
-            assert!(VmdkWriter::create(f(), MIB + 1, sub, info()).is_err());
+            // An odd size is rounded up to whole sectors.
+            assert_eq!(
+                VmdkWriter::create(f(), MIB + 1, sub, info()).unwrap().size,
+                MIB + 512
+            );
+            assert!(VmdkWriter::create(f(), u64::MAX, sub, info()).is_err());
             assert!(VmdkWriter::create(f(), 0, sub, info()).is_err());
             assert!(VmdkWriter::create(f(), u64::MAX - 511, sub, info()).is_err());
             let bad = DescriptorInfo {
@@ -574,8 +580,12 @@ mod tests {
             w.write_at(&[1u8; 1024], 4096).unwrap();
             assert!(w.write_at(&[1u8; 512], 4096).is_err(), "overlap");
             assert!(w.write_at(&[1u8; 512], 0).is_err(), "backwards");
-            assert!(w.write_at(&[1u8; 100], 8192).is_err(), "unaligned length");
-            assert!(w.write_at(&[1u8; 512], 8193).is_err(), "unaligned offset");
+            w.write_at(&[1u8; 100], 8192).unwrap(); // a short last chunk
+            assert!(
+                w.write_at(&[1u8; 512], 8192).is_err(),
+                "overlaps the short one"
+            );
+            assert!(w.write_at(&[1u8; 512], 8705).is_err(), "unaligned offset");
             assert!(w.write_at(&[1u8; 1024], MIB - 512).is_err(), "past end");
             assert!(w.write_at(&[1u8; 512], u64::MAX - 511).is_err(), "overflow");
             w.write_at(&[1u8; 512], MIB - 512).unwrap();

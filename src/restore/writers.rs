@@ -103,8 +103,10 @@ impl Qcow2Writer {
             StorageCreateOptions::new().filename(path.to_string_lossy().to_string()),
         )
         .map_err(io_err)?;
+        // qcow2 sizes are whole sectors (imago would round down and cut off the tail):
+        // round up like qemu-img; the tail reads as zeros.
         let qcow2 = imago::qcow2::Qcow2::<imago::file::File>::create_builder(storage)
-            .size(size)
+            .size(size.checked_next_multiple_of(512).unwrap_or(size))
             .create_open(PermissiveImplicitOpenGate::default(), |s| {
                 Ok(imago::qcow2::Qcow2::builder(s).write(true))
             })

@@ -186,7 +186,7 @@ impl Vault {
             .ctx(|| format!("opening {}", path.display()))
     }
 
-    /// Shared lock for a backup (waits while GC runs).
+    /// Shared lock for a backup, restore or export (waits while GC runs).
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
@@ -199,7 +199,7 @@ impl Vault {
         match f.try_lock() {
             Ok(()) => Ok(VaultLock { _file: f }),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
-                "vault {} is in use by a running backup; try again when it has finished",
+                "vault {} is in use by a running backup or restore; try again when it has finished",
                 self.root.display()
             ))),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io("taking the vault lock", e)),

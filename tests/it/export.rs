@@ -505,3 +505,68 @@ fn a_server_backup_exports_as_an_ova_and_as_a_qcow2_set_without_changing_the_bac
     assert_eq!(env.backups(), before);
     assert!(env.run(&["verify", "--vault", "v"]).status.success());
 }
+
+#[test]
+fn a_disk_whose_size_is_not_whole_sectors_restores_whole_into_every_format_and_an_ova() {
+    let env = Env::new();
+    // 10 MiB + 100 bytes, data up to the very last byte.
+    let odd = env.path("odd.raw");
+    let size = (10 << 20) + 100;
+    write_raw(&odd, size, size - 4096, &random_bytes(4096, 9));
+    write_raw(&odd, size, 0, &random_bytes(CHUNK as usize, 10));
+    let b = env.json(&[
+        "backup",
+        odd.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "odd",
+    ]);
+    let id = s(&b, "id");
+    for format in ["raw", "qcow2", "vmdk", "vmdk-stream"] {
+        let to = env.path(&format!("odd-{format}.img"));
+        env.restore(id, &to, format);
+        if format != "raw" {
+            check_clean(&to);
+        }
+        // Whole sectors: the image may be rounded up to 512, never down.
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&to)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        let vsize = v["virtual-size"].as_u64().unwrap();
+        assert!(vsize >= size && vsize - size < 512, "{format}: {vsize}");
+        assert!(images_equal(&odd, &to), "{format} differs from the source");
+    }
+    // The same disk in a server's OVA.
+    let srv = env.json(&[
+        "backup",
+        &format!("odd={}", odd.display()),
+        &format!("sys={}", fixtures().join("disk.qcow2").display()),
+        "--vault",
+        "v",
+        "--id",
+        "srv",
+    ]);
+    let out = env.path("ova");
+    env.json(&[
+        "restore",
+        s(&srv, "id"),
+        "--to",
+        out.to_str().unwrap(),
+        "--image",
+        "ova",
+    ]);
+    let x = env.path("unpacked");
+    std::fs::create_dir(&x).unwrap();
+    let ova = out.join("srv.ova");
+    sh(
+        "tar",
+        &["-xf", ova.to_str().unwrap(), "-C", x.to_str().unwrap()],
+    );
+    assert!(images_equal(&odd, &x.join("odd.vmdk")));
+    let ovf = std::fs::read_to_string(x.join("srv.ovf")).unwrap();
+    assert!(ovf.contains(&format!("ovf:capacity=\"{}\"", size.next_multiple_of(512))));
+}
