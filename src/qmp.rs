@@ -171,14 +171,28 @@ impl Qmp {
     /// every later command too.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
         let mut conn = JsonLines::connect(path, timeout)?;
-        let greeting = conn.recv(Instant::now() + timeout)?;
+        let deadline = Instant::now() + timeout;
+        // QEMU may hand a new client what it had queued for the previous one on the same
+        // monitor (an event, a late reply) before the greeting: skip those.
+        let greeting = loop {
+            let m = conn.recv(deadline)?;
+            if ["event", "return", "error"]
+                .iter()
+                .any(|k| m.get(k).is_some())
+            {
+                continue;
+            }
+            break m;
+        };
         let v = greeting
             .get("QMP")
             .and_then(|q| q.get("version"))
             .and_then(|v| v.get("qemu"))
             .ok_or_else(|| {
+                let mut seen = greeting.to_string();
+                seen.truncate(200);
                 Error::invalid(format!(
-                    "{} is not a QMP socket (no QMP greeting)",
+                    "{} is not a QMP socket (no QMP greeting; it sent {seen})",
                     path.display()
                 ))
             })?;
@@ -372,6 +386,23 @@ mod tests {
         assert!(e.to_string().contains("no node x"), "{e}");
         let e = q.execute_value("query-version", json!({})).unwrap_err();
         assert!(e.to_string().contains("JSON parse error"), "{e}");
+    }
+
+    #[test]
+    fn what_a_previous_client_left_queued_is_skipped_before_the_greeting() {
+        let (_d, path) = peer(vec![
+            (
+                0,
+                concat!(
+                    "{\"event\": \"BLOCK_EXPORT_DELETED\", \"data\": {}}\r\n",
+                    "{\"return\": {}, \"id\": 7}\r\n",
+                ),
+            ),
+            (0, GREETING),
+            (1, "{\"return\": {}, \"id\": 1}\r\n"),
+        ]);
+        let q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+        assert_eq!(q.version, "10.0.2");
     }
 
     #[test]
