@@ -1,4 +1,5 @@
-//! A read-only NBD server: one export, many clients (a thread each).
+//! A read-only NBD server: one export, many clients (a thread each, at most
+//! [`Limits::max_clients`] at once).
 //!
 //! Speaks fixed newstyle negotiation (NBD_OPT_EXPORT_NAME, LIST, INFO, GO, ABORT,
 //! STRUCTURED_REPLY, LIST/SET_META_CONTEXT with `base:allocation`) and, in transmission,
@@ -13,7 +14,23 @@
 //!
 //! Client bytes are untrusted: option payloads are capped ([`MAX_OPTION`]), request
 //! lengths are checked against the export and [`MAX_REQUEST`], and a write payload is
-//! drained (within the cap) before the EPERM reply so the stream stays in sync.
+//! drained (within the cap) before the EPERM reply so the stream stays in sync. Requests
+//! past the end of the export (READ, CACHE, BLOCK_STATUS) and command flags the command
+//! does not take get EINVAL (FUA is accepted everywhere; DF on READ, REQ_ONE on
+//! BLOCK_STATUS — honoured: one descriptor, within the request). A zero-length READ
+//! succeeds with no data (a NONE chunk: an OFFSET_DATA chunk must carry a byte).
+//!
+//! Limits ([`Limits`], defaults [`DEFAULT_MAX_CLIENTS`] and
+//! [`DEFAULT_HANDSHAKE_TIMEOUT`]): a connection past the cap is closed at once (a
+//! warning is logged, at most every 10 s); negotiation (greeting to the end of option
+//! haggling) must finish within the handshake timeout, a deadline for the whole phase,
+//! so a silent or trickling client is dropped. In transmission an idle client is kept
+//! (NBD clients legitimately sit idle) but holds one of the slots.
+//!
+//! `unix:PATH` never removes what it did not create: an existing non-socket at PATH, or
+//! a socket another server answers on, is an error; only a stale socket (connection
+//! refused) is replaced. On exit the socket is removed only if PATH is still the one this
+//! process bound (same device and inode).
 //!
 //! Why our own: the `nbd` crate's server speaks only oldstyle-like EXPORT_NAME with
 //! simple replies — no structured replies, no meta contexts, so clients could not skip
@@ -21,11 +38,12 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use super::BASE_ALLOCATION;
 use super::proto::*;
@@ -35,6 +53,12 @@ use crate::error::{Error, Result};
 pub const MAX_OPTION: u32 = 64 << 10;
 /// Largest read (and drained write) request.
 pub const MAX_REQUEST: u32 = 32 << 20;
+/// Clients served at once by default; further connections are closed.
+pub const DEFAULT_MAX_CLIENTS: usize = 64;
+/// Default time a client has to finish negotiation.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Least time between two "connection refused: too many clients" warnings.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
 
 const OPT_EXPORT_NAME: u32 = 1;
 const OPT_LIST: u32 = 3;
@@ -48,6 +72,11 @@ const INFO_NAME: u16 = 1;
 const CMD_TRIM: u16 = 4;
 const CMD_CACHE: u16 = 5;
 const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+const CMD_FLAG_DF: u16 = 1 << 2;
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
@@ -74,22 +103,70 @@ pub struct ExportInfo {
     pub preferred_block: u32,
 }
 
+/// The socket file a [`Listener::Unix`] created: its path and (device, inode), so that
+/// only that file is removed on exit.
+pub struct SocketFile {
+    pub path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
 /// Where to listen.
 pub enum Listener {
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
     Tcp(TcpListener),
 }
 
+/// (device, inode) of what is at `p` now, not following symlinks.
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(p)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Make way for a Unix socket at `p`: nothing there, or a stale socket (removed).
+/// Anything else is an error, and left alone.
+fn clear_stale_socket(p: &Path) -> Result<()> {
+    let shown = p.display();
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("checking {shown}"), e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::conflict(format!(
+            "cannot listen on {shown}: it exists and is not a socket (not replacing it)"
+        )));
+    }
+    match UnixStream::connect(p) {
+        Ok(_) => Err(Error::conflict(format!(
+            "cannot listen on {shown}: another server is listening on that socket"
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!("removing the stale socket {shown}");
+            std::fs::remove_file(p)
+                .map_err(|e| Error::io(format!("removing the stale socket {shown}"), e))
+        }
+        Err(e) => Err(Error::io(
+            format!("cannot listen on {shown}: checking whether the socket there is in use"),
+            e,
+        )),
+    }
+}
+
 impl Listener {
-    /// `unix:PATH` (or an absolute path) or `HOST:PORT`.
+    /// `unix:PATH` (or an absolute path) or `HOST:PORT`. An existing PATH is replaced
+    /// only if it is a stale socket (see the module doc).
     pub fn bind(spec: &str) -> Result<Listener> {
         if let Some(p) = spec
             .strip_prefix("unix:")
             .or_else(|| spec.starts_with('/').then_some(spec))
         {
-            let _ = std::fs::remove_file(p);
-            let l = UnixListener::bind(p).map_err(|e| Error::io(format!("listening on {p}"), e))?;
-            return Ok(Listener::Unix(l, PathBuf::from(p)));
+            let path = PathBuf::from(p);
+            clear_stale_socket(&path)?;
+            let l =
+                UnixListener::bind(&path).map_err(|e| Error::io(format!("listening on {p}"), e))?;
+            let id = file_id(&path);
+            return Ok(Listener::Unix(l, SocketFile { path, id }));
         }
         let l =
             TcpListener::bind(spec).map_err(|e| Error::io(format!("listening on {spec}"), e))?;
@@ -99,7 +176,7 @@ impl Listener {
     /// Where clients connect (an NBD URI).
     pub fn uri(&self) -> String {
         match self {
-            Listener::Unix(_, p) => format!("nbd+unix:///?socket={}", p.display()),
+            Listener::Unix(_, f) => format!("nbd+unix:///?socket={}", f.path.display()),
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "nbd://?".into(), |a| format!("nbd://{a}/")),
@@ -109,19 +186,65 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        // Only the socket we bound: PATH may have been replaced since.
+        if let Listener::Unix(_, f) = self
+            && f.id.is_some()
+            && file_id(&f.path) == f.id
+        {
+            let _ = std::fs::remove_file(&f.path);
         }
     }
 }
 
-/// Serve `info` on `listener` until `stop` is set. Each client runs on its own thread.
+/// Bounds on what clients can hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Clients served at once; a connection past it is closed at once.
+    pub max_clients: usize,
+    /// Time from accepting a connection to the end of its option negotiation.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_clients: DEFAULT_MAX_CLIENTS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+/// Releases a client slot when its session thread ends (or never starts).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serve `info` on `listener` until `stop` is set, with the default [`Limits`].
 pub fn serve(
     listener: &Listener,
     info: &ExportInfo,
     open: Arc<ReaderFactory>,
     stop: &AtomicBool,
 ) -> Result<()> {
+    serve_with(listener, info, open, stop, &Limits::default())
+}
+
+/// Serve `info` on `listener` until `stop` is set. Each client runs on its own thread,
+/// at most `limits.max_clients` at once.
+pub fn serve_with(
+    listener: &Listener,
+    info: &ExportInfo,
+    open: Arc<ReaderFactory>,
+    stop: &AtomicBool,
+    limits: &Limits,
+) -> Result<()> {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut refused = 0u64;
+    let mut last_warning: Option<Instant> = None;
     let set_nb = |r: std::io::Result<()>| r.map_err(|e| Error::io("configuring the listener", e));
     match listener {
         Listener::Unix(l, _) => set_nb(l.set_nonblocking(true))?,
@@ -137,12 +260,37 @@ pub fn serve(
         };
         match accepted {
             Ok(conn) => {
-                let (info, open) = (info.clone(), Arc::clone(&open));
-                std::thread::spawn(move || {
-                    if let Err(e) = Session::new(conn, info, open).run() {
-                        tracing::info!("NBD client: {e}");
+                // Only this thread takes slots: the check and the increment cannot race.
+                if active.load(Ordering::SeqCst) >= limits.max_clients {
+                    drop(conn);
+                    refused += 1;
+                    if last_warning.is_none_or(|t| t.elapsed() >= REFUSAL_WARN_EVERY) {
+                        tracing::warn!(
+                            "NBD: refused a connection: already serving the maximum of {} \
+                             clients ({refused} refused so far)",
+                            limits.max_clients
+                        );
+                        last_warning = Some(Instant::now());
                     }
-                });
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let slot = Slot(Arc::clone(&active));
+                let (info, open) = (info.clone(), Arc::clone(&open));
+                let timeout = limits.handshake_timeout;
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("nbd-client".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            if let Err(e) = Session::new(conn, info, open, timeout).run() {
+                                tracing::info!("NBD client: {e}");
+                            }
+                        });
+                // On failure the closure (its slot and connection) is dropped.
+                if let Err(e) = spawned {
+                    tracing::warn!("NBD: cannot start a thread for a client: {e}");
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(50));
@@ -156,15 +304,25 @@ pub fn serve(
 /// A client socket.
 pub trait Conn: Read + Write + Send {
     fn blocking(&self) -> std::io::Result<()>;
+    /// Read and write timeouts (`None`: block).
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()>;
 }
-impl Conn for std::os::unix::net::UnixStream {
+impl Conn for UnixStream {
     fn blocking(&self) -> std::io::Result<()> {
         self.set_nonblocking(false)
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 impl Conn for std::net::TcpStream {
     fn blocking(&self) -> std::io::Result<()> {
         self.set_nonblocking(false)
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 
@@ -175,6 +333,9 @@ struct Session {
     structured: bool,
     alloc_ctx: bool,
     no_zeroes: bool,
+    handshake_timeout: Duration,
+    /// End of negotiation; `None` once in transmission.
+    deadline: Option<Instant>,
 }
 
 /// What the option phase ended with.
@@ -225,7 +386,12 @@ pub fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
 }
 
 impl Session {
-    fn new(conn: Box<dyn Conn>, info: ExportInfo, open: Arc<ReaderFactory>) -> Session {
+    fn new(
+        conn: Box<dyn Conn>,
+        info: ExportInfo,
+        open: Arc<ReaderFactory>,
+        handshake_timeout: Duration,
+    ) -> Session {
         Session {
             conn,
             info,
@@ -233,6 +399,8 @@ impl Session {
             structured: false,
             alloc_ctx: false,
             no_zeroes: false,
+            handshake_timeout,
+            deadline: None,
         }
     }
 
@@ -240,15 +408,74 @@ impl Session {
         Error::io("NBD connection", e)
     }
 
+    fn negotiation_timed_out(&self) -> Error {
+        Error::io(
+            format!(
+                "NBD client did not finish negotiation within {:?}; dropped",
+                self.handshake_timeout
+            ),
+            std::io::ErrorKind::TimedOut.into(),
+        )
+    }
+
+    /// Read exactly `buf` in negotiation: each read may wait only until the deadline,
+    /// so a client trickling bytes cannot stretch it.
+    fn read_nego(&mut self, mut buf: &mut [u8]) -> Result<()> {
+        let Some(deadline) = self.deadline else {
+            return self.conn.read_exact(buf).map_err(Self::io);
+        };
+        while !buf.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.negotiation_timed_out());
+            }
+            self.conn
+                .set_timeouts(Some(left), Some(self.handshake_timeout))
+                .map_err(Self::io)?;
+            match self.conn.read(buf) {
+                Ok(0) => return Err(Self::io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => buf = &mut buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.negotiation_timed_out());
+                }
+                Err(e) => return Err(Self::io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Read and discard `len` bytes in negotiation.
+    fn drain_nego(&mut self, len: u32) -> Result<()> {
+        let mut left = len as usize;
+        let mut buf = vec![0u8; left.min(64 << 10)];
+        while left > 0 {
+            let n = left.min(buf.len());
+            self.read_nego(&mut buf[..n])?;
+            left -= n;
+        }
+        Ok(())
+    }
+
     fn run(mut self) -> Result<()> {
         self.conn.blocking().map_err(Self::io)?;
+        // The whole negotiation has one deadline; writes too cannot block forever.
+        self.deadline = Some(Instant::now() + self.handshake_timeout);
+        self.conn
+            .set_timeouts(Some(self.handshake_timeout), Some(self.handshake_timeout))
+            .map_err(Self::io)?;
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
         self.conn.write_all(&hello).map_err(Self::io)?;
         let mut cf = [0u8; 4];
-        self.conn.read_exact(&mut cf).map_err(Self::io)?;
+        self.read_nego(&mut cf)?;
         let cflags = u32::from_be_bytes(cf);
         if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
             return Err(Error::invalid("client sent unknown handshake flags"));
@@ -256,7 +483,11 @@ impl Session {
         self.no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
         match self.options()? {
             Next::Close => Ok(()),
-            Next::Transmit => self.transmit(),
+            Next::Transmit => {
+                self.deadline = None;
+                self.conn.set_timeouts(None, None).map_err(Self::io)?;
+                self.transmit()
+            }
         }
     }
 
@@ -281,7 +512,7 @@ impl Session {
     fn options(&mut self) -> Result<Next> {
         loop {
             let mut h = [0u8; 16];
-            self.conn.read_exact(&mut h).map_err(Self::io)?;
+            self.read_nego(&mut h)?;
             if u64::from_be_bytes(h[0..8].try_into().unwrap_or_default()) != IHAVEOPT {
                 return Err(Error::invalid("client sent a bad option magic"));
             }
@@ -292,16 +523,12 @@ impl Session {
                 if len > MAX_REQUEST {
                     return Err(Error::invalid("client sent an oversized option"));
                 }
-                std::io::copy(
-                    &mut (&mut self.conn).take(u64::from(len)),
-                    &mut std::io::sink(),
-                )
-                .map_err(Self::io)?;
+                self.drain_nego(len)?;
                 self.opt_reply(opt, REP_ERR_TOO_BIG, b"")?;
                 continue;
             }
             let mut data = vec![0u8; len as usize];
-            self.conn.read_exact(&mut data).map_err(Self::io)?;
+            self.read_nego(&mut data)?;
             match opt {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -455,6 +682,32 @@ impl Session {
         }
     }
 
+    /// Command flags `kind` takes: FUA everywhere (nothing to persist on a read-only
+    /// export), DF on READ with structured replies (a read is always one chunk),
+    /// REQ_ONE on BLOCK_STATUS, NO_HOLE and FAST_ZERO on WRITE_ZEROES (refused anyway).
+    fn valid_flags(&self, kind: u16) -> u16 {
+        CMD_FLAG_FUA
+            | match kind {
+                CMD_READ if self.structured => CMD_FLAG_DF,
+                CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+                CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                _ => 0,
+            }
+    }
+
+    /// Discard a write's payload so the stream stays in sync; a huge one ends the session.
+    fn drain_write(&mut self, len: u32) -> Result<()> {
+        if len > MAX_REQUEST {
+            return Err(Error::invalid("client sent an oversized write"));
+        }
+        std::io::copy(
+            &mut (&mut self.conn).take(u64::from(len)),
+            &mut std::io::sink(),
+        )
+        .map_err(Self::io)?;
+        Ok(())
+    }
+
     fn transmit(&mut self) -> Result<()> {
         let mut reader = (self.open)()?;
         let mut buf = Vec::new();
@@ -468,6 +721,7 @@ impl Session {
             if u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != REQUEST_MAGIC {
                 return Err(Error::invalid("client sent a bad request magic"));
             }
+            let flags = u16::from_be_bytes([h[4], h[5]]);
             let kind = u16::from_be_bytes([h[6], h[7]]);
             let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
             let offset = u64::from_be_bytes(h[16..24].try_into().unwrap_or_default());
@@ -475,10 +729,27 @@ impl Session {
             let in_range = offset
                 .checked_add(u64::from(len))
                 .is_some_and(|end| end <= self.info.size);
+            if kind != CMD_DISC && flags & !self.valid_flags(kind) != 0 {
+                if kind == CMD_WRITE {
+                    self.drain_write(len)?;
+                }
+                self.error(
+                    cookie,
+                    EINVAL,
+                    &format!("command flags {flags:#x} not supported for command {kind}"),
+                )?;
+                continue;
+            }
             match kind {
                 CMD_READ => {
                     if !in_range || len > MAX_REQUEST {
                         self.error(cookie, EINVAL, "read outside the export or too large")?;
+                        continue;
+                    }
+                    if len == 0 {
+                        // Unspecified by the protocol; an OFFSET_DATA chunk must carry at
+                        // least one byte, so: success without data.
+                        self.ok(cookie)?;
                         continue;
                     }
                     buf.resize(len as usize, 0);
@@ -517,11 +788,17 @@ impl Session {
                         )?;
                         continue;
                     }
+                    // REQ_ONE: exactly one descriptor, no longer than the request.
+                    let (most, cap) = if flags & CMD_FLAG_REQ_ONE != 0 {
+                        (1, u64::from(len))
+                    } else {
+                        (1024, u64::from(u32::MAX) & !0xffff)
+                    };
                     match reader.allocation(offset, u64::from(len)) {
                         Ok(runs) => {
                             let mut p = ALLOC_ID.to_be_bytes().to_vec();
-                            for (l, f) in runs.iter().take(1024) {
-                                let l = (*l).min(u64::from(u32::MAX) & !0xffff) as u32;
+                            for (l, f) in runs.iter().take(most) {
+                                let l = (*l).min(cap) as u32;
                                 if l == 0 {
                                     break;
                                 }
@@ -538,16 +815,16 @@ impl Session {
                     }
                 }
                 CMD_DISC => return Ok(()),
-                CMD_FLUSH | CMD_CACHE => self.ok(cookie)?,
-                CMD_WRITE => {
-                    if len > MAX_REQUEST {
-                        return Err(Error::invalid("client sent an oversized write"));
+                CMD_FLUSH => self.ok(cookie)?,
+                CMD_CACHE => {
+                    if in_range {
+                        self.ok(cookie)?;
+                    } else {
+                        self.error(cookie, EINVAL, "cache request outside the export")?;
                     }
-                    std::io::copy(
-                        &mut (&mut self.conn).take(u64::from(len)),
-                        &mut std::io::sink(),
-                    )
-                    .map_err(Self::io)?;
+                }
+                CMD_WRITE => {
+                    self.drain_write(len)?;
                     self.error(cookie, EPERM, "the export is read-only")?;
                 }
                 CMD_WRITE_ZEROES | CMD_TRIM => {

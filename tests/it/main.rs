@@ -9,6 +9,7 @@ mod export;
 mod incremental;
 mod integrity;
 mod nbd;
+mod nbd_server;
 mod qsd;
 mod remote;
 mod server;
