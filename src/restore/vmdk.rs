@@ -372,7 +372,7 @@ impl VmdkWriter {
                 let mut out = Vec::with_capacity(GRAIN_BYTES as usize / 2);
                 out.extend_from_slice(&(g * GRAIN_SECTORS).to_le_bytes());
                 out.extend_from_slice(&[0u8; 4]);
-                let mut enc = ZlibEncoder::new(out, Compression::default());
+                let mut enc = ZlibEncoder::new(out, Compression::fast());
                 enc.write_all(&self.grain)?;
                 let mut out = enc.finish()?;
                 let clen = u32::try_from(out.len() - 12).map_err(io::Error::other)?;
