@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -42,7 +43,9 @@ impl FreezeHooks {
     }
 
     /// Run the freeze steps for `resource`. Returns the frozen state, to be thawed.
-    pub fn freeze(&self, resource: &str) -> Frozen<'_> {
+    /// A raised `cancel` stops a freeze script that is still running (recorded as a
+    /// failed step); thaw steps are never interrupted.
+    pub fn freeze(&self, resource: &str, cancel: Option<&AtomicBool>) -> Frozen<'_> {
         let mut f = Frozen {
             hooks: self,
             resource: resource.to_string(),
@@ -55,7 +58,7 @@ impl FreezeHooks {
             return f;
         }
         if let Some(cmd) = &self.freeze_script {
-            match run_script(cmd, "freeze", resource, self.timeout()) {
+            match run_script(cmd, "freeze", resource, self.timeout(), cancel) {
                 Ok(()) => f.steps.push("freeze-script: ok".into()),
                 Err(why) => f.fail(format!("freeze script {why}")),
             }
@@ -123,7 +126,7 @@ impl Frozen<'_> {
             }
         }
         if let Some(cmd) = &self.hooks.thaw_script {
-            match run_script(cmd, "thaw", &self.resource, t) {
+            match run_script(cmd, "thaw", &self.resource, t, None) {
                 Ok(()) => self.steps.push("thaw-script: ok".into()),
                 Err(why) => {
                     let why = format!("thaw script {why}");
@@ -165,6 +168,7 @@ fn run_script(
     phase: &str,
     resource: &str,
     timeout: Duration,
+    cancel: Option<&AtomicBool>,
 ) -> std::result::Result<(), String> {
     use std::os::unix::process::CommandExt;
     let log = std::env::temp_dir().join(format!(
@@ -192,10 +196,16 @@ fn run_script(
             match child.try_wait() {
                 Ok(Some(status)) if status.success() => return Ok(()),
                 Ok(Some(status)) => return Err(format!("failed ({status})")),
-                Ok(None) if started.elapsed() >= timeout => {
+                Ok(None)
+                    if started.elapsed() >= timeout
+                        || cancel.is_some_and(|c| c.load(Ordering::Relaxed)) =>
+                {
                     let pgid = Pid::from_raw(child.id() as i32);
                     let _ = killpg(pgid, Signal::SIGKILL);
                     let _ = child.wait();
+                    if started.elapsed() < timeout {
+                        return Err("stopped: the backup was cancelled".into());
+                    }
                     return Err(format!("timed out after {:.1}s", timeout.as_secs_f64()));
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(10)),

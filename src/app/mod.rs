@@ -237,7 +237,11 @@ impl App {
                 note: None,
             });
         }
-        let mut frozen = hooks.freeze(server);
+        let mut frozen = hooks.freeze(server, opts.cancel.as_deref());
+        if let Err(e) = crate::backup::check_cancel(&opts) {
+            frozen.thaw();
+            return Err(e);
+        }
         let mut capture = || {
             frozen.thaw();
             let (consistency, note, steps) = frozen.outcome();

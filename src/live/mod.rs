@@ -341,7 +341,11 @@ fn capture_and_read(
             }}));
         }
     }
-    let mut frozen = live.hooks.freeze(server);
+    let mut frozen = live.hooks.freeze(server, opts.cancel.as_deref());
+    if let Err(e) = check_cancel(opts) {
+        frozen.thaw();
+        return Err(e);
+    }
     // The instant lies between sending the transaction and its reply: stamp it before
     // sending, so every freeze step is provably earlier and every thaw step later.
     let snapshot_at = now_rfc3339_precise();

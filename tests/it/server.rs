@@ -395,6 +395,52 @@ fn a_hanging_freeze_script_times_out_and_the_backup_is_crash_consistent() {
     assert!(images_equal(&dir.join("a.raw"), Path::new(&qsd.uri("a"))));
 }
 
+#[test]
+fn cancelling_during_a_long_freeze_stops_at_once_thaws_and_records_nothing() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 8);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let log = env.path("hooks.log");
+    let freeze = format!("echo freeze $(date +%s.%N) >> {}; sleep 60", log.display());
+    let thaw = format!("echo thaw $(date +%s.%N) >> {}", log.display());
+    let child = env
+        .cmd()
+        .args(["backup", &format!("qmp:{}", qsd.qmp.display())])
+        .args([
+            "--vault", "v", "--id", "srv", "--freeze", &freeze, "--thaw", &thaw,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while stamps(&log).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the freeze never ran"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    let st = stamps(&log);
+    assert_eq!(st.len(), 2, "freeze, then thaw: {st:?}");
+    assert_eq!(st[1].0, "thaw");
+    assert!(env.backups().is_empty());
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+}
+
 /// A live backup of one 64 MiB text disk into a zstd-19 vault (slow enough to interrupt),
 /// started in the background and returned once its temporary export exists.
 fn live_backup_in_flight(env: &Env) -> (Qsd, std::process::Child, std::path::PathBuf) {
