@@ -152,6 +152,22 @@ pub fn backup_live(
     let mut disks = discover(&mut qmp, vault, server, live, &tag, &run)?;
     let mut undo = Undo::default();
     let result = capture_and_read(&mut qmp, vault, server, live, opts, &mut disks, &mut undo);
+    // After an I/O failure the QMP connection itself may be dead or out of step: clean up
+    // over a fresh one (the monitor serves one client, so the old one goes first).
+    if result.as_ref().is_err_and(|e| e.kind() == ErrorKind::Io) {
+        drop(qmp);
+        qmp = match Qmp::connect(&live.qmp, timeout) {
+            Ok(q) => q,
+            Err(c) => {
+                let why = c.to_string();
+                let e = result.err().unwrap_or(c);
+                return Err(e.context_prefix(format!(
+                    "live backup of {server} failed and QEMU could not be reached to clean up \
+                     ({why}; the next backup of this QEMU removes what is left)"
+                )));
+            }
+        };
+    }
     let problems = cleanup(&mut qmp, &disks, &mut undo, result.is_ok());
     match result {
         Ok(m) => {
