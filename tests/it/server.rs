@@ -420,6 +420,18 @@ fn cancelling_during_a_long_freeze_stops_at_once_thaws_and_records_nothing() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+    let took = cancel_with_sigterm(child);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let st = stamps(&log);
+    assert_eq!(st.len(), 2, "freeze, then thaw: {st:?}");
+    assert_eq!(st[1].0, "thaw");
+    assert!(env.backups().is_empty());
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+}
+
+/// SIGTERM a running backup; it must fail saying it was cancelled. Returns how long it
+/// took to stop.
+fn cancel_with_sigterm(child: std::process::Child) -> Duration {
     let signalled = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -427,18 +439,10 @@ fn cancelling_during_a_long_freeze_stops_at_once_thaws_and_records_nothing() {
     )
     .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        signalled.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        signalled.elapsed()
-    );
+    let took = signalled.elapsed();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
-    let st = stamps(&log);
-    assert_eq!(st.len(), 2, "freeze, then thaw: {st:?}");
-    assert_eq!(st[1].0, "thaw");
-    assert!(env.backups().is_empty());
-    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    took
 }
 
 /// A live backup of one 64 MiB text disk into a zstd-19 vault (slow enough to interrupt),
@@ -545,20 +549,8 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
     let env = Env::bare();
     let (qsd, child, fleece) = live_backup_in_flight(&env);
     std::thread::sleep(Duration::from_millis(200));
-    let signalled = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        signalled.elapsed() < Duration::from_secs(2),
-        "stopped in {:?}",
-        signalled.elapsed()
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    let took = cancel_with_sigterm(child);
+    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
     assert!(env.backups().is_empty());
     assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
     assert!(qsd.bitmaps("a").is_empty(), "{:?}", qsd.bitmaps("a"));
