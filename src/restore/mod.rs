@@ -27,6 +27,7 @@ use crate::manifest::DiskManifest;
 use crate::vault::Vault;
 use crate::vault::walk::{load_page, load_root};
 
+mod deflate_pool;
 pub mod onto;
 pub mod server_image;
 pub mod vmdk;

@@ -24,6 +24,8 @@ use std::io::{self, Seek, SeekFrom, Write};
 use flate2::Compression;
 use flate2::write::ZlibEncoder;
 
+use super::deflate_pool::DeflatePool;
+
 const SECTOR: u64 = 512;
 const MAGIC: u32 = 0x564d_444b; // "KDMV" little-endian
 const GRAIN_SECTORS: u64 = 128;
@@ -160,6 +162,25 @@ fn descriptor(info: &DescriptorInfo, sub: Subformat, capacity: u64) -> io::Resul
     ))
 }
 
+/// A streamOptimized grain as stored: marker (lba u64, compressed size u32) + zlib
+/// data, padded to whole sectors; the whole grain is compressed (a partial last grain is
+/// zero-padded).
+fn encode_grain(g: u64, grain: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(GRAIN_BYTES as usize / 2);
+    out.extend_from_slice(&(g * GRAIN_SECTORS).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    let mut enc = ZlibEncoder::new(out, Compression::fast());
+    enc.write_all(grain)?;
+    let mut out = enc.finish()?;
+    let clen = u32::try_from(out.len() - 12).map_err(io::Error::other)?;
+    out[8..12].copy_from_slice(&clen.to_le_bytes());
+    out.resize(
+        (out.len() as u64).div_ceil(SECTOR) as usize * SECTOR as usize,
+        0,
+    );
+    Ok(out)
+}
+
 pub struct VmdkWriter {
     file: File,
     sub: Subformat,
@@ -181,6 +202,8 @@ pub struct VmdkWriter {
     gd_sectors: u64,
     /// Byte offset where the next grain/metadata is appended.
     pos: u64,
+    /// streamOptimized: grains are deflated on worker threads, appended in order.
+    pool: Option<DeflatePool>,
 }
 
 impl VmdkWriter {
@@ -254,6 +277,10 @@ impl VmdkWriter {
             gd,
             gd_sectors,
             pos: 0,
+            pool: (sub == Subformat::StreamOptimized).then(|| {
+                let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+                DeflatePool::new(threads, encode_grain)
+            }),
         };
         w.file.set_len(0)?;
         w.put(0, &header.encode())?;
@@ -364,42 +391,41 @@ impl VmdkWriter {
             self.flush_gt()?;
             self.gt_index = t;
         }
-        let entry = sector_u32(self.pos)?;
-        match self.sub {
-            Subformat::StreamOptimized => {
-                // Grain marker: lba (u64), compressed size (u32), zlib data; the
-                // whole grain is compressed (a partial last grain is zero-padded).
-                let mut out = Vec::with_capacity(GRAIN_BYTES as usize / 2);
-                out.extend_from_slice(&(g * GRAIN_SECTORS).to_le_bytes());
-                out.extend_from_slice(&[0u8; 4]);
-                let mut enc = ZlibEncoder::new(out, Compression::fast());
-                enc.write_all(&self.grain)?;
-                let mut out = enc.finish()?;
-                let clen = u32::try_from(out.len() - 12).map_err(io::Error::other)?;
-                out[8..12].copy_from_slice(&clen.to_le_bytes());
-                out.resize(
-                    (out.len() as u64).div_ceil(SECTOR) as usize * SECTOR as usize,
-                    0,
-                );
-                self.append(&out)?;
+        self.grain_dirty = false;
+        if let Some(pool) = self.pool.as_mut() {
+            let grain = std::mem::replace(&mut self.grain, vec![0u8; GRAIN_BYTES as usize]);
+            for (g, out) in pool.submit(g, grain)? {
+                self.append_grain(g, &out)?;
             }
-            Subformat::MonolithicSparse => {
-                let grain = std::mem::take(&mut self.grain);
-                let r = self.append(&grain);
-                self.grain = grain;
-                r?;
-            }
+            return Ok(());
         }
+        let grain = std::mem::take(&mut self.grain);
+        let r = self.append_grain(g, &grain);
+        self.grain = grain;
+        r?;
+        self.grain.fill(0);
+        Ok(())
+    }
+
+    /// Append grain `g` as stored (compressed with its marker, or raw) and point the
+    /// current grain table at it.
+    fn append_grain(&mut self, g: u64, stored: &[u8]) -> io::Result<()> {
+        let entry = sector_u32(self.pos)?;
+        self.append(stored)?;
         if let Some(e) = self.gt.get_mut((g % GTES_PER_GT) as usize) {
             *e = entry;
         }
         self.gt_dirty = true;
-        self.grain.fill(0);
-        self.grain_dirty = false;
         Ok(())
     }
 
     fn flush_gt(&mut self) -> io::Result<()> {
+        // Grains still being deflated belong to this table: append them first.
+        if let Some(pool) = self.pool.as_mut() {
+            for (g, out) in pool.drain()? {
+                self.append_grain(g, &out)?;
+            }
+        }
         if !self.gt_dirty {
             return Ok(());
         }
