@@ -21,6 +21,26 @@ use super::args::{BackupArgs, BackupsCmd, Cli, Cmd, TokenCmd, VaultCmd};
 use super::cancel_on_signals;
 use super::output::human;
 
+/// A non-2xx answer: the status and the appliance's own message.
+#[derive(Debug)]
+pub struct Refused {
+    what: String,
+    status: u16,
+    msg: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the appliance refused {} ({}): {}",
+            self.what, self.status, self.msg
+        )
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A running appliance's API.
 pub struct Remote {
     base: String,
@@ -97,7 +117,12 @@ impl Remote {
                     403 => "the token's role may not do this".into(),
                     _ => v.to_string(),
                 });
-            bail!("the appliance refused {method} {path} ({status}): {msg}");
+            return Err(Refused {
+                what: format!("{method} {path}"),
+                status,
+                msg,
+            }
+            .into());
         }
         Ok(v)
     }
@@ -369,7 +394,7 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
                 );
             }
         }
-        Err(e) if e.to_string().contains("(404)") => {
+        Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 404) => {
             let mut body = want.clone();
             if s.nodes.is_empty() {
                 body.as_object_mut().map(|o| o.remove("nodes"));
