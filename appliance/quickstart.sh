@@ -5,6 +5,8 @@
 # appliance (HTTP admin API on 127.0.0.1:8420, scheduler, task runner) with a fresh
 # admin token, until Ctrl-C. --no-serve stops after the demo.
 #   bash appliance/quickstart.sh [--no-serve] [DISK_IMAGE]
+# QUICKSTART_PROFILE=dev builds a debug binary instead (the test of this script uses it
+# to reuse the test build's dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 serve=1
@@ -12,8 +14,10 @@ if [ "${1:-}" = "--no-serve" ]; then serve=0; shift; fi
 if ! command -v qemu-img >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-utils
 fi
-cargo build --release --locked
-bin="${CARGO_TARGET_DIR:-target}/release/blockvault"
+profile="${QUICKSTART_PROFILE:-release}"
+cargo build --profile "$profile" --locked
+case "$profile" in dev) profdir=debug ;; *) profdir="$profile" ;; esac
+bin="${CARGO_TARGET_DIR:-target}/$profdir/blockvault"
 bv() { "$bin" --data "${BLOCKVAULT_DATA:-./blockvault-data}" "$@"; }
 disk="${1:-}"
 if [ -z "$disk" ]; then

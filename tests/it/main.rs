@@ -11,6 +11,7 @@ mod integrity;
 mod nbd;
 mod nbd_server;
 mod qsd;
+mod quickstart;
 mod remote;
 mod server;
 mod service;
