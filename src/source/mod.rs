@@ -21,24 +21,109 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// `[offset, offset + length)`, refused (`InvalidFormat`) when the end overflows u64.
+    pub fn new(offset: u64, length: u64) -> Result<Extent> {
+        let e = Extent { offset, length };
+        e.checked_end()?;
+        Ok(e)
+    }
+
+    /// The first byte after the extent. Saturates at `u64::MAX` for an extent whose end
+    /// overflows: input from outside is checked with [`checked_end`](Self::checked_end)
+    /// or [`check_within`](Self::check_within) where it enters.
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
+    }
+
+    /// The first byte after the extent; an overflowing end is refused.
+    pub fn checked_end(&self) -> Result<u64> {
+        self.offset.checked_add(self.length).ok_or_else(|| {
+            crate::Error::invalid(format!(
+                "extent of {} bytes at offset {} ends past 2^64",
+                self.length, self.offset
+            ))
+        })
+    }
+
+    /// Refuse an extent that overflows or ends past a disk of `size` bytes.
+    pub fn check_within(&self, size: u64) -> Result<()> {
+        if self.checked_end()? > size {
+            return Err(crate::Error::invalid(format!(
+                "extent {}+{} (bytes {}..{}) lies past the disk end ({size} bytes)",
+                self.offset,
+                self.length,
+                self.offset,
+                self.end()
+            )));
+        }
+        Ok(())
     }
 }
 
 /// Append `[offset, offset + length)` to a sorted extent list, merging it with the last
 /// extent when they touch or overlap. Every source builds its allocation map with this.
+/// An end past 2^64 saturates; callers check untrusted extents before (see [`Extent`]).
 pub fn push_extent(out: &mut Vec<Extent>, offset: u64, length: u64) {
     if length == 0 {
         return;
     }
+    let new_end = offset.saturating_add(length);
+    let length = new_end - offset;
     match out.last_mut() {
         Some(last) if last.end() >= offset => {
-            let end = last.end().max(offset + length);
+            let end = last.end().max(new_end);
             last.length = end - last.offset;
         }
         _ => out.push(Extent { offset, length }),
     }
+}
+
+/// Resolve `file` (a backing file, a parent or data file named inside an image), after
+/// following symlinks, and refuse it (`Config`) unless it lies in `root`'s directory tree
+/// (`root`: the canonical directory of the image the user named). An image must not make
+/// us read an arbitrary host file such as `/etc/shadow` into a backup.
+pub(crate) fn confine(
+    root: &std::path::Path,
+    image: &std::path::Path,
+    what: &str,
+    file: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    let canon = std::fs::canonicalize(file).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            crate::ErrorKind::NotFound
+        } else {
+            crate::ErrorKind::Io
+        };
+        crate::Error::new(
+            kind,
+            format!("{}: {what} {}", image.display(), file.display()),
+        )
+        .with_source(e)
+    })?;
+    if !canon.starts_with(root) {
+        return Err(crate::Error::config(format!(
+            "{}: {what} {} (resolved to {}) lies outside the image's directory tree {}; \
+             refusing to read it. Keep the whole chain under {} (copy the file there and \
+             `qemu-img rebase -u`)",
+            image.display(),
+            file.display(),
+            canon.display(),
+            root.display(),
+            root.display()
+        )));
+    }
+    Ok(canon)
+}
+
+/// The canonical directory of the image at `path`: the tree its backing and data files
+/// must lie in.
+pub(crate) fn image_root(path: &std::path::Path) -> Result<std::path::PathBuf> {
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| crate::Error::io(format!("resolving {}", path.display()), e))?;
+    Ok(canon
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| std::path::PathBuf::from("/")))
 }
 
 /// Refuse a read that does not lie within a disk of `size` bytes.

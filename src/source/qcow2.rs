@@ -3,12 +3,17 @@
 //! imago is opened read-only with [`ChainGate`], our own implicit-open gate, so that a
 //! backing chain is followed but never written, and a chain that loops back on itself
 //! or is deeper than [`MAX_CHAIN_DEPTH`] is refused instead of recursing forever.
-//! Before imago sees a file, its header is checked here (magic, version, virtual size,
-//! cluster bits, L1 table placement) so that absurd values from a hostile header give
-//! a clear error. Allocation comes from imago's mappings over the whole chain (an
+//! Before imago sees a file, the whole chain is checked here ([`header`]: every field
+//! QEMU checks, the L1 table capped at QEMU's 32 MiB, L2 tables inside the file, no zero
+//! flag in a version 2 image) and every backing or external data file must lie in the
+//! top image's directory tree, so that a hostile header gives a clear error and never
+//! makes us read an arbitrary host file. A valid image using a feature imago lacks
+//! (zstd, encryption, extended L2, dirty bit) is `Unsupported`, naming the feature, so
+//! that the caller can fall back to qemu-storage-daemon. Allocation comes from imago's mappings over the whole chain (an
 //! explicit zero cluster is not data).
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use imago::file::File as ImagoFile;
@@ -16,8 +21,13 @@ use imago::format::gate::ImplicitOpenGate;
 use imago::qcow2::Qcow2;
 use imago::{FormatAccess, FormatDriverBuilder, Mapping, ShallowMapping, StorageOpenOptions};
 
-use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, open_file, push_extent};
+use self::header::{Header, Names};
+use super::{
+    BlockSource, Extent, SourceFormat, check_read, confine, image_root, open_file, push_extent,
+};
 use crate::error::{Error, Result};
+
+mod header;
 
 /// Deepest backing chain we follow.
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -31,9 +41,10 @@ pub struct Qcow2Source {
 }
 
 /// Implicit-open gate: read-only, loop- and depth-checked.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct ChainGate {
     seen: Vec<PathBuf>,
+    root: PathBuf,
 }
 
 impl ImplicitOpenGate<ImagoFile> for ChainGate {
@@ -59,7 +70,7 @@ impl ImplicitOpenGate<ImagoFile> for ChainGate {
             )));
         }
         if F::FORMAT == imago::format::Format::Qcow2 {
-            check_header(&canon).map_err(|e| std::io::Error::other(e.to_string()))?;
+            check_layer(&canon).map_err(|e| std::io::Error::other(e.to_string()))?;
         }
         let mut next = self.clone();
         next.seen.push(canon);
@@ -67,91 +78,110 @@ impl ImplicitOpenGate<ImagoFile> for ChainGate {
         Ok(FormatAccess::new(inner))
     }
 
+    /// Every file imago opens (the image, its backing files, external data files) must
+    /// lie in the top image's directory tree.
     fn open_storage(&mut self, opts: StorageOpenOptions) -> std::io::Result<ImagoFile> {
         use imago::Storage;
+        if let Some(name) = opts.get_filename() {
+            confine(&self.root, name, "file", name)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
         ImagoFile::open(opts.write(false))
     }
 }
 
-/// Check the fields of a qcow2 header that size allocations or point into the file.
-fn check_header(path: &Path) -> Result<()> {
-    let mut f = open_file(path)?;
+/// Check the image at `path` and every file its chain names before imago opens any of
+/// them: each qcow2 header and its tables ([`header`]), and that backing and external
+/// data files lie in the top image's directory tree after resolving symlinks
+/// ([`confine`]). Outright refusals come first; a feature the native reader lacks
+/// (`Unsupported`) is reported only once the whole chain has passed them, so that a
+/// fallback reader is never pointed at a chain we refuse.
+fn check_chain(path: &Path) -> Result<()> {
+    let root = image_root(path)?;
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut unsupported: Option<Error> = None;
+    let mut layer = path.to_path_buf();
+    loop {
+        let canon = std::fs::canonicalize(&layer)
+            .map_err(|e| Error::io(format!("resolving {}", layer.display()), e))?;
+        if seen.contains(&canon) {
+            return Err(Error::invalid(format!(
+                "{}: backing chain loops back to {}",
+                path.display(),
+                canon.display()
+            )));
+        }
+        if seen.len() >= MAX_CHAIN_DEPTH {
+            return Err(Error::invalid(format!(
+                "{}: backing chain deeper than {MAX_CHAIN_DEPTH} images",
+                path.display()
+            )));
+        }
+        seen.push(canon);
+        let (hd, names) = check_layer(&layer).map_err(|e| e.context_prefix(layer.display()))?;
+        if unsupported.is_none() {
+            unsupported = hd.unsupported().map(|e| e.context_prefix(layer.display()));
+        }
+        let dir = layer.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if let Some(d) = &names.data_file {
+            confine(&root, &layer, "external data file", &dir.join(d))?;
+        }
+        let Some(b) = &names.backing else { break };
+        let next = dir.join(b);
+        confine(&root, &layer, "backing file", &next)?;
+        let qcow2 = match names.backing_format.as_deref() {
+            Some("qcow2") => true,
+            Some(_) => false,
+            None => has_qcow2_magic(&next)?,
+        };
+        if !qcow2 {
+            break;
+        }
+        layer = next;
+    }
+    unsupported.map_or(Ok(()), Err)
+}
+
+fn has_qcow2_magic(path: &Path) -> Result<bool> {
+    let mut magic = [0u8; 4];
+    let n = open_file(path)?
+        .read(&mut magic)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    Ok(n == 4 && magic == *b"QFI\xfb")
+}
+
+/// Check one qcow2 file: its header ([`Header::parse`]), the names in its first cluster
+/// and its L1/L2 tables.
+fn check_layer(path: &Path) -> Result<(Header, Names)> {
+    let f = open_file(path)?;
     let file_len = f
         .metadata()
         .map_err(|e| Error::io(format!("stat of {}", path.display()), e))?
         .len();
-    let mut h = [0u8; 72];
-    f.read_exact(&mut h)
-        .map_err(|_| Error::invalid(format!("{}: truncated qcow2 header", path.display())))?;
-    let be32 = |o: usize| u32::from_be_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-    let be64 = |o: usize| {
-        u64::from_be_bytes([
-            h[o],
-            h[o + 1],
-            h[o + 2],
-            h[o + 3],
-            h[o + 4],
-            h[o + 5],
-            h[o + 6],
-            h[o + 7],
-        ])
-    };
-    let bad = |what: String| Err(Error::invalid(format!("{}: {what}", path.display())));
-    if &h[..4] != b"QFI\xfb" {
-        return bad("not a qcow2 image (bad magic)".into());
-    }
-    let version = be32(4);
-    if version != 2 && version != 3 {
-        return bad(format!("unsupported qcow2 version {version}"));
-    }
-    let cluster_bits = be32(20);
-    if !(9..=21).contains(&cluster_bits) {
-        return bad(format!("qcow2 cluster_bits {cluster_bits} out of range"));
-    }
-    let size = be64(24);
-    if size > MAX_DISK_SIZE {
-        return Err(Error::unsupported(format!(
-            "{}: disk size {size} exceeds the limit of {MAX_DISK_SIZE} bytes",
-            path.display()
-        )));
-    }
-    let cluster = 1u64 << cluster_bits;
-    let l1_size = be32(36) as u64;
-    let l1_offset = be64(40);
-    // Entries needed to map `size` bytes: one L1 entry per L2 table of cluster/8 entries.
-    let needed = size.div_ceil(cluster * (cluster / 8));
-    if l1_size < needed || l1_size > needed.max(1) * 2 + 1024 {
-        return bad(format!(
-            "qcow2 L1 table of {l1_size} entries does not fit a {size}-byte disk"
-        ));
-    }
-    if l1_offset % cluster != 0 || l1_offset.saturating_add(l1_size * 8) > file_len {
-        return bad(format!(
-            "qcow2 L1 table at offset {l1_offset} lies outside the {file_len}-byte file"
-        ));
-    }
-    // Every L2 table the L1 table points to must lie inside the file.
-    let mut l1 = vec![0u8; (l1_size * 8) as usize];
-    f.seek(SeekFrom::Start(l1_offset))
-        .and_then(|_| f.read_exact(&mut l1))
-        .map_err(|e| Error::io(format!("{}: reading the qcow2 L1 table", path.display()), e))?;
-    for (i, e) in l1.chunks_exact(8).enumerate() {
-        let l2 = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])
-            & 0x00ff_ffff_ffff_fe00;
-        if l2 != 0 && (l2 % cluster != 0 || l2.saturating_add(cluster) > file_len) {
-            return bad(format!(
-                "qcow2 L1 entry {i} points to an L2 table at offset {l2}, outside the {file_len}-byte file"
-            ));
-        }
-    }
-    Ok(())
+    let mut h = vec![0u8; (header::PARSED_LEN as u64).min(file_len) as usize];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::io(format!("reading the qcow2 header of {}", path.display()), e))?;
+    let hd = Header::parse(&h)?;
+    let mut first = vec![0u8; hd.cluster_size().min(file_len) as usize];
+    f.read_exact_at(&mut first, 0).map_err(|e| {
+        Error::io(
+            format!("reading the first cluster of {}", path.display()),
+            e,
+        )
+    })?;
+    let names = header::names(&hd, &first)?;
+    header::check_tables(&hd, &f, file_len)?;
+    Ok((hd, names))
 }
 
 impl Qcow2Source {
     pub fn open(path: &Path) -> Result<Qcow2Source> {
-        check_header(path)?;
+        check_chain(path)?;
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let gate = ChainGate { seen: vec![canon] };
+        let gate = ChainGate {
+            seen: vec![canon],
+            root: image_root(path)?,
+        };
         let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
             .write(false)
             .open(gate)
