@@ -5,14 +5,22 @@
 //! (`iter_allocated_grains`), united over the chain (parents found through
 //! `parentFileNameHint`, loops and depth checked). A flat extent counts as allocated
 //! throughout, a correct over-approximation.
+//!
+//! Before vmdk-core parses a layer, [`descriptor`] checks its sparse header and
+//! descriptor as strictly as QEMU does (a broken extent line, capacity 0: `InvalidFormat`),
+//! and parents and extent files must lie in the top image's directory tree.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use vmdk::{VmdkChainReader, VmdkFileReader};
 
-use super::{BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, push_extent};
+use super::{
+    BlockSource, Extent, MAX_DISK_SIZE, SourceFormat, check_read, confine, image_root, push_extent,
+};
 use crate::error::{Error, Result};
+
+mod descriptor;
 
 const MAX_CHAIN_DEPTH: usize = 64;
 
@@ -22,6 +30,8 @@ pub struct VmdkSource {
     reader: VmdkChainReader,
     size: u64,
     parent: Option<PathBuf>,
+    /// The directory tree every parent and extent file must lie in.
+    root: PathBuf,
 }
 
 fn vmdk_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
@@ -38,21 +48,52 @@ fn parent_hint(descriptor: &str) -> Option<String> {
 
 impl VmdkSource {
     pub fn open(path: &Path) -> Result<VmdkSource> {
-        // Open the top layer alone first: clearer errors for a broken file.
-        let top = VmdkFileReader::open_path(path)
-            .map_err(|e| vmdk_err(path, "cannot open VMDK image", e))?;
-        let size = top.virtual_disk_size();
-        if size > MAX_DISK_SIZE {
-            return Err(Error::unsupported(format!(
-                "{}: disk size {size} exceeds the limit of {MAX_DISK_SIZE} bytes",
-                path.display()
-            )));
+        // Check every layer before vmdk-core parses it: clearer errors for a broken file,
+        // and vmdk-core is never handed a descriptor QEMU refuses.
+        let root = image_root(path)?;
+        let mut size = None;
+        let mut parent = None;
+        let mut layer = path.to_path_buf();
+        let mut seen: Vec<PathBuf> = Vec::new();
+        loop {
+            let canon = std::fs::canonicalize(&layer)
+                .map_err(|e| Error::io(format!("resolving {}", layer.display()), e))?;
+            if seen.contains(&canon) || seen.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::invalid(format!(
+                    "{}: VMDK parent chain loops or is deeper than {MAX_CHAIN_DEPTH}",
+                    path.display()
+                )));
+            }
+            seen.push(canon);
+            descriptor::check(&layer)?;
+            let r = VmdkFileReader::open_path(&layer)
+                .map_err(|e| vmdk_err(&layer, "cannot open VMDK image", e))?;
+            let layer_size = r.virtual_disk_size();
+            if layer_size == 0 {
+                return Err(Error::invalid(format!(
+                    "{}: VMDK disk of capacity 0; qemu-img refuses such an image too",
+                    layer.display()
+                )));
+            }
+            if layer_size > MAX_DISK_SIZE {
+                return Err(Error::unsupported(format!(
+                    "{}: disk size {layer_size} exceeds the limit of {MAX_DISK_SIZE} bytes",
+                    layer.display()
+                )));
+            }
+            size.get_or_insert(layer_size);
+            let next = (r.parent_cid() != 0xffff_ffff)
+                .then(|| parent_hint(r.descriptor_text()))
+                .flatten()
+                .map(|h| layer.parent().unwrap_or(Path::new(".")).join(h));
+            let Some(next) = next else { break };
+            confine(&root, &layer, "parent disk", &next)?;
+            if parent.is_none() {
+                parent = Some(next.clone());
+            }
+            layer = next;
         }
-        let parent = (top.parent_cid() != 0xffff_ffff)
-            .then(|| parent_hint(top.descriptor_text()))
-            .flatten()
-            .map(|h| path.parent().unwrap_or(Path::new(".")).join(h));
-        drop(top);
+        let size = size.unwrap_or(0);
         let reader =
             VmdkChainReader::open(path).map_err(|e| vmdk_err(path, "cannot open VMDK chain", e))?;
         if reader.virtual_disk_size() != size {
@@ -67,6 +108,7 @@ impl VmdkSource {
             reader,
             size,
             parent,
+            root,
         })
     }
 
@@ -165,7 +207,9 @@ impl BlockSource for VmdkSource {
                     length: self.size,
                 }]);
             };
-            path = path.parent().unwrap_or(Path::new(".")).join(hint);
+            let next = path.parent().unwrap_or(Path::new(".")).join(hint);
+            confine(&self.root, &path, "parent disk", &next)?;
+            path = next;
         }
         Ok(out)
     }
