@@ -82,28 +82,31 @@ pub fn parse_change_list(
         List::Plain(a) => (a, None),
         List::Wrapped { since, extents } => (extents, since),
     };
-    let mut sorted: Vec<Extent> = areas
-        .into_iter()
-        .filter(|a| a.length > 0)
-        .map(|a| Extent {
-            offset: a.start,
-            length: a.length,
-        })
-        .collect();
+    let mut sorted: Vec<Extent> = Vec::with_capacity(areas.len());
+    for a in areas.into_iter().filter(|a| a.length > 0) {
+        let e = Extent::new(a.start, a.length).map_err(|e| e.context_prefix("change list"))?;
+        if let Some(size) = disk_size {
+            check_change(&e, size)?;
+        }
+        sorted.push(e);
+    }
     sorted.sort();
     let mut out = Vec::new();
     for e in sorted {
-        if let Some(size) = disk_size
-            && e.offset.checked_add(e.length).is_none_or(|end| end > size)
-        {
-            return Err(Error::invalid(format!(
-                "change list extent {}+{} lies past the disk end ({size} bytes)",
-                e.offset, e.length
-            )));
-        }
         push_extent(&mut out, e.offset, e.length);
     }
     Ok((out, since))
+}
+
+/// Refuse a changed extent that overflows or lies past the end of a disk of `size` bytes:
+/// such a list was made for another disk (or is hostile), and reading by it would make a
+/// wrong backup.
+fn check_change(e: &Extent, size: u64) -> Result<()> {
+    e.check_within(size).map_err(|err| {
+        err.context_prefix(
+            "change list (--changed-extents): refusing the list, it does not describe this disk",
+        )
+    })
 }
 
 fn same_file(a: &str, b: &Path) -> bool {
@@ -136,8 +139,13 @@ pub fn decide(
     disk_id: &str,
     hint: &ChangeHint,
 ) -> Result<Decision> {
-    let prev = previous(vault, resource, disk_id)?;
     let size = source.size();
+    if let ChangeHint::ChangeList { extents, .. } = hint {
+        for e in extents {
+            check_change(e, size)?;
+        }
+    }
+    let prev = previous(vault, resource, disk_id)?;
     // The parent is usable only if its index is intact and of the same geometry.
     let parent: std::result::Result<(BackupManifest, DiskManifest, IndexRoot), String> = match &prev
     {
@@ -212,6 +220,17 @@ pub fn decide(
         },
         (_, Err(why)) => Err(why),
     };
+    if let Ok(plan) = &trusted {
+        for e in &plan.extents {
+            e.check_within(size).map_err(|err| {
+                err.context_prefix(format!(
+                    "{}: {} extents of the disk",
+                    source.describe(),
+                    plan.strategy
+                ))
+            })?;
+        }
+    }
     let decision = match trusted {
         Ok(plan) => Decision {
             plan,
@@ -280,5 +299,18 @@ mod tests {
         assert_eq!(s.as_deref(), Some("b1"));
         assert!(parse_change_list(br#"[{"start":190,"length":20}]"#, Some(200)).is_err());
         assert!(parse_change_list(b"nope", None).is_err());
+    }
+
+    #[test]
+    fn change_lists_past_the_end_or_overflowing_are_refused() {
+        // Overflow is refused even before the disk size is known.
+        let e =
+            parse_change_list(br#"[{"start":18446744073709551615,"length":2}]"#, None).unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidFormat);
+        assert!(e.to_string().contains("2^64"), "{e}");
+        let e = parse_change_list(br#"[{"start":200,"length":1}]"#, Some(200)).unwrap_err();
+        assert!(e.to_string().contains("past the disk end"), "{e}");
+        // An extent ending exactly at the end is fine.
+        parse_change_list(br#"[{"start":100,"length":100}]"#, Some(200)).unwrap();
     }
 }

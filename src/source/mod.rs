@@ -233,3 +233,31 @@ pub(crate) fn open_file(path: &std::path::Path) -> Result<std::fs::File> {
         crate::Error::new(kind, format!("opening {}", path.display())).with_source(e)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_that_overflow_or_pass_the_end_are_refused() {
+        assert!(Extent::new(u64::MAX, 1).is_err());
+        assert_eq!(Extent::new(u64::MAX - 1, 1).unwrap().end(), u64::MAX);
+        let e = Extent {
+            offset: u64::MAX,
+            length: 2,
+        };
+        assert_eq!(e.end(), u64::MAX, "end saturates instead of wrapping");
+        assert_eq!(
+            e.checked_end().unwrap_err().kind(),
+            crate::ErrorKind::InvalidFormat
+        );
+        assert!(e.check_within(u64::MAX).is_err());
+        let e = Extent::new(4096, 4096).unwrap();
+        e.check_within(8192).unwrap();
+        assert!(e.check_within(8191).is_err());
+        let mut out = Vec::new();
+        push_extent(&mut out, 0, 10);
+        push_extent(&mut out, u64::MAX - 5, 100);
+        assert_eq!(out.last().unwrap().end(), u64::MAX);
+    }
+}
