@@ -6,6 +6,7 @@ mod common;
 mod appliance;
 mod backup;
 mod export;
+mod hostile;
 mod incremental;
 mod integrity;
 mod nbd;

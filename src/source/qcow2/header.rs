@@ -240,8 +240,9 @@ impl Header {
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
             return Err(invalid(format!(
-                "qcow2 L1 table of {} entries is larger than QEMU's {MAX_L1_BYTES}-byte limit",
-                self.l1_size
+                "qcow2 L1 table of {} entries is larger than QEMU's limit of 32 MiB ({} entries)",
+                self.l1_size,
+                MAX_L1_BYTES / 8
             )));
         }
         // Entries needed to map `size` bytes: one L1 entry per L2 table of cluster/8 entries.
