@@ -585,13 +585,13 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.qcow2");
         std::fs::write(&p, &img).unwrap();
-        if let Ok(mut src) = Qcow2Source::open(&p) {
-            if let Ok(extents) = src.allocated_extents() {
-                let mut buf = vec![0u8; 64 << 10];
-                for e in extents.iter().take(16) {
-                    let n = e.length.min(buf.len() as u64) as usize;
-                    let _ = src.read_at(&mut buf[..n], e.offset);
-                }
+        if let Ok(mut src) = Qcow2Source::open(&p)
+            && let Ok(extents) = src.allocated_extents()
+        {
+            let mut buf = vec![0u8; 64 << 10];
+            for e in extents.iter().take(16) {
+                let n = e.length.min(buf.len() as u64) as usize;
+                let _ = src.read_at(&mut buf[..n], e.offset);
             }
         }
     }

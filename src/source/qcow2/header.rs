@@ -258,7 +258,7 @@ impl Header {
             ("refcount table", self.refcount_table_offset),
             ("snapshot table", self.snapshots_offset),
         ] {
-            if offset % cluster != 0 || offset > i64::MAX as u64 {
+            if !offset.is_multiple_of(cluster) || offset > i64::MAX as u64 {
                 return Err(invalid(format!(
                     "qcow2 {what} offset {offset} is not a valid cluster offset"
                 )));
@@ -405,7 +405,7 @@ pub fn check_tables(hd: &Header, f: &std::fs::File, file_len: u64) -> Result<()>
         if l2_offset == 0 {
             continue;
         }
-        if l2_offset % cluster != 0 || l2_offset.saturating_add(cluster) > file_len {
+        if !l2_offset.is_multiple_of(cluster) || l2_offset.saturating_add(cluster) > file_len {
             return Err(Error::invalid(format!(
                 "qcow2 L1 entry {i} points to an L2 table at offset {l2_offset}, outside the {file_len}-byte file"
             )));
