@@ -246,7 +246,7 @@ fn wait_listening(daemon: &mut Daemon, sock: &Path, path: &Path, driver: &str) -
             return Err(Error::new(
                 kind,
                 format!(
-                    "{}: qemu-storage-daemon could not open it as {driver} ({st}): {log}",
+                    "{}: qemu-storage-daemon exited ({st}) before it could serve it as {driver}: {log}",
                     path.display()
                 ),
             ));
