@@ -71,6 +71,7 @@ impl BackupOptions {
             bitmap: bitmap.map(str::to_owned),
             secret_file: self.secret_file.clone(),
             force_inconsistent: self.force_inconsistent,
+            cancel: self.cancel.clone(),
         }
     }
 }

@@ -1,11 +1,14 @@
 //! Block sources: everything blockvault can read a virtual disk from.
 //!
 //! A [`BlockSource`] is a read-only view of one virtual disk: its size, random reads, and
-//! its allocation map so that unallocated space is never read. Formats: raw files (holes
-//! via SEEK_DATA/SEEK_HOLE), qcow2 (imago; plain, compressed clusters, backing chains) and
-//! VMDK (vmdk-core; monolithicSparse, streamOptimized, monolithicFlat,
-//! twoGbMaxExtentSparse). [`open_source`] sniffs the format from the magic bytes, or takes
-//! a forced one from a `raw:`/`qcow2:`/`vmdk:` prefix.
+//! its allocation map so that unallocated space is never read. Native formats: raw files
+//! (holes via SEEK_DATA/SEEK_HOLE), qcow2 (imago; plain, compressed clusters, backing
+//! chains) and VMDK (vmdk-core; monolithicSparse, streamOptimized, monolithicFlat,
+//! twoGbMaxExtentSparse). Every other format QEMU reads is detected by its magic
+//! (`detect`) and read through a private qemu-storage-daemon (`qemu`). [`open_source`]
+//! detects the format, or takes a forced one from a `FORMAT:` prefix (never sniffed),
+//! and holds QEMU's image locks on the file while it is read (`lock`). Each source says
+//! which reader it is ([`BlockSource::reader`]) for the manifest.
 //!
 //! Sources never write into the image they read. They are not required to be `Send`
 //! (imago's qcow2 driver is not): the backup pipeline reads on the thread that opened the

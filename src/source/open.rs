@@ -46,6 +46,8 @@ pub struct OpenOptions {
     /// Read an image that another process holds open for writing (the copy is labelled
     /// inconsistent) instead of refusing it.
     pub force_inconsistent: bool,
+    /// Raised to give up while a qemu-storage-daemon is still starting.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Split `FORMAT:PATH` into the forced format and the path.
@@ -136,6 +138,7 @@ fn open_detected(
             encryption,
             secret_file: opts.secret_file.as_deref(),
             no_locking,
+            cancel: opts.cancel.as_deref(),
         })?))
     };
     match &d.route {

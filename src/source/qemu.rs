@@ -47,6 +47,8 @@ pub struct QemuImage<'a> {
     pub secret_file: Option<&'a Path>,
     /// Do not take QEMU's image locks (the image is open for writing elsewhere).
     pub no_locking: bool,
+    /// Raised to give up while the daemon is starting.
+    pub cancel: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// A running private daemon; killed and its directory removed when dropped.
@@ -140,43 +142,7 @@ impl QemuSource {
         let log = std::fs::File::create(dir.path().join("daemon.log"))
             .map_err(|e| Error::io("creating the qemu-storage-daemon log", e))?;
 
-        let mut file_node = json!({
-            "driver": "file", "node-name": "file0",
-            "filename": filename, "read-only": true,
-        });
-        if img.no_locking {
-            file_node["locking"] = json!("off");
-        }
-        let mut fmt_node = json!({
-            "driver": img.driver, "node-name": "fmt0", "file": "file0", "read-only": true,
-        });
-        match img.encryption {
-            Some(Encryption::Luks) => fmt_node["key-secret"] = json!("sec0"),
-            Some(Encryption::Qcow2Luks) => {
-                fmt_node["encrypt"] = json!({"format": "luks", "key-secret": "sec0"});
-            }
-            Some(Encryption::Qcow2Aes) => {
-                fmt_node["encrypt"] = json!({"format": "aes", "key-secret": "sec0"});
-            }
-            None => {}
-        }
-        let mut args: Vec<String> = Vec::new();
-        if let Some(s) = &secret {
-            args.push("--object".into());
-            args.push(json!({"qom-type": "secret", "id": "sec0", "file": s}).to_string());
-        }
-        args.extend([
-            "--blockdev".into(),
-            file_node.to_string(),
-            "--blockdev".into(),
-            fmt_node.to_string(),
-            "--nbd-server".into(),
-            json!({"addr": {"type": "unix", "path": sock}}).to_string(),
-            "--export".into(),
-            json!({"type": "nbd", "id": "exp0", "node-name": "fmt0", "name": "disk",
-                   "writable": false})
-            .to_string(),
-        ]);
+        let args = daemon_args(img, &filename, secret.as_deref(), &sock);
         let child = Command::new("qemu-storage-daemon")
             .args(&args)
             .stdin(Stdio::null())
@@ -196,7 +162,7 @@ impl QemuSource {
                 .with_source(e)
             })?;
         let mut daemon = Daemon { child, dir };
-        wait_listening(&mut daemon, &sock, path, img.driver)?;
+        wait_listening(&mut daemon, &sock, img)?;
         let uri = format!("nbd+unix:///disk?socket={}", sock.display());
         let nbd = NbdSource::open(&uri, None)
             .map_err(|e| daemon_error(&mut daemon, path, e))?
@@ -231,8 +197,57 @@ impl QemuSource {
     }
 }
 
+/// The daemon's arguments (drawn in the module doc). A secret is passed as the path of
+/// the user's file, never as data.
+fn daemon_args(
+    img: &QemuImage<'_>,
+    filename: &Path,
+    secret: Option<&Path>,
+    sock: &Path,
+) -> Vec<String> {
+    let mut file_node = json!({
+        "driver": "file", "node-name": "file0",
+        "filename": filename, "read-only": true,
+    });
+    if img.no_locking {
+        file_node["locking"] = json!("off");
+    }
+    let mut fmt_node = json!({
+        "driver": img.driver, "node-name": "fmt0", "file": "file0", "read-only": true,
+    });
+    match img.encryption {
+        Some(Encryption::Luks) => fmt_node["key-secret"] = json!("sec0"),
+        Some(Encryption::Qcow2Luks) => {
+            fmt_node["encrypt"] = json!({"format": "luks", "key-secret": "sec0"});
+        }
+        Some(Encryption::Qcow2Aes) => {
+            fmt_node["encrypt"] = json!({"format": "aes", "key-secret": "sec0"});
+        }
+        None => {}
+    }
+    let mut args: Vec<String> = Vec::new();
+    if let Some(s) = secret {
+        args.push("--object".into());
+        args.push(json!({"qom-type": "secret", "id": "sec0", "file": s}).to_string());
+    }
+    args.extend([
+        "--blockdev".into(),
+        file_node.to_string(),
+        "--blockdev".into(),
+        fmt_node.to_string(),
+        "--nbd-server".into(),
+        json!({"addr": {"type": "unix", "path": sock}}).to_string(),
+        "--export".into(),
+        json!({"type": "nbd", "id": "exp0", "node-name": "fmt0", "name": "disk",
+               "writable": false})
+        .to_string(),
+    ]);
+    args
+}
+
 /// Wait until the daemon listens on `sock`, or fail with its own message if it exits.
-fn wait_listening(daemon: &mut Daemon, sock: &Path, path: &Path, driver: &str) -> Result<()> {
+fn wait_listening(daemon: &mut Daemon, sock: &Path, img: &QemuImage<'_>) -> Result<()> {
+    let (path, driver) = (img.path, img.driver);
     let start = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
@@ -253,6 +268,15 @@ fn wait_listening(daemon: &mut Daemon, sock: &Path, path: &Path, driver: &str) -
         }
         if std::os::unix::net::UnixStream::connect(sock).is_ok() {
             return Ok(());
+        }
+        if img
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::cancelled(format!(
+                "{}: cancelled while qemu-storage-daemon was starting",
+                path.display()
+            )));
         }
         if start.elapsed() > START_DEADLINE {
             return Err(Error::new(
@@ -326,5 +350,38 @@ impl BlockSource for QemuSource {
 
     fn prefers_large_reads(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_passphrase_is_never_in_the_daemons_argv_only_its_files_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("pass");
+        std::fs::write(&secret, b"s3cret-passphrase").unwrap();
+        let img = QemuImage {
+            path: Path::new("/x/enc.qcow2"),
+            driver: "qcow2",
+            encryption: Some(Encryption::Qcow2Luks),
+            secret_file: Some(&secret),
+            no_locking: false,
+            cancel: None,
+        };
+        let args = daemon_args(&img, img.path, Some(&secret), Path::new("/t/nbd.sock"));
+        let all = args.join(" ");
+        assert!(!all.contains("s3cret"), "{all}");
+        assert!(
+            all.contains(&format!("\"file\":\"{}\"", secret.display())),
+            "{all}"
+        );
+        assert!(all.contains("\"key-secret\":\"sec0\""), "{all}");
+        assert!(all.contains("\"writable\":false") && all.contains("\"read-only\":true"));
+        assert!(
+            !all.contains("locking"),
+            "locks stay on unless forced: {all}"
+        );
     }
 }

@@ -451,9 +451,11 @@ fn big_vhd(env: &Env) -> PathBuf {
     vhd
 }
 
-/// Start a backup of `img` in the background and wait until its daemon runs.
+/// Start a backup of `img` in the background and wait until its daemon runs. The
+/// caller waits for the returned child.
+#[allow(clippy::zombie_processes)]
 fn backup_with_daemon(env: &Env, img: &Path) -> (Child, i32) {
-    let child = env
+    let mut child = env
         .cmd()
         .env("TMPDIR", tmp(env))
         .args(["backup", img.to_str().unwrap(), "--vault", "v"])
@@ -466,10 +468,11 @@ fn backup_with_daemon(env: &Env, img: &Path) -> (Child, i32) {
         if let Some((pid, _)) = processes_under(&tmp(env)).first() {
             return (child, *pid);
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no daemon started"
-        );
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no daemon started");
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
