@@ -10,6 +10,7 @@
 //! <tmp>/bv-qsd-XXXX/          private directory, mode 0700, removed afterwards
 //!     nbd.sock                the NBD server's unix socket (only this process can reach it)
 //!     daemon.log              the daemon's stderr, quoted in errors
+//!     owner                   "<blockvault pid>\n", for the orphan sweep
 //! --blockdev {"driver":"file","node-name":"file0","filename":PATH,"read-only":true[,"locking":"off"]}
 //! --blockdev {"driver":DRIVER,"node-name":"fmt0","file":"file0","read-only":true[, key secret]}
 //! --object   {"qom-type":"secret","id":"sec0","file":SECRET_PATH}     (encrypted images only)
@@ -19,6 +20,9 @@
 //!
 //! A passphrase never appears in the daemon's argv: only the path of the user's secret
 //! file does, and QEMU reads the file itself (its exact bytes are the passphrase).
+//! If blockvault itself is killed (SIGKILL), its daemon outlives it: the next fallback
+//! read sweeps such orphans (`owner` file: blockvault's pid; the daemon is found by its
+//! command line, which names the directory).
 //! `locking` is turned off only for `--force-inconsistent`, where the image is known to
 //! be open for writing elsewhere. A daemon that dies while the disk is read is reported
 //! as such, with the tail of its log.
@@ -32,6 +36,9 @@ use serde_json::json;
 use super::detect::Encryption;
 use super::{BlockSource, Extent, NbdSource, SourceFormat};
 use crate::error::{Error, ErrorKind, Result};
+
+/// Name prefix of the daemons' private directories.
+const DIR_PREFIX: &str = "bv-qsd-";
 
 /// How long the daemon may take to open the image and listen.
 const START_DEADLINE: Duration = Duration::from_secs(60);
@@ -128,8 +135,9 @@ impl QemuSource {
         let filename = std::fs::canonicalize(path).map_err(|e| {
             Error::new(ErrorKind::NotFound, format!("opening {}", path.display())).with_source(e)
         })?;
+        sweep_orphans(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
-            .prefix("bv-qsd-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(|e| Error::io("creating a private directory for qemu-storage-daemon", e))?;
         // tempfile creates the directory with mode 0700 already; make it explicit.
@@ -142,6 +150,12 @@ impl QemuSource {
         let log = std::fs::File::create(dir.path().join("daemon.log"))
             .map_err(|e| Error::io("creating the qemu-storage-daemon log", e))?;
 
+        // Written before the daemon exists, so that no daemon is ever without an owner.
+        std::fs::write(
+            dir.path().join("owner"),
+            format!("{}\n", std::process::id()),
+        )
+        .map_err(|e| Error::io("writing the qemu-storage-daemon owner file", e))?;
         let args = daemon_args(img, &filename, secret.as_deref(), &sock);
         let child = Command::new("qemu-storage-daemon")
             .args(&args)
@@ -243,6 +257,56 @@ fn daemon_args(
         .to_string(),
     ]);
     args
+}
+
+/// Stop the daemons of backups that died without cleaning up (SIGKILL): a private
+/// directory under `root` whose `owner` file names a blockvault process that is gone.
+/// Its daemons are found by their command line, which names the directory (so a reused
+/// pid is never hit), killed, and the directory is removed. Best effort.
+pub fn sweep_orphans(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !e.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(dir.join("owner")) else {
+            continue; // being created, or not ours
+        };
+        let Ok(owner) = owner.trim().parse::<i32>() else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        for pid in daemons_naming(&dir) {
+            tracing::warn!(pid, dir = %dir.display(), "stopping the qemu-storage-daemon of a backup that died");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Pids of the qemu-storage-daemon processes whose command line names `dir`.
+fn daemons_naming(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.starts_with("qemu-storage-daemon") && cmd.contains(&needle)
+        })
+        .collect()
 }
 
 /// Wait until the daemon listens on `sock`, or fail with its own message if it exits.

@@ -511,3 +511,20 @@ fn a_cancelled_backup_stops_its_daemon_and_removes_its_directory() {
     assert!(env.backups().is_empty());
     assert_no_daemon_left(&env);
 }
+
+#[test]
+fn the_daemon_of_a_killed_backup_is_swept_by_the_next_one() {
+    let env = Env::new();
+    let vhd = big_vhd(&env);
+    let (mut child, pid) = backup_with_daemon(&env, &vhd);
+    child.kill().unwrap(); // SIGKILL: blockvault cannot clean up
+    child.wait().unwrap();
+    assert!(
+        processes_under(&tmp(&env)).iter().any(|(p, _)| *p == pid),
+        "the orphan daemon outlives a SIGKILLed backup"
+    );
+    let raw = raw_disk(&env, "small.raw");
+    let small = env.path("small.vhd");
+    convert(&raw, "vpc", &[], &small);
+    backup(&env, &[small.to_str().unwrap()]); // asserts nothing is left afterwards
+}
