@@ -48,6 +48,9 @@ pub enum Consistency {
     CrashConsistent,
     /// Applications and file systems were quiesced (freeze hooks succeeded).
     ApplicationConsistent,
+    /// Not a point in time: an image was read while another process wrote to it
+    /// (`--force-inconsistent`). Restores may not mount or boot.
+    Inconsistent,
 }
 
 /// How the point in time of a backup was captured.
@@ -76,7 +79,16 @@ pub struct DiskManifest {
     pub disk_id: String,
     /// Where it was read from (path or URI) and as what format.
     pub source: String,
+    /// Image format (QEMU's driver name: raw, qcow2, vmdk, vpc, vdi, ...; nbd for an
+    /// export). Backups of one disk id keep one format (a change is refused unless asked).
     pub format: String,
+    /// Which reader read it: `raw`, `native-qcow2`, `native-vmdk`, `nbd`,
+    /// `qemu-storage-daemon:<driver>` (absent in manifests of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader: Option<String>,
+    /// Set for an encrypted source: "encrypted source, decrypted with a user secret".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
     /// Virtual size in bytes.
     pub size: u64,
     /// Digest of the disk index root blob.

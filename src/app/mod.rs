@@ -21,7 +21,7 @@ use crate::freeze::FreezeHooks;
 use crate::live::{LiveOptions, backup_live, disk_id};
 use crate::manifest::{BackupManifest, DiskManifest};
 use crate::manifest::{Capture, ResourceKind};
-use crate::source::open_source_with;
+use crate::source::{open_source_opts, split_spec};
 use crate::vault::Vault;
 use crate::vault::gc::{GcStats, gc};
 use crate::vault::verify::{VerifyReport, verify};
@@ -181,7 +181,7 @@ impl App {
             crate::cbt::ChangeHint::Bitmap(b) => Some(b.as_str()),
             _ => None,
         };
-        let source = open_source_with(source_spec, bitmap)?;
+        let source = open_source_opts(source_spec, &opts.open_options(bitmap))?;
         let mut opts = opts.clone();
         let disk_id = opts
             .disk_id
@@ -228,7 +228,7 @@ impl App {
             jobs.push(DiskJob {
                 name: name.clone(),
                 disk_id: disk_id(server, name),
-                source: open_source_with(spec, None)?,
+                source: open_source_opts(spec, &opts.open_options(None))?,
                 change: match &opts.change {
                     ChangeHint::SinceBase => ChangeHint::SinceBase,
                     _ => ChangeHint::Auto,
@@ -387,19 +387,13 @@ fn pick_disk<'m>(m: &'m BackupManifest, name: Option<&str>) -> Result<&'m DiskMa
 }
 
 /// The disk id used when none is given: the source path made absolute (so that the
-/// same image backed up from two working directories is one disk).
+/// same image backed up from two working directories is one disk). A `FORMAT:` prefix is
+/// not part of it: `raw:/x` and `/x` are the same disk, whose format is remembered by its
+/// backups (a change is refused).
 pub fn default_disk_id(spec: &str) -> String {
-    let (prefix, path) = match spec.split_once(':') {
-        Some((p, rest)) if ["raw", "qcow2", "vmdk"].contains(&p) => (Some(p), rest),
-        _ => (None, spec),
-    };
     if crate::nbd::NbdUri::is_nbd(spec) {
         return spec.to_string();
     }
-    let abs =
-        std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string());
-    match prefix {
-        Some(p) => format!("{p}:{abs}"),
-        None => abs,
-    }
+    let (_, path) = split_spec(spec);
+    std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string())
 }

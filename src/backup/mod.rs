@@ -55,6 +55,25 @@ pub struct BackupOptions {
     pub progress: Option<Arc<Progress>>,
     /// What is known about changes since the previous backup (see `cbt`).
     pub change: ChangeHint,
+    /// Passphrase file of encrypted sources (LUKS, encrypted qcow2).
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Read image files that another process holds open for writing, labelling the
+    /// backup `inconsistent`, instead of refusing them.
+    pub force_inconsistent: bool,
+    /// Accept a source whose format differs from the previous backup of its disk id.
+    pub format_change: bool,
+}
+
+impl BackupOptions {
+    /// How to open sources for this backup (`bitmap` for an NBD source).
+    pub fn open_options(&self, bitmap: Option<&str>) -> crate::source::OpenOptions {
+        crate::source::OpenOptions {
+            bitmap: bitmap.map(str::to_owned),
+            secret_file: self.secret_file.clone(),
+            force_inconsistent: self.force_inconsistent,
+            cancel: self.cancel.clone(),
+        }
+    }
 }
 
 /// What to read and what to start from.
@@ -158,6 +177,9 @@ pub fn backup_resource(
         }
     }
     let _lock = vault.lock_shared()?;
+    for job in &jobs {
+        check_format(vault, resource, job, opts)?;
+    }
     let lookup = vault.lookup_reconciled()?;
     let mut decisions = Vec::with_capacity(jobs.len());
     for job in &mut jobs {
@@ -212,6 +234,8 @@ pub fn backup_resource(
             disk_id: job.disk_id.clone(),
             source: what,
             format: source.format().as_str().into(),
+            reader: Some(source.reader()),
+            encryption: source.encryption(),
             size: source.size(),
             index_root: outcome.index_root,
             kind: plan.kind,
@@ -237,12 +261,64 @@ pub fn backup_resource(
         vault_id: vault.config().id.clone(),
         chunk_size: vault.chunk_size().bytes(),
         seconds: started.elapsed().as_secs_f64(),
+        capture: inconsistent_capture(capture(), &jobs),
         disks,
-        capture: capture(),
     };
     check_cancel(opts)?;
     vault.put_manifest(&manifest)?;
     Ok(manifest)
+}
+
+/// A disk id keeps the format of its backups: a source that now looks like another
+/// format (a guest that wrote a qcow2 header into its raw disk, a file replaced by
+/// another) is refused unless `opts.format_change`. NBD exports carry no format of their
+/// own and are not compared.
+fn check_format(vault: &Vault, resource: &str, job: &DiskJob, opts: &BackupOptions) -> Result<()> {
+    let now = job.source.format().as_str();
+    if opts.format_change || now == "nbd" {
+        return Ok(());
+    }
+    let Some((m, d)) = crate::cbt::previous(vault, resource, &job.disk_id)? else {
+        return Ok(());
+    };
+    if d.format == now || d.format == "nbd" {
+        return Ok(());
+    }
+    Err(Error::conflict(format!(
+        "{}: disk {} was backed up as {} (backup {}), but its source {} now reads as {now};          if the image itself was converted, pass --format-change; otherwise name the format          explicitly ({}:PATH) so that data inside the disk is never taken for a container          (nothing was stored)",
+        resource,
+        job.disk_id,
+        d.format,
+        m.name,
+        job.source.describe(),
+        d.format
+    )))
+}
+
+/// The capture, downgraded to `inconsistent` when a disk was read while another process
+/// had it open for writing (`--force-inconsistent`).
+fn inconsistent_capture(capture: Option<Capture>, jobs: &[DiskJob]) -> Option<Capture> {
+    let reasons: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| j.source.inconsistent())
+        .collect();
+    if reasons.is_empty() {
+        return capture;
+    }
+    let mut c = capture.unwrap_or(Capture {
+        method: "image-files".into(),
+        consistency: Consistency::Inconsistent,
+        note: None,
+        snapshot_at: None,
+        steps: Vec::new(),
+    });
+    c.consistency = Consistency::Inconsistent;
+    let why = reasons.join("; ");
+    c.note = Some(match c.note.take() {
+        Some(old) => format!("{why}; {old}"),
+        None => why,
+    });
+    Some(c)
 }
 
 pub(crate) fn check_cancel(opts: &BackupOptions) -> Result<()> {

@@ -45,7 +45,8 @@ pub enum Cmd {
     /// Manage vaults.
     #[command(subcommand)]
     Vault(VaultCmd),
-    /// Back up a disk image (raw, qcow2, vmdk; `raw:`/`qcow2:`/`vmdk:` force a format).
+    /// Back up a disk image (raw, qcow2, vmdk natively; VHD, VHDX, VDI, QED, LUKS, ... through
+    /// qemu-storage-daemon; `raw:`/`qcow2:`/`vpc:`… force a format, never sniffed).
     ///
     /// One source backs up a disk. Several sources (`NAME=SPEC` or just `SPEC`, named
     /// disk0, disk1, …) back up a server made of image files as one backup (`--id` names
@@ -235,6 +236,20 @@ pub struct BackupArgs {
     /// The backup (id or name) the change list is relative to (default: the latest).
     #[arg(long, requires = "changed_extents")]
     pub since: Option<String>,
+    /// Passphrase file of an encrypted image (LUKS, encrypted qcow2): its exact bytes are
+    /// the passphrase. The disk is read decrypted through qemu-storage-daemon, which is
+    /// given the file's path, never its contents.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Back up an image that another process holds open for writing (QEMU's image lock)
+    /// instead of refusing it; the backup is labelled `inconsistent`.
+    #[arg(long)]
+    pub force_inconsistent: bool,
+    /// Accept a source whose format differs from the previous backup of its disk id
+    /// (refused by default: a raw disk whose guest wrote an image header into it must
+    /// not turn into that image).
+    #[arg(long)]
+    pub format_change: bool,
     #[command(flatten)]
     pub server: Box<ServerArgs>,
 }

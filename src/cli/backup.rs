@@ -21,11 +21,17 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         since_base,
         ref changed_extents,
         ref since,
+        ref secret_file,
+        force_inconsistent,
+        format_change,
         ref server,
     } = *a;
     let app = App::open(&cli.data)?;
     let mut o = options(cli, name.clone(), id.clone());
     o.cancel = Some(cancel_on_signals()?);
+    o.secret_file = secret_file.clone();
+    o.force_inconsistent = force_inconsistent;
+    o.format_change = format_change;
     o.change = if let Some(b) = bitmap {
         ChangeHint::Bitmap(b.clone())
     } else if since_base {

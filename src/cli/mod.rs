@@ -24,6 +24,7 @@ pub fn options(cli: &Cli, name: Option<String>, id: Option<String>) -> BackupOpt
         cancel: None,
         progress: None,
         change: ChangeHint::Auto,
+        ..BackupOptions::default()
     }
 }
 

@@ -1,11 +1,14 @@
 //! Block sources: everything blockvault can read a virtual disk from.
 //!
 //! A [`BlockSource`] is a read-only view of one virtual disk: its size, random reads, and
-//! its allocation map so that unallocated space is never read. Formats: raw files (holes
-//! via SEEK_DATA/SEEK_HOLE), qcow2 (imago; plain, compressed clusters, backing chains) and
-//! VMDK (vmdk-core; monolithicSparse, streamOptimized, monolithicFlat,
-//! twoGbMaxExtentSparse). [`open_source`] sniffs the format from the magic bytes, or takes
-//! a forced one from a `raw:`/`qcow2:`/`vmdk:` prefix.
+//! its allocation map so that unallocated space is never read. Native formats: raw files
+//! (holes via SEEK_DATA/SEEK_HOLE), qcow2 (imago; plain, compressed clusters, backing
+//! chains) and VMDK (vmdk-core; monolithicSparse, streamOptimized, monolithicFlat,
+//! twoGbMaxExtentSparse). Every other format QEMU reads is detected by its magic
+//! (`detect`) and read through a private qemu-storage-daemon (`qemu`). [`open_source`]
+//! detects the format, or takes a forced one from a `FORMAT:` prefix (never sniffed),
+//! and holds QEMU's image locks on the file while it is read (`lock`). Each source says
+//! which reader it is ([`BlockSource::reader`]) for the manifest.
 //!
 //! Sources never write into the image they read. They are not required to be `Send`
 //! (imago's qcow2 driver is not): the backup pipeline reads on the thread that opened the
@@ -148,6 +151,8 @@ pub enum SourceFormat {
     Qcow2,
     Vmdk,
     Nbd,
+    /// Read through a private qemu-storage-daemon with this QEMU block driver.
+    Qemu(&'static str),
 }
 
 impl SourceFormat {
@@ -157,6 +162,7 @@ impl SourceFormat {
             SourceFormat::Qcow2 => "qcow2",
             SourceFormat::Vmdk => "vmdk",
             SourceFormat::Nbd => "nbd",
+            SourceFormat::Qemu(driver) => driver,
         }
     }
 }
@@ -169,6 +175,30 @@ pub const MAX_DISK_SIZE: u64 = 64 << 40;
 pub trait BlockSource {
     /// Format the source was opened as.
     fn format(&self) -> SourceFormat;
+
+    /// Which reader reads the disk, for the manifest: `raw`, `native-qcow2`,
+    /// `native-vmdk`, `nbd`, `qemu-storage-daemon:<driver>`.
+    fn reader(&self) -> String {
+        match self.format() {
+            SourceFormat::Raw => "raw".into(),
+            SourceFormat::Qcow2 => "native-qcow2".into(),
+            SourceFormat::Vmdk => "native-vmdk".into(),
+            SourceFormat::Nbd => "nbd".into(),
+            SourceFormat::Qemu(d) => format!("qemu-storage-daemon:{d}"),
+        }
+    }
+
+    /// How an encrypted source was read ("encrypted source, decrypted with a user
+    /// secret"); None for a plain one.
+    fn encryption(&self) -> Option<String> {
+        None
+    }
+
+    /// Why a copy of this source is not consistent (it was open for writing elsewhere
+    /// and read with `--force-inconsistent`); None normally.
+    fn inconsistent(&self) -> Option<String> {
+        None
+    }
 
     /// Human description (path or URI) for logs and manifests.
     fn describe(&self) -> String;
@@ -209,18 +239,23 @@ pub trait BlockSource {
     }
 }
 
+pub mod detect;
+pub mod lock;
+mod locked;
 mod nbd;
 mod qcow2;
+mod qemu;
 mod raw;
 mod vmdk;
 
 pub use self::nbd::NbdSource;
 pub use self::qcow2::Qcow2Source;
+pub use self::qemu::{QemuImage, QemuSource};
 pub use self::raw::RawSource;
 pub use self::vmdk::VmdkSource;
 mod open;
 
-pub use self::open::{open_source, open_source_with};
+pub use self::open::{OpenOptions, open_source, open_source_opts, open_source_with, split_spec};
 
 /// Open an image file read-only; a missing file is `NotFound` and names the path.
 pub(crate) fn open_file(path: &std::path::Path) -> Result<std::fs::File> {

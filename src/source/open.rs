@@ -1,63 +1,162 @@
-//! Opening a source from a user's spec: format sniffing from magic bytes, or a forced
-//! format with a `raw:`, `qcow2:` or `vmdk:` prefix.
+//! Opening a source from a user's spec: an NBD URI, or an image file whose format is
+//! detected by its magic bytes (`detect`), or forced with a `FORMAT:` prefix (`raw:`,
+//! `qcow2:`, `vmdk:`, or any QEMU driver name of [`PREFIXES`]). A forced format is never
+//! sniffed: `raw:PATH` is read as raw whatever its first sector says.
+//!
+//! Routing: raw files, qcow2 (imago) and VMDK (vmdk-core) are read natively; every other
+//! format, and a qcow2/VMDK that uses a feature the native reader lacks (the reader says
+//! `Unsupported`, or the qcow2 header shows zstd, encryption, ...), is read through a
+//! private qemu-storage-daemon (`qemu`). An image file is opened only after QEMU's image
+//! locks were checked and taken (`lock`): one open for writing elsewhere is refused
+//! unless `force_inconsistent`.
 
-use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::{BlockSource, NbdSource, Qcow2Source, RawSource, VmdkSource, open_file};
-use crate::error::{Error, Result};
+use super::detect::{Detected, Route, detect};
+use super::lock::lock_image;
+use super::locked::Locked;
+use super::{BlockSource, NbdSource, Qcow2Source, QemuImage, QemuSource, RawSource, VmdkSource};
+use crate::error::{Error, ErrorKind, Result};
 use crate::nbd::NbdUri;
+
+/// Format names accepted as a `FORMAT:` prefix of an image path.
+pub const PREFIXES: &[&str] = &[
+    "raw",
+    "qcow2",
+    "vmdk",
+    "vpc",
+    "vhdx",
+    "vdi",
+    "qed",
+    "qcow",
+    "parallels",
+    "bochs",
+    "cloop",
+    "dmg",
+    "luks",
+];
+
+/// How to open a source.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// NBD only: also negotiate this dirty bitmap.
+    pub bitmap: Option<String>,
+    /// Passphrase file of an encrypted image (LUKS, encrypted qcow2).
+    pub secret_file: Option<PathBuf>,
+    /// Read an image that another process holds open for writing (the copy is labelled
+    /// inconsistent) instead of refusing it.
+    pub force_inconsistent: bool,
+    /// Raised to give up while a qemu-storage-daemon is still starting.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Split `FORMAT:PATH` into the forced format and the path.
+pub fn split_spec(spec: &str) -> (Option<&'static str>, &str) {
+    if let Some((f, rest)) = spec.split_once(':')
+        && let Some(p) = PREFIXES.iter().find(|p| **p == f)
+    {
+        return (Some(p), rest);
+    }
+    (None, spec)
+}
 
 /// Open the disk named by `spec`.
 pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
-    open_source_with(spec, None)
+    open_source_opts(spec, &OpenOptions::default())
 }
 
 /// Open the disk named by `spec`; for an NBD export, also negotiate the dirty bitmap
 /// `bitmap`. A bitmap on an image file is refused (files carry no live bitmap).
 pub fn open_source_with(spec: &str, bitmap: Option<&str>) -> Result<Box<dyn BlockSource>> {
+    let opts = OpenOptions {
+        bitmap: bitmap.map(str::to_owned),
+        ..OpenOptions::default()
+    };
+    open_source_opts(spec, &opts)
+}
+
+/// Open the disk named by `spec` with `opts`.
+pub fn open_source_opts(spec: &str, opts: &OpenOptions) -> Result<Box<dyn BlockSource>> {
     if NbdUri::is_nbd(spec) {
-        return Ok(Box::new(NbdSource::open(spec, bitmap)?));
+        return Ok(Box::new(NbdSource::open(spec, opts.bitmap.as_deref())?));
     }
-    if let Some(b) = bitmap {
+    if let Some(b) = &opts.bitmap {
         return Err(Error::config(format!(
             "--bitmap {b} needs an NBD source (export the image with qemu-nbd -B {b})"
         )));
     }
-    let (forced, path) = match spec.split_once(':') {
-        Some((f @ ("raw" | "qcow2" | "vmdk"), rest)) => (Some(f), rest),
-        _ => (None, spec),
-    };
+    let (forced, path) = split_spec(spec);
     let path = Path::new(path);
-    let format = match forced {
-        Some(f) => f,
-        None => sniff(path)?,
+    let lock = lock_image(path, opts.force_inconsistent)?;
+    let detected = match forced {
+        None => detect(path)?,
+        Some(f) => forced_route(f, path)?,
     };
-    Ok(match format {
-        "qcow2" => Box::new(Qcow2Source::open(path)?),
-        "vmdk" => Box::new(VmdkSource::open(path)?),
-        _ => Box::new(RawSource::open(path)?),
+    let no_locking = lock.inconsistent.is_some();
+    let inner = open_detected(path, &detected, opts, no_locking)?;
+    Ok(Box::new(Locked { inner, lock }))
+}
+
+/// The route for a format the user forced: never sniffed for raw; a forced qcow2 or
+/// VMDK still has its header looked at so that its features pick the reader.
+fn forced_route(f: &'static str, path: &Path) -> Result<Detected> {
+    let native = |format, route| Detected { format, route };
+    Ok(match f {
+        "raw" => native("raw", Route::Raw),
+        "qcow2" | "vmdk" => {
+            let d = detect(path)?;
+            if d.format == f {
+                d
+            } else if f == "qcow2" {
+                native("qcow2", Route::NativeQcow2)
+            } else {
+                native("vmdk", Route::NativeVmdk)
+            }
+        }
+        other => Detected {
+            format: other,
+            route: Route::Qemu {
+                driver: other,
+                encryption: (other == "luks").then_some(super::detect::Encryption::Luks),
+                why: format!("{other} forced by its prefix"),
+            },
+        },
     })
 }
 
-/// The format of the image at `path`, from its first bytes.
-fn sniff(path: &Path) -> Result<&'static str> {
-    let mut f = open_file(path)?;
-    let mut head = [0u8; 32];
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
-        }
+fn open_detected(
+    path: &Path,
+    d: &Detected,
+    opts: &OpenOptions,
+    no_locking: bool,
+) -> Result<Box<dyn BlockSource>> {
+    let fallback = |driver: &'static str, encryption, why: &str| -> Result<Box<dyn BlockSource>> {
+        tracing::info!(path = %path.display(), driver, "{why}: reading through qemu-storage-daemon");
+        Ok(Box::new(QemuSource::open(&QemuImage {
+            path,
+            driver,
+            encryption,
+            secret_file: opts.secret_file.as_deref(),
+            no_locking,
+            cancel: opts.cancel.as_deref(),
+        })?))
+    };
+    match &d.route {
+        Route::Raw => Ok(Box::new(RawSource::open(path)?)),
+        Route::NativeQcow2 => match Qcow2Source::open(path) {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) if e.kind() == ErrorKind::Unsupported => fallback("qcow2", None, &e.to_string()),
+            Err(e) => Err(e),
+        },
+        Route::NativeVmdk => match VmdkSource::open(path) {
+            Ok(s) => Ok(Box::new(s)),
+            Err(e) if e.kind() == ErrorKind::Unsupported => fallback("vmdk", None, &e.to_string()),
+            Err(e) => Err(e),
+        },
+        Route::Qemu {
+            driver,
+            encryption,
+            why,
+        } => fallback(driver, *encryption, why),
     }
-    let head = &head[..n];
-    Ok(if head.starts_with(b"QFI\xfb") {
-        "qcow2"
-    } else if head.starts_with(b"KDMV") || head.starts_with(b"# Disk DescriptorFile") {
-        "vmdk"
-    } else {
-        "raw"
-    })
 }

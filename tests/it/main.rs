@@ -11,6 +11,7 @@ mod incremental;
 mod integrity;
 mod nbd;
 mod nbd_server;
+mod qemu_formats;
 mod qsd;
 mod quickstart;
 mod remote;
