@@ -13,6 +13,7 @@ mod nbd_server;
 mod qsd;
 mod quickstart;
 mod remote;
+mod restore;
 mod server;
 mod service;
 mod sources;
