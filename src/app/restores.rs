@@ -20,7 +20,8 @@ use crate::restore::onto::{OntoStats, restore_onto_nbd};
 use crate::restore::partial::{self, create_private_dir};
 use crate::restore::server_image::{ServerExport, ServerImage, export_server};
 use crate::restore::{
-    ImageFormat, RestoreOptions, RestoreStats, parse_mode, restore_disk_with, safe_file_name,
+    BadRange, ImageFormat, RestoreOptions, RestoreStats, parse_mode, restore_disk_with,
+    safe_file_name,
 };
 
 /// What to restore and where; the shape of `POST /api/v1/restores`.
@@ -90,6 +91,23 @@ pub enum RestoreOutcome {
         #[serde(flatten)]
         stats: OntoStats,
     },
+}
+
+impl RestoreOutcome {
+    /// The ranges a `keep_going` restore left as zeros, with the image they are in.
+    pub fn bad_ranges(&self) -> Vec<(&Path, &BadRange)> {
+        fn per_disk<'a>(to: &'a Path, st: &'a RestoreStats) -> Vec<(&'a Path, &'a BadRange)> {
+            st.bad_ranges.iter().map(|r| (to, r)).collect()
+        }
+        match self {
+            RestoreOutcome::Image { to, stats, .. } => per_disk(to, stats),
+            RestoreOutcome::Directory { disks, .. } => disks
+                .iter()
+                .flat_map(|d| per_disk(&d.to, &d.stats))
+                .collect(),
+            RestoreOutcome::ServerImage(_) | RestoreOutcome::Onto { .. } => Vec::new(),
+        }
+    }
 }
 
 impl App {
