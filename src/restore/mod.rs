@@ -39,6 +39,7 @@ use crate::vault::Vault;
 use crate::vault::walk::{load_page, load_root};
 
 mod deflate_pool;
+mod fetch;
 pub mod onto;
 pub mod partial;
 pub mod server_image;
@@ -237,21 +238,67 @@ pub fn restore_disk_with(
     result
 }
 
-/// What a worker did with one chunk.
-enum Done {
-    /// Written to the target by the worker itself (concurrent writers): its length.
-    Written(u64),
-    /// Verified plaintext for the caller thread to write.
-    Data(Vec<u8>),
-}
+/// Chunks handed to a worker at once (fewer channel round trips).
+const BATCH: usize = 16;
 
 /// A worker's report.
 enum Msg {
-    /// The chunk at this disk offset: done, or unreadable.
-    Chunk(u64, Result<Done>),
+    /// One chunk's verified plaintext, for the caller thread to write (ordered writers).
+    Data(u64, Vec<u8>),
+    /// A batch written by the worker itself (concurrent writers): chunks and bytes.
+    Written { chunks: u64, bytes: u64 },
+    /// The chunk at this disk offset could not be read.
+    Unreadable(u64, Error),
     /// A failure that stops the restore whatever `keep_going` says (writing the target,
     /// opening the lookup index).
     Fatal(Error),
+}
+
+/// A worker: fetch and verify every chunk of each batch; write it itself when the
+/// target takes concurrent writes, else hand it back.
+fn restore_worker(
+    vault: &Vault,
+    jobs: crossbeam_channel::Receiver<Vec<(u64, ChunkDigest)>>,
+    results: crossbeam_channel::Sender<Msg>,
+    shared: Option<Arc<dyn ConcurrentWriter>>,
+) {
+    let mut fetcher = match fetch::Fetcher::new(vault) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = results.send(Msg::Fatal(e));
+            return;
+        }
+    };
+    for batch in jobs {
+        let (mut chunks, mut bytes) = (0, 0);
+        for (offset, digest) in batch {
+            let done = fetcher.fetch(&digest, |data| match &shared {
+                None => Some(Msg::Data(offset, data.to_vec())),
+                Some(w) => match w.write_shared(data, offset) {
+                    Ok(()) => {
+                        chunks += 1;
+                        bytes += data.len() as u64;
+                        None
+                    }
+                    Err(e) => Some(Msg::Fatal(e)),
+                },
+            });
+            let msg = match done {
+                Err(e) => Msg::Unreadable(
+                    offset,
+                    e.context_prefix(format!("chunk {digest} at disk offset {offset}")),
+                ),
+                Ok(None) => continue,
+                Ok(Some(msg)) => msg,
+            };
+            if results.send(msg).is_err() {
+                return;
+            }
+        }
+        if chunks > 0 && results.send(Msg::Written { chunks, bytes }).is_err() {
+            return;
+        }
+    }
 }
 
 /// Fetch, verify and write every non-zero chunk of `disk` into `writer`. A writer
@@ -275,101 +322,43 @@ pub fn restore_into(
     } else {
         opts.threads
     };
-    let window = threads * 8;
+    // Chunks in flight (sent, not yet accounted for): bounds memory.
+    let window = threads * BATCH * 4;
     let progress: Option<&Arc<Progress>> = opts.progress.as_ref();
     if let Some(p) = progress {
         p.bytes_total.store(disk.size, Ordering::Relaxed);
     }
-    let (job_tx, job_rx) = bounded::<(u64, ChunkDigest)>(threads * 4);
+    let (job_tx, job_rx) = bounded::<Vec<(u64, ChunkDigest)>>(threads * 2);
     let (res_tx, res_rx) = unbounded::<Msg>();
-    let mut stats = RestoreStats::default();
-    let mut bad: Vec<(u64, u64, String)> = Vec::new();
-    let mut bad_pages: Vec<(u64, u64, String)> = Vec::new();
-    let chunk_len = |offset: u64| cs.min(disk.size.saturating_sub(offset));
+    let shared = writer.concurrent();
+    let mut state = Accounting {
+        writer,
+        ordered: shared.is_none(),
+        keep_going,
+        disk_size: disk.size,
+        cs,
+        progress,
+        in_flight: 0,
+        order: VecDeque::new(),
+        ready: BTreeMap::new(),
+        stats: RestoreStats::default(),
+        bad: Vec::new(),
+    };
 
-    let result = std::thread::scope(|scope| -> Result<()> {
-        let shared = writer.concurrent();
+    std::thread::scope(|scope| -> Result<()> {
         for _ in 0..threads {
-            let (job_rx, res_tx, shared) = (job_rx.clone(), res_tx.clone(), shared.clone());
-            scope.spawn(move || {
-                let lookup = match vault.lookup() {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = res_tx.send(Msg::Fatal(e));
-                        return;
-                    }
-                };
-                for (offset, digest) in job_rx {
-                    let read = vault.read_blob(&lookup, &digest).map_err(|e| {
-                        e.context_prefix(format!("chunk {digest} at disk offset {offset}"))
-                    });
-                    let msg = match (read, &shared) {
-                        (Err(e), _) => Msg::Chunk(offset, Err(e)),
-                        (Ok((_, data)), None) => Msg::Chunk(offset, Ok(Done::Data(data))),
-                        (Ok((_, data)), Some(w)) => match w.write_shared(&data, offset) {
-                            Ok(()) => Msg::Chunk(offset, Ok(Done::Written(data.len() as u64))),
-                            Err(e) => Msg::Fatal(e),
-                        },
-                    };
-                    if res_tx.send(msg).is_err() {
-                        break;
-                    }
-                }
-            });
+            let (jobs, results, shared) = (job_rx.clone(), res_tx.clone(), shared.clone());
+            scope.spawn(move || restore_worker(vault, jobs, results, shared));
         }
-        drop((job_rx, res_tx));
-        let ordered = shared.is_none();
-        // Offsets sent and not yet accounted for, in order; results that arrived ahead
-        // of their turn (ordered writers only).
-        let mut order: VecDeque<u64> = VecDeque::new();
-        let mut ready: BTreeMap<u64, Result<Done>> = BTreeMap::new();
-        let mut account = |offset: u64, r: Result<Done>, stats: &mut RestoreStats| -> Result<()> {
-            let n = match r {
-                Ok(Done::Written(n)) => n,
-                Ok(Done::Data(data)) => {
-                    writer.write_at(&data, offset)?;
-                    data.len() as u64
-                }
-                Err(e) if keep_going => {
-                    tracing::warn!("{e}; left as zeros (--keep-going)");
-                    stats.chunks_unreadable += 1;
-                    bad.push((offset, chunk_len(offset), e.to_string()));
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-            stats.bytes_written += n;
-            stats.chunks_written += 1;
-            if let Some(p) = progress {
-                p.bytes_done.fetch_add(n, Ordering::Relaxed);
-            }
-            Ok(())
-        };
-        let mut take =
-            |m: Msg, order: &mut VecDeque<u64>, stats: &mut RestoreStats| -> Result<()> {
-                let (offset, r) = match m {
-                    Msg::Fatal(e) => return Err(e),
-                    Msg::Chunk(offset, r) => (offset, r),
-                };
-                if !ordered {
-                    order.pop_front();
-                    return account(offset, r, stats);
-                }
-                ready.insert(offset, r);
-                while let Some(front) = order.front()
-                    && let Some(r) = ready.remove(front)
-                {
-                    account(*front, r, stats)?;
-                    order.pop_front();
-                }
-                Ok(())
-            };
+        drop((job_rx, res_tx, shared));
         let recv = |res_rx: &crossbeam_channel::Receiver<Msg>| {
             res_rx
                 .recv()
                 .map_err(|_| Error::new(ErrorKind::Io, "restore workers stopped"))
         };
+        let stopped = || Error::new(ErrorKind::Io, "restore workers stopped");
         let walk = (|| -> Result<()> {
+            let mut batch = Vec::with_capacity(BATCH);
             for p in 0..root.pages.len() {
                 let entries = match load_page(vault, &lookup, &root, p) {
                     Ok(e) => e,
@@ -378,7 +367,7 @@ pub fn restore_into(
                         let length =
                             (root.page_len(p) as u64 * cs).min(disk.size.saturating_sub(offset));
                         tracing::warn!("{e}; its disk range is left as zeros (--keep-going)");
-                        bad_pages.push((offset, length, e.to_string()));
+                        state.bad.push((offset, length, e.to_string()));
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -386,7 +375,11 @@ pub fn restore_into(
                 for (slot, d) in entries.iter().enumerate() {
                     let offset = (p * PAGE_ENTRIES + slot) as u64 * cs;
                     if d.is_zero() {
-                        stats.chunks_zero += 1;
+                        state.stats.chunks_zero += 1;
+                        continue;
+                    }
+                    batch.push((offset, *d));
+                    if batch.len() < BATCH {
                         continue;
                     }
                     if opts
@@ -396,31 +389,115 @@ pub fn restore_into(
                     {
                         return Err(Error::cancelled("restore cancelled"));
                     }
-                    while order.len() >= window {
-                        take(recv(&res_rx)?, &mut order, &mut stats)?;
+                    while state.in_flight + BATCH > window {
+                        state.take(recv(&res_rx)?)?;
                     }
+                    state.sent(&batch);
                     job_tx
-                        .send((offset, *d))
-                        .map_err(|_| Error::new(ErrorKind::Io, "restore workers stopped"))?;
-                    order.push_back(offset);
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                        .map_err(|_| stopped())?;
                     while let Ok(m) = res_rx.try_recv() {
-                        take(m, &mut order, &mut stats)?;
+                        state.take(m)?;
                     }
                 }
+            }
+            if !batch.is_empty() {
+                state.sent(&batch);
+                job_tx.send(batch).map_err(|_| stopped())?;
             }
             Ok(())
         })();
         drop(job_tx);
         walk?;
-        while !order.is_empty() {
-            take(recv(&res_rx)?, &mut order, &mut stats)?;
+        while state.in_flight > 0 {
+            state.take(recv(&res_rx)?)?;
         }
         Ok(())
-    });
-    result?;
-    bad.append(&mut bad_pages);
-    stats.bad_ranges = merge_ranges(bad);
+    })?;
+    let mut stats = state.stats;
+    stats.bad_ranges = merge_ranges(state.bad);
     Ok(stats)
+}
+
+/// The caller thread's side of a restore: what is in flight, the reorder window of
+/// ordered writers, the outcome.
+struct Accounting<'w, 'p> {
+    writer: &'w mut dyn ImageWriter,
+    ordered: bool,
+    keep_going: bool,
+    disk_size: u64,
+    cs: u64,
+    progress: Option<&'p Arc<Progress>>,
+    in_flight: usize,
+    /// Ordered writers: offsets sent and not yet written, ascending.
+    order: VecDeque<u64>,
+    /// Ordered writers: results that arrived ahead of their turn (`None`: unreadable).
+    ready: BTreeMap<u64, Option<Vec<u8>>>,
+    stats: RestoreStats,
+    bad: Vec<(u64, u64, String)>,
+}
+
+impl Accounting<'_, '_> {
+    fn sent(&mut self, batch: &[(u64, ChunkDigest)]) {
+        self.in_flight += batch.len();
+        if self.ordered {
+            self.order.extend(batch.iter().map(|(o, _)| *o));
+        }
+    }
+
+    fn take(&mut self, m: Msg) -> Result<()> {
+        match m {
+            Msg::Fatal(e) => Err(e),
+            Msg::Written { chunks, bytes } => {
+                self.in_flight -= chunks as usize;
+                self.count(chunks, bytes);
+                Ok(())
+            }
+            Msg::Unreadable(offset, e) => {
+                if !self.keep_going {
+                    return Err(e);
+                }
+                tracing::warn!("{e}; left as zeros (--keep-going)");
+                self.stats.chunks_unreadable += 1;
+                let len = self.cs.min(self.disk_size.saturating_sub(offset));
+                self.bad.push((offset, len, e.to_string()));
+                if self.ordered {
+                    self.ready.insert(offset, None);
+                    self.drain()
+                } else {
+                    self.in_flight -= 1;
+                    Ok(())
+                }
+            }
+            Msg::Data(offset, data) => {
+                self.ready.insert(offset, Some(data));
+                self.drain()
+            }
+        }
+    }
+
+    /// Write the results that are next in disk order.
+    fn drain(&mut self) -> Result<()> {
+        while let Some(front) = self.order.front()
+            && let Some(r) = self.ready.remove(front)
+        {
+            if let Some(data) = r {
+                self.writer.write_at(&data, *front)?;
+                self.count(1, data.len() as u64);
+            }
+            self.order.pop_front();
+            self.in_flight -= 1;
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, chunks: u64, bytes: u64) {
+        self.stats.chunks_written += chunks;
+        self.stats.bytes_written += bytes;
+        if let Some(p) = self.progress {
+            p.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Sort bad ranges and merge adjacent ones (keeping the first error).
