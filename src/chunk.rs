@@ -544,7 +544,16 @@ mod tests {
             // A flip may land on a bit zstd ignores; what must never happen is a
             // decode that returns different plaintext.
             if let Ok((_, plain)) = decode_blob(&stored, &d) {
-                prop_assert_eq!(plain, data);
+                prop_assert_eq!(plain, data.clone());
+            }
+            // The reusing decoder agrees with decode_blob, on good and damaged blobs.
+            let mut dec = Decoder::new().unwrap();
+            let good = [&blob.header[..], &blob.payload].concat();
+            prop_assert_eq!(dec.decode(&good, &d).unwrap().1, &data[..]);
+            match (decode_blob(&stored, &d), dec.decode(&stored, &d)) {
+                (Ok((_, a)), Ok((_, b))) => prop_assert_eq!(&a[..], b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "decode_blob {:?} vs Decoder {:?}", a.is_ok(), b.is_ok()),
             }
         }
     }

@@ -32,11 +32,18 @@ pub struct Fetcher<'a> {
     /// Cached packs, oldest first, with their digests (for eviction).
     packs: VecDeque<(PackId, Vec<ChunkDigest>)>,
     decoder: Decoder,
+    capacity: usize,
 }
 
 impl<'a> Fetcher<'a> {
     pub fn new(vault: &'a Vault) -> Result<Fetcher<'a>> {
+        Fetcher::with_capacity(vault, CACHED_PACKS)
+    }
+
+    /// A fetcher that keeps the locations of at most `packs` packs.
+    pub fn with_capacity(vault: &'a Vault, packs: usize) -> Result<Fetcher<'a>> {
         Ok(Fetcher {
+            capacity: packs.max(1),
             vault,
             lookup: vault.lookup()?,
             locations: HashMap::new(),
@@ -91,7 +98,7 @@ impl<'a> Fetcher<'a> {
             return Ok(());
         }
         let entries = self.lookup.entries_in_pack(pack)?;
-        if self.packs.len() >= CACHED_PACKS
+        if self.packs.len() >= self.capacity
             && let Some((_, old)) = self.packs.pop_front()
         {
             for d in old {
@@ -105,5 +112,58 @@ impl<'a> Fetcher<'a> {
         }
         self.packs.push_back((pack, digests));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::chunk::{BlobKind, ChunkSize, Encoder};
+    use crate::error::ErrorKind;
+    use crate::vault::pack::PackWriter;
+
+    #[test]
+    fn chunks_are_found_pack_by_pack_across_evictions_and_missing_ones_fail_as_the_vault_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let vault =
+            Vault::create(&dir.path().join("v"), ChunkSize::new(65536).unwrap(), 1).unwrap();
+        let mut lookup = vault.lookup().unwrap();
+        // Packs of a few blobs; text-like (compressed) and random (stored) chunks.
+        let mut w = PackWriter::new(Arc::clone(vault.store()), 2 * 65536);
+        let mut enc = Encoder::new(1).unwrap();
+        let mut blobs = Vec::new();
+        for i in 0..14u8 {
+            let data: Vec<u8> = if i % 2 == 0 {
+                format!("chunk {i} ").repeat(7000).into_bytes()
+            } else {
+                let mut v = vec![0u8; 65536];
+                blake3::Hasher::new()
+                    .update(&[i])
+                    .finalize_xof()
+                    .fill(&mut v);
+                v
+            };
+            let d = ChunkDigest::of(&data);
+            if let Some(sealed) = w.add(&enc.encode(BlobKind::Data, d, data.clone())).unwrap() {
+                lookup.insert_pack(&sealed.publish().unwrap()).unwrap();
+            }
+            blobs.push((d, data));
+        }
+        if let Some(sealed) = w.seal() {
+            lookup.insert_pack(&sealed.publish().unwrap()).unwrap();
+        }
+        assert!(lookup.packs().unwrap().len() >= 3);
+        // One cached pack: going forward, then backward, evicts all the time.
+        let mut f = Fetcher::with_capacity(&vault, 1).unwrap();
+        for (d, data) in blobs.iter().chain(blobs.iter().rev()) {
+            assert!(f.fetch(d, |p| p == &data[..]).unwrap());
+        }
+        let e = f
+            .fetch(&ChunkDigest::of(b"not stored"), |_| ())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 }
