@@ -238,8 +238,12 @@ pub fn restore_disk_with(
     result
 }
 
-/// Chunks handed to a worker at once (fewer channel round trips).
-const BATCH: usize = 16;
+/// Bytes of chunks handed to a worker at once (fewer channel round trips): 16 chunks
+/// of 64 KiB, one of 1 MiB or more.
+const BATCH_BYTES: u64 = 1 << 20;
+/// Bytes of chunks in flight at most (sent to workers and not yet written): bounds the
+/// reorder window of ordered writers, and so memory, whatever the chunk size.
+const WINDOW_BYTES: u64 = 16 << 20;
 
 /// A worker's report.
 enum Msg {
@@ -322,8 +326,9 @@ pub fn restore_into(
     } else {
         opts.threads
     };
+    let batch_len = (BATCH_BYTES / cs).clamp(1, 16) as usize;
     // Chunks in flight (sent, not yet accounted for): bounds memory.
-    let window = threads * BATCH * 4;
+    let window = ((WINDOW_BYTES / cs) as usize).max(2 * batch_len);
     let progress: Option<&Arc<Progress>> = opts.progress.as_ref();
     if let Some(p) = progress {
         p.bytes_total.store(disk.size, Ordering::Relaxed);
@@ -358,7 +363,7 @@ pub fn restore_into(
         };
         let stopped = || Error::new(ErrorKind::Io, "restore workers stopped");
         let walk = (|| -> Result<()> {
-            let mut batch = Vec::with_capacity(BATCH);
+            let mut batch = Vec::with_capacity(batch_len);
             for p in 0..root.pages.len() {
                 let entries = match load_page(vault, &lookup, &root, p) {
                     Ok(e) => e,
@@ -379,7 +384,7 @@ pub fn restore_into(
                         continue;
                     }
                     batch.push((offset, *d));
-                    if batch.len() < BATCH {
+                    if batch.len() < batch_len {
                         continue;
                     }
                     if opts
@@ -389,12 +394,12 @@ pub fn restore_into(
                     {
                         return Err(Error::cancelled("restore cancelled"));
                     }
-                    while state.in_flight + BATCH > window {
+                    while state.in_flight + batch_len > window {
                         state.take(recv(&res_rx)?)?;
                     }
                     state.sent(&batch);
                     job_tx
-                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(batch_len)))
                         .map_err(|_| stopped())?;
                     while let Ok(m) = res_rx.try_recv() {
                         state.take(m)?;
