@@ -8,8 +8,9 @@
 #
 # Default binary: target/release/blockvault (build it with `cargo build --release`).
 # The work dir (default /tmp/bv-bench) keeps the image and the vault between runs; the
-# comparison line is `qemu-img convert -O raw` of the same image (no fsync) and with
-# `-t writeback` + sync, which is what a restore does (it fsyncs before renaming).
+# comparison lines are `qemu-img convert -O raw` of the same image (no fsync) and the
+# same followed by `sync -f` (a restore fsyncs its image before renaming it into place).
+# Peak RSS is per process (wait4). On a shared machine, compare A/B runs interleaved.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 BV="$(realpath "${1:-$here/target/release/blockvault}")"

@@ -1,8 +1,9 @@
 //! Restore: a backup's disk index back into a new disk image.
 //!
-//! The caller thread walks the index page by page and hands every non-zero slot to a pool
-//! of workers (one per core), which fetch the blob from its pack, decompress it and check
-//! its digest (end-to-end integrity). A raw target is written by the workers themselves,
+//! The caller thread walks the index page by page and hands the non-zero slots, in
+//! batches of about 1 MiB, to a pool of workers (one per core), which fetch each blob
+//! from its pack (locations looked up pack by pack, see `fetch`), decompress it with a
+//! reused zstd context and check its digest (end-to-end integrity). A raw target is written by the workers themselves,
 //! each chunk with `pwrite` at its offset ([`ImageWriter::concurrent`]): no reordering
 //! stage, no copy back to the caller. Other formats (qcow2 via imago, VMDK; neither is
 //! `Send`) get the verified chunks back on the caller thread, put in disk order by a

@@ -476,3 +476,82 @@ fn a_cancelled_backup_removes_its_packs_but_keeps_one_a_committed_backup_dedupli
     env.restore(s(&hb, "id"), &out, "raw");
     assert!(images_equal(&head, &out));
 }
+
+#[test]
+fn a_cancelled_backup_leaves_its_packs_to_gc_while_another_job_holds_the_vault() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let small = env.path("small.raw");
+    write_raw(&small, 4 << 20, 0, &random_bytes(1 << 20, 2));
+    let sb = env.backup(&small, "small");
+    let before = pack_files(&env.vault_dir());
+    // serve-nbd reads a backup and holds the vault (shared) while it runs.
+    let sock = env.path("serve.sock");
+    let mut served = env
+        .cmd()
+        .args(["serve-nbd", s(&sb, "id"), "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(served.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("nbd+unix://"), "{line}");
+
+    let img = env.path("big.raw");
+    write_raw(&img, 96 << 20, 0, &random_bytes(96 << 20, 300));
+    let slow_sock = env.path("slow.sock");
+    let slow = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            slow_sock.to_str().unwrap(),
+            "--filter=delay",
+            "file",
+            img.to_str().unwrap(),
+            "rdelay=40ms",
+        ],
+        &slow_sock,
+    );
+    let mut child = env
+        .cmd()
+        .args([
+            "--threads",
+            "1",
+            "backup",
+            &slow.uri(),
+            "--vault",
+            "v",
+            "--id",
+            "big",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("no pack appeared", || {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "backup finished too early"
+        );
+        pack_files(&env.vault_dir()).len() > before.len()
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(!child.wait().unwrap().success());
+    drop(slow);
+    // Someone else holds the vault: the packs stay, for GC.
+    assert!(pack_files(&env.vault_dir()).len() > before.len());
+    assert_eq!(env.backups().len(), 1);
+    let _ = served.kill();
+    let _ = served.wait();
+    let gc = env.json(&["gc", "--vault", "v"]);
+    assert!(u(&gc, "packs_deleted") >= 1, "{gc}");
+    assert_eq!(pack_files(&env.vault_dir()), before);
+}
