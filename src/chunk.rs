@@ -365,21 +365,82 @@ pub fn parse_blob_header(stored: &[u8]) -> Result<BlobHeader> {
 
 /// Decode a stored blob and check it against `expected`. Any mismatch is `Corrupt`.
 pub fn decode_blob(stored: &[u8], expected: &ChunkDigest) -> Result<(BlobKind, Vec<u8>)> {
+    let mut scratch = Vec::new();
+    let (kind, in_scratch) = decode_checked(stored, expected, &mut scratch, |payload, out| {
+        *out = zstd::bulk::decompress(payload, out.capacity())?;
+        Ok(())
+    })?;
+    if in_scratch {
+        Ok((kind, scratch))
+    } else {
+        Ok((kind, stored[BLOB_HEADER_LEN..].to_vec()))
+    }
+}
+
+/// Blob decoding state reused by one thread: a zstd context and an output buffer (a
+/// restore decodes thousands of chunks per second; a fresh context each costs more
+/// than a tenth of the decompression).
+pub struct Decoder {
+    dctx: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Result<Decoder> {
+        Ok(Decoder {
+            dctx: zstd::bulk::Decompressor::new().map_err(|e| {
+                Error::new(crate::ErrorKind::Io, "creating a zstd context").with_source(e)
+            })?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Like [`decode_blob`], without copies: the plaintext is borrowed from `stored`
+    /// (stored raw) or from this decoder's buffer (valid until the next call).
+    pub fn decode<'s>(
+        &'s mut self,
+        stored: &'s [u8],
+        expected: &ChunkDigest,
+    ) -> Result<(BlobKind, &'s [u8])> {
+        let dctx = &mut self.dctx;
+        let (kind, in_scratch) =
+            decode_checked(stored, expected, &mut self.scratch, |payload, out| {
+                dctx.decompress_to_buffer(payload, out).map(|_| ())
+            })?;
+        if in_scratch {
+            Ok((kind, &self.scratch))
+        } else {
+            Ok((kind, &stored[BLOB_HEADER_LEN..]))
+        }
+    }
+}
+
+/// The checks of every blob decode: header, lengths, digest. `decompress` fills `out`
+/// (empty, with capacity for the declared plaintext). Returns the kind and whether the
+/// plaintext is in `scratch` (compressed blobs) or is the stored payload.
+fn decode_checked(
+    stored: &[u8],
+    expected: &ChunkDigest,
+    scratch: &mut Vec<u8>,
+    decompress: impl FnOnce(&[u8], &mut Vec<u8>) -> std::io::Result<()>,
+) -> Result<(BlobKind, bool)> {
     let h = parse_blob_header(stored)?;
     let payload = &stored[BLOB_HEADER_LEN..];
-    let plain = if h.compressed {
-        let out = zstd::bulk::decompress(payload, h.plain_len).map_err(|e| {
+    let plain: &[u8] = if h.compressed {
+        scratch.clear();
+        scratch.reserve(h.plain_len);
+        decompress(payload, scratch).map_err(|e| {
             Error::corrupt(format!("blob {} does not decompress", expected.short())).with_source(e)
         })?;
-        if out.len() != h.plain_len {
+        if scratch.len() != h.plain_len {
             return Err(Error::corrupt(format!(
                 "blob {} decompressed to {} bytes, header says {}",
                 expected.short(),
-                out.len(),
+                scratch.len(),
                 h.plain_len
             )));
         }
-        out
+        scratch
     } else {
         if payload.len() != h.plain_len {
             return Err(Error::corrupt(format!(
@@ -389,9 +450,9 @@ pub fn decode_blob(stored: &[u8], expected: &ChunkDigest) -> Result<(BlobKind, V
                 h.plain_len
             )));
         }
-        payload.to_vec()
+        payload
     };
-    let actual = ChunkDigest::of(&plain);
+    let actual = ChunkDigest::of(plain);
     if actual != *expected {
         return Err(Error::corrupt(format!(
             "blob {} fails its digest check (content hashes to {})",
@@ -399,7 +460,7 @@ pub fn decode_blob(stored: &[u8], expected: &ChunkDigest) -> Result<(BlobKind, V
             actual.short()
         )));
     }
-    Ok((h.kind, plain))
+    Ok((h.kind, h.compressed))
 }
 
 #[cfg(test)]
@@ -483,7 +544,16 @@ mod tests {
             // A flip may land on a bit zstd ignores; what must never happen is a
             // decode that returns different plaintext.
             if let Ok((_, plain)) = decode_blob(&stored, &d) {
-                prop_assert_eq!(plain, data);
+                prop_assert_eq!(plain, data.clone());
+            }
+            // The reusing decoder agrees with decode_blob, on good and damaged blobs.
+            let mut dec = Decoder::new().unwrap();
+            let good = [&blob.header[..], &blob.payload].concat();
+            prop_assert_eq!(dec.decode(&good, &d).unwrap().1, &data[..]);
+            match (decode_blob(&stored, &d), dec.decode(&stored, &d)) {
+                (Ok((_, a)), Ok((_, b))) => prop_assert_eq!(&a[..], b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "decode_blob {:?} vs Decoder {:?}", a.is_ok(), b.is_ok()),
             }
         }
     }

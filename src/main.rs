@@ -14,6 +14,10 @@ use cli::args::*;
 use cli::output::*;
 
 fn main() {
+    // Everything the appliance writes (catalog, tokens, vault files, restored images,
+    // logs) is its owner's alone: disk images and their backups hold the guests' secrets.
+    // Restores set their images' mode explicitly (`--mode`).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BLOCKVAULT_LOG")

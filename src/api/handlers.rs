@@ -323,7 +323,25 @@ pub async fn create_restore(
                 backup: entry.manifest.id.clone(),
                 ..r
             };
-            let mut v = serde_json::to_value(app.run_restore(&req, &opts)?)
+            let outcome = app.run_restore(&req, &opts)?;
+            // keep_going: the image is kept, the task still fails (like the CLI's exit 1).
+            let bad = outcome.bad_ranges();
+            if !bad.is_empty() {
+                for (to, r) in &bad {
+                    ctx.log(format!(
+                        "{}: offset {} length {} left as zeros: {}",
+                        to.display(),
+                        r.offset,
+                        r.length,
+                        r.error
+                    ));
+                }
+                return Err(Error::corrupt(format!(
+                    "{} unreadable range(s) were left as zeros; the image is kept (see the task log)",
+                    bad.len()
+                )));
+            }
+            let mut v = serde_json::to_value(outcome)
                 .map_err(|e| Error::invalid("restore outcome").with_source(e))?;
             v["backup"] = json!(entry.manifest.id);
             v["seconds"] = json!(t.elapsed().as_secs_f64());

@@ -257,6 +257,9 @@ pub fn run_appliance(
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let app = App::open(&config.data)?;
+    for p in app.sweep_dead_restores()? {
+        tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");
+    }
     let tasks = Tasks::start(&config.data, config.max_parallel_tasks)?;
     let state = Arc::new(ApiState {
         data: config.data.clone(),

@@ -54,6 +54,7 @@ pub struct VaultInfo {
 
 impl App {
     pub fn open(data: &Path) -> Result<App> {
+        private_data_dir(data)?;
         Ok(App {
             data: data.to_path_buf(),
             catalog: Catalog::open(data)?,
@@ -396,4 +397,19 @@ pub fn default_disk_id(spec: &str) -> String {
     }
     let (_, path) = split_spec(spec);
     std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string())
+}
+
+/// Create the data dir `0700`, or make an existing one `0700`: it holds the catalog,
+/// API tokens and (by default) the vaults, none of which is anyone else's business.
+fn private_data_dir(data: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    crate::restore::partial::create_private_dir(data)?;
+    let meta = std::fs::metadata(data)
+        .map_err(|e| Error::io(format!("reading data dir {}", data.display()), e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(dir = %data.display(), "data dir was open to others; made it 0700");
+        std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("making data dir {} private", data.display()), e))?;
+    }
+    Ok(())
 }

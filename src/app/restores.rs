@@ -2,6 +2,11 @@
 //! [`App::run_restore`] picks the way — a new image, every disk of a server into a
 //! directory, a full-server image (OVA, qcow2 set), or onto an existing disk over NBD —
 //! so that the CLI and the HTTP API offer exactly the same restores.
+//!
+//! While a restore into files runs, a record in `<data>/restores/` (named after the
+//! owner, see [`crate::restore::partial`]) names the directories it writes into, so that
+//! `serve` can sweep the partial output of a restore that was killed; the record is
+//! removed when the restore ends, however it ends.
 
 use std::path::{Path, PathBuf};
 
@@ -12,8 +17,12 @@ use crate::backup::BackupOptions;
 use crate::error::{Error, Result};
 use crate::manifest::ResourceKind;
 use crate::restore::onto::{OntoStats, restore_onto_nbd};
+use crate::restore::partial::{self, create_private_dir};
 use crate::restore::server_image::{ServerExport, ServerImage, export_server};
-use crate::restore::{ImageFormat, RestoreStats, restore_disk, safe_file_name};
+use crate::restore::{
+    BadRange, ImageFormat, RestoreOptions, RestoreStats, parse_mode, restore_disk_with,
+    safe_file_name,
+};
 
 /// What to restore and where; the shape of `POST /api/v1/restores`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -39,6 +48,14 @@ pub struct RestoreRequest {
     /// With an NBD target: the target's dirty bitmap since the backup.
     #[serde(default)]
     pub target_bitmap: Option<String>,
+    /// Permission bits of the new files, octal (default `0600`; directories the
+    /// restore creates are `0700`).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Write everything readable, leave unreadable chunks as zeros, list their disk
+    /// ranges (`bad_ranges`) and keep the image; the restore still counts as failed.
+    #[serde(default)]
+    pub keep_going: bool,
 }
 
 /// One disk restored into a directory.
@@ -76,6 +93,23 @@ pub enum RestoreOutcome {
     },
 }
 
+impl RestoreOutcome {
+    /// The ranges a `keep_going` restore left as zeros, with the image they are in.
+    pub fn bad_ranges(&self) -> Vec<(&Path, &BadRange)> {
+        fn per_disk<'a>(to: &'a Path, st: &'a RestoreStats) -> Vec<(&'a Path, &'a BadRange)> {
+            st.bad_ranges.iter().map(|r| (to, r)).collect()
+        }
+        match self {
+            RestoreOutcome::Image { to, stats, .. } => per_disk(to, stats),
+            RestoreOutcome::Directory { disks, .. } => disks
+                .iter()
+                .flat_map(|d| per_disk(&d.to, &d.stats))
+                .collect(),
+            RestoreOutcome::ServerImage(_) | RestoreOutcome::Onto { .. } => Vec::new(),
+        }
+    }
+}
+
 impl App {
     /// Carry out `req`. Nothing is ever overwritten but an NBD target, which is
     /// what a restore onto a disk is for.
@@ -84,7 +118,85 @@ impl App {
         req: &RestoreRequest,
         opts: &BackupOptions,
     ) -> Result<RestoreOutcome> {
+        let ropts = RestoreOptions {
+            mode: match &req.mode {
+                Some(m) => parse_mode(m)?,
+                None => crate::restore::DEFAULT_MODE,
+            },
+            keep_going: req.keep_going,
+            size: None,
+        };
+        if crate::nbd::NbdUri::is_nbd(&req.to) {
+            if req.format.is_some() || req.size.is_some() {
+                return Err(Error::config(
+                    "a restore onto an NBD export keeps the export's format and size",
+                ));
+            }
+            if req.mode.is_some() || req.keep_going {
+                return Err(Error::config(
+                    "mode and keep_going apply to new images, not to a restore onto an NBD export",
+                ));
+            }
+        } else {
+            let to = Path::new(&req.to);
+            let _record = RestoreRecord::create(&self.data, &[to, &partial::parent_dir(to)])?;
+            return self.restore_to_files(req, opts, &ropts);
+        }
+        if req.image.is_some() {
+            return Err(Error::config(
+                "a full-server image is written into a directory, not onto an NBD export",
+            ));
+        }
+        let stats = self.restore_onto(
+            &req.backup,
+            req.disk.as_deref(),
+            &req.to,
+            req.target_bitmap.as_deref(),
+            opts,
+        )?;
+        Ok(RestoreOutcome::Onto {
+            to: req.to.clone(),
+            stats,
+        })
+    }
+
+    /// Remove the partial output of restores that were killed (their records in
+    /// `<data>/restores/` name the directories); run at `serve` start. Returns what was
+    /// removed.
+    pub fn sweep_dead_restores(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.data.join("restores");
+        let mut removed = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if partial::tag_alive(&name) {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                removed.extend(partial::sweep_dir(Path::new(line))?);
+            }
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(removed)
+    }
+
+    fn restore_to_files(
+        &self,
+        req: &RestoreRequest,
+        opts: &BackupOptions,
+        ropts: &RestoreOptions,
+    ) -> Result<RestoreOutcome> {
         if let Some(kind) = &req.image {
+            if req.keep_going {
+                return Err(Error::config(
+                    "keep_going applies to disk images, not to full-server images",
+                ));
+            }
             if req.disk.is_some() || req.format.is_some() || req.size.is_some() {
                 return Err(Error::config(
                     "a full-server image takes every disk in its own format: drop disk, format and size",
@@ -92,26 +204,8 @@ impl App {
             }
             let kind: ServerImage = kind.parse()?;
             return self
-                .export_server(&req.backup, Path::new(&req.to), kind, opts)
+                .export_server(&req.backup, Path::new(&req.to), kind, opts, ropts)
                 .map(RestoreOutcome::ServerImage);
-        }
-        if crate::nbd::NbdUri::is_nbd(&req.to) {
-            if req.format.is_some() || req.size.is_some() {
-                return Err(Error::config(
-                    "a restore onto an NBD export keeps the export's format and size",
-                ));
-            }
-            let stats = self.restore_onto(
-                &req.backup,
-                req.disk.as_deref(),
-                &req.to,
-                req.target_bitmap.as_deref(),
-                opts,
-            )?;
-            return Ok(RestoreOutcome::Onto {
-                to: req.to.clone(),
-                stats,
-            });
         }
         if req.target_bitmap.is_some() {
             return Err(Error::config(
@@ -127,14 +221,24 @@ impl App {
                     "a size applies to one disk: name it with disk",
                 ));
             }
-            let disks = self.restore_all(&req.backup, to, format, opts)?;
+            let disks = self.restore_all(&req.backup, to, format, opts, ropts)?;
             return Ok(RestoreOutcome::Directory {
                 to: to.to_path_buf(),
                 disks,
             });
         }
         let disk = pick_disk(&m, req.disk.as_deref())?.name.clone();
-        let stats = self.restore(&req.backup, Some(&disk), to, format, req.size, opts)?;
+        let stats = self.restore(
+            &req.backup,
+            Some(&disk),
+            to,
+            format,
+            opts,
+            &RestoreOptions {
+                size: req.size,
+                ..*ropts
+            },
+        )?;
         Ok(RestoreOutcome::Image {
             disk,
             to: to.to_path_buf(),
@@ -149,28 +253,30 @@ impl App {
         dir: &Path,
         kind: ServerImage,
         opts: &BackupOptions,
+        ropts: &RestoreOptions,
     ) -> Result<ServerExport> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let _lock = vault.lock_shared()?;
-        export_server(&vault, &entry.manifest, dir, kind, opts)
+        export_server(&vault, &entry.manifest, dir, kind, opts, ropts)
     }
 
-    /// Restore every disk of a backup into directory `dir` as `<disk name>.<format>`.
-    /// Stops at the first failure (disks
-    /// restored before it stay; the failed one leaves nothing).
+    /// Restore every disk of a backup into directory `dir` (created `0700` if missing)
+    /// as `<disk name>.<format>`. Stops at the first failure (disks restored before it
+    /// stay; the failed one leaves nothing; with `keep_going` only a failure to write
+    /// stops it).
     pub fn restore_all(
         &self,
         id_or_name: &str,
         dir: &Path,
         format: ImageFormat,
         opts: &BackupOptions,
+        ropts: &RestoreOptions,
     ) -> Result<Vec<DiskRestored>> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let _lock = vault.lock_shared()?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        create_private_dir(dir)?;
         let targets: Vec<PathBuf> = entry
             .manifest
             .disks
@@ -191,7 +297,11 @@ impl App {
         }
         let mut out = Vec::new();
         for (d, to) in entry.manifest.disks.iter().zip(targets) {
-            let stats = restore_disk(&vault, d, &to, format, None, opts)
+            let whole = RestoreOptions {
+                size: None,
+                ..*ropts
+            };
+            let stats = restore_disk_with(&vault, d, &to, format, opts, &whole)
                 .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
             out.push(DiskRestored {
                 disk: d.name.clone(),
@@ -240,14 +350,49 @@ impl App {
         disk: Option<&str>,
         to: &Path,
         format: ImageFormat,
-        size: Option<u64>,
         opts: &BackupOptions,
+        ropts: &RestoreOptions,
     ) -> Result<RestoreStats> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
         // GC must not repack or delete what the restore is about to read.
         let _lock = vault.lock_shared()?;
-        restore_disk(&vault, d, to, format, size, opts)
+        restore_disk_with(&vault, d, to, format, opts, ropts)
+    }
+}
+
+/// `<data>/restores/<owner>-<random>`: the directories a running restore writes into,
+/// one per line; removed on drop.
+struct RestoreRecord {
+    path: PathBuf,
+}
+
+impl RestoreRecord {
+    fn create(data: &Path, dirs: &[&Path]) -> Result<RestoreRecord> {
+        let dir = data.join("restores");
+        create_private_dir(&dir)?;
+        let path = dir.join(format!(
+            "{}-{}",
+            partial::owner_tag(),
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let mut text = String::new();
+        for d in dirs {
+            let abs = std::path::absolute(d)
+                .map_err(|e| Error::io(format!("resolving {}", d.display()), e))?;
+            text.push_str(&abs.to_string_lossy());
+            text.push('\n');
+        }
+        let mut f = crate::restore::create_private(&path)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        Ok(RestoreRecord { path })
+    }
+}
+
+impl Drop for RestoreRecord {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }

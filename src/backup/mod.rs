@@ -11,13 +11,16 @@
 //! so every backup restores on its own.
 //!
 //! Crash safety: the vault lock is held shared; packs are published atomically as they
-//! fill; the manifest is written last, after every disk is done. A crash or cancel leaves
-//! only packs that no manifest reaches (GC's to collect), never a partial backup.
+//! fill; the manifest is written last, after every disk is done. A crash leaves only
+//! packs that no manifest reaches (GC's to collect), never a partial backup. A backup
+//! that fails or is cancelled removes the packs it published unless another job may be
+//! using them (`cleanup`).
 
+pub mod cleanup;
 pub mod pipeline;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::cbt::{ChangeHint, Decision, decide};
@@ -159,11 +162,10 @@ pub fn backup_resource(
     vault: &Vault,
     resource: &str,
     kind: ResourceKind,
-    mut jobs: Vec<DiskJob>,
+    jobs: Vec<DiskJob>,
     capture: &mut dyn FnMut() -> Option<Capture>,
     opts: &BackupOptions,
 ) -> Result<BackupManifest> {
-    let started = Instant::now();
     if jobs.is_empty() {
         return Err(Error::config(format!("{resource}: no disks to back up")));
     }
@@ -176,7 +178,29 @@ pub fn backup_resource(
             )));
         }
     }
-    let _lock = vault.lock_shared()?;
+    let lock = vault.lock_shared()?;
+    let published = Mutex::new(Vec::new());
+    let started_at = time::OffsetDateTime::now_utc();
+    let result = backup_locked(vault, resource, kind, jobs, capture, opts, &published);
+    if result.is_err() {
+        drop(lock);
+        let packs = std::mem::take(&mut *published.lock().unwrap_or_else(|p| p.into_inner()));
+        cleanup::discard_packs(vault, packs, started_at);
+    }
+    result
+}
+
+/// [`backup_resource`] under the shared vault lock; packs published go to `published`.
+fn backup_locked(
+    vault: &Vault,
+    resource: &str,
+    kind: ResourceKind,
+    mut jobs: Vec<DiskJob>,
+    capture: &mut dyn FnMut() -> Option<Capture>,
+    opts: &BackupOptions,
+    published: &Mutex<Vec<crate::vault::pack::PackId>>,
+) -> Result<BackupManifest> {
+    let started = Instant::now();
     for job in &jobs {
         check_format(vault, resource, job, opts)?;
     }
@@ -227,7 +251,7 @@ pub fn backup_resource(
     {
         let source = job.source.as_mut();
         let what = source.describe();
-        let outcome = run_disk(vault, source, &plan, opts)
+        let outcome = run_disk(vault, source, &plan, opts, published)
             .map_err(|e| e.context_prefix(format!("backup of {what}")))?;
         disks.push(DiskManifest {
             name: job.name.clone(),

@@ -17,6 +17,10 @@
 //! pages being filled are in memory, and dedup state lives in the SQLite lookup index
 //! (plus a set of digests claimed by this backup and not yet indexed, at most about a
 //! pack's worth).
+//!
+//! Every pack published is recorded in the caller's `published` list, so that a backup
+//! that fails later removes them (see `cleanup`); a pack still being filled when the
+//! pipeline fails is removed by the pack writer.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +35,7 @@ use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, 
 use crate::source::{BlockSource, Extent};
 use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
-use crate::vault::pack::{PackWriter, SealedPack};
+use crate::vault::pack::{PackId, PackWriter, SealedPack};
 
 /// Consecutive chunks read with one request.
 const READ_RUN: usize = 16;
@@ -93,12 +97,14 @@ fn plan_chunks(extents: &[Extent], chunk: u64, disk_size: u64) -> impl Iterator<
     })
 }
 
-/// Run the pipeline for one disk according to `plan`.
+/// Run the pipeline for one disk according to `plan`; every pack published is pushed
+/// onto `published` (also when the run then fails).
 pub fn run_disk(
     vault: &Vault,
     source: &mut dyn BlockSource,
     plan: &ReadPlan,
     opts: &BackupOptions,
+    published: &Mutex<Vec<PackId>>,
 ) -> Result<DiskOutcome> {
     let cs = vault.chunk_size().as_u64();
     let size = source.size();
@@ -134,7 +140,15 @@ pub fn run_disk(
 
     std::thread::scope(|scope| -> Result<DiskOutcome> {
         let writer = scope.spawn(|| {
-            let r = write_blobs(vault, blob_rx, &claimed, &stored, capacity_left, opts);
+            let r = write_blobs(
+                vault,
+                blob_rx,
+                &claimed,
+                &stored,
+                capacity_left,
+                opts,
+                published,
+            );
             if r.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
@@ -434,6 +448,7 @@ fn write_blobs(
     stored: &AtomicU64,
     capacity_left: Option<u64>,
     opts: &BackupOptions,
+    published: &Mutex<Vec<PackId>>,
 ) -> Result<()> {
     let mut lookup = vault.lookup()?;
     let (sealed_tx, sealed_rx) = bounded::<SealedPack>(1);
@@ -441,6 +456,10 @@ fn write_blobs(
         let publisher = scope.spawn(move || -> Result<()> {
             for sealed in sealed_rx {
                 let info = sealed.publish()?;
+                published
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(info.id);
                 lookup.insert_pack(&info)?;
                 let mut c = claimed.lock().unwrap_or_else(|p| p.into_inner());
                 for e in &info.entries {

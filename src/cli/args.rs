@@ -276,6 +276,14 @@ pub struct RestoreArgs {
     /// the backup; only the chunks it marks are rewritten (nothing is read back).
     #[arg(long)]
     pub target_bitmap: Option<String>,
+    /// Permission bits of the new image files, octal (default 0600: a disk image holds
+    /// the guest's secrets; directories the restore creates are 0700).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Write everything readable, leave unreadable chunks as zeros, list the bad disk
+    /// ranges and keep the image; exits 1 when anything was unreadable.
+    #[arg(long)]
+    pub keep_going: bool,
 }
 
 #[derive(Subcommand)]

@@ -19,6 +19,8 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
         size: a.size,
         image: a.image.clone(),
         target_bitmap: a.target_bitmap.clone(),
+        mode: a.mode.clone(),
+        keep_going: a.keep_going,
     }
 }
 
@@ -37,14 +39,37 @@ pub fn run(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
 }
 
 /// Print a restore's outcome (the JSON of a [`RestoreOutcome`] plus `backup` and
-/// `seconds`), as it came from this process or from an appliance.
+/// `seconds`), as it came from this process or from an appliance. Exit code 1 when a
+/// `--keep-going` restore left unreadable ranges as zeros (they are listed on stderr).
 pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
+    // (image file, bad ranges) of every disk written.
+    let mut bad = Vec::new();
+    for d in std::iter::once(v).chain(v["disks"].as_array().into_iter().flatten()) {
+        if let Some(r) = d["bad_ranges"].as_array().filter(|r| !r.is_empty()) {
+            bad.push((d["to"].as_str().unwrap_or("").to_string(), r.clone()));
+        }
+    }
+    let code = if bad.is_empty() { 0 } else { 1 };
+    if !cli.json {
+        for (to, ranges) in &bad {
+            eprintln!("{to}: {} unreadable range(s) left as zeros:", ranges.len());
+            for r in ranges {
+                let off = r["offset"].as_u64().unwrap_or(0);
+                let len = r["length"].as_u64().unwrap_or(0);
+                eprintln!(
+                    "  offset {off} length {len} (bytes {off}..{}): {}",
+                    off + len,
+                    r["error"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
     if cli.json {
         println!("{v}");
-        return Ok(0);
+        return Ok(code);
     }
     if cli.quiet {
-        return Ok(0);
+        return Ok(code);
     }
     let u = |k: &str| v[k].as_u64().unwrap_or(0);
     let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
@@ -81,5 +106,5 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
             human(u("bytes_written")),
         ),
     }
-    Ok(0)
+    Ok(code)
 }

@@ -8,9 +8,10 @@
 //!
 //! A backup knows disks, not virtual hardware: the OVF's CPU count and memory are
 //! placeholders (1 vCPU, 1 GiB) to adjust at import; disks hang off one LSI Logic SCSI
-//! controller in backup order. Everything is built under a hidden staging name and
-//! renamed into place at the end; on failure or cancel nothing is left. The backup is
-//! only read.
+//! controller in backup order. Everything is built under a hidden staging name (see
+//! [`super::partial`]) and renamed into place at the end; on failure or cancel nothing
+//! is left. Files get the restore's mode (default `0600`), the qcow2-set directory and
+//! any directory the export creates `0700`. The backup is only read.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -19,11 +20,16 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{ImageFormat, RestoreStats, Subformat, restore_disk, safe_file_name};
+use super::partial::{create_private_dir, staging_name, sweep_dir};
+use super::{
+    ImageFormat, RestoreOptions, RestoreStats, Subformat, create_private, restore_disk_with,
+    safe_file_name,
+};
 use crate::backup::BackupOptions;
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::BackupManifest;
 use crate::vault::Vault;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
 /// Kind of full-server image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +61,7 @@ pub struct ServerExport {
 }
 
 fn staging(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(
-        ".{name}.partial-{}",
-        hex::encode(rand::random::<[u8; 4]>())
-    ))
+    dir.join(staging_name(name))
 }
 
 /// Export every disk of backup `m` as a server image into directory `dir`.
@@ -68,6 +71,7 @@ pub fn export_server(
     dir: &Path,
     kind: ServerImage,
     opts: &BackupOptions,
+    ropts: &RestoreOptions,
 ) -> Result<ServerExport> {
     let server = safe_file_name(&m.resource);
     // qcow2-set: `dir` itself (absent or empty). OVA: `dir` if it ends in .ova, else
@@ -77,7 +81,7 @@ pub fn export_server(
             (dir.to_path_buf(), "vmdk")
         }
         ServerImage::Ova => {
-            fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+            create_private_dir(dir)?;
             (dir.join(format!("{server}.ova")), "vmdk")
         }
         ServerImage::Qcow2Set => (dir.to_path_buf(), "qcow2"),
@@ -94,8 +98,17 @@ pub fn export_server(
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    sweep_dir(&parent)?;
+    let disk_opts = RestoreOptions {
+        size: None,
+        ..*ropts
+    };
     let work = staging(&parent, &server);
-    fs::create_dir(&work).ctx(|| format!("creating {}", work.display()))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .ctx(|| format!("creating {}", work.display()))?;
+
     let result = (|| -> Result<ServerExport> {
         let mut files = Vec::new();
         let mut written = 0;
@@ -105,16 +118,20 @@ pub fn export_server(
                 ServerImage::Ova => ImageFormat::Vmdk(Subformat::StreamOptimized),
                 ServerImage::Qcow2Set => ImageFormat::Qcow2,
             };
-            let RestoreStats { bytes_written, .. } =
-                restore_disk(vault, d, &work.join(&file), format, None, opts)
-                    .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
+            let stats = restore_disk_with(vault, d, &work.join(&file), format, opts, &disk_opts)
+                .map_err(|e| e.context_prefix(format!("disk {}", d.name)))?;
+            let RestoreStats { bytes_written, .. } = stats;
             written += bytes_written;
             files.push(file);
         }
         match kind {
             ServerImage::Qcow2Set => {
                 let desc = server_json(m, &files);
-                fs::write(work.join("server.json"), desc).ctx(|| "writing server.json")?;
+                let json = work.join("server.json");
+                create_private(&json)
+                    .and_then(|mut f| f.write_all(desc.as_bytes()).ctx(|| "writing server.json"))?;
+                fs::set_permissions(&json, fs::Permissions::from_mode(ropts.mode))
+                    .ctx(|| "setting the mode of server.json")?;
                 if empty_dir {
                     fs::remove_dir(&target).ctx(|| format!("replacing {}", target.display()))?;
                 }
@@ -124,7 +141,10 @@ pub fn export_server(
                 let ovf_name = format!("{server}.ovf");
                 let ovf = ovf(m, &server, &work, &files)?;
                 let tmp = staging(&parent, &format!("{server}.ova"));
-                let r = write_ova(&tmp, &server, &ovf_name, &ovf, &work, &files);
+                let r = write_ova(&tmp, &server, &ovf_name, &ovf, &work, &files).and_then(|()| {
+                    fs::set_permissions(&tmp, fs::Permissions::from_mode(ropts.mode))
+                        .ctx(|| format!("setting the mode of {}", tmp.display()))
+                });
                 if r.is_err() {
                     let _ = fs::remove_file(&tmp);
                 }
@@ -300,7 +320,7 @@ fn write_ova(
     work: &Path,
     files: &[String],
 ) -> Result<()> {
-    let out = fs::File::create_new(path).ctx(|| format!("creating {}", path.display()))?;
+    let out = create_private(path)?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
     let mut mf = format!("SHA256({ovf_name})= {}\n", hex::encode(Sha256::digest(ovf)));
     for f in files {
@@ -309,7 +329,7 @@ fn write_ova(
     let mut add = |name: &str, data: &[u8]| -> Result<()> {
         let mut h = tar::Header::new_ustar();
         h.set_size(data.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(0o600);
         h.set_mtime(0);
         h.set_cksum();
         tar.append_data(&mut h, name, data)
@@ -323,7 +343,7 @@ fn write_ova(
         let len = file.metadata().ctx(|| "sizing a disk")?.len();
         let mut h = tar::Header::new_ustar();
         h.set_size(len);
-        h.set_mode(0o644);
+        h.set_mode(0o600);
         h.set_mtime(0);
         h.set_cksum();
         tar.append_data(&mut h, f, &mut file)

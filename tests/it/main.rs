@@ -15,6 +15,7 @@ mod qemu_formats;
 mod qsd;
 mod quickstart;
 mod remote;
+mod restore;
 mod server;
 mod service;
 mod sources;
