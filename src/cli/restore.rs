@@ -16,6 +16,7 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
         disk: a.disk.clone(),
         to: a.to.to_string_lossy().into_owned(),
         format: a.format.clone(),
+        force_format: a.force_format,
         size: a.size,
         image: a.image.clone(),
         target_bitmap: a.target_bitmap.clone(),
@@ -40,7 +41,7 @@ pub fn run(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
 /// `seconds`), as it came from this process or from an appliance.
 pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
     if cli.json {
-        println!("{v}");
+        outln!("{v}");
         return Ok(0);
     }
     if cli.quiet {
@@ -51,13 +52,13 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
     let secs = v["seconds"].as_f64().unwrap_or(0.0);
     let backup = s("backup");
     match s("mode").as_str() {
-        "server_image" => println!(
+        "server_image" => outln!(
             "exported {backup} to {} ({} disks, {:.1}s)",
             s("path"),
             v["disks"].as_array().map_or(0, Vec::len),
             secs
         ),
-        "onto" => println!(
+        "onto" => outln!(
             "restored {backup} onto {}: {} of {} chunks differed, {} written, {} zeroed ({secs:.1}s)",
             s("to"),
             u("chunks_written") + u("chunks_zeroed"),
@@ -67,7 +68,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
         ),
         "directory" => {
             for d in v["disks"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "restored disk {} to {} ({} written)",
                     d["disk"].as_str().unwrap_or(""),
                     d["to"].as_str().unwrap_or(""),
@@ -75,7 +76,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
                 );
             }
         }
-        _ => println!(
+        _ => outln!(
             "restored {backup} to {} ({} written, {secs:.1}s)",
             s("to"),
             human(u("bytes_written")),
