@@ -63,7 +63,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             let v = serde_json::Value::Array(infos);
             if cli.json {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
-            } else if !cli.quiet {
+            } else {
                 outln!("{}", vault_table(&v));
                 outln!(
                     "(data dir {}, from {})",
@@ -128,7 +128,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     .map(|b| app.backup_view(&b.vault, &b.manifest))
                     .collect();
                 outln!("{}", serde_json::to_string_pretty(&v)?);
-            } else if !cli.quiet {
+            } else {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|b| {
@@ -230,7 +230,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             let list = app.catalog().tokens()?;
             if cli.json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
-            } else if !cli.quiet {
+            } else {
                 let rows: Vec<Vec<String>> = list
                     .iter()
                     .map(|t| {

@@ -180,6 +180,16 @@ impl Remote {
     }
 }
 
+/// A listing: JSON, or the human table even with --quiet (it is the output asked for).
+fn listing(cli: &Cli, v: &Value, table: impl FnOnce(&Value) -> String) -> Result<()> {
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        outln!("{}", table(v));
+    }
+    Ok(())
+}
+
 fn print(cli: &Cli, v: &Value, human_line: impl FnOnce(&Value) -> String) -> Result<()> {
     if cli.json {
         outln!("{}", serde_json::to_string_pretty(v)?);
@@ -242,7 +252,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Vault(VaultCmd::List) => {
             let v = r.call("GET", "/vaults", None)?;
-            print(cli, &v, vault_table)?;
+            listing(cli, &v, vault_table)?;
         }
         Cmd::Vault(VaultCmd::Info { name }) => {
             let v = r.call("GET", &format!("/vaults/{}", seg(name)), None)?;
@@ -270,7 +280,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
                 q.push(format!("resource={}", seg(d)));
             }
             let v = r.call("GET", &format!("/backups?{}", q.join("&")), None)?;
-            print(cli, &v, |v| {
+            listing(cli, &v, |v| {
                 let rows: Vec<Vec<String>> = v
                     .as_array()
                     .into_iter()
@@ -334,7 +344,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Token(TokenCmd::List) => {
             let v = r.call("GET", "/tokens", None)?;
-            print(cli, &v, |v| {
+            listing(cli, &v, |v| {
                 let rows: Vec<Vec<String>> = v
                     .as_array()
                     .into_iter()

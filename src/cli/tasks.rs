@@ -39,7 +39,8 @@ pub fn run(cli: &Cli, remote: Option<&Remote>, cmd: &TasksCmd) -> Result<i32> {
     };
     if cli.json {
         outln!("{}", serde_json::to_string_pretty(&v)?);
-    } else if !cli.quiet {
+    } else {
+        // A listing is the output asked for: --quiet does not hide it.
         match cmd {
             TasksCmd::List { .. } => {
                 let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(row).collect();

@@ -5,6 +5,7 @@ mod common;
 
 mod appliance;
 mod backup;
+mod cli;
 mod export;
 mod incremental;
 mod integrity;
