@@ -172,7 +172,7 @@ fn a_listing_piped_into_head_ends_quietly() {
     // The JSON listing is larger than a pipe's buffer (64 KiB): the writer meets EPIPE.
     let json_len = env.run(&["--json", "backups", "list"]).stdout.len();
     assert!(
-        json_len > 256 << 10,
+        json_len > 128 << 10,
         "only {json_len} bytes: proves nothing"
     );
     for args in [&["backups", "list"][..], &["--json", "backups", "list"][..]] {
