@@ -122,12 +122,9 @@ pub fn backup_row(
 }
 
 /// A backup's outcome: the shared JSON view (see `App::backup_view`), or one line.
-/// A `warning` in the view (committed, but not recorded in the catalog) also goes to
-/// stderr, whatever the output mode.
+/// A `warning` in the view (committed, but not recorded in the catalog) has already
+/// gone to stderr as a WARN log line when it was raised.
 pub fn print_backup(cli: &Cli, v: &Value) -> Result<()> {
-    if let Some(w) = v["warning"].as_str() {
-        write_err(format_args!("warning: {w}"));
-    }
     if cli.json {
         outln!("{v}");
     } else if !cli.quiet {
