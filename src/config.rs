@@ -225,6 +225,7 @@ mod tests {
             ("[tasks]\nmax_parallel = 0", "max_parallel"),
             ("[server]\nlisten = \"nowhere\"", "listen"),
             ("[server]\nlog_level = \"loud\"", "log_level"),
+            ("[server]\nlog_format = \"xml\"", "log_format"),
             (
                 "[alerts]\ncapacity_warn_percent = 0",
                 "capacity_warn_percent",
@@ -254,6 +255,7 @@ mod tests {
             "listen",
             "data",
             "log_level",
+            "log_format",
             "shutdown_grace_seconds",
             "max_parallel",
             "enabled",

@@ -2,7 +2,10 @@
 //!
 //! The CLI and the HTTP API call these; each one keeps the catalog and the vaults
 //! in step (a backup is recorded in the catalog after its manifest is in the vault; a
-//! delete removes the manifest first). The data dir holds `catalog.sqlite` and, by
+//! delete removes the manifest first). The vault is the truth: a backup whose catalog
+//! write still fails after retries is reported as done with a warning
+//! ([`App::take_warnings`]) and reaches the catalog at the next `vault rescan`.
+//! `views.rs` holds the JSON shapes the API and the CLI's `--json` share. The data dir holds `catalog.sqlite` and, by
 //! default, `vaults/<name>/`.
 
 use std::path::{Path, PathBuf};

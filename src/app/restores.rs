@@ -29,6 +29,7 @@ pub struct RestoreRequest {
     pub to: String,
     /// raw, qcow2, vmdk / vmdk-sparse, vmdk-stream. Default: from the extension of
     /// `to` (`.qcow2`, `.vmdk`, `.ova` = a full-server OVA, `.raw`/`.img`), else raw.
+    /// A format the extension contradicts is refused (`.img` takes any format).
     #[serde(default)]
     pub format: Option<String>,
     /// Write `format` even when the extension of `to` names another one.
@@ -115,6 +116,9 @@ impl App {
         match &r.format {
             None if implied == "ova" => r.image = Some("ova".into()),
             None => r.format = Some(implied.into()),
+            // `.img` is any disk image (cloud images are qcow2 named .img): it implies
+            // raw only when no format is given.
+            Some(_) if implied == "raw" && req.to.to_ascii_lowercase().ends_with(".img") => {}
             Some(f) => {
                 let asked: ImageFormat = f.parse()?;
                 if asked.extension() != implied && !r.force_format {

@@ -333,7 +333,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub to: PathBuf,
     /// raw, qcow2, vmdk (monolithicSparse) or vmdk-stream (streamOptimized). Default: from
-    /// the extension of --to (.qcow2, .vmdk, .ova, .raw/.img), else raw.
+    /// the extension of --to (.qcow2, .vmdk, .ova, .raw/.img), else raw; a format the
+    /// extension contradicts is refused (.img takes any).
     #[arg(long)]
     pub format: Option<String>,
     /// Write --format even when the extension of --to says another format.

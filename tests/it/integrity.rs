@@ -118,12 +118,12 @@ fn a_flipped_byte_in_a_stored_chunk_is_found_by_verify_and_fails_restore() {
     // The single-backup form finds it too.
     assert_eq!(
         env.run(&["verify", "--vault", "v", &id]).status.code(),
-        Some(1)
+        Some(5)
     );
 
     let out = env.path("r.raw");
     let r = env.run(&["restore", &id, "--to", out.to_str().unwrap()]);
-    assert!(!r.status.success());
+    assert_eq!(r.status.code(), Some(5), "exit 5: corrupt data");
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("offset 0") && err.contains("digest"), "{err}");
     assert!(!out.exists(), "a failed restore must not leave its output");
