@@ -256,7 +256,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref vault,
             repack_below,
         } => {
-            let spin = spinner(&cli, "gc: marking live blobs and sweeping packs");
+            let spin = spinner(cli, "gc: marking live blobs and sweeping packs");
             let stats = App::open(&cli.data)?.gc(vault, repack_below);
             spin.finish_and_clear();
             let stats = stats?;
@@ -283,7 +283,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             } else {
                 cli.threads
             };
-            let spin = spinner(&cli, "verify: re-reading and re-hashing packs");
+            let spin = spinner(cli, "verify: re-reading and re-hashing packs");
             let report = App::open(&cli.data)?.verify(vault, backup.as_deref(), threads);
             spin.finish_and_clear();
             let report = report?;
