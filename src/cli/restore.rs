@@ -29,10 +29,14 @@ pub fn run(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     o.cancel = Some(cancel_on_signals()?);
     let bar = progress_bar(cli, &mut o, "restore");
     let t = std::time::Instant::now();
-    let r = app.run_restore(&request(a), &o);
+    // `latest` and id prefixes resolved, the format taken from the extension: the
+    // outcome names the backup by its id, as the appliance's restore task does.
+    let req = app.resolve_restore(&request(a));
+    let r = req.and_then(|req| Ok((app.run_restore(&req, &o)?, req.backup)));
     finish_bar(bar);
-    let mut v = serde_json::to_value(r?)?;
-    v["backup"] = json!(a.backup);
+    let (r, backup) = r?;
+    let mut v = serde_json::to_value(r)?;
+    v["backup"] = json!(backup);
     v["seconds"] = json!(t.elapsed().as_secs_f64());
     print_outcome(cli, &v)
 }

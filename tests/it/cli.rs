@@ -320,9 +320,11 @@ fn backups_show_latest_and_id_prefixes_are_the_same_locally_and_remotely() {
         k
     };
     assert_eq!(keys(&lb), keys(&rb));
-    // `restore latest --disk` takes the newest backup of that disk.
+    // `restore latest --disk` takes the newest backup of that disk, locally and
+    // remotely, and says so in the same shape.
+    let newest = s(&lb, "id");
     let to = env.path("latest.qcow2");
-    env.ok(&[
+    let (lc, lr, lo) = local(&[
         "restore",
         "latest",
         "--disk",
@@ -330,7 +332,23 @@ fn backups_show_latest_and_id_prefixes_are_the_same_locally_and_remotely() {
         "--to",
         to.to_str().unwrap(),
     ]);
+    assert_eq!(lc, 0, "{}", stderr(&lo));
     assert!(images_equal(&disk, &to));
+    let to2 = env.path("latest-remote.qcow2");
+    let (rc, rr, ro) = remote(&[
+        "restore",
+        "latest",
+        "--disk",
+        "web",
+        "--to",
+        to2.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "{}", stderr(&ro));
+    assert!(images_equal(&disk, &to2));
+    let (lr, rr) = (lr.unwrap(), rr.unwrap());
+    assert_eq!(keys(&lr), keys(&rr));
+    assert_eq!((s(&lr, "backup"), s(&rr, "backup")), (newest, newest));
+    assert_eq!(format_of(&to2), "qcow2");
 }
 
 #[test]
