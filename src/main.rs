@@ -8,7 +8,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, FromArgMatches};
 
 /// `println!` that survives a closed pipe: see [`cli::output::write_out`].
 macro_rules! outln {
@@ -27,7 +27,18 @@ use cli::exit;
 
 fn main() {
     let json = wants_json();
-    let mut cli = match Cli::try_parse() {
+    // --help names the data dir this user gets by default, not only the rule.
+    let default_data = blockvault::config::default_data_dir();
+    let cmd = Cli::command().mut_arg("data_arg", |a| {
+        a.help(format!(
+            "Data directory: catalog and default vault location [default here: {}]",
+            default_data.display()
+        ))
+    });
+    let parsed = cmd
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let mut cli = match parsed {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind as K;

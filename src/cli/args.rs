@@ -88,11 +88,12 @@ pub enum Cmd {
     /// qemu-storage-daemon at one instant (copy-before-write fleecing; incremental
     /// through dirty bitmaps it manages itself).
     Backup(BackupArgs),
-    /// List or delete backups.
+    /// List, show or delete backups.
     #[command(subcommand)]
     Backups(BackupsCmd),
-    /// Restore a backup (id or name) into a new disk image; a server backup's disks go
-    /// into directory --to as <disk>.<format> unless --disk picks one.
+    /// Restore a backup (id, id prefix, name, or `latest --disk ID`) into a new disk
+    /// image; a server backup's disks go into directory --to as <disk>.<format> unless
+    /// --disk picks one.
     Restore(RestoreArgs),
     /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
     /// Prints the NBD URI clients connect to.
@@ -130,7 +131,7 @@ pub enum Cmd {
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
         repack_below: u8,
     },
-    /// Re-read and re-hash stored data; exit status 1 when anything is corrupt.
+    /// Re-read and re-hash stored data; exit status 5 when anything is corrupt.
     Verify {
         /// Vault to verify.
         #[arg(long)]

@@ -510,6 +510,13 @@ fn the_data_dir_is_absolute_and_said() {
     let help = stdout(&env.ok(&["--help"]));
     assert!(help.contains("/var/lib/blockvault"), "{help}");
     assert!(help.contains("XDG_DATA_HOME"), "{help}");
+    // As root (CI, this machine) the default is the system one, and --help says so.
+    if nix::unistd::Uid::effective().is_root() {
+        assert!(
+            help.contains("[default here: /var/lib/blockvault]"),
+            "{help}"
+        );
+    }
     // A relative BLOCKVAULT_DATA is made absolute against the working directory.
     let out = Command::new(env!("CARGO_BIN_EXE_blockvault"))
         .args(["vault", "list"])
