@@ -171,10 +171,20 @@ impl Remote {
         }
         match t["state"].as_str() {
             Some("succeeded") => Ok(t["result"].clone()),
-            Some(s) => bail!(
-                "task {id} {s}: {}",
-                t["error"].as_str().unwrap_or("no error recorded")
-            ),
+            Some(s) => {
+                let msg = format!(
+                    "task {id} {s}: {}",
+                    t["error"].as_str().unwrap_or("no error recorded")
+                );
+                // The task's error kind gives the exit code a local run would have.
+                match t["error_kind"]
+                    .as_str()
+                    .and_then(blockvault::ErrorKind::from_name)
+                {
+                    Some(k) => Err(blockvault::Error::new(k, msg).into()),
+                    None => bail!(msg),
+                }
+            }
             None => bail!("task {id}: the appliance sent no state"),
         }
     }

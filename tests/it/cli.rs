@@ -303,6 +303,19 @@ fn backups_show_latest_and_id_prefixes_are_the_same_locally_and_remotely() {
     // Not found is 3 both ways.
     assert_eq!(local(&["backups", "show", "nope"]).0, 3);
     assert_eq!(remote(&["backups", "show", "nope"]).0, 3);
+    // A restore the appliance's task refuses (the target exists) exits as locally: 4.
+    let taken = env.path("taken.qcow2");
+    std::fs::write(&taken, b"mine").unwrap();
+    let args = ["restore", id2, "--to", taken.to_str().unwrap()];
+    let (lc, lv, _) = local(&args);
+    let (rc, rv, _) = remote(&args);
+    assert_eq!((lc, rc), (4, 4), "{lv:?} / {rv:?}");
+    assert_eq!(lv.unwrap()["error"]["kind"], rv.unwrap()["error"]["kind"]);
+    assert_eq!(
+        std::fs::read(&taken).unwrap(),
+        b"mine",
+        "nothing was written"
+    );
     // `backup` prints the same shape locally and remotely.
     let (_, rb, ro) = remote(&[
         "backup",
