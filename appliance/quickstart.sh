@@ -29,8 +29,8 @@ bv backup "$disk" --vault default --id quickstart
 bv backup "$disk" --vault default --id quickstart
 bv backups list --disk quickstart
 out="$(mktemp -u /tmp/blockvault-restore-XXXXXX).qcow2"
-last="$(bv --json backups list --disk quickstart | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')"
-bv restore "$last" --to "$out" --format qcow2
+bv backups show latest --disk quickstart
+bv restore latest --disk quickstart --to "$out"     # a qcow2 image: from the extension
 qemu-img compare "$disk" "$out" && echo "restored image $out equals the source"
 bv verify --vault default
 bv vault info default

@@ -30,6 +30,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub log_level: String,
+    /// "text" (default) or "json": JSON lines on stderr.
+    pub log_format: String,
     pub max_parallel_tasks: usize,
     pub scheduler_enabled: bool,
     pub gc_after_prune: bool,
@@ -38,12 +40,31 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
 }
 
+/// The data dir when none is given: `/var/lib/blockvault` for root, else
+/// `$XDG_DATA_HOME/blockvault` (`~/.local/share/blockvault` when unset). Always absolute,
+/// so that it does not depend on the working directory.
+pub fn default_data_dir() -> PathBuf {
+    let system = PathBuf::from("/var/lib/blockvault");
+    if nix::unistd::Uid::effective().is_root() {
+        return system;
+    }
+    let abs = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(x) = abs(std::env::var_os("XDG_DATA_HOME")) {
+        return x.join("blockvault");
+    }
+    match abs(std::env::var_os("HOME")) {
+        Some(h) => h.join(".local/share/blockvault"),
+        None => system,
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8420)),
-            data: PathBuf::from("./blockvault-data"),
+            data: default_data_dir(),
             log_level: "info".into(),
+            log_format: "text".into(),
             max_parallel_tasks: 2,
             scheduler_enabled: true,
             gc_after_prune: true,
@@ -73,6 +94,7 @@ struct RawServer {
     listen: Option<String>,
     data: Option<PathBuf>,
     log_level: Option<String>,
+    log_format: Option<String>,
     shutdown_grace_seconds: Option<u64>,
 }
 
@@ -123,6 +145,12 @@ impl Config {
                 "{origin}: [server] log_level must be error|warn|info|debug|trace, got {log_level:?}"
             ));
         }
+        let log_format = raw.server.log_format.unwrap_or(d.log_format);
+        if !["text", "json"].contains(&log_format.as_str()) {
+            return Err(format!(
+                "{origin}: [server] log_format must be text|json, got {log_format:?}"
+            ));
+        }
         let max = raw.tasks.max_parallel.unwrap_or(d.max_parallel_tasks);
         if !(1..=64).contains(&max) {
             return Err(format!(
@@ -162,6 +190,7 @@ impl Config {
             listen,
             data: raw.server.data.unwrap_or(d.data),
             log_level,
+            log_format,
             max_parallel_tasks: max,
             scheduler_enabled: raw.scheduler.enabled.unwrap_or(d.scheduler_enabled),
             gc_after_prune: raw.scheduler.gc_after_prune.unwrap_or(d.gc_after_prune),
@@ -196,6 +225,7 @@ mod tests {
             ("[tasks]\nmax_parallel = 0", "max_parallel"),
             ("[server]\nlisten = \"nowhere\"", "listen"),
             ("[server]\nlog_level = \"loud\"", "log_level"),
+            ("[server]\nlog_format = \"xml\"", "log_format"),
             (
                 "[alerts]\ncapacity_warn_percent = 0",
                 "capacity_warn_percent",
@@ -225,6 +255,7 @@ mod tests {
             "listen",
             "data",
             "log_level",
+            "log_format",
             "shutdown_grace_seconds",
             "max_parallel",
             "enabled",

@@ -52,6 +52,40 @@ impl fmt::Display for ErrorKind {
     }
 }
 
+impl ErrorKind {
+    /// A stable snake_case name for machines (a task's `error_kind` in the API).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::InvalidFormat => "invalid_format",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Config => "config",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Full => "full",
+        }
+    }
+
+    /// The kind [`ErrorKind::as_str`] names.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        [
+            ErrorKind::Io,
+            ErrorKind::InvalidFormat,
+            ErrorKind::Unsupported,
+            ErrorKind::Corrupt,
+            ErrorKind::NotFound,
+            ErrorKind::Conflict,
+            ErrorKind::Config,
+            ErrorKind::Cancelled,
+            ErrorKind::Full,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
+}
+
 type BoxedSource = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The library's error: kind + context + optional source.
@@ -175,5 +209,18 @@ mod tests {
         assert_eq!(e.to_string(), "reading /x: gone");
         let e = e.context_prefix("backup of d1");
         assert_eq!(e.to_string(), "backup of d1: reading /x: gone");
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in [
+            ErrorKind::Io,
+            ErrorKind::NotFound,
+            ErrorKind::Full,
+            ErrorKind::Corrupt,
+        ] {
+            assert_eq!(ErrorKind::from_name(k.as_str()), Some(k));
+        }
+        assert_eq!(ErrorKind::from_name("nope"), None);
     }
 }

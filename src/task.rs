@@ -76,6 +76,10 @@ pub struct TaskInfo {
     pub eta_seconds: Option<f64>,
     pub log: Vec<String>,
     pub error: Option<String>,
+    /// The failure's [`ErrorKind`] name (`not_found`, `conflict`, …), so that a client
+    /// can tell failures apart without reading the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
     pub result: Option<Value>,
 }
 
@@ -254,6 +258,7 @@ impl Tasks {
             eta_seconds: None,
             log: Vec::new(),
             error: None,
+            error_kind: None,
             result: None,
         };
         {
@@ -447,10 +452,12 @@ fn worker(inner: Arc<Inner>) {
                 Err(e) if e.kind() == ErrorKind::Cancelled || ctx.cancelled() => {
                     l.info.state = TaskState::Cancelled;
                     l.info.error = Some(e.to_string());
+                    l.info.error_kind = Some(ErrorKind::Cancelled.as_str().into());
                 }
                 Err(e) => {
                     l.info.state = TaskState::Failed;
                     l.info.error = Some(e.to_string());
+                    l.info.error_kind = Some(e.kind().as_str().into());
                 }
             }
             l.info.finished = Some(now_rfc3339());

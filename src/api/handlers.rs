@@ -233,19 +233,7 @@ pub async fn create_backup(
 }
 
 fn backup_json(app: &crate::app::App, vault: &str, m: &crate::manifest::BackupManifest) -> Value {
-    json!({
-        "id": m.id,
-        "name": m.name,
-        "vault": vault,
-        "resource": m.resource,
-        "resource_kind": m.resource_kind,
-        "created": m.created,
-        "logical_size": m.logical_size(),
-        "bytes_new": m.bytes_stored(),
-        "protected": app.catalog().is_protected(&m.id).unwrap_or(false),
-        "capture": m.capture,
-        "disks": m.disks,
-    })
+    app.backup_view(vault, m)
 }
 
 pub async fn list_backups(
@@ -264,12 +252,15 @@ pub async fn list_backups(
     )))
 }
 
-pub async fn get_backup(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+/// `GET /backups/{id}`: an id, a unique id prefix, a name, or `latest?disk=ID`.
+pub async fn get_backup(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> R<Json<Value>> {
     let app = app(&st);
-    let entry = app.find_backup(&id)?;
-    let mut v = backup_json(&app, &entry.vault, &entry.manifest);
-    v["bytes_freed_if_deleted"] = json!(app.exclusive_bytes(&entry)?);
-    Ok(Json(v))
+    let entry = app.resolve_backup(&id, q.get("disk").map(String::as_str))?;
+    Ok(Json(app.backup_detail(&entry)?))
 }
 
 pub async fn delete_backup(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
@@ -298,7 +289,9 @@ pub async fn create_restore(
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
     let r: RestoreRequest = body(v)?;
-    // Refuse a bad request now, not in the task.
+    // Refuse a bad request now, not in the task: resolve `latest` and id prefixes,
+    // and the image format from the target's extension.
+    let r = app(&st).resolve_restore(&r)?;
     if let Some(f) = &r.format {
         f.parse::<ImageFormat>()?;
     }

@@ -282,18 +282,20 @@ pub fn run_appliance(
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+        // The handlers are in place before the appliance says it is ready: a SIGTERM
+        // right after the "listening" line is a clean stop, not a kill.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Error::io("installing the SIGTERM handler", e))?;
+        let mut int = signal(SignalKind::interrupt())
+            .map_err(|e| Error::io("installing the SIGINT handler", e))?;
         if let Some(a) = local_addr(&listener) {
             ready(a);
         }
-        let shutdown = async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+        let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
             }
             tracing::info!("stopping: cancelling running tasks");
         };

@@ -2,7 +2,10 @@
 //!
 //! The CLI and the HTTP API call these; each one keeps the catalog and the vaults
 //! in step (a backup is recorded in the catalog after its manifest is in the vault; a
-//! delete removes the manifest first). The data dir holds `catalog.sqlite` and, by
+//! delete removes the manifest first). The vault is the truth: a backup whose catalog
+//! write still fails after retries is reported as done with a warning
+//! ([`App::take_warnings`]) and reaches the catalog at the next `vault rescan`.
+//! `views.rs` holds the JSON shapes the API and the CLI's `--json` share. The data dir holds `catalog.sqlite` and, by
 //! default, `vaults/<name>/`.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 mod restores;
+mod views;
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
@@ -30,6 +34,8 @@ use crate::vault::verify::{VerifyReport, verify};
 pub struct App {
     data: PathBuf,
     catalog: Catalog,
+    /// Warnings of the last operations, for the caller to show (see [`App::take_warnings`]).
+    warnings: std::sync::Mutex<Vec<String>>,
 }
 
 /// Usage figures of a vault.
@@ -58,7 +64,42 @@ impl App {
         Ok(App {
             data: data.to_path_buf(),
             catalog: Catalog::open(data)?,
+            warnings: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The warnings raised since the last call (e.g. a backup committed in its vault that
+    /// the catalog could not record), oldest first.
+    pub fn take_warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
+    }
+
+    /// Record a committed backup in the catalog. The manifest is already durable in the
+    /// vault, so the backup exists whatever happens here: the write is tried three times,
+    /// and if it still fails the backup is reported as done with a warning (the catalog
+    /// learns of it at the next `vault rescan`), never as failed.
+    fn record_backup(&self, vault: &str, m: &BackupManifest) {
+        let mut last = None;
+        for wait_ms in [0u64, 200, 1000] {
+            std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+            match self.catalog.put_backup(vault, m) {
+                Ok(()) => return,
+                Err(e) => last = Some(e),
+            }
+        }
+        let why = last.map(|e| e.to_string()).unwrap_or_default();
+        let w = format!(
+            "backup {} is committed in vault {vault}, but the catalog was not updated ({why}): \
+             free space in the data dir, then run `blockvault vault rescan {vault}`",
+            m.id
+        );
+        tracing::warn!("{w}");
+        if let Ok(mut ws) = self.warnings.lock() {
+            ws.push(w);
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -190,7 +231,7 @@ impl App {
             .clone();
         self.name_backup(vault_name, &disk_id, &mut opts)?;
         let m = backup_disk(&vault, source, &opts)?;
-        self.catalog.put_backup(vault_name, &m)?;
+        self.record_backup(vault_name, &m);
         Ok(m)
     }
 
@@ -262,7 +303,7 @@ impl App {
             &mut capture,
             &opts,
         )?;
-        self.catalog.put_backup(vault_name, &m)?;
+        self.record_backup(vault_name, &m);
         Ok(m)
     }
 
@@ -278,12 +319,42 @@ impl App {
         let mut opts = opts.clone();
         self.name_backup(vault_name, server, &mut opts)?;
         let m = backup_live(&vault, server, live, &opts)?;
-        self.catalog.put_backup(vault_name, &m)?;
+        self.record_backup(vault_name, &m);
         Ok(m)
     }
 
+    /// A backup by id, unique id prefix or name.
     pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
+        if id_or_name == "latest" {
+            return self.resolve_backup(id_or_name, None);
+        }
         self.catalog.find_backup(id_or_name)
+    }
+
+    /// A backup by id, unique id prefix or name, or `latest` of `disk` (a disk id or
+    /// server name, or the disk id of one disk of a server backup).
+    pub fn resolve_backup(&self, spec: &str, disk: Option<&str>) -> Result<BackupEntry> {
+        if spec != "latest" {
+            return self.catalog.find_backup(spec);
+        }
+        let Some(d) = disk else {
+            return Err(Error::config(
+                "`latest` needs a disk: add --disk DISK_ID (a disk id or server name, as \
+                 `backups list` shows them)",
+            ));
+        };
+        if let Some(b) = self.catalog.backups(None, Some(d))?.pop() {
+            return Ok(b);
+        }
+        self.catalog
+            .backups(None, None)?
+            .into_iter()
+            .rfind(|b| b.manifest.disks.iter().any(|x| x.disk_id == d))
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "no backup of disk {d:?}: `backups list` shows the disk ids"
+                ))
+            })
     }
 
     /// Stored bytes only this backup references: what deleting it (and GC) would free.

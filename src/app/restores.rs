@@ -36,9 +36,14 @@ pub struct RestoreRequest {
     pub disk: Option<String>,
     /// New image path, a directory (server backups, `image`), or an NBD URI.
     pub to: String,
-    /// raw (default), qcow2, vmdk / vmdk-sparse, vmdk-stream.
+    /// raw, qcow2, vmdk / vmdk-sparse, vmdk-stream. Default: from the extension of
+    /// `to` (`.qcow2`, `.vmdk`, `.ova` = a full-server OVA, `.raw`/`.img`), else raw.
+    /// A format the extension contradicts is refused (`.img` takes any format).
     #[serde(default)]
     pub format: Option<String>,
+    /// Write `format` even when the extension of `to` names another one.
+    #[serde(default)]
+    pub force_format: bool,
     /// Size of the new disk in bytes: may grow it, never shrink it.
     #[serde(default)]
     pub size: Option<u64>,
@@ -110,7 +115,60 @@ impl RestoreOutcome {
     }
 }
 
+/// The format the extension of `to` names: an [`ImageFormat`] name, or `ova` for a
+/// full-server image.
+fn format_of_extension(to: &str) -> Option<&'static str> {
+    let ext = Path::new(to).extension()?.to_str()?.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "qcow2" => "qcow2",
+        "vmdk" => "vmdk",
+        "ova" => "ova",
+        "raw" | "img" => "raw",
+        _ => return None,
+    })
+}
+
 impl App {
+    /// `req` made explicit: the backup as its full id (`latest` of `disk`, or a unique id
+    /// prefix, resolved), and the image format taken from the extension of `to` when none
+    /// is given. A format that contradicts the extension is refused unless
+    /// `force_format`: `x.qcow2` holding raw bytes would mislead whoever opens it.
+    pub fn resolve_restore(&self, req: &RestoreRequest) -> Result<RestoreRequest> {
+        let mut r = req.clone();
+        let entry = self.resolve_backup(&req.backup, req.disk.as_deref())?;
+        if req.backup == "latest" && req.disk.as_deref() == Some(entry.manifest.resource.as_str()) {
+            // --disk named the resource, not one disk inside it.
+            r.disk = None;
+        }
+        r.backup = entry.manifest.id;
+        if crate::nbd::NbdUri::is_nbd(&req.to) || r.image.is_some() {
+            return Ok(r);
+        }
+        let Some(implied) = format_of_extension(&req.to) else {
+            return Ok(r);
+        };
+        match &r.format {
+            None if implied == "ova" => r.image = Some("ova".into()),
+            None => r.format = Some(implied.into()),
+            // `.img` is any disk image (cloud images are qcow2 named .img): it implies
+            // raw only when no format is given.
+            Some(_) if implied == "raw" && req.to.to_ascii_lowercase().ends_with(".img") => {}
+            Some(f) => {
+                let asked: ImageFormat = f.parse()?;
+                if asked.extension() != implied && !r.force_format {
+                    return Err(Error::config(format!(
+                        "{} names a {implied} image but format {f} was asked: name the file \
+                         for its format (.{}), drop the format to take {implied}, or force \
+                         it (--force-format; force_format in the API)",
+                        req.to,
+                        asked.extension()
+                    )));
+                }
+            }
+        }
+        Ok(r)
+    }
+
     /// Carry out `req`. Nothing is ever overwritten but an NBD target, which is
     /// what a restore onto a disk is for.
     pub fn run_restore(
@@ -118,6 +176,7 @@ impl App {
         req: &RestoreRequest,
         opts: &BackupOptions,
     ) -> Result<RestoreOutcome> {
+        let req = &self.resolve_restore(req)?;
         let ropts = RestoreOptions {
             mode: match &req.mode {
                 Some(m) => parse_mode(m)?,

@@ -265,9 +265,7 @@ impl Catalog {
             .query_map(params![id_or_name], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
         match rows.len() {
-            0 => Err(Error::not_found(format!(
-                "no backup with id or name {id_or_name:?}"
-            ))),
+            0 => self.find_backup_by_prefix(id_or_name),
             1 => {
                 let (vault, json) = rows.into_iter().next().unwrap_or_default();
                 Ok(BackupEntry {
@@ -278,6 +276,44 @@ impl Catalog {
             n => Err(Error::conflict(format!(
                 "{n} backups are named {id_or_name:?}; use the backup id instead"
             ))),
+        }
+    }
+
+    /// The one backup whose id starts with `prefix`; several are a conflict that lists
+    /// them, none is not found.
+    fn find_backup_by_prefix(&self, prefix: &str) -> Result<BackupEntry> {
+        let none = || Error::not_found(format!("no backup with id, id prefix or name {prefix:?}"));
+        if prefix.is_empty() {
+            return Err(none());
+        }
+        let mut st = self.conn.prepare(
+            "SELECT vault, manifest, id, name, resource FROM backups
+             WHERE substr(id, 1, length(?1)) = ?1 ORDER BY created, id",
+        )?;
+        let rows: Vec<(String, String, String, String, String)> = st
+            .query_map(params![prefix], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        match rows.as_slice() {
+            [] => Err(none()),
+            [(vault, json, ..)] => Ok(BackupEntry {
+                vault: vault.clone(),
+                manifest: BackupManifest::from_json(json.as_bytes())?,
+            }),
+            many => {
+                let list: Vec<String> = many
+                    .iter()
+                    .take(10)
+                    .map(|(_, _, id, name, res)| format!("{id} ({name} of {res})"))
+                    .collect();
+                Err(Error::conflict(format!(
+                    "id prefix {prefix:?} matches {} backups: {}{}; give more of the id",
+                    many.len(),
+                    list.join(", "),
+                    if many.len() > 10 { ", …" } else { "" }
+                )))
+            }
         }
     }
 

@@ -5,21 +5,56 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+/// Shown after `--help`: where the data lives and what the exit status means.
+pub const AFTER_HELP: &str = "\
+Data directory (catalog and default vault location), first that applies:
+  --data DIR, then $BLOCKVAULT_DATA, then /var/lib/blockvault when run as root,
+  else $XDG_DATA_HOME/blockvault (default ~/.local/share/blockvault).
+  A relative path is made absolute; `vault info` and `vault list` say which is used.
+
+Exit status:
+  0    success
+  1    failed for another reason (e.g. a task the appliance ran failed)
+  2    usage: bad arguments, options or configuration
+  3    not found: no such vault, backup, disk, file or task
+  4    conflict: name taken, vault in use, ambiguous id prefix, would overwrite
+  5    corrupt data: a stored blob failed its check (verify found damage)
+  6    invalid or unsupported input: an image, manifest or file format
+  7    I/O error (disk full, permission denied, connection lost)
+  8    capacity exceeded: the vault's limit would be passed
+  9    the appliance refused the token (401/403) or could not be reached
+  130  cancelled (Ctrl-C, SIGTERM)
+With --json, a failure prints {\"error\": {\"kind\", \"message\", \"exit_code\"}} on stdout.
+
+Logs go to stderr: level from RUST_LOG (or BLOCKVAULT_LOG), else the config's log_level
+for `serve`, else warn; colours only on a terminal; --log-json for JSON lines.";
+
 #[derive(Parser)]
 #[command(
     name = "blockvault",
     version,
-    about = "Block-level backup appliance for virtual machine disks"
+    about = "Block-level backup appliance for virtual machine disks",
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
-    /// Data directory (catalog and default vault location).
+    /// Data directory: catalog and default vault location [default: /var/lib/blockvault
+    /// as root, else $XDG_DATA_HOME/blockvault or ~/.local/share/blockvault].
     #[arg(
-        long,
+        long = "data",
         global = true,
         env = "BLOCKVAULT_DATA",
-        default_value = "./blockvault-data"
+        value_name = "DIR"
     )]
+    pub data_arg: Option<PathBuf>,
+    /// The data dir in use (absolute), resolved from --data, $BLOCKVAULT_DATA or the default.
+    #[arg(skip)]
     pub data: PathBuf,
+    /// Where `data` came from: "--data", "BLOCKVAULT_DATA" or "default".
+    #[arg(skip)]
+    pub data_origin: &'static str,
+    /// Logs as JSON lines on stderr (also `log_format = "json"` in the config file).
+    #[arg(long, global = true)]
+    pub log_json: bool,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -54,15 +89,17 @@ pub enum Cmd {
     /// qemu-storage-daemon at one instant (copy-before-write fleecing; incremental
     /// through dirty bitmaps it manages itself).
     Backup(BackupArgs),
-    /// List or delete backups.
+    /// List, show or delete backups.
     #[command(subcommand)]
     Backups(BackupsCmd),
-    /// Restore a backup (id or name) into a new disk image; a server backup's disks go
-    /// into directory --to as <disk>.<format> unless --disk picks one.
+    /// Restore a backup (id, id prefix, name, or `latest --disk ID`) into a new disk
+    /// image; a server backup's disks go into directory --to as <disk>.<format> unless
+    /// --disk picks one.
     Restore(RestoreArgs),
     /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
     /// Prints the NBD URI clients connect to.
     ServeNbd {
+        /// Backup id, unique id prefix or name (`latest` with --disk).
         backup: String,
         /// Disk of a server backup (default: the first).
         #[arg(long)]
@@ -88,20 +125,24 @@ pub enum Cmd {
     Tasks(TasksCmd),
     /// Free the blobs no backup needs.
     Gc {
+        /// Vault to collect.
         #[arg(long)]
         vault: String,
         /// Rewrite packs whose live share fell below this percentage.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
         repack_below: u8,
     },
-    /// Re-read and re-hash stored data; exit status 1 when anything is corrupt.
+    /// Re-read and re-hash stored data; exit status 5 when anything is corrupt.
     Verify {
+        /// Vault to verify.
         #[arg(long)]
         vault: String,
+        /// Verify only this backup (id, unique id prefix or name).
         backup: Option<String>,
     },
     /// Measure this machine's hashing, compression, lookup and pack speeds.
     Benchmark {
+        /// zstd level to measure.
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
         /// Seconds per figure.
@@ -110,6 +151,18 @@ pub enum Cmd {
         /// Also back up and restore an image of 4×N GiB holding N GiB of mixed data.
         #[arg(long)]
         image_gib: Option<u64>,
+    },
+    /// Print a shell completion script (e.g. `blockvault completions bash >
+    /// /etc/bash_completion.d/blockvault`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (blockvault.1), or write one page per command into --dir.
+    Man {
+        /// Write blockvault.1, blockvault-backup.1, … into this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -178,42 +231,75 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 pub enum VaultCmd {
     /// Create a vault.
     Create {
+        /// Vault name (letters, digits, '-', '_', '.').
         name: String,
         /// Where (default <data>/vaults/NAME).
         #[arg(long)]
         path: Option<PathBuf>,
+        /// Chunk size, fixed for the vault's life: a power of two from 16K to 4M.
         #[arg(long, default_value = "64K")]
         chunk_size: String,
+        /// zstd compression level of new chunks.
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
     },
     /// List vaults.
     List,
     /// Usage of a vault.
-    Info { name: String },
+    Info {
+        /// Vault name.
+        name: String,
+    },
     /// Rebuild the catalog and the lookup index from the vault's own files.
-    Rescan { name: String },
+    Rescan {
+        /// Vault name.
+        name: String,
+    },
     /// Register an existing vault directory under NAME and read its backups.
-    Attach { name: String, path: PathBuf },
+    Attach {
+        /// Name to register the vault under.
+        name: String,
+        /// The vault's directory (holds vault.toml).
+        path: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum BackupsCmd {
     /// List backups, oldest first.
     List {
+        /// Only the backups in this vault.
         #[arg(long)]
         vault: Option<String>,
+        /// Only the backups of this disk id (or server name).
+        #[arg(long)]
+        disk: Option<String>,
+    },
+    /// One backup in full, with the bytes deleting it would free.
+    Show {
+        /// Backup id, unique id prefix or name; `latest` with --disk.
+        backup: String,
+        /// Disk id or server name, for `latest`.
         #[arg(long)]
         disk: Option<String>,
     },
     /// Delete a backup (GC frees its blobs).
-    Delete { backup: String },
+    Delete {
+        /// Backup id, unique id prefix or name; `latest` with --disk.
+        backup: String,
+        /// Disk id or server name, for `latest`.
+        #[arg(long)]
+        disk: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
 pub struct BackupArgs {
+    /// Image path, `raw:`/`qcow2:`/`vmdk:PATH`, NBD URI, `qmp:SOCKET`, or several
+    /// `NAME=SPEC` for a server made of image files.
     #[arg(required = true)]
     pub sources: Vec<String>,
+    /// Vault to store the backup in.
     #[arg(long)]
     pub vault: String,
     /// Stable id of the disk (default: the absolute source path) or the server name.
@@ -256,13 +342,22 @@ pub struct BackupArgs {
 
 #[derive(clap::Args)]
 pub struct RestoreArgs {
+    /// Backup id, unique id prefix or name; `latest` with --disk.
     pub backup: String,
+    /// New image file, directory (server backups, --image) or nbd:// URI. Nothing but an
+    /// NBD target is ever overwritten.
     #[arg(long)]
     pub to: PathBuf,
-    /// raw (default), qcow2, vmdk (monolithicSparse) or vmdk-stream (streamOptimized).
+    /// raw, qcow2, vmdk (monolithicSparse) or vmdk-stream (streamOptimized). Default: from
+    /// the extension of --to (.qcow2, .vmdk, .ova, .raw/.img), else raw; a format the
+    /// extension contradicts is refused (.img takes any).
     #[arg(long)]
     pub format: Option<String>,
-    /// Disk of a multi-disk backup (default: every disk, into directory --to).
+    /// Write --format even when the extension of --to says another format.
+    #[arg(long)]
+    pub force_format: bool,
+    /// Disk of a multi-disk backup (default: every disk, into directory --to); with
+    /// `latest`, the disk id or server name whose latest backup to restore.
     #[arg(long)]
     pub disk: Option<String>,
     /// Size of the new disk (bytes, or with K/M/G/T): may grow it, never shrink it.
@@ -281,7 +376,7 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub mode: Option<String>,
     /// Write everything readable, leave unreadable chunks as zeros, list the bad disk
-    /// ranges and keep the image; exits 1 when anything was unreadable.
+    /// ranges and keep the image; exits 5 (corrupt) when anything was unreadable.
     #[arg(long)]
     pub keep_going: bool,
 }
@@ -290,13 +385,18 @@ pub struct RestoreArgs {
 pub enum TokenCmd {
     /// Create a token; its secret is printed once, alone on the last line.
     Create {
+        /// admin, operator or auditor.
         #[arg(long)]
         role: String,
+        /// Token name (default ROLE-<random>).
         #[arg(long)]
         name: Option<String>,
     },
+    /// List tokens (never their secrets).
     List,
+    /// Delete a token: its secret stops working.
     Delete {
+        /// Token name.
         name: String,
     },
 }
@@ -310,7 +410,13 @@ pub enum TasksCmd {
         state: Option<String>,
     },
     /// One task with its progress and log.
-    Show { id: String },
+    Show {
+        /// Task id.
+        id: String,
+    },
     /// Cancel a queued or running task (needs --server).
-    Cancel { id: String },
+    Cancel {
+        /// Task id.
+        id: String,
+    },
 }

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use super::args::{BackupArgs, Cli};
+use super::exit::usage;
 use super::output::{finish_bar, print_backup, progress_bar};
 use super::{cancel_on_signals, options};
 use blockvault::app::App;
@@ -66,7 +67,9 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         app.backup_live(&server_id, vault, &l, &o)
     } else if sources.len() > 1 {
         let Some(server_id) = id else {
-            bail!("a backup of several disks is a server backup: name it with --id");
+            return Err(usage(
+                "a backup of several disks is a server backup: name it with --id",
+            ));
         };
         let disks: Vec<(String, String)> = sources
             .iter()
@@ -76,12 +79,19 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         app.backup_server_files(server_id, vault, &disks, &server.hooks(), &o)
     } else {
         if !server.hooks().is_empty() {
-            bail!("--freeze, --thaw and --qga apply to server backups (qmp: or several disks)");
+            return Err(usage(
+                "--freeze, --thaw and --qga apply to server backups (qmp: or several disks)",
+            ));
         }
         app.backup(&sources[0], vault, &o)
     };
     finish_bar(bar);
     let m = m?;
-    print_backup(cli, &m)?;
+    let mut v = app.backup_view(vault, &m);
+    let warnings = app.take_warnings();
+    if !warnings.is_empty() {
+        v["warning"] = serde_json::json!(warnings.join("; "));
+    }
+    print_backup(cli, &v)?;
     Ok(0)
 }

@@ -2,6 +2,8 @@
 
 pub mod args;
 pub mod backup;
+pub mod exit;
+pub mod local;
 pub mod output;
 pub mod remote;
 pub mod restore;

@@ -1,4 +1,7 @@
-//! Output of the command line: JSON shapes, human sizes, progress bars and spinners.
+//! Output of the command line: JSON shapes, human tables, sizes, progress bars and
+//! spinners. Everything printed goes through [`write_out`] (the `outln!` macro) so that
+//! a closed pipe (`blockvault backups list | head -1`) ends the process quietly with
+//! status 0 instead of a panic.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -6,62 +9,182 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Result;
-use serde_json::json;
+use serde_json::Value;
 
 use super::args::Cli;
 use blockvault::backup::{BackupOptions, Progress};
-use blockvault::manifest::BackupManifest;
+
+/// Write one line on stdout. A reader that went away (EPIPE) ends the process
+/// quietly with status 0: the output was wanted no further. Any other write error
+/// is an I/O failure (exit 7).
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        write_err(format_args!("error: writing to stdout: {e}"));
+        std::process::exit(super::exit::IO.code);
+    }
+}
+
+/// Write one line on stderr; a closed stderr is ignored (nothing better to do).
+pub fn write_err(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{args}");
+}
+
+/// A human table: a header row, then one row per item, columns padded to their widest
+/// cell; a column whose header starts with '>' is right-aligned.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let n = headers.len();
+    let mut width: Vec<usize> = headers
+        .iter()
+        .map(|h| h.trim_start_matches('>').chars().count())
+        .collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let right = headers[i].starts_with('>');
+            let pad = width[i].saturating_sub(c.chars().count());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            if right {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(c);
+            } else {
+                s.push_str(c);
+                if i + 1 < n {
+                    s.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        s
+    };
+    let mut out = vec![line(
+        headers.iter().map(|h| h.trim_start_matches('>')).collect(),
+    )];
+    for r in rows {
+        out.push(line(r.iter().map(String::as_str).collect()));
+    }
+    out.join("\n")
+}
 
 pub fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-pub fn backup_json(m: &BackupManifest, vault: Option<&str>) -> serde_json::Value {
-    let d = m.disks.first();
-    json!({
-        "id": m.id,
-        "name": m.name,
-        "vault": vault,
-        "disk_id": m.resource,
-        "resource": m.resource,
-        "resource_kind": m.resource_kind,
-        "created": m.created,
-        "logical_size": m.logical_size(),
-        "bytes_allocated": m.disks.iter().map(|d| d.bytes_allocated).sum::<u64>(),
-        "bytes_read": m.disks.iter().map(|d| d.bytes_read).sum::<u64>(),
-        "bytes_stored": m.bytes_stored(),
-        "chunks_total": m.disks.iter().map(|d| d.chunks_total).sum::<u64>(),
-        "chunks_read": m.disks.iter().map(|d| d.chunks_read).sum::<u64>(),
-        "chunks_new": m.disks.iter().map(|d| d.chunks_new).sum::<u64>(),
-        "kind": d.map(|d| d.kind),
-        "strategy": d.map(|d| d.strategy.clone()),
-        "format": d.map(|d| d.format.clone()),
-        "reader": d.and_then(|d| d.reader.clone()),
-        "encryption": d.and_then(|d| d.encryption.clone()),
-        "parent": d.and_then(|d| d.parent.clone()),
-        "note": d.and_then(|d| d.note.clone()),
-        "seconds": m.seconds,
-        "capture": m.capture,
-        "disks": m.disks,
-    })
+/// The human table of a vault listing (`GET /vaults` / `vault list --json` shape).
+pub fn vault_table(v: &Value) -> String {
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                x["name"].as_str().unwrap_or("").to_string(),
+                format!("{} KiB", x["chunk_size"].as_u64().unwrap_or(0) / 1024),
+                x["backups"].as_u64().unwrap_or(0).to_string(),
+                human(x["stored_bytes"].as_u64().unwrap_or(0)),
+                x["path"].as_str().unwrap_or("").to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", ">CHUNK", ">BACKUPS", ">STORED", "PATH"], &rows)
 }
 
-pub fn print_backup(cli: &Cli, m: &BackupManifest) -> Result<()> {
+/// Columns of a human backup listing (local and remote alike).
+pub const BACKUP_HEADERS: [&str; 6] = ["ID", "NAME", "VAULT", ">LOGICAL", ">NEW", "RESOURCE"];
+
+pub fn backup_row(
+    id: &str,
+    name: &str,
+    vault: &str,
+    logical: u64,
+    new: u64,
+    resource: &str,
+) -> Vec<String> {
+    vec![
+        id.to_string(),
+        name.to_string(),
+        vault.to_string(),
+        human(logical),
+        human(new),
+        resource.to_string(),
+    ]
+}
+
+/// A backup's outcome: the shared JSON view (see `App::backup_view`), or one line.
+/// A `warning` in the view (committed, but not recorded in the catalog) has already
+/// gone to stderr as a WARN log line when it was raised.
+pub fn print_backup(cli: &Cli, v: &Value) -> Result<()> {
     if cli.json {
-        println!("{}", backup_json(m, None));
+        outln!("{v}");
     } else if !cli.quiet {
-        let read: u64 = m.disks.iter().map(|d| d.bytes_read).sum();
-        println!(
+        outln!(
             "backup {} ({}) of {}: {} logical, {} read, {} new stored, {:.1}s",
-            m.name,
-            m.id,
-            m.resource,
-            human(m.logical_size()),
-            human(read),
-            human(m.bytes_stored()),
-            m.seconds
+            v["name"].as_str().unwrap_or(""),
+            v["id"].as_str().unwrap_or(""),
+            v["resource"].as_str().unwrap_or(""),
+            human(v["logical_size"].as_u64().unwrap_or(0)),
+            human(v["bytes_read"].as_u64().unwrap_or(0)),
+            human(v["bytes_new"].as_u64().unwrap_or(0)),
+            v["seconds"].as_f64().unwrap_or(0.0)
         );
     }
+    Ok(())
+}
+
+/// `backups show`: the JSON of `GET /backups/{id}`, or a page for people.
+pub fn print_backup_detail(cli: &Cli, v: &Value) -> Result<()> {
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let s = |k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let u = |k: &str| human(v[k].as_u64().unwrap_or(0));
+    outln!("backup      {} ({})", s("name"), s("id"));
+    outln!("of          {} ({})", s("resource"), s("resource_kind"));
+    outln!("vault       {}", s("vault"));
+    outln!("created     {}", s("created"));
+    outln!("kind        {} via {}", s("kind"), s("strategy"));
+    outln!(
+        "sizes       {} logical, {} allocated, {} read, {} new stored",
+        u("logical_size"),
+        u("bytes_allocated"),
+        u("bytes_read"),
+        u("bytes_new")
+    );
+    outln!(
+        "frees       {} if deleted (after gc)",
+        u("bytes_freed_if_deleted")
+    );
+    outln!("protected   {}", s("protected"));
+    let rows: Vec<Vec<String>> = v["disks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            vec![
+                d["name"].as_str().unwrap_or("").to_string(),
+                d["disk_id"].as_str().unwrap_or("").to_string(),
+                human(d["size"].as_u64().unwrap_or(0)),
+                human(d["bytes_read"].as_u64().unwrap_or(0)),
+            ]
+        })
+        .collect();
+    outln!("{}", table(&["DISK", "DISK ID", ">SIZE", ">READ"], &rows));
     Ok(())
 }
 

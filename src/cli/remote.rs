@@ -13,19 +13,22 @@ use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Value, json};
 
 use super::args::{BackupArgs, BackupsCmd, Cli, Cmd, TokenCmd, VaultCmd};
 use super::cancel_on_signals;
-use super::output::human;
+use super::exit::usage;
+use super::output::{
+    BACKUP_HEADERS, backup_row, human, print_backup, print_backup_detail, table, vault_table,
+};
 
 /// A non-2xx answer: the status and the appliance's own message.
 #[derive(Debug)]
 pub struct Refused {
     what: String,
-    status: u16,
+    pub status: u16,
     msg: String,
 }
 
@@ -56,12 +59,14 @@ pub fn seg(s: &str) -> String {
 impl Remote {
     pub fn new(url: &str, token: Option<&str>) -> Result<Remote> {
         let Some(token) = token else {
-            bail!(
-                "--server needs --token (or BLOCKVAULT_TOKEN); create one with `blockvault token create`"
-            );
+            return Err(usage(
+                "--server needs --token (or BLOCKVAULT_TOKEN); create one with `blockvault token create`",
+            ));
         };
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            bail!("--server must be an http:// or https:// URL, not {url:?}");
+            return Err(usage(format!(
+                "--server must be an http:// or https:// URL, not {url:?}"
+            )));
         }
         Ok(Remote {
             base: format!("{}/api/v1", url.trim_end_matches('/')),
@@ -166,28 +171,56 @@ impl Remote {
         }
         match t["state"].as_str() {
             Some("succeeded") => Ok(t["result"].clone()),
-            Some(s) => bail!(
-                "task {id} {s}: {}",
-                t["error"].as_str().unwrap_or("no error recorded")
-            ),
+            Some(s) => {
+                let msg = format!(
+                    "task {id} {s}: {}",
+                    t["error"].as_str().unwrap_or("no error recorded")
+                );
+                // The task's error kind gives the exit code a local run would have.
+                match t["error_kind"]
+                    .as_str()
+                    .and_then(blockvault::ErrorKind::from_name)
+                {
+                    Some(k) => Err(blockvault::Error::new(k, msg).into()),
+                    None => bail!(msg),
+                }
+            }
             None => bail!("task {id}: the appliance sent no state"),
         }
     }
 }
 
-fn print(cli: &Cli, v: &Value, human_line: impl FnOnce(&Value) -> String) -> Result<()> {
+/// A listing: JSON, or the human table even with --quiet (it is the output asked for).
+fn listing(cli: &Cli, v: &Value, table: impl FnOnce(&Value) -> String) -> Result<()> {
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
-    } else if !cli.quiet {
-        println!("{}", human_line(v));
+        outln!("{}", serde_json::to_string_pretty(v)?);
+    } else {
+        outln!("{}", table(v));
     }
     Ok(())
 }
 
+fn print(cli: &Cli, v: &Value, human_line: impl FnOnce(&Value) -> String) -> Result<()> {
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(v)?);
+    } else if !cli.quiet {
+        outln!("{}", human_line(v));
+    }
+    Ok(())
+}
+
+/// `/backups/{id}`, with `?disk=` for `latest`.
+fn backup_path(backup: &str, disk: Option<&str>) -> String {
+    match disk {
+        Some(d) => format!("/backups/{}?disk={}", seg(backup), seg(d)),
+        None => format!("/backups/{}", seg(backup)),
+    }
+}
+
 fn not_remote(what: &str) -> anyhow::Error {
-    anyhow!(
+    usage(format!(
         "{what} runs next to the vault files, not through the API: drop --server and run it on the appliance"
-    )
+    ))
 }
 
 /// A source path as the appliance should see it: made absolute when it exists here.
@@ -229,16 +262,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Vault(VaultCmd::List) => {
             let v = r.call("GET", "/vaults", None)?;
-            print(cli, &v, |v| {
-                lines(v, |x| {
-                    format!(
-                        "{:<20} {:>6} KiB  {}",
-                        x["name"].as_str().unwrap_or(""),
-                        x["chunk_size"].as_u64().unwrap_or(0) / 1024,
-                        x["path"].as_str().unwrap_or("")
-                    )
-                })
-            })?;
+            listing(cli, &v, vault_table)?;
         }
         Cmd::Vault(VaultCmd::Info { name }) => {
             let v = r.call("GET", &format!("/vaults/{}", seg(name)), None)?;
@@ -266,22 +290,37 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
                 q.push(format!("resource={}", seg(d)));
             }
             let v = r.call("GET", &format!("/backups?{}", q.join("&")), None)?;
-            print(cli, &v, |v| {
-                lines(v, |b| {
-                    format!(
-                        "{:<26} {:<26} {:<10} {:>10} {:>10}  {}",
-                        b["id"].as_str().unwrap_or(""),
-                        b["name"].as_str().unwrap_or(""),
-                        b["vault"].as_str().unwrap_or(""),
-                        human(b["logical_size"].as_u64().unwrap_or(0)),
-                        human(b["bytes_new"].as_u64().unwrap_or(0)),
-                        b["resource"].as_str().unwrap_or("")
-                    )
-                })
+            listing(cli, &v, |v| {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|b| {
+                        let s = |k: &str| b[k].as_str().unwrap_or("").to_string();
+                        backup_row(
+                            &s("id"),
+                            &s("name"),
+                            &s("vault"),
+                            b["logical_size"].as_u64().unwrap_or(0),
+                            b["bytes_new"].as_u64().unwrap_or(0),
+                            &s("resource"),
+                        )
+                    })
+                    .collect();
+                table(&BACKUP_HEADERS, &rows)
             })?;
         }
-        Cmd::Backups(BackupsCmd::Delete { backup }) => {
-            let v = r.call("DELETE", &format!("/backups/{}", seg(backup)), None)?;
+        Cmd::Backups(BackupsCmd::Show { backup, disk }) => {
+            let v = r.call("GET", &backup_path(backup, disk.as_deref()), None)?;
+            print_backup_detail(cli, &v)?;
+        }
+        Cmd::Backups(BackupsCmd::Delete { backup, disk }) => {
+            // Resolve `latest` and id prefixes first: DELETE takes an id or a name.
+            let b = r.call("GET", &backup_path(backup, disk.as_deref()), None)?;
+            let id = b["id"]
+                .as_str()
+                .context("the appliance sent no backup id")?;
+            let v = r.call("DELETE", &format!("/backups/{}", seg(id)), None)?;
             print(cli, &v, |v| {
                 format!(
                     "deleted backup {} ({}); the appliance's GC frees its space",
@@ -309,21 +348,25 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
                 Some(&json!({"name": name, "role": role})),
             )?;
             if !cli.quiet {
-                println!("token {name} ({role}) created; the secret is shown only now:");
+                outln!("token {name} ({role}) created; the secret is shown only now:");
             }
-            println!("{}", v["secret"].as_str().unwrap_or(""));
+            outln!("{}", v["secret"].as_str().unwrap_or(""));
         }
         Cmd::Token(TokenCmd::List) => {
             let v = r.call("GET", "/tokens", None)?;
-            print(cli, &v, |v| {
-                lines(v, |t| {
-                    format!(
-                        "{:<24} {:<9} {}",
-                        t["name"].as_str().unwrap_or(""),
-                        t["role"].as_str().unwrap_or(""),
-                        t["created"].as_str().unwrap_or("")
-                    )
-                })
+            listing(cli, &v, |v| {
+                let rows: Vec<Vec<String>> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        ["name", "role", "created"]
+                            .iter()
+                            .map(|k| t[*k].as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .collect();
+                table(&["NAME", "ROLE", "CREATED"], &rows)
             })?;
         }
         Cmd::Token(TokenCmd::Delete { name }) => {
@@ -331,7 +374,8 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Tasks(t) => return super::tasks::run(cli, Some(&r), t),
         Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
-        Cmd::Serve { .. } => bail!("serve starts an appliance; it takes no --server"),
+        Cmd::Serve { .. } => return Err(usage("serve starts an appliance; it takes no --server")),
+        Cmd::Completions { .. } | Cmd::Man { .. } => {}
         Cmd::Gc { .. } => return Err(not_remote("gc")),
         Cmd::Verify { .. } => return Err(not_remote("verify")),
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
@@ -339,24 +383,19 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
     Ok(0)
 }
 
-/// One line per element of a JSON array.
-pub fn lines(v: &Value, f: impl Fn(&Value) -> String) -> String {
-    v.as_array()
-        .map(|a| a.iter().map(f).collect::<Vec<_>>().join("\n"))
-        .unwrap_or_default()
-}
-
 /// `backup` through the API: make sure the resource exists as asked, back it up, wait.
 fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
     if a.bitmap.is_some() || a.since_base || a.changed_extents.is_some() {
-        bail!(
+        return Err(usage(
             "--bitmap, --since-base and --changed-extents are not available with --server: \
-             the appliance picks the change tracking of a resource itself"
-        );
+             the appliance picks the change tracking of a resource itself",
+        ));
     }
     let s = &a.server;
     if s.freeze.is_some() || s.thaw.is_some() || s.qga.is_some() || s.fleece_dir.is_some() {
-        bail!("freeze/thaw hooks and --fleece-dir are not available with --server");
+        return Err(usage(
+            "freeze/thaw hooks and --fleece-dir are not available with --server",
+        ));
     }
     let sources: Vec<String> = a
         .sources
@@ -373,7 +412,11 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         (Some(i), _) => i.clone(),
         (None, false) => blockvault::app::default_disk_id(&sources[0]),
         (None, true) if sources.len() == 1 => sources[0].clone(),
-        (None, true) => bail!("a backup of several disks is a server backup: name it with --id"),
+        (None, true) => {
+            return Err(usage(
+                "a backup of several disks is a server backup: name it with --id",
+            ));
+        }
     };
     let want = json!({
         "name": name,
@@ -422,25 +465,10 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
     let backup = result["backup"]
         .as_str()
         .context("the task named no backup")?;
-    let b = r.call("GET", &format!("/backups/{}", seg(backup)), None)?;
-    print(cli, &b, |b| {
-        let read: u64 = b["disks"]
-            .as_array()
-            .map(|d| {
-                d.iter()
-                    .map(|d| d["bytes_read"].as_u64().unwrap_or(0))
-                    .sum()
-            })
-            .unwrap_or(0);
-        format!(
-            "backup {} ({}) of {}: {} logical, {} read, {} new stored",
-            b["name"].as_str().unwrap_or(""),
-            b["id"].as_str().unwrap_or(""),
-            b["resource"].as_str().unwrap_or(""),
-            human(b["logical_size"].as_u64().unwrap_or(0)),
-            human(read),
-            human(b["bytes_new"].as_u64().unwrap_or(0)),
-        )
-    })?;
+    let mut b = r.call("GET", &format!("/backups/{}", seg(backup)), None)?;
+    // `backup` shows the backup as `backups list` does, here as locally.
+    b.as_object_mut()
+        .map(|o| o.remove("bytes_freed_if_deleted"));
+    print_backup(cli, &b)?;
     Ok(0)
 }

@@ -16,6 +16,7 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
         disk: a.disk.clone(),
         to: a.to.to_string_lossy().into_owned(),
         format: a.format.clone(),
+        force_format: a.force_format,
         size: a.size,
         image: a.image.clone(),
         target_bitmap: a.target_bitmap.clone(),
@@ -30,16 +31,20 @@ pub fn run(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
     o.cancel = Some(cancel_on_signals()?);
     let bar = progress_bar(cli, &mut o, "restore");
     let t = std::time::Instant::now();
-    let r = app.run_restore(&request(a), &o);
+    // `latest` and id prefixes resolved, the format taken from the extension: the
+    // outcome names the backup by its id, as the appliance's restore task does.
+    let req = app.resolve_restore(&request(a));
+    let r = req.and_then(|req| Ok((app.run_restore(&req, &o)?, req.backup)));
     finish_bar(bar);
-    let mut v = serde_json::to_value(r?)?;
-    v["backup"] = json!(a.backup);
+    let (r, backup) = r?;
+    let mut v = serde_json::to_value(r)?;
+    v["backup"] = json!(backup);
     v["seconds"] = json!(t.elapsed().as_secs_f64());
     print_outcome(cli, &v)
 }
 
 /// Print a restore's outcome (the JSON of a [`RestoreOutcome`] plus `backup` and
-/// `seconds`), as it came from this process or from an appliance. Exit code 1 when a
+/// `seconds`), as it came from this process or from an appliance. Exit code 5 (corrupt) when a
 /// `--keep-going` restore left unreadable ranges as zeros (they are listed on stderr).
 pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
     // (image file, bad ranges) of every disk written.
@@ -49,7 +54,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
             bad.push((d["to"].as_str().unwrap_or("").to_string(), r.clone()));
         }
     }
-    let code = if bad.is_empty() { 0 } else { 1 };
+    let code = if bad.is_empty() { 0 } else { super::exit::CORRUPT.code };
     if !cli.json {
         for (to, ranges) in &bad {
             eprintln!("{to}: {} unreadable range(s) left as zeros:", ranges.len());
@@ -65,7 +70,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
         }
     }
     if cli.json {
-        println!("{v}");
+        outln!("{v}");
         return Ok(code);
     }
     if cli.quiet {
@@ -76,13 +81,13 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
     let secs = v["seconds"].as_f64().unwrap_or(0.0);
     let backup = s("backup");
     match s("mode").as_str() {
-        "server_image" => println!(
+        "server_image" => outln!(
             "exported {backup} to {} ({} disks, {:.1}s)",
             s("path"),
             v["disks"].as_array().map_or(0, Vec::len),
             secs
         ),
-        "onto" => println!(
+        "onto" => outln!(
             "restored {backup} onto {}: {} of {} chunks differed, {} written, {} zeroed ({secs:.1}s)",
             s("to"),
             u("chunks_written") + u("chunks_zeroed"),
@@ -92,7 +97,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
         ),
         "directory" => {
             for d in v["disks"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "restored disk {} to {} ({} written)",
                     d["disk"].as_str().unwrap_or(""),
                     d["to"].as_str().unwrap_or(""),
@@ -100,7 +105,7 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
                 );
             }
         }
-        _ => println!(
+        _ => outln!(
             "restored {backup} to {} ({} written, {secs:.1}s)",
             s("to"),
             human(u("bytes_written")),

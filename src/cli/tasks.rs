@@ -2,12 +2,12 @@
 //! the data dir (what the appliance last recorded) or, with `--server`, the live view
 //! with progress; cancelling needs the running appliance.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::Value;
 
 use super::args::{Cli, TasksCmd};
-use super::output::human;
-use super::remote::{Remote, lines, seg};
+use super::output::{human, table};
+use super::remote::{Remote, seg};
 use blockvault::app::App;
 use blockvault::task::TaskInfo;
 
@@ -32,26 +32,49 @@ pub fn run(cli: &Cli, remote: Option<&Remote>, cmd: &TasksCmd) -> Result<i32> {
             r.call("POST", &format!("/tasks/{}/cancel", seg(id)), None)?
         }
         (TasksCmd::Cancel { .. }, None) => {
-            bail!("cancelling a task needs the running appliance: add --server URL --token T")
+            return Err(super::exit::usage(
+                "cancelling a task needs the running appliance: add --server URL --token T",
+            ));
         }
     };
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else if !cli.quiet {
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        // A listing is the output asked for: --quiet does not hide it.
         match cmd {
-            TasksCmd::List { .. } => println!("{}", lines(&v, summary)),
+            TasksCmd::List { .. } => {
+                let rows: Vec<Vec<String>> = v.as_array().into_iter().flatten().map(row).collect();
+                outln!("{}", table(&TASK_HEADERS, &rows));
+            }
             _ => {
-                println!("{}", summary(&v));
+                outln!("{}", summary(&v));
                 if let Some(e) = v["error"].as_str() {
-                    println!("  error: {e}");
+                    outln!("  error: {e}");
                 }
                 for l in v["log"].as_array().into_iter().flatten() {
-                    println!("  {}", l.as_str().unwrap_or(""));
+                    outln!("  {}", l.as_str().unwrap_or(""));
                 }
             }
         }
     }
     Ok(0)
+}
+
+/// Columns of the task listing.
+const TASK_HEADERS: [&str; 7] = ["ID", "KIND", "STATE", ">PROGRESS", ">DONE", "TARGET", "BY"];
+
+/// One row: id, kind, state, progress, bytes done, target, who.
+fn row(t: &Value) -> Vec<String> {
+    let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
+    vec![
+        s("id"),
+        s("kind"),
+        s("state"),
+        format!("{:.1}%", t["progress_percent"].as_f64().unwrap_or(0.0)),
+        human(t["bytes_done"].as_u64().unwrap_or(0)),
+        s("target"),
+        s("by"),
+    ]
 }
 
 /// One line: id, kind, state, progress, target, who.

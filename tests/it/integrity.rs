@@ -104,7 +104,7 @@ fn a_flipped_byte_in_a_stored_chunk_is_found_by_verify_and_fails_restore() {
         .args(["--json", "verify", "--vault", "v"])
         .output()
         .unwrap();
-    assert_eq!(v.status.code(), Some(1));
+    assert_eq!(v.status.code(), Some(5), "exit 5: corrupt data");
     let report: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     assert_eq!(
         report["corrupt_blobs"].as_array().unwrap().len(),
@@ -118,12 +118,12 @@ fn a_flipped_byte_in_a_stored_chunk_is_found_by_verify_and_fails_restore() {
     // The single-backup form finds it too.
     assert_eq!(
         env.run(&["verify", "--vault", "v", &id]).status.code(),
-        Some(1)
+        Some(5)
     );
 
     let out = env.path("r.raw");
     let r = env.run(&["restore", &id, "--to", out.to_str().unwrap()]);
-    assert!(!r.status.success());
+    assert_eq!(r.status.code(), Some(5), "exit 5: corrupt data");
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("offset 0") && err.contains("digest"), "{err}");
     assert!(!out.exists(), "a failed restore must not leave its output");
@@ -150,10 +150,9 @@ fn hostile_images_give_a_clear_error_and_record_nothing() {
         n += 1;
         let out = env.run(&["backup", p.to_str().unwrap(), "--vault", "v", "--id", &name]);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{name}: expected a clean error, got {:?}: {err}",
+        assert!(
+            matches!(out.status.code(), Some(5 | 6)),
+            "{name}: expected a clean error (5 corrupt, 6 invalid input), got {:?}: {err}",
             out.status
         );
         assert!(
@@ -174,10 +173,10 @@ fn hostile_images_give_a_clear_error_and_record_nothing() {
 fn a_missing_source_or_vault_is_a_clear_error() {
     let env = Env::new();
     let out = env.run(&["backup", "/nonexistent/disk.qcow2", "--vault", "v"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "exit 3: not found");
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/disk.qcow2"));
     let out = env.run(&["backup", "/nonexistent/disk.qcow2", "--vault", "nope"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3), "exit 3: not found");
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
 
@@ -217,7 +216,11 @@ fn gc_refuses_to_run_while_a_backup_holds_the_vault() {
         still_running,
         "the backup ended before gc ran; the test proves nothing"
     );
-    assert_eq!(gc.status.code(), Some(2), "gc ran beside a backup: {err}");
+    assert_eq!(
+        gc.status.code(),
+        Some(4),
+        "exit 4 (conflict): gc ran beside a backup: {err}"
+    );
     assert!(err.contains("in use by a running backup"), "{err}");
     // Once the backup is gone, gc runs and frees what it left.
     env.json(&["gc", "--vault", "v"]);

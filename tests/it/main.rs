@@ -5,6 +5,8 @@ mod common;
 
 mod appliance;
 mod backup;
+mod catalog_full;
+mod cli;
 mod export;
 mod hostile;
 mod incremental;

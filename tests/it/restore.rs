@@ -174,7 +174,7 @@ fn keep_going_writes_everything_readable_and_lists_the_corrupt_range_as_zeros() 
             .unwrap();
         assert_eq!(
             r.status.code(),
-            Some(1),
+            Some(5),
             "{}",
             String::from_utf8_lossy(&r.stderr)
         );
@@ -212,7 +212,7 @@ fn keep_going_writes_everything_readable_and_lists_the_corrupt_range_as_zeros() 
         out.to_str().unwrap(),
         "--keep-going",
     ]);
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.status.code(), Some(5));
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(err.contains("offset 1048576 length 65536"), "{err}");
 }

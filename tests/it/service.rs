@@ -304,6 +304,7 @@ fn a_policy_every_3_seconds_keeps_the_last_2_auto_backups_and_survives_a_restart
     assert_eq!(pv["web"]["delete"].as_array().unwrap().len(), 0);
 
     // Down for more than two slots: at start the missed slot runs once, not twice.
+    let patched = time::OffsetDateTime::now_utc();
     srv.ok(
         "PATCH",
         "/policies/often",
@@ -311,9 +312,21 @@ fn a_policy_every_3_seconds_keeps_the_last_2_auto_backups_and_survives_a_restart
         Some(json!({"schedule": "*/5 * * * * *"})),
         200,
     );
-    std::thread::sleep(Duration::from_millis(5200));
+    // The new schedule has run once (a scheduler task created after the change ended).
+    wait_for("a run on the new schedule", || {
+        tasks_by(&srv, &admin, "scheduler").iter().any(|t| {
+            t_created(t) >= patched
+                && ["succeeded", "failed", "cancelled"].contains(&t["state"].as_str().unwrap_or(""))
+        })
+    });
+    idle(&srv, &admin);
     assert!(srv.stop(), "clean exit on SIGTERM");
-    std::thread::sleep(Duration::from_secs(11));
+    // Down until two slots have passed: here the clock itself is the condition.
+    let s = time::OffsetDateTime::now_utc().unix_timestamp();
+    let two_slots_missed = time::OffsetDateTime::from_unix_timestamp(s - s % 5 + 10).unwrap();
+    wait_for("two missed slots", || {
+        time::OffsetDateTime::now_utc() > two_slots_missed + time::Duration::milliseconds(200)
+    });
     let started = time::OffsetDateTime::now_utc();
     let srv = Appliance::start(&env, &[]);
     let policies = srv.ok("GET", "/policies", &admin, None, 200);
@@ -328,22 +341,23 @@ fn a_policy_every_3_seconds_keeps_the_last_2_auto_backups_and_survives_a_restart
         ),
         2
     );
-    // The next regular slot after the restart:
-    let s = started.unix_timestamp();
-    let next_slot = time::OffsetDateTime::from_unix_timestamp(s - s % 5 + 5).unwrap();
-    let t0 = Instant::now();
-    while tasks_by(&srv, &admin, "scheduler")
-        .iter()
-        .all(|t| t_created(t) < started)
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "the missed slot did not run"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let wait = (next_slot - time::OffsetDateTime::now_utc()).as_seconds_f64();
-    std::thread::sleep(Duration::from_secs_f64(wait.max(0.0) + 0.1));
+    // The catch-up run: the first scheduler task after the restart.
+    let mut first = None;
+    wait_for("the missed slot to run", || {
+        first = tasks_by(&srv, &admin, "scheduler")
+            .iter()
+            .map(t_created)
+            .filter(|c| *c >= started)
+            .min();
+        first.is_some()
+    });
+    // Every run for the missed slots is queued at start, before the next regular slot
+    // after the first of them; wait for that slot to pass, then count.
+    let f = first.unwrap().unix_timestamp();
+    let next_slot = time::OffsetDateTime::from_unix_timestamp(f - f % 5 + 5).unwrap();
+    wait_for("the next regular slot", || {
+        time::OffsetDateTime::now_utc() > next_slot + time::Duration::milliseconds(100)
+    });
     let caught_up = tasks_by(&srv, &admin, "scheduler")
         .iter()
         .filter(|t| t_created(t) >= started && t_created(t) < next_slot)
@@ -358,6 +372,19 @@ fn a_policy_every_3_seconds_keeps_the_last_2_auto_backups_and_survives_a_restart
     );
     idle(&srv, &admin);
     assert!(srv.stop());
+}
+
+/// Poll `cond` until it holds; a generous deadline (a loaded 2-core CI machine), never
+/// a guessed sleep.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "waited 60 s for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn t_created(t: &Value) -> time::OffsetDateTime {

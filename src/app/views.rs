@@ -1,0 +1,53 @@
+//! The JSON shapes of the appliance's objects, one per object, shared by the HTTP API
+//! and the command line's `--json` (local and `--server`), so that a script sees the
+//! same fields whichever way it asked.
+
+use serde_json::{Value, json};
+
+use super::App;
+use crate::manifest::BackupManifest;
+
+impl App {
+    /// A backup as `GET /api/v1/backups` and `blockvault --json backups list` show it
+    /// (`backups show` adds `bytes_freed_if_deleted`). `bytes_new` and `bytes_stored`
+    /// are the same figure: the stored bytes this backup added to its vault.
+    pub fn backup_view(&self, vault: &str, m: &BackupManifest) -> Value {
+        let d = m.disks.first();
+        json!({
+            "id": m.id,
+            "name": m.name,
+            "vault": vault,
+            "resource": m.resource,
+            "disk_id": m.resource,
+            "resource_kind": m.resource_kind,
+            "created": m.created,
+            "logical_size": m.logical_size(),
+            "bytes_allocated": m.disks.iter().map(|d| d.bytes_allocated).sum::<u64>(),
+            "bytes_read": m.disks.iter().map(|d| d.bytes_read).sum::<u64>(),
+            "bytes_new": m.bytes_stored(),
+            "bytes_stored": m.bytes_stored(),
+            "chunks_total": m.disks.iter().map(|d| d.chunks_total).sum::<u64>(),
+            "chunks_read": m.disks.iter().map(|d| d.chunks_read).sum::<u64>(),
+            "chunks_new": m.disks.iter().map(|d| d.chunks_new).sum::<u64>(),
+            "kind": d.map(|d| d.kind),
+            "strategy": d.map(|d| d.strategy.clone()),
+            "format": d.map(|d| d.format.clone()),
+            "reader": d.and_then(|d| d.reader.clone()),
+            "encryption": d.and_then(|d| d.encryption.clone()),
+            "parent": d.and_then(|d| d.parent.clone()),
+            "note": d.and_then(|d| d.note.clone()),
+            "seconds": m.seconds,
+            "protected": self.catalog().is_protected(&m.id).unwrap_or(false),
+            "capture": m.capture,
+            "disks": m.disks,
+        })
+    }
+
+    /// One backup in full (`GET /api/v1/backups/{id}`, `blockvault backups show`):
+    /// [`App::backup_view`] plus the stored bytes only it references.
+    pub fn backup_detail(&self, entry: &crate::catalog::BackupEntry) -> crate::Result<Value> {
+        let mut v = self.backup_view(&entry.vault, &entry.manifest);
+        v["bytes_freed_if_deleted"] = json!(self.exclusive_bytes(entry)?);
+        Ok(v)
+    }
+}

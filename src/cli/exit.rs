@@ -1,0 +1,163 @@
+//! Exit status and the shape of a failure: every error the command line reports is
+//! classified once here, from the library's [`ErrorKind`] (or the appliance's HTTP
+//! status in remote mode), into a stable exit code and a `kind` word for `--json`.
+//! The table is the one `--help` prints (see [`super::args::AFTER_HELP`]) and the README.
+
+use blockvault::ErrorKind;
+use serde_json::json;
+
+use super::remote::Refused;
+
+/// A usage error raised by the command line itself (a bad combination of flags):
+/// exit code 2, like clap's own.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// `Err(usage("…"))`: a usage error as an `anyhow::Error`.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Usage(msg.into()).into()
+}
+
+/// One class of failure: its exit code and the word `--json` names it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub code: i32,
+    pub kind: &'static str,
+}
+
+pub const FAILED: Class = Class {
+    code: 1,
+    kind: "failed",
+};
+pub const USAGE: Class = Class {
+    code: 2,
+    kind: "usage",
+};
+pub const NOT_FOUND: Class = Class {
+    code: 3,
+    kind: "not_found",
+};
+pub const CONFLICT: Class = Class {
+    code: 4,
+    kind: "conflict",
+};
+pub const CORRUPT: Class = Class {
+    code: 5,
+    kind: "corrupt",
+};
+pub const INVALID: Class = Class {
+    code: 6,
+    kind: "invalid_input",
+};
+pub const IO: Class = Class {
+    code: 7,
+    kind: "io",
+};
+pub const FULL: Class = Class {
+    code: 8,
+    kind: "full",
+};
+pub const DENIED: Class = Class {
+    code: 9,
+    kind: "denied",
+};
+pub const CANCELLED: Class = Class {
+    code: 130,
+    kind: "cancelled",
+};
+
+fn of_kind(k: ErrorKind) -> Class {
+    match k {
+        ErrorKind::Config => USAGE,
+        ErrorKind::NotFound => NOT_FOUND,
+        ErrorKind::Conflict => CONFLICT,
+        ErrorKind::Corrupt => CORRUPT,
+        ErrorKind::InvalidFormat | ErrorKind::Unsupported => INVALID,
+        ErrorKind::Io => IO,
+        ErrorKind::Full => FULL,
+        ErrorKind::Cancelled => CANCELLED,
+    }
+}
+
+fn of_status(status: u16) -> Class {
+    match status {
+        400 | 422 => USAGE,
+        401 | 403 => DENIED,
+        404 => NOT_FOUND,
+        409 => CONFLICT,
+        507 => FULL,
+        _ => FAILED,
+    }
+}
+
+/// The class of an error: the first cause in its chain that has one.
+pub fn classify(e: &anyhow::Error) -> Class {
+    for cause in e.chain() {
+        if let Some(b) = cause.downcast_ref::<blockvault::Error>() {
+            // A file that is not there is "not found", whoever tried to open it.
+            if b.kind() == ErrorKind::Io
+                && let Some(io) =
+                    std::error::Error::source(b).and_then(|s| s.downcast_ref::<std::io::Error>())
+                && io.kind() == std::io::ErrorKind::NotFound
+            {
+                return NOT_FOUND;
+            }
+            return of_kind(b.kind());
+        }
+        if let Some(r) = cause.downcast_ref::<Refused>() {
+            return of_status(r.status);
+        }
+        if cause.is::<Usage>() {
+            return USAGE;
+        }
+        if cause.is::<ureq::Error>() {
+            return DENIED;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::NotFound => NOT_FOUND,
+                _ => IO,
+            };
+        }
+    }
+    FAILED
+}
+
+/// The error and its causes, each once: the library's errors already print their
+/// source after their own context, so a cause the text already ends with is skipped.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.ends_with(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+/// `{"error": {"kind", "message", "exit_code"}}`: a failure under `--json`.
+pub fn json_error(class: Class, message: &str) -> serde_json::Value {
+    json!({"error": {"kind": class.kind, "message": message, "exit_code": class.code}})
+}
+
+/// Report a failure (on stderr, and as JSON on stdout under `--json`) and exit.
+pub fn fail(class: Class, message: &str, json: bool) -> ! {
+    if json {
+        super::output::write_out(format_args!("{}", json_error(class, message)));
+    }
+    super::output::write_err(format_args!("error: {message}"));
+    std::process::exit(class.code)
+}

@@ -1,0 +1,381 @@
+//! The commands run in-process on the data dir (and the dispatch to remote mode with
+//! `--server`): vaults, backups, restores, serving, tokens, tasks, gc, verify, benchmarks.
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::args::*;
+use super::exit::usage;
+use super::output::*;
+use blockvault::app::App;
+use blockvault::chunk::ChunkSize;
+use blockvault::config::Config;
+
+pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            crate::completions(*shell);
+            return Ok(0);
+        }
+        Cmd::Man { dir } => {
+            crate::man(dir.as_ref())?;
+            return Ok(0);
+        }
+        _ => {}
+    }
+    if let Some(url) = &cli.server {
+        return super::remote::run(cli, url);
+    }
+    match cli.cmd {
+        Cmd::Vault(VaultCmd::Create {
+            ref name,
+            ref path,
+            ref chunk_size,
+            zstd_level,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let v = app.create_vault(
+                name,
+                path.as_deref(),
+                ChunkSize::parse(chunk_size)?,
+                zstd_level,
+            )?;
+            if cli.json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(&app.vault_info(&v.name)?)?
+                );
+            } else if !cli.quiet {
+                outln!(
+                    "created vault {} at {} (chunk size {} KiB)",
+                    v.name,
+                    v.path.display(),
+                    v.chunk_size / 1024
+                );
+            }
+        }
+        Cmd::Vault(VaultCmd::List) => {
+            let app = App::open(&cli.data)?;
+            let mut infos = Vec::new();
+            for v in app.catalog().vaults()? {
+                infos.push(serde_json::to_value(app.vault_info(&v.name)?)?);
+            }
+            let v = serde_json::Value::Array(infos);
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                outln!("{}", vault_table(&v));
+                outln!(
+                    "(data dir {}, from {})",
+                    cli.data.display(),
+                    cli.data_origin
+                );
+            }
+        }
+        Cmd::Vault(VaultCmd::Info { ref name }) => {
+            let info = App::open(&cli.data)?.vault_info(name)?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                outln!("vault       {} ({})", info.name, info.path);
+                outln!(
+                    "data dir    {} (from {})",
+                    cli.data.display(),
+                    cli.data_origin
+                );
+                outln!(
+                    "chunk size  {} KiB, zstd level {}",
+                    info.chunk_size / 1024,
+                    info.zstd_level
+                );
+                outln!("backups     {}", info.backups);
+                outln!("logical     {}", human(info.logical_bytes));
+                outln!(
+                    "stored      {} in {} packs ({} on disk)",
+                    human(info.stored_bytes),
+                    info.packs,
+                    human(info.pack_bytes)
+                );
+                outln!("dedup ratio {:.2}", info.dedup_ratio);
+            }
+        }
+        Cmd::Vault(VaultCmd::Rescan { ref name }) => {
+            let n = App::open(&cli.data)?.rescan(name)?;
+            if cli.json {
+                outln!("{}", json!({"vault": name, "backups": n}));
+            } else if !cli.quiet {
+                outln!("vault {name}: {n} backups in the catalog");
+            }
+        }
+        Cmd::Vault(VaultCmd::Attach { ref name, ref path }) => {
+            let n = App::open(&cli.data)?.attach_vault(name, path)?;
+            if cli.json {
+                outln!("{}", json!({"vault": name, "backups": n}));
+            } else if !cli.quiet {
+                outln!("attached vault {name} at {}: {n} backups", path.display());
+            }
+        }
+        Cmd::Backup(ref a) => return super::backup::run(cli, a),
+        Cmd::Backups(BackupsCmd::List {
+            ref vault,
+            ref disk,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let list = app.catalog().backups(vault.as_deref(), disk.as_deref())?;
+            if cli.json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|b| app.backup_view(&b.vault, &b.manifest))
+                    .collect();
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|b| {
+                        let m = &b.manifest;
+                        backup_row(
+                            &m.id,
+                            &m.name,
+                            &b.vault,
+                            m.logical_size(),
+                            m.bytes_stored(),
+                            &m.resource,
+                        )
+                    })
+                    .collect();
+                outln!("{}", table(&BACKUP_HEADERS, &rows));
+            }
+        }
+        Cmd::Backups(BackupsCmd::Show {
+            ref backup,
+            ref disk,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let entry = app.resolve_backup(backup, disk.as_deref())?;
+            let v = app.backup_detail(&entry)?;
+            print_backup_detail(cli, &v)?;
+        }
+        Cmd::Backups(BackupsCmd::Delete {
+            ref backup,
+            ref disk,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
+            let m = app.delete_backup(&id)?;
+            if cli.json {
+                outln!("{}", json!({"deleted": m.id, "name": m.name}));
+            } else if !cli.quiet {
+                outln!(
+                    "deleted backup {} ({}); run `gc` to free its space",
+                    m.name,
+                    m.id
+                );
+            }
+        }
+        Cmd::Restore(ref a) => return super::restore::run(cli, a),
+        Cmd::ServeNbd {
+            ref backup,
+            ref disk,
+            ref listen,
+        } => {
+            let app = App::open(&cli.data)?;
+            let stop = super::cancel_on_signals()?;
+            let listener = blockvault::nbd::server::Listener::bind(listen)?;
+            outln!("{}", listener.uri());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            app.serve_nbd(backup, disk.as_deref(), &listener, &stop)?;
+        }
+        Cmd::Serve {
+            ref listen,
+            ref config,
+        } => {
+            let mut c = serve_config.unwrap_or_default();
+            if let Some(l) = listen {
+                c.listen = l.parse().map_err(|_| usage("--listen must be HOST:PORT"))?;
+            }
+            // --data (or BLOCKVAULT_DATA) wins over the config file when given.
+            if config.is_none() || cli.data_origin != "default" {
+                c.data = cli.data.clone();
+            }
+            tracing::info!("data dir {}", c.data.display());
+            blockvault::api::run_appliance(c, |addr| {
+                outln!("blockvault appliance listening on http://{addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+        }
+        Cmd::Token(TokenCmd::Create { ref role, ref name }) => {
+            let role: blockvault::catalog::Role = role.parse()?;
+            let name = name.clone().unwrap_or_else(|| {
+                format!(
+                    "{}-{}",
+                    role.as_str(),
+                    &blockvault::manifest::new_backup_id()[16..]
+                )
+            });
+            let app = App::open(&cli.data)?;
+            let (info, secret) = app.catalog().create_token(&name, role)?;
+            if !cli.quiet {
+                outln!(
+                    "token {} ({}) created; the secret is shown only now:",
+                    info.name,
+                    info.role.as_str()
+                );
+            }
+            outln!("{secret}");
+        }
+        Cmd::Token(TokenCmd::List) => {
+            let app = App::open(&cli.data)?;
+            let list = app.catalog().tokens()?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.role.as_str().to_string(),
+                            t.created.clone(),
+                        ]
+                    })
+                    .collect();
+                outln!("{}", table(&["NAME", "ROLE", "CREATED"], &rows));
+            }
+        }
+        Cmd::Token(TokenCmd::Delete { ref name }) => {
+            if !App::open(&cli.data)?.catalog().delete_token(name)? {
+                return Err(
+                    blockvault::Error::not_found(format!("no token named {name:?}")).into(),
+                );
+            }
+        }
+        Cmd::Tasks(ref t) => return super::tasks::run(cli, None, t),
+        Cmd::Gc {
+            ref vault,
+            repack_below,
+        } => {
+            let spin = spinner(cli, "gc: marking live blobs and sweeping packs");
+            let stats = App::open(&cli.data)?.gc(vault, repack_below);
+            spin.finish_and_clear();
+            let stats = stats?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&stats)?);
+            } else if !cli.quiet {
+                outln!(
+                    "gc {vault}: {} backups, {} live blobs; deleted {} packs, rewrote {}; removed {} blobs; freed {}",
+                    stats.backups,
+                    stats.live_blobs,
+                    stats.packs_deleted,
+                    stats.packs_rewritten,
+                    stats.blobs_removed,
+                    human(stats.bytes_freed)
+                );
+            }
+        }
+        Cmd::Verify {
+            ref vault,
+            ref backup,
+        } => {
+            let threads = if cli.threads == 0 {
+                num_cpus()
+            } else {
+                cli.threads
+            };
+            let spin = spinner(cli, "verify: re-reading and re-hashing packs");
+            let report = App::open(&cli.data)?.verify(vault, backup.as_deref(), threads);
+            spin.finish_and_clear();
+            let report = report?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                outln!(
+                    "verified {} packs, {} blobs, {}: {}",
+                    report.packs_checked,
+                    report.blobs_checked,
+                    human(report.bytes_checked),
+                    if report.is_clean() {
+                        "all good"
+                    } else {
+                        "DAMAGE FOUND"
+                    }
+                );
+                for b in &report.corrupt_blobs {
+                    outln!("corrupt blob {} in pack {}: {}", b.digest, b.pack, b.error);
+                }
+                for d in &report.damage {
+                    match d.offset {
+                        Some(o) => outln!(
+                            "  hurts backup {} ({}) {} at offset {o}: {}",
+                            d.backup_name,
+                            d.backup_id,
+                            d.disk,
+                            d.what
+                        ),
+                        None => outln!(
+                            "  hurts backup {} ({}) {}: {}",
+                            d.backup_name,
+                            d.backup_id,
+                            d.disk,
+                            d.what
+                        ),
+                    }
+                }
+            }
+            return Ok(if report.is_clean() {
+                0
+            } else {
+                super::exit::CORRUPT.code
+            });
+        }
+        Cmd::Completions { .. } | Cmd::Man { .. } => {}
+        Cmd::Benchmark {
+            zstd_level,
+            seconds,
+            image_gib,
+        } => {
+            if !(0.05..=60.0).contains(&seconds) {
+                return Err(usage("--seconds must be between 0.05 and 60"));
+            }
+            let r = blockvault::benchmark::run(zstd_level, seconds, image_gib)?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                outln!(
+                    "{:<28} {:>14} {:>14}  ({} threads)",
+                    "",
+                    "1 thread",
+                    "all threads",
+                    r.threads
+                );
+                for f in &r.figures {
+                    outln!(
+                        "{:<28} {:>14.0} {:>14.0}  {}",
+                        f.name,
+                        f.single,
+                        f.all,
+                        f.unit
+                    );
+                }
+                if let Some(i) = &r.image {
+                    outln!(
+                        "full backup of {} disk with {} data: {:.2}s ({:.0} MB/s logical, {:.0} MB/s allocated), stored {}",
+                        human(i.disk_bytes),
+                        human(i.data_bytes),
+                        i.backup_seconds,
+                        i.backup_logical_mb_s,
+                        i.backup_allocated_mb_s,
+                        human(i.bytes_stored)
+                    );
+                    outln!(
+                        "restore: {:.2}s; peak RSS {:.0} MiB",
+                        i.restore_seconds,
+                        i.peak_rss_mib
+                    );
+                }
+            }
+        }
+    }
+    Ok(0)
+}
