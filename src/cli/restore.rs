@@ -54,7 +54,11 @@ pub fn print_outcome(cli: &Cli, v: &serde_json::Value) -> Result<i32> {
             bad.push((d["to"].as_str().unwrap_or("").to_string(), r.clone()));
         }
     }
-    let code = if bad.is_empty() { 0 } else { super::exit::CORRUPT.code };
+    let code = if bad.is_empty() {
+        0
+    } else {
+        super::exit::CORRUPT.code
+    };
     if !cli.json {
         for (to, ranges) in &bad {
             eprintln!("{to}: {} unreadable range(s) left as zeros:", ranges.len());

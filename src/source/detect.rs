@@ -64,6 +64,17 @@ pub enum Encryption {
     Qcow2Aes,
 }
 
+impl Encryption {
+    /// The scheme's name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::Luks => "LUKS",
+            Encryption::Qcow2Luks => "LUKS encryption",
+            Encryption::Qcow2Aes => "legacy AES encryption",
+        }
+    }
+}
+
 /// The detected format: QEMU's driver name and the reader to use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Detected {
@@ -189,7 +200,9 @@ pub fn qcow2(head: &[u8]) -> Detected {
     let encryption = match crypt {
         0 => None,
         1 => Some(Encryption::Qcow2Aes),
-        _ => Some(Encryption::Qcow2Luks),
+        2 => Some(Encryption::Qcow2Luks),
+        // Unknown methods: the native reader refuses them as QEMU does.
+        _ => None,
     };
     let fallback = |why: String, encryption| Detected {
         format: "qcow2",

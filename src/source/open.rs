@@ -157,6 +157,21 @@ fn open_detected(
             driver,
             encryption,
             why,
-        } => fallback(driver, *encryption, why),
+        } => {
+            // A qcow2 or VMDK whose header asks for the daemon is still checked by the
+            // strict native reader first: what QEMU refuses, or a chain file outside the
+            // image's tree, is refused here and never handed to the daemon; only what the
+            // native reader calls `Unsupported` goes on to QEMU.
+            let native: Option<Result<Box<dyn BlockSource>>> = match *driver {
+                "qcow2" => Some(Qcow2Source::open(path).map(|s| Box::new(s) as _)),
+                "vmdk" => Some(VmdkSource::open(path).map(|s| Box::new(s) as _)),
+                _ => None,
+            };
+            match native {
+                Some(Ok(s)) => Ok(s),
+                Some(Err(e)) if e.kind() != ErrorKind::Unsupported => Err(e),
+                _ => fallback(driver, *encryption, why),
+            }
+        }
     }
 }

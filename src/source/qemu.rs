@@ -112,14 +112,15 @@ impl QemuSource {
     pub fn open(img: &QemuImage<'_>) -> Result<QemuSource> {
         let path = img.path;
         let secret = match (img.encryption, img.secret_file) {
-            (Some(_), None) => {
+            (Some(enc), None) => {
                 return Err(Error::new(
                     ErrorKind::Unsupported,
                     format!(
-                        "{} is encrypted ({}): give its passphrase with --secret-file PATH \
+                        "{} is encrypted ({}, {}): give its passphrase with --secret-file PATH \
                          (a file holding exactly the passphrase) to back up the decrypted disk",
                         path.display(),
-                        img.driver
+                        img.driver,
+                        enc.name()
                     ),
                 ));
             }

@@ -297,8 +297,11 @@ fn a_raw_luks_volume_is_read_decrypted_with_a_secret() {
 #[test]
 fn a_raw_disk_with_a_qcow2_header_in_sector_0_stays_raw_and_its_disk_id_keeps_that_format() {
     let env = Env::new();
-    // The guest wrote a qcow2 image, backed by a host file, into its own raw disk.
+    // The guest wrote a qcow2 image into its own raw disk. (A backing file outside the
+    // image's tree is refused on its own: tests/it/hostile.rs. This one names a file
+    // beside the disk, so that only the format check stands in the way.)
     let hdr = env.path("evil.qcow2");
+    std::fs::write(env.path("beside.raw"), b"host data").unwrap();
     sh(
         "qemu-img",
         &[
@@ -306,7 +309,7 @@ fn a_raw_disk_with_a_qcow2_header_in_sector_0_stays_raw_and_its_disk_id_keeps_th
             "-f",
             "qcow2",
             "-b",
-            "/etc/hostname",
+            env.path("beside.raw").to_str().unwrap(),
             "-F",
             "raw",
             hdr.to_str().unwrap(),
