@@ -1,12 +1,15 @@
 //! A disk exported over NBD (qemu-nbd, qemu-storage-daemon, nbdkit).
 //!
-//! Allocation comes from `base:allocation` (holes and zero ranges are not read); with a
+//! Allocation comes from `base:allocation`: only ranges flagged `NBD_STATE_ZERO` are left
+//! unread. `NBD_STATE_HOLE` alone says nothing about the contents (by the NBD spec a hole
+//! without the zero flag may read back data, e.g. nbdkit's `sh`/`eval` plugins or a
+//! server with a backing file), so such ranges are read like data. With a
 //! bitmap name, the `qemu:dirty-bitmap:NAME` context gives the extents changed since the
 //! bitmap was last cleared.
 
 use super::{BlockSource, Extent, SourceFormat};
 use crate::error::Result;
-use crate::nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use crate::nbd::proto::{STATE_DIRTY, STATE_ZERO};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdUri, dirty_bitmap_context};
 
 /// An NBD export as a block source.
@@ -60,9 +63,8 @@ impl BlockSource for NbdSource {
     }
 
     fn allocated_extents(&mut self) -> Result<Vec<Extent>> {
-        // Data = not (hole or zero): a zero range reads as zeros, no need to read it.
-        self.client
-            .extents_with(BASE_ALLOCATION, STATE_HOLE | STATE_ZERO, false)
+        // Data = not ZERO. A HOLE without ZERO may hold data: it is read.
+        self.client.extents_with(BASE_ALLOCATION, STATE_ZERO, false)
     }
 
     fn prefers_large_reads(&self) -> bool {

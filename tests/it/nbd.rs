@@ -262,3 +262,33 @@ fn a_wrong_export_or_missing_bitmap_is_a_clear_error() {
     assert!(env.backups().is_empty());
     drop(srv);
 }
+
+#[test]
+fn a_hole_without_the_zero_flag_is_read_and_its_data_restored() {
+    // A real nbdkit whose `base:allocation` says HOLE (not ZERO) over a range of data:
+    // by the NBD spec that range may read back non-zero bytes, so it must be backed up.
+    let env = Env::new();
+    let sock = env.path("hole.sock");
+    let srv = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            sock.to_str().unwrap(),
+            "eval",
+            "get_size=echo 1048576",
+            r#"pread=head -c $3 /dev/zero | tr "\000" "\007""#,
+            "can_extents=exit 0",
+            "extents=echo 0 524288 hole; echo 524288 524288 hole,zero",
+        ],
+        &sock,
+    );
+    let b = env.json(&["backup", &srv.uri(), "--vault", "v", "--id", "hole"]);
+    assert_eq!(u(&b, "bytes_read"), 512 << 10, "{b}");
+    let out = env.path("hole.raw");
+    env.restore(s(&b, "id"), &out, "raw");
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(restored.len(), 1 << 20);
+    assert!(restored[..512 << 10].iter().all(|&b| b == 7));
+    assert!(restored[512 << 10..].iter().all(|&b| b == 0));
+}
