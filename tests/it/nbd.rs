@@ -75,6 +75,12 @@ enum Lie {
     WrongCookie,
     ShortRead,
     ZeroLengthStatus,
+    /// The first half of the read twice, the second half never.
+    DuplicateChunk,
+    /// A data chunk whose offset + length wraps past u64::MAX.
+    WrappingOffset,
+    /// The reply trickles: one byte every 100 ms.
+    Trickle,
 }
 
 fn be32(v: u32) -> [u8; 4] {
@@ -185,6 +191,30 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                     p.extend_from_slice(&be32(0));
                     chunk(1, 5, cookie, &p)
                 }
+                Lie::DuplicateChunk => {
+                    let mut p = be64(offset).to_vec();
+                    p.extend_from_slice(&vec![7u8; length as usize / 2]);
+                    let mut m = chunk(0, 1, cookie, &p);
+                    m.extend_from_slice(&chunk(1, 1, cookie, &p));
+                    m
+                }
+                Lie::WrappingOffset => {
+                    let mut p = be64(u64::MAX - 100).to_vec();
+                    p.extend_from_slice(&[7u8; 512]);
+                    chunk(1, 1, cookie, &p)
+                }
+                Lie::Trickle => {
+                    let mut m = chunk(1, 1, cookie, &be64(offset));
+                    // Announce the whole read, then send it a byte at a time.
+                    let n = m.len();
+                    m[n - 12..n - 8].copy_from_slice(&be32(length + 8));
+                    c.write_all(&m)?;
+                    for _ in 0..length.min(600) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        c.write_all(&[7])?;
+                    }
+                    Vec::new()
+                }
                 _ => Vec::new(),
             };
             c.write_all(&msg)?;
@@ -226,6 +256,8 @@ fn a_lying_nbd_server_gets_a_clear_error_and_no_panic() {
         (Lie::CloseMidReply, "closed the connection"),
         (Lie::WrongCookie, "unknown request"),
         (Lie::ShortRead, "having sent"),
+        (Lie::DuplicateChunk, "twice"),
+        (Lie::WrappingOffset, "overflows"),
     ] {
         let mut c = connect(dir.path(), lie).unwrap();
         assert_eq!(c.size(), 1 << 20);
@@ -237,6 +269,86 @@ fn a_lying_nbd_server_gets_a_clear_error_and_no_panic() {
     let e = c.block_status("base:allocation", 0, 65536).unwrap_err();
     assert!(e.to_string().contains("zero-length"), "{e}");
     assert_eq!(e.kind(), ErrorKind::InvalidFormat);
+}
+
+#[test]
+fn a_trickling_server_hits_the_request_deadline_not_a_hang() {
+    // Scripted peer: a real server cannot be made to trickle one byte at a time. Each
+    // byte arrives well within the 30 s socket timeout; only the whole-reply deadline
+    // stops it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path(), Lie::Trickle).unwrap();
+    c.set_request_deadline(std::time::Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let e = c.read(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("request deadline"), "{e}");
+    assert!(e.to_string().contains("65536 bytes at 0"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // The connection is out of step now and says so.
+    let e = c.read(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("unusable"), "{e}");
+}
+
+#[test]
+fn a_tiny_maximum_block_size_is_refused_and_a_64k_one_reads_quickly() {
+    let env = Env::new();
+    // nbdkit refuses to advertise a maximum below 512; the rule is the same for 1.
+    for (max, ok) in [(512u32, false), (4096, false), (65536, true)] {
+        let sock = env.path(format!("bs{max}.sock").as_str());
+        let srv = Server::start(
+            "nbdkit",
+            &[
+                "-f",
+                "-U",
+                sock.to_str().unwrap(),
+                "--filter=blocksize-policy",
+                "pattern",
+                "size=8M",
+                "blocksize-minimum=1",
+                &format!("blocksize-preferred={}", max.min(4096)),
+                &format!("blocksize-maximum={max}"),
+            ],
+            &sock,
+        );
+        let uri = NbdUri::parse(&srv.uri()).unwrap();
+        match NbdClient::connect(&uri, &[]) {
+            Ok(mut c) => {
+                assert!(ok, "maximum block size {max} accepted");
+                let started = std::time::Instant::now();
+                let mut buf = vec![0u8; 4 << 20];
+                c.read(1 << 20, &mut buf).unwrap();
+                // nbdkit's pattern plugin: each 8-byte word holds its own offset.
+                for (i, w) in buf.chunks(8).enumerate().step_by(4099) {
+                    let want = (1u64 << 20) + 8 * i as u64;
+                    assert_eq!(w, want.to_be_bytes());
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            }
+            Err(e) => {
+                assert!(!ok, "maximum block size {max} refused: {e}");
+                assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+                assert!(
+                    e.to_string().contains(&format!("at most {max} bytes")),
+                    "{e}"
+                );
+            }
+        }
+        // Through the CLI: a clear refusal and nothing written.
+        let out = env.run(&["backup", &srv.uri(), "--vault", "v", "--id", "bs"]);
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !ok {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("maximum block size"));
+            assert!(env.backups().is_empty());
+            assert!(pack_files(&env.vault_dir()).is_empty());
+        }
+    }
 }
 
 #[test]
