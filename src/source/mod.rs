@@ -122,6 +122,18 @@ pub trait BlockSource {
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
         None
     }
+
+    /// A hint: the next reads will cover `ranges` (sorted, not overlapping), in order.
+    /// A network source keeps requests in flight ahead of the reader across ranges, so
+    /// that scattered chunks do not cost one round trip each. Reads elsewhere still work.
+    fn will_read(&mut self, _ranges: &[Extent]) {}
+
+    /// This source as one that may be read on another thread, when it can be (so that
+    /// the disks of a server are read in parallel). None by default (imago's qcow2
+    /// driver is not `Send`).
+    fn as_send(&mut self) -> Option<&mut (dyn BlockSource + Send)> {
+        None
+    }
 }
 
 mod nbd;

@@ -37,6 +37,12 @@ impl NbdSource {
         })
     }
 
+    /// Set the deadline of each request, from sending it to the end of its reply
+    /// (default [`crate::nbd::client::REQUEST_DEADLINE`], 120 s).
+    pub fn set_request_deadline(&mut self, d: std::time::Duration) {
+        self.client.set_request_deadline(d);
+    }
+
     /// Describe the source as `d` instead of its URI (a temporary export of a live disk
     /// is better named by the disk).
     pub fn described_as(mut self, d: String) -> NbdSource {
@@ -69,6 +75,14 @@ impl BlockSource for NbdSource {
 
     fn prefers_large_reads(&self) -> bool {
         true
+    }
+
+    fn will_read(&mut self, ranges: &[Extent]) {
+        self.client.read_ahead(ranges);
+    }
+
+    fn as_send(&mut self) -> Option<&mut (dyn BlockSource + Send)> {
+        Some(self)
     }
 
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
