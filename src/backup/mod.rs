@@ -7,6 +7,10 @@
 //! was taken (image files as they are, or a live copy-before-write capture, see `live`)
 //! is the caller's business; it is recorded in the manifest's `capture`.
 //!
+//! The disks of a server are read in parallel (one thread per disk) when every source
+//! can move to another thread (the NBD exports of a live capture); each source is told
+//! beforehand which chunks will be read, so that NBD reads run ahead of the reader.
+//!
 //! Every backup's index is complete: an incremental is "previous index + changed slots",
 //! so every backup restores on its own.
 //!

@@ -9,7 +9,9 @@
 //!
 //! Sources never write into the image they read. They are not required to be `Send`
 //! (imago's qcow2 driver is not): the backup pipeline reads on the thread that opened the
-//! source and hands chunk buffers to worker threads.
+//! source and hands chunk buffers to worker threads. A source that is `Send` (NBD) says
+//! so through [`BlockSource::as_send`], and the disks of a server are then read in
+//! parallel, one thread each.
 
 use crate::error::Result;
 

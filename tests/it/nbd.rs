@@ -442,3 +442,50 @@ fn read_ahead_over_scattered_ranges_returns_the_exact_bytes_in_any_read_pattern(
     check(0, 8 << 20); // everything, after the read-ahead ran out
     drop(c);
 }
+
+#[test]
+fn when_one_disk_of_a_server_fails_the_backup_names_its_error_and_records_nothing() {
+    // Two real nbdkit exports read in parallel; every read of the second one fails.
+    let env = Env::new();
+    let good_sock = env.path("good.sock");
+    let good = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            good_sock.to_str().unwrap(),
+            "pattern",
+            "size=64M",
+        ],
+        &good_sock,
+    );
+    let bad_sock = env.path("bad.sock");
+    let bad = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            bad_sock.to_str().unwrap(),
+            "--filter=error",
+            "pattern",
+            "size=64M",
+            "error-pread=EIO",
+            "error-pread-rate=1",
+        ],
+        &bad_sock,
+    );
+    let out = env.run(&[
+        "backup",
+        &format!("good={}", good.uri()),
+        &format!("bad={}", bad.uri()),
+        "--vault",
+        "v",
+        "--id",
+        "two",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("EIO") && err.contains("bad.sock"), "{err}");
+    assert!(!err.to_lowercase().contains("cancel"), "{err}");
+    assert!(env.backups().is_empty());
+}

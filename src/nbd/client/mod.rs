@@ -5,10 +5,15 @@
 //! ask for structured replies, meta contexts (`base:allocation`,
 //! `qemu:dirty-bitmap:NAME`), block-size limits or block status, which are exactly what
 //! change tracking needs. Everything the server sends is checked: magic numbers,
-//! cookies, chunk offsets and lengths against the request, payload sizes against fixed
-//! caps, and every socket operation has a timeout; a broken or hostile server gets a
-//! clear error, never a panic, a hang or an unbounded allocation. Reads are split at
-//! the server's maximum block size and pipelined (several requests in flight).
+//! cookies, chunk offsets and lengths against the request with checked arithmetic, every
+//! byte of a read covered exactly once (`reassembly`), payload sizes against fixed caps,
+//! block-size limits against the spec and a floor ([`MIN_MAX_BLOCK`]); every socket
+//! operation has a timeout ([`TIMEOUT`]) and every request a deadline over its whole
+//! reply ([`REQUEST_DEADLINE`]). A broken or hostile server gets a clear error, never a
+//! panic, a hang, silently wrong data or an unbounded allocation; after a protocol error
+//! the connection refuses further use. Reads (`read`) are split at the server's maximum
+//! block size and pipelined, and read ahead across announced ranges (`read_ahead`), so
+//! scattered chunks do not cost one round trip each.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
