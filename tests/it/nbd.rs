@@ -489,3 +489,67 @@ fn when_one_disk_of_a_server_fails_the_backup_names_its_error_and_records_nothin
     assert!(!err.to_lowercase().contains("cancel"), "{err}");
     assert!(env.backups().is_empty());
 }
+
+#[test]
+fn a_reader_away_longer_than_the_deadline_does_not_fail_requests_read_ahead() {
+    // The caller is slow here on purpose (the sleep is the behaviour under test): time
+    // spent away from the client is not charged to the server's request deadline. (On a
+    // local socket the replies are mostly buffered meanwhile, so this guards the rule
+    // rather than proving it; the slow-link test below proves queueing is not charged.)
+    let env = Env::new();
+    let img = env.path("slow.raw");
+    let data = random_bytes(16 << 20, 5);
+    std::fs::write(&img, &data).unwrap();
+    let sock = env.path("slow.sock");
+    let srv = Server::qemu_nbd(&img, &sock, &["-f", "raw"]);
+    let mut c = NbdClient::connect(&NbdUri::parse(&srv.uri()).unwrap(), &[]).unwrap();
+    c.set_request_deadline(std::time::Duration::from_millis(500));
+    c.read_ahead(&[blockvault::source::Extent {
+        offset: 0,
+        length: 16 << 20,
+    }]);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..16u64 {
+        c.read(i << 20, &mut buf).unwrap();
+        assert!(buf == data[(i << 20) as usize..((i + 1) << 20) as usize]);
+        if i < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+        }
+    }
+    drop(srv);
+}
+
+#[test]
+fn requests_queued_behind_others_on_a_slow_server_are_not_charged_for_the_wait() {
+    // A real nbdkit that answers one read at a time, each after 300 ms: 8 pieces read
+    // ahead take 2.4 s in all, longer than a 1 s deadline, yet each is answered within
+    // 300 ms of the previous one, so none has missed it.
+    let env = Env::new();
+    let sock = env.path("serial.sock");
+    let srv = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            sock.to_str().unwrap(),
+            "--filter=noparallel",
+            "--filter=delay",
+            "pattern",
+            "size=8M",
+            "delay-read=300ms",
+            "serialize=requests",
+        ],
+        &sock,
+    );
+    let mut c = NbdClient::connect(&NbdUri::parse(&srv.uri()).unwrap(), &[]).unwrap();
+    c.set_request_deadline(std::time::Duration::from_secs(1));
+    c.read_ahead(&[blockvault::source::Extent {
+        offset: 0,
+        length: 8 << 20,
+    }]);
+    let mut buf = vec![0u8; 8 << 20];
+    c.read(0, &mut buf).unwrap();
+    for (i, w) in buf.chunks(8).enumerate().step_by(997) {
+        assert_eq!(w, (8 * i as u64).to_be_bytes());
+    }
+}

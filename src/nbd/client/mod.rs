@@ -167,6 +167,8 @@ pub struct NbdClient {
     cur_timeout: Duration,
     /// Set after an error that leaves the stream out of step.
     broken: Option<String>,
+    /// Last sign of progress: a request completed, or the caller came back to `read`.
+    progress: Instant,
 }
 
 impl NbdClient {
@@ -207,6 +209,7 @@ impl NbdClient {
             deadline: None,
             cur_timeout: TIMEOUT,
             broken: None,
+            progress: Instant::now(),
         };
         c.negotiate(&uri.export, meta)?;
         c.ready = true;

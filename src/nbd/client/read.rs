@@ -9,9 +9,13 @@
 //!                        ≤ AHEAD_REQUESTS in flight and ≤ AHEAD_BYTES held
 //! ```
 //!
-//! Every request gets a deadline (`request_deadline`, default 120 s) measured from when
-//! it was sent to the end of its last reply chunk: a server that trickles bytes keeps no
-//! backup running for ever (the socket timeout alone only bounds each single read).
+//! Deadline (`request_deadline`, default 120 s): while requests are in flight, the server
+//! must complete one of them within the deadline of the latest of: the oldest one being
+//! sent, the previous completion, the caller coming back into `read`. So a request's
+//! whole reply is bounded once it is at the head of the server's queue, and a server
+//! that trickles bytes keeps no backup running for ever (the socket timeout alone only
+//! bounds each single read); yet requests queued behind others on a slow link, or read
+//! ahead while the caller was busy elsewhere, are not charged for that wait.
 //! Replies may arrive in any order and interleave between requests; each one is routed
 //! by cookie. After any error the connection is unusable and says so.
 
@@ -48,7 +52,7 @@ pub(super) struct PendingRead {
     offset: u64,
     len: usize,
     coverage: Coverage,
-    deadline: Instant,
+    sent: Instant,
     dst: Dst,
 }
 
@@ -84,6 +88,9 @@ impl NbdClient {
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_usable()?;
         self.check_range(offset, buf.len() as u64)?;
+        // Time the caller spent away (hashing, waiting on its own queues) is not the
+        // server's: the deadline clock restarts when the caller comes back.
+        self.progress = Instant::now();
         let r = self.read_inner(offset, buf);
         if let Err(e) = &r {
             self.broken = Some(e.to_string());
@@ -236,20 +243,25 @@ impl NbdClient {
             offset,
             len,
             coverage: Coverage::new(offset, len as u64),
-            deadline: Instant::now() + self.request_deadline,
+            sent: Instant::now(),
             dst,
         });
         Ok(cookie)
     }
 
-    /// The earliest deadline of the requests in flight.
+    /// The deadline for the next completion (see the module doc).
     fn arm_deadline(&mut self) {
-        self.deadline = self.inflight.iter().map(|r| r.deadline).min();
+        self.deadline = self
+            .inflight
+            .iter()
+            .map(|r| r.sent)
+            .min()
+            .map(|oldest| oldest.max(self.progress) + self.request_deadline);
     }
 
     /// The error for a request that missed its deadline.
     pub(super) fn deadline_error(&self) -> Error {
-        let what = match self.inflight.iter().min_by_key(|r| r.deadline) {
+        let what = match self.inflight.iter().min_by_key(|r| r.sent) {
             Some(r) => format!("the read of {} bytes at {}", r.len, r.offset),
             None => "a request".to_string(),
         };
@@ -356,6 +368,7 @@ impl NbdClient {
         if !done {
             return Ok(None);
         }
+        self.progress = Instant::now();
         let req = self.inflight.swap_remove(i);
         if let Dst::Own(data) = req.dst
             && let Some(p) = self.ahead.queue.iter_mut().find(|p| p.cookie == cookie)
