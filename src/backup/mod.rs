@@ -7,6 +7,10 @@
 //! was taken (image files as they are, or a live copy-before-write capture, see `live`)
 //! is the caller's business; it is recorded in the manifest's `capture`.
 //!
+//! The disks of a server are read in parallel (one thread per disk) when every source
+//! can move to another thread (the NBD exports of a live capture); each source is told
+//! beforehand which chunks will be read, so that NBD reads run ahead of the reader.
+//!
 //! Every backup's index is complete: an incremental is "previous index + changed slots",
 //! so every backup restores on its own.
 //!
@@ -239,24 +243,19 @@ fn backup_locked(
             .sum();
         p.bytes_total.store(total, Ordering::Relaxed);
     }
+    let outcomes = read_disks(vault, &mut jobs, &decisions, opts, published)?;
     let mut disks = Vec::with_capacity(jobs.len());
-    for (
-        job,
-        Decision {
+    for ((job, d), outcome) in jobs.iter_mut().zip(decisions).zip(outcomes) {
+        let Decision {
             plan,
             checkpoint,
             note,
-        },
-    ) in jobs.iter_mut().zip(decisions)
-    {
+        } = d;
         let source = job.source.as_mut();
-        let what = source.describe();
-        let outcome = run_disk(vault, source, &plan, opts, published)
-            .map_err(|e| e.context_prefix(format!("backup of {what}")))?;
         disks.push(DiskManifest {
             name: job.name.clone(),
             disk_id: job.disk_id.clone(),
-            source: what,
+            source: source.describe(),
             format: source.format().as_str().into(),
             reader: Some(source.reader()),
             encryption: source.encryption(),
@@ -343,6 +342,117 @@ fn inconsistent_capture(capture: Option<Capture>, jobs: &[DiskJob]) -> Option<Ca
         None => why,
     });
     Some(c)
+}
+
+/// Run the pipeline of every disk. Each source first learns what will be read (so that
+/// an NBD source reads ahead across scattered chunks). When there are several disks and
+/// every source can be read on another thread (NBD exports of a live capture), the disks
+/// are read in parallel, one thread each; the first failure stops the others. Otherwise
+/// they are read one after the other on this thread (imago's qcow2 is not `Send`).
+fn read_disks(
+    vault: &Vault,
+    jobs: &mut [DiskJob],
+    decisions: &[Decision],
+    opts: &BackupOptions,
+    published: &Mutex<Vec<crate::vault::pack::PackId>>,
+) -> Result<Vec<DiskOutcome>> {
+    let cs = vault.chunk_size().as_u64();
+    for (job, d) in jobs.iter_mut().zip(decisions) {
+        let size = job.source.size();
+        job.source
+            .will_read(&chunk_ranges(&d.plan.extents, cs, size));
+    }
+    let run = |source: &mut dyn BlockSource, plan: &ReadPlan, opts: &BackupOptions| {
+        let what = source.describe();
+        run_disk(vault, source, plan, opts, published)
+            .map_err(|e| e.context_prefix(format!("backup of {what}")))
+    };
+    let parallel = jobs.len() > 1 && jobs.iter_mut().all(|j| j.source.as_send().is_some());
+    if !parallel {
+        return jobs
+            .iter_mut()
+            .zip(decisions)
+            .map(|(job, d)| run(job.source.as_mut(), &d.plan, opts))
+            .collect();
+    }
+    // One stop flag for all disks: set by the first failure, or relayed from the
+    // caller's cancel flag by this thread while it waits.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut inner = opts.clone();
+    inner.cancel = Some(Arc::clone(&stop));
+    let inner = &inner;
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, Result<DiskOutcome>)>();
+    let n = jobs.len();
+    std::thread::scope(|scope| {
+        for (i, (job, d)) in jobs.iter_mut().zip(decisions).enumerate() {
+            let Some(source) = job.source.as_send() else {
+                continue;
+            };
+            let (done_tx, stop, run) = (done_tx.clone(), &stop, &run);
+            scope.spawn(move || {
+                let r = run(source, &d.plan, inner);
+                if r.is_err() {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                let _ = done_tx.send((i, r));
+            });
+        }
+        drop(done_tx);
+        let mut results: Vec<Option<Result<DiskOutcome>>> = (0..n).map(|_| None).collect();
+        loop {
+            match done_rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok((i, r)) => results[i] = Some(r),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if check_cancel(opts).is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        check_cancel(opts)?;
+        // The first real failure is the cause; the others only saw the stop flag.
+        let mut out = Vec::with_capacity(results.len());
+        let mut first_err: Option<Error> = None;
+        for r in results {
+            match r {
+                Some(Ok(o)) => out.push(o),
+                Some(Err(e)) => {
+                    let better = first_err
+                        .as_ref()
+                        .is_none_or(|f| f.kind() == crate::ErrorKind::Cancelled);
+                    if better {
+                        first_err = Some(e);
+                    }
+                }
+                None => {
+                    first_err.get_or_insert_with(|| {
+                        Error::new(
+                            crate::ErrorKind::Io,
+                            "a disk reader thread stopped unexpectedly",
+                        )
+                    });
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
+
+/// `extents` widened to whole chunks (what the pipeline reads), clipped to the disk.
+fn chunk_ranges(extents: &[Extent], cs: u64, size: u64) -> Vec<Extent> {
+    let mut out = Vec::new();
+    for e in extents {
+        let start = e.offset / cs * cs;
+        let end = e.end().div_ceil(cs).saturating_mul(cs).min(size);
+        if end > start {
+            crate::source::push_extent(&mut out, start, end - start);
+        }
+    }
+    out
 }
 
 pub(crate) fn check_cancel(opts: &BackupOptions) -> Result<()> {

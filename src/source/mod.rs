@@ -12,7 +12,9 @@
 //!
 //! Sources never write into the image they read. They are not required to be `Send`
 //! (imago's qcow2 driver is not): the backup pipeline reads on the thread that opened the
-//! source and hands chunk buffers to worker threads.
+//! source and hands chunk buffers to worker threads. A source that is `Send` (NBD) says
+//! so through [`BlockSource::as_send`], and the disks of a server are then read in
+//! parallel, one thread each.
 
 use crate::error::Result;
 
@@ -235,6 +237,18 @@ pub trait BlockSource {
 
     /// Extents a dirty bitmap marks as changed; None when the source has no bitmap.
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {
+        None
+    }
+
+    /// A hint: the next reads will cover `ranges` (sorted, not overlapping), in order.
+    /// A network source keeps requests in flight ahead of the reader across ranges, so
+    /// that scattered chunks do not cost one round trip each. Reads elsewhere still work.
+    fn will_read(&mut self, _ranges: &[Extent]) {}
+
+    /// This source as one that may be read on another thread, when it can be (so that
+    /// the disks of a server are read in parallel). None by default (imago's qcow2
+    /// driver is not `Send`).
+    fn as_send(&mut self) -> Option<&mut (dyn BlockSource + Send)> {
         None
     }
 }

@@ -1,12 +1,15 @@
 //! A disk exported over NBD (qemu-nbd, qemu-storage-daemon, nbdkit).
 //!
-//! Allocation comes from `base:allocation` (holes and zero ranges are not read); with a
+//! Allocation comes from `base:allocation`: only ranges flagged `NBD_STATE_ZERO` are left
+//! unread. `NBD_STATE_HOLE` alone says nothing about the contents (by the NBD spec a hole
+//! without the zero flag may read back data, e.g. nbdkit's `sh`/`eval` plugins or a
+//! server with a backing file), so such ranges are read like data. With a
 //! bitmap name, the `qemu:dirty-bitmap:NAME` context gives the extents changed since the
 //! bitmap was last cleared.
 
 use super::{BlockSource, Extent, SourceFormat};
 use crate::error::Result;
-use crate::nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+use crate::nbd::proto::{STATE_DIRTY, STATE_ZERO};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdUri, dirty_bitmap_context};
 
 /// An NBD export as a block source.
@@ -32,6 +35,12 @@ impl NbdSource {
             description: None,
             bitmap: bitmap.map(str::to_owned),
         })
+    }
+
+    /// Set the deadline of each request, from sending it to the end of its reply
+    /// (default [`crate::nbd::client::REQUEST_DEADLINE`], 120 s).
+    pub fn set_request_deadline(&mut self, d: std::time::Duration) {
+        self.client.set_request_deadline(d);
     }
 
     /// Describe the source as `d` instead of its URI (a temporary export of a live disk
@@ -60,13 +69,20 @@ impl BlockSource for NbdSource {
     }
 
     fn allocated_extents(&mut self) -> Result<Vec<Extent>> {
-        // Data = not (hole or zero): a zero range reads as zeros, no need to read it.
-        self.client
-            .extents_with(BASE_ALLOCATION, STATE_HOLE | STATE_ZERO, false)
+        // Data = not ZERO. A HOLE without ZERO may hold data: it is read.
+        self.client.extents_with(BASE_ALLOCATION, STATE_ZERO, false)
     }
 
     fn prefers_large_reads(&self) -> bool {
         true
+    }
+
+    fn will_read(&mut self, ranges: &[Extent]) {
+        self.client.read_ahead(ranges);
+    }
+
+    fn as_send(&mut self) -> Option<&mut (dyn BlockSource + Send)> {
+        Some(self)
     }
 
     fn dirty_extents(&mut self) -> Option<Result<Vec<Extent>>> {

@@ -75,6 +75,12 @@ enum Lie {
     WrongCookie,
     ShortRead,
     ZeroLengthStatus,
+    /// The first half of the read twice, the second half never.
+    DuplicateChunk,
+    /// A data chunk whose offset + length wraps past u64::MAX.
+    WrappingOffset,
+    /// The reply trickles: one byte every 100 ms.
+    Trickle,
 }
 
 fn be32(v: u32) -> [u8; 4] {
@@ -185,6 +191,30 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                     p.extend_from_slice(&be32(0));
                     chunk(1, 5, cookie, &p)
                 }
+                Lie::DuplicateChunk => {
+                    let mut p = be64(offset).to_vec();
+                    p.extend_from_slice(&vec![7u8; length as usize / 2]);
+                    let mut m = chunk(0, 1, cookie, &p);
+                    m.extend_from_slice(&chunk(1, 1, cookie, &p));
+                    m
+                }
+                Lie::WrappingOffset => {
+                    let mut p = be64(u64::MAX - 100).to_vec();
+                    p.extend_from_slice(&[7u8; 512]);
+                    chunk(1, 1, cookie, &p)
+                }
+                Lie::Trickle => {
+                    let mut m = chunk(1, 1, cookie, &be64(offset));
+                    // Announce the whole read, then send it a byte at a time.
+                    let n = m.len();
+                    m[n - 12..n - 8].copy_from_slice(&be32(length + 8));
+                    c.write_all(&m)?;
+                    for _ in 0..length.min(600) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        c.write_all(&[7])?;
+                    }
+                    Vec::new()
+                }
                 _ => Vec::new(),
             };
             c.write_all(&msg)?;
@@ -226,6 +256,8 @@ fn a_lying_nbd_server_gets_a_clear_error_and_no_panic() {
         (Lie::CloseMidReply, "closed the connection"),
         (Lie::WrongCookie, "unknown request"),
         (Lie::ShortRead, "having sent"),
+        (Lie::DuplicateChunk, "twice"),
+        (Lie::WrappingOffset, "overflows"),
     ] {
         let mut c = connect(dir.path(), lie).unwrap();
         assert_eq!(c.size(), 1 << 20);
@@ -237,6 +269,86 @@ fn a_lying_nbd_server_gets_a_clear_error_and_no_panic() {
     let e = c.block_status("base:allocation", 0, 65536).unwrap_err();
     assert!(e.to_string().contains("zero-length"), "{e}");
     assert_eq!(e.kind(), ErrorKind::InvalidFormat);
+}
+
+#[test]
+fn a_trickling_server_hits_the_request_deadline_not_a_hang() {
+    // Scripted peer: a real server cannot be made to trickle one byte at a time. Each
+    // byte arrives well within the 30 s socket timeout; only the whole-reply deadline
+    // stops it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path(), Lie::Trickle).unwrap();
+    c.set_request_deadline(std::time::Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 65536];
+    let e = c.read(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("request deadline"), "{e}");
+    assert!(e.to_string().contains("65536 bytes at 0"), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // The connection is out of step now and says so.
+    let e = c.read(0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("unusable"), "{e}");
+}
+
+#[test]
+fn a_tiny_maximum_block_size_is_refused_and_a_64k_one_reads_quickly() {
+    let env = Env::new();
+    // nbdkit refuses to advertise a maximum below 512; the rule is the same for 1.
+    for (max, ok) in [(512u32, false), (4096, false), (65536, true)] {
+        let sock = env.path(format!("bs{max}.sock").as_str());
+        let srv = Server::start(
+            "nbdkit",
+            &[
+                "-f",
+                "-U",
+                sock.to_str().unwrap(),
+                "--filter=blocksize-policy",
+                "pattern",
+                "size=8M",
+                "blocksize-minimum=1",
+                &format!("blocksize-preferred={}", max.min(4096)),
+                &format!("blocksize-maximum={max}"),
+            ],
+            &sock,
+        );
+        let uri = NbdUri::parse(&srv.uri()).unwrap();
+        match NbdClient::connect(&uri, &[]) {
+            Ok(mut c) => {
+                assert!(ok, "maximum block size {max} accepted");
+                let started = std::time::Instant::now();
+                let mut buf = vec![0u8; 4 << 20];
+                c.read(1 << 20, &mut buf).unwrap();
+                // nbdkit's pattern plugin: each 8-byte word holds its own offset.
+                for (i, w) in buf.chunks(8).enumerate().step_by(4099) {
+                    let want = (1u64 << 20) + 8 * i as u64;
+                    assert_eq!(w, want.to_be_bytes());
+                }
+                assert!(started.elapsed() < std::time::Duration::from_secs(10));
+            }
+            Err(e) => {
+                assert!(!ok, "maximum block size {max} refused: {e}");
+                assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+                assert!(
+                    e.to_string().contains(&format!("at most {max} bytes")),
+                    "{e}"
+                );
+            }
+        }
+        // Through the CLI: a clear refusal and nothing written.
+        let out = env.run(&["backup", &srv.uri(), "--vault", "v", "--id", "bs"]);
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !ok {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("maximum block size"));
+            assert!(env.backups().is_empty());
+            assert!(pack_files(&env.vault_dir()).is_empty());
+        }
+    }
 }
 
 #[test]
@@ -262,4 +374,183 @@ fn a_wrong_export_or_missing_bitmap_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("qemu:dirty-bitmap:missing"));
     assert!(env.backups().is_empty());
     drop(srv);
+}
+
+#[test]
+fn a_hole_without_the_zero_flag_is_read_and_its_data_restored() {
+    // A real nbdkit whose `base:allocation` says HOLE (not ZERO) over a range of data:
+    // by the NBD spec that range may read back non-zero bytes, so it must be backed up.
+    let env = Env::new();
+    let sock = env.path("hole.sock");
+    let srv = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            sock.to_str().unwrap(),
+            "eval",
+            "get_size=echo 1048576",
+            r#"pread=head -c $3 /dev/zero | tr "\000" "\007""#,
+            "can_extents=exit 0",
+            "extents=echo 0 524288 hole; echo 524288 524288 hole,zero",
+        ],
+        &sock,
+    );
+    let b = env.json(&["backup", &srv.uri(), "--vault", "v", "--id", "hole"]);
+    assert_eq!(u(&b, "bytes_read"), 512 << 10, "{b}");
+    let out = env.path("hole.raw");
+    env.restore(s(&b, "id"), &out, "raw");
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(restored.len(), 1 << 20);
+    assert!(restored[..512 << 10].iter().all(|&b| b == 7));
+    assert!(restored[512 << 10..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn read_ahead_over_scattered_ranges_returns_the_exact_bytes_in_any_read_pattern() {
+    // A real qemu-nbd over random data; reads served from announced ranges, reads that
+    // straddle read-ahead pieces, skip announced ranges, or were never announced.
+    let env = Env::new();
+    let img = env.path("ra.raw");
+    let data = random_bytes(8 << 20, 77);
+    std::fs::write(&img, &data).unwrap();
+    let sock = env.path("ra.sock");
+    let srv = Server::qemu_nbd(&img, &sock, &["-f", "raw"]);
+    let mut c = NbdClient::connect(&NbdUri::parse(&srv.uri()).unwrap(), &[]).unwrap();
+    let ext = |offset: u64, length: u64| blockvault::source::Extent { offset, length };
+    let k = 1u64 << 10;
+    c.read_ahead(&[
+        ext(0, 64 * k),
+        ext(128 * k, 64 * k),
+        ext(1024 * k, 3 << 20), // three 1 MiB pieces
+        ext(6 << 20, 64 * k),
+        ext(7 << 20, 64 * k),
+    ]);
+    let mut check = |off: u64, len: u64| {
+        let mut buf = vec![0u8; len as usize];
+        c.read(off, &mut buf).unwrap();
+        assert!(
+            buf == data[off as usize..(off + len) as usize],
+            "bytes differ at {off}+{len}"
+        );
+    };
+    check(0, 64 * k); // exactly the first range
+    check(128 * k, 32 * k); // half a range, then the rest
+    check(160 * k, 32 * k);
+    check(512 * k, 64 * k); // never announced
+    check(1024 * k + 512 * k, 1 << 20); // straddles two pieces
+    check(7 << 20, 64 * k); // skips the range at 6 MiB
+    check(0, 8 << 20); // everything, after the read-ahead ran out
+    drop(c);
+}
+
+#[test]
+fn when_one_disk_of_a_server_fails_the_backup_names_its_error_and_records_nothing() {
+    // Two real nbdkit exports read in parallel; every read of the second one fails.
+    let env = Env::new();
+    let good_sock = env.path("good.sock");
+    let good = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            good_sock.to_str().unwrap(),
+            "pattern",
+            "size=64M",
+        ],
+        &good_sock,
+    );
+    let bad_sock = env.path("bad.sock");
+    let bad = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            bad_sock.to_str().unwrap(),
+            "--filter=error",
+            "pattern",
+            "size=64M",
+            "error-pread=EIO",
+            "error-pread-rate=1",
+        ],
+        &bad_sock,
+    );
+    let out = env.run(&[
+        "backup",
+        &format!("good={}", good.uri()),
+        &format!("bad={}", bad.uri()),
+        "--vault",
+        "v",
+        "--id",
+        "two",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("EIO") && err.contains("bad.sock"), "{err}");
+    assert!(!err.to_lowercase().contains("cancel"), "{err}");
+    assert!(env.backups().is_empty());
+}
+
+#[test]
+fn a_reader_away_longer_than_the_deadline_does_not_fail_requests_read_ahead() {
+    // The caller is slow here on purpose (the sleep is the behaviour under test): time
+    // spent away from the client is not charged to the server's request deadline. (On a
+    // local socket the replies are mostly buffered meanwhile, so this guards the rule
+    // rather than proving it; the slow-link test below proves queueing is not charged.)
+    let env = Env::new();
+    let img = env.path("slow.raw");
+    let data = random_bytes(16 << 20, 5);
+    std::fs::write(&img, &data).unwrap();
+    let sock = env.path("slow.sock");
+    let srv = Server::qemu_nbd(&img, &sock, &["-f", "raw"]);
+    let mut c = NbdClient::connect(&NbdUri::parse(&srv.uri()).unwrap(), &[]).unwrap();
+    c.set_request_deadline(std::time::Duration::from_millis(500));
+    c.read_ahead(&[blockvault::source::Extent {
+        offset: 0,
+        length: 16 << 20,
+    }]);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..16u64 {
+        c.read(i << 20, &mut buf).unwrap();
+        assert!(buf == data[(i << 20) as usize..((i + 1) << 20) as usize]);
+        if i < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+        }
+    }
+    drop(srv);
+}
+
+#[test]
+fn requests_queued_behind_others_on_a_slow_server_are_not_charged_for_the_wait() {
+    // A real nbdkit that answers one read at a time, each after 300 ms: 8 pieces read
+    // ahead take 2.4 s in all, longer than a 1 s deadline, yet each is answered within
+    // 300 ms of the previous one, so none has missed it.
+    let env = Env::new();
+    let sock = env.path("serial.sock");
+    let srv = Server::start(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            sock.to_str().unwrap(),
+            "--filter=noparallel",
+            "--filter=delay",
+            "pattern",
+            "size=8M",
+            "delay-read=300ms",
+            "serialize=requests",
+        ],
+        &sock,
+    );
+    let mut c = NbdClient::connect(&NbdUri::parse(&srv.uri()).unwrap(), &[]).unwrap();
+    c.set_request_deadline(std::time::Duration::from_secs(1));
+    c.read_ahead(&[blockvault::source::Extent {
+        offset: 0,
+        length: 8 << 20,
+    }]);
+    let mut buf = vec![0u8; 8 << 20];
+    c.read(0, &mut buf).unwrap();
+    for (i, w) in buf.chunks(8).enumerate().step_by(997) {
+        assert_eq!(w, (8 * i as u64).to_be_bytes());
+    }
 }

@@ -5,22 +5,31 @@
 //! ask for structured replies, meta contexts (`base:allocation`,
 //! `qemu:dirty-bitmap:NAME`), block-size limits or block status, which are exactly what
 //! change tracking needs. Everything the server sends is checked: magic numbers,
-//! cookies, chunk offsets and lengths against the request, payload sizes against fixed
-//! caps, and every socket operation has a timeout; a broken or hostile server gets a
-//! clear error, never a panic, a hang or an unbounded allocation. Reads are split at
-//! the server's maximum block size and pipelined (several requests in flight).
+//! cookies, chunk offsets and lengths against the request with checked arithmetic, every
+//! byte of a read covered exactly once (`reassembly`), payload sizes against fixed caps,
+//! block-size limits against the spec and a floor ([`MIN_MAX_BLOCK`]); every socket
+//! operation has a timeout ([`TIMEOUT`]) and every request a deadline over its whole
+//! reply ([`REQUEST_DEADLINE`]). A broken or hostile server gets a clear error, never a
+//! panic, a hang, silently wrong data or an unbounded allocation; after a protocol error
+//! the connection refuses further use. Reads (`read`) are split at the server's maximum
+//! block size and pipelined, and read ahead across announced ranges (`read_ahead`), so
+//! scattered chunks do not cost one round trip each.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::proto::*;
 use super::uri::{NbdUri, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::MAX_DISK_SIZE;
 
+mod read;
+mod reassembly;
 mod write;
+
+pub use reassembly::Coverage;
 
 /// Largest option reply or non-data chunk payload we accept.
 const MAX_SMALL_PAYLOAD: u32 = 1 << 20;
@@ -28,10 +37,66 @@ const MAX_SMALL_PAYLOAD: u32 = 1 << 20;
 const MAX_STATUS_PAYLOAD: u32 = 1 << 20;
 /// Largest single read request.
 const MAX_REQUEST: u32 = 32 << 20;
-/// Requests in flight per read.
-const IN_FLIGHT: usize = 16;
-/// Socket timeout.
+/// Socket timeout: the longest wait for any single read or write on the socket.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
+/// Default deadline of one request, from sending it to the end of its reply.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
+/// The smallest maximum block size we accept from a server. Smaller would make reads
+/// crawl (a 1-byte maximum turns a 4 MiB read into 4 Mi requests); QEMU never
+/// advertises less than 32 MiB and the NBD spec lets a server ask for at most 64 KiB as
+/// its minimum, so 64 KiB is a floor every sane server meets.
+pub const MIN_MAX_BLOCK: u32 = 64 << 10;
+/// The largest minimum block size the NBD spec allows.
+pub const MAX_MIN_BLOCK: u32 = 64 << 10;
+
+/// Why a socket read stopped.
+enum ReadFail {
+    Deadline,
+    Io(std::io::Error),
+}
+
+/// `read_exact` with a deadline over the whole buffer: the socket timeout is shortened
+/// before each read so that a trickling server cannot stretch it (and set back to
+/// [`TIMEOUT`] when there is no deadline). Past the deadline, data already buffered is
+/// still taken (1 ms timeout), so that a reader that was busy elsewhere is not punished.
+fn read_exact_by(
+    stream: &mut Stream,
+    cur: &mut Duration,
+    deadline: Option<Instant>,
+    mut buf: &mut [u8],
+) -> std::result::Result<(), ReadFail> {
+    while !buf.is_empty() {
+        let want = match deadline {
+            None => TIMEOUT,
+            Some(d) => d
+                .saturating_duration_since(Instant::now())
+                .clamp(Duration::from_millis(1), TIMEOUT),
+        };
+        if want != *cur {
+            stream.set_read_timeout(want).map_err(ReadFail::Io)?;
+            *cur = want;
+        }
+        match stream.read(buf) {
+            Ok(0) => {
+                return Err(ReadFail::Io(std::io::Error::from(
+                    std::io::ErrorKind::UnexpectedEof,
+                )));
+            }
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) && deadline.is_some_and(|d| Instant::now() >= d) =>
+            {
+                return Err(ReadFail::Deadline);
+            }
+            Err(e) => return Err(ReadFail::Io(e)),
+        }
+    }
+    Ok(())
+}
 
 enum Stream {
     Tcp(TcpStream),
@@ -43,6 +108,15 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Stream {
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(Some(t)),
+            Stream::Unix(s) => s.set_read_timeout(Some(t)),
         }
     }
 }
@@ -83,6 +157,18 @@ pub struct NbdClient {
     cookie: u64,
     /// In transmission phase (negotiation finished).
     ready: bool,
+    /// Read requests in flight.
+    inflight: Vec<read::PendingRead>,
+    ahead: read::ReadAhead,
+    request_deadline: Duration,
+    /// Deadline of the reply being waited for, if any.
+    deadline: Option<Instant>,
+    /// The socket's current read timeout.
+    cur_timeout: Duration,
+    /// Set after an error that leaves the stream out of step.
+    broken: Option<String>,
+    /// Last sign of progress: a request completed, or the caller came back to `read`.
+    progress: Instant,
 }
 
 impl NbdClient {
@@ -117,6 +203,13 @@ impl NbdClient {
             contexts: Vec::new(),
             cookie: 1,
             ready: false,
+            inflight: Vec::new(),
+            ahead: read::ReadAhead::default(),
+            request_deadline: REQUEST_DEADLINE,
+            deadline: None,
+            cur_timeout: TIMEOUT,
+            broken: None,
+            progress: Instant::now(),
         };
         c.negotiate(&uri.export, meta)?;
         c.ready = true;
@@ -139,7 +232,21 @@ impl NbdClient {
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.stream.read_exact(buf).map_err(|e| self.io_err(e))
+        read_exact_by(&mut self.stream, &mut self.cur_timeout, self.deadline, buf)
+            .map_err(|e| self.stream_error(e))
+    }
+
+    fn stream_error(&self, e: ReadFail) -> Error {
+        match e {
+            ReadFail::Deadline => self.deadline_error(),
+            ReadFail::Io(e) => self.io_err(e),
+        }
+    }
+
+    fn read_array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        self.read_exact(&mut a)?;
+        Ok(a)
     }
 
     fn write_all(&mut self, buf: &[u8]) -> Result<()> {
@@ -280,12 +387,8 @@ impl NbdClient {
                         let g = |o: usize| {
                             u32::from_be_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]])
                         };
-                        let (min, _pref, max) = (g(2), g(6), g(10));
-                        if !min.is_power_of_two() || min > 65536 || max < min {
-                            return Err(
-                                self.err(format!("nonsensical block sizes min {min} max {max}"))
-                            );
-                        }
+                        let (min, pref, max) = (g(2), g(6), g(10));
+                        self.check_block_sizes(min, pref, max)?;
                         self.min_block = min;
                         self.max_block = max.min(MAX_REQUEST);
                     }
@@ -313,6 +416,30 @@ impl NbdClient {
             return Err(Error::unsupported(format!(
                 "NBD server {}: export size {} exceeds the limit of {MAX_DISK_SIZE} bytes",
                 self.name, self.size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuse block-size constraints that are malformed by the NBD spec (minimum a power
+    /// of two ≤ 64 KiB, preferred a power of two ≥ the minimum, maximum a multiple of the
+    /// minimum) or that would make reads crawl (maximum below [`MIN_MAX_BLOCK`]).
+    fn check_block_sizes(&self, min: u32, pref: u32, max: u32) -> Result<()> {
+        if !min.is_power_of_two()
+            || min > MAX_MIN_BLOCK
+            || !pref.is_power_of_two()
+            || pref < min
+            || max < min
+            || (max != u32::MAX && !max.is_multiple_of(min))
+        {
+            return Err(self.err(format!(
+                "sent nonsensical block sizes (minimum {min}, preferred {pref}, maximum {max});                  the NBD spec wants powers of two, minimum at most 65536"
+            )));
+        }
+        if max < MIN_MAX_BLOCK {
+            return Err(Error::unsupported(format!(
+                "NBD server {} allows at most {max} bytes per request; blockvault needs at                  least {MIN_MAX_BLOCK} (reads would crawl). Raise the server's maximum block size",
+                self.name
             )));
         }
         Ok(())
@@ -354,132 +481,6 @@ impl NbdClient {
         Ok(())
     }
 
-    /// Read `buf.len()` bytes at `offset`, pipelining requests.
-    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let piece = self.max_block.max(self.min_block) as usize;
-        let mut pending: Vec<(u64, usize, usize, u64)> = Vec::new(); // cookie, start, len, covered
-        let mut next = 0usize;
-        while next < buf.len() || !pending.is_empty() {
-            while next < buf.len() && pending.len() < IN_FLIGHT {
-                let len = piece.min(buf.len() - next);
-                let cookie = self.next_cookie();
-                let req = encode_request(0, CMD_READ, cookie, offset + next as u64, len as u32);
-                self.write_all(&req)?;
-                pending.push((cookie, next, len, 0));
-                next += len;
-            }
-            self.read_one_reply(offset, buf, &mut pending)?;
-        }
-        Ok(())
-    }
-
-    /// Process one reply (chunk) for the read requests in `pending`.
-    fn read_one_reply(
-        &mut self,
-        base: u64,
-        buf: &mut [u8],
-        pending: &mut Vec<(u64, usize, usize, u64)>,
-    ) -> Result<()> {
-        let header = self.read_reply_header()?;
-        let cookie = match header {
-            ReplyHeader::Simple { cookie, .. } | ReplyHeader::Structured { cookie, .. } => cookie,
-        };
-        let Some(i) = pending.iter().position(|p| p.0 == cookie) else {
-            return Err(self.err(format!("replied to unknown request {cookie}")));
-        };
-        let (_, start, len, covered) = pending[i];
-        match header {
-            ReplyHeader::Simple { error, .. } => {
-                if error != 0 {
-                    return Err(self.read_error(base + start as u64, len, error, String::new()));
-                }
-                let dst = &mut buf[start..start + len];
-                self.stream.read_exact(dst).map_err(|e| self.io_err(e))?;
-                pending.remove(i);
-            }
-            ReplyHeader::Structured {
-                flags,
-                kind,
-                length,
-                ..
-            } => {
-                let req_off = base + start as u64;
-                match kind {
-                    REPLY_OFFSET_DATA => {
-                        if length < 8 {
-                            return Err(self.err("data chunk shorter than its offset"));
-                        }
-                        let off =
-                            u64::from_be_bytes(self.read_u(8)?.try_into().unwrap_or_default());
-                        let n = (length - 8) as u64;
-                        if off < req_off || off + n > req_off + len as u64 {
-                            return Err(self.err(format!(
-                                "sent data for {off}+{n} outside the request {req_off}+{len}"
-                            )));
-                        }
-                        let s = start + (off - req_off) as usize;
-                        let dst = &mut buf[s..s + n as usize];
-                        self.stream.read_exact(dst).map_err(|e| self.io_err(e))?;
-                        pending[i].3 = covered + n;
-                    }
-                    REPLY_OFFSET_HOLE => {
-                        if length != 12 {
-                            return Err(self.err("malformed hole chunk"));
-                        }
-                        let p = self.read_u(12)?;
-                        let off = u64::from_be_bytes(p[0..8].try_into().unwrap_or_default());
-                        let n = u32::from_be_bytes([p[8], p[9], p[10], p[11]]) as u64;
-                        if off < req_off || off + n > req_off + len as u64 {
-                            return Err(self.err(format!(
-                                "sent a hole {off}+{n} outside the request {req_off}+{len}"
-                            )));
-                        }
-                        let s = start + (off - req_off) as usize;
-                        buf[s..s + n as usize].fill(0);
-                        pending[i].3 = covered + n;
-                    }
-                    REPLY_NONE if length == 0 => {}
-                    k if k & 0x8000 != 0 => {
-                        if length > MAX_SMALL_PAYLOAD {
-                            return Err(self.err("oversized error chunk"));
-                        }
-                        let p = self.read_u(length as usize)?;
-                        let (errno, msg) =
-                            parse_error_payload(&p).map_err(|e| self.err(e.context()))?;
-                        return Err(self.read_error(req_off, len, errno, msg));
-                    }
-                    k => {
-                        return Err(self.err(format!(
-                            "sent an unexpected chunk type {k} ({length} bytes)"
-                        )));
-                    }
-                }
-                if flags & REPLY_FLAG_DONE != 0 {
-                    if pending[i].3 != len as u64 {
-                        return Err(self.err(format!(
-                            "ended read {req_off}+{len} having sent {} bytes",
-                            pending[i].3
-                        )));
-                    }
-                    pending.remove(i);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn read_error(&self, offset: u64, len: usize, errno: u32, msg: String) -> Error {
-        Error::new(
-            ErrorKind::Io,
-            format!(
-                "NBD server {} failed the read of {len} bytes at {offset}: {} ({errno}) {msg}",
-                self.name,
-                errno_name(errno)
-            ),
-        )
-    }
-
     /// Block status of `context` for `[offset, offset + len)`: extents in order,
     /// covering at least part of the range (call again from the end for the rest).
     pub fn block_status(
@@ -498,6 +499,24 @@ impl NbdClient {
             ));
         };
         self.check_range(offset, len)?;
+        self.check_usable()?;
+        self.drain()?;
+        self.deadline = Some(Instant::now() + self.request_deadline);
+        let r = self.block_status_inner(id, context, offset, len);
+        self.deadline = None;
+        if let Err(e) = &r {
+            self.broken = Some(e.to_string());
+        }
+        r
+    }
+
+    fn block_status_inner(
+        &mut self,
+        id: u32,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<StatusExtent>> {
         let len = len.min(u32::MAX as u64 / 2 + 1 - self.min_block as u64) as u32;
         let cookie = self.next_cookie();
         self.write_all(&encode_request(0, CMD_BLOCK_STATUS, cookie, offset, len))?;

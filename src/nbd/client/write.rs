@@ -60,6 +60,8 @@ impl NbdClient {
     /// Send one request without a data reply (write, write zeroes, flush) and wait for
     /// its reply: simple, or structured with only a final "none" or an error chunk.
     fn command(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        self.drain()?;
         let cookie = self.next_cookie();
         self.write_all(&encode_request(0, cmd, cookie, offset, len))?;
         if !payload.is_empty() {
