@@ -274,6 +274,16 @@ fn run(cli: Cli) -> Result<i32> {
                     stats.blobs_removed,
                     human(stats.bytes_freed)
                 );
+                for r in &stats.rotten {
+                    println!(
+                        "rotten blob {} (pack {} offset {}) not carried forward: {}; reached by: {}",
+                        r.digest,
+                        r.pack,
+                        r.offset,
+                        r.error,
+                        r.backups.join(", ")
+                    );
+                }
             }
         }
         Cmd::Verify {
@@ -305,6 +315,19 @@ fn run(cli: Cli) -> Result<i32> {
                 );
                 for b in &report.corrupt_blobs {
                     println!("corrupt blob {} in pack {}: {}", b.digest, b.pack, b.error);
+                }
+                for b in &report.healed_copies {
+                    println!(
+                        "rotten copy of blob {} in pack {} (a good copy exists; GC drops it)",
+                        b.digest, b.pack
+                    );
+                }
+                let fixed = report.index_repaired;
+                if !fixed.is_empty() {
+                    println!(
+                        "lookup index disagreed with the pack trailers ({} stale rows, {} missing rows): repaired",
+                        fixed.stale_rows, fixed.missing_rows
+                    );
                 }
                 for d in &report.damage {
                     match d.offset {

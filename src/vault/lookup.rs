@@ -6,9 +6,18 @@
 //! bounded however large the vault grows (SQLite pages, not a hash map of every digest).
 //! Each thread opens its own connection; WAL lets readers run beside the one writer.
 //!
-//! On open, [`LookupIndex::reconcile`] compares the packs table with the store's packs and
-//! indexes packs it has not seen (written by a crashed process, or copied in) and forgets
-//! packs that are gone.
+//! The pack trailers are the authority; this index is only a cache of them:
+//! - [`LookupIndex::reconcile`] indexes packs the index has not seen (a crashed writer's,
+//!   or copied in). It reads the index's own pack list *before* listing the store, so a
+//!   pack published in between by a parallel backup is never taken for vanished; it
+//!   forgets vanished packs only when asked to, which only GC (exclusive lock) does.
+//! - [`TrailerScan`] cross-checks the index against the trailers of the packs scanned
+//!   (verify, GC) and heals it in one transaction: rows that match no trailer entry, or
+//!   that point at a known-bad copy (see `badblobs`), or into a pack that no longer
+//!   exists, are dropped; digests the trailers hold but the index lacks are added. The
+//!   trailer entries are staged in a TEMP table, so memory stays bounded.
+//! - A read whose cached location fails falls back to the trailers and repairs the row
+//!   ([`LookupIndex::set_location`], used by `Vault::read_blob`).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -18,6 +27,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::chunk::{BlobKind, ChunkDigest};
 use crate::error::Result;
 
+use super::badblobs::BadBlobs;
 use super::pack::{PackEntry, PackId, PackInfo, read_pack_entries};
 use super::store::ChunkStore;
 
@@ -211,12 +221,15 @@ impl LookupIndex {
         Ok(out)
     }
 
-    /// Bring the index in line with the store: index unseen packs, forget vanished ones.
-    /// Returns (packs added, packs removed). A pack whose trailer is corrupt is skipped
-    /// and reported in the log; `verify` names it.
-    pub fn reconcile(&mut self, store: &dyn ChunkStore) -> Result<(usize, usize)> {
-        let on_disk: HashSet<PackId> = store.list_packs()?.into_iter().collect();
+    /// Bring the index in line with the store: index unseen packs and, when `forget` is
+    /// set (only under the exclusive vault lock), forget vanished ones. Returns (packs
+    /// added, packs removed). A pack whose trailer is corrupt is skipped and reported in
+    /// the log; `verify` names it.
+    pub fn reconcile(&mut self, store: &dyn ChunkStore, forget: bool) -> Result<(usize, usize)> {
+        // The index's own list first: a pack published after this read is then merely
+        // "unseen" (indexed twice, harmless), never "vanished".
         let known: HashSet<PackId> = self.packs()?.into_iter().map(|(id, _)| id).collect();
+        let on_disk: HashSet<PackId> = store.list_packs()?.into_iter().collect();
         let mut added = 0;
         for id in on_disk.difference(&known) {
             match read_pack_entries(store, *id) {
@@ -233,17 +246,164 @@ impl LookupIndex {
             }
         }
         let mut removed = 0;
-        for id in known.difference(&on_disk) {
-            self.remove_pack(*id)?;
-            removed += 1;
+        if forget {
+            for id in known.difference(&on_disk) {
+                self.remove_pack(*id)?;
+                removed += 1;
+            }
         }
         Ok((added, removed))
+    }
+
+    /// Point `digest` at `loc` (a copy found in the trailers after the cached location
+    /// failed).
+    pub fn set_location(&self, digest: &ChunkDigest, loc: &BlobLocation) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO blobs (digest, pack, offset, length, kind) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &digest.0[..],
+                &loc.pack.0[..],
+                loc.offset as i64,
+                loc.length as i64,
+                loc.kind as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Forget `digest`'s row if it points at `pack`/`offset` (a copy found bad).
+    pub fn forget_copy(&self, digest: &ChunkDigest, pack: PackId, offset: u64) -> Result<bool> {
+        let n = self.conn.execute(
+            "DELETE FROM blobs WHERE digest = ?1 AND pack = ?2 AND offset = ?3",
+            params![&digest.0[..], &pack.0[..], offset as i64],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Start cross-checking this index against pack trailers (see [`TrailerScan`]).
+    pub fn trailer_scan(&mut self) -> Result<TrailerScan<'_>> {
+        self.conn.execute_batch(
+            "CREATE TEMP TABLE IF NOT EXISTS scan_entries (
+                 digest BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL,
+                 length INTEGER NOT NULL, kind INTEGER NOT NULL, bad INTEGER NOT NULL,
+                 PRIMARY KEY (digest, pack, offset)) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS temp.scan_entries_by_pack ON scan_entries(pack);
+             CREATE TEMP TABLE IF NOT EXISTS scan_packs (
+                 id BLOB PRIMARY KEY, size INTEGER NOT NULL, blobs INTEGER NOT NULL,
+                 blob_bytes INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TEMP TABLE IF NOT EXISTS scan_existing (id BLOB PRIMARY KEY) WITHOUT ROWID;
+             DELETE FROM scan_entries; DELETE FROM scan_packs; DELETE FROM scan_existing;",
+        )?;
+        Ok(TrailerScan { index: self })
     }
 
     /// Drop everything and rebuild from the pack trailers.
     pub fn rebuild(&mut self, store: &dyn ChunkStore) -> Result<(usize, usize)> {
         self.conn
             .execute_batch("DELETE FROM blobs; DELETE FROM packs;")?;
-        self.reconcile(store)
+        let (added, removed) = self.reconcile(store, true)?;
+        // Known-bad copies must not come back through the rebuild.
+        for c in BadBlobs::load(store)?.iter() {
+            self.forget_copy(&c.digest, c.pack, c.offset)?;
+        }
+        Ok((added, removed))
+    }
+}
+
+/// What a [`TrailerScan`] found wrong in the index (and fixed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IndexRepair {
+    /// Rows dropped: wrong pack/offset/length/kind, a known-bad copy, or a gone pack.
+    pub stale_rows: u64,
+    /// Rows added for digests the trailers hold but the index lacked.
+    pub missing_rows: u64,
+}
+
+impl IndexRepair {
+    pub fn is_empty(&self) -> bool {
+        self.stale_rows == 0 && self.missing_rows == 0
+    }
+}
+
+/// A cross-check of the index against pack trailers. Feed it every scanned pack with
+/// [`add_pack`](Self::add_pack), then [`heal`](Self::heal).
+pub struct TrailerScan<'a> {
+    index: &'a mut LookupIndex,
+}
+
+impl TrailerScan<'_> {
+    /// Stage one pack's trailer; copies listed in `bad` are staged as bad.
+    pub fn add_pack(&mut self, pack: &PackInfo, bad: &BadBlobs) -> Result<()> {
+        let tx = self.index.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO scan_entries (digest, pack, offset, length, kind, bad) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for e in &pack.entries {
+                st.execute(params![
+                    &e.digest.0[..],
+                    &pack.id.0[..],
+                    e.offset as i64,
+                    e.length as i64,
+                    e.kind as i64,
+                    bad.contains(&e.digest, pack.id, e.offset) as i64
+                ])?;
+            }
+            let blob_bytes: u64 = pack.entries.iter().map(|e| e.length as u64).sum();
+            tx.execute(
+                "INSERT OR REPLACE INTO scan_packs (id, size, blobs, blob_bytes) VALUES (?1, ?2, ?3, ?4)",
+                params![&pack.id.0[..], pack.size as i64, pack.entries.len() as i64, blob_bytes as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Make the index agree with the staged trailers, in one transaction. `existing` is
+    /// called inside the transaction (so no writer can index a pack between the two) and
+    /// returns every pack that exists now; rows pointing elsewhere are dropped. Rows in
+    /// packs that exist but were not scanned are left alone.
+    pub fn heal(self, existing: impl FnOnce() -> Result<Vec<PackId>>) -> Result<IndexRepair> {
+        let conn = &mut self.index.conn;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut st = tx.prepare("INSERT OR IGNORE INTO scan_existing (id) VALUES (?1)")?;
+            for id in existing()? {
+                st.execute(params![&id.0[..]])?;
+            }
+        }
+        let stale = tx.execute(
+            "DELETE FROM blobs WHERE
+                 pack NOT IN (SELECT id FROM scan_existing)
+              OR (pack IN (SELECT id FROM scan_packs) AND NOT EXISTS (
+                     SELECT 1 FROM scan_entries t WHERE t.digest = blobs.digest
+                       AND t.pack = blobs.pack AND t.offset = blobs.offset
+                       AND t.length = blobs.length AND t.kind = blobs.kind AND t.bad = 0))",
+            [],
+        )?;
+        let missing = tx.execute(
+            "INSERT OR IGNORE INTO blobs (digest, pack, offset, length, kind)
+                 SELECT digest, pack, offset, length, kind FROM scan_entries
+                 WHERE bad = 0 AND pack IN (SELECT id FROM scan_existing)",
+            [],
+        )?;
+        tx.execute(
+            "DELETE FROM packs WHERE id NOT IN (SELECT id FROM scan_existing)",
+            [],
+        )?;
+        tx.execute(
+            "INSERT OR REPLACE INTO packs (id, size, blobs, blob_bytes)
+                 SELECT id, size, blobs, blob_bytes FROM scan_packs
+                 WHERE id IN (SELECT id FROM scan_existing)",
+            [],
+        )?;
+        tx.execute_batch(
+            "DELETE FROM scan_entries; DELETE FROM scan_packs; DELETE FROM scan_existing;",
+        )?;
+        tx.commit()?;
+        Ok(IndexRepair {
+            stale_rows: stale as u64,
+            missing_rows: missing as u64,
+        })
     }
 }

@@ -7,8 +7,9 @@
 //! <vault>/packs/<aa>/<pack-id>.pack       immutable packs (see `pack`)
 //! <vault>/packs/tmp/                      packs being written (garbage after a crash)
 //! <vault>/backups/<resource>/<id>.json    manifests (see `manifest`)
-//! <vault>/cache/lookup.sqlite             chunk lookup index (rebuildable)
-//! <vault>/locks/vault.lock                shared by backups, exclusive for GC
+//! <vault>/cache/lookup.sqlite             chunk lookup index (a cache of the pack trailers)
+//! <vault>/bad-blobs                       copies verify found rotten (see `badblobs`)
+//! <vault>/locks/vault.lock                shared by backups and verify, exclusive for GC
 //! ```
 //!
 //! Locking: a backup holds the vault lock *shared* from its first blob to its manifest, so
@@ -17,6 +18,7 @@
 //! deduplicated against but has not yet referenced from a manifest. Restore and verify
 //! take no lock: packs are immutable and GC publishes replacements before deleting.
 
+pub mod badblobs;
 pub mod gc;
 pub mod lookup;
 pub mod pack;
@@ -34,8 +36,9 @@ use crate::chunk::{BlobKind, ChunkDigest, ChunkSize, decode_blob};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::manifest::BackupManifest;
 
-use self::lookup::LookupIndex;
-use self::pack::DEFAULT_PACK_TARGET;
+use self::badblobs::BadBlobs;
+use self::lookup::{BlobLocation, LookupIndex};
+use self::pack::{DEFAULT_PACK_TARGET, read_pack_entries};
 use self::store::{ChunkStore, LocalStore, write_atomic};
 
 /// Current vault format version.
@@ -54,6 +57,9 @@ pub struct VaultConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
 }
+
+/// A copy found in the pack trailers: where, and its decoded kind and bytes.
+type FoundBlob = (BlobLocation, (BlobKind, Vec<u8>));
 
 /// An open vault.
 pub struct Vault {
@@ -166,12 +172,15 @@ impl Vault {
         LookupIndex::open(&self.root.join("cache").join("lookup.sqlite"))
     }
 
-    /// A lookup connection after bringing the index in line with the packs on disk.
+    /// A lookup connection after indexing packs the index has not seen (a crashed
+    /// writer's, or copied in). Never forgets a pack: that is GC's job under the exclusive
+    /// lock. Read-only paths need not call this: [`read_blob`](Self::read_blob) falls
+    /// back to the pack trailers by itself.
     pub fn lookup_reconciled(&self) -> Result<LookupIndex> {
         let mut l = self.lookup()?;
-        let (added, removed) = l.reconcile(self.store.as_ref())?;
-        if added + removed > 0 {
-            tracing::info!(added, removed, "lookup index reconciled with packs");
+        let (added, _) = l.reconcile(self.store.as_ref(), false)?;
+        if added > 0 {
+            tracing::info!(added, "lookup index: indexed packs it had not seen");
         }
         Ok(l)
     }
@@ -207,24 +216,100 @@ impl Vault {
     }
 
     /// Read, verify and decode one blob.
+    ///
+    /// The lookup index is only a cache: when it has no row for `digest`, or the copy it
+    /// points at cannot be read or fails its digest (wrong pack, wrong offset, rot), the
+    /// pack trailers are searched for another copy, and the row is repaired to point at
+    /// the first copy that decodes and verifies.
     pub fn read_blob(
         &self,
         lookup: &LookupIndex,
         digest: &ChunkDigest,
     ) -> Result<(BlobKind, Vec<u8>)> {
-        let loc = lookup.get(digest)?.ok_or_else(|| {
-            Error::new(
+        let cached = match lookup.get(digest)? {
+            Some(loc) => match self.read_blob_at(&loc, digest) {
+                Ok(blob) => return Ok(blob),
+                Err(e) => Some((loc, e)),
+            },
+            None => None,
+        };
+        let failed = cached.as_ref().map(|(loc, _)| *loc);
+        let (found, other_error) = self.find_in_trailers(digest, failed)?;
+        if let Some((loc, blob)) = found {
+            match lookup.set_location(digest, &loc) {
+                Ok(()) => tracing::warn!(
+                    "lookup index had a wrong or no location for blob {digest}; repaired it to pack {} offset {}",
+                    loc.pack,
+                    loc.offset
+                ),
+                Err(e) => tracing::warn!("could not repair the lookup row of blob {digest}: {e}"),
+            }
+            return Ok(blob);
+        }
+        Err(match (cached, other_error) {
+            (Some((_, e)), _) | (None, Some(e)) => e,
+            (None, None) => Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "blob {digest} is missing from the vault (run `vault rescan` to rebuild the lookup index; if it stays missing the backup is damaged)"
+                    "blob {digest} is missing from the vault (no pack trailer lists it: the backups that reference it are damaged; run `verify` to name them)"
                 ),
-            )
-        })?;
+            ),
+        })
+    }
+
+    /// Read and decode the copy of `digest` at `loc`.
+    pub fn read_blob_at(
+        &self,
+        loc: &BlobLocation,
+        digest: &ChunkDigest,
+    ) -> Result<(BlobKind, Vec<u8>)> {
         let stored = self
             .store
-            .read_pack_range(loc.pack, loc.offset, loc.length as usize)?;
+            .read_pack_range(loc.pack, loc.offset, loc.length as usize)
+            .map_err(|e| e.context_prefix(format!("blob {digest}")))?;
         decode_blob(&stored, digest)
             .map_err(|e| e.context_prefix(format!("pack {} offset {}", loc.pack, loc.offset)))
+    }
+
+    /// Search every pack trailer for a good copy of `digest` other than `skip` (slow: the
+    /// fallback when the lookup index is wrong). Known-bad copies are tried last. Returns
+    /// the good copy, or else the error of the last copy tried.
+    fn find_in_trailers(
+        &self,
+        digest: &ChunkDigest,
+        skip: Option<BlobLocation>,
+    ) -> Result<(Option<FoundBlob>, Option<Error>)> {
+        let bad = BadBlobs::load(self.store.as_ref()).unwrap_or_default();
+        let mut candidates = Vec::new();
+        for id in self.store.list_packs()? {
+            let entries = match read_pack_entries(self.store.as_ref(), id) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("skipping pack {id} while searching for blob {digest}: {e}");
+                    continue;
+                }
+            };
+            for e in entries.iter().filter(|e| e.digest == *digest) {
+                let loc = BlobLocation {
+                    pack: id,
+                    offset: e.offset,
+                    length: e.length,
+                    kind: e.kind,
+                };
+                if Some(loc) != skip {
+                    candidates.push((bad.contains(digest, id, e.offset), loc));
+                }
+            }
+        }
+        candidates.sort_by_key(|(is_bad, _)| *is_bad);
+        let mut last_error = None;
+        for (_, loc) in candidates {
+            match self.read_blob_at(&loc, digest) {
+                Ok(blob) => return Ok((Some((loc, blob)), None)),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Ok((None, last_error))
     }
 
     /// Bytes stored in packs (from the lookup index).

@@ -16,3 +16,4 @@ mod remote;
 mod server;
 mod service;
 mod sources;
+mod vault;
