@@ -152,7 +152,7 @@ impl App {
     ) -> Result<ServerExport> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         export_server(&vault, &entry.manifest, dir, kind, opts)
     }
 
@@ -168,7 +168,7 @@ impl App {
     ) -> Result<Vec<DiskRestored>> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let targets: Vec<PathBuf> = entry
@@ -215,7 +215,7 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
     }
 
@@ -230,6 +230,7 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
         let d = pick_disk(&entry.manifest, disk)?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         crate::instant::serve_backup(vault, d, listener, stop)
     }
 
@@ -246,8 +247,8 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
-        // GC must not repack or delete what the restore is about to read.
-        let _lock = vault.lock_shared()?;
+        // GC must not delete what the restore is about to read.
+        let _pin = vault.pin(&[&entry.manifest])?;
         restore_disk(&vault, d, to, format, size, opts)
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! 1. Take the vault lock exclusively (fails with `Conflict` while a backup runs, so a
 //!    blob that a running backup deduplicated against is never removed).
-//! 2. Mark: walk every manifest's index (root → pages → chunks; a page already visited is
-//!    not walked twice) into a live set. An unreadable index stops GC: it must never act
+//! 2. Mark: walk every manifest's index, then every pinned backup's (see `pin`; root →
+//!    pages → chunks; a page already visited is not walked twice) into a live set. An unreadable index stops GC: it must never act
 //!    on a partial view of what is live.
 //! 3. Sweep every pack the store lists. The pack trailers are the only authority on
 //!    what exists; the lookup index (a cache) is never asked where a blob lives. Packs
@@ -14,9 +14,10 @@
 //!    below `repack_below` percent is rewritten: each kept blob is decoded and its digest
 //!    checked as it is copied (a rotten blob is not carried forward; it is reported with
 //!    the backups that reach it) into new packs.
-//! 4. New packs are durable, then the lookup index is made to agree with the trailers of
-//!    every surviving pack (one transaction, see `lookup::TrailerScan`), then the old
-//!    packs are deleted. A crash in between leaves duplicates, never a hole.
+//! 4. New packs are durable, then the lookup index is switched to them and made to agree
+//!    with the trailers of every surviving pack (`lookup::TrailerScan`; rows it still has
+//!    to fix are reported as `index_repaired`), then the old packs are deleted. A crash
+//!    in between leaves duplicates, never a hole.
 //!
 //! Weak spot (noted for later): the live set and the set of digests already kept are
 //! in-memory hash sets, about 50 bytes per unique live blob each.
@@ -50,6 +51,8 @@ pub struct RottenBlob {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcStats {
     pub backups: usize,
+    /// Backups pinned by running readers (marked live even if deleted).
+    pub pinned_backups: usize,
     pub live_blobs: usize,
     pub packs_before: usize,
     pub packs_after: usize,
@@ -104,7 +107,32 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
         }
     }
 
+    // Pins second (after the manifests: see `pin`): pinned backups stay live even when
+    // their manifests were deleted.
+    let pins = super::pin::live_pins(vault.root())?;
+    for p in &pins {
+        for b in &p.backups {
+            for disk in &b.disks {
+                walk_disk(vault, &lookup, disk, &mut visited, &mut |item| match item {
+                    WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => {
+                        live.insert(d);
+                        Ok(())
+                    }
+                    WalkItem::Chunks(chunks) => {
+                        live.extend(chunks.iter().map(|(_, d)| *d));
+                        Ok(())
+                    }
+                    WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
+                        "GC stopped: pinned backup {} ({}, pid {} on {}) has an unreadable {what}",
+                        b.name, b.id, p.pid, p.host
+                    ))),
+                })?;
+            }
+        }
+    }
+
     let mut stats = GcStats {
+        pinned_backups: pins.iter().map(|p| p.backups.len()).sum(),
         backups: manifests.len(),
         live_blobs: live.len(),
         ..GcStats::default()
@@ -201,8 +229,10 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
         scan.add_pack(p, &bad)?;
         surviving.push(p.id);
     }
-    // New packs are durable; make the index agree with the surviving trailers, then
+    // New packs are durable: switch the index over to them, make it agree with the
+    // surviving trailers (what is still wrong after the switch was wrong before), then
     // delete the old packs.
+    scan.index().replace_packs(&old_packs, &new_packs)?;
     stats.index_repaired = scan.heal(|| Ok(surviving.clone()))?;
     for id in &old_packs {
         store.remove_pack(*id)?;

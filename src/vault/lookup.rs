@@ -332,6 +332,11 @@ pub struct TrailerScan<'a> {
 }
 
 impl TrailerScan<'_> {
+    /// The index being checked (for updates that must precede [`heal`](Self::heal)).
+    pub fn index(&mut self) -> &mut LookupIndex {
+        self.index
+    }
+
     /// Stage one pack's trailer; copies listed in `bad` are staged as bad.
     pub fn add_pack(&mut self, pack: &PackInfo, bad: &BadBlobs) -> Result<()> {
         let tx = self.index.conn.transaction()?;

@@ -12,16 +12,25 @@
 //! <vault>/locks/vault.lock                shared by backups and verify, exclusive for GC
 //! ```
 //!
-//! Locking: a backup holds the vault lock *shared* from its first blob to its manifest, so
-//! any number of backups run side by side. GC takes it *exclusive* (and fails fast with
-//! `Conflict` while a backup runs), so GC never deletes a blob that a running backup
-//! deduplicated against but has not yet referenced from a manifest. Restore and verify
-//! take no lock: packs are immutable and GC publishes replacements before deleting.
+//! Locks and pins (`locks/vault.lock` is an flock; pins are files, see `pin`):
+//!
+//! | operation                  | takes                 | why |
+//! |----------------------------|-----------------------|-----|
+//! | backup                     | lock shared           | GC must not delete a blob the backup deduplicated against before its manifest references it |
+//! | verify                     | lock shared           | a GC repack beside it would delete packs it is reading and they would be reported as damage |
+//! | restore, export, serve-nbd | pin (no lock)         | readers run for days; GC treats pinned backups as live, and reads fall back to the trailers when GC moved a blob |
+//! | GC                         | lock exclusive (fails fast with `Conflict`) | no backup or verify runs beside it; it honours pins |
+//! | rescan                     | none                  | rebuilds the lookup cache from the trailers |
+//!
+//! Packs are immutable and GC publishes and indexes replacements before deleting, so a
+//! reader never sees a hole: at worst its cached location is gone and
+//! [`Vault::read_blob`] finds the new copy through the trailers.
 
 pub mod badblobs;
 pub mod gc;
 pub mod lookup;
 pub mod pack;
+pub mod pin;
 pub mod store;
 pub mod verify;
 pub mod walk;
@@ -195,11 +204,33 @@ impl Vault {
             .ctx(|| format!("opening {}", path.display()))
     }
 
-    /// Shared lock for a backup, restore or export (waits while GC runs).
+    /// Shared lock for a backup or verify (waits while GC runs).
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
         Ok(VaultLock { _file: f })
+    }
+
+    /// Pin `backups` for a long read (restore, export, serve-nbd): GC keeps them live
+    /// while the returned guard lives, even if they are deleted meanwhile. Fails with
+    /// `NotFound` when a backup was deleted before the pin was taken.
+    pub fn pin(&self, backups: &[&BackupManifest]) -> Result<pin::PinGuard> {
+        let guard = pin::pin(&self.root, backups)?;
+        // GC reads manifests before pins: with the pin durable, a manifest still here now
+        // was either seen by any GC that missed the pin, or that GC has not run yet.
+        for m in backups {
+            match self.store.get_file(&m.key()) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(Error::not_found(format!(
+                        "backup {} ({}) was deleted",
+                        m.name, m.id
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(guard)
     }
 
     /// Exclusive lock for GC; `Conflict` when backups are running.
@@ -208,7 +239,7 @@ impl Vault {
         match f.try_lock() {
             Ok(()) => Ok(VaultLock { _file: f }),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
-                "vault {} is in use by a running backup or restore; try again when it has finished",
+                "vault {} is in use by a running backup or verify; try again when it has finished",
                 self.root.display()
             ))),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io("taking the vault lock", e)),
