@@ -19,8 +19,10 @@
 //!    to fix are reported as `index_repaired`), then the old packs are deleted. A crash
 //!    in between leaves duplicates, never a hole.
 //!
-//! Weak spot (noted for later): the live set and the set of digests already kept are
-//! in-memory hash sets, about 50 bytes per unique live blob each.
+//! Memory stays bounded however large the vault: the live set and the set of digests
+//! already kept are on-disk sorted sets (`digestset`, SQLite B-trees behind a fixed
+//! page cache). What still grows with the vault: the set of index pages visited (one
+//! digest per 1,024 chunks) and the list of packs.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use crate::error::Result;
 
 use super::Vault;
 use super::badblobs::BadBlobs;
+use super::digestset::DigestSet;
 use super::lookup::IndexRepair;
 use super::pack::{PackEntry, PackId, PackInfo, PackWriter, read_pack_entries};
 use super::walk::{WalkItem, walk_disk};
@@ -86,17 +89,19 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
     let mut lookup = vault.lookup()?;
     let manifests = vault.manifests()?;
 
-    let mut live: HashSet<ChunkDigest> = HashSet::new();
+    let mut live = DigestSet::new()?;
     let mut visited = HashSet::new();
     for m in &manifests {
         for disk in &m.disks {
             walk_disk(vault, &lookup, disk, &mut visited, &mut |item| match item {
                 WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => {
-                    live.insert(d);
+                    live.insert(&d)?;
                     Ok(())
                 }
                 WalkItem::Chunks(chunks) => {
-                    live.extend(chunks.iter().map(|(_, d)| *d));
+                    for (_, d) in chunks {
+                        live.insert(d)?;
+                    }
                     Ok(())
                 }
                 WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
@@ -115,11 +120,13 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
             for disk in &b.disks {
                 walk_disk(vault, &lookup, disk, &mut visited, &mut |item| match item {
                     WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => {
-                        live.insert(d);
+                        live.insert(&d)?;
                         Ok(())
                     }
                     WalkItem::Chunks(chunks) => {
-                        live.extend(chunks.iter().map(|(_, d)| *d));
+                        for (_, d) in chunks {
+                            live.insert(d)?;
+                        }
                         Ok(())
                     }
                     WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
@@ -134,24 +141,22 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
     let mut stats = GcStats {
         pinned_backups: pins.iter().map(|p| p.backups.len()).sum(),
         backups: manifests.len(),
-        live_blobs: live.len(),
+        live_blobs: live.len() as usize,
         ..GcStats::default()
     };
     let mut bad = BadBlobs::load(store.as_ref())?;
     let packs = store.list_packs()?;
 
     // Digests with a copy not known to be bad (only needed when some copies are bad).
-    let mut has_good_copy: HashSet<ChunkDigest> = HashSet::new();
+    let mut has_good_copy = DigestSet::new()?;
     if !bad.is_empty() {
         for id in &packs {
             if let Ok(entries) = read_pack_entries(store.as_ref(), *id) {
-                has_good_copy.extend(
-                    entries
-                        .iter()
-                        .filter(|e| live.contains(&e.digest))
-                        .filter(|e| !bad.contains(&e.digest, *id, e.offset))
-                        .map(|e| e.digest),
-                );
+                for e in entries {
+                    if !bad.contains(&e.digest, *id, e.offset) && live.contains(&e.digest)? {
+                        has_good_copy.insert(&e.digest)?;
+                    }
+                }
             }
         }
     }
@@ -160,7 +165,7 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
     let mut new_packs: Vec<PackInfo> = Vec::new();
     let mut old_packs: Vec<PackId> = Vec::new();
     let mut surviving: Vec<PackId> = Vec::new();
-    let mut kept: HashSet<ChunkDigest> = HashSet::new();
+    let mut kept = DigestSet::new()?;
     let mut rotten: Vec<(PackId, PackEntry, String)> = Vec::new();
     let mut scan = lookup.trailer_scan()?;
     for id in packs {
@@ -181,9 +186,10 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
         let mut keep: Vec<&PackEntry> = Vec::new();
         let mut chosen: HashSet<ChunkDigest> = HashSet::new();
         for e in &entries {
-            let usable = live.contains(&e.digest)
-                && !kept.contains(&e.digest)
-                && (!bad.contains(&e.digest, id, e.offset) || !has_good_copy.contains(&e.digest));
+            let usable = live.contains(&e.digest)?
+                && !kept.contains(&e.digest)?
+                && (!bad.contains(&e.digest, id, e.offset)
+                    || !has_good_copy.contains(&e.digest)?);
             if usable && chosen.insert(e.digest) {
                 keep.push(e);
             }
@@ -209,7 +215,7 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
                 if let Some(sealed) = writer.add_raw(e, &stored)? {
                     new_packs.push(sealed.publish()?);
                 }
-                kept.insert(e.digest);
+                kept.insert(&e.digest)?;
                 carried += 1;
             }
             stats.blobs_copied += carried;
@@ -217,7 +223,9 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
             stats.blobs_removed += entries.len() as u64 - carried;
             old_packs.push(id);
         } else {
-            kept.extend(keep.iter().map(|e| e.digest));
+            for e in &keep {
+                kept.insert(&e.digest)?;
+            }
             scan.add_pack(&PackInfo { id, size, entries }, &bad)?;
             surviving.push(id);
         }

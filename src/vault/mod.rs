@@ -27,6 +27,7 @@
 //! [`Vault::read_blob`] finds the new copy through the trailers.
 
 pub mod badblobs;
+pub mod digestset;
 pub mod gc;
 pub mod lookup;
 pub mod pack;
