@@ -412,3 +412,107 @@ impl TrailerScan<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::chunk::encode_blob;
+    use crate::vault::pack::PackWriter;
+    use crate::vault::store::LocalStore;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A store whose pack listing is followed, before it returns, by a parallel backup
+    /// publishing and indexing a pack (the window the reconcile must not misread).
+    struct RacingStore {
+        inner: Arc<LocalStore>,
+        after_list: Mutex<Option<Hook>>,
+    }
+
+    impl ChunkStore for RacingStore {
+        fn staging_path(&self, id: PackId) -> Result<PathBuf> {
+            self.inner.staging_path(id)
+        }
+        fn clean_staging(&self) -> Result<usize> {
+            self.inner.clean_staging()
+        }
+        fn publish_pack(&self, id: PackId, staged: &Path) -> Result<()> {
+            self.inner.publish_pack(id, staged)
+        }
+        fn pack_len(&self, id: PackId) -> Result<u64> {
+            self.inner.pack_len(id)
+        }
+        fn read_pack_range(&self, id: PackId, offset: u64, len: usize) -> Result<Vec<u8>> {
+            self.inner.read_pack_range(id, offset, len)
+        }
+        fn list_packs(&self) -> Result<Vec<PackId>> {
+            let listed = self.inner.list_packs();
+            if let Some(hook) = self.after_list.lock().unwrap().take() {
+                hook();
+            }
+            listed
+        }
+        fn remove_pack(&self, id: PackId) -> Result<()> {
+            self.inner.remove_pack(id)
+        }
+        fn put_file(&self, key: &str, bytes: &[u8]) -> Result<()> {
+            self.inner.put_file(key, bytes)
+        }
+        fn get_file(&self, key: &str) -> Result<Vec<u8>> {
+            self.inner.get_file(key)
+        }
+        fn list_files(&self, prefix: &str) -> Result<Vec<String>> {
+            self.inner.list_files(prefix)
+        }
+        fn remove_file(&self, key: &str) -> Result<()> {
+            self.inner.remove_file(key)
+        }
+    }
+
+    fn write_pack(store: Arc<LocalStore>, content: &[u8]) -> PackInfo {
+        let mut w = PackWriter::new(store, 1 << 20);
+        let blob = encode_blob(BlobKind::Data, content.to_vec(), 1).unwrap();
+        assert!(w.add(&blob).unwrap().is_none());
+        w.finish_current().unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_pack_published_while_reconciling_is_not_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("lookup.sqlite");
+        let inner = Arc::new(LocalStore::new(dir.path()));
+        let first = write_pack(Arc::clone(&inner), b"first");
+        let mut index = LookupIndex::open(&db).unwrap();
+        index.insert_pack(&first).unwrap();
+
+        let (hook_store, hook_db) = (Arc::clone(&inner), db.clone());
+        let published = Arc::new(Mutex::new(None));
+        let out = Arc::clone(&published);
+        let store = RacingStore {
+            inner,
+            after_list: Mutex::new(Some(Box::new(move || {
+                let p = write_pack(hook_store, b"parallel backup");
+                LookupIndex::open(&hook_db)
+                    .unwrap()
+                    .insert_pack(&p)
+                    .unwrap();
+                *out.lock().unwrap() = Some(p);
+            }))),
+        };
+        // Even when allowed to forget vanished packs, the parallel one stays indexed.
+        index.reconcile(&store, true).unwrap();
+        let p = published.lock().unwrap().clone().unwrap();
+        let indexed: Vec<PackId> = index
+            .packs()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(indexed.contains(&p.id), "the parallel pack was forgotten");
+        assert!(indexed.contains(&first.id));
+        assert!(index.get(&p.entries[0].digest).unwrap().is_some());
+    }
+}
