@@ -236,6 +236,7 @@ fn packs_of(
     lookup: &LookupIndex,
     manifests: &[BackupManifest],
 ) -> Result<Vec<PackId>> {
+    let existing: HashSet<PackId> = vault.store().list_packs()?.into_iter().collect();
     let mut set = HashSet::new();
     let mut visited = HashSet::new();
     for m in manifests {
@@ -247,11 +248,12 @@ fn packs_of(
                     WalkItem::Damaged { .. } => vec![],
                 };
                 for d in digests {
-                    // A digest without a row is looked up in the trailers (which repairs
-                    // the row) so that its pack is checked too.
+                    // A digest without a row, or with a row into a pack that does not
+                    // exist, is looked up in the trailers (which repairs the row) so that
+                    // its real pack is checked.
                     let loc = match lookup.get(&d)? {
-                        Some(loc) => Some(loc),
-                        None => {
+                        Some(loc) if existing.contains(&loc.pack) => Some(loc),
+                        _ => {
                             let _ = vault.read_blob(lookup, &d);
                             lookup.get(&d)?
                         }

@@ -141,6 +141,22 @@ fn verify_reports_a_wrong_lookup_row_and_heals_it() {
     .unwrap();
     drop(db);
 
+    // Verifying one backup does not take the wrong row for damage.
+    let one = env.json(&["verify", "--vault", "v", s(&b2, "id")]);
+    assert!(one["damage"].as_array().unwrap().is_empty(), "{one}");
+    assert!(one["corrupt_blobs"].as_array().unwrap().is_empty(), "{one}");
+    let db = lookup_db(&env);
+    db.execute(
+        "UPDATE blobs SET offset = ?1 WHERE digest = ?2",
+        params![wrong.1, d0],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT OR REPLACE INTO blobs (digest, pack, offset, length, kind) VALUES (?1, ?2, 8, 100, 0)",
+        params![fake, good.0],
+    )
+    .unwrap();
+    drop(db);
     let v = env.json(&["verify", "--vault", "v"]);
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
     assert_eq!(v["index_repaired"]["stale_rows"], 2, "{v}");
