@@ -144,8 +144,7 @@ pub fn serve_backup(
     listener: &Listener,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let _lock = vault.lock_shared()?;
-    let lookup = vault.lookup_reconciled()?;
+    let lookup = vault.lookup()?;
     let root = load_root(&vault, &lookup, disk)?;
     drop(lookup);
     let cs = root.chunk_size.as_u64() as usize;

@@ -176,7 +176,7 @@ impl App {
     pub fn vault_info(&self, name: &str) -> Result<VaultInfo> {
         let entry = self.catalog.vault(name)?;
         let vault = Vault::open(&entry.path)?;
-        let lookup = vault.lookup_reconciled()?;
+        let lookup = vault.lookup()?;
         let (pack_bytes, packs) = vault.stored_bytes(&lookup)?;
         let stored_bytes = lookup.stored_blob_bytes()?;
         let backups = self.catalog.backups(Some(name), None)?;
@@ -363,7 +363,7 @@ impl App {
         use crate::vault::walk::{WalkItem, walk_disk};
         use std::collections::HashSet;
         let vault = self.open_vault(&entry.vault)?;
-        let lookup = vault.lookup_reconciled()?;
+        let lookup = vault.lookup()?;
         let collect =
             |m: &BackupManifest, set: &mut HashSet<crate::chunk::ChunkDigest>| -> Result<()> {
                 let mut visited = HashSet::new();

@@ -316,7 +316,7 @@ impl App {
     ) -> Result<ServerExport> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         export_server(&vault, &entry.manifest, dir, kind, opts, ropts)
     }
 
@@ -334,7 +334,7 @@ impl App {
     ) -> Result<Vec<DiskRestored>> {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         create_private_dir(dir)?;
         let targets: Vec<PathBuf> = entry
             .manifest
@@ -384,7 +384,7 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
-        let _lock = vault.lock_shared()?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
     }
 
@@ -399,6 +399,7 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
         let d = pick_disk(&entry.manifest, disk)?;
+        let _pin = vault.pin(&[&entry.manifest])?;
         crate::instant::serve_backup(vault, d, listener, stop)
     }
 
@@ -415,8 +416,8 @@ impl App {
         let entry = self.find_backup(id_or_name)?;
         let vault = self.open_vault(&entry.vault)?;
         let d = pick_disk(&entry.manifest, disk)?;
-        // GC must not repack or delete what the restore is about to read.
-        let _lock = vault.lock_shared()?;
+        // GC must not delete what the restore is about to read.
+        let _pin = vault.pin(&[&entry.manifest])?;
         restore_disk_with(&vault, d, to, format, opts, ropts)
     }
 }

@@ -272,6 +272,16 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     stats.blobs_removed,
                     human(stats.bytes_freed)
                 );
+                for r in &stats.rotten {
+                    outln!(
+                        "rotten blob {} (pack {} offset {}) not carried forward: {}; reached by: {}",
+                        r.digest,
+                        r.pack,
+                        r.offset,
+                        r.error,
+                        r.backups.join(", ")
+                    );
+                }
             }
         }
         Cmd::Verify {
@@ -303,6 +313,21 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 );
                 for b in &report.corrupt_blobs {
                     outln!("corrupt blob {} in pack {}: {}", b.digest, b.pack, b.error);
+                }
+                for b in &report.healed_copies {
+                    outln!(
+                        "rotten copy of blob {} in pack {} (a good copy exists; GC drops it)",
+                        b.digest,
+                        b.pack
+                    );
+                }
+                let fixed = report.index_repaired;
+                if !fixed.is_empty() {
+                    outln!(
+                        "lookup index disagreed with the pack trailers ({} stale rows, {} missing rows): repaired",
+                        fixed.stale_rows,
+                        fixed.missing_rows
+                    );
                 }
                 for d in &report.damage {
                     match d.offset {

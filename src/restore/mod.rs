@@ -319,7 +319,7 @@ pub fn restore_into(
     opts: &BackupOptions,
     keep_going: bool,
 ) -> Result<RestoreStats> {
-    let lookup = vault.lookup_reconciled()?;
+    let lookup = vault.lookup()?;
     let root = load_root(vault, &lookup, disk)?;
     let cs = root.chunk_size.as_u64();
     let threads = if opts.threads == 0 {

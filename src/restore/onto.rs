@@ -77,7 +77,7 @@ pub fn restore_onto_nbd(
             disk.size
         )));
     }
-    let lookup = vault.lookup_reconciled()?;
+    let lookup = vault.lookup()?;
     let root = load_root(vault, &lookup, disk)?;
     let cs = root.chunk_size.as_u64();
     // Ranges where the target holds zeros (no need to read), or with a bitmap the

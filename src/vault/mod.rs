@@ -7,19 +7,31 @@
 //! <vault>/packs/<aa>/<pack-id>.pack       immutable packs (see `pack`)
 //! <vault>/packs/tmp/                      packs being written (garbage after a crash)
 //! <vault>/backups/<resource>/<id>.json    manifests (see `manifest`)
-//! <vault>/cache/lookup.sqlite             chunk lookup index (rebuildable)
-//! <vault>/locks/vault.lock                shared by backups, exclusive for GC
+//! <vault>/cache/lookup.sqlite             chunk lookup index (a cache of the pack trailers)
+//! <vault>/bad-blobs                       copies verify found rotten (see `badblobs`)
+//! <vault>/locks/vault.lock                shared by backups and verify, exclusive for GC
 //! ```
 //!
-//! Locking: a backup holds the vault lock *shared* from its first blob to its manifest, so
-//! any number of backups run side by side. GC takes it *exclusive* (and fails fast with
-//! `Conflict` while a backup runs), so GC never deletes a blob that a running backup
-//! deduplicated against but has not yet referenced from a manifest. Restore and verify
-//! take no lock: packs are immutable and GC publishes replacements before deleting.
+//! Locks and pins (`locks/vault.lock` is an flock; pins are files, see `pin`):
+//!
+//! | operation                  | takes                 | why |
+//! |----------------------------|-----------------------|-----|
+//! | backup                     | lock shared           | GC must not delete a blob the backup deduplicated against before its manifest references it |
+//! | verify                     | lock shared           | a GC repack beside it would delete packs it is reading and they would be reported as damage |
+//! | restore, export, serve-nbd | pin (no lock)         | readers run for days; GC treats pinned backups as live, and reads fall back to the trailers when GC moved a blob |
+//! | GC                         | lock exclusive (fails fast with `Conflict`) | no backup or verify runs beside it; it honours pins |
+//! | rescan                     | none                  | rebuilds the lookup cache from the trailers |
+//!
+//! Packs are immutable and GC publishes and indexes replacements before deleting, so a
+//! reader never sees a hole: at worst its cached location is gone and
+//! [`Vault::read_blob`] finds the new copy through the trailers.
 
+pub mod badblobs;
+pub mod digestset;
 pub mod gc;
 pub mod lookup;
 pub mod pack;
+pub mod pin;
 pub mod store;
 pub mod verify;
 pub mod walk;
@@ -34,8 +46,9 @@ use crate::chunk::{BlobKind, ChunkDigest, ChunkSize, decode_blob};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::manifest::BackupManifest;
 
-use self::lookup::LookupIndex;
-use self::pack::DEFAULT_PACK_TARGET;
+use self::badblobs::BadBlobs;
+use self::lookup::{BlobLocation, LookupIndex};
+use self::pack::{DEFAULT_PACK_TARGET, read_pack_entries};
 use self::store::{ChunkStore, LocalStore, write_atomic};
 
 /// Current vault format version.
@@ -54,6 +67,9 @@ pub struct VaultConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
 }
+
+/// A copy found in the pack trailers: where, and its decoded kind and bytes.
+type FoundBlob = (BlobLocation, (BlobKind, Vec<u8>));
 
 /// An open vault.
 pub struct Vault {
@@ -166,12 +182,15 @@ impl Vault {
         LookupIndex::open(&self.root.join("cache").join("lookup.sqlite"))
     }
 
-    /// A lookup connection after bringing the index in line with the packs on disk.
+    /// A lookup connection after indexing packs the index has not seen (a crashed
+    /// writer's, or copied in). Never forgets a pack: that is GC's job under the exclusive
+    /// lock. Read-only paths need not call this: [`read_blob`](Self::read_blob) falls
+    /// back to the pack trailers by itself.
     pub fn lookup_reconciled(&self) -> Result<LookupIndex> {
         let mut l = self.lookup()?;
-        let (added, removed) = l.reconcile(self.store.as_ref())?;
-        if added + removed > 0 {
-            tracing::info!(added, removed, "lookup index reconciled with packs");
+        let (added, _) = l.reconcile(self.store.as_ref(), false)?;
+        if added > 0 {
+            tracing::info!(added, "lookup index: indexed packs it had not seen");
         }
         Ok(l)
     }
@@ -186,11 +205,33 @@ impl Vault {
             .ctx(|| format!("opening {}", path.display()))
     }
 
-    /// Shared lock for a backup, restore or export (waits while GC runs).
+    /// Shared lock for a backup or verify (waits while GC runs).
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
         Ok(VaultLock { _file: f })
+    }
+
+    /// Pin `backups` for a long read (restore, export, serve-nbd): GC keeps them live
+    /// while the returned guard lives, even if they are deleted meanwhile. Fails with
+    /// `NotFound` when a backup was deleted before the pin was taken.
+    pub fn pin(&self, backups: &[&BackupManifest]) -> Result<pin::PinGuard> {
+        let guard = pin::pin(&self.root, backups)?;
+        // GC reads manifests before pins: with the pin durable, a manifest still here now
+        // was either seen by any GC that missed the pin, or that GC has not run yet.
+        for m in backups {
+            match self.store.get_file(&m.key()) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    return Err(Error::not_found(format!(
+                        "backup {} ({}) was deleted",
+                        m.name, m.id
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(guard)
     }
 
     /// Exclusive lock for GC; `Conflict` when backups are running.
@@ -199,7 +240,7 @@ impl Vault {
         match f.try_lock() {
             Ok(()) => Ok(VaultLock { _file: f }),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
-                "vault {} is in use by a running backup or restore; try again when it has finished",
+                "vault {} is in use by a running backup or verify; try again when it has finished",
                 self.root.display()
             ))),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io("taking the vault lock", e)),
@@ -207,24 +248,100 @@ impl Vault {
     }
 
     /// Read, verify and decode one blob.
+    ///
+    /// The lookup index is only a cache: when it has no row for `digest`, or the copy it
+    /// points at cannot be read or fails its digest (wrong pack, wrong offset, rot), the
+    /// pack trailers are searched for another copy, and the row is repaired to point at
+    /// the first copy that decodes and verifies.
     pub fn read_blob(
         &self,
         lookup: &LookupIndex,
         digest: &ChunkDigest,
     ) -> Result<(BlobKind, Vec<u8>)> {
-        let loc = lookup.get(digest)?.ok_or_else(|| {
-            Error::new(
+        let cached = match lookup.get(digest)? {
+            Some(loc) => match self.read_blob_at(&loc, digest) {
+                Ok(blob) => return Ok(blob),
+                Err(e) => Some((loc, e)),
+            },
+            None => None,
+        };
+        let failed = cached.as_ref().map(|(loc, _)| *loc);
+        let (found, other_error) = self.find_in_trailers(digest, failed)?;
+        if let Some((loc, blob)) = found {
+            match lookup.set_location(digest, &loc) {
+                Ok(()) => tracing::warn!(
+                    "lookup index had a wrong or no location for blob {digest}; repaired it to pack {} offset {}",
+                    loc.pack,
+                    loc.offset
+                ),
+                Err(e) => tracing::warn!("could not repair the lookup row of blob {digest}: {e}"),
+            }
+            return Ok(blob);
+        }
+        Err(match (cached, other_error) {
+            (Some((_, e)), _) | (None, Some(e)) => e,
+            (None, None) => Error::new(
                 ErrorKind::Corrupt,
                 format!(
-                    "blob {digest} is missing from the vault (run `vault rescan` to rebuild the lookup index; if it stays missing the backup is damaged)"
+                    "blob {digest} is missing from the vault (no pack trailer lists it: the backups that reference it are damaged; run `verify` to name them)"
                 ),
-            )
-        })?;
+            ),
+        })
+    }
+
+    /// Read and decode the copy of `digest` at `loc`.
+    pub fn read_blob_at(
+        &self,
+        loc: &BlobLocation,
+        digest: &ChunkDigest,
+    ) -> Result<(BlobKind, Vec<u8>)> {
         let stored = self
             .store
-            .read_pack_range(loc.pack, loc.offset, loc.length as usize)?;
+            .read_pack_range(loc.pack, loc.offset, loc.length as usize)
+            .map_err(|e| e.context_prefix(format!("blob {digest}")))?;
         decode_blob(&stored, digest)
             .map_err(|e| e.context_prefix(format!("pack {} offset {}", loc.pack, loc.offset)))
+    }
+
+    /// Search every pack trailer for a good copy of `digest` other than `skip` (slow: the
+    /// fallback when the lookup index is wrong). Known-bad copies are tried last. Returns
+    /// the good copy, or else the error of the last copy tried.
+    fn find_in_trailers(
+        &self,
+        digest: &ChunkDigest,
+        skip: Option<BlobLocation>,
+    ) -> Result<(Option<FoundBlob>, Option<Error>)> {
+        let bad = BadBlobs::load(self.store.as_ref()).unwrap_or_default();
+        let mut candidates = Vec::new();
+        for id in self.store.list_packs()? {
+            let entries = match read_pack_entries(self.store.as_ref(), id) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("skipping pack {id} while searching for blob {digest}: {e}");
+                    continue;
+                }
+            };
+            for e in entries.iter().filter(|e| e.digest == *digest) {
+                let loc = BlobLocation {
+                    pack: id,
+                    offset: e.offset,
+                    length: e.length,
+                    kind: e.kind,
+                };
+                if Some(loc) != skip {
+                    candidates.push((bad.contains(digest, id, e.offset), loc));
+                }
+            }
+        }
+        candidates.sort_by_key(|(is_bad, _)| *is_bad);
+        let mut last_error = None;
+        for (_, loc) in candidates {
+            match self.read_blob_at(&loc, digest) {
+                Ok(blob) => return Ok((Some((loc, blob)), None)),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Ok((None, last_error))
     }
 
     /// Bytes stored in packs (from the lookup index).

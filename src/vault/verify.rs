@@ -5,6 +5,15 @@
 //! blobs those backups reference. Then every chosen backup's index is walked to map each
 //! corrupt or missing blob to the backups and disk offsets it hurts, so the report says
 //! "backup X, disk0, offset 1048576" and not just a digest.
+//!
+//! Verify holds the vault lock shared (so GC cannot delete a pack under it and have
+//! it reported as damage). It also:
+//! - cross-checks the lookup index against the trailers of the packs it read and heals it
+//!   (`lookup::TrailerScan`): a wrong row is reported in `index_repaired` and fixed;
+//! - records every rotten copy in the vault's `bad-blobs` list (see `badblobs`), so that
+//!   dedup stops reusing it and the next backup that meets the same content stores a good
+//!   copy. A rotten copy whose digest has a good copy elsewhere is reported under
+//!   `healed_copies` and is not damage: restores read the good copy, GC drops the bad.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -16,7 +25,9 @@ use crate::error::Result;
 use crate::manifest::BackupManifest;
 
 use super::Vault;
-use super::pack::{PackId, read_pack_entries};
+use super::badblobs::{BadBlobs, BadCopy};
+use super::lookup::{IndexRepair, LookupIndex, TrailerScan};
+use super::pack::{PackId, PackInfo, read_pack_entries};
 use super::walk::{WalkItem, walk_disk};
 
 /// A damaged place in a backup.
@@ -30,11 +41,12 @@ pub struct Damage {
     pub what: String,
 }
 
-/// A blob that failed its check.
+/// A blob that failed its check (an empty digest: the pack's trailer itself).
 #[derive(Debug, Clone, Serialize)]
 pub struct BadBlob {
     pub digest: String,
     pub pack: String,
+    pub offset: Option<u64>,
     pub error: String,
 }
 
@@ -45,8 +57,13 @@ pub struct VerifyReport {
     pub packs_checked: usize,
     pub blobs_checked: u64,
     pub bytes_checked: u64,
+    /// Rotten copies with no good copy elsewhere.
     pub corrupt_blobs: Vec<BadBlob>,
+    /// Rotten copies whose digest has a good copy elsewhere (no damage).
+    pub healed_copies: Vec<BadBlob>,
     pub damage: Vec<Damage>,
+    /// What the lookup index had wrong (fixed from the trailers).
+    pub index_repaired: IndexRepair,
 }
 
 impl VerifyReport {
@@ -61,7 +78,8 @@ pub fn verify(
     only: Option<&[BackupManifest]>,
     threads: usize,
 ) -> Result<VerifyReport> {
-    let lookup = vault.lookup_reconciled()?;
+    let _lock = vault.lock_shared()?;
+    let mut lookup = vault.lookup()?;
     let all;
     let manifests: &[BackupManifest] = match only {
         Some(m) => m,
@@ -73,37 +91,28 @@ pub fn verify(
     let store = vault.store();
     let packs: Vec<PackId> = match only {
         None => store.list_packs()?,
-        Some(ms) => {
-            let mut set = HashSet::new();
-            let mut visited = HashSet::new();
-            for m in ms {
-                for disk in &m.disks {
-                    walk_disk(vault, &lookup, disk, &mut visited, &mut |item| {
-                        let digests: Vec<ChunkDigest> = match item {
-                            WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => vec![d],
-                            WalkItem::Chunks(c) => c.iter().map(|(_, d)| *d).collect(),
-                            WalkItem::Damaged { .. } => vec![],
-                        };
-                        for d in digests {
-                            if let Some(loc) = lookup.get(&d)? {
-                                set.insert(loc.pack);
-                            }
-                        }
-                        Ok(())
-                    })?;
-                }
-            }
-            let mut v: Vec<_> = set.into_iter().collect();
-            v.sort();
-            v
-        }
+        Some(ms) => packs_of(vault, &lookup, ms)?,
     };
+    let bad_before = BadBlobs::load(store.as_ref())?;
 
-    // Check packs in parallel.
-    let report = Mutex::new(VerifyReport {
-        backups: manifests.len(),
-        packs_checked: packs.len(),
-        ..VerifyReport::default()
+    // Check packs in parallel; each pack's trailer is staged for the index cross-check.
+    struct Shared<'a> {
+        report: VerifyReport,
+        found: Vec<BadBlob>,
+        bad: BadBlobs,
+        scan: TrailerScan<'a>,
+        error: Option<crate::error::Error>,
+    }
+    let shared = Mutex::new(Shared {
+        report: VerifyReport {
+            backups: manifests.len(),
+            packs_checked: packs.len(),
+            ..VerifyReport::default()
+        },
+        found: Vec::new(),
+        bad: bad_before.clone(),
+        scan: lookup.trailer_scan()?,
+        error: None,
     });
     let next = Mutex::new(packs.iter());
     let threads = threads.max(1);
@@ -119,16 +128,64 @@ pub fn verify(
                     else {
                         break;
                     };
-                    let (bad, blobs, bytes) = check_pack(vault, id);
-                    let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
-                    r.blobs_checked += blobs;
-                    r.bytes_checked += bytes;
-                    r.corrupt_blobs.extend(bad);
+                    let checked = check_pack(vault, id);
+                    let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let sh = &mut *sh;
+                    sh.report.blobs_checked += checked.blobs;
+                    sh.report.bytes_checked += checked.bytes;
+                    for b in &checked.bad {
+                        if let (Ok(digest), Some(offset)) = (b.digest.parse(), b.offset) {
+                            sh.bad.insert(BadCopy {
+                                digest,
+                                pack: id,
+                                offset,
+                            });
+                        }
+                    }
+                    sh.found.extend(checked.bad);
+                    if let Some(info) = checked.info
+                        && let Err(e) = sh.scan.add_pack(&info, &sh.bad)
+                    {
+                        sh.error.get_or_insert(e);
+                    }
                 }
             });
         }
     });
-    let mut report = report.into_inner().unwrap_or_else(|p| p.into_inner());
+    let sh = shared.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = sh.error {
+        return Err(e);
+    }
+    let mut report = sh.report;
+    if sh.bad != bad_before {
+        sh.bad.save(store.as_ref())?;
+    }
+    report.index_repaired = sh.scan.heal(|| store.list_packs())?;
+    if !report.index_repaired.is_empty() {
+        tracing::warn!(
+            stale = report.index_repaired.stale_rows,
+            missing = report.index_repaired.missing_rows,
+            "the lookup index disagreed with the pack trailers; repaired it"
+        );
+    }
+
+    // A rotten copy is damage only when no good copy of its digest exists.
+    for b in sh.found {
+        let healed = match (b.digest.parse::<ChunkDigest>(), b.offset) {
+            (Ok(d), Some(offset)) => match lookup.get(&d)? {
+                Some(loc) if (loc.pack.to_string(), loc.offset) != (b.pack.clone(), offset) => {
+                    vault.read_blob_at(&loc, &d).is_ok()
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if healed {
+            report.healed_copies.push(b);
+        } else {
+            report.corrupt_blobs.push(b);
+        }
+    }
 
     // Map damage to backups and offsets.
     let bad: HashMap<ChunkDigest, String> = report
@@ -156,7 +213,9 @@ pub fn verify(
                         for (off, d) in chunks {
                             if let Some(e) = bad.get(d) {
                                 damage.push(hurt(Some(*off), format!("chunk {d}: {e}")));
-                            } else if lookup.get(d)?.is_none() {
+                            } else if lookup.get(d)?.is_none()
+                                && vault.read_blob(&lookup, d).is_err()
+                            {
                                 damage.push(hurt(Some(*off), format!("chunk {d} is missing")));
                             }
                         }
@@ -171,32 +230,102 @@ pub fn verify(
     Ok(report)
 }
 
-/// Read one pack whole and check every blob: (bad blobs, blobs checked, bytes read).
-fn check_pack(vault: &Vault, id: PackId) -> (Vec<BadBlob>, u64, u64) {
+/// The packs holding blobs that `manifests` reference.
+fn packs_of(
+    vault: &Vault,
+    lookup: &LookupIndex,
+    manifests: &[BackupManifest],
+) -> Result<Vec<PackId>> {
+    let existing: HashSet<PackId> = vault.store().list_packs()?.into_iter().collect();
+    let mut set = HashSet::new();
+    let mut visited = HashSet::new();
+    for m in manifests {
+        for disk in &m.disks {
+            walk_disk(vault, lookup, disk, &mut visited, &mut |item| {
+                let digests: Vec<ChunkDigest> = match item {
+                    WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => vec![d],
+                    WalkItem::Chunks(c) => c.iter().map(|(_, d)| *d).collect(),
+                    WalkItem::Damaged { .. } => vec![],
+                };
+                for d in digests {
+                    // A digest without a row, or with a row into a pack that does not
+                    // exist, is looked up in the trailers (which repairs the row) so that
+                    // its real pack is checked.
+                    let loc = match lookup.get(&d)? {
+                        Some(loc) if existing.contains(&loc.pack) => Some(loc),
+                        _ => {
+                            let _ = vault.read_blob(lookup, &d);
+                            lookup.get(&d)?
+                        }
+                    };
+                    if let Some(loc) = loc {
+                        set.insert(loc.pack);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+    let mut v: Vec<_> = set.into_iter().collect();
+    v.sort();
+    Ok(v)
+}
+
+/// What checking one pack found.
+struct PackCheck {
+    bad: Vec<BadBlob>,
+    blobs: u64,
+    bytes: u64,
+    /// The trailer, when it could be read.
+    info: Option<PackInfo>,
+}
+
+/// Read one pack whole and check every blob.
+fn check_pack(vault: &Vault, id: PackId) -> PackCheck {
     let store = vault.store();
-    let bad = |digest: String, error: String| BadBlob {
-        digest,
-        pack: id.to_string(),
-        error,
+    let failed = |error: String| PackCheck {
+        bad: vec![BadBlob {
+            digest: String::new(),
+            pack: id.to_string(),
+            offset: None,
+            error,
+        }],
+        blobs: 0,
+        bytes: 0,
+        info: None,
     };
     let entries = match read_pack_entries(store.as_ref(), id) {
         Ok(e) => e,
-        Err(e) => return (vec![bad(String::new(), e.to_string())], 0, 0),
+        Err(e) => return failed(e.to_string()),
     };
     let len = match store.pack_len(id) {
         Ok(l) => l,
-        Err(e) => return (vec![bad(String::new(), e.to_string())], 0, 0),
+        Err(e) => return failed(e.to_string()),
     };
     let data = match store.read_pack_range(id, 0, len as usize) {
         Ok(d) => d,
-        Err(e) => return (vec![bad(String::new(), e.to_string())], 0, 0),
+        Err(e) => return failed(e.to_string()),
     };
-    let mut out = Vec::new();
+    let mut bad = Vec::new();
     for e in &entries {
         let stored = &data[e.offset as usize..(e.offset + e.length as u64) as usize];
         if let Err(err) = decode_blob(stored, &e.digest) {
-            out.push(bad(e.digest.to_string(), err.to_string()));
+            bad.push(BadBlob {
+                digest: e.digest.to_string(),
+                pack: id.to_string(),
+                offset: Some(e.offset),
+                error: err.to_string(),
+            });
         }
     }
-    (out, entries.len() as u64, len)
+    PackCheck {
+        bad,
+        blobs: entries.len() as u64,
+        bytes: len,
+        info: Some(PackInfo {
+            id,
+            size: len,
+            entries,
+        }),
+    }
 }

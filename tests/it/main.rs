@@ -21,3 +21,4 @@ mod restore;
 mod server;
 mod service;
 mod sources;
+mod vault;
