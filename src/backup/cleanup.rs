@@ -9,9 +9,10 @@
 //!
 //! 1. The failed backup lets go of its shared vault lock and tries the exclusive one
 //!    without waiting. If anything else holds the vault (a backup that may have deduped
-//!    against these packs and not committed yet, a restore, GC), nothing is removed:
-//!    the packs are left for GC, which is always safe (duplicates or garbage, never a
-//!    hole).
+//!    against these packs and not committed yet, GC, a verify), or a reader has live
+//!    pins on the vault (a pinned backup may have deduplicated against these packs and
+//!    been deleted since; only GC honours pins), nothing is removed: the packs are left
+//!    for GC, which is always safe (duplicates or garbage, never a hole).
 //! 2. Holding the vault alone, no other backup is in flight. A backup that committed
 //!    while this one ran wrote its manifest after this backup started, so only
 //!    manifests created since (less a margin for clocks of appliances sharing a vault)
@@ -64,6 +65,19 @@ pub fn discard_packs(vault: &Vault, packs: Vec<PackId>, started: OffsetDateTime)
             ..Default::default()
         };
     };
+    // A reader (restore, export, serve-nbd) holds pins, not the lock: a pinned backup
+    // may have deduplicated against these packs and been deleted since. Leave them to GC,
+    // which keeps what pins reach.
+    if !crate::vault::pin::live_pins(vault.root()).is_ok_and(|p| p.is_empty()) {
+        tracing::warn!(
+            packs = n,
+            "the failed backup's packs are left for GC: a reader has pinned backups of this vault"
+        );
+        return Discarded {
+            left: n,
+            ..Default::default()
+        };
+    }
     match discard_locked(vault, packs, started) {
         Ok(d) => {
             tracing::info!(

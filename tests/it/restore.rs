@@ -485,7 +485,7 @@ fn a_cancelled_backup_leaves_its_packs_to_gc_while_another_job_holds_the_vault()
     write_raw(&small, 4 << 20, 0, &random_bytes(1 << 20, 2));
     let sb = env.backup(&small, "small");
     let before = pack_files(&env.vault_dir());
-    // serve-nbd reads a backup and holds the vault (shared) while it runs.
+    // serve-nbd reads a backup and pins it while it runs.
     let sock = env.path("serve.sock");
     let mut served = env
         .cmd()
@@ -546,7 +546,7 @@ fn a_cancelled_backup_leaves_its_packs_to_gc_while_another_job_holds_the_vault()
     .unwrap();
     assert!(!child.wait().unwrap().success());
     drop(slow);
-    // Someone else holds the vault: the packs stay, for GC.
+    // A reader has pinned backups of the vault: the packs stay, for GC.
     assert!(pack_files(&env.vault_dir()).len() > before.len());
     assert_eq!(env.backups().len(), 1);
     let _ = served.kill();

@@ -230,7 +230,7 @@ fn after_verify_finds_a_rotten_chunk_the_next_backup_stores_it_again_and_heals_o
     rot_first_blob(&only_pack(&env));
 
     let (code, report) = verify_json(&env);
-    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(code, Some(5), "{report}");
     let damage = report["damage"].as_array().unwrap();
     assert_eq!(damage.len(), 1, "{report}");
     assert_eq!(damage[0]["backup_id"], s(&b1, "id"));
