@@ -92,49 +92,21 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
     let mut live = DigestSet::new()?;
     let mut visited = HashSet::new();
     for m in &manifests {
-        for disk in &m.disks {
-            walk_disk(vault, &lookup, disk, &mut visited, &mut |item| match item {
-                WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => {
-                    live.insert(&d)?;
-                    Ok(())
-                }
-                WalkItem::Chunks(chunks) => {
-                    for (_, d) in chunks {
-                        live.insert(d)?;
-                    }
-                    Ok(())
-                }
-                WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
-                    "GC stopped: backup {} ({}) has an unreadable {what}; run `verify`",
-                    m.name, m.id
-                ))),
-            })?;
-        }
+        let who = || format!("backup {} ({})", m.name, m.id);
+        mark(vault, &lookup, &m.disks, &mut visited, &mut live, &who)?;
     }
-
     // Pins second (after the manifests: see `pin`): pinned backups stay live even when
     // their manifests were deleted.
     let pins = super::pin::live_pins(vault.root())?;
     for p in &pins {
         for b in &p.backups {
-            for disk in &b.disks {
-                walk_disk(vault, &lookup, disk, &mut visited, &mut |item| match item {
-                    WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => {
-                        live.insert(&d)?;
-                        Ok(())
-                    }
-                    WalkItem::Chunks(chunks) => {
-                        for (_, d) in chunks {
-                            live.insert(d)?;
-                        }
-                        Ok(())
-                    }
-                    WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
-                        "GC stopped: pinned backup {} ({}, pid {} on {}) has an unreadable {what}",
-                        b.name, b.id, p.pid, p.host
-                    ))),
-                })?;
-            }
+            let who = || {
+                format!(
+                    "pinned backup {} ({}, pid {} on {})",
+                    b.name, b.id, p.pid, p.host
+                )
+            };
+            mark(vault, &lookup, &b.disks, &mut visited, &mut live, &who)?;
         }
     }
 
@@ -309,4 +281,29 @@ fn name_rotten(
             backups: reached.get(&e.digest).cloned().unwrap_or_default(),
         })
         .collect())
+}
+
+/// Mark every blob that `disks` reach (roots, pages, chunks) in `live`. An unreadable
+/// index stops GC: it must never act on a partial view of what is live.
+fn mark(
+    vault: &Vault,
+    lookup: &super::lookup::LookupIndex,
+    disks: &[crate::manifest::DiskManifest],
+    visited: &mut HashSet<ChunkDigest>,
+    live: &mut DigestSet,
+    who: &dyn Fn() -> String,
+) -> Result<()> {
+    for disk in disks {
+        walk_disk(vault, lookup, disk, visited, &mut |item| match item {
+            WalkItem::Root(d) | WalkItem::Page { digest: d, .. } => live.insert(&d).map(drop),
+            WalkItem::Chunks(chunks) => chunks
+                .iter()
+                .try_for_each(|(_, d)| live.insert(d).map(drop)),
+            WalkItem::Damaged { what, error } => Err(error.context_prefix(format!(
+                "GC stopped: {} has an unreadable {what}; run `verify`",
+                who()
+            ))),
+        })?;
+    }
+    Ok(())
 }
