@@ -16,11 +16,9 @@
 //! to a staging file, fsynced, then handed to the [`ChunkStore`](super::store::ChunkStore)
 //! which publishes it atomically (rename): a pack either exists whole or not at all.
 
-use std::fmt;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob};
@@ -39,42 +37,7 @@ pub const FOOTER_LEN: usize = 56;
 /// Default target size of a pack.
 pub const DEFAULT_PACK_TARGET: u64 = 32 << 20;
 
-/// Identifier of a pack: 16 random bytes, hex in file names.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PackId(pub [u8; 16]);
-
-impl PackId {
-    pub fn random() -> PackId {
-        PackId(rand::random())
-    }
-
-    pub fn from_slice(b: &[u8]) -> Result<PackId> {
-        let arr: [u8; 16] = b
-            .try_into()
-            .map_err(|_| Error::corrupt(format!("pack id must be 16 bytes, got {}", b.len())))?;
-        Ok(PackId(arr))
-    }
-}
-
-impl fmt::Display for PackId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for PackId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PackId({self})")
-    }
-}
-
-impl FromStr for PackId {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<PackId> {
-        let b = hex::decode(s).map_err(|_| Error::invalid(format!("bad pack id {s:?}")))?;
-        PackId::from_slice(&b)
-    }
-}
+pub use super::store::PackId;
 
 /// One blob's place in a pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,15 +10,15 @@
 //! fsynced, so a crash leaves either the old state or the new one.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
-
-use super::pack::PackId;
 
 /// Where a vault's packs and manifests live.
 pub trait ChunkStore: Send + Sync {
@@ -282,5 +282,42 @@ impl ChunkStore for LocalStore {
             sync_dir(dir)?;
         }
         Ok(())
+    }
+}
+
+/// Identifier of a pack: 16 random bytes, hex in file names.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PackId(pub [u8; 16]);
+
+impl PackId {
+    pub fn random() -> PackId {
+        PackId(rand::random())
+    }
+
+    pub fn from_slice(b: &[u8]) -> Result<PackId> {
+        let arr: [u8; 16] = b
+            .try_into()
+            .map_err(|_| Error::corrupt(format!("pack id must be 16 bytes, got {}", b.len())))?;
+        Ok(PackId(arr))
+    }
+}
+
+impl fmt::Display for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for PackId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PackId({self})")
+    }
+}
+
+impl FromStr for PackId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<PackId> {
+        let b = hex::decode(s).map_err(|_| Error::invalid(format!("bad pack id {s:?}")))?;
+        PackId::from_slice(&b)
     }
 }
