@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::backup::ReadPlan;
 use crate::error::{Error, Result};
 use crate::index::IndexRoot;
 use crate::manifest::{BackupKind, BackupManifest, Checkpoint, DiskManifest};
@@ -263,6 +262,17 @@ pub fn decide(
         }
     };
     Ok(decision)
+}
+
+/// What to read and what to start from.
+pub struct ReadPlan {
+    /// Extents to read (sorted, non-overlapping).
+    pub extents: Vec<Extent>,
+    /// Previous index whose unread slots are kept (incremental), or None (full).
+    pub base: Option<IndexRoot>,
+    pub kind: BackupKind,
+    pub strategy: String,
+    pub parent: Option<String>,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod cbt;
 pub mod chunk;
 pub mod config;
 pub mod error;
+pub mod extent;
 pub mod freeze;
 pub mod index;
 pub mod instant;

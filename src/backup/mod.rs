@@ -30,7 +30,6 @@ use std::time::Instant;
 use crate::cbt::{ChangeHint, Decision, decide};
 use crate::chunk::ChunkDigest;
 use crate::error::{Error, Result};
-use crate::index::IndexRoot;
 use crate::manifest::{
     BackupKind, BackupManifest, Capture, Checkpoint, Consistency, DiskManifest, MANIFEST_VERSION,
     ResourceKind, manual_name, new_backup_id, now_rfc3339,
@@ -83,16 +82,7 @@ impl BackupOptions {
     }
 }
 
-/// What to read and what to start from.
-pub struct ReadPlan {
-    /// Extents to read (sorted, non-overlapping).
-    pub extents: Vec<Extent>,
-    /// Previous index whose unread slots are kept (incremental), or None (full).
-    pub base: Option<IndexRoot>,
-    pub kind: BackupKind,
-    pub strategy: String,
-    pub parent: Option<String>,
-}
+pub use crate::cbt::ReadPlan;
 
 /// Outcome of one disk's pipeline run.
 pub struct DiskOutcome {

@@ -6,8 +6,6 @@
 use blockvault::ErrorKind;
 use serde_json::json;
 
-use super::remote::Refused;
-
 /// A usage error raised by the command line itself (a bad combination of flags):
 /// exit code 2, like clap's own.
 #[derive(Debug)]
@@ -161,3 +159,23 @@ pub fn fail(class: Class, message: &str, json: bool) -> ! {
     super::output::write_err(format_args!("error: {message}"));
     std::process::exit(class.code)
 }
+
+/// A non-2xx answer: the status and the appliance's own message.
+#[derive(Debug)]
+pub struct Refused {
+    pub what: String,
+    pub status: u16,
+    pub msg: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the appliance refused {} ({}): {}",
+            self.what, self.status, self.msg
+        )
+    }
+}
+
+impl std::error::Error for Refused {}

@@ -6,8 +6,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::args::{Cli, TasksCmd};
+use super::client::{Remote, seg};
 use super::output::{human, table};
-use super::remote::{Remote, seg};
 use blockvault::app::App;
 use blockvault::task::TaskInfo;
 

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use super::proto::*;
 use super::uri::{NbdUri, Transport};
 use crate::error::{Error, ErrorKind, Result};
-use crate::source::MAX_DISK_SIZE;
+use crate::extent::MAX_DISK_SIZE;
 
 mod read;
 mod reassembly;
@@ -585,14 +585,14 @@ impl NbdClient {
         context: &str,
         mask: u32,
         want_set: bool,
-    ) -> Result<Vec<crate::source::Extent>> {
+    ) -> Result<Vec<crate::extent::Extent>> {
         let mut out = Vec::new();
         let mut pos = 0u64;
         while pos < self.size {
             let st = self.block_status(context, pos, self.size - pos)?;
             for e in st {
                 if ((e.flags & mask) != 0) == want_set {
-                    crate::source::push_extent(&mut out, e.offset, e.length);
+                    crate::extent::push_extent(&mut out, e.offset, e.length);
                 }
                 pos = e.offset + e.length;
             }

@@ -25,8 +25,8 @@ use std::time::Instant;
 use super::reassembly::Coverage;
 use super::{MAX_SMALL_PAYLOAD, NbdClient};
 use crate::error::{Error, ErrorKind, Result};
+use crate::extent::Extent;
 use crate::nbd::proto::*;
-use crate::source::Extent;
 
 /// Requests in flight per plain read call.
 const IN_FLIGHT: usize = 16;
