@@ -3,7 +3,7 @@
 use axum::Json;
 use serde_json::{Map, Value, json};
 
-use super::ROUTES;
+use super::{ANONYMOUS, ROUTES};
 
 /// The document as JSON.
 pub fn build() -> Value {
@@ -26,10 +26,15 @@ pub fn build() -> Value {
             ok.into(),
             json!({"description": "success", "content": {"application/json": {}}}),
         );
+        let anonymous = r.method == "GET" && ANONYMOUS.contains(&r.path);
         for (code, what) in [
             ("401", "no or unknown token"),
             ("403", "the token's role may not"),
         ] {
+            if anonymous && code == "401" {
+                responses.insert(code.into(), json!({"description": "unknown token"}));
+                continue;
+            }
             responses.insert(code.into(), json!({"description": what}));
         }
         let mut op = json!({
@@ -38,6 +43,11 @@ pub fn build() -> Value {
             "security": [{"bearer": []}],
             "responses": responses,
         });
+        if anonymous {
+            // Without a token: `{"status": "ok"}` only; the role applies to the full answer.
+            op["security"] = json!([{}, {"bearer": []}]);
+            op["x-anonymous"] = json!(true);
+        }
         if !params.is_empty() {
             op["parameters"] = Value::Array(params);
         }

@@ -173,8 +173,26 @@ fn every_endpoint_needs_a_token_and_the_right_role_and_is_audited() {
             ("POST", _) => Some(json!({})),
             _ => None,
         };
-        let (s, _) = srv.call(method, &path, None, body.clone());
-        assert_eq!(s, 401, "{method} {path} without a token");
+        let (s, v) = srv.call(method, &path, None, body.clone());
+        if (method.as_str(), pattern.as_str()) == ("GET", "/health") {
+            // The one route that answers without a token: the status and nothing else.
+            assert_eq!(s, 200, "GET /health without a token: {v}");
+            assert_eq!(
+                v,
+                json!({"status": "ok"}),
+                "anonymous health says only the status"
+            );
+            let (s, full) = srv.call(method, &path, Some(&aud), None);
+            assert_eq!(s, 200);
+            assert!(
+                full.get("tasks_running").is_some(),
+                "full health with a token: {full}"
+            );
+            let (s, _) = srv.call(method, &path, Some("not-a-token"), None);
+            assert_eq!(s, 401, "GET /health with an unknown token");
+        } else {
+            assert_eq!(s, 401, "{method} {path} without a token");
+        }
         let weaker = match role.as_str() {
             "admin" => Some(&op),
             "operator" => Some(&aud),
