@@ -316,7 +316,12 @@ pub struct BackupArgs {
     /// previous backup of this disk read: read only the overlay's own clusters.
     #[arg(long, conflicts_with = "changed_extents")]
     pub since_base: bool,
-    /// JSON list of changed extents [{"start":…,"length":…}] (VMware CBT shape).
+    /// JSON file of changed extents: `[{"start":…,"length":…}]`, or
+    /// `{"since":…,"extents":[…]}`, or vSphere's QueryChangedDiskAreas answer as govc or
+    /// pyVmomi print it (a DiskChangeInfo `{"startOffset":…,"length":…,"changedArea":[…]}`,
+    /// or a JSON list of its pages, merged). A DiskChangeInfo must cover the whole disk
+    /// (startOffset + length over [0, disk size), every area inside its page), else the
+    /// backup is refused.
     #[arg(long)]
     pub changed_extents: Option<PathBuf>,
     /// The backup (id or name) the change list is relative to (default: the latest).

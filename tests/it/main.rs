@@ -22,3 +22,4 @@ mod server;
 mod service;
 mod sources;
 mod vault;
+mod vsphere_cbt;
