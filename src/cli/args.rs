@@ -140,6 +140,9 @@ pub enum Cmd {
         /// Verify only this backup (id, unique id prefix or name).
         backup: Option<String>,
     },
+    /// The `blockvault-…` dirty bitmaps in a live QEMU's disks: list them, retire unused ones.
+    #[command(subcommand)]
+    Bitmaps(BitmapsCmd),
     /// Measure this machine's hashing, compression, lookup and pack speeds.
     Benchmark {
         /// zstd level to measure.
@@ -384,6 +387,31 @@ pub struct RestoreArgs {
     /// ranges and keep the image; exits 5 (corrupt) when anything was unreadable.
     #[arg(long)]
     pub keep_going: bool,
+}
+
+#[derive(Subcommand)]
+pub enum BitmapsCmd {
+    /// Every named dirty bitmap of every node: granularity, dirty bytes, persistent, and
+    /// whether a backup in the catalog records it as its checkpoint (in use).
+    List {
+        /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
+        target: String,
+    },
+    /// Remove `blockvault-…` bitmaps no backup in the catalog uses (or only the NAMEs).
+    /// The checkpoint of a disk's latest backup is never removed unless named with --force.
+    Retire {
+        /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
+        target: String,
+        /// With NAMEs: still keep those a backup in the catalog records.
+        #[arg(long)]
+        keep_used: bool,
+        /// Remove a named bitmap even if it is the checkpoint of a disk's latest backup
+        /// (the next backup of that disk then reads everything).
+        #[arg(long)]
+        force: bool,
+        /// Bitmaps to remove (default: every unused `blockvault-…` bitmap).
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

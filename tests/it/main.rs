@@ -5,6 +5,7 @@ mod common;
 
 mod appliance;
 mod backup;
+mod bitmaps;
 mod catalog_full;
 mod cli;
 mod export;
