@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Env, random_bytes, s, sh, u};
+use crate::common::{Env, random_bytes, sh, u};
 use crate::qsd::Qsd;
 
 const MIB: u64 = 1 << 20;
@@ -139,5 +139,4 @@ fn retire_removes_exactly_the_stale_bitmap_and_the_chains_stay_incremental() {
     assert_eq!(d["strategy"], "bitmap", "{d}");
     assert_eq!(u(d, "chunks_read"), 2, "{d}");
     assert_eq!(u(d, "bytes_read"), 2 * CHUNK, "{d}");
-    let _ = s(&m, "id");
 }
