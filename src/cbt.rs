@@ -44,6 +44,9 @@ pub enum ChangeHint {
     ChangeList {
         extents: Vec<Extent>,
         since: Option<String>,
+        /// For a vSphere `DiskChangeInfo`: the ranges its answer covers; must be the
+        /// whole disk.
+        covers: Option<Vec<Extent>>,
     },
 }
 
@@ -54,16 +57,45 @@ pub struct Decision {
     pub note: Option<String>,
 }
 
-/// Parse a change list: `[{"start": N, "length": N}, ...]` (VMware
-/// QueryChangedDiskAreas' shape), or `{"since": "...", "extents": [...]}`.
-pub fn parse_change_list(
-    bytes: &[u8],
-    disk_size: Option<u64>,
-) -> Result<(Vec<Extent>, Option<String>)> {
+/// A parsed change list: the changed extents (sorted, merged), the backup it is relative
+/// to if the file names one, and, for vSphere's `DiskChangeInfo` form, the byte ranges
+/// the answer speaks for (merged), which must cover the whole disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeList {
+    pub extents: Vec<Extent>,
+    pub since: Option<String>,
+    pub covers: Option<Vec<Extent>>,
+}
+
+/// Parse a change list. Accepted shapes:
+/// ```text
+/// [{"start": N, "length": N}, ...]                          plain list of changed areas
+/// {"since": "ID|NAME", "extents": [{"start", "length"}...]}  the same, naming its parent
+/// {"startOffset": N, "length": N, "changedArea": [...]}      vSphere QueryChangedDiskAreas
+///                                                            (DiskChangeInfo) as printed
+///                                                            by govc / pyVmomi
+/// [DiskChangeInfo, ...]                                      several pages of that answer
+/// ```
+/// In a `DiskChangeInfo`, every changed area must lie inside `[startOffset,
+/// startOffset + length)`; the pages' ranges together must cover the whole disk (checked
+/// here when `disk_size` is given, and always by [`decide`]), since an area outside what
+/// vSphere was asked about may have changed without being listed.
+pub fn parse_change_list(bytes: &[u8], disk_size: Option<u64>) -> Result<ChangeList> {
     #[derive(Deserialize)]
     struct Area {
+        #[serde(alias = "Start")]
         start: u64,
+        #[serde(alias = "Length")]
         length: u64,
+    }
+    #[derive(Deserialize)]
+    struct DiskChangeInfo {
+        #[serde(rename = "startOffset", alias = "StartOffset")]
+        start_offset: u64,
+        #[serde(alias = "Length")]
+        length: u64,
+        #[serde(rename = "changedArea", alias = "ChangedArea", default)]
+        changed_area: Vec<Area>,
     }
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -73,28 +105,119 @@ pub fn parse_change_list(
             since: Option<String>,
             extents: Vec<Area>,
         },
+        Info(DiskChangeInfo),
+        Pages(Vec<DiskChangeInfo>),
     }
     let list: List = serde_json::from_slice(bytes).map_err(|e| {
-        Error::invalid("change list is not a JSON list of {start, length}").with_source(e)
+        Error::invalid(
+            "change list is none of the accepted shapes: [{start, length}…], \
+             {since, extents: [{start, length}…]}, a vSphere DiskChangeInfo \
+             {startOffset, length, changedArea: [{start, length}…]} or a list of them",
+        )
+        .with_source(e)
     })?;
-    let (areas, since) = match list {
-        List::Plain(a) => (a, None),
-        List::Wrapped { since, extents } => (extents, since),
+    let (areas, since, pages) = match list {
+        List::Plain(a) => (a, None, None),
+        List::Wrapped { since, extents } => (extents, since, None),
+        List::Info(i) => (Vec::new(), None, Some(vec![i])),
+        List::Pages(p) => (Vec::new(), None, Some(p)),
     };
     let mut sorted: Vec<Extent> = Vec::with_capacity(areas.len());
-    for a in areas.into_iter().filter(|a| a.length > 0) {
+    let add = |sorted: &mut Vec<Extent>, a: Area, inside: Option<&Extent>| -> Result<()> {
+        if a.length == 0 {
+            return Ok(());
+        }
         let e = Extent::new(a.start, a.length).map_err(|e| e.context_prefix("change list"))?;
+        if let Some(page) = inside
+            && (e.offset < page.offset || e.offset + e.length > page.offset + page.length)
+        {
+            return Err(Error::invalid(format!(
+                "change list: changed area at byte {} ({} bytes) lies outside its \
+                 DiskChangeInfo's range [{}, {}); the answer is inconsistent, ask vSphere again",
+                e.offset,
+                e.length,
+                page.offset,
+                page.offset + page.length
+            )));
+        }
         if let Some(size) = disk_size {
             check_change(&e, size)?;
         }
         sorted.push(e);
+        Ok(())
+    };
+    for a in areas {
+        add(&mut sorted, a, None)?;
     }
+    let covers = match pages {
+        None => None,
+        Some(pages) => {
+            let mut ranges = Vec::with_capacity(pages.len());
+            for p in pages {
+                let page = Extent::new(p.start_offset, p.length).map_err(|e| {
+                    e.context_prefix("change list: DiskChangeInfo startOffset + length")
+                })?;
+                for a in p.changed_area {
+                    add(&mut sorted, a, Some(&page))?;
+                }
+                if page.length > 0 {
+                    ranges.push(page);
+                }
+            }
+            ranges.sort();
+            let mut merged = Vec::new();
+            for r in ranges {
+                push_extent(&mut merged, r.offset, r.length);
+            }
+            if let Some(size) = disk_size {
+                check_covers(&merged, size)?;
+            }
+            Some(merged)
+        }
+    };
     sorted.sort();
     let mut out = Vec::new();
     for e in sorted {
         push_extent(&mut out, e.offset, e.length);
     }
-    Ok((out, since))
+    Ok(ChangeList {
+        extents: out,
+        since,
+        covers,
+    })
+}
+
+/// Refuse a vSphere answer whose ranges (merged, sorted) do not cover exactly
+/// `[0, size)`: a part it does not speak for may have changed unseen, and a range past the
+/// end means the answer is for another disk.
+fn check_covers(covers: &[Extent], size: u64) -> Result<()> {
+    const WHAT: &str = "change list (--changed-extents): refusing the vSphere DiskChangeInfo";
+    let mut next = 0u64;
+    for r in covers {
+        if r.offset > next {
+            return Err(Error::invalid(format!(
+                "{WHAT}: it does not cover bytes [{next}, {}) of the {size}-byte disk, so \
+                 changes there would be missed; query QueryChangedDiskAreas from offset \
+                 {next} and pass every page (a JSON list of them)",
+                r.offset.min(size)
+            )));
+        }
+        next = next.max(r.offset + r.length);
+    }
+    if next < size {
+        return Err(Error::invalid(format!(
+            "{WHAT}: it covers only bytes [0, {next}) of the {size}-byte disk, so changes \
+             past {next} would be missed; query QueryChangedDiskAreas from offset {next} \
+             and pass every page (a JSON list of them)"
+        )));
+    }
+    if next > size {
+        return Err(Error::invalid(format!(
+            "{WHAT}: it speaks for bytes up to {next}, past the end of this {size}-byte disk; \
+             it was made for another disk (or the disk was resized)"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuse a changed extent that overflows or lies past the end of a disk of `size` bytes:
@@ -139,9 +262,15 @@ pub fn decide(
     hint: &ChangeHint,
 ) -> Result<Decision> {
     let size = source.size();
-    if let ChangeHint::ChangeList { extents, .. } = hint {
+    if let ChangeHint::ChangeList {
+        extents, covers, ..
+    } = hint
+    {
         for e in extents {
             check_change(e, size)?;
+        }
+        if let Some(c) = covers {
+            check_covers(c, size)?;
         }
     }
     let prev = previous(vault, resource, disk_id)?;
@@ -195,7 +324,7 @@ pub fn decide(
                 }
             }
         }
-        (ChangeHint::ChangeList { extents, since }, Ok((m, _, root))) => match since {
+        (ChangeHint::ChangeList { extents, since, .. }, Ok((m, _, root))) => match since {
             Some(s) if *s != m.id && *s != m.name => Err(format!(
                 "the change list is relative to {s}, but the latest backup of this disk is {} ({})",
                 m.name, m.id
@@ -281,11 +410,16 @@ mod tests {
 
     #[test]
     fn change_lists_parse_in_both_shapes_and_merge() {
-        let (e, s) = parse_change_list(
+        let ChangeList {
+            extents: e,
+            since: s,
+            covers,
+        } = parse_change_list(
             br#"[{"start":0,"length":10},{"start":5,"length":10},{"start":100,"length":1}]"#,
             Some(200),
         )
         .unwrap();
+        assert!(covers.is_none());
         assert_eq!(
             e,
             vec![
@@ -300,13 +434,13 @@ mod tests {
             ]
         );
         assert!(s.is_none());
-        let (e, s) = parse_change_list(
+        let l = parse_change_list(
             br#"{"since":"b1","extents":[{"start":4096,"length":4096}]}"#,
             None,
         )
         .unwrap();
-        assert_eq!(e.len(), 1);
-        assert_eq!(s.as_deref(), Some("b1"));
+        assert_eq!(l.extents.len(), 1);
+        assert_eq!(l.since.as_deref(), Some("b1"));
         assert!(parse_change_list(br#"[{"start":190,"length":20}]"#, Some(200)).is_err());
         assert!(parse_change_list(b"nope", None).is_err());
     }
@@ -322,5 +456,80 @@ mod tests {
         assert!(e.to_string().contains("past the disk end"), "{e}");
         // An extent ending exactly at the end is fine.
         parse_change_list(br#"[{"start":100,"length":100}]"#, Some(200)).unwrap();
+    }
+
+    fn ext(offset: u64, length: u64) -> Extent {
+        Extent { offset, length }
+    }
+
+    #[test]
+    fn a_vsphere_disk_change_info_is_accepted_as_printed() {
+        // As govc / pyVmomi print QueryChangedDiskAreas' answer (extra fields ignored).
+        let l = parse_change_list(
+            br#"{"_vimtype":"vim.vm.DiskChangeInfo","startOffset":0,"length":1000,
+                "changedArea":[{"_vimtype":"vim.vm.DiskChangeInfo.DiskChangeExtent","start":100,"length":50},
+                               {"start":10,"length":5}]}"#,
+            Some(1000),
+        )
+        .unwrap();
+        assert_eq!(l.extents, vec![ext(10, 5), ext(100, 50)]);
+        assert_eq!(l.covers, Some(vec![ext(0, 1000)]));
+        assert!(l.since.is_none());
+        // Go field names (older govc -json).
+        let l = parse_change_list(
+            br#"{"StartOffset":0,"Length":1000,"ChangedArea":[{"Start":0,"Length":1}]}"#,
+            Some(1000),
+        )
+        .unwrap();
+        assert_eq!(l.extents, vec![ext(0, 1)]);
+        // No changes at all: an empty (or absent) changedArea.
+        let l = parse_change_list(br#"{"startOffset":0,"length":1000}"#, Some(1000)).unwrap();
+        assert!(l.extents.is_empty());
+    }
+
+    #[test]
+    fn pages_of_disk_change_info_are_merged() {
+        let l = parse_change_list(
+            br#"[{"startOffset":500,"length":500,"changedArea":[{"start":990,"length":10}]},
+                 {"startOffset":0,"length":500,"changedArea":[{"start":0,"length":10},{"start":490,"length":10}]}]"#,
+            Some(1000),
+        )
+        .unwrap();
+        assert_eq!(l.extents, vec![ext(0, 10), ext(490, 10), ext(990, 10)]);
+        assert_eq!(l.covers, Some(vec![ext(0, 1000)]));
+    }
+
+    #[test]
+    fn a_disk_change_info_that_does_not_cover_the_disk_is_refused() {
+        // Stops short of the end.
+        let e = parse_change_list(
+            br#"{"startOffset":0,"length":600,"changedArea":[]}"#,
+            Some(1000),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::InvalidFormat);
+        assert!(e.to_string().contains("covers only bytes [0, 600)"), "{e}");
+        // A gap between pages.
+        let e = parse_change_list(
+            br#"[{"startOffset":0,"length":400},{"startOffset":500,"length":500}]"#,
+            Some(1000),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("[400, 500)"), "{e}");
+        // Past the end: made for another disk.
+        let e = parse_change_list(br#"{"startOffset":0,"length":2000}"#, Some(1000)).unwrap_err();
+        assert!(e.to_string().contains("another disk"), "{e}");
+        // An area outside its own page.
+        let e = parse_change_list(
+            br#"{"startOffset":0,"length":1000,"changedArea":[{"start":990,"length":20}]}"#,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("outside its"), "{e}");
+        // Without the disk size the coverage is kept for decide() to check.
+        let l = parse_change_list(br#"{"startOffset":0,"length":600}"#, None).unwrap();
+        assert_eq!(l.covers, Some(vec![ext(0, 600)]));
+        assert!(check_covers(l.covers.as_deref().unwrap(), 1000).is_err());
+        assert!(check_covers(l.covers.as_deref().unwrap(), 600).is_ok());
     }
 }

@@ -140,6 +140,9 @@ pub enum Cmd {
         /// Verify only this backup (id, unique id prefix or name).
         backup: Option<String>,
     },
+    /// The `blockvault-…` dirty bitmaps in a live QEMU's disks: list them, retire unused ones.
+    #[command(subcommand)]
+    Bitmaps(BitmapsCmd),
     /// Measure this machine's hashing, compression, lookup and pack speeds.
     Benchmark {
         /// zstd level to measure.
@@ -316,7 +319,12 @@ pub struct BackupArgs {
     /// previous backup of this disk read: read only the overlay's own clusters.
     #[arg(long, conflicts_with = "changed_extents")]
     pub since_base: bool,
-    /// JSON list of changed extents [{"start":…,"length":…}] (VMware CBT shape).
+    /// JSON file of changed extents: `[{"start":…,"length":…}]`, or
+    /// `{"since":…,"extents":[…]}`, or vSphere's QueryChangedDiskAreas answer as govc or
+    /// pyVmomi print it (a DiskChangeInfo `{"startOffset":…,"length":…,"changedArea":[…]}`,
+    /// or a JSON list of its pages, merged). A DiskChangeInfo must cover the whole disk
+    /// (startOffset + length over [0, disk size), every area inside its page), else the
+    /// backup is refused.
     #[arg(long)]
     pub changed_extents: Option<PathBuf>,
     /// The backup (id or name) the change list is relative to (default: the latest).
@@ -379,6 +387,31 @@ pub struct RestoreArgs {
     /// ranges and keep the image; exits 5 (corrupt) when anything was unreadable.
     #[arg(long)]
     pub keep_going: bool,
+}
+
+#[derive(Subcommand)]
+pub enum BitmapsCmd {
+    /// Every named dirty bitmap of every node: granularity, dirty bytes, persistent, and
+    /// whether a backup in the catalog records it as its checkpoint (in use).
+    List {
+        /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
+        target: String,
+    },
+    /// Remove `blockvault-…` bitmaps no backup in the catalog uses (or only the NAMEs).
+    /// The checkpoint of a disk's latest backup is never removed unless named with --force.
+    Retire {
+        /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
+        target: String,
+        /// With NAMEs: still keep those a backup in the catalog records.
+        #[arg(long)]
+        keep_used: bool,
+        /// Remove a named bitmap even if it is the checkpoint of a disk's latest backup
+        /// (the next backup of that disk then reads everything).
+        #[arg(long)]
+        force: bool,
+        /// Bitmaps to remove (default: every unused `blockvault-…` bitmap).
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -39,11 +39,12 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         ChangeHint::SinceBase
     } else if let Some(f) = changed_extents {
         let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-        let (extents, in_file) = parse_change_list(&bytes, None)
+        let list = parse_change_list(&bytes, None)
             .with_context(|| format!("change list {}", f.display()))?;
         ChangeHint::ChangeList {
-            extents,
-            since: since.clone().or(in_file),
+            extents: list.extents,
+            since: since.clone().or(list.since),
+            covers: list.covers,
         }
     } else {
         ChangeHint::Auto

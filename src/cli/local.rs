@@ -116,6 +116,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Backup(ref a) => return super::backup::run(cli, a),
+        Cmd::Bitmaps(ref b) => return super::bitmaps::run(cli, b),
         Cmd::Backups(BackupsCmd::List {
             ref vault,
             ref disk,

@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod backup;
+pub mod bitmaps;
 pub mod client;
 pub mod exit;
 pub mod local;

@@ -208,6 +208,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         Cmd::Gc { .. } => return Err(not_remote("gc")),
         Cmd::Verify { .. } => return Err(not_remote("verify")),
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
+        Cmd::Bitmaps(_) => return Err(not_remote("bitmaps")),
     }
     Ok(0)
 }

@@ -5,6 +5,7 @@ mod common;
 
 mod appliance;
 mod backup;
+mod bitmaps;
 mod catalog_full;
 mod cli;
 mod export;
@@ -22,3 +23,4 @@ mod server;
 mod service;
 mod sources;
 mod vault;
+mod vsphere_cbt;
