@@ -262,6 +262,36 @@ pub fn local_addr(l: &tokio::net::TcpListener) -> Option<SocketAddr> {
     l.local_addr().ok()
 }
 
+/// `<data>/serve.lock`, held exclusively for the life of a `serve`: a second appliance
+/// on the same data dir would mark the first one's running tasks cancelled and run its
+/// policies twice, so it is refused before it touches anything.
+fn lock_data_dir(data: &std::path::Path) -> crate::Result<std::fs::File> {
+    std::fs::create_dir_all(data)
+        .map_err(|e| Error::io(format!("creating {}", data.display()), e))?;
+    let path = data.join("serve.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "another blockvault serve already runs on the data dir {} (it holds {}); \
+                 stop it first, or give this one another --data",
+                data.display(),
+                path.display()
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(Error::io(format!("locking {}", path.display()), e))
+        }
+    }
+}
+
 /// Run the appliance: API + scheduler + task runner, until SIGTERM or SIGINT. Running
 /// tasks are then cancelled (and recorded so) within the configured grace time.
 /// `ready` is called with the bound address once the API accepts connections.
@@ -273,6 +303,7 @@ pub fn run_appliance(
         .enable_all()
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
+    let _serving = lock_data_dir(&config.data)?;
     let app = App::open(&config.data)?;
     for p in app.sweep_dead_restores()? {
         tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");

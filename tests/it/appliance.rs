@@ -167,3 +167,29 @@ fn the_systemd_unit_runs_serve_as_its_own_user_restarts_and_is_hardened() {
         assert!(has(kv), "the unit lacks {kv}");
     }
 }
+
+#[test]
+fn a_second_serve_on_the_same_data_dir_refuses_to_start_and_the_first_keeps_answering() {
+    let env = Env::new();
+    let token = token(&env, "admin", "first");
+    let first = Appliance::start(&env, &[]);
+    let second = env
+        .cmd()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("running a second serve");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(4), "{err}");
+    assert!(err.contains("another blockvault serve"), "{err}");
+    assert!(
+        String::from_utf8_lossy(&second.stdout).is_empty(),
+        "the second serve must not say it listens"
+    );
+    // The first appliance is untouched: it answers, with its token, as before.
+    let health = first.ok("GET", "/health", &token, None, 200);
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(first.stop(), "the first serve stops cleanly");
+    // Once it is gone, a new serve on the same data dir starts.
+    let again = Appliance::start(&env, &[]);
+    assert!(again.stop());
+}
