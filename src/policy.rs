@@ -77,7 +77,16 @@ impl Schedule {
         let cron = parser.parse(trimmed);
         let cron = cron.map_err(|e| format!("schedule {expr:?}: {e}"))?;
         let expr = trimmed.to_string();
-        Ok(Schedule { expr, cron })
+        let schedule = Schedule { expr, cron };
+        // A schedule that can never fire (`0 0 31 2 *`) would be searched for ever by
+        // the scheduler and protect nothing: refuse it when it is saved.
+        if schedule.next_after(OffsetDateTime::now_utc()).is_none() {
+            return Err(format!(
+                "schedule {:?} never fires (no such date): check the day and month fields",
+                schedule.expr
+            ));
+        }
+        Ok(schedule)
     }
 
     /// The expression as parsed (surrounding whitespace removed).
@@ -265,6 +274,16 @@ pub fn plan(retention: &Retention, candidates: &[Candidate], now: OffsetDateTime
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_schedule_that_never_fires_is_refused() {
+        let e = Schedule::parse("0 0 31 2 *").unwrap_err();
+        assert!(e.contains("never fires"), "{e}");
+        let e = Schedule::parse("0 0 0 30 2 *").unwrap_err();
+        assert!(e.contains("never fires"), "{e}");
+        assert!(Schedule::parse("0 0 29 2 *").is_ok(), "leap days do fire");
+    }
+
     use super::*;
     use time::format_description::well_known::Rfc3339;
 

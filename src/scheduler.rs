@@ -110,8 +110,9 @@ fn parse_time(s: &str) -> Option<OffsetDateTime> {
 }
 
 fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>) {
-    // Next fire time per policy (by name, with its schedule text to notice edits).
-    let mut next: HashMap<String, (String, OffsetDateTime)> = HashMap::new();
+    // Next fire time per policy (by name, with its schedule text to notice edits);
+    // None: the schedule is invalid or never fires, skipped until it is edited.
+    let mut next: HashMap<String, (String, Option<OffsetDateTime>)> = HashMap::new();
     let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         if let Err(e) = tick(&data, &tasks, &mut next, first) {
@@ -125,7 +126,7 @@ fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>) {
 fn tick(
     data: &Path,
     tasks: &Tasks,
-    next: &mut HashMap<String, (String, OffsetDateTime)>,
+    next: &mut HashMap<String, (String, Option<OffsetDateTime>)>,
     first: bool,
 ) -> Result<()> {
     let catalog = Catalog::open(data)?;
@@ -133,11 +134,24 @@ fn tick(
     let now = OffsetDateTime::now_utc();
     next.retain(|name, _| policies.iter().any(|p| &p.name == name && p.enabled));
     for p in policies.iter().filter(|p| p.enabled) {
+        if let Some((expr, None)) = next.get(&p.name)
+            && *expr == p.schedule
+        {
+            continue;
+        }
         let Ok(schedule) = Schedule::parse(&p.schedule) else {
+            // Saved before such schedules were refused: searching it again on every tick
+            // would burn a core for nothing.
+            tracing::warn!(
+                policy = p.name,
+                schedule = p.schedule,
+                "the schedule is invalid or never fires; skipped until it is changed"
+            );
+            next.insert(p.name.clone(), (p.schedule.clone(), None));
             continue;
         };
         let due = match next.get(&p.name) {
-            Some((expr, at)) if *expr == p.schedule => *at <= now,
+            Some((expr, Some(at))) if *expr == p.schedule => *at <= now,
             _ => {
                 // New to this process (or edited): a missed slot since the last run
                 // runs once, at start only.
@@ -146,9 +160,8 @@ fn tick(
                     .and_then(|s| parse_time(&s));
                 let missed = first && last.is_some_and(|l| schedule.missed(l, now).is_some());
                 if !missed {
-                    if let Some(at) = schedule.next_after(now) {
-                        next.insert(p.name.clone(), (p.schedule.clone(), at));
-                    }
+                    let at = schedule.next_after(now);
+                    next.insert(p.name.clone(), (p.schedule.clone(), at));
                     continue;
                 }
                 tracing::info!(
@@ -165,14 +178,10 @@ fn tick(
         if let Err(e) = run_policy(data, tasks, p, "scheduler") {
             tracing::error!(policy = p.name, "queueing backups failed: {e}");
         }
-        match schedule.next_after(now) {
-            Some(at) => {
-                next.insert(p.name.clone(), (p.schedule.clone(), at));
-            }
-            None => {
-                next.remove(&p.name);
-            }
-        }
+        next.insert(
+            p.name.clone(),
+            (p.schedule.clone(), schedule.next_after(now)),
+        );
     }
     Ok(())
 }

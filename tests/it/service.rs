@@ -49,6 +49,10 @@ fn every_endpoint_needs_a_token_and_the_right_role_and_is_audited() {
     for p in ["p1", "tmpp"] {
         srv.ok("POST", "/policies", &admin, Some(json!({"name": p, "schedule": "0 3 * * *", "retention": {"keep_last": 3}, "resources": ["r1"], "enabled": false})), 201);
     }
+    // A schedule that can never fire is refused when saved, and nothing is stored.
+    let refused = srv.ok("POST", "/policies", &admin, Some(json!({"name": "feb31", "schedule": "0 0 31 2 *", "retention": {"keep_last": 3}, "resources": ["r1"]})), 400);
+    assert!(refused.to_string().contains("never fires"), "{refused}");
+    srv.ok("GET", "/policies/feb31", &admin, None, 404);
     let mut backups = Vec::new();
     let mut task = String::new();
     for _ in 0..3 {
