@@ -31,46 +31,20 @@ pub struct Class {
     pub kind: &'static str,
 }
 
-pub const FAILED: Class = Class {
-    code: 1,
-    kind: "failed",
-};
-pub const USAGE: Class = Class {
-    code: 2,
-    kind: "usage",
-};
-pub const NOT_FOUND: Class = Class {
-    code: 3,
-    kind: "not_found",
-};
-pub const CONFLICT: Class = Class {
-    code: 4,
-    kind: "conflict",
-};
-pub const CORRUPT: Class = Class {
-    code: 5,
-    kind: "corrupt",
-};
-pub const INVALID: Class = Class {
-    code: 6,
-    kind: "invalid_input",
-};
-pub const IO: Class = Class {
-    code: 7,
-    kind: "io",
-};
-pub const FULL: Class = Class {
-    code: 8,
-    kind: "full",
-};
-pub const DENIED: Class = Class {
-    code: 9,
-    kind: "denied",
-};
-pub const CANCELLED: Class = Class {
-    code: 130,
-    kind: "cancelled",
-};
+const fn class(code: i32, kind: &'static str) -> Class {
+    Class { code, kind }
+}
+
+pub const FAILED: Class = class(1, "failed");
+pub const USAGE: Class = class(2, "usage");
+pub const NOT_FOUND: Class = class(3, "not_found");
+pub const CONFLICT: Class = class(4, "conflict");
+pub const CORRUPT: Class = class(5, "corrupt");
+pub const INVALID: Class = class(6, "invalid_input");
+pub const IO: Class = class(7, "io");
+pub const FULL: Class = class(8, "full");
+pub const DENIED: Class = class(9, "denied");
+pub const CANCELLED: Class = class(130, "cancelled");
 
 fn of_kind(k: ErrorKind) -> Class {
     match k {

@@ -7,7 +7,7 @@
 //! error and on cancel alike. The daemon gets:
 //!
 //! ```text
-//! <tmp>/bv-qsd-XXXX/          private directory, mode 0700, removed afterwards
+//! <tmp>/bv-qsd-<random>/      private directory, mode 0700, removed afterwards
 //!     nbd.sock                the NBD server's unix socket (only this process can reach it)
 //!     daemon.log              the daemon's stderr, quoted in errors
 //!     owner                   "<blockvault pid>\n", for the orphan sweep
