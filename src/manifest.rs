@@ -38,6 +38,9 @@ pub struct Checkpoint {
     /// Dirty bitmap that records every change after this backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// QEMU block node that holds `bitmap` (live captures; absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Consistency a backup really achieved (DESIGN §4).

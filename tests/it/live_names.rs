@@ -1,0 +1,280 @@
+//! Live disks are named stably and every chain keeps its bitmap: against a real VM
+//! started as libvirt starts one (`-blockdev` + `-device virtio-blk-pci,id=vdiskN`) and a
+//! real qemu-storage-daemon.
+
+use serde_json::{Value, json};
+
+use crate::common::{Env, sh, u};
+use crate::qsd::Qsd;
+use crate::vm::{Vm, VmDisk};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn image(env: &Env, name: &str, fill: u8) -> std::path::PathBuf {
+    let q = env.path(&format!("{name}.qcow2"));
+    let p = q.to_str().unwrap();
+    sh("qemu-img", &["create", "-q", "-f", "qcow2", p, "16M"]);
+    let w = format!("write -P {fill} 0 2M");
+    sh("qemu-io", &["-f", "qcow2", "-c", &w, p]);
+    q
+}
+
+fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
+    m["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {m}"))
+}
+
+fn names(m: &Value) -> Vec<String> {
+    m["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn vm_backup(env: &Env, vm: &Vm, extra: &[&str]) -> Value {
+    let qmp = format!("qmp:{}", vm.qmp.display());
+    let mut args = vec!["backup", &qmp, "--vault", "v", "--id", "vm1"];
+    args.extend_from_slice(extra);
+    env.json(&args)
+}
+
+#[test]
+fn a_libvirt_style_vm_s_disks_are_named_by_device_id_the_same_with_or_without_nodes() {
+    let env = Env::new();
+    let (a, b) = (image(&env, "a", 0x11), image(&env, "b", 0x22));
+    let mut vm = Vm::start(
+        env.dir.path(),
+        1,
+        128,
+        &[
+            VmDisk {
+                image: &a,
+                bus: "virtio",
+            },
+            VmDisk {
+                image: &b,
+                bus: "virtio",
+            },
+        ],
+    );
+    let m1 = vm_backup(&env, &vm, &[]);
+    assert_eq!(names(&m1), ["vdisk0", "vdisk1"]);
+    assert_eq!(disk(&m1, "vdisk0")["kind"], "full");
+
+    // Same names on the next run: the chain goes on, reading one changed chunk.
+    vm.write("vdisk0", 5 * MIB, CHUNK, 0x5a);
+    let m2 = vm_backup(&env, &vm, &[]);
+    assert_eq!(names(&m2), ["vdisk0", "vdisk1"]);
+    for (name, read) in [("vdisk0", CHUNK), ("vdisk1", 0)] {
+        let d = disk(&m2, name);
+        assert_eq!(d["kind"], "incremental", "{d}");
+        assert_eq!(d["strategy"], "bitmap", "{d}");
+        assert_eq!(u(d, "bytes_read"), read, "{d}");
+    }
+
+    // --nodes naming one disk by its node, the other by its device id: same disks,
+    // same names, same chain.
+    vm.write("vdisk1", 9 * MIB, CHUNK, 0x6b);
+    let m3 = vm_backup(&env, &vm, &["--nodes", "libvirt-1-format,vdisk1"]);
+    assert_eq!(names(&m3), ["vdisk0", "vdisk1"]);
+    for (name, read) in [("vdisk0", 0), ("vdisk1", CHUNK)] {
+        let d = disk(&m3, name);
+        assert_eq!(d["strategy"], "bitmap", "{d}");
+        assert_eq!(u(d, "bytes_read"), read, "{d}");
+    }
+
+    // Back to default names: the --nodes run's bitmaps are this chain's checkpoints,
+    // nothing deleted them, and each disk holds exactly one bitmap of ours.
+    vm.write("vdisk0", 12 * MIB, CHUNK, 0x7c);
+    let m4 = vm_backup(&env, &vm, &[]);
+    for (name, read) in [("vdisk0", CHUNK), ("vdisk1", 0)] {
+        let d = disk(&m4, name);
+        assert_eq!(d["kind"], "incremental", "{d}");
+        assert_eq!(d["strategy"], "bitmap", "{d}");
+        assert_eq!(u(d, "bytes_read"), read, "{d}");
+        assert!(d.get("note").is_none(), "{d}");
+    }
+    for (node, name) in [
+        ("libvirt-1-format", "vdisk0"),
+        ("libvirt-2-format", "vdisk1"),
+    ] {
+        let cp = disk(&m4, name)["checkpoint"]["bitmap"].as_str().unwrap();
+        assert_eq!(vm.our_bitmaps(node), vec![cp.to_string()], "{node}");
+    }
+
+    // What was backed up last is what the disks hold now (QEMU flushes them on quit).
+    vm.quit();
+    let dir = env.path("r4");
+    let id = m4["id"].as_str().unwrap();
+    env.json(&["restore", id, "--to", dir.to_str().unwrap()]);
+    for (name, img) in [("vdisk0", &a), ("vdisk1", &b)] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["compare", "-q", "-U"])
+            .arg(dir.join(format!("{name}.raw")))
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} differs");
+    }
+}
+
+fn qsd_backup(env: &Env, qsd: &Qsd, vault: &str) -> Value {
+    let qmp = format!("qmp:{}", qsd.qmp.display());
+    let nbd = qsd.nbd.display().to_string();
+    env.json(&[
+        "backup",
+        &qmp,
+        "--vault",
+        vault,
+        "--id",
+        "srv",
+        "--nbd-server",
+        &nbd,
+    ])
+}
+
+#[test]
+fn two_chains_on_one_daemon_alternate_and_each_stays_incremental_with_one_bitmap_per_disk() {
+    let env = Env::new();
+    env.ok(&["vault", "create", "w"]);
+    let (a, b) = (image(&env, "a", 0x11), image(&env, "b", 0x22));
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a), ("b", &b)]);
+    let qmp = format!("qmp:{}", qsd.qmp.display());
+    // The same server name in two vaults: two chains.
+    let (v1, w1) = (qsd_backup(&env, &qsd, "v"), qsd_backup(&env, &qsd, "w"));
+    assert_eq!(disk(&v1, "a")["kind"], "full");
+    assert_eq!(disk(&w1, "a")["kind"], "full");
+    let mut last = (v1, w1);
+    // Each round writes one new chunk to a; v's backup sees it, w's sees it too, and
+    // every backup reads exactly what changed since its own chain's previous one.
+    for round in 0..2u64 {
+        qsd.client("a")
+            .write((3 + round) * MIB, &[round as u8 + 1; CHUNK as usize])
+            .unwrap();
+        let v = qsd_backup(&env, &qsd, "v");
+        qsd.client("a")
+            .write((8 + round) * MIB, &[round as u8 + 1; CHUNK as usize])
+            .unwrap();
+        let w = qsd_backup(&env, &qsd, "w");
+        for (m, chunks) in [(&v, 2 - u64::from(round == 0)), (&w, 2)] {
+            let d = disk(m, "a");
+            assert_eq!(d["kind"], "incremental", "round {round}: {d}");
+            assert_eq!(d["strategy"], "bitmap", "round {round}: {d}");
+            assert_eq!(u(d, "bytes_read"), chunks * CHUNK, "round {round}: {d}");
+            assert_eq!(u(disk(m, "b"), "bytes_read"), 0, "round {round}");
+        }
+        last = (v, w);
+    }
+    // After three backups per chain: exactly one bitmap of ours per disk per chain.
+    let cp = |m: &Value, n: &str| {
+        disk(m, n)["checkpoint"]["bitmap"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for n in ["a", "b"] {
+        let mut want = vec![cp(&last.0, n), cp(&last.1, n)];
+        want.sort();
+        let mut have = qsd.bitmaps(n);
+        have.sort();
+        assert_eq!(have, want, "node {n}");
+    }
+
+    // `bitmaps list` says whose each one is; a bitmap no chain uses is an orphan.
+    let orphan = "blockvault-0badf00d-20260101-000000";
+    qsd.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "a", "name": orphan, "persistent": true}),
+    );
+    qsd.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "b", "name": "user-bm"}),
+    );
+    let list = env.json(&["bitmaps", "list", &qmp]);
+    let row = |name: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+            .clone()
+    };
+    for (m, chain) in [(&last.0, "v/srv"), (&last.1, "w/srv")] {
+        let r = row(&cp(m, "a"));
+        assert_eq!(r["state"], "in-use", "{r}");
+        assert_eq!(r["chain"], chain, "{r}");
+        assert_eq!(r["checkpoint_of"], json!(["srv/a"]), "{r}");
+    }
+    assert_eq!(row(orphan)["state"], "orphan");
+    assert_eq!(row(orphan)["chain"], Value::Null);
+    assert_eq!(row("user-bm")["state"], "not-ours");
+
+    // retire needs --orphans or names; --orphans removes the orphan only.
+    let out = env.run(&["bitmaps", "retire", &qmp]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--orphans"));
+    let r = env.json(&["bitmaps", "retire", &qmp, "--orphans"]);
+    assert_eq!(r["removed"], json!([{"node": "a", "name": orphan}]), "{r}");
+    assert_eq!(qsd.bitmaps("a").len(), 2);
+    assert_eq!(qsd.bitmaps("b").len(), 3);
+    let v = qsd_backup(&env, &qsd, "v");
+    assert_eq!(disk(&v, "a")["strategy"], "bitmap");
+    assert_eq!(u(disk(&v, "a"), "bytes_read"), CHUNK);
+}
+
+#[test]
+fn a_run_that_died_after_its_instant_costs_the_chain_nothing() {
+    let env = Env::new();
+    let a = image(&env, "a", 0x11);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let m1 = qsd_backup(&env, &qsd, "v");
+    let old = disk(&m1, "a")["checkpoint"]["bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    qsd.client("a")
+        .write(3 * MIB, &[1; CHUNK as usize])
+        .unwrap();
+    // What a run SIGKILLed after its point in time leaves in the bitmaps: its own
+    // bitmap recording, the checkpoint disabled (the sweep of leftovers keeps bitmaps).
+    let (prefix, _) = old.rsplit_once('-').unwrap();
+    let dead = format!("{prefix}-dead");
+    qsd.exec(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": "a", "name": dead, "persistent": true}},
+            {"type": "block-dirty-bitmap-disable", "data": {"node": "a", "name": old}},
+        ]}),
+    );
+    qsd.client("a")
+        .write(7 * MIB, &[2; CHUNK as usize])
+        .unwrap();
+
+    let m2 = qsd_backup(&env, &qsd, "v");
+    let d = disk(&m2, "a");
+    assert_eq!(d["kind"], "incremental", "{d}");
+    assert_eq!(d["strategy"], "bitmap", "{d}");
+    // The change before the dead run's instant and the one after: nothing else.
+    assert_eq!(u(d, "bytes_read"), 2 * CHUNK, "{d}");
+    let cp = d["checkpoint"]["bitmap"].as_str().unwrap();
+    assert_eq!(qsd.bitmaps("a"), vec![cp.to_string()]);
+    let dir = env.path("r2");
+    env.json(&[
+        "restore",
+        m2["id"].as_str().unwrap(),
+        "--to",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(crate::common::images_equal(
+        &dir.join("a.raw"),
+        std::path::Path::new(&qsd.uri("a"))
+    ));
+}
