@@ -65,8 +65,9 @@ struct Use {
 fn uses(app: &App) -> Result<BTreeMap<String, Use>> {
     let mut out: BTreeMap<String, Use> = BTreeMap::new();
     // Latest backup per (vault, resource, disk id): entries come oldest first.
-    let mut latest: BTreeMap<(String, String, String), Option<(String, Option<String>)>> =
-        BTreeMap::new();
+    // (vault, resource, disk id) → (bitmap, node) of its latest backup.
+    type Latest = BTreeMap<(String, String, String), Option<(String, Option<String>)>>;
+    let mut latest: Latest = BTreeMap::new();
     for e in app.catalog().backups(None, None)? {
         for d in &e.manifest.disks {
             let b = d

@@ -29,6 +29,8 @@ pub(super) struct Disk {
     /// Name within the backup (see the module doc).
     pub name: String,
     pub node: String,
+    /// The device's QOM path (VMs), for its bus (`hardware`).
+    pub qdev: Option<String>,
     pub driver: String,
     pub size: u64,
     /// Bitmap of the previous backup, if it is still on the node.
@@ -74,6 +76,16 @@ impl Attached {
         self.node.clone()
     }
 
+    /// The device's QOM path: a bare id means `/machine/peripheral/<id>`.
+    fn qdev_path(&self) -> Option<String> {
+        let q = self.qdev.as_deref()?;
+        Some(if q.starts_with('/') {
+            q.to_string()
+        } else {
+            format!("/machine/peripheral/{q}")
+        })
+    }
+
     /// Whether `--nodes` entry `n` means this disk.
     fn is(&self, n: &str) -> bool {
         self.node == n
@@ -104,39 +116,40 @@ pub(super) fn attached(block: &[Value]) -> Vec<Attached> {
         .collect()
 }
 
-/// `(name, node)` of every disk to capture.
-fn wanted(
-    qmp: &mut Qmp,
-    live: &LiveOptions,
-    devices: &[Attached],
-) -> Result<Vec<(String, String)>> {
-    let out: Vec<(String, String)> = if !live.nodes.is_empty() {
+/// `(name, node, qdev)` of every disk to capture.
+type Wanted = (String, String, Option<String>);
+
+fn wanted(qmp: &mut Qmp, live: &LiveOptions, devices: &[Attached]) -> Result<Vec<Wanted>> {
+    let out: Vec<Wanted> = if !live.nodes.is_empty() {
         live.nodes
             .iter()
             .map(|n| match devices.iter().find(|a| a.is(n)) {
-                Some(a) => (a.name(), a.node.clone()),
-                None => (n.clone(), n.clone()),
+                Some(a) => (a.name(), a.node.clone(), a.qdev_path()),
+                None => (n.clone(), n.clone(), None),
             })
             .collect()
     } else if !devices.is_empty() {
-        devices.iter().map(|a| (a.name(), a.node.clone())).collect()
+        devices
+            .iter()
+            .map(|a| (a.name(), a.node.clone(), a.qdev_path()))
+            .collect()
     } else {
         let exports: Vec<Value> = qmp.execute("query-block-exports", json!({}))?;
-        let mut v: Vec<(String, String)> = Vec::new();
+        let mut v: Vec<Wanted> = Vec::new();
         for e in exports {
             let id = e.get("id").and_then(Value::as_str).unwrap_or("");
             if let Some(n) = e.get("node-name").and_then(Value::as_str)
                 && !id.starts_with("blockvault-")
-                && !v.iter().any(|(_, m)| m == n)
+                && !v.iter().any(|(_, m, _)| m == n)
             {
-                v.push((n.to_string(), n.to_string()));
+                v.push((n.to_string(), n.to_string(), None));
             }
         }
         v.sort();
         v
     };
-    for (i, (name, node)) in out.iter().enumerate() {
-        if let Some((other, _)) = out[..i].iter().find(|(m, n)| m == name || n == node) {
+    for (i, (name, node, _)) in out.iter().enumerate() {
+        if let Some((other, _, _)) = out[..i].iter().find(|(m, n, _)| m == name || n == node) {
             return Err(Error::config(format!(
                 "--nodes names one disk twice ({other} and {name} are both node {node}); \
                  name each disk once"
@@ -182,7 +195,7 @@ pub(super) fn discover(
     let stamp = crate::manifest::new_backup_id();
     let prefix = chain_prefix(tag);
     let mut disks = Vec::new();
-    for (i, (name, node)) in wanted.into_iter().enumerate() {
+    for (i, (name, node, qdev)) in wanted.into_iter().enumerate() {
         let info = nodes.iter().find(|n| n.node_name == node).ok_or_else(|| {
             Error::not_found(format!(
                 "QEMU at {} has no block node {node} (see `blockvault bitmaps list` or QMP \
@@ -241,6 +254,7 @@ pub(super) fn discover(
             job: format!("blockvault-job-{run}-{i}"),
             export: format!("blockvault-{run}-{i}"),
             node,
+            qdev,
         });
     }
     Ok(disks)

@@ -36,6 +36,7 @@
 
 mod bitmaps;
 mod disks;
+mod hardware;
 mod leftovers;
 
 pub use bitmaps::{chain_tag, tag_of};
@@ -268,6 +269,7 @@ fn capture_and_read(
         note,
         snapshot_at: Some(snapshot_at),
         steps,
+        hardware: hardware::probe(qmp, disks),
     };
     let mut capture = Some(capture);
     backup_resource(

@@ -151,6 +151,8 @@ fn two_chains_on_one_daemon_alternate_and_each_stays_incremental_with_one_bitmap
     let (v1, w1) = (qsd_backup(&env, &qsd, "v"), qsd_backup(&env, &qsd, "w"));
     assert_eq!(disk(&v1, "a")["kind"], "full");
     assert_eq!(disk(&w1, "a")["kind"], "full");
+    // A qemu-storage-daemon is no VM: no hardware recorded.
+    assert!(v1["capture"].get("hardware").is_none(), "{v1}");
     let mut last = (v1, w1);
     // Each round writes one new chunk to a; v's backup sees it, w's sees it too, and
     // every backup reads exactly what changed since its own chain's previous one.
@@ -277,4 +279,98 @@ fn a_run_that_died_after_its_instant_costs_the_chain_nothing() {
         &dir.join("a.raw"),
         std::path::Path::new(&qsd.uri("a"))
     ));
+}
+
+/// The `<Item>` of the OVF whose element name is `name`.
+fn item<'a>(ovf: &'a str, name: &str) -> &'a str {
+    let at = ovf
+        .find(&format!("<rasd:ElementName>{name}</rasd:ElementName>"))
+        .unwrap_or_else(|| panic!("no item {name} in {ovf}"));
+    let start = ovf[..at].rfind("<Item>").unwrap();
+    let end = at + ovf[at..].find("</Item>").unwrap();
+    &ovf[start..end]
+}
+
+#[test]
+fn a_live_vm_s_vcpus_memory_and_disk_buses_go_into_the_manifest_and_the_ova() {
+    let env = Env::new();
+    let (a, b, c) = (
+        image(&env, "a", 0x11),
+        image(&env, "b", 0x22),
+        image(&env, "c", 0x33),
+    );
+    let vm = Vm::start(
+        env.dir.path(),
+        2,
+        512,
+        &[
+            VmDisk {
+                image: &a,
+                bus: "virtio",
+            },
+            VmDisk {
+                image: &b,
+                bus: "scsi",
+            },
+            VmDisk {
+                image: &c,
+                bus: "ide",
+            },
+        ],
+    );
+    let m = vm_backup(&env, &vm, &[]);
+    let hw = &m["capture"]["hardware"];
+    assert_eq!(hw["vcpus"], 2, "{hw}");
+    assert_eq!(u(hw, "memory_bytes"), 512 * MIB, "{hw}");
+    assert!(hw["machine"].as_str().unwrap().starts_with("pc-"), "{hw}");
+    let buses: Vec<(&str, &str)> = hw["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap(), d["bus"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        buses,
+        [("vdisk0", "virtio"), ("vdisk1", "scsi"), ("vdisk2", "ide")]
+    );
+
+    let out = env.path("out");
+    let id = m["id"].as_str().unwrap();
+    env.json(&[
+        "restore",
+        id,
+        "--to",
+        out.to_str().unwrap(),
+        "--image",
+        "ova",
+    ]);
+    let x = env.path("unpacked");
+    std::fs::create_dir(&x).unwrap();
+    let ova = out.join("vm1.ova");
+    sh(
+        "tar",
+        &["-xf", ova.to_str().unwrap(), "-C", x.to_str().unwrap()],
+    );
+    let ovf = std::fs::read_to_string(x.join("vm1.ovf")).unwrap();
+    assert!(item(&ovf, "2 virtual CPU(s)").contains("<rasd:VirtualQuantity>2<"));
+    assert!(item(&ovf, "512MB of memory").contains("<rasd:VirtualQuantity>512<"));
+    assert!(ovf.contains("VMware has no virtio"), "{ovf}");
+    // virtio → paravirtual SCSI, scsi → LSI Logic, ide → IDE; each disk on its own.
+    let pv = item(&ovf, "SCSI Controller 0");
+    assert!(pv.contains("<rasd:ResourceSubType>VirtualSCSI<"), "{pv}");
+    let lsi = item(&ovf, "SCSI Controller 1");
+    assert!(lsi.contains("<rasd:ResourceSubType>lsilogic<"), "{lsi}");
+    assert!(item(&ovf, "IDE Controller 0").contains("<rasd:ResourceType>5<"));
+    let id_of = |it: &str| {
+        let s = it.split("<rasd:InstanceID>").nth(1).unwrap();
+        s[..s.find('<').unwrap()].to_string()
+    };
+    for (disk, ctrl) in [
+        ("vdisk0", "SCSI Controller 0"),
+        ("vdisk1", "SCSI Controller 1"),
+        ("vdisk2", "IDE Controller 0"),
+    ] {
+        let parent = format!("<rasd:Parent>{}<", id_of(item(&ovf, ctrl)));
+        assert!(item(&ovf, disk).contains(&parent), "{disk}: {ovf}");
+    }
 }
