@@ -21,6 +21,7 @@ use super::bitmaps::{NodeInfo, chain_prefix, choose};
 use super::{LiveOptions, disk_id};
 use crate::cbt::previous;
 use crate::error::{Error, Result};
+use crate::manifest::Checkpoint;
 use crate::qmp::Qmp;
 use crate::vault::Vault;
 
@@ -179,18 +180,25 @@ pub(super) fn discover(
     let devices = attached(&block);
     let wanted = wanted(qmp, live, &devices)?;
     // The checkpoints of the latest backup of every disk of this server, by whatever
-    // name: never retired here.
-    let mut latest: Vec<(String, Option<String>)> = Vec::new();
+    // name, with the node each was on (one run gives all its disks one bitmap name):
+    // never retired here.
+    let mut latest: Vec<(String, Option<Checkpoint>)> = Vec::new();
     for m in vault.manifests_of(server)? {
         for d in m.disks {
-            let b = d.checkpoint.and_then(|c| c.bitmap);
             match latest.iter_mut().find(|(id, _)| *id == d.disk_id) {
-                Some(e) => e.1 = b,
-                None => latest.push((d.disk_id, b)),
+                Some(e) => e.1 = d.checkpoint,
+                None => latest.push((d.disk_id, d.checkpoint)),
             }
         }
     }
-    let kept: Vec<String> = latest.into_iter().filter_map(|(_, b)| b).collect();
+    let kept_on = |node: &str| -> Vec<String> {
+        latest
+            .iter()
+            .filter_map(|(_, c)| c.as_ref())
+            .filter(|c| c.node.as_deref().is_none_or(|n| n == node))
+            .filter_map(|c| c.bitmap.clone())
+            .collect()
+    };
     let dir = live.fleece_dir.clone().unwrap_or_else(std::env::temp_dir);
     let stamp = crate::manifest::new_backup_id();
     let prefix = chain_prefix(tag);
@@ -210,7 +218,7 @@ pub(super) fn discover(
             info,
             &prefix,
             (cp.bitmap.as_deref(), cp.node.as_deref()),
-            &kept,
+            &kept_on(&node),
         );
         if let Some(old) = &choice.old
             && !choice.merge.is_empty()
