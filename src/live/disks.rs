@@ -12,6 +12,12 @@
 //! ```
 //! `--nodes` may name a disk by any of: that name, its device or qdev path, or its node
 //! name; the disk still gets the name above.
+//!
+//! Older builds named such a disk by its qdev path (or by its node name under
+//! `--nodes`). When the stable name has no backup yet but one of those names has a
+//! chain whose bitmap is still on the node, that chain hands over: the disk is read in
+//! full once under the stable name (the note says so), and the older chain's bitmap is
+//! retired with the run's success like any superseded checkpoint.
 
 use std::path::PathBuf;
 
@@ -212,14 +218,25 @@ pub(super) fn discover(
             ))
         })?;
         let prev = previous(vault, server, &disk_id(server, &name))?;
-        let cp = prev.and_then(|(_, d)| d.checkpoint).unwrap_or_default();
-        let choice = choose(
+        let (cp, legacy) = match prev {
+            Some((_, d)) => (d.checkpoint.unwrap_or_default(), None),
+            None => legacy_chain(vault, server, &name, &node, qdev.as_deref(), info)?,
+        };
+        let mut choice = choose(
             &nodes,
             info,
             &prefix,
             (cp.bitmap.as_deref(), cp.node.as_deref()),
             &kept_on(&node),
         );
+        if let (Some(alias), Some(old)) = (legacy, &choice.old) {
+            // Read in full (the new name has no previous backup); OLD is disabled at the
+            // instant and retired on success like any superseded checkpoint.
+            choice.note = Some(format!(
+                "first backup of this disk under its stable name {name} (earlier backups \
+                 named it {alias}); their bitmap {old} is retired when this backup succeeds"
+            ));
+        }
         if let Some(old) = &choice.old
             && !choice.merge.is_empty()
         {
@@ -266,6 +283,35 @@ pub(super) fn discover(
         });
     }
     Ok(disks)
+}
+
+/// A chain of this disk under a name older builds gave it (its qdev path, or its node
+/// name when `--nodes` named it so) whose bitmap is still on the node: its checkpoint,
+/// and that name.
+fn legacy_chain(
+    vault: &Vault,
+    server: &str,
+    name: &str,
+    node: &str,
+    qdev: Option<&str>,
+    info: &NodeInfo,
+) -> Result<(Checkpoint, Option<String>)> {
+    for alias in [qdev, Some(node)].into_iter().flatten() {
+        if alias == name {
+            continue;
+        }
+        if let Some((_, d)) = previous(vault, server, &disk_id(server, alias))?
+            && let Some(c) = d.checkpoint
+            && let Some(b) = &c.bitmap
+            && info
+                .dirty_bitmaps
+                .iter()
+                .any(|x| x.name == *b && x.recording)
+        {
+            return Ok((c, Some(alias.to_string())));
+        }
+    }
+    Ok((Checkpoint::default(), None))
 }
 
 #[cfg(test)]

@@ -374,3 +374,67 @@ fn a_live_vm_s_vcpus_memory_and_disk_buses_go_into_the_manifest_and_the_ova() {
         assert!(item(&ovf, disk).contains(&parent), "{disk}: {ovf}");
     }
 }
+
+#[test]
+fn a_chain_named_by_an_older_build_hands_over_to_the_stable_name_and_leaves_no_bitmap() {
+    let env = Env::new();
+    let a = image(&env, "a", 0x11);
+    let vm = Vm::start(
+        env.dir.path(),
+        1,
+        128,
+        &[VmDisk {
+            image: &a,
+            bus: "virtio",
+        }],
+    );
+    let m1 = vm_backup(&env, &vm, &[]);
+    let legacy_bitmap = disk(&m1, "vdisk0")["checkpoint"]["bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // What an older build wrote: the disk named by its qdev path, no checkpoint node.
+    let legacy = "/machine/peripheral/vdisk0/virtio-backend";
+    let backups = env.vault_dir().join("backups");
+    let file = walk_json(&backups);
+    let mut old: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let d = &mut old["disks"][0];
+    d["name"] = json!(legacy);
+    d["disk_id"] = json!(format!("vm1/{legacy}"));
+    d["checkpoint"].as_object_mut().unwrap().remove("node");
+    std::fs::write(&file, serde_json::to_vec(&old).unwrap()).unwrap();
+
+    vm.write("vdisk0", 5 * MIB, CHUNK, 0x5a);
+    let m2 = vm_backup(&env, &vm, &[]);
+    let d = disk(&m2, "vdisk0");
+    assert_eq!(d["kind"], "full", "{d}");
+    let note = d["note"].as_str().unwrap();
+    assert!(
+        note.contains(legacy) && note.contains(&legacy_bitmap),
+        "{note}"
+    );
+    // The older chain's bitmap is retired: one bitmap of ours, the new checkpoint.
+    let cp = d["checkpoint"]["bitmap"].as_str().unwrap();
+    assert_eq!(vm.our_bitmaps("libvirt-1-format"), vec![cp.to_string()]);
+
+    vm.write("vdisk0", 9 * MIB, CHUNK, 0x6b);
+    let m3 = vm_backup(&env, &vm, &[]);
+    let d = disk(&m3, "vdisk0");
+    assert_eq!(d["strategy"], "bitmap", "{d}");
+    assert_eq!(u(d, "bytes_read"), CHUNK, "{d}");
+}
+
+/// The one manifest file under `dir`.
+fn walk_json(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            found.push(walk_json(&p));
+        } else if p.extension().is_some_and(|x| x == "json") {
+            found.push(p);
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.pop().unwrap()
+}
