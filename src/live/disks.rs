@@ -9,6 +9,7 @@
 //!  qdev "/machine/peripheral/vdisk0/virtio-backend"    vdisk0   (-blockdev + -device id=vdisk0,
 //!  qdev "sd1"                                          sd1       as libvirt starts VMs)
 //!  anything else (no device id; qemu-storage-daemon)   the node name
+//!  qdev "/machine/system.flash0" (UEFI code/vars)      not a disk: left out by default
 //! ```
 //! `--nodes` may name a disk by any of: that name, its device or qdev path, or its node
 //! name; the disk still gets the name above.
@@ -83,6 +84,14 @@ impl Attached {
         self.node.clone()
     }
 
+    /// A firmware flash (UEFI code or variables, `/machine/system.flashN`): not a disk;
+    /// `--nodes` may still name it.
+    pub fn is_firmware(&self) -> bool {
+        self.qdev
+            .as_deref()
+            .is_some_and(|q| q.starts_with("/machine/system.flash"))
+    }
+
     /// The device's QOM path: a bare id means `/machine/peripheral/<id>`.
     fn qdev_path(&self) -> Option<String> {
         let q = self.qdev.as_deref()?;
@@ -138,6 +147,7 @@ fn wanted(qmp: &mut Qmp, live: &LiveOptions, devices: &[Attached]) -> Result<Vec
     } else if !devices.is_empty() {
         devices
             .iter()
+            .filter(|a| !a.is_firmware())
             .map(|a| (a.name(), a.node.clone(), a.qdev_path()))
             .collect()
     } else {

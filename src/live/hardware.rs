@@ -4,18 +4,19 @@
 //!  vcpus         query-cpus-fast (entries)
 //!  memory_bytes  query-memory-size-summary (base-memory + plugged-memory)
 //!  machine       qom-get /machine type ("pc-q35-7.2-machine" → "pc-q35-7.2")
+//!  firmware      "uefi" when a firmware flash (`/machine/system.flashN`) is attached, as
+//!                libvirt and every UEFI setup with variables do; else unknown (SeaBIOS,
+//!                or a UEFI image given as `-bios`, look alike over QMP)
 //!  disks[].bus   qom-get <qdev> type: virtio-blk-* → virtio, scsi-* → scsi (controller:
 //!                the type of the device that owns its parent_bus), ide-* → ide, or sata
 //!                when that controller is an AHCI one, nvme* → nvme, usb-storage → usb
 //! ```
-//! The firmware is not reliably knowable over QMP (a UEFI image may be given as `-bios`),
-//! so it is left out. A qemu-storage-daemon has no vCPUs: no hardware at all. Hardware
-//! is a description, never a reason to fail a backup: whatever QEMU does not answer is
-//! left out.
+//! A qemu-storage-daemon has no vCPUs: no hardware at all. Hardware is a description,
+//! never a reason to fail a backup: whatever QEMU does not answer is left out.
 
 use serde_json::{Value, json};
 
-use super::disks::Disk;
+use super::disks::{Disk, attached};
 use crate::manifest::{DiskHardware, Hardware};
 use crate::qmp::Qmp;
 
@@ -84,12 +85,16 @@ pub(super) fn probe(qmp: &mut Qmp, disks: &[Disk]) -> Option<Hardware> {
         });
     let machine = qom_type(qmp, "/machine")
         .map(|t| t.strip_suffix("-machine").map(str::to_string).unwrap_or(t));
+    let uefi = qmp
+        .execute::<Vec<Value>>("query-block", json!({}))
+        .ok()
+        .is_some_and(|block| attached(&block).iter().any(|a| a.is_firmware()));
     let disks = disks.iter().filter_map(|d| disk(qmp, d)).collect();
     Some(Hardware {
         vcpus: u32::try_from(cpus.len()).ok().filter(|n| *n > 0),
         memory_bytes: memory,
         machine,
-        firmware: None,
+        firmware: uefi.then(|| "uefi".to_string()),
         disks,
     })
 }

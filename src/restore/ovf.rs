@@ -12,6 +12,7 @@
 //!                        sata    →  SATA   ResourceType 20, vmware.sata.ahci   30
 //!                        other / unknown / no hardware recorded  →  SCSI lsilogic
 //!  after them          one ResourceType 17 disk per backup disk, in backup order
+//!  vmw:Config firmware=efi   when the hardware says "uefi" (VMware's own extension)
 //! ```
 //! VMware has no virtio: a virtio disk goes on a paravirtual SCSI controller (pvscsi,
 //! whose driver every current Linux has), and the descriptor says so in a comment.
@@ -186,6 +187,11 @@ pub(super) fn descriptor(
             3 + i
         ));
     }
+    let firmware = if hw.and_then(|h| h.firmware.as_deref()) == Some("uefi") {
+        "      <vmw:Config ovf:required=\"false\" vmw:key=\"firmware\" vmw:value=\"efi\"/>\n"
+    } else {
+        ""
+    };
     let vcpus = hw.and_then(|h| h.vcpus).unwrap_or(1);
     let mem_mib = hw
         .and_then(|h| h.memory_bytes)
@@ -212,7 +218,7 @@ pub(super) fn descriptor(
     Ok(format!(
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <!-- Exported by blockvault from backup {id} ({name}); {notes}. -->
-<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:vmw="http://www.vmware.com/schema/ovf" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
   <References>
 {refs}  </References>
   <DiskSection>
@@ -243,7 +249,7 @@ pub(super) fn descriptor(
         <rasd:ResourceType>4</rasd:ResourceType>
         <rasd:VirtualQuantity>{mem_mib}</rasd:VirtualQuantity>
       </Item>
-{controllers}{items}    </VirtualHardwareSection>
+{controllers}{items}{firmware}    </VirtualHardwareSection>
   </VirtualSystem>
 </Envelope>
 "#,

@@ -438,3 +438,41 @@ fn walk_json(dir: &std::path::Path) -> std::path::PathBuf {
     assert_eq!(found.len(), 1, "{found:?}");
     found.pop().unwrap()
 }
+
+#[test]
+fn a_uefi_vm_s_firmware_flashes_are_no_disks_and_its_ova_boots_efi() {
+    let env = Env::new();
+    let a = image(&env, "a", 0x11);
+    let vm = Vm::start_uefi(
+        env.dir.path(),
+        &[VmDisk {
+            image: &a,
+            bus: "virtio",
+        }],
+    );
+    let m = vm_backup(&env, &vm, &[]);
+    assert_eq!(names(&m), ["vdisk0"]);
+    assert_eq!(m["capture"]["hardware"]["firmware"], "uefi", "{m}");
+    let out = env.path("out");
+    let id = m["id"].as_str().unwrap();
+    env.json(&[
+        "restore",
+        id,
+        "--to",
+        out.to_str().unwrap(),
+        "--image",
+        "ova",
+    ]);
+    let x = env.path("unpacked");
+    std::fs::create_dir(&x).unwrap();
+    let ova = out.join("vm1.ova");
+    sh(
+        "tar",
+        &["-xf", ova.to_str().unwrap(), "-C", x.to_str().unwrap()],
+    );
+    let ovf = std::fs::read_to_string(x.join("vm1.ovf")).unwrap();
+    assert!(
+        ovf.contains(r#"<vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="efi"/>"#),
+        "{ovf}"
+    );
+}

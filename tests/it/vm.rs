@@ -30,11 +30,12 @@ pub struct VmDisk<'a> {
     pub bus: &'a str,
 }
 
+/// With `uefi`, firmware flashes attached as libvirt attaches them (`-machine
+/// pflash0=…,pflash1=…`: code read-only, variables writable; blank, as the VM never runs).
 fn start(
     dir: &Path,
     accel: &str,
-    cpus: u32,
-    mem_mib: u64,
+    (cpus, mem_mib, uefi): (u32, u64, bool),
     disks: &[VmDisk],
 ) -> (Child, PathBuf, PathBuf) {
     let qmp = dir.join("vm-qmp.sock");
@@ -59,6 +60,29 @@ fn start(
     for sock in [&qmp, &test_qmp] {
         args.push("-qmp".into());
         args.push(format!("unix:{},server=on,wait=off", sock.display()));
+    }
+    if uefi {
+        let mut machine = "pc".to_string();
+        for (i, (file, size, ro)) in [("code.fd", 2 << 20, true), ("vars.fd", 128 << 10, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let path = dir.join(file);
+            std::fs::write(&path, vec![0u8; size]).unwrap();
+            let ro = if ro { "on" } else { "off" };
+            args.push("-blockdev".into());
+            args.push(format!(
+                "driver=file,node-name=libvirt-pflash{i}-storage,filename={},read-only={ro}",
+                path.display()
+            ));
+            args.push("-blockdev".into());
+            args.push(format!(
+                "driver=raw,node-name=libvirt-pflash{i}-format,file=libvirt-pflash{i}-storage,read-only={ro}"
+            ));
+            machine.push_str(&format!(",pflash{i}=libvirt-pflash{i}-format"));
+        }
+        args.push("-machine".into());
+        args.push(machine);
     }
     if disks.iter().any(|d| d.bus == "scsi") {
         args.push("-device".into());
@@ -109,7 +133,7 @@ fn accel() -> &'static str {
     static ACCEL: OnceLock<&'static str> = OnceLock::new();
     ACCEL.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut child, _, test_qmp) = start(dir.path(), "kvm", 1, 64, &[]);
+        let (mut child, _, test_qmp) = start(dir.path(), "kvm", (1, 64, false), &[]);
         let ok = answer(&test_qmp, Duration::from_secs(5)).is_some_and(|mut q| {
             q.execute_value("query-kvm", json!({}))
                 .is_ok_and(|v| v["enabled"] == json!(true))
@@ -123,7 +147,16 @@ fn accel() -> &'static str {
 impl Vm {
     /// Start a VM in `dir` with `cpus` vCPUs, `mem_mib` MiB and `disks`.
     pub fn start(dir: &Path, cpus: u32, mem_mib: u64, disks: &[VmDisk]) -> Vm {
-        let (child, qmp, test_qmp) = start(dir, accel(), cpus, mem_mib, disks);
+        Vm::start_with(dir, (cpus, mem_mib, false), disks)
+    }
+
+    /// A VM with UEFI firmware flashes, as libvirt starts a UEFI guest.
+    pub fn start_uefi(dir: &Path, disks: &[VmDisk]) -> Vm {
+        Vm::start_with(dir, (1, 128, true), disks)
+    }
+
+    fn start_with(dir: &Path, shape: (u32, u64, bool), disks: &[VmDisk]) -> Vm {
+        let (child, qmp, test_qmp) = start(dir, accel(), shape, disks);
         let mut vm = Vm {
             child,
             qmp,
