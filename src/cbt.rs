@@ -296,6 +296,7 @@ pub fn decide(
     let bitmap_checkpoint = match hint {
         ChangeHint::Bitmap(b) => Some(Checkpoint {
             bitmap: Some(b.clone()),
+            node: None,
         }),
         _ => None,
     };

@@ -38,6 +38,9 @@ pub struct Checkpoint {
     /// Dirty bitmap that records every change after this backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// QEMU block node that holds `bitmap` (live captures; absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Consistency a backup really achieved (DESIGN §4).
@@ -68,6 +71,46 @@ pub struct Capture {
     /// Freeze/thaw steps run, in order, with their outcome ("freeze-script: ok").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<String>,
+    /// The virtual hardware of the live VM at the point in time (absent for image
+    /// files, a qemu-storage-daemon, and in manifests of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<Hardware>,
+}
+
+/// Virtual hardware of a live VM, as QEMU reported it over QMP; what is not known is
+/// absent. Exports (OVA) describe the VM with it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hardware {
+    /// vCPUs (`query-cpus-fast`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// RAM in bytes, base + hot-plugged (`query-memory-size-summary`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// QEMU machine type ("pc-q35-7.2").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    /// "bios" or "uefi" when knowable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
+    /// How each disk (by name in the backup) was attached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskHardware>,
+}
+
+/// The bus of one disk of a live VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskHardware {
+    /// Disk name in the backup.
+    pub name: String,
+    /// "virtio", "scsi", "ide", "sata", "nvme", "usb", or the QEMU device type when
+    /// none of those.
+    pub bus: String,
+    /// QEMU device type ("virtio-blk-pci", "scsi-hd") and, for SCSI, its controller's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
 }
 
 /// One disk of a backup.

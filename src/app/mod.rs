@@ -293,6 +293,7 @@ impl App {
                 note,
                 snapshot_at: None,
                 steps,
+                hardware: None,
             })
         };
         let m = backup_resource(

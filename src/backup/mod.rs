@@ -136,6 +136,7 @@ pub fn backup_disk(
             note: None,
             snapshot_at: None,
             steps: Vec::new(),
+            hardware: None,
         })
     };
     backup_resource(
@@ -324,6 +325,7 @@ fn inconsistent_capture(capture: Option<Capture>, jobs: &[DiskJob]) -> Option<Ca
         note: None,
         snapshot_at: None,
         steps: Vec::new(),
+        hardware: None,
     });
     c.consistency = Consistency::Inconsistent;
     let why = reasons.join("; ");

@@ -391,14 +391,15 @@ pub struct RestoreArgs {
 
 #[derive(Subcommand)]
 pub enum BitmapsCmd {
-    /// Every named dirty bitmap of every node: granularity, dirty bytes, persistent, and
-    /// whether a backup in the catalog records it as its checkpoint (in use).
+    /// Every named dirty bitmap of every node: granularity, dirty bytes, persistent, its
+    /// state (in-use: a chain's checkpoint; orphan: ours but no chain starts from it;
+    /// not-ours) and its chain (vault/server, when the catalog knows it).
     List {
         /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
         target: String,
     },
-    /// Remove `blockvault-…` bitmaps no backup in the catalog uses (or only the NAMEs).
-    /// The checkpoint of a disk's latest backup is never removed unless named with --force.
+    /// Remove orphan `blockvault-…` bitmaps (--orphans) or the NAMEs given. The
+    /// checkpoint of a disk's latest backup is never removed unless named with --force.
     Retire {
         /// `qmp:SOCKET` of the QEMU or qemu-storage-daemon.
         target: String,
@@ -409,7 +410,10 @@ pub enum BitmapsCmd {
         /// (the next backup of that disk then reads everything).
         #[arg(long)]
         force: bool,
-        /// Bitmaps to remove (default: every unused `blockvault-…` bitmap).
+        /// Remove every orphan: a `blockvault-…` bitmap that is no chain's checkpoint.
+        #[arg(long)]
+        orphans: bool,
+        /// Bitmaps to remove.
         names: Vec<String>,
     },
 }

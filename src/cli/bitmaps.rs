@@ -1,14 +1,20 @@
 //! `blockvault bitmaps list|retire qmp:SOCK`: the `blockvault-…` dirty bitmaps that live
-//! captures leave in a QEMU's (or qemu-storage-daemon's) disks, and which of them a
-//! backup chain in the catalog still needs.
+//! captures leave in a QEMU's (or qemu-storage-daemon's) disks, and which chain of the
+//! catalog each belongs to.
 //!
 //! A live backup records the bitmap it started as its disk's checkpoint (manifest
 //! `disks[].checkpoint.bitmap`); the next backup of that disk reads only what the bitmap
-//! marks. So a bitmap is *in use* when a backup in the catalog records it, and *the
-//! checkpoint* of a disk when the latest backup of that disk id records it: removing that
-//! one makes the next backup of the disk a full read. `retire` removes only bitmaps named
-//! `blockvault-…`, never a checkpoint unless it is named and `--force` is given.
-
+//! marks. A bitmap's name carries its chain's tag (`blockvault-<tag>-<time>`, one tag
+//! per vault and server), so every bitmap whose tag a backup in the catalog records is
+//! attributed to that chain (`vault/server`). States:
+//! - `in-use`: the checkpoint of the latest backup of a disk; removing it makes the
+//!   next backup of that disk a full read;
+//! - `orphan`: named `blockvault-…` but no chain starts from it (superseded, left by a
+//!   run that died, or of a chain this catalog does not know);
+//! - `not-ours`: any other name; never removed by `retire` unless named.
+//!
+//! `retire --orphans` removes orphans only; `retire NAME…` removes those named, never an
+//! in-use one unless `--force` is given.
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use serde_json::{Value, json};
 use super::args::{BitmapsCmd, Cli};
 use super::output::table;
 use blockvault::app::App;
+use blockvault::live::tag_of;
 use blockvault::qmp::Qmp;
 
 const PREFIX: &str = "blockvault-";
@@ -47,20 +54,27 @@ struct Bitmap {
 /// What the catalog says about one bitmap name.
 #[derive(Default)]
 struct Use {
+    /// `vault/server` of the chain whose latest backup of a disk records it.
+    chains: Vec<String>,
     /// Backups (vault/name) that record it as their checkpoint.
     backups: Vec<String>,
-    /// Disk ids whose latest backup records it.
-    checkpoint_of: Vec<String>,
+    /// Disk ids whose latest backup records it, with the node it was on (if recorded).
+    checkpoint_of: Vec<(String, Option<String>)>,
 }
 
 fn uses(app: &App) -> Result<BTreeMap<String, Use>> {
     let mut out: BTreeMap<String, Use> = BTreeMap::new();
     // Latest backup per (vault, resource, disk id): entries come oldest first.
-    let mut latest: BTreeMap<(String, String, String), Option<String>> = BTreeMap::new();
+    // (vault, resource, disk id) → (bitmap, node) of its latest backup.
+    type Latest = BTreeMap<(String, String, String), Option<(String, Option<String>)>>;
+    let mut latest: Latest = BTreeMap::new();
     for e in app.catalog().backups(None, None)? {
         for d in &e.manifest.disks {
-            let b = d.checkpoint.as_ref().and_then(|c| c.bitmap.clone());
-            if let Some(b) = &b {
+            let b = d
+                .checkpoint
+                .as_ref()
+                .and_then(|c| Some((c.bitmap.clone()?, c.node.clone())));
+            if let Some((b, _)) = &b {
                 out.entry(b.clone())
                     .or_default()
                     .backups
@@ -76,12 +90,59 @@ fn uses(app: &App) -> Result<BTreeMap<String, Use>> {
             );
         }
     }
-    for ((_, _, disk), b) in latest {
-        if let Some(b) = b {
-            out.entry(b).or_default().checkpoint_of.push(disk);
+    for ((vault, server, disk), b) in latest {
+        if let Some((b, node)) = b {
+            let u = out.entry(b).or_default();
+            u.checkpoint_of.push((disk, node));
+            let chain = format!("{vault}/{server}");
+            if !u.chains.contains(&chain) {
+                u.chains.push(chain);
+            }
         }
     }
     Ok(out)
+}
+
+/// `vault/server` of every chain tag the catalog's backups record.
+fn chains(app: &App) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for e in app.catalog().backups(None, None)? {
+        for d in &e.manifest.disks {
+            if let Some(tag) = d
+                .checkpoint
+                .as_ref()
+                .and_then(|c| c.bitmap.as_deref())
+                .and_then(tag_of)
+            {
+                out.entry(tag.to_string())
+                    .or_insert_with(|| format!("{}/{}", e.vault, e.manifest.resource));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The disks `u` is the checkpoint of, on `node` (or on any node).
+fn checkpoint_of(u: &Use, node: Option<&str>) -> Vec<String> {
+    u.checkpoint_of
+        .iter()
+        .filter(|(_, n)| node.is_none() || n.is_none() || n.as_deref() == node)
+        .map(|(d, _)| d.clone())
+        .collect()
+}
+
+fn is_current(used: &BTreeMap<String, Use>, name: &str) -> bool {
+    used.get(name).is_some_and(|u| !u.checkpoint_of.is_empty())
+}
+
+fn state(used: &BTreeMap<String, Use>, name: &str) -> &'static str {
+    if !name.starts_with(PREFIX) {
+        "not-ours"
+    } else if is_current(used, name) {
+        "in-use"
+    } else {
+        "orphan"
+    }
 }
 
 /// Named bitmaps per node (deduplicated: a node shows once however it is listed).
@@ -114,6 +175,7 @@ fn connect(target: &str) -> Result<Qmp> {
 pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
     let app = App::open(&cli.data)?;
     let used = uses(&app)?;
+    let known = chains(&app)?;
     match cmd {
         BitmapsCmd::List { target } => {
             let mut qmp = connect(target)?;
@@ -122,6 +184,9 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
                 .iter()
                 .map(|(node, b)| {
                     let u = used.get(&b.name);
+                    let chain = u
+                        .and_then(|u| u.chains.first().cloned())
+                        .or_else(|| tag_of(&b.name).and_then(|t| known.get(t).cloned()));
                     json!({
                         "node": node,
                         "name": b.name,
@@ -129,9 +194,11 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
                         "dirty_bytes": b.count,
                         "persistent": b.persistent,
                         "ours": b.name.starts_with(PREFIX),
-                        "in_use": u.is_some(),
+                        "state": state(&used, &b.name),
+                        "chain": chain,
+                        "in_use": is_current(&used, &b.name),
                         "used_by": u.map(|u| u.backups.clone()).unwrap_or_default(),
-                        "checkpoint_of": u.map(|u| u.checkpoint_of.clone()).unwrap_or_default(),
+                        "checkpoint_of": u.map(|u| checkpoint_of(u, Some(node))).unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -150,12 +217,8 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
                             r["granularity"].to_string(),
                             r["dirty_bytes"].to_string(),
                             r["persistent"].to_string(),
-                            if r["in_use"] == json!(true) {
-                                "yes"
-                            } else {
-                                "no"
-                            }
-                            .to_string(),
+                            r["state"].as_str().unwrap_or("").to_string(),
+                            r["chain"].as_str().unwrap_or("-").to_string(),
                         ]
                     })
                     .collect();
@@ -168,7 +231,8 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
                             "GRANULARITY",
                             "DIRTY BYTES",
                             "PERSISTENT",
-                            "IN USE"
+                            "STATE",
+                            "CHAIN"
                         ],
                         &t
                     )
@@ -180,8 +244,15 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
             target,
             keep_used,
             force,
+            orphans,
             names,
         } => {
+            if names.is_empty() != *orphans {
+                bail!(
+                    "say what to retire: --orphans (every blockvault bitmap no chain starts from; \
+                     see `blockvault bitmaps list {target}`) or the bitmap NAMEs, not both"
+                );
+            }
             let mut qmp = connect(target)?;
             let list = bitmaps(&mut qmp)?;
             for n in names {
@@ -202,7 +273,7 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
                 {
                     return Err(blockvault::Error::conflict(format!(
                         "{n} is the checkpoint of the latest backup of {}: removing it makes the next backup of that disk a full read; add --force to remove it anyway",
-                        u.checkpoint_of.join(", ")
+                        checkpoint_of(u, None).join(", ")
                     ))
                     .into());
                 }
@@ -210,8 +281,8 @@ pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
             let mut removed = Vec::new();
             for (node, b) in &list {
                 let u = used.get(&b.name);
-                let go = if names.is_empty() {
-                    b.name.starts_with(PREFIX) && u.is_none()
+                let go = if *orphans {
+                    state(&used, &b.name) == "orphan"
                 } else {
                     // A named checkpoint got here only with --force (refused above).
                     names.contains(&b.name) && !(*keep_used && u.is_some() && !*force)

@@ -2,8 +2,8 @@
 //! server at one instant, read while the guest keeps writing (DESIGN §4).
 //!
 //! ```text
-//!  prepare   per disk: temporary qcow2 "fleecing" image (blockdev-add); stale
-//!            blockvault bitmaps of crashed runs removed
+//!  prepare   per disk: temporary qcow2 "fleecing" image (blockdev-add); this chain's
+//!            bitmaps left by crashed runs merged back or removed
 //!  freeze    optional hooks (`freeze`): scripts, guest-agent fsfreeze
 //!  instant   ONE `transaction`: per disk blockdev-backup sync=none (copy-before-write
 //!            into the fleecing image), block-dirty-bitmap-add NEW, and
@@ -21,27 +21,33 @@
 //! A run killed before its cleanup (SIGKILL, a crash of the appliance) leaves its
 //! objects in QEMU; the next run of any server on that QEMU removes them first
 //! ([`leftovers`]).
-//! Bitmap names are `blockvault-<tag>-<time>` where the tag is derived from the vault id
-//! and the server name, so two vaults protecting the same VM never consume each other's
-//! bitmaps. Bitmaps are persistent on qcow2 nodes (they survive a clean VM restart);
-//! when the previous backup's bitmap is gone (the VM was restarted from elsewhere, or the
-//! bitmap was lost), that disk is read in full and compared, and the manifest says why.
+//! Disks are named stably (the device id, else the node name: [`disks`]). Bitmap names
+//! are `blockvault-<tag>-<time>` where the tag is derived from the vault id and the
+//! server name, so two vaults or servers protecting the same VM never consume each
+//! other's bitmaps ([`bitmaps`]: the lifecycle). Bitmaps are persistent on qcow2 nodes
+//! (they survive a clean VM restart); when the previous backup's bitmap cannot be used,
+//! that disk is read in full and compared, and the manifest says why (not found on the
+//! node, found on another node, disabled by a run that died).
 //!
 //! The NBD server: QEMU runs at most one. Without `nbd_server`, we start one on a private
 //! unix socket and stop it afterwards; with it (e.g. qemu-storage-daemon started with
 //! `--nbd-server`), the temporary exports are added to that server (which is never
 //! stopped: `nbd-server-stop` would remove every export, the guest's own included).
 
+mod bitmaps;
+mod disks;
+mod hardware;
 mod leftovers;
+
+pub use bitmaps::{chain_tag, tag_of};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::backup::{BackupOptions, DiskJob, backup_resource, check_cancel};
-use crate::cbt::{ChangeHint, previous};
+use crate::cbt::ChangeHint;
 use crate::error::{Error, ErrorKind, Result};
 use crate::freeze::FreezeHooks;
 use crate::manifest::{BackupManifest, Capture, Checkpoint, ResourceKind, now_rfc3339_precise};
@@ -49,6 +55,7 @@ use crate::qmp::Qmp;
 use crate::restore::{ImageWriter, Qcow2Writer};
 use crate::source::NbdSource;
 use crate::vault::Vault;
+use disks::Disk;
 
 /// How to reach and capture a live QEMU process.
 #[derive(Debug, Clone, Default)]
@@ -66,53 +73,6 @@ pub struct LiveOptions {
     pub hooks: FreezeHooks,
     /// Limit for one QMP command (default 30 s).
     pub timeout: Option<Duration>,
-}
-
-#[derive(Debug, Deserialize)]
-struct NodeInfo {
-    #[serde(rename = "node-name")]
-    node_name: String,
-    drv: String,
-    image: ImageInfo,
-    #[serde(default, rename = "dirty-bitmaps")]
-    dirty_bitmaps: Vec<BitmapInfo>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageInfo {
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-}
-
-#[derive(Debug, Deserialize)]
-struct BitmapInfo {
-    /// Empty for anonymous bitmaps (e.g. a running backup job's own).
-    #[serde(default)]
-    name: String,
-    #[serde(default)]
-    recording: bool,
-}
-
-/// One disk being captured.
-struct Disk {
-    /// Name within the backup (device or node name).
-    name: String,
-    node: String,
-    driver: String,
-    size: u64,
-    /// Bitmap of the previous backup, if it is still on the node.
-    old: Option<String>,
-    /// Why `old` could not be used.
-    note: Option<String>,
-    new: String,
-    fleece_file: PathBuf,
-    fleece_node: String,
-    /// The copy-before-write filter the backup job inserts above the disk.
-    cbw_node: String,
-    /// The point-in-time view: snapshot-access on the filter.
-    snap_node: String,
-    job: String,
-    export: String,
 }
 
 /// What exists and must be undone.
@@ -139,9 +99,7 @@ pub fn backup_live(
     let timeout = live.timeout.unwrap_or(Duration::from_secs(30));
     let mut qmp = Qmp::connect(&live.qmp, timeout)
         .map_err(|e| e.context_prefix(format!("live backup of {server}")))?;
-    let tag = hex::encode(
-        &blake3::hash(format!("{}/{server}", vault.config().id).as_bytes()).as_bytes()[..4],
-    );
+    let tag = chain_tag(&vault.config().id, server);
     let run = hex::encode(rand::random::<[u8; 3]>());
     // One live backup per QEMU at a time; whoever holds the lock owns every
     // `blockvault-` object in it, so those of a run that died are removed first.
@@ -149,7 +107,7 @@ pub fn backup_live(
     for what in leftovers::sweep(&mut qmp)? {
         tracing::warn!(server, "removed a leftover of a backup that died: {what}");
     }
-    let mut disks = discover(&mut qmp, vault, server, live, &tag, &run)?;
+    let mut disks = disks::discover(&mut qmp, vault, server, live, &tag, &run)?;
     let mut undo = Undo::default();
     let result = capture_and_read(&mut qmp, vault, server, live, opts, &mut disks, &mut undo);
     // After an I/O failure the QMP connection itself may be dead or out of step: clean up
@@ -182,131 +140,6 @@ pub fn backup_live(
             problems.join("; ")
         ))),
     }
-}
-
-/// Find the disks and their bitmaps; remove stale bitmaps of ours.
-fn discover(
-    qmp: &mut Qmp,
-    vault: &Vault,
-    server: &str,
-    live: &LiveOptions,
-    tag: &str,
-    run: &str,
-) -> Result<Vec<Disk>> {
-    let nodes: Vec<NodeInfo> = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
-    let block: Vec<Value> = qmp.execute("query-block", json!({}))?;
-    // device/qdev name → node name, for VMs.
-    let devices: Vec<(String, String)> = block
-        .iter()
-        .filter_map(|b| {
-            let node = b.get("inserted")?.get("node-name")?.as_str()?.to_string();
-            let dev = b
-                .get("device")
-                .and_then(Value::as_str)
-                .filter(|d| !d.is_empty())
-                .or_else(|| b.get("qdev").and_then(Value::as_str))?
-                .to_string();
-            Some((dev, node))
-        })
-        .collect();
-    let wanted: Vec<(String, String)> = if live.nodes.is_empty() {
-        if devices.is_empty() {
-            let exports: Vec<Value> = qmp.execute("query-block-exports", json!({}))?;
-            let mut v: Vec<(String, String)> = Vec::new();
-            for e in exports {
-                let id = e.get("id").and_then(Value::as_str).unwrap_or("");
-                if let Some(n) = e.get("node-name").and_then(Value::as_str)
-                    && !id.starts_with("blockvault-")
-                    && !v.iter().any(|(_, m)| m == n)
-                {
-                    v.push((n.to_string(), n.to_string()));
-                }
-            }
-            v.sort();
-            v
-        } else {
-            devices.clone()
-        }
-    } else {
-        live.nodes
-            .iter()
-            .map(|n| match devices.iter().find(|(d, _)| d == n) {
-                Some((d, node)) => (d.clone(), node.clone()),
-                None => (n.clone(), n.clone()),
-            })
-            .collect()
-    };
-    if wanted.is_empty() {
-        return Err(Error::config(format!(
-            "{}: QEMU has no disks to back up (name them with --nodes)",
-            live.qmp.display()
-        )));
-    }
-    let dir = live.fleece_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let stamp = crate::manifest::new_backup_id();
-    let mut disks = Vec::new();
-    for (i, (name, node)) in wanted.into_iter().enumerate() {
-        let info = nodes.iter().find(|n| n.node_name == node).ok_or_else(|| {
-            Error::not_found(format!(
-                "QEMU at {} has no block node {node}",
-                live.qmp.display()
-            ))
-        })?;
-        let prefix = format!("blockvault-{tag}-");
-        let prev = previous(vault, server, &disk_id(server, &name))?;
-        let want_old = prev
-            .as_ref()
-            .and_then(|(_, d)| d.checkpoint.as_ref())
-            .and_then(|c| c.bitmap.clone());
-        let (old, note) = match want_old {
-            Some(b)
-                if info
-                    .dirty_bitmaps
-                    .iter()
-                    .any(|x| x.name == b && x.recording) =>
-            {
-                (Some(b), None)
-            }
-            Some(b) => (
-                None,
-                Some(format!(
-                    "bitmap {b} of the previous backup is gone from node {node} (was QEMU restarted?)"
-                )),
-            ),
-            None => (None, None),
-        };
-        for stale in info
-            .dirty_bitmaps
-            .iter()
-            .filter(|x| x.name.starts_with(&prefix) && Some(&x.name) != old.as_ref())
-        {
-            tracing::info!(
-                node,
-                bitmap = stale.name,
-                "removing a stale blockvault bitmap"
-            );
-            qmp.execute_value(
-                "block-dirty-bitmap-remove",
-                json!({"node": node, "name": stale.name}),
-            )?;
-        }
-        disks.push(Disk {
-            name,
-            driver: info.drv.clone(),
-            size: info.image.virtual_size,
-            old,
-            note,
-            new: format!("{prefix}{stamp}"),
-            fleece_file: dir.join(format!("blockvault-fleece-{run}-{i}.qcow2")),
-            fleece_node: format!("blockvault-fleece-{run}-{i}"),
-            cbw_node: format!("blockvault-cbw-{run}-{i}"),
-            snap_node: format!("blockvault-snap-{run}-{i}"),
-            job: format!("blockvault-job-{run}-{i}"),
-            export: format!("blockvault-{run}-{i}"),
-            node,
-        });
-    }
-    Ok(disks)
 }
 
 /// Disk id of disk `name` of `server`.
@@ -425,6 +258,7 @@ fn capture_and_read(
             },
             next_checkpoint: Some(Checkpoint {
                 bitmap: Some(d.new.clone()),
+                node: Some(d.node.clone()),
             }),
             note: d.note.clone(),
         });
@@ -435,6 +269,7 @@ fn capture_and_read(
         note,
         snapshot_at: Some(snapshot_at),
         steps,
+        hardware: hardware::probe(qmp, disks),
     };
     let mut capture = Some(capture);
     backup_resource(

@@ -42,6 +42,7 @@ use crate::vault::walk::{load_page, load_root};
 mod deflate_pool;
 mod fetch;
 pub mod onto;
+mod ovf;
 pub mod partial;
 pub mod server_image;
 pub mod vmdk;

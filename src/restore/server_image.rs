@@ -6,9 +6,9 @@
 //! - `qcow2-set`: `<dir>/` (new or empty) holding `<disk>.qcow2` per disk and `server.json` describing
 //!   the server (backup id and name, capture, each disk's file, size and id).
 //!
-//! A backup knows disks, not virtual hardware: the OVF's CPU count and memory are
-//! placeholders (1 vCPU, 1 GiB) to adjust at import; disks hang off one LSI Logic SCSI
-//! controller in backup order. Everything is built under a hidden staging name (see
+//! The OVF descriptor ([`super::ovf`]) describes the VM's vCPUs, memory and disk
+//! controllers as a live capture recorded them (`capture.hardware`), else placeholders
+//! (1 vCPU, 1 GiB, LSI Logic SCSI) to adjust at import. Everything is built under a hidden staging name (see
 //! [`super::partial`]) and renamed into place at the end; on failure or cancel nothing
 //! is left. Files get the restore's mode (default `0600`), the qcow2-set directory and
 //! any directory the export creates `0700`. The backup is only read.
@@ -139,7 +139,7 @@ pub fn export_server(
             }
             ServerImage::Ova => {
                 let ovf_name = format!("{server}.ovf");
-                let ovf = ovf(m, &server, &work, &files)?;
+                let ovf = super::ovf::descriptor(m, &server, &work, &files)?;
                 let tmp = staging(&parent, &format!("{server}.ova"));
                 let r = write_ova(&tmp, &server, &ovf_name, &ovf, &work, &files).and_then(|()| {
                     fs::set_permissions(&tmp, fs::Permissions::from_mode(ropts.mode))
@@ -182,117 +182,6 @@ fn server_json(m: &BackupManifest, files: &[String]) -> String {
         "disks": disks,
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// Disks per SCSI controller: units 0-15 without 7, the controller's own.
-const UNITS_PER_CONTROLLER: usize = 15;
-/// SCSI controllers a VM may have.
-const MAX_CONTROLLERS: usize = 4;
-
-/// (controller, unit) of the `i`-th disk.
-fn scsi_slot(i: usize) -> (usize, usize) {
-    let unit = i % UNITS_PER_CONTROLLER;
-    (
-        i / UNITS_PER_CONTROLLER,
-        if unit >= 7 { unit + 1 } else { unit },
-    )
-}
-
-/// The OVF 1.0 descriptor for the disks in `work`.
-fn ovf(m: &BackupManifest, server: &str, work: &Path, files: &[String]) -> Result<String> {
-    let controllers = m.disks.len().div_ceil(UNITS_PER_CONTROLLER).max(1);
-    if controllers > MAX_CONTROLLERS {
-        return Err(Error::new(
-            crate::error::ErrorKind::Unsupported,
-            format!(
-                "an OVA holds at most {} disks ({MAX_CONTROLLERS} SCSI controllers); backup {} has {}: export it as a qcow2-set",
-                MAX_CONTROLLERS * UNITS_PER_CONTROLLER,
-                m.name,
-                m.disks.len()
-            ),
-        ));
-    }
-    let mut refs = String::new();
-    let mut disks = String::new();
-    let mut items = String::new();
-    for (i, (d, f)) in m.disks.iter().zip(files).enumerate() {
-        let len = fs::metadata(work.join(f))
-            .ctx(|| format!("sizing {f}"))?
-            .len();
-        refs.push_str(&format!(
-            "    <File ovf:href=\"{}\" ovf:id=\"file{i}\" ovf:size=\"{len}\"/>\n",
-            xml_escape(f)
-        ));
-        disks.push_str(&format!(
-            "    <Disk ovf:capacity=\"{}\" ovf:capacityAllocationUnits=\"byte\" ovf:diskId=\"vmdisk{i}\" ovf:fileRef=\"file{i}\" ovf:format=\"http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized\"/>\n",
-            // The VMDK's capacity: whole sectors.
-            d.size.next_multiple_of(512)
-        ));
-        let (ctrl, unit) = scsi_slot(i);
-        items.push_str(&format!(
-            "      <Item>\n        <rasd:AddressOnParent>{unit}</rasd:AddressOnParent>\n        <rasd:ElementName>{}</rasd:ElementName>\n        <rasd:HostResource>ovf:/disk/vmdisk{i}</rasd:HostResource>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:Parent>{}</rasd:Parent>\n        <rasd:ResourceType>17</rasd:ResourceType>\n      </Item>\n",
-            xml_escape(&d.name),
-            10 + i,
-            3 + ctrl
-        ));
-    }
-    let scsi: String = (0..controllers)
-        .map(|c| {
-            format!(
-                "      <Item>\n        <rasd:Address>{c}</rasd:Address>\n        <rasd:ElementName>SCSI Controller {c}</rasd:ElementName>\n        <rasd:InstanceID>{}</rasd:InstanceID>\n        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>\n        <rasd:ResourceType>6</rasd:ResourceType>\n      </Item>\n",
-                3 + c
-            )
-        })
-        .collect();
-    Ok(format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?>
-<!-- Exported by blockvault from backup {id} ({name}); CPU and memory are placeholders. -->
-<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1" xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData" xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
-  <References>
-{refs}  </References>
-  <DiskSection>
-    <Info>Virtual disk information</Info>
-{disks}  </DiskSection>
-  <VirtualSystem ovf:id="{server}">
-    <Info>A virtual machine restored from a blockvault backup</Info>
-    <Name>{server}</Name>
-    <VirtualHardwareSection>
-      <Info>Virtual hardware requirements</Info>
-      <System>
-        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
-        <vssd:InstanceID>0</vssd:InstanceID>
-        <vssd:VirtualSystemIdentifier>{server}</vssd:VirtualSystemIdentifier>
-        <vssd:VirtualSystemType>vmx-07</vssd:VirtualSystemType>
-      </System>
-      <Item>
-        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
-        <rasd:ElementName>1 virtual CPU</rasd:ElementName>
-        <rasd:InstanceID>1</rasd:InstanceID>
-        <rasd:ResourceType>3</rasd:ResourceType>
-        <rasd:VirtualQuantity>1</rasd:VirtualQuantity>
-      </Item>
-      <Item>
-        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
-        <rasd:ElementName>1024MB of memory</rasd:ElementName>
-        <rasd:InstanceID>2</rasd:InstanceID>
-        <rasd:ResourceType>4</rasd:ResourceType>
-        <rasd:VirtualQuantity>1024</rasd:VirtualQuantity>
-      </Item>
-{scsi}{items}    </VirtualHardwareSection>
-  </VirtualSystem>
-</Envelope>
-"#,
-        id = xml_escape(&m.id),
-        name = xml_escape(&m.name),
-        server = xml_escape(server),
-    ))
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -355,19 +244,4 @@ fn write_ova(
         .map_err(|e| Error::io("flushing the OVA", e.into_error()))?
         .sync_all()
         .ctx(|| "syncing the OVA")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::scsi_slot;
-
-    #[test]
-    fn disks_skip_the_controllers_own_unit_7_and_fill_15_per_controller() {
-        let slots: Vec<_> = (0..17).map(scsi_slot).collect();
-        assert_eq!(slots[6], (0, 6));
-        assert_eq!(slots[7], (0, 8));
-        assert_eq!(slots[14], (0, 15));
-        assert_eq!(slots[15], (1, 0));
-        assert!(slots.iter().all(|&(_, u)| u != 7 && u <= 15));
-    }
 }

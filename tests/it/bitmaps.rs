@@ -122,7 +122,7 @@ fn retire_removes_exactly_the_stale_bitmap_and_the_chains_stay_incremental() {
     assert!(err.contains("--force"), "{err}");
     assert_eq!(list(&env, &qsd).len(), 4);
 
-    let r = env.json(&["bitmaps", "retire", &qmp]);
+    let r = env.json(&["bitmaps", "retire", &qmp, "--orphans"]);
     assert_eq!(r["removed"], json!([{"node": "a", "name": stale}]), "{r}");
     assert_eq!(qsd.bitmaps("a"), vec![ca.clone()]);
     let mut on_b = qsd.bitmaps("b");

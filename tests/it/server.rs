@@ -283,7 +283,7 @@ fn the_next_live_backup_reads_only_what_the_bitmap_marks_and_a_lost_bitmap_means
     let d = disk(&m3, "b");
     assert_eq!(d["kind"], "full");
     assert_eq!(d["strategy"], "compare");
-    assert!(s(d, "note").contains("gone"), "{d}");
+    assert!(s(d, "note").contains("not found on node b"), "{d}");
     assert_eq!(u(d, "chunks_new"), 0);
     assert_eq!(disk(&m3, "a")["strategy"], "bitmap");
     assert_eq!(u(disk(&m3, "a"), "bytes_read"), 0);
