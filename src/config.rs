@@ -15,6 +15,8 @@ pub enum AlertKind {
     VaultCapacity,
     VaultFull,
     SourceUnreachable,
+    /// Verify found corrupt or missing data in a vault.
+    VaultDamaged,
 }
 
 #[derive(Debug, Clone, PartialEq)]

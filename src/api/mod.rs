@@ -16,6 +16,7 @@
 //! queued as tasks and answered with `202 {"task": ID}`.
 
 mod handlers;
+mod maintenance;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ routes! {
     GET "/vaults/{name}" Auditor "A vault with usage" => handlers::get_vault;
     PATCH "/vaults/{name}" Admin "Change a vault's capacity limit" => handlers::patch_vault;
     DELETE "/vaults/{name}" Admin "Forget a vault (its files stay)" => handlers::delete_vault;
+    POST "/vaults/{name}/verify" Operator "Verify a vault or a sample of its backups (task)" => maintenance::verify_vault;
+    POST "/vaults/{name}/gc" Admin "Collect garbage in a vault (task)" => maintenance::gc_vault;
     GET "/resources" Auditor "List resources" => handlers::list_resources;
     POST "/resources" Admin "Create a resource" => handlers::create_resource;
     GET "/resources/{name}" Auditor "A resource" => handlers::get_resource;
@@ -323,6 +326,7 @@ pub fn run_appliance(
         // Alerts may open the catalog and talk to webhooks: off the worker's path.
         std::thread::spawn(move || handlers::alerts_for(&st, &t));
     }));
+    tasks.on_end(maintenance::alert_hook(state.alerts.clone()));
     let mut scheduler = config
         .scheduler_enabled
         .then(|| crate::scheduler::Scheduler::start(&config.data, tasks.clone()));
