@@ -384,3 +384,73 @@ fn verify_and_gc_policies_are_validated_and_run_as_tasks_now_and_on_schedule() {
     );
     assert!(srv.stop());
 }
+
+#[test]
+fn local_cli_backups_appear_in_the_task_list_as_ended_tasks() {
+    let env = Env::new();
+    let aud = token(&env, "auditor", "watcher");
+    let srv = Appliance::start(&env, &[]);
+    // Run beside the appliance, on its data dir, without --server.
+    let (id, _) = backup_new_disk(&env, "web01", 7);
+    let missing = env.path("gone.raw");
+    let out = env.run(&[
+        "backup",
+        missing.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "gone",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "not found: {out:?}");
+
+    let tasks = srv.ok("GET", "/tasks", &aud, None, 200);
+    let cli: Vec<&Value> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["by"] == "cli")
+        .collect();
+    assert_eq!(cli.len(), 2, "{tasks}");
+    let ok = cli
+        .iter()
+        .find(|t| t["target"] == "web01")
+        .expect("web01's task");
+    assert_eq!(
+        (&ok["kind"], &ok["state"]),
+        (&json!("backup"), &json!("succeeded")),
+        "{ok}"
+    );
+    assert_eq!(ok["result"]["backup"], id.as_str());
+    assert_eq!(ok["result"]["source"], "cli");
+    assert!(ok["result"]["seconds"].as_f64().unwrap() > 0.0, "{ok}");
+    // Only the 2 MiB of data were read (the rest of the 8 MiB disk is a hole).
+    assert_eq!(u(ok, "bytes_done"), 2 << 20, "{ok}");
+    assert!(
+        ok["started"].is_string() && ok["finished"].is_string(),
+        "{ok}"
+    );
+    let bad = cli
+        .iter()
+        .find(|t| t["target"] == "gone")
+        .expect("gone's task");
+    assert_eq!(
+        (&bad["state"], &bad["error_kind"]),
+        (&json!("failed"), &json!("not_found")),
+        "{bad}"
+    );
+    assert!(s(bad, "error").contains("gone.raw"), "{bad}");
+    assert!(bad["result"].is_null());
+    // The running list is not polluted, and the offline listing agrees.
+    let running = srv.ok("GET", "/tasks?state=running", &aud, None, 200);
+    assert!(running.as_array().unwrap().is_empty(), "{running}");
+    let local = env.json(&["tasks", "list", "--state", "succeeded"]);
+    assert!(
+        local
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["result"]["backup"] == id.as_str()),
+        "{local}"
+    );
+    assert!(srv.stop());
+}
