@@ -12,11 +12,19 @@
 //! scheduler alike: kind `verify`/`gc`, target the vault, one at a time per vault. A
 //! verify that finds damage fails with the `corrupt` kind and names the damaged backups.
 //!
+//! Live-capture settings of a server resource: `hooks` names a freeze/thaw hook set of
+//! the appliance's config file (`[hooks.NAME]`, installed by [`set_hook_sets`] when the
+//! service starts); `qga` is a guest-agent socket (fsfreeze around the instant); `nodes`
+//! and `nbd_server` are for `qmp:` sources. A resource never carries a command: a request
+//! that tries (`"freeze"`, `"thaw"`) is refused, so an API caller cannot make the
+//! service run anything the config file does not name.
+//!
 //! A resource's backups are identified in the vault by the resource name (its disk id,
 //! or its server name). Policy backups are named `autobk_<yyyymmdd-hhmmss>`; retention
 //! prunes only `autobk_` backups of the policy's resources, never protected ones, and
 //! never one-off (`manualbk_…` or named) backups.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -27,6 +35,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::app::App;
 use crate::backup::BackupOptions;
+use crate::config::HookSet;
 use crate::error::{Error, ErrorKind, Result};
 use crate::freeze::FreezeHooks;
 use crate::live::LiveOptions;
@@ -51,6 +60,21 @@ pub struct Resource {
     /// qmp: an NBD server QEMU already runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_server: Option<String>,
+    /// Server: the freeze/thaw hook set (`[hooks.NAME]` in the config file) to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<String>,
+    /// Server: guest-agent socket; its file systems are frozen around the instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qga: Option<PathBuf>,
+    // TODO(require_app_consistent): add `require_app_consistent: bool` and pass it to
+    // LiveOptions/FreezeHooks once the CLI's flag lands (it is not on this branch's base).
+    /// Never accepted: present so that a request carrying a freeze command is refused
+    /// with a clear message (commands come from the config file only). Never stored.
+    #[serde(default, skip_serializing)]
+    pub freeze: Option<Value>,
+    /// Never accepted, like `freeze`.
+    #[serde(default, skip_serializing)]
+    pub thaw: Option<Value>,
 }
 
 impl Resource {
@@ -62,6 +86,23 @@ impl Resource {
             ));
         }
         app.catalog().vault(&self.vault)?;
+        if self.freeze.is_some() || self.thaw.is_some() {
+            return Err(Error::config(format!(
+                "resource {}: freeze/thaw commands are not accepted through the API; define \
+                 them as a hook set in the appliance's config file ([hooks.NAME] freeze = …, \
+                 thaw = …) and name it here with \"hooks\": \"NAME\"",
+                self.name
+            )));
+        }
+        if let Some(h) = &self.hooks {
+            hook_set(h).map_err(|e| e.context_prefix(format!("resource {}", self.name)))?;
+        }
+        if self.kind == ResourceKind::Disk && (self.hooks.is_some() || self.qga.is_some()) {
+            return Err(Error::config(format!(
+                "resource {}: hooks and qga apply to servers (kind \"server\"), not to a disk",
+                self.name
+            )));
+        }
         match (self.kind, self.sources.len()) {
             (_, 0) => Err(Error::config(format!("resource {}: no sources", self.name))),
             (ResourceKind::Disk, n) if n > 1 => Err(Error::config(format!(
@@ -82,6 +123,43 @@ impl Resource {
             _ => Ok(()),
         }
     }
+}
+
+/// The hook sets of the config file the service runs with (see [`set_hook_sets`]).
+static HOOK_SETS: std::sync::RwLock<BTreeMap<String, HookSet>> =
+    std::sync::RwLock::new(BTreeMap::new());
+
+/// Install the config file's hook sets (done once by `serve` before it answers).
+pub fn set_hook_sets(sets: BTreeMap<String, HookSet>) {
+    *HOOK_SETS.write().unwrap_or_else(|e| e.into_inner()) = sets;
+}
+
+/// Hook set `name` of the config file.
+fn hook_set(name: &str) -> Result<HookSet> {
+    let sets = HOOK_SETS.read().unwrap_or_else(|e| e.into_inner());
+    sets.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = sets.keys().map(String::as_str).collect();
+        Error::config(format!(
+            "no hook set {name:?} in the appliance's config file (known: {}); add \
+             [hooks.{name}] with freeze/thaw commands there and restart the service",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+/// The freeze/thaw steps of `res`: its hook set's commands and its guest agent.
+fn freeze_hooks(res: &Resource) -> Result<FreezeHooks> {
+    let set = res.hooks.as_deref().map(hook_set).transpose()?;
+    Ok(FreezeHooks {
+        freeze_script: set.as_ref().and_then(|s| s.freeze.clone()),
+        thaw_script: set.as_ref().and_then(|s| s.thaw.clone()),
+        qga: res.qga.clone(),
+        timeout: set.map(|s| std::time::Duration::from_secs(s.timeout_seconds)),
+    })
 }
 
 fn default_true() -> bool {
@@ -284,6 +362,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 qmp: PathBuf::from(&res.sources[0]["qmp:".len()..]),
                 nodes: res.nodes.clone(),
                 nbd_server: res.nbd_server.clone(),
+                hooks: freeze_hooks(res)?,
                 ..Default::default()
             };
             app.backup_live(&res.name, &res.vault, &live, &opts)
@@ -295,13 +374,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 .enumerate()
                 .map(|(i, s)| named_disk(i, s))
                 .collect();
-            app.backup_server_files(
-                &res.name,
-                &res.vault,
-                &disks,
-                &FreezeHooks::default(),
-                &opts,
-            )
+            app.backup_server_files(&res.name, &res.vault, &disks, &freeze_hooks(res)?, &opts)
         }
     }
 }

@@ -454,3 +454,96 @@ fn local_cli_backups_appear_in_the_task_list_as_ended_tasks() {
     );
     assert!(srv.stop());
 }
+
+#[test]
+fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command() {
+    let env = Env::new();
+    let admin = token(&env, "admin", "root");
+    let marker = env.path("marker");
+    let pwned = env.path("pwned");
+    let cfg = env.path("bv.toml");
+    let m = marker.display();
+    std::fs::write(
+        &cfg,
+        format!("[hooks.app]\nfreeze = \"echo frozen >> {m}\"\nthaw = \"echo thawed >> {m}\"\ntimeout_seconds = 10\n"),
+    )
+    .unwrap();
+    let srv = Appliance::start(&env, &["--config", cfg.to_str().unwrap()]);
+    let (sys, data) = (env.path("sys.raw"), env.path("data.raw"));
+    write_raw(&sys, 4 << 20, 0, &random_bytes(1 << 20, 8));
+    write_raw(&data, 4 << 20, 1 << 20, &random_bytes(1 << 20, 9));
+    let sources = json!([
+        format!("sys={}", sys.display()),
+        format!("data={}", data.display())
+    ]);
+
+    // Commands through the API are refused, whatever the route; nothing is stored or run.
+    let touch = format!("touch {}", pwned.display());
+    for (method, path, body) in [
+        (
+            "POST",
+            "/resources",
+            json!({"name": "evil", "kind": "server", "sources": sources, "vault": "v", "freeze": touch}),
+        ),
+        (
+            "POST",
+            "/resources",
+            json!({"name": "evil", "kind": "server", "sources": sources, "vault": "v", "thaw": touch}),
+        ),
+        (
+            "POST",
+            "/resources",
+            json!({"name": "evil", "kind": "server", "sources": sources, "vault": "v", "hooks": "nope"}),
+        ),
+        (
+            "POST",
+            "/resources",
+            json!({"name": "evil", "kind": "disk", "sources": [sys], "vault": "v", "hooks": "app"}),
+        ),
+    ] {
+        let (st, v) = srv.call(method, path, Some(&admin), Some(body.clone()));
+        assert_eq!(st, 400, "{body}: {v}");
+        let msg = v.to_string();
+        assert!(
+            msg.contains("config file") || msg.contains("servers"),
+            "{msg}"
+        );
+    }
+    srv.ok("GET", "/resources/evil", &admin, None, 404);
+
+    let r = srv.ok("POST", "/resources", &admin, Some(json!({"name": "srv", "kind": "server", "sources": sources, "vault": "v", "hooks": "app"})), 201);
+    assert_eq!(r["hooks"], "app");
+    assert!(r.get("freeze").is_none() && r.get("thaw").is_none(), "{r}");
+    let (st, v) = srv.call(
+        "PATCH",
+        "/resources/srv",
+        Some(&admin),
+        Some(json!({"freeze": touch})),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(!marker.exists(), "nothing ran before a backup");
+
+    let t = srv.ok(
+        "POST",
+        "/backups",
+        &admin,
+        Some(json!({"resource": "srv"})),
+        202,
+    );
+    let done = srv.wait_task(&admin, &task_of(&t), LIMIT);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "frozen\nthawed\n"
+    );
+    assert!(!pwned.exists(), "a command from an API caller ran");
+    let b = srv.ok(
+        "GET",
+        &format!("/backups/{}", s(&done["result"], "backup")),
+        &admin,
+        None,
+        200,
+    );
+    assert_eq!(b["disks"].as_array().unwrap().len(), 2, "{b}");
+    assert!(srv.stop());
+}
