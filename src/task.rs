@@ -1,5 +1,6 @@
-//! The task registry: every long job of the service (backup, restore, prune, gc) as a
-//! task with state, progress, log, result and cancel.
+//! The task registry: every long job of the service (backup, restore, prune, gc,
+//! verify) as a task with state, progress, log, result and cancel. Jobs that ran outside
+//! the service (local CLI backups) are recorded after the fact ([`record_ended`]).
 //!
 //! Tasks are queued and run on a fixed pool of worker threads (the storage core is
 //! synchronous). A task may name a lock key (the resource it backs up): two tasks with

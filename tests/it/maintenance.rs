@@ -115,7 +115,7 @@ fn a_flipped_pack_byte_fails_the_verify_task_raises_vault_damaged_and_names_the_
     assert!(err.contains(&a) && !err.contains(&b), "{err}");
     let log = done["log"].to_string();
     assert!(
-        log.contains(&format!("backup manualbk_")) && log.contains("at offset 0"),
+        log.contains("backup manualbk_") && log.contains("at offset 0"),
         "{log}"
     );
     let alerts = wait_alert(&srv, &aud, "vault_damaged");
