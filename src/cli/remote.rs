@@ -278,10 +278,15 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         ));
     }
     let s = &a.server;
-    if s.freeze.is_some() || s.thaw.is_some() || s.qga.is_some() || s.fleece_dir.is_some() {
+    if s.freeze.is_some() || s.thaw.is_some() {
         return Err(usage(
-            "freeze/thaw hooks and --fleece-dir are not available with --server",
+            "--freeze/--thaw commands are not sent to an appliance: define them as a hook set \
+             in its config file ([hooks.NAME]) and set the resource's \"hooks\" to NAME \
+             (PATCH /resources/ID)",
         ));
+    }
+    if s.fleece_dir.is_some() {
+        return Err(usage("--fleece-dir is not available with --server"));
     }
     let sources: Vec<String> = a
         .sources
@@ -311,6 +316,7 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         "vault": a.vault,
         "nodes": s.nodes,
         "nbd_server": s.nbd_server,
+        "qga": s.qga,
     });
     match r.call("GET", &format!("/resources/{}", seg(&name)), None) {
         Ok(have) => {
@@ -330,6 +336,9 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
             }
             if s.nbd_server.is_none() {
                 body.as_object_mut().map(|o| o.remove("nbd_server"));
+            }
+            if s.qga.is_none() {
+                body.as_object_mut().map(|o| o.remove("qga"));
             }
             r.call("POST", "/resources", Some(&body)).with_context(|| {
                 format!(

@@ -8,7 +8,6 @@
 //! names the damaged backups and its log every damaged place.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,6 +16,7 @@ use crate::app::App;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::BackupManifest;
 use crate::task::{TaskCtx, Tasks};
+use crate::vault::gc::gc_with_progress;
 use crate::vault::verify::{Pace, VerifyReport, verify_paced};
 
 /// What `POST /vaults/{name}/verify` (and a verify policy) asks for.
@@ -220,10 +220,8 @@ pub fn gc_vault(app: &App, vault: &str, req: &GcRequest, ctx: &TaskCtx) -> Resul
     ctx.log(format!(
         "gc of vault {vault}: marking live blobs, sweeping packs (repack below {repack}%)"
     ));
-    let stats = app.gc(vault, repack)?;
-    ctx.progress
-        .bytes_done
-        .store(stats.pack_bytes_before, Ordering::Relaxed);
+    let progress = (&ctx.progress.bytes_total, &ctx.progress.bytes_done);
+    let stats = gc_with_progress(&app.open_vault(vault)?, repack, Some(progress))?;
     ctx.log(format!(
         "gc freed {} bytes: deleted {} packs, rewrote {}",
         stats.bytes_freed, stats.packs_deleted, stats.packs_rewritten

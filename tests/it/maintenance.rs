@@ -211,6 +211,9 @@ fn the_gc_task_reclaims_the_space_of_a_deleted_backup() {
         (&json!("gc"), &json!("v"))
     );
     let freed = u(&done["result"], "bytes_freed");
+    // Progress: every pack byte there was before was swept.
+    assert_eq!(u(&done, "bytes_done"), u(&before, "pack_bytes"), "{done}");
+    assert_eq!(u(&done, "bytes_total"), u(&before, "pack_bytes"), "{done}");
     assert_eq!(freed, b_size, "{done}");
     assert!(b_packs.iter().all(|p| !p.exists()), "b's packs are gone");
     assert!(a_packs.iter().all(|p| p.exists()), "a's packs stay");
@@ -510,6 +513,20 @@ fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command()
         );
     }
     srv.ok("GET", "/resources/evil", &admin, None, 404);
+    // The CLI does not send a command either: it points at hook sets.
+    let (sys_s, data_s) = (
+        format!("sys={}", sys.display()),
+        format!("data={}", data.display()),
+    );
+    let args = [
+        "backup", &sys_s, &data_s, "--vault", "v", "--id", "evil", "--freeze", &touch,
+    ];
+    let out = remote(&srv.url, &admin, &args);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hook set"),
+        "{out:?}"
+    );
 
     let r = srv.ok("POST", "/resources", &admin, Some(json!({"name": "srv", "kind": "server", "sources": sources, "vault": "v", "hooks": "app"})), 201);
     assert_eq!(r["hooks"], "app");
