@@ -303,7 +303,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 rate_mb_s,
             };
             let pace = blockvault::vault::verify::Pace {
-                bytes_per_second: rate_mb_s.map(|r| (r * 1e6) as u64),
+                bytes_per_second: req.bytes_per_second(),
                 ..Default::default()
             };
             let report = blockvault::service::verify_report(

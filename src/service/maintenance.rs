@@ -23,7 +23,9 @@ use crate::vault::verify::{Pace, VerifyReport, verify_paced};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
-    /// Verify a random N percent (1-100) of the vault's backups, at least one.
+    /// Verify a random N percent (1-100) of the vault's backups, at least one, reading
+    /// only the packs they reference. Absent or 100 (and no `backups`): every pack of
+    /// the vault, also blobs no backup references.
     #[serde(default)]
     pub sample: Option<u8>,
     /// Verify only these backups (ids, unique id prefixes or names).
@@ -35,6 +37,11 @@ pub struct VerifyRequest {
 }
 
 impl VerifyRequest {
+    /// The rate limit in bytes per second (at least 1: a tiny rate is still a limit).
+    pub fn bytes_per_second(&self) -> Option<u64> {
+        self.rate_mb_s.map(|r| ((r * 1e6) as u64).max(1))
+    }
+
     pub fn validate(&self) -> Result<()> {
         if let Some(p) = self.sample
             && !(1..=100).contains(&p)
@@ -149,7 +156,7 @@ pub fn verify_vault(app: &App, vault: &str, req: &VerifyRequest, ctx: &TaskCtx) 
         bytes_total: Some(&ctx.progress.bytes_total),
         bytes_done: Some(&ctx.progress.bytes_done),
         cancel: Some(&ctx.cancel),
-        bytes_per_second: req.rate_mb_s.map(|r| (r * 1e6) as u64),
+        bytes_per_second: req.bytes_per_second(),
     };
     let t = std::time::Instant::now();
     let (report, chosen) = verify_report(app, vault, req, threads, pace)?;
@@ -291,4 +298,53 @@ pub fn maintenance_alert(
             t.error.clone().unwrap_or_default(),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: &str) -> std::result::Result<(), String> {
+        let r: VerifyRequest = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        r.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn verify_requests_are_checked() {
+        for ok in [
+            "{}",
+            r#"{"sample":1}"#,
+            r#"{"sample":100,"rate_mb_s":0.5}"#,
+            r#"{"backups":["x"]}"#,
+        ] {
+            assert!(req(ok).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            (r#"{"sample":0}"#, "1-100"),
+            (r#"{"sample":101}"#, "1-100"),
+            (r#"{"sample":5,"backups":["x"]}"#, "not both"),
+            (r#"{"rate_mb_s":0}"#, "positive"),
+            (r#"{"rate_mb_s":-3}"#, "positive"),
+            (r#"{"rate":3}"#, "unknown field"),
+        ] {
+            let e = req(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let tiny = VerifyRequest {
+            rate_mb_s: Some(1e-9),
+            ..Default::default()
+        };
+        assert_eq!(
+            tiny.bytes_per_second(),
+            Some(1),
+            "a tiny rate is still a limit"
+        );
+    }
+
+    #[test]
+    fn gc_requests_are_checked() {
+        let r = |p| GcRequest { repack_below: p }.validate();
+        assert!(r(None).is_ok() && r(Some(0)).is_ok() && r(Some(100)).is_ok());
+        assert_eq!(r(Some(101)).unwrap_err().kind(), ErrorKind::Config);
+    }
 }
