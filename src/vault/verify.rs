@@ -102,7 +102,9 @@ struct Throttle {
 }
 
 impl Throttle {
-    fn take(&self, bytes: u64) {
+    /// Wait until `bytes` more may be read; a raised `cancelled` ends the wait early
+    /// (checked every 100 ms, so a cancel is not held up by a slow rate).
+    fn take(&self, bytes: u64, cancelled: impl Fn() -> bool) {
         let Some(rate) = self.rate.filter(|r| *r > 0) else {
             return;
         };
@@ -111,9 +113,12 @@ impl Throttle {
             *g = g.saturating_add(bytes);
             self.start + Duration::from_secs_f64(*g as f64 / rate as f64)
         };
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
+        loop {
+            let now = Instant::now();
+            if due <= now || cancelled() {
+                return;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
         }
     }
 }
@@ -201,7 +206,10 @@ pub fn verify_paced(
                     else {
                         break;
                     };
-                    throttle.take(store.pack_len(id).unwrap_or(0));
+                    throttle.take(store.pack_len(id).unwrap_or(0), cancelled);
+                    if cancelled() {
+                        break;
+                    }
                     let checked = check_pack(vault, id);
                     if let Some(done) = pace.bytes_done {
                         done.fetch_add(checked.bytes, Ordering::Relaxed);

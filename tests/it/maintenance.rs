@@ -87,6 +87,7 @@ fn flip_byte(pack: &Path, at: usize) {
 #[test]
 fn a_flipped_pack_byte_fails_the_verify_task_raises_vault_damaged_and_names_the_backup() {
     let env = Env::new();
+    let admin = token(&env, "admin", "root");
     let op = token(&env, "operator", "ops");
     let aud = token(&env, "auditor", "watcher");
     let (a, a_packs) = backup_new_disk(&env, "a", 1);
@@ -182,6 +183,63 @@ fn a_flipped_pack_byte_fails_the_verify_task_raises_vault_damaged_and_names_the_
     assert!(String::from_utf8_lossy(&out.stderr).contains(&a), "{out:?}");
     let out = remote(&srv.url, &op, &["verify", "--vault", "v", &b]);
     assert!(out.status.success(), "{out:?}");
+
+    // A verify policy on schedule finds it too, and its failure raises both alerts.
+    let policy =
+        json!({"name": "often", "kind": "verify", "schedule": "* * * * * *", "vaults": ["v"]});
+    srv.ok("POST", "/policies", &admin, Some(policy), 201);
+    let t0 = Instant::now();
+    let failed = loop {
+        let tasks = srv.ok("GET", "/tasks?state=failed", &aud, None, 200);
+        let found = tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["by"] == "scheduler")
+            .cloned();
+        if let Some(t) = found {
+            break t;
+        }
+        assert!(t0.elapsed() < LIMIT, "no scheduled verify failed: {tasks}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    srv.ok(
+        "PATCH",
+        "/policies/often",
+        &admin,
+        Some(json!({"enabled": false})),
+        200,
+    );
+    assert_eq!(
+        (&failed["kind"], &failed["error_kind"]),
+        (&json!("verify"), &json!("corrupt"))
+    );
+    assert!(s(&failed, "error").contains(&a), "{failed}");
+    let failed_alerts = wait_alert(&srv, &aud, "task_failed");
+    assert!(
+        failed_alerts.iter().any(|x| x["subject"] == "verify v"),
+        "{failed_alerts:?}"
+    );
+    // One vault_damaged alert per verify that found the damage, the scheduler's included.
+    let t0 = Instant::now();
+    loop {
+        let failed = srv.ok("GET", "/tasks?state=failed", &aud, None, 200);
+        let verifies = failed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["kind"] == "verify")
+            .count();
+        let alerts = wait_alert(&srv, &aud, "vault_damaged").len();
+        if alerts == verifies {
+            break;
+        }
+        assert!(
+            t0.elapsed() < LIMIT,
+            "{alerts} vault_damaged alerts for {verifies} failed verifies"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(srv.stop());
 }
 
@@ -276,6 +334,31 @@ fn verify_reads_no_faster_than_its_rate_limit() {
         "{total} bytes at {rate} MB/s took only {took:.2}s"
     );
     assert!(done["result"]["seconds"].as_f64().unwrap() >= 1.4, "{done}");
+
+    // At a rate that would take a minute, a cancel still ends the task at once.
+    let rate = total as f64 / 60.0 / 1e6;
+    let t = srv.ok(
+        "POST",
+        "/vaults/v/verify",
+        &op,
+        Some(json!({"rate_mb_s": rate})),
+        202,
+    );
+    let id = task_of(&t);
+    let t0 = Instant::now();
+    while srv.ok("GET", &format!("/tasks/{id}"), &op, None, 200)["state"] != "running" {
+        assert!(t0.elapsed() < LIMIT, "the verify never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    srv.ok("POST", &format!("/tasks/{id}/cancel"), &op, None, 200);
+    let done = srv.wait_task(&op, &id, LIMIT);
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        t0.elapsed()
+    );
     assert!(srv.stop());
 }
 
