@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -463,11 +465,41 @@ fn verify_and_gc_policies_are_validated_and_run_as_tasks_now_and_on_schedule() {
         200,
     );
     // A backup policy may turn GC after prune off; it is kept as given.
-    let p = srv.ok("POST", "/policies", &admin, Some(json!({"name": "nightly", "schedule": "0 1 * * *", "resources": ["r"], "retention": {"keep_last": 3}, "gc_after_prune": false})), 201);
+    let p = srv.ok("POST", "/policies", &admin, Some(json!({"name": "nightly", "schedule": "0 1 * * *", "resources": ["r"], "retention": {"keep_last": 1}, "gc_after_prune": false})), 201);
     assert_eq!(
         (&p["kind"], &p["gc_after_prune"]),
         (&json!("backup"), &json!(false))
     );
+    // Run it twice: the second run prunes the first backup and, so told, leaves GC be.
+    let run = |name: &str| {
+        let ran = srv.ok("POST", &format!("/policies/{name}/run"), &op, None, 202);
+        let id = ran["tasks"][0].as_str().unwrap().to_string();
+        let done = srv.wait_task(&op, &id, LIMIT);
+        assert_eq!(done["state"], "succeeded", "{done}");
+        done
+    };
+    run("nightly");
+    let second = run("nightly");
+    assert_eq!(
+        second["result"]["pruned"].as_array().unwrap().len(),
+        1,
+        "{second}"
+    );
+    let log = second["log"].to_string();
+    assert!(
+        log.contains("retention pruned") && !log.contains("gc freed"),
+        "{log}"
+    );
+    // By default GC follows the prune.
+    srv.ok(
+        "PATCH",
+        "/policies/nightly",
+        &admin,
+        Some(json!({"gc_after_prune": null})),
+        200,
+    );
+    let third = run("nightly");
+    assert!(third["log"].to_string().contains("gc freed"), "{third}");
     assert!(srv.stop());
 }
 
@@ -645,5 +677,87 @@ fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command()
         200,
     );
     assert_eq!(b["disks"].as_array().unwrap().len(), 2, "{b}");
+    assert!(srv.stop());
+}
+
+/// SCRIPTED guest agent (no VM with a real qemu-ga runs on the test machine): records
+/// each command and answers guest-sync with its id, everything else with 2 (file
+/// systems). Stops when the flag is raised.
+fn scripted_guest_agent(sock: &Path, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<String>>> {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let conn = match listener.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => return,
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut w = conn.try_clone().unwrap();
+            for line in BufReader::new(conn).lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap_or("").to_string();
+                log.lock().unwrap().push(cmd.clone());
+                let reply = match cmd.as_str() {
+                    "guest-sync" => json!({"return": v["arguments"]["id"]}),
+                    _ => json!({"return": 2}),
+                };
+                if writeln!(w, "{reply}").is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    seen
+}
+
+#[test]
+fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant() {
+    let env = Env::new();
+    let admin = token(&env, "admin", "root");
+    let srv = Appliance::start(&env, &[]);
+    let (sys, data) = (env.path("sys.raw"), env.path("data.raw"));
+    write_raw(&sys, 4 << 20, 0, &random_bytes(1 << 20, 10));
+    write_raw(&data, 4 << 20, 0, &random_bytes(1 << 20, 11));
+    let qga = env.path("qga.sock");
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = scripted_guest_agent(&qga, Arc::clone(&stop));
+    let sources = json!([
+        format!("sys={}", sys.display()),
+        format!("data={}", data.display())
+    ]);
+    let r = json!({"name": "vm", "kind": "server", "sources": sources, "vault": "v", "qga": qga});
+    assert_eq!(
+        srv.ok("POST", "/resources", &admin, Some(r), 201)["qga"],
+        json!(qga)
+    );
+    let t = srv.ok(
+        "POST",
+        "/backups",
+        &admin,
+        Some(json!({"resource": "vm"})),
+        202,
+    );
+    let done = srv.wait_task(&admin, &task_of(&t), LIMIT);
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let cmds: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("guest-fsfreeze"))
+        .cloned()
+        .collect();
+    assert_eq!(cmds, ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
     assert!(srv.stop());
 }
