@@ -5,9 +5,10 @@
 //! backup task per resource (named `autobk_<time>`; the task runner runs one backup per
 //! resource at a time, a second waits); each such task backs up, then prunes that
 //! resource with the policy's retention, then collects garbage in the vault when
-//! anything was pruned (unless the policy says `gc_after_prune: false`). A verify or gc
-//! policy queues one verify or GC task per vault. A failed task raises `task_failed`; a
-//! verify that found damage also raises `vault_damaged` (the service's task-end hooks).
+//! anything was pruned (unless the policy, or else the config file's `[scheduler]
+//! gc_after_prune`, says false). A verify or gc policy queues one verify or GC task per
+//! vault. A failed task raises `task_failed`; a verify that found damage also raises
+//! `vault_damaged` (the service's task-end hooks).
 //!
 //! Missed runs: the last run of every policy is recorded in the catalog. At start, a
 //! policy that had a fire time between its last run and now runs once, not once per
@@ -86,7 +87,7 @@ fn run_backup_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> R
                 if !pruned.is_empty() {
                     ctx.log(format!("retention pruned {}", pruned.join(", ")));
                 }
-                if !pruned.is_empty() && policy.gc_after_prune.unwrap_or(true) {
+                if !pruned.is_empty() && policy.gc_after_prune() {
                     match app.gc(&res.vault, 50) {
                         Ok(s) => ctx.log(format!("gc freed {} bytes", s.bytes_freed)),
                         // GC needs the vault alone; another backup may hold it. Next time.

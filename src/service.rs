@@ -14,7 +14,7 @@
 //! backups.
 //!
 //! Live-capture settings of a server resource: `hooks` names a freeze/thaw hook set of
-//! the appliance's config file (`[hooks.NAME]`, installed by [`set_hook_sets`] when the
+//! the appliance's config file (`[hooks.NAME]`, installed by [`configure`] when the
 //! service starts); `qga` is a guest-agent socket (fsfreeze around the instant); `nodes`
 //! and `nbd_server` are for `qmp:` sources. A resource never carries a command: a request
 //! that tries (`"freeze"`, `"thaw"`) is refused, so an API caller cannot make the
@@ -129,18 +129,34 @@ impl Resource {
     }
 }
 
-/// The hook sets of the config file the service runs with (see [`set_hook_sets`]).
-static HOOK_SETS: std::sync::RwLock<BTreeMap<String, HookSet>> =
-    std::sync::RwLock::new(BTreeMap::new());
+/// What the service takes from its config file: the hook sets, and whether a backup
+/// policy that does not say collects garbage after a prune.
+struct Settings {
+    hooks: BTreeMap<String, HookSet>,
+    gc_after_prune: bool,
+}
 
-/// Install the config file's hook sets (done once by `serve` before it answers).
-pub fn set_hook_sets(sets: BTreeMap<String, HookSet>) {
-    *HOOK_SETS.write().unwrap_or_else(|e| e.into_inner()) = sets;
+/// The settings of the config file the service runs with (see [`configure`]).
+static SETTINGS: std::sync::RwLock<Settings> = std::sync::RwLock::new(Settings {
+    hooks: BTreeMap::new(),
+    gc_after_prune: true,
+});
+
+fn settings() -> std::sync::RwLockReadGuard<'static, Settings> {
+    SETTINGS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Install the config file's settings (done once by `serve` before it answers).
+pub fn configure(config: &crate::config::Config) {
+    *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = Settings {
+        hooks: config.hooks.clone(),
+        gc_after_prune: config.gc_after_prune,
+    };
 }
 
 /// Hook set `name` of the config file.
 fn hook_set(name: &str) -> Result<HookSet> {
-    let sets = HOOK_SETS.read().unwrap_or_else(|e| e.into_inner());
+    let sets = &settings().hooks;
     sets.get(name).cloned().ok_or_else(|| {
         let known: Vec<&str> = sets.keys().map(String::as_str).collect();
         Error::config(format!(
@@ -221,7 +237,8 @@ pub struct Policy {
     /// gc: rewrite packs whose live share fell below this percentage (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repack_below: Option<u8>,
-    /// backup: collect garbage after retention pruned something (default true).
+    /// backup: collect garbage after retention pruned something (default: the config
+    /// file's `[scheduler] gc_after_prune`, true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc_after_prune: Option<bool>,
     #[serde(default = "default_true")]
@@ -287,6 +304,12 @@ impl Policy {
             }
         }
         Ok(s)
+    }
+
+    /// backup: whether GC follows a prune (the policy's word, else the config file's).
+    pub fn gc_after_prune(&self) -> bool {
+        self.gc_after_prune
+            .unwrap_or_else(|| settings().gc_after_prune)
     }
 
     /// What a verify policy asks of each of its vaults.

@@ -307,7 +307,7 @@ pub fn run_appliance(
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
-    crate::service::set_hook_sets(config.hooks.clone());
+    crate::service::configure(&config);
     let app = App::open(&config.data)?;
     for p in app.sweep_dead_restores()? {
         tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");

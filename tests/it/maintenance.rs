@@ -583,7 +583,7 @@ fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command()
     let m = marker.display();
     std::fs::write(
         &cfg,
-        format!("[hooks.app]\nfreeze = \"echo frozen >> {m}\"\nthaw = \"echo thawed >> {m}\"\ntimeout_seconds = 10\n"),
+        format!("[scheduler]\ngc_after_prune = false\n[hooks.app]\nfreeze = \"echo frozen >> {m}\"\nthaw = \"echo thawed >> {m}\"\ntimeout_seconds = 10\n"),
     )
     .unwrap();
     let srv = Appliance::start(&env, &["--config", cfg.to_str().unwrap()]);
@@ -677,6 +677,29 @@ fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command()
         200,
     );
     assert_eq!(b["disks"].as_array().unwrap().len(), 2, "{b}");
+
+    // A policy backup runs the hooks too; the config file's gc_after_prune = false is
+    // the default of a policy that does not say.
+    let p = json!({"name": "p", "schedule": "0 1 * * *", "resources": ["srv"], "retention": {"keep_last": 1}});
+    srv.ok("POST", "/policies", &admin, Some(p), 201);
+    let mut pruned = 0;
+    for _ in 0..2 {
+        let ran = srv.ok("POST", "/policies/p/run", &admin, None, 202);
+        let done = srv.wait_task(&admin, ran["tasks"][0].as_str().unwrap(), LIMIT);
+        assert_eq!(done["state"], "succeeded", "{done}");
+        if done["result"]["pruned"].as_array().unwrap().is_empty() {
+            continue;
+        }
+        pruned += 1;
+        let log = done["log"].to_string();
+        assert!(
+            log.contains("retention pruned") && !log.contains("gc freed"),
+            "{log}"
+        );
+    }
+    assert_eq!(pruned, 1, "the second policy run prunes the first");
+    let marker_text = std::fs::read_to_string(&marker).unwrap();
+    assert_eq!(marker_text, "frozen\nthawed\n".repeat(3));
     assert!(srv.stop());
 }
 
