@@ -12,6 +12,7 @@ mod export;
 mod hostile;
 mod incremental;
 mod integrity;
+mod live_settings;
 mod maintenance;
 mod nbd;
 mod nbd_server;
