@@ -1,4 +1,5 @@
-//! Alerts: task failed, vault over its warning level or full, source unreachable.
+//! Alerts: task failed, vault over its warning level or full, source unreachable, vault
+//! damaged (verify found corrupt data).
 //!
 //! Every alert is logged, recorded in the catalog (`GET /alerts`) and POSTed as JSON to
 //! every configured webhook that subscribed to its kind, on a short-lived thread with the
@@ -18,6 +19,7 @@ pub fn kind_str(k: AlertKind) -> &'static str {
         AlertKind::VaultCapacity => "vault_capacity",
         AlertKind::VaultFull => "vault_full",
         AlertKind::SourceUnreachable => "source_unreachable",
+        AlertKind::VaultDamaged => "vault_damaged",
     }
 }
 

@@ -2,6 +2,7 @@
 //! Every key is optional (defaults below); unknown keys are errors, so a typo is named.
 //! `appliance/blockvault.toml` documents every option (a test loads it).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub enum AlertKind {
     VaultCapacity,
     VaultFull,
     SourceUnreachable,
+    /// Verify found corrupt or missing data in a vault.
+    VaultDamaged,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +25,17 @@ pub struct Webhook {
     pub url: String,
     /// Empty: every kind.
     pub events: Vec<AlertKind>,
+    pub timeout_seconds: u64,
+}
+
+/// A named set of freeze/thaw commands (`[hooks.NAME]`), run with `sh -c` around the
+/// instant of a server backup. Commands come from this file only: a resource in the API
+/// names a set, it never carries a command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookSet {
+    pub freeze: Option<String>,
+    pub thaw: Option<String>,
+    /// Limit for each step.
     pub timeout_seconds: u64,
 }
 
@@ -38,6 +52,8 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     pub capacity_warn_percent: u8,
     pub webhooks: Vec<Webhook>,
+    /// Freeze/thaw hook sets by name.
+    pub hooks: BTreeMap<String, HookSet>,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -71,6 +87,7 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
             capacity_warn_percent: 80,
             webhooks: Vec::new(),
+            hooks: BTreeMap::new(),
         }
     }
 }
@@ -86,6 +103,16 @@ struct Raw {
     scheduler: RawScheduler,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    hooks: BTreeMap<String, RawHookSet>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHookSet {
+    freeze: Option<String>,
+    thaw: Option<String>,
+    timeout_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -186,6 +213,35 @@ impl Config {
                 timeout_seconds: t,
             });
         }
+        let mut hooks = BTreeMap::new();
+        for (name, h) in raw.hooks {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(format!(
+                    "{origin}: [hooks.{name}]: a hook set name is letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if h.freeze.is_none() && h.thaw.is_none() {
+                return Err(format!(
+                    "{origin}: [hooks.{name}] needs a freeze or a thaw command"
+                ));
+            }
+            let t = h.timeout_seconds.unwrap_or(60);
+            if !(1..=3600).contains(&t) {
+                return Err(format!(
+                    "{origin}: [hooks.{name}] timeout_seconds must be 1..=3600, got {t}"
+                ));
+            }
+            let set = HookSet {
+                freeze: h.freeze,
+                thaw: h.thaw,
+                timeout_seconds: t,
+            };
+            hooks.insert(name, set);
+        }
         Ok(Config {
             listen,
             data: raw.server.data.unwrap_or(d.data),
@@ -200,6 +256,7 @@ impl Config {
                 .unwrap_or(d.shutdown_grace_seconds),
             capacity_warn_percent: warn,
             webhooks,
+            hooks,
         })
     }
 
@@ -236,6 +293,9 @@ mod tests {
                 "timeout_seconds",
             ),
             ("[server]\nlisen = \"1.2.3.4:5\"", "lisen"),
+            ("[hooks.db]\ntimeout_seconds = 5", "freeze or a thaw"),
+            ("[hooks.db]\nfreeze = \"x\"\nrun = \"y\"", "run"),
+            ("[hooks.\"a b\"]\nfreeze = \"x\"", "hook set name"),
             (
                 "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
                 "nope",
@@ -264,6 +324,8 @@ mod tests {
             "url",
             "events",
             "timeout_seconds",
+            "freeze",
+            "thaw",
         ] {
             assert!(
                 text.lines()
@@ -272,6 +334,7 @@ mod tests {
             );
         }
         assert_eq!(c.webhooks.len(), 1);
+        assert!(c.hooks["postgres"].freeze.is_some() && c.hooks["postgres"].thaw.is_some());
         assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));
     }
 }

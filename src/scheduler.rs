@@ -1,10 +1,14 @@
-//! The scheduler: turns due policies into backup tasks.
+//! The scheduler: turns due policies into tasks.
 //!
 //! A thread wakes every 200 ms, reads the enabled policies from the catalog and, for each
-//! one whose next fire time has come, queues one backup task per resource (named
-//! `autobk_<time>`; the task runner runs one backup per resource at a time, a second
-//! waits). Each such task backs up, then prunes that resource with the policy's
-//! retention, then collects garbage in the vault when anything was pruned.
+//! one whose next fire time has come, queues its tasks. A backup policy queues one
+//! backup task per resource (named `autobk_<time>`; the task runner runs one backup per
+//! resource at a time, a second waits); each such task backs up, then prunes that
+//! resource with the policy's retention, then collects garbage in the vault when
+//! anything was pruned (unless the policy, or else the config file's `[scheduler]
+//! gc_after_prune`, says false). A verify or gc policy queues one verify or GC task per
+//! vault. A failed task raises `task_failed`; a verify that found damage also raises
+//! `vault_damaged` (the service's task-end hooks).
 //!
 //! Missed runs: the last run of every policy is recorded in the catalog. At start, a
 //! policy that had a fire time between its last run and now runs once, not once per
@@ -25,11 +29,33 @@ use crate::backup::BackupOptions;
 use crate::catalog::{Catalog, Table};
 use crate::error::Result;
 use crate::policy::Schedule;
-use crate::service::{Policy, auto_name, backup_resource, prune, resource_of};
+use crate::service::{
+    Policy, PolicyKind, auto_name, backup_resource, prune, resource_of, submit_gc, submit_verify,
+};
 use crate::task::Tasks;
 
-/// Queue the backups of `policy` now. Returns the task ids.
+/// Queue the tasks of `policy` now. Returns the task ids.
 pub fn run_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> Result<Vec<String>> {
+    match policy.kind {
+        PolicyKind::Backup => run_backup_policy(data, tasks, policy, by),
+        PolicyKind::Verify | PolicyKind::Gc => {
+            let app = App::open(data)?;
+            let mut ids = Vec::new();
+            for v in &policy.vaults {
+                let id = if policy.kind == PolicyKind::Verify {
+                    submit_verify(&app, tasks, data, v, policy.verify_request(), by)?
+                } else {
+                    submit_gc(&app, tasks, data, v, policy.gc_request(), by)?
+                };
+                ids.push(id);
+            }
+            Ok(ids)
+        }
+    }
+}
+
+/// Queue one backup (+ retention, + GC after a prune) task per resource of `policy`.
+fn run_backup_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> Result<Vec<String>> {
     let mut ids = Vec::new();
     for r in &policy.resources {
         let (data, policy, r2) = (data.to_path_buf(), policy.clone(), r.clone());
@@ -60,6 +86,8 @@ pub fn run_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> Resu
                     .collect();
                 if !pruned.is_empty() {
                     ctx.log(format!("retention pruned {}", pruned.join(", ")));
+                }
+                if !pruned.is_empty() && policy.gc_after_prune() {
                     match app.gc(&res.vault, 50) {
                         Ok(s) => ctx.log(format!("gc freed {} bytes", s.bytes_freed)),
                         // GC needs the vault alone; another backup may hold it. Next time.

@@ -1,25 +1,52 @@
 //! What the service protects and how: resources (a disk or a server, its sources and
-//! vault), backup policies (schedule + retention + resources), and the jobs the API and
-//! the scheduler queue for them (backup, prune, GC, restore).
+//! vault), policies, and the jobs the API and the scheduler queue for them (backup,
+//! prune, GC, verify, restore).
+//!
+//! Policies have a kind: `backup` (schedule + retention + resources; after retention
+//! pruned something, GC runs in the vault unless `gc_after_prune` is false), `verify`
+//! (schedule + vaults, optionally a random `sample` percent of their backups and a read
+//! rate limit `rate_mb_s`) and `gc` (schedule + vaults, `repack_below`). A field that
+//! does not belong to the kind is refused when the policy is saved.
+//!
+//! Verify and GC run as tasks (`maintenance`: [`submit_verify`], [`submit_gc`]) for the
+//! API and the scheduler alike: kind `verify`/`gc`, target the vault, one at a time per
+//! vault. A verify that finds damage fails with the `corrupt` kind and names the damaged
+//! backups.
+//!
+//! Live-capture settings of a server resource: `hooks` names a freeze/thaw hook set of
+//! the appliance's config file (`[hooks.NAME]`, installed by [`configure`] when the
+//! service starts); `qga` is a guest-agent socket (fsfreeze around the instant); `nodes`
+//! and `nbd_server` are for `qmp:` sources. A resource never carries a command: a request
+//! that tries (`"freeze"`, `"thaw"`) is refused, so an API caller cannot make the
+//! service run anything the config file does not name.
 //!
 //! A resource's backups are identified in the vault by the resource name (its disk id,
 //! or its server name). Policy backups are named `autobk_<yyyymmdd-hhmmss>`; retention
 //! prunes only `autobk_` backups of the policy's resources, never protected ones, and
 //! never one-off (`manualbk_…` or named) backups.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::app::App;
 use crate::backup::BackupOptions;
+use crate::config::HookSet;
 use crate::error::{Error, ErrorKind, Result};
 use crate::freeze::FreezeHooks;
 use crate::live::LiveOptions;
 use crate::manifest::{BackupManifest, ResourceKind};
 use crate::policy::{Candidate, Decision, Retention, Schedule, plan};
+
+mod maintenance;
+pub use maintenance::{
+    GcRequest, VerifyRequest, gc_vault, maintenance_alert, submit_gc, submit_verify, verify_report,
+    verify_vault,
+};
 
 /// A disk or a server the appliance protects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +64,21 @@ pub struct Resource {
     /// qmp: an NBD server QEMU already runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_server: Option<String>,
+    /// Server: the freeze/thaw hook set (`[hooks.NAME]` in the config file) to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<String>,
+    /// Server: guest-agent socket; its file systems are frozen around the instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qga: Option<PathBuf>,
+    // TODO(require_app_consistent): add `require_app_consistent: bool` and pass it to
+    // LiveOptions/FreezeHooks once the CLI's flag lands (it is not on this branch's base).
+    /// Never accepted: present so that a request carrying a freeze command is refused
+    /// with a clear message (commands come from the config file only). Never stored.
+    #[serde(default, skip_serializing)]
+    pub freeze: Option<Value>,
+    /// Never accepted, like `freeze`.
+    #[serde(default, skip_serializing)]
+    pub thaw: Option<Value>,
 }
 
 impl Resource {
@@ -48,6 +90,23 @@ impl Resource {
             ));
         }
         app.catalog().vault(&self.vault)?;
+        if self.freeze.is_some() || self.thaw.is_some() {
+            return Err(Error::config(format!(
+                "resource {}: freeze/thaw commands are not accepted through the API; define \
+                 them as a hook set in the appliance's config file ([hooks.NAME] freeze = …, \
+                 thaw = …) and name it here with \"hooks\": \"NAME\"",
+                self.name
+            )));
+        }
+        if let Some(h) = &self.hooks {
+            hook_set(h).map_err(|e| e.context_prefix(format!("resource {}", self.name)))?;
+        }
+        if self.kind == ResourceKind::Disk && (self.hooks.is_some() || self.qga.is_some()) {
+            return Err(Error::config(format!(
+                "resource {}: hooks and qga apply to servers (kind \"server\"), not to a disk",
+                self.name
+            )));
+        }
         match (self.kind, self.sources.len()) {
             (_, 0) => Err(Error::config(format!("resource {}: no sources", self.name))),
             (ResourceKind::Disk, n) if n > 1 => Err(Error::config(format!(
@@ -70,20 +129,118 @@ impl Resource {
     }
 }
 
+/// What the service takes from its config file: the hook sets, and whether a backup
+/// policy that does not say collects garbage after a prune.
+struct Settings {
+    hooks: BTreeMap<String, HookSet>,
+    gc_after_prune: bool,
+}
+
+/// The settings of the config file the service runs with (see [`configure`]).
+static SETTINGS: std::sync::RwLock<Settings> = std::sync::RwLock::new(Settings {
+    hooks: BTreeMap::new(),
+    gc_after_prune: true,
+});
+
+fn settings() -> std::sync::RwLockReadGuard<'static, Settings> {
+    SETTINGS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Install the config file's settings (done once by `serve` before it answers).
+pub fn configure(config: &crate::config::Config) {
+    *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = Settings {
+        hooks: config.hooks.clone(),
+        gc_after_prune: config.gc_after_prune,
+    };
+}
+
+/// Hook set `name` of the config file.
+fn hook_set(name: &str) -> Result<HookSet> {
+    let sets = &settings().hooks;
+    sets.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = sets.keys().map(String::as_str).collect();
+        Error::config(format!(
+            "no hook set {name:?} in the appliance's config file (known: {}); add \
+             [hooks.{name}] with freeze/thaw commands there and restart the service",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+/// The freeze/thaw steps of `res`: its hook set's commands and its guest agent.
+fn freeze_hooks(res: &Resource) -> Result<FreezeHooks> {
+    let set = res.hooks.as_deref().map(hook_set).transpose()?;
+    Ok(FreezeHooks {
+        freeze_script: set.as_ref().and_then(|s| s.freeze.clone()),
+        thaw_script: set.as_ref().and_then(|s| s.thaw.clone()),
+        qga: res.qga.clone(),
+        timeout: set.map(|s| std::time::Duration::from_secs(s.timeout_seconds)),
+    })
+}
+
 fn default_true() -> bool {
     true
 }
 
-/// A backup policy.
+/// What a policy does when it fires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Back up `resources`, then apply `retention` (and GC after a prune).
+    #[default]
+    Backup,
+    /// Verify `vaults` (all backups, or a `sample` percent), at most `rate_mb_s`.
+    Verify,
+    /// Collect garbage in `vaults`.
+    Gc,
+}
+
+impl PolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Backup => "backup",
+            PolicyKind::Verify => "verify",
+            PolicyKind::Gc => "gc",
+        }
+    }
+}
+
+/// A policy: a schedule and what to do then (see the module doc for the kinds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,
+    /// `backup` when absent.
+    #[serde(default)]
+    pub kind: PolicyKind,
     /// Cron, 5 fields, or 6 with seconds first.
     pub schedule: String,
+    /// backup: what to keep.
     #[serde(default)]
     pub retention: Retention,
+    /// backup: the resources to back up.
+    #[serde(default)]
     pub resources: Vec<String>,
+    /// verify, gc: the vaults to work on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vaults: Vec<String>,
+    /// verify: percent (1-100) of each vault's backups, drawn at random per run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<u8>,
+    /// verify: read at most this many MB (10^6 bytes) per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mb_s: Option<f64>,
+    /// gc: rewrite packs whose live share fell below this percentage (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repack_below: Option<u8>,
+    /// backup: collect garbage after retention pruned something (default: the config
+    /// file's `[scheduler] gc_after_prune`, true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc_after_prune: Option<bool>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -94,11 +251,81 @@ impl Policy {
             return Err(Error::config("a policy needs a name (1-200 characters)"));
         }
         let s = Schedule::parse(&self.schedule).map_err(Error::config)?;
-        for r in &self.resources {
-            app.catalog()
-                .get_named::<Resource>(crate::catalog::Table::Resources, r)?;
+        let kind = self.kind.as_str();
+        let refuse = |field: &str, belongs: &str| {
+            Err(Error::config(format!(
+                "policy {}: \"{field}\" belongs to {belongs} policies, not to a {kind} policy",
+                self.name
+            )))
+        };
+        match self.kind {
+            PolicyKind::Backup => {
+                if !self.vaults.is_empty() {
+                    return refuse("vaults", "verify and gc");
+                }
+                if self.sample.is_some() || self.rate_mb_s.is_some() {
+                    return refuse("sample/rate_mb_s", "verify");
+                }
+                if self.repack_below.is_some() {
+                    return refuse("repack_below", "gc");
+                }
+                for r in &self.resources {
+                    app.catalog()
+                        .get_named::<Resource>(crate::catalog::Table::Resources, r)?;
+                }
+            }
+            PolicyKind::Verify | PolicyKind::Gc => {
+                if !self.resources.is_empty() || self.retention != Retention::default() {
+                    return refuse("resources/retention", "backup");
+                }
+                if self.gc_after_prune.is_some() {
+                    return refuse("gc_after_prune", "backup");
+                }
+                if self.vaults.is_empty() {
+                    return Err(Error::config(format!(
+                        "policy {}: a {kind} policy needs \"vaults\": [NAME, …]",
+                        self.name
+                    )));
+                }
+                for v in &self.vaults {
+                    app.catalog().vault(v)?;
+                }
+                if self.kind == PolicyKind::Verify {
+                    if self.repack_below.is_some() {
+                        return refuse("repack_below", "gc");
+                    }
+                    self.verify_request().validate()?;
+                } else {
+                    if self.sample.is_some() || self.rate_mb_s.is_some() {
+                        return refuse("sample/rate_mb_s", "verify");
+                    }
+                    self.gc_request().validate()?;
+                }
+            }
         }
         Ok(s)
+    }
+
+    /// backup: whether GC follows a prune (the policy's word, else the config file's).
+    pub fn gc_after_prune(&self) -> bool {
+        self.gc_after_prune
+            .unwrap_or_else(|| settings().gc_after_prune)
+    }
+
+    /// What a verify policy asks of each of its vaults.
+    pub fn verify_request(&self) -> VerifyRequest {
+        VerifyRequest {
+            sample: self.sample,
+            backups: Vec::new(),
+            rate_mb_s: self.rate_mb_s,
+        }
+    }
+
+    /// What a gc policy asks of each of its vaults.
+    pub fn gc_request(&self) -> GcRequest {
+        GcRequest {
+            repack_below: self.repack_below,
+        }
     }
 }
 
@@ -162,6 +389,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 qmp: PathBuf::from(&res.sources[0]["qmp:".len()..]),
                 nodes: res.nodes.clone(),
                 nbd_server: res.nbd_server.clone(),
+                hooks: freeze_hooks(res)?,
                 ..Default::default()
             };
             app.backup_live(&res.name, &res.vault, &live, &opts)
@@ -173,13 +401,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 .enumerate()
                 .map(|(i, s)| named_disk(i, s))
                 .collect();
-            app.backup_server_files(
-                &res.name,
-                &res.vault,
-                &disks,
-                &FreezeHooks::default(),
-                &opts,
-            )
+            app.backup_server_files(&res.name, &res.vault, &disks, &freeze_hooks(res)?, &opts)
         }
     }
 }

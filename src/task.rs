@@ -1,5 +1,6 @@
-//! The task registry: every long job of the service (backup, restore, prune, gc) as a
-//! task with state, progress, log, result and cancel.
+//! The task registry: every long job of the service (backup, restore, prune, gc,
+//! verify) as a task with state, progress, log, result and cancel. Jobs that ran outside
+//! the service (local CLI backups) are recorded after the fact ([`record_ended`]).
 //!
 //! Tasks are queued and run on a fixed pool of worker threads (the storage core is
 //! synchronous). A task may name a lock key (the resource it backs up): two tasks with
@@ -234,14 +235,7 @@ impl Tasks {
         by: &str,
         job: Job,
     ) -> Result<String> {
-        let id = format!(
-            "{}-{}",
-            crate::manifest::new_backup_id()
-                .split('-')
-                .next()
-                .unwrap_or("task"),
-            hex::encode(rand::random::<[u8; 4]>())
-        );
+        let id = new_task_id();
         let info = TaskInfo {
             id: id.clone(),
             kind: kind.into(),
@@ -376,6 +370,78 @@ impl Tasks {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `<yyyymmddThhmmss>-<8 hex>`.
+fn new_task_id() -> String {
+    format!(
+        "{}-{}",
+        crate::manifest::new_backup_id()
+            .split('-')
+            .next()
+            .unwrap_or("task"),
+        hex::encode(rand::random::<[u8; 4]>())
+    )
+}
+
+/// A job that ran outside the service, as [`record_ended`] records it.
+pub struct Ended<'a> {
+    pub kind: &'a str,
+    pub target: &'a str,
+    /// Who ran it (`cli`).
+    pub by: &'a str,
+    /// When it started (RFC 3339).
+    pub started: &'a str,
+    /// Bytes (done, total) it read.
+    pub bytes: (u64, u64),
+    pub log: Vec<String>,
+}
+
+/// Record a job that ran outside the service (a local CLI backup on the data dir) as an
+/// ended task, after the fact, with its result or error.
+pub fn record_ended(
+    catalog: &Catalog,
+    job: Ended<'_>,
+    outcome: std::result::Result<Value, &Error>,
+) -> Result<TaskInfo> {
+    let (state, result, error, error_kind) = match outcome {
+        Ok(v) => (TaskState::Succeeded, Some(v), None, None),
+        Err(e) => (
+            if e.kind() == ErrorKind::Cancelled {
+                TaskState::Cancelled
+            } else {
+                TaskState::Failed
+            },
+            None,
+            Some(e.to_string()),
+            Some(e.kind().as_str().to_string()),
+        ),
+    };
+    let info = TaskInfo {
+        id: new_task_id(),
+        kind: job.kind.into(),
+        target: job.target.into(),
+        state,
+        by: job.by.into(),
+        created: job.started.into(),
+        started: Some(job.started.into()),
+        finished: Some(now_rfc3339()),
+        progress_percent: if state == TaskState::Succeeded {
+            100.0
+        } else {
+            0.0
+        },
+        bytes_done: job.bytes.0,
+        bytes_total: job.bytes.1,
+        bytes_per_second: 0.0,
+        eta_seconds: None,
+        log: job.log,
+        error,
+        error_kind,
+        result,
+    };
+    catalog.put_task(&info.id, info.state.as_str(), &info.created, &info)?;
+    Ok(info)
 }
 
 fn run_hooks(inner: &Inner, info: &TaskInfo) {

@@ -6,8 +6,8 @@
 //! `GET /health` without an `Authorization` header, which answers `{"status":"ok"}` and
 //! nothing more (for probes; not audited; see [`ANONYMOUS`]). The route table
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
-//! backs up, restores, protects, deletes backups and cancels tasks; admin also manages
-//! vaults, resources, policies and tokens): a weaker role gets 403. Every call with a
+//! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
+//! also manages vaults, resources, policies and tokens and runs GC): a weaker role gets 403. Every call with a
 //! token or refused, goes to the audit log with the token's name. The same table generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
@@ -16,6 +16,7 @@
 //! queued as tasks and answered with `202 {"task": ID}`.
 
 mod handlers;
+mod maintenance;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -89,6 +90,8 @@ routes! {
     GET "/vaults/{name}" Auditor "A vault with usage" => handlers::get_vault;
     PATCH "/vaults/{name}" Admin "Change a vault's capacity limit" => handlers::patch_vault;
     DELETE "/vaults/{name}" Admin "Forget a vault (its files stay)" => handlers::delete_vault;
+    POST "/vaults/{name}/verify" Operator "Verify a vault or a sample of its backups (task)" => maintenance::verify_vault;
+    POST "/vaults/{name}/gc" Admin "Collect garbage in a vault (task)" => maintenance::gc_vault;
     GET "/resources" Auditor "List resources" => handlers::list_resources;
     POST "/resources" Admin "Create a resource" => handlers::create_resource;
     GET "/resources/{name}" Auditor "A resource" => handlers::get_resource;
@@ -304,6 +307,7 @@ pub fn run_appliance(
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
+    crate::service::configure(&config);
     let app = App::open(&config.data)?;
     for p in app.sweep_dead_restores()? {
         tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");
@@ -323,6 +327,7 @@ pub fn run_appliance(
         // Alerts may open the catalog and talk to webhooks: off the worker's path.
         std::thread::spawn(move || handlers::alerts_for(&st, &t));
     }));
+    tasks.on_end(maintenance::alert_hook(state.alerts.clone()));
     let mut scheduler = config
         .scheduler_enabled
         .then(|| crate::scheduler::Scheduler::start(&config.data, tasks.clone()));

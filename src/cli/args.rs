@@ -123,7 +123,7 @@ pub enum Cmd {
     /// Tasks of the appliance (backups, restores, prunes, GC): list, show, cancel.
     #[command(subcommand)]
     Tasks(TasksCmd),
-    /// Free the blobs no backup needs.
+    /// Free the blobs no backup needs (with --server: a GC task on the appliance).
     Gc {
         /// Vault to collect.
         #[arg(long)]
@@ -132,13 +132,20 @@ pub enum Cmd {
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
         repack_below: u8,
     },
-    /// Re-read and re-hash stored data; exit status 5 when anything is corrupt.
+    /// Re-read and re-hash stored data; exit status 5 when anything is corrupt (with
+    /// --server: a verify task on the appliance, which also raises a vault_damaged alert).
     Verify {
         /// Vault to verify.
         #[arg(long)]
         vault: String,
         /// Verify only this backup (id, unique id prefix or name).
         backup: Option<String>,
+        /// Verify a random PERCENT (1-100) of the vault's backups instead of every pack.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100), conflicts_with = "backup")]
+        sample: Option<u8>,
+        /// Read at most this many MB (10^6 bytes) per second.
+        #[arg(long)]
+        rate_mb_s: Option<f64>,
     },
     /// The `blockvault-…` dirty bitmaps in a live QEMU's disks: list them, retire unused ones.
     #[command(subcommand)]

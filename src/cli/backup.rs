@@ -1,6 +1,12 @@
 //! `blockvault backup`: a disk, a server of image files, or a live QEMU over QMP.
+//!
+//! Every local backup, good or not, is recorded afterwards in the data dir's task list
+//! as an ended task (kind `backup`, by `cli`, with its times, bytes and result or
+//! error), so that the appliance's `GET /tasks` shows what was run beside it.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 
@@ -9,7 +15,9 @@ use super::exit::usage;
 use super::output::{finish_bar, print_backup, progress_bar};
 use super::{cancel_on_signals, options};
 use blockvault::app::App;
+use blockvault::backup::{BackupOptions, Progress};
 use blockvault::cbt::{ChangeHint, parse_change_list};
+use blockvault::manifest::BackupManifest;
 use blockvault::service::named_disk;
 
 pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
@@ -28,7 +36,10 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         ref server,
     } = *a;
     let app = App::open(&cli.data)?;
+    let started = blockvault::manifest::now_rfc3339_precise();
+    let clock = std::time::Instant::now();
     let mut o = options(cli, name.clone(), id.clone());
+    o.progress = Some(Arc::new(Progress::default()));
     o.cancel = Some(cancel_on_signals()?);
     o.secret_file = secret_file.clone();
     o.force_inconsistent = force_inconsistent;
@@ -87,6 +98,15 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         app.backup(&sources[0], vault, &o)
     };
     finish_bar(bar);
+    let target = match (id, live) {
+        (Some(i), _) => i.clone(),
+        (None, true) => format!(
+            "qmp:{}",
+            blockvault::app::default_disk_id(&sources[0]["qmp:".len()..])
+        ),
+        (None, false) => blockvault::app::default_disk_id(&sources[0]),
+    };
+    record_task(&app, &target, &started, clock, &o, &m);
     let m = m?;
     let mut v = app.backup_view(vault, &m);
     let warnings = app.take_warnings();
@@ -95,4 +115,44 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
     }
     print_backup(cli, &v)?;
     Ok(0)
+}
+
+/// Record the backup that just ended in the catalog's task list (a failure to record is
+/// a warning: the backup itself is what the user asked for).
+fn record_task(
+    app: &App,
+    target: &str,
+    started: &str,
+    clock: std::time::Instant,
+    o: &BackupOptions,
+    m: &blockvault::Result<BackupManifest>,
+) {
+    let seconds = clock.elapsed().as_secs_f64();
+    let (done, total) = o.progress.as_ref().map_or((0, 0), |p| {
+        (
+            p.bytes_done.load(Ordering::Relaxed),
+            p.bytes_total.load(Ordering::Relaxed),
+        )
+    });
+    let outcome = m.as_ref().map(|m| {
+        serde_json::json!({
+            "backup": m.id, "name": m.name, "bytes_stored": m.bytes_stored(),
+            "seconds": seconds, "source": "cli",
+        })
+    });
+    let log = vec![format!(
+        "run by the command line (pid {}) in {seconds:.1}s; recorded after it ended",
+        std::process::id()
+    )];
+    let job = blockvault::task::Ended {
+        kind: "backup",
+        target,
+        by: "cli",
+        started,
+        bytes: (done, total),
+        log,
+    };
+    if let Err(e) = blockvault::task::record_ended(app.catalog(), job, outcome) {
+        tracing::warn!("the backup could not be recorded in the task list: {e}");
+    }
 }

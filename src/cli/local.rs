@@ -288,6 +288,8 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
         Cmd::Verify {
             ref vault,
             ref backup,
+            sample,
+            rate_mb_s,
         } => {
             let threads = if cli.threads == 0 {
                 num_cpus()
@@ -295,7 +297,23 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 cli.threads
             };
             let spin = spinner(cli, "verify: re-reading and re-hashing packs");
-            let report = App::open(&cli.data)?.verify(vault, backup.as_deref(), threads);
+            let req = blockvault::service::VerifyRequest {
+                sample,
+                backups: backup.iter().cloned().collect(),
+                rate_mb_s,
+            };
+            let pace = blockvault::vault::verify::Pace {
+                bytes_per_second: req.bytes_per_second(),
+                ..Default::default()
+            };
+            let report = blockvault::service::verify_report(
+                &App::open(&cli.data)?,
+                vault,
+                &req,
+                threads,
+                pace,
+            )
+            .map(|(r, _)| r);
             spin.finish_and_clear();
             let report = report?;
             if cli.json {

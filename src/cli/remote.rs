@@ -6,8 +6,10 @@
 //! queues a restore with the same [`RestoreRequest`] the local command carries out, and
 //! both wait for their task, show its progress and cancel it on Ctrl-C. Paths are the
 //! appliance's: relative ones that exist here are made absolute first, which is right
-//! when the appliance runs on this host. What only makes sense next to the vault files
-//! (rescan, attach, gc, verify, serving, benchmarks) is refused with a clear error.
+//! when the appliance runs on this host. `verify` and `gc` queue the appliance's verify
+//! and GC tasks and wait for them (a damaged vault exits 5 as locally). What only makes
+//! sense next to the vault files (rescan, attach, serving, benchmarks) is refused with a
+//! clear error.
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -205,8 +207,62 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
         Cmd::Serve { .. } => return Err(usage("serve starts an appliance; it takes no --server")),
         Cmd::Completions { .. } | Cmd::Man { .. } => {}
-        Cmd::Gc { .. } => return Err(not_remote("gc")),
-        Cmd::Verify { .. } => return Err(not_remote("verify")),
+        Cmd::Gc {
+            vault,
+            repack_below,
+        } => {
+            let body = json!({"repack_below": repack_below});
+            let task = r.call("POST", &format!("/vaults/{}/gc", seg(vault)), Some(&body))?;
+            let id = task["task"]
+                .as_str()
+                .context("the appliance sent no task id")?;
+            let v = r.wait_task(cli, id)?;
+            print(cli, &v, |v| {
+                format!(
+                    "gc {vault}: {} backups, {} live blobs; deleted {} packs, rewrote {}; removed {} blobs; freed {}",
+                    v["backups"],
+                    v["live_blobs"],
+                    v["packs_deleted"],
+                    v["packs_rewritten"],
+                    v["blobs_removed"],
+                    human(v["bytes_freed"].as_u64().unwrap_or(0))
+                )
+            })?;
+        }
+        Cmd::Verify {
+            vault,
+            backup,
+            sample,
+            rate_mb_s,
+        } => {
+            let mut body = json!({"backups": backup.iter().collect::<Vec<_>>()});
+            if let Some(p) = sample {
+                body["sample"] = json!(p);
+            }
+            if let Some(r) = rate_mb_s {
+                body["rate_mb_s"] = json!(r);
+            }
+            let task = r.call(
+                "POST",
+                &format!("/vaults/{}/verify", seg(vault)),
+                Some(&body),
+            )?;
+            let id = task["task"]
+                .as_str()
+                .context("the appliance sent no task id")?;
+            // Damage fails the task with the corrupt kind: exit 5, as a local verify.
+            let v = r.wait_task(cli, id)?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                outln!(
+                    "verified {} packs, {} blobs, {}: all good",
+                    v["packs_checked"],
+                    v["blobs_checked"],
+                    human(v["bytes_checked"].as_u64().unwrap_or(0))
+                );
+            }
+        }
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
         Cmd::Bitmaps(_) => return Err(not_remote("bitmaps")),
     }
@@ -222,10 +278,15 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         ));
     }
     let s = &a.server;
-    if s.freeze.is_some() || s.thaw.is_some() || s.qga.is_some() || s.fleece_dir.is_some() {
+    if s.freeze.is_some() || s.thaw.is_some() {
         return Err(usage(
-            "freeze/thaw hooks and --fleece-dir are not available with --server",
+            "--freeze/--thaw commands are not sent to an appliance: define them as a hook set \
+             in its config file ([hooks.NAME]) and set the resource's \"hooks\" to NAME \
+             (PATCH /resources/ID)",
         ));
+    }
+    if s.fleece_dir.is_some() {
+        return Err(usage("--fleece-dir is not available with --server"));
     }
     let sources: Vec<String> = a
         .sources
@@ -255,6 +316,7 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         "vault": a.vault,
         "nodes": s.nodes,
         "nbd_server": s.nbd_server,
+        "qga": s.qga,
     });
     match r.call("GET", &format!("/resources/{}", seg(&name)), None) {
         Ok(have) => {
@@ -274,6 +336,9 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
             }
             if s.nbd_server.is_none() {
                 body.as_object_mut().map(|o| o.remove("nbd_server"));
+            }
+            if s.qga.is_none() {
+                body.as_object_mut().map(|o| o.remove("qga"));
             }
             r.call("POST", "/resources", Some(&body)).with_context(|| {
                 format!(

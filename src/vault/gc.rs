@@ -19,6 +19,9 @@
 //!    to fix are reported as `index_repaired`), then the old packs are deleted. A crash
 //!    in between leaves duplicates, never a hole.
 //!
+//! [`gc_with_progress`] reports the sweep's progress (pack bytes visited of the pack bytes
+//! listed) for a service task.
+//!
 //! Memory stays bounded however large the vault: the live set and the set of digests
 //! already kept are on-disk sorted sets (`digestset`, SQLite B-trees behind a fixed
 //! page cache). What still grows with the vault: the set of index pages visited (one
@@ -26,6 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -80,6 +84,15 @@ pub struct GcStats {
 
 /// Run GC on `vault`.
 pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
+    gc_with_progress(vault, repack_below, None)
+}
+
+/// [`gc`], setting `progress` = (bytes total, bytes done) of the packs swept.
+pub fn gc_with_progress(
+    vault: &Vault,
+    repack_below: u8,
+    progress: Option<(&AtomicU64, &AtomicU64)>,
+) -> Result<GcStats> {
     let _lock = vault.try_lock_exclusive()?;
     let store = Arc::clone(vault.store());
     let staged = store.clean_staging()?;
@@ -140,8 +153,18 @@ pub fn gc(vault: &Vault, repack_below: u8) -> Result<GcStats> {
     let mut kept = DigestSet::new()?;
     let mut rotten: Vec<(PackId, PackEntry, String)> = Vec::new();
     let mut scan = lookup.trailer_scan()?;
+    if let Some((total, _)) = progress {
+        let mut sum = 0u64;
+        for id in &packs {
+            sum += store.pack_len(*id)?;
+        }
+        total.store(sum, Ordering::Relaxed);
+    }
     for id in packs {
         let size = store.pack_len(id)?;
+        if let Some((_, done)) = progress {
+            done.fetch_add(size, Ordering::Relaxed);
+        }
         stats.packs_before += 1;
         stats.pack_bytes_before += size;
         let entries = match read_pack_entries(store.as_ref(), id) {

@@ -6,6 +6,11 @@
 //! corrupt or missing blob to the backups and disk offsets it hurts, so the report says
 //! "backup X, disk0, offset 1048576" and not just a digest.
 //!
+//! [`verify_paced`] adds what a service task needs: progress (bytes of packs read of the
+//! bytes to read), cancel (checked between packs) and a read rate limit (each pack is
+//! read no sooner than the rate allows, so a verify of a busy vault does not starve
+//! backups of disk bandwidth).
+//!
 //! Verify holds the vault lock shared (so GC cannot delete a pack under it and have
 //! it reported as damage). It also:
 //! - cross-checks the lookup index against the trailers of the packs it read and heals it
@@ -17,11 +22,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::chunk::{ChunkDigest, decode_blob};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manifest::BackupManifest;
 
 use super::Vault;
@@ -72,11 +79,65 @@ impl VerifyReport {
     }
 }
 
+/// Progress, cancel and rate limit of a verify run (all optional).
+#[derive(Default, Clone, Copy)]
+pub struct Pace<'a> {
+    /// Set to the bytes of packs to read, once they are listed.
+    pub bytes_total: Option<&'a AtomicU64>,
+    /// Bytes of packs read so far.
+    pub bytes_done: Option<&'a AtomicU64>,
+    /// Raised: stop before the next pack with `Cancelled`.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Read at most this many bytes per second (averaged from the start).
+    pub bytes_per_second: Option<u64>,
+}
+
+/// Hands out reads at a rate: the read that brings the total to N bytes may start only
+/// when N / rate seconds have passed since the start (so the whole run takes at least
+/// total / rate).
+struct Throttle {
+    start: Instant,
+    rate: Option<u64>,
+    granted: Mutex<u64>,
+}
+
+impl Throttle {
+    /// Wait until `bytes` more may be read; a raised `cancelled` ends the wait early
+    /// (checked every 100 ms, so a cancel is not held up by a slow rate).
+    fn take(&self, bytes: u64, cancelled: impl Fn() -> bool) {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        let due = {
+            let mut g = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+            *g = g.saturating_add(bytes);
+            self.start + Duration::from_secs_f64(*g as f64 / rate as f64)
+        };
+        loop {
+            let now = Instant::now();
+            if due <= now || cancelled() {
+                return;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(100)));
+        }
+    }
+}
+
 /// Verify the whole vault (`only = None`) or the given backups.
 pub fn verify(
     vault: &Vault,
     only: Option<&[BackupManifest]>,
     threads: usize,
+) -> Result<VerifyReport> {
+    verify_paced(vault, only, threads, Pace::default())
+}
+
+/// [`verify`] with progress, cancel and a read rate limit.
+pub fn verify_paced(
+    vault: &Vault,
+    only: Option<&[BackupManifest]>,
+    threads: usize,
+    pace: Pace<'_>,
 ) -> Result<VerifyReport> {
     let _lock = vault.lock_shared()?;
     let mut lookup = vault.lookup()?;
@@ -94,6 +155,20 @@ pub fn verify(
         Some(ms) => packs_of(vault, &lookup, ms)?,
     };
     let bad_before = BadBlobs::load(store.as_ref())?;
+    if let Some(total) = pace.bytes_total {
+        let mut sum = 0u64;
+        for id in &packs {
+            // A pack that cannot even be measured is reported by its check below.
+            sum += store.pack_len(*id).unwrap_or(0);
+        }
+        total.store(sum, Ordering::Relaxed);
+    }
+    let throttle = Throttle {
+        start: Instant::now(),
+        rate: pace.bytes_per_second,
+        granted: Mutex::new(0),
+    };
+    let cancelled = || pace.cancel.is_some_and(|c| c.load(Ordering::Relaxed));
 
     // Check packs in parallel; each pack's trailer is staged for the index cross-check.
     struct Shared<'a> {
@@ -120,6 +195,9 @@ pub fn verify(
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
+                    if cancelled() {
+                        break;
+                    }
                     let Some(id) = next
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -128,7 +206,14 @@ pub fn verify(
                     else {
                         break;
                     };
+                    throttle.take(store.pack_len(id).unwrap_or(0), cancelled);
+                    if cancelled() {
+                        break;
+                    }
                     let checked = check_pack(vault, id);
+                    if let Some(done) = pace.bytes_done {
+                        done.fetch_add(checked.bytes, Ordering::Relaxed);
+                    }
                     let mut sh = shared.lock().unwrap_or_else(|p| p.into_inner());
                     let sh = &mut *sh;
                     sh.report.blobs_checked += checked.blobs;
@@ -155,6 +240,11 @@ pub fn verify(
     let sh = shared.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = sh.error {
         return Err(e);
+    }
+    if cancelled() {
+        return Err(Error::cancelled(
+            "verify cancelled before every pack was read; no finding was recorded",
+        ));
     }
     let mut report = sh.report;
     if sh.bad != bad_before {

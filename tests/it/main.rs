@@ -13,6 +13,8 @@ mod hostile;
 mod incremental;
 mod integrity;
 mod live_names;
+mod live_settings;
+mod maintenance;
 mod nbd;
 mod nbd_server;
 mod qemu_formats;

@@ -120,6 +120,8 @@ fn the_cli_backs_up_lists_and_restores_through_a_running_appliance() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("(403)"));
     let out = remote(&client, &srv.url, &op, &["gc", "--vault", "v"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(403)"));
+    let out = remote(&client, &srv.url, &admin, &["vault", "rescan", "v"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not through the API"));
     assert!(
         !client.data().exists(),
