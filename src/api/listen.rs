@@ -6,11 +6,12 @@
 //! descriptors the catalog, the vaults and the scheduler need. So:
 //! - at most [`Limits::max_connections`] connections are held at once (HTTP/1.1 only:
 //!   an HTTP/2 connection with no stream would escape the header timeout);
-//! - over the cap, a new connection evicts the oldest held connection that has not sent a
-//!   complete request header yet (it is closed: the client sees EOF). A real client sends
-//!   its request within milliseconds, so a flood of idle connections cannot keep it out;
-//!   if every held connection is busy with a request (or idle after one, see below), the
-//!   new connection is closed at once instead of waiting;
+//! - over the cap, a new connection evicts the held connection that has been idle longest
+//!   (idle: not yet sent a complete request header, or answered and waiting for the next
+//!   one); it is closed and its client sees EOF. A real client sends its request within
+//!   milliseconds, so a flood of idle connections cannot keep it out; if every held
+//!   connection is busy with a request, the new connection is closed at once instead of
+//!   waiting;
 //! - a connection that has not sent a complete request header within
 //!   [`Limits::header_timeout`] of being accepted, or of its previous response (hyper's
 //!   header-read timer also runs while a keep-alive connection idles), is closed;
@@ -19,13 +20,13 @@
 //!   [`Limits::capped`] keeps the cap [`FD_RESERVE`] descriptors below it, so the
 //!   scheduler and the task runner can always open the catalog and the vaults.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 /// Descriptors kept free of connections: catalog, vaults, packs, sources, logs.
 pub const FD_RESERVE: u64 = 256;
@@ -90,40 +91,62 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Held connections that have not sent a complete request header yet, oldest first;
-/// each can be told to close.
+/// Held connections that are idle (no request in progress), longest idle first; each
+/// can be told to close.
 #[derive(Default)]
-struct Waiting(Mutex<BTreeMap<u64, oneshot::Sender<()>>>);
+struct Waiting(Mutex<Idle>);
+
+#[derive(Default)]
+struct Idle {
+    next: u64,
+    /// Idle-since sequence → (connection, its eviction signal).
+    by_age: BTreeMap<u64, (u64, Arc<Notify>)>,
+    /// Connection → its key in `by_age`.
+    of_conn: HashMap<u64, u64>,
+}
 
 impl Waiting {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, oneshot::Sender<()>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn insert(&self, id: u64) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.map().insert(id, tx);
-        rx
-    }
-
-    fn remove(&self, id: u64) {
-        self.map().remove(&id);
-    }
-
-    /// Tell the oldest waiting connection to close; false if there is none.
-    fn evict_oldest(&self) -> bool {
-        let mut m = self.map();
-        while let Some((_, tx)) = m.pop_first() {
-            if tx.send(()).is_ok() {
-                return true;
-            }
+    /// Connection `conn` waits for a request.
+    fn idle(&self, conn: u64, evict: &Arc<Notify>) {
+        let mut m = self.lock();
+        let seq = m.next;
+        m.next += 1;
+        if let Some(old) = m.of_conn.insert(conn, seq) {
+            m.by_age.remove(&old);
         }
-        false
+        m.by_age.insert(seq, (conn, Arc::clone(evict)));
+    }
+
+    /// Connection `conn` has a request in progress, or is gone.
+    fn busy(&self, conn: u64) {
+        let mut m = self.lock();
+        if let Some(seq) = m.of_conn.remove(&conn) {
+            m.by_age.remove(&seq);
+        }
+    }
+
+    /// Tell the longest idle connection to close; false if none is idle.
+    fn evict_oldest(&self) -> bool {
+        let mut m = self.lock();
+        match m.by_age.pop_first() {
+            Some((_, (conn, evict))) => {
+                m.of_conn.remove(&conn);
+                evict.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 
     fn evict_all(&self) {
-        for (_, tx) in std::mem::take(&mut *self.map()) {
-            let _ = tx.send(());
+        let mut m = self.lock();
+        m.of_conn.clear();
+        for (_, (_, evict)) in std::mem::take(&mut m.by_age) {
+            evict.notify_one();
         }
     }
 }
@@ -184,7 +207,8 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let id = next_id;
         next_id += 1;
-        let evict = waiting.insert(id);
+        let evict = Arc::new(Notify::new());
+        waiting.idle(id, &evict);
         let (waiting, builder, app, stop) = (
             Arc::clone(&waiting),
             Arc::clone(&builder),
@@ -193,7 +217,7 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             connection(stream, id, &waiting, &builder, app, evict, stop).await;
-            waiting.remove(id);
+            waiting.busy(id);
             drop(permit);
         });
     }
@@ -217,19 +241,26 @@ async fn connection(
     waiting: &Arc<Waiting>,
     builder: &hyper::server::conn::http1::Builder,
     app: Router,
-    mut evict: oneshot::Receiver<()>,
+    evict: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let w = Arc::clone(waiting);
+    let (w, e) = (Arc::clone(waiting), Arc::clone(&evict));
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        // A complete request header arrived: this connection is no longer idle.
-        w.remove(id);
+        // A complete request header arrived: busy until the handler has answered. The
+        // answer is then written at once (small JSON), and the connection is the most
+        // recently idle one, the last to be evicted.
+        w.busy(id);
+        let (w, e) = (Arc::clone(&w), Arc::clone(&e));
         let mut app = app.clone();
-        async move { tower_service::Service::call(&mut app, req).await }
+        async move {
+            let r = tower_service::Service::call(&mut app, req).await;
+            w.idle(id, &e);
+            r
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let (mut evictable, mut stopping) = (true, *stop.borrow());
+    let mut stopping = *stop.borrow();
     if stopping {
         conn.as_mut().graceful_shutdown();
     }
@@ -241,13 +272,7 @@ async fn connection(
                 }
                 return;
             }
-            r = &mut evict, if evictable => {
-                if r.is_ok() {
-                    return;
-                }
-                // The sender is gone: a request arrived, nothing will evict this one.
-                evictable = false;
-            }
+            _ = evict.notified() => return,
             _ = stop.changed(), if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();

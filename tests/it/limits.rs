@@ -3,7 +3,7 @@
 //! working; a silent webhook receiver and 1,000 failing tasks keep threads and memory
 //! bounded, and what overflows is dropped and counted.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -30,15 +30,26 @@ fn status_figure(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
-/// Wait until the server closes `s` (EOF or reset), at most `limit`; returns when.
-fn wait_closed(s: &mut TcpStream, limit: Duration) -> Instant {
-    s.set_read_timeout(Some(limit)).unwrap();
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => Instant::now(),
-        Ok(n) => panic!("the server sent {n} bytes to a connection that asked nothing"),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Instant::now(),
-        Err(e) => panic!("the server did not close an idle connection within {limit:?}: {e}"),
+/// Wait until the server closes `s` (EOF or reset), at most `limit`; returns when, and
+/// how many bytes it sent before.
+fn wait_closed(s: &mut TcpStream, limit: Duration) -> (Instant, usize) {
+    let deadline = Instant::now() + limit;
+    let mut got = 0;
+    let mut b = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut b) {
+            Ok(0) => return (Instant::now(), got),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (Instant::now(), got);
+            }
+            Err(e) => {
+                panic!("the server did not close an idle connection within {limit:?}: {e}")
+            }
+        }
     }
 }
 
@@ -82,16 +93,29 @@ fn an_idle_connection_flood_is_cut_by_the_cap_and_the_header_timeout_while_the_a
         .map(|_| TcpStream::connect(&addr).unwrap())
         .collect();
     for s in &mut few {
-        let closed = wait_closed(s, Duration::from_secs(15)).duration_since(t0);
+        let (at, sent) = wait_closed(s, Duration::from_secs(15));
+        assert_eq!(
+            sent, 0,
+            "the server sent bytes to a connection that asked nothing"
+        );
+        let closed = at.duration_since(t0);
         assert!(
             closed >= Duration::from_millis(1500) && closed < Duration::from_secs(10),
             "an idle connection was closed after {closed:?}, not after the 2 s header timeout"
         );
     }
 
-    // 1,000 connections that never send a byte.
+    // 1,000 connections: 500 never send a byte, then 500 send one request each and
+    // idle on keep-alive without reading the answer.
     let mut flood: Vec<TcpStream> = (0..1000)
-        .map(|i| TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            if i >= 500 {
+                s.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+            }
+            s
+        })
         .collect();
     // An authenticated request is answered at once, well before any timeout frees a slot.
     let asked = Instant::now();
@@ -122,8 +146,12 @@ fn an_idle_connection_flood_is_cut_by_the_cap_and_the_header_timeout_while_the_a
     assert_eq!(backups.as_array().unwrap().len(), 1, "{backups}");
     // Every idle connection is closed by the server: evicted over the cap, or by the
     // header timeout.
-    for s in &mut flood {
-        wait_closed(s, Duration::from_secs(15));
+    for (i, s) in flood.iter_mut().enumerate() {
+        let (_, sent) = wait_closed(s, Duration::from_secs(15));
+        assert!(
+            i >= 500 || sent == 0,
+            "connection {i} asked nothing and got {sent} bytes"
+        );
     }
     drop(flood);
     // Nothing stays open on the server's side.
