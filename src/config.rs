@@ -54,6 +54,16 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// Freeze/thaw hook sets by name.
     pub hooks: BTreeMap<String, HookSet>,
+    /// API connections held at once; over the cap a new connection evicts the oldest
+    /// one that has not sent a request yet, or is closed at once (see `api::listen`).
+    pub max_connections: usize,
+    /// A connection that has not sent a complete request header this long after it was
+    /// accepted, or after its previous response (idle keep-alive), is closed.
+    pub header_timeout_seconds: u64,
+    /// Webhook deliveries waiting to be sent; more are dropped and counted.
+    pub alert_queue: usize,
+    /// Threads that deliver webhooks.
+    pub alert_workers: usize,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -88,6 +98,10 @@ impl Default for Config {
             capacity_warn_percent: 80,
             webhooks: Vec::new(),
             hooks: BTreeMap::new(),
+            max_connections: 1024,
+            header_timeout_seconds: 10,
+            alert_queue: 1000,
+            alert_workers: 2,
         }
     }
 }
@@ -123,6 +137,8 @@ struct RawServer {
     log_level: Option<String>,
     log_format: Option<String>,
     shutdown_grace_seconds: Option<u64>,
+    max_connections: Option<usize>,
+    header_timeout_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -142,6 +158,8 @@ struct RawScheduler {
 #[serde(deny_unknown_fields)]
 struct RawAlerts {
     capacity_warn_percent: Option<u8>,
+    queue: Option<usize>,
+    workers: Option<usize>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
 }
@@ -191,6 +209,33 @@ impl Config {
         if !(1..=100).contains(&warn) {
             return Err(format!(
                 "{origin}: [alerts] capacity_warn_percent must be 1..=100, got {warn}"
+            ));
+        }
+        let max_connections = raw.server.max_connections.unwrap_or(d.max_connections);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(format!(
+                "{origin}: [server] max_connections must be 1..=1000000, got {max_connections}"
+            ));
+        }
+        let header_timeout = raw
+            .server
+            .header_timeout_seconds
+            .unwrap_or(d.header_timeout_seconds);
+        if !(1..=300).contains(&header_timeout) {
+            return Err(format!(
+                "{origin}: [server] header_timeout_seconds must be 1..=300, got {header_timeout}"
+            ));
+        }
+        let alert_queue = raw.alerts.queue.unwrap_or(d.alert_queue);
+        if !(1..=100_000).contains(&alert_queue) {
+            return Err(format!(
+                "{origin}: [alerts] queue must be 1..=100000, got {alert_queue}"
+            ));
+        }
+        let alert_workers = raw.alerts.workers.unwrap_or(d.alert_workers);
+        if !(1..=16).contains(&alert_workers) {
+            return Err(format!(
+                "{origin}: [alerts] workers must be 1..=16, got {alert_workers}"
             ));
         }
         let mut webhooks = Vec::new();
@@ -257,6 +302,10 @@ impl Config {
             capacity_warn_percent: warn,
             webhooks,
             hooks,
+            max_connections,
+            header_timeout_seconds: header_timeout,
+            alert_queue,
+            alert_workers,
         })
     }
 
@@ -296,6 +345,13 @@ mod tests {
             ("[hooks.db]\ntimeout_seconds = 5", "freeze or a thaw"),
             ("[hooks.db]\nfreeze = \"x\"\nrun = \"y\"", "run"),
             ("[hooks.\"a b\"]\nfreeze = \"x\"", "hook set name"),
+            ("[server]\nmax_connections = 0", "max_connections"),
+            (
+                "[server]\nheader_timeout_seconds = 0",
+                "header_timeout_seconds",
+            ),
+            ("[alerts]\nqueue = 0", "queue"),
+            ("[alerts]\nworkers = 17", "workers"),
             (
                 "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
                 "nope",
@@ -317,10 +373,14 @@ mod tests {
             "log_level",
             "log_format",
             "shutdown_grace_seconds",
+            "max_connections",
+            "header_timeout_seconds",
             "max_parallel",
             "enabled",
             "gc_after_prune",
             "capacity_warn_percent",
+            "queue",
+            "workers",
             "url",
             "events",
             "timeout_seconds",

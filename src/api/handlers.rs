@@ -43,6 +43,7 @@ pub async fn health(State(st): State<Shared>) -> R<Json<Value>> {
         "version": env!("CARGO_PKG_VERSION"),
         "tasks_running": running,
         "tasks_queued": queued,
+        "alerts": st.alerts.stats(),
     })))
 }
 
@@ -447,9 +448,12 @@ pub async fn audit(State(st): State<Shared>) -> R<Json<Value>> {
     ))
 }
 
-pub async fn alerts(State(st): State<Shared>) -> R<Json<Value>> {
-    Ok(Json(
-        serde_json::to_value(app(&st).catalog().alerts(1000)?).unwrap_or_default(),
+pub async fn alerts(State(st): State<Shared>) -> R<([(&'static str, String); 1], Json<Value>)> {
+    // Webhook deliveries dropped by a full queue (see crate::alerts).
+    let dropped = st.alerts.stats().dropped.to_string();
+    Ok((
+        [("blockvault-alerts-dropped", dropped)],
+        Json(serde_json::to_value(app(&st).catalog().alerts(1000)?).unwrap_or_default()),
     ))
 }
 

@@ -14,9 +14,13 @@
 //!
 //! Catalog access from handlers is short and synchronous, under one mutex; long work is
 //! queued as tasks and answered with `202 {"task": ID}`.
+//!
+//! Connections (cap, header/idle timeout, body limit, open-file limit) are the
+//! listener's business: see [`listen`].
 
 mod handlers;
 mod maintenance;
+pub mod listen;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -249,15 +253,14 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Serve the API on `listener` until `shutdown` completes.
+/// Serve the API on `listener` within `limits` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Shared,
+    limits: listen::Limits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    listen::serve(listener, router(state), limits, shutdown).await
 }
 
 /// The address a listener is bound to, for the startup line.
@@ -308,6 +311,13 @@ pub fn run_appliance(
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
     crate::service::configure(&config);
+    // Connections are capped well below the open-file limit: a flood of idle clients
+    // cannot take the descriptors the scheduler and the tasks need.
+    let limits = listen::Limits::new(
+        config.max_connections,
+        std::time::Duration::from_secs(config.header_timeout_seconds),
+    )
+    .capped(listen::raise_fd_limit());
     let app = App::open(&config.data)?;
     for p in app.sweep_dead_restores()? {
         tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");
@@ -317,15 +327,25 @@ pub fn run_appliance(
         data: config.data.clone(),
         app: Mutex::new(app),
         tasks: tasks.clone(),
-        alerts: Alerter::new(&config.data, config.webhooks.clone()),
+        alerts: Alerter::start(
+            &config.data,
+            config.webhooks.clone(),
+            crate::alerts::AlertLimits {
+                queue: config.alert_queue,
+                workers: config.alert_workers,
+            },
+        )?,
         capacity_warn_percent: config.capacity_warn_percent,
     });
     let hook_state = Arc::clone(&state);
     tasks.on_end(Arc::new(move |t| {
         let st = Arc::clone(&hook_state);
         let t = t.clone();
-        // Alerts may open the catalog and talk to webhooks: off the worker's path.
-        std::thread::spawn(move || handlers::alerts_for(&st, &t));
+        // Alerts read the catalog: off the worker's path, on the alerter's one bounded
+        // check thread (never a thread per task).
+        hook_state
+            .alerts
+            .check(move || handlers::alerts_for(&st, &t));
     }));
     tasks.on_end(maintenance::alert_hook(state.alerts.clone()));
     let mut scheduler = config
@@ -352,7 +372,7 @@ pub fn run_appliance(
             }
             tracing::info!("stopping: cancelling running tasks");
         };
-        serve(listener, Arc::clone(&state), shutdown)
+        serve(listener, Arc::clone(&state), limits, shutdown)
             .await
             .map_err(|e| Error::io("serving the API", e))
     });

@@ -109,6 +109,11 @@ impl Appliance {
         }
     }
 
+    /// The process id of the running `serve`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM and wait; returns whether it exited cleanly.
     pub fn stop(mut self) -> bool {
         nix::sys::signal::kill(
@@ -163,6 +168,8 @@ fn the_systemd_unit_runs_serve_as_its_own_user_restarts_and_is_hardened() {
         "StateDirectory=blockvault",
         "KillSignal=SIGTERM",
         "CapabilityBoundingSet=",
+        // Idle-connection floods: the connection cap stays far below this.
+        "LimitNOFILE=65536",
     ] {
         assert!(has(kv), "the unit lacks {kv}");
     }

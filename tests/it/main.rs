@@ -15,6 +15,7 @@ mod integrity;
 mod live_names;
 mod live_settings;
 mod maintenance;
+mod limits;
 mod nbd;
 mod nbd_server;
 mod qemu_formats;
