@@ -208,6 +208,13 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// The process id of the QEMU at the other end (SO_PEERCRED), if the kernel says.
+    pub fn peer_pid(&self) -> Option<u32> {
+        use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+        let cred = getsockopt(&self.conn.writer, PeerCredentials).ok()?;
+        u32::try_from(cred.pid()).ok().filter(|p| *p > 0)
+    }
+
     /// Run `command` and deserialize its `return` value.
     pub fn execute<T: DeserializeOwned>(&mut self, command: &str, args: Value) -> Result<T> {
         let v = self.execute_value(command, args)?;

@@ -318,7 +318,10 @@ impl App {
         let vault = self.open_vault(vault_name)?;
         let mut opts = opts.clone();
         self.name_backup(vault_name, server, &mut opts)?;
-        let m = backup_live(&vault, server, live, &opts)?;
+        let mut live = live.clone();
+        live.lock_dir
+            .get_or_insert_with(|| self.data.join("locks").join("live"));
+        let m = backup_live(&vault, server, &live, &opts)?;
         self.record_backup(vault_name, &m);
         Ok(m)
     }

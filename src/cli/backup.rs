@@ -64,6 +64,7 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
             fleece_dir: server.fleece_dir.clone(),
             hooks: server.hooks(),
             timeout: None,
+            lock_dir: None,
         };
         app.backup_live(&server_id, vault, &l, &o)
     } else if sources.len() > 1 {

@@ -16,7 +16,12 @@ const CHUNK: u64 = 64 << 10;
 
 /// A qcow2 image of `mib` MiB made from `fill(slot)` placed at every MiB (+64 KiB), so
 /// the first 64 KiB of every MiB stays free for the writer's sequence numbers.
-fn image(env: &Env, name: &str, mib: u64, fill: impl Fn(u64) -> Vec<u8>) -> std::path::PathBuf {
+pub(crate) fn image(
+    env: &Env,
+    name: &str,
+    mib: u64,
+    fill: impl Fn(u64) -> Vec<u8>,
+) -> std::path::PathBuf {
     let raw = env.path(&format!("{name}.src.raw"));
     for slot in 0..mib {
         write_raw(&raw, mib * MIB, slot * MIB + CHUNK, &fill(slot));
@@ -38,7 +43,7 @@ fn image(env: &Env, name: &str, mib: u64, fill: impl Fn(u64) -> Vec<u8>) -> std:
     q
 }
 
-fn random_image(env: &Env, name: &str, mib: u64, seed: u64) -> std::path::PathBuf {
+pub(crate) fn random_image(env: &Env, name: &str, mib: u64, seed: u64) -> std::path::PathBuf {
     image(env, name, mib, |slot| {
         random_bytes((MIB - CHUNK) as usize, seed * 1000 + slot)
     })
@@ -72,7 +77,7 @@ fn live_backup_ok(env: &Env, qsd: &Qsd, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
     m["disks"]
         .as_array()
         .unwrap()
