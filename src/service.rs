@@ -37,6 +37,10 @@ pub struct Resource {
     /// qmp: an NBD server QEMU already runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_server: Option<String>,
+    /// Fail a backup that cannot be application-consistent instead of storing a
+    /// crash-consistent one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_app_consistent: bool,
 }
 
 impl Resource {
@@ -162,6 +166,10 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 qmp: PathBuf::from(&res.sources[0]["qmp:".len()..]),
                 nodes: res.nodes.clone(),
                 nbd_server: res.nbd_server.clone(),
+                hooks: FreezeHooks {
+                    require_app_consistent: res.require_app_consistent,
+                    ..FreezeHooks::default()
+                },
                 ..Default::default()
             };
             app.backup_live(&res.name, &res.vault, &live, &opts)
@@ -173,13 +181,11 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 .enumerate()
                 .map(|(i, s)| named_disk(i, s))
                 .collect();
-            app.backup_server_files(
-                &res.name,
-                &res.vault,
-                &disks,
-                &FreezeHooks::default(),
-                &opts,
-            )
+            let hooks = FreezeHooks {
+                require_app_consistent: res.require_app_consistent,
+                ..FreezeHooks::default()
+            };
+            app.backup_server_files(&res.name, &res.vault, &disks, &hooks, &opts)
         }
     }
 }

@@ -282,8 +282,10 @@ impl App {
         let mut frozen = hooks.freeze(server, opts.cancel.as_deref());
         if let Err(e) = crate::backup::check_cancel(&opts) {
             frozen.thaw();
+            frozen.check_thawed()?;
             return Err(e);
         }
+        frozen.check()?;
         let mut capture = || {
             frozen.thaw();
             let (consistency, note, steps) = frozen.outcome();

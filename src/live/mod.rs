@@ -389,8 +389,16 @@ fn capture_and_read(
     let mut frozen = live.hooks.freeze(server, opts.cancel.as_deref());
     if let Err(e) = check_cancel(opts) {
         frozen.thaw();
+        frozen
+            .check_thawed()
+            .map_err(|t| t.context_prefix("backup cancelled"))?;
         return Err(e);
     }
+    if frozen.failed() {
+        frozen.thaw(); // (done already by the failed freeze)
+    }
+    // Fail now if a thaw is unconfirmed, or if consistency is required and not reached.
+    frozen.check()?;
     // The instant lies between sending the transaction and its reply: stamp it before
     // sending, so every freeze step is provably earlier and every thaw step later.
     let snapshot_at = now_rfc3339_precise();
@@ -400,10 +408,12 @@ fn capture_and_read(
     }
     frozen.thaw();
     let (consistency, note, steps) = frozen.outcome();
+    let thawed = frozen.check_thawed();
     drop(frozen);
     instant.map_err(|e| e.context_prefix("taking the point in time"))?;
     undo.rotated = true;
     undo.jobs = disks.iter().map(|d| d.job.clone()).collect();
+    thawed?;
     check_cancel(opts)?;
 
     let socket = match &live.nbd_server {

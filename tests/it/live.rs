@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 
 use crate::common::{Env, images_equal, random_bytes, s, u};
 use crate::qsd::Qsd;
-use crate::server::{disk, image, random_image};
+use crate::server::{
+    AgentScript, disk, image, live_backup, live_backup_ok, random_image, scripted_guest_agent,
+};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 << 10;
@@ -281,4 +283,171 @@ fn two_runs_with_private_temp_dirs_take_turns_on_one_qemu() {
     }
     assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
     assert!(ours_in(&t1).is_empty() && ours_in(&t2).is_empty());
+}
+
+/// The freeze-timeout recovery: a guest agent (SCRIPTED: no real qemu-ga can run here)
+/// whose fsfreeze takes 3 s, a 1 s freeze timeout.
+fn slow_agent(env: &Env, name: &str) -> (PathBuf, AgentScript) {
+    let script = AgentScript {
+        freeze_takes: Duration::from_secs(3),
+        ..AgentScript::default()
+    };
+    (env.path(name), script)
+}
+
+#[test]
+fn a_freeze_slower_than_its_timeout_never_leaves_the_guest_frozen() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 8, 13);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let (sock, script) = slow_agent(&env, "qga.sock");
+    let (agent, _guard) = scripted_guest_agent(&sock, script);
+    let t = Instant::now();
+    let m = live_backup_ok(
+        &env,
+        &qsd,
+        &["--qga", sock.to_str().unwrap(), "--freeze-timeout", "1"],
+    );
+    let took = t.elapsed();
+    assert_eq!(m["capture"]["consistency"], "crash-consistent");
+    assert!(
+        s(&m["capture"], "note").contains("did not answer within 1.0s"),
+        "{m}"
+    );
+    let log = agent.lock().unwrap();
+    assert!(log.frozen_since.is_none(), "the guest ends thawed");
+    assert_eq!(
+        log.frozen_for.len(),
+        1,
+        "it froze once, late, and was thawed"
+    );
+    let frozen = log.frozen_for[0];
+    eprintln!("freeze-timeout recovery: backup {took:?}, guest frozen for {frozen:?}");
+    assert!(frozen < Duration::from_secs(2), "frozen for {frozen:?}");
+    drop(log);
+    let steps = m["capture"]["steps"].to_string();
+    assert!(
+        steps.contains("guest-fsfreeze-thaw: 2 file systems"),
+        "{steps}"
+    );
+    let dir = env.path("r");
+    env.json(&["restore", s(&m, "id"), "--to", dir.to_str().unwrap()]);
+    assert!(images_equal(&dir.join("a.raw"), Path::new(&qsd.uri("a"))));
+
+    // Required to be application-consistent: it fails, and the guest ends thawed.
+    let (sock2, script) = slow_agent(&env, "qga2.sock");
+    let (agent, _guard2) = scripted_guest_agent(&sock2, script);
+    let out = live_backup(
+        &env,
+        &qsd,
+        &[
+            "--qga",
+            sock2.to_str().unwrap(),
+            "--freeze-timeout",
+            "1",
+            "--require-app-consistent",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("application-consistent backup is required") && err.contains("1.0s"),
+        "{err}"
+    );
+    let log = agent.lock().unwrap();
+    assert!(log.frozen_since.is_none(), "the guest ends thawed");
+    assert_eq!(log.frozen_for.len(), 1);
+    assert!(log.frozen_for[0] < Duration::from_secs(2));
+    assert_eq!(env.backups().len(), 1, "nothing was stored");
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    assert_eq!(
+        qsd.bitmaps("a"),
+        [disk(&m, "a")["checkpoint"]["bitmap"].as_str().unwrap()],
+        "the chain's bitmap is as before"
+    );
+}
+
+#[test]
+fn a_thaw_that_cannot_be_confirmed_fails_the_backup_loudly() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 14);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let sock = env.path("qga.sock");
+    let script = AgentScript {
+        never_thaws: true,
+        ..AgentScript::default()
+    };
+    let (agent, _guard) = scripted_guest_agent(&sock, script);
+    let out = live_backup(
+        &env,
+        &qsd,
+        &["--qga", sock.to_str().unwrap(), "--thaw-deadline", "2"],
+    );
+    assert_eq!(out.status.code(), Some(7), "an I/O failure");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = s(&v["error"], "message");
+    assert!(
+        msg.contains("guest may still be frozen") && msg.contains("thaw failed: device busy"),
+        "{msg}"
+    );
+    assert!(agent.lock().unwrap().frozen_since.is_some());
+    assert!(env.backups().is_empty(), "nothing was stored");
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    assert!(qsd.bitmaps("a").is_empty(), "{:?}", qsd.bitmaps("a"));
+}
+
+#[test]
+fn a_cancel_during_a_guest_agent_freeze_stops_waiting_at_once() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 15);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let sock = env.path("qga.sock");
+    // The guest's fsfreeze hangs (longer than the test): nothing can confirm a thaw.
+    let script = AgentScript {
+        freeze_takes: Duration::from_secs(120),
+        ..AgentScript::default()
+    };
+    let (agent, guard) = scripted_guest_agent(&sock, script);
+    let child = env
+        .cmd()
+        .args(["backup", &format!("qmp:{}", qsd.qmp.display())])
+        .args(["--vault", "v", "--id", "srv"])
+        .args(["--nbd-server", qsd.nbd.to_str().unwrap()])
+        .args(["--qga", sock.to_str().unwrap(), "--thaw-deadline", "2"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !agent
+        .lock()
+        .unwrap()
+        .commands
+        .iter()
+        .any(|c| c == "guest-fsfreeze-freeze")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the freeze never came"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let signalled = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    // Stopped waiting for the freeze (60 s timeout) at once, tried to thaw for 2 s.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cancelled") && err.contains("guest may still be frozen"),
+        "{err}"
+    );
+    assert!(env.backups().is_empty());
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    drop(guard);
 }
