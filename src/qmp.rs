@@ -46,6 +46,10 @@ const MAX_MESSAGE: u64 = 16 << 20;
 /// How often a wait that can be cancelled looks at its cancel flag.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 
+/// How long a QMP monitor may take to greet a new client (QEMU greets at once unless
+/// another client holds the monitor).
+const GREETING_WAIT: Duration = Duration::from_secs(10);
+
 /// The guest agent's resynchronisation byte.
 const DELIMITER: u8 = 0xFF;
 
@@ -80,6 +84,10 @@ impl JsonLines {
     fn connect(path: &Path, timeout: Duration) -> Result<JsonLines> {
         let stream = connect_within(path, timeout)
             .map_err(|e| Error::io(format!("connecting to {}", path.display()), e))?;
+        JsonLines::from_stream(path, stream, timeout)
+    }
+
+    fn from_stream(path: &Path, stream: UnixStream, timeout: Duration) -> Result<JsonLines> {
         stream
             .set_write_timeout(Some(timeout))
             .map_err(|e| Error::io("setting a socket timeout", e))?;
@@ -233,13 +241,47 @@ pub struct Qmp {
 impl Qmp {
     /// Connect, read the greeting and leave capabilities negotiation mode. `timeout` bounds
     /// every later command too.
+    /// A monitor that does not greet within `min(timeout, 10 s)` (or does not accept
+    /// the connection at all) is held by another client: the error says so.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp> {
-        let mut conn = JsonLines::connect(path, timeout)?;
-        let deadline = Instant::now() + timeout;
+        let wait = timeout.min(GREETING_WAIT);
+        let busy = |what: String| {
+            Error::conflict(format!(
+                "{}: {what}: another client holds the monitor (a QMP socket serves one \
+                 client at a time: libvirt, another tool, or a backup still running). Give \
+                 blockvault a monitor of its own (QEMU: -chardev socket,id=bv,path=PATH,\
+                 server=on,wait=off -mon chardev=bv,mode=control) or end the other client",
+                path.display()
+            ))
+        };
+        let mut conn = match connect_within(path, wait) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(busy(format!(
+                    "QEMU did not accept the connection within {:.0}s",
+                    wait.as_secs_f64()
+                )));
+            }
+            r => JsonLines::from_stream(
+                path,
+                r.map_err(|e| Error::io(format!("connecting to {}", path.display()), e))?,
+                timeout,
+            )?,
+        };
+        let deadline = Instant::now() + wait;
         // QEMU may hand a new client what it had queued for the previous one on the same
         // monitor (an event, a late reply) before the greeting: skip those.
+        let mut seen = false;
         let greeting = loop {
-            let m = conn.recv(deadline)?;
+            let m = match conn.recv(deadline) {
+                Err(e) if !seen && Qga::is_timeout(&e) => {
+                    return Err(busy(format!(
+                        "QEMU accepted the connection but sent no QMP greeting within {:.0}s",
+                        wait.as_secs_f64()
+                    )));
+                }
+                r => r?,
+            };
+            seen = true;
             if ["event", "return", "error"]
                 .iter()
                 .any(|k| m.get(k).is_some())
@@ -441,7 +483,11 @@ mod tests {
         let e = Qmp::connect(&path, Duration::from_millis(300))
             .err()
             .unwrap();
-        assert!(e.to_string().contains("did not answer in time"), "{e}");
+        assert!(
+            e.to_string().contains("another client holds the monitor"),
+            "{e}"
+        );
+        assert_eq!(e.kind(), ErrorKind::Conflict);
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 

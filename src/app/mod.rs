@@ -264,6 +264,7 @@ impl App {
     ) -> Result<BackupManifest> {
         let vault = self.open_vault(vault_name)?;
         let mut opts = opts.clone();
+        opts.started.get_or_insert_with(std::time::Instant::now);
         self.name_backup(vault_name, server, &mut opts)?;
         let mut jobs = Vec::new();
         for (name, spec) in disks {

@@ -143,6 +143,10 @@ pub fn backup_live(
     live: &LiveOptions,
     opts: &BackupOptions,
 ) -> Result<BackupManifest> {
+    // `seconds` is the wall time of the whole backup, freeze and capture included.
+    let mut opts = opts.clone();
+    opts.started.get_or_insert_with(std::time::Instant::now);
+    let opts = &opts;
     let timeout = live.timeout.unwrap_or(Duration::from_secs(30));
     // One live backup per QEMU at a time; whoever holds the lock owns every
     // `blockvault-` object in it, so those of a run that died are removed first.

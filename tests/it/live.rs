@@ -451,3 +451,43 @@ fn a_cancel_during_a_guest_agent_freeze_stops_waiting_at_once() {
     assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
     drop(guard);
 }
+
+#[test]
+fn a_monitor_held_by_another_client_is_named_as_such_with_json_on_stdout() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 16);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    // Another client (as libvirt would) holds blockvault's monitor.
+    let holder = blockvault::qmp::Qmp::connect(&qsd.qmp, Duration::from_secs(20)).unwrap();
+    let t = Instant::now();
+    let out = live_backup(&env, &qsd, &[]);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(4), "a conflict");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = s(&v["error"], "message");
+    assert!(msg.contains("another client holds the monitor"), "{msg}");
+    assert!(!msg.contains("did not answer in time"), "{msg}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    assert!(env.backups().is_empty());
+    drop(holder);
+    // Released, the monitor serves the next backup.
+    let m = live_backup_ok(&env, &qsd, &[]);
+    assert_eq!(m["vault"], "v");
+}
+
+#[test]
+fn seconds_is_the_wall_time_of_the_whole_backup_freeze_included() {
+    let env = Env::new();
+    let a = random_image(&env, "a", 4, 17);
+    let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
+    let t = Instant::now();
+    let m = live_backup_ok(&env, &qsd, &["--freeze", "sleep 2", "--thaw", "true"]);
+    let wall = t.elapsed().as_secs_f64();
+    assert_eq!(m["capture"]["consistency"], "application-consistent");
+    let secs = m["seconds"].as_f64().unwrap();
+    assert!(
+        (2.0..=wall).contains(&secs),
+        "seconds {secs} must include the 2 s freeze (wall {wall})"
+    );
+    assert_eq!(m["vault"], "v", "{m}");
+}
