@@ -64,7 +64,7 @@ struct JsonLines {
 /// full (QEMU's chardev sockets listen with a backlog of 1 and accept nobody while a
 /// client, e.g. libvirt, is attached). Connect on a helper thread and give up after
 /// `timeout`; a late connection is closed by that thread (the receiver is gone).
-fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+pub(crate) fn connect_within(path: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_path_buf();
     std::thread::Builder::new()

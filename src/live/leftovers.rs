@@ -25,8 +25,8 @@
 //! is then ours); a server somebody else started is never stopped.
 //! The lock lives under the data dir, not the temp dir: every blockvault process of the
 //! appliance (CLI, `serve` under systemd with PrivateTmp) sees the same locks. When the
-//! QEMU is gone (no QMP to sweep), [`sweep_dead_owners`] — run by every live backup —
-//! removes the files of dead runs and their lock files.
+//! QEMU is gone (no QMP to sweep), [`sweep_dead_owners`] — run by every backup, live or
+//! not (`live::sweep_dead_runs`) — removes the files of dead runs and their lock files.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -187,7 +187,7 @@ pub fn sweep_dead_owners(dir: &Path, mine: &Path) -> Vec<String> {
         };
         let record = read_record(&mut file);
         if let Some(r) = &record
-            && std::os::unix::net::UnixStream::connect(&r.qmp).is_ok()
+            && listening(&r.qmp)
         {
             continue; // its QEMU lives: swept by the next backup of it
         }
@@ -204,6 +204,15 @@ pub fn sweep_dead_owners(dir: &Path, mine: &Path) -> Vec<String> {
         }
     }
     removed
+}
+
+/// Whether something listens on the unix socket `path` (a full backlog, as of a
+/// monitor held by another client, counts as listening).
+fn listening(path: &Path) -> bool {
+    match crate::qmp::connect_within(path, Duration::from_secs(2)) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::TimedOut,
+    }
 }
 
 /// Remove `f` if its name says it is ours (`blockvault-…`); true if it was there.
@@ -253,7 +262,7 @@ pub fn sweep(qmp: &mut Qmp, lock: &mut VmLock) -> Result<Vec<String>> {
     let previous = lock.previous.take().unwrap_or_default();
     if let Some(sock) = &previous.nbd_socket {
         // Still listening there: the one server QEMU runs is the one the dead run started.
-        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+        if listening(sock) {
             qmp.execute_value("nbd-server-stop", json!({}))?;
             removed.push(format!("NBD server on {}", sock.display()));
         }

@@ -336,6 +336,12 @@ fn discover(
     Ok(disks)
 }
 
+/// Remove the files and lock files that live backups which died with their QEMU left
+/// under `lock_dir` (`<data>/locks/live`); any backup may call it. Returns what it removed.
+pub fn sweep_dead_runs(lock_dir: &Path) -> Vec<String> {
+    leftovers::sweep_dead_owners(lock_dir, Path::new(""))
+}
+
 /// Disk id of disk `name` of `server`.
 pub fn disk_id(server: &str, name: &str) -> String {
     format!("{server}/{name}")
