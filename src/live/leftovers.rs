@@ -206,6 +206,28 @@ pub fn sweep_dead_owners(dir: &Path, mine: &Path) -> Vec<String> {
     removed
 }
 
+/// Remove the lock files earlier versions kept in the temp dir
+/// (`blockvault-live-<hex>.lock`) unless a running process holds one.
+pub fn sweep_old_temp_locks(tmp: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for path in entries.flatten().map(|e| e.path()) {
+        let old = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("blockvault-live-") && n.ends_with(".lock"));
+        if old
+            && let Ok(Some(_held)) = try_lock_file(&path)
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed.push(format!("old lock file {}", path.display()));
+        }
+    }
+    removed
+}
+
 /// Whether something listens on the unix socket `path` (a full backlog, as of a
 /// monitor held by another client, counts as listening).
 fn listening(path: &Path) -> bool {

@@ -339,7 +339,9 @@ fn discover(
 /// Remove the files and lock files that live backups which died with their QEMU left
 /// under `lock_dir` (`<data>/locks/live`); any backup may call it. Returns what it removed.
 pub fn sweep_dead_runs(lock_dir: &Path) -> Vec<String> {
-    leftovers::sweep_dead_owners(lock_dir, Path::new(""))
+    let mut removed = leftovers::sweep_dead_owners(lock_dir, Path::new(""));
+    removed.extend(leftovers::sweep_old_temp_locks(&std::env::temp_dir()));
+    removed
 }
 
 /// Disk id of disk `name` of `server`.

@@ -238,6 +238,8 @@ fn files_and_locks_of_a_run_whose_vm_went_away_are_removed_by_the_next_backup_of
     assert_eq!(ours_in(&tmp).len(), 2, "{:?}", ours_in(&tmp));
     assert_eq!(lock_files(&env).len(), 1);
 
+    // A lock file an earlier version kept in the temp dir.
+    std::fs::write(tmp.join("blockvault-live-0011223344556677.lock"), b"").unwrap();
     // The next backup of anything (here an image file) removes what the dead run left.
     let b = random_image(&env, "b", 4, 12);
     let out = env
