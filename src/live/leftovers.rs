@@ -26,7 +26,9 @@
 //! The lock lives under the data dir, not the temp dir: every blockvault process of the
 //! appliance (CLI, `serve` under systemd with PrivateTmp) sees the same locks. When the
 //! QEMU is gone (no QMP to sweep), [`sweep_dead_owners`] — run by every backup, live or
-//! not (`live::sweep_dead_runs`) — removes the files of dead runs and their lock files.
+//! not (`live::sweep_dead_runs`) — removes the files of dead runs and their lock files,
+//! and the lock files earlier versions left in the temp dir (`blockvault-live-<hex>.lock`)
+//! when nobody holds them.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
