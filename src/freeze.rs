@@ -212,6 +212,8 @@ impl Frozen<'_> {
                 },
             };
             let r = q.sync(round, None).and_then(|()| {
+                // The agent answers now: the thaw gets a step of its own.
+                let round = deadline.min(Instant::now() + step);
                 let n = q.command("guest-fsfreeze-thaw", round, None)?;
                 let status = q.command("guest-fsfreeze-status", round, None)?;
                 Ok((n, status))

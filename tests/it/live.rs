@@ -326,8 +326,9 @@ fn a_freeze_slower_than_its_timeout_never_leaves_the_guest_frozen() {
     assert!(frozen < Duration::from_secs(2), "frozen for {frozen:?}");
     drop(log);
     let steps = m["capture"]["steps"].to_string();
+    // (The count is 0 when a thaw whose reply came too late already thawed it.)
     assert!(
-        steps.contains("guest-fsfreeze-thaw: 2 file systems"),
+        steps.contains("guest-fsfreeze-thaw: ") && steps.contains("confirmed after"),
         "{steps}"
     );
     let dir = env.path("r");
