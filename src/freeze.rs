@@ -6,12 +6,21 @@
 //!   environment, in their own process group so that a timeout kills all of them;
 //! - the QEMU guest agent (`guest-fsfreeze-freeze` / `guest-fsfreeze-thaw`).
 //!
-//! Order: freeze script, then guest fsfreeze; thaw in reverse. Freezing never fails a
-//! backup: a step that fails or times out is recorded, what was frozen is thawed at once,
-//! and the backup goes on crash-consistent, saying why. Thaw always runs for every step
-//! that was attempted, whatever happened in between (a [`Frozen`] thaws when dropped).
+//! Order: freeze script, then guest fsfreeze; thaw in reverse. A step that fails or
+//! times out is recorded, what was frozen is thawed at once, and the backup goes on
+//! crash-consistent, saying why — or fails, when application consistency is required
+//! ([`FreezeHooks::require_app_consistent`]). Thaw always runs for every step that was
+//! attempted, whatever happened in between (a [`Frozen`] thaws when dropped).
+//!
+//! The guest agent runs one command at a time, and a freeze that outlives our timeout
+//! still completes in the guest later: the guest would then stay frozen for good. So the
+//! guest thaw is confirmed, not just sent: on the one agent connection, rounds of
+//! `guest-sync-delimited`, `guest-fsfreeze-thaw`, `guest-fsfreeze-status` until the
+//! status says `thawed` or the thaw deadline (default 60 s) passes; a thaw that cannot
+//! be confirmed fails the backup ([`Frozen::check`]: "the guest may still be frozen").
+//! A cancel stops the wait for a guest freeze at once; the thaw still runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Consistency;
 use crate::qmp::Qga;
 
@@ -31,6 +41,10 @@ pub struct FreezeHooks {
     pub qga: Option<PathBuf>,
     /// Limit for each step (default 60 s).
     pub timeout: Option<Duration>,
+    /// How long to keep trying to confirm a guest thaw (default 60 s).
+    pub thaw_deadline: Option<Duration>,
+    /// Fail instead of falling back to crash-consistent.
+    pub require_app_consistent: bool,
 }
 
 impl FreezeHooks {
@@ -40,6 +54,10 @@ impl FreezeHooks {
 
     fn timeout(&self) -> Duration {
         self.timeout.unwrap_or(Duration::from_secs(60))
+    }
+
+    fn thaw_deadline(&self) -> Duration {
+        self.thaw_deadline.unwrap_or(Duration::from_secs(60))
     }
 
     /// Run the freeze steps for `resource`. Returns the frozen state, to be thawed.
@@ -52,6 +70,8 @@ impl FreezeHooks {
             steps: Vec::new(),
             failure: None,
             qga_attempted: false,
+            agent: None,
+            thaw_failure: None,
             thawed: self.is_empty(),
         };
         if self.is_empty() {
@@ -67,12 +87,28 @@ impl FreezeHooks {
             && let Some(sock) = &self.qga
         {
             f.qga_attempted = true;
-            match Qga::connect(sock, self.timeout())
-                .and_then(|mut q| q.execute("guest-fsfreeze-freeze", self.timeout()))
-            {
-                Ok(n) => f
-                    .steps
-                    .push(format!("guest-fsfreeze-freeze: {n} file systems")),
+            let t = self.timeout();
+            let deadline = Instant::now() + t;
+            match Qga::connect(sock, t) {
+                Ok(q) => {
+                    let q = f.agent.insert(q);
+                    match q
+                        .sync(deadline, cancel)
+                        .and_then(|()| q.command("guest-fsfreeze-freeze", deadline, cancel))
+                    {
+                        Ok(n) => f
+                            .steps
+                            .push(format!("guest-fsfreeze-freeze: {n} file systems")),
+                        Err(e) if Qga::is_timeout(&e) => f.fail(format!(
+                            "guest agent freeze did not answer within {:.1}s",
+                            t.as_secs_f64()
+                        )),
+                        Err(e) if e.kind() == ErrorKind::Cancelled => {
+                            f.fail("guest agent freeze stopped: the backup was cancelled".into())
+                        }
+                        Err(e) => f.fail(format!("guest agent freeze failed: {e}")),
+                    }
+                }
                 Err(e) => f.fail(format!("guest agent freeze failed: {e}")),
             }
         }
@@ -91,6 +127,11 @@ pub struct Frozen<'a> {
     steps: Vec<String>,
     failure: Option<String>,
     qga_attempted: bool,
+    /// The agent connection the freeze used (kept for the thaw: the agent answers in
+    /// order, and a chardev socket serves one client).
+    agent: Option<Qga>,
+    /// Why the guest thaw could not be confirmed.
+    thaw_failure: Option<String>,
     thawed: bool,
 }
 
@@ -114,14 +155,20 @@ impl Frozen<'_> {
         if self.qga_attempted
             && let Some(sock) = &self.hooks.qga
         {
-            match Qga::connect(sock, t).and_then(|mut q| q.execute("guest-fsfreeze-thaw", t)) {
-                Ok(n) => self
-                    .steps
-                    .push(format!("guest-fsfreeze-thaw: {n} file systems")),
-                Err(e) => {
-                    let why = format!("guest agent thaw failed: {e}");
+            let sock = sock.clone();
+            match self.thaw_guest(&sock) {
+                Ok(step) => self.steps.push(step),
+                Err(why) => {
+                    let why = format!(
+                        "guest agent at {} did not confirm the thaw within {:.0}s ({why}): \
+                         the guest may still be frozen; check it with guest-fsfreeze-status \
+                         and thaw it with guest-fsfreeze-thaw",
+                        sock.display(),
+                        self.hooks.thaw_deadline().as_secs_f64()
+                    );
                     tracing::error!(resource = self.resource, "{why}");
-                    self.steps.push(why);
+                    self.steps.push(why.clone());
+                    self.thaw_failure = Some(why);
                 }
             }
         }
@@ -135,6 +182,103 @@ impl Frozen<'_> {
                 }
             }
         }
+    }
+
+    /// Thaw the guest and confirm it: rounds of sync, thaw, status on one connection
+    /// (reconnecting when it breaks) until the status is `thawed` or the thaw deadline
+    /// passes. Returns the step to record, or why the thaw is not confirmed.
+    fn thaw_guest(&mut self, sock: &Path) -> std::result::Result<String, String> {
+        let started = Instant::now();
+        let deadline = started + self.hooks.thaw_deadline();
+        // One round may wait this long for the busy agent before asking again.
+        let step = self
+            .hooks
+            .timeout()
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let mut why = String::from("no answer");
+        let mut rounds = 0u32;
+        while Instant::now() < deadline {
+            rounds += 1;
+            let round = deadline.min(Instant::now() + step);
+            let q = match &mut self.agent {
+                Some(q) => q,
+                None => match Qga::connect(sock, round.saturating_duration_since(Instant::now())) {
+                    Ok(q) => self.agent.insert(q),
+                    Err(e) => {
+                        why = e.to_string();
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                },
+            };
+            let r = q.sync(round, None).and_then(|()| {
+                // The agent answers now: the thaw gets a step of its own.
+                let round = deadline.min(Instant::now() + step);
+                let n = q.command("guest-fsfreeze-thaw", round, None)?;
+                let status = q.command("guest-fsfreeze-status", round, None)?;
+                Ok((n, status))
+            });
+            match r {
+                Ok((n, status)) if status == "thawed" => {
+                    let late = if rounds > 1 {
+                        format!(
+                            " (confirmed after {:.1}s, {rounds} rounds)",
+                            started.elapsed().as_secs_f64()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Ok(format!("guest-fsfreeze-thaw: {n} file systems{late}"));
+                }
+                Ok((_, status)) => why = format!("status still {status}"),
+                Err(e) if Qga::is_timeout(&e) => why = "the agent is busy".into(),
+                Err(e) => {
+                    why = e.to_string();
+                    if e.kind() == ErrorKind::Io {
+                        self.agent = None; // broken: connect again
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Err(why)
+    }
+
+    /// After a thaw: an error when the guest thaw is not confirmed.
+    pub fn check_thawed(&self) -> Result<()> {
+        match &self.thaw_failure {
+            Some(why) => Err(Error::new(ErrorKind::Io, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a freeze step failed (the capture would be crash-consistent).
+    pub fn failed(&self) -> bool {
+        self.failure.is_some()
+    }
+
+    /// After a thaw: an error when the guest thaw is not confirmed (the guest may still
+    /// be frozen), or when application consistency is required and was not reached.
+    pub fn check(&self) -> Result<()> {
+        self.check_thawed()?;
+        if self.hooks.require_app_consistent {
+            let why = match &self.failure {
+                Some(f) => f.clone(),
+                None if self.hooks.is_empty() => {
+                    "no freeze step is configured (--qga, --freeze)".into()
+                }
+                None => return Ok(()),
+            };
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "{}: an application-consistent backup is required \
+                     (require_app_consistent) but {why}; nothing was stored",
+                    self.resource
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The level achieved (call after [`Frozen::thaw`]) and why it fell back, if it did.

@@ -70,8 +70,6 @@ pub struct Resource {
     /// Server: guest-agent socket; its file systems are frozen around the instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qga: Option<PathBuf>,
-    // TODO(require_app_consistent): add `require_app_consistent: bool` and pass it to
-    // LiveOptions/FreezeHooks once the CLI's flag lands (it is not on this branch's base).
     /// Never accepted: present so that a request carrying a freeze command is refused
     /// with a clear message (commands come from the config file only). Never stored.
     #[serde(default, skip_serializing)]
@@ -79,6 +77,10 @@ pub struct Resource {
     /// Never accepted, like `freeze`.
     #[serde(default, skip_serializing)]
     pub thaw: Option<Value>,
+    /// Fail a backup that cannot be application-consistent instead of storing a
+    /// crash-consistent one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_app_consistent: bool,
 }
 
 impl Resource {
@@ -179,6 +181,8 @@ fn freeze_hooks(res: &Resource) -> Result<FreezeHooks> {
         thaw_script: set.as_ref().and_then(|s| s.thaw.clone()),
         qga: res.qga.clone(),
         timeout: set.map(|s| std::time::Duration::from_secs(s.timeout_seconds)),
+        require_app_consistent: res.require_app_consistent,
+        ..FreezeHooks::default()
     })
 }
 

@@ -219,6 +219,7 @@ impl App {
         opts: &BackupOptions,
     ) -> Result<BackupManifest> {
         let vault = self.open_vault(vault_name)?;
+        self.sweep_dead_live_runs();
         let bitmap = match &opts.change {
             crate::cbt::ChangeHint::Bitmap(b) => Some(b.as_str()),
             _ => None,
@@ -233,6 +234,14 @@ impl App {
         let m = backup_disk(&vault, source, &opts)?;
         self.record_backup(vault_name, &m);
         Ok(m)
+    }
+
+    /// Files of live backups that died with their VM (see `live::sweep_dead_runs`): every
+    /// backup removes them, so they do not wait for the next live backup.
+    fn sweep_dead_live_runs(&self) {
+        for what in crate::live::sweep_dead_runs(&self.data.join("locks").join("live")) {
+            tracing::warn!("removed a leftover of a live backup that died with its QEMU: {what}");
+        }
     }
 
     /// Give `opts` a backup name unless it has one: `manualbk_<time>`, with `_2`, `_3`…
@@ -264,6 +273,8 @@ impl App {
     ) -> Result<BackupManifest> {
         let vault = self.open_vault(vault_name)?;
         let mut opts = opts.clone();
+        opts.started.get_or_insert_with(std::time::Instant::now);
+        self.sweep_dead_live_runs();
         self.name_backup(vault_name, server, &mut opts)?;
         let mut jobs = Vec::new();
         for (name, spec) in disks {
@@ -282,8 +293,10 @@ impl App {
         let mut frozen = hooks.freeze(server, opts.cancel.as_deref());
         if let Err(e) = crate::backup::check_cancel(&opts) {
             frozen.thaw();
+            frozen.check_thawed()?;
             return Err(e);
         }
+        frozen.check()?;
         let mut capture = || {
             frozen.thaw();
             let (consistency, note, steps) = frozen.outcome();
@@ -319,7 +332,10 @@ impl App {
         let vault = self.open_vault(vault_name)?;
         let mut opts = opts.clone();
         self.name_backup(vault_name, server, &mut opts)?;
-        let m = backup_live(&vault, server, live, &opts)?;
+        let mut live = live.clone();
+        live.lock_dir
+            .get_or_insert_with(|| self.data.join("locks").join("live"));
+        let m = backup_live(&vault, server, &live, &opts)?;
         self.record_backup(vault_name, &m);
         Ok(m)
     }

@@ -68,6 +68,9 @@ pub struct BackupOptions {
     pub force_inconsistent: bool,
     /// Accept a source whose format differs from the previous backup of its disk id.
     pub format_change: bool,
+    /// When the whole backup began (a live capture: before the freeze), for `seconds`;
+    /// default: when reading begins.
+    pub started: Option<Instant>,
 }
 
 impl BackupOptions {
@@ -195,7 +198,7 @@ fn backup_locked(
     opts: &BackupOptions,
     published: &Mutex<Vec<crate::vault::pack::PackId>>,
 ) -> Result<BackupManifest> {
-    let started = Instant::now();
+    let started = opts.started.unwrap_or_else(Instant::now);
     for job in &jobs {
         check_format(vault, resource, job, opts)?;
     }

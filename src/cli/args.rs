@@ -202,6 +202,15 @@ pub struct ServerArgs {
     /// Limit for each freeze or thaw step, in seconds.
     #[arg(long, default_value_t = 60.0)]
     pub freeze_timeout: f64,
+    /// How long to keep trying to confirm that the guest agent thawed, in seconds (after
+    /// a freeze timeout the guest may finish freezing later); if it cannot be confirmed,
+    /// the backup fails: the guest may still be frozen.
+    #[arg(long, default_value_t = 60.0)]
+    pub thaw_deadline: f64,
+    /// Fail instead of falling back to a crash-consistent backup when a freeze step
+    /// fails or times out (the guest is thawed either way).
+    #[arg(long)]
+    pub require_app_consistent: bool,
 }
 
 impl ServerArgs {
@@ -211,6 +220,8 @@ impl ServerArgs {
             thaw_script: self.thaw.clone(),
             qga: self.qga.clone(),
             timeout: Some(Duration::from_secs_f64(self.freeze_timeout.max(0.001))),
+            thaw_deadline: Some(Duration::from_secs_f64(self.thaw_deadline.max(0.001))),
+            require_app_consistent: self.require_app_consistent,
         }
     }
 }

@@ -75,6 +75,7 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
             fleece_dir: server.fleece_dir.clone(),
             hooks: server.hooks(),
             timeout: None,
+            lock_dir: None,
         };
         app.backup_live(&server_id, vault, &l, &o)
     } else if sources.len() > 1 {
@@ -90,9 +91,10 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
             .collect();
         app.backup_server_files(server_id, vault, &disks, &server.hooks(), &o)
     } else {
-        if !server.hooks().is_empty() {
+        if !server.hooks().is_empty() || server.require_app_consistent {
             return Err(usage(
-                "--freeze, --thaw and --qga apply to server backups (qmp: or several disks)",
+                "--freeze, --thaw, --qga and --require-app-consistent apply to server backups \
+                 (qmp: or several disks)",
             ));
         }
         app.backup(&sources[0], vault, &o)

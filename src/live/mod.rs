@@ -19,8 +19,9 @@
 //!            failure/cancel → NEW merged back into OLD, OLD re-enabled, NEW removed
 //! ```
 //! A run killed before its cleanup (SIGKILL, a crash of the appliance) leaves its
-//! objects in QEMU; the next run of any server on that QEMU removes them first
-//! ([`leftovers`]).
+//! objects in QEMU, maybe its NBD server, and files; the next run on that QEMU removes
+//! them first, and every live backup removes the files of dead runs whose QEMU is gone
+//! ([`leftovers`]: the per-QEMU lock under `<data>/locks/live` is also the owner record).
 //! Disks are named stably (the device id, else the node name: [`disks`]). Bitmap names
 //! are `blockvault-<tag>-<time>` where the tag is derived from the vault id and the
 //! server name, so two vaults or servers protecting the same VM never consume each
@@ -33,11 +34,14 @@
 //! unix socket and stop it afterwards; with it (e.g. qemu-storage-daemon started with
 //! `--nbd-server`), the temporary exports are added to that server (which is never
 //! stopped: `nbd-server-stop` would remove every export, the guest's own included).
+//! When one runs and `nbd_server` is not set, the error names the flag, the resource
+//! setting and, when QEMU's command line shows it, the address ([`nbd_server`]).
 
 mod bitmaps;
 mod disks;
 mod hardware;
 mod leftovers;
+mod nbd_server;
 
 pub use bitmaps::{chain_tag, tag_of};
 
@@ -73,6 +77,9 @@ pub struct LiveOptions {
     pub hooks: FreezeHooks,
     /// Limit for one QMP command (default 30 s).
     pub timeout: Option<Duration>,
+    /// Where the per-QEMU locks and owner records live (the appliance uses
+    /// `<data>/locks/live`; default: `blockvault-live-locks` in the temp dir).
+    pub lock_dir: Option<PathBuf>,
 }
 
 /// What exists and must be undone.
@@ -96,20 +103,34 @@ pub fn backup_live(
     live: &LiveOptions,
     opts: &BackupOptions,
 ) -> Result<BackupManifest> {
+    // `seconds` is the wall time of the whole backup, freeze and capture included.
+    let mut opts = opts.clone();
+    opts.started.get_or_insert_with(std::time::Instant::now);
+    let opts = &opts;
     let timeout = live.timeout.unwrap_or(Duration::from_secs(30));
+    // One live backup per QEMU at a time; whoever holds the lock owns every
+    // `blockvault-` object in it, so those of a run that died are removed first.
+    let lock_dir = live
+        .lock_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("blockvault-live-locks"));
+    let mut lock = leftovers::VmLock::acquire(&lock_dir, &live.qmp, opts)?;
+    for what in leftovers::sweep_dead_owners(&lock_dir, &leftovers::lock_path(&lock_dir, &live.qmp))
+    {
+        tracing::warn!("removed a leftover of a backup that died with its QEMU: {what}");
+    }
     let mut qmp = Qmp::connect(&live.qmp, timeout)
         .map_err(|e| e.context_prefix(format!("live backup of {server}")))?;
     let tag = chain_tag(&vault.config().id, server);
     let run = hex::encode(rand::random::<[u8; 3]>());
-    // One live backup per QEMU at a time; whoever holds the lock owns every
-    // `blockvault-` object in it, so those of a run that died are removed first.
-    let _lock = leftovers::VmLock::acquire(&live.qmp, opts)?;
-    for what in leftovers::sweep(&mut qmp)? {
+    for what in leftovers::sweep(&mut qmp, &mut lock)? {
         tracing::warn!(server, "removed a leftover of a backup that died: {what}");
     }
     let mut disks = disks::discover(&mut qmp, vault, server, live, &tag, &run)?;
     let mut undo = Undo::default();
-    let result = capture_and_read(&mut qmp, vault, server, live, opts, &mut disks, &mut undo);
+    let result = capture_and_read(
+        &mut qmp, &mut lock, vault, server, live, opts, &mut disks, &mut undo,
+    );
     // After an I/O failure the QMP connection itself may be dead or out of step: clean up
     // over a fresh one (the monitor serves one client, so the old one goes first).
     if result.as_ref().is_err_and(|e| e.kind() == ErrorKind::Io) {
@@ -127,6 +148,12 @@ pub fn backup_live(
         };
     }
     let problems = cleanup(&mut qmp, &disks, &mut undo, result.is_ok());
+    if problems.is_empty() {
+        // Nothing of this run is left: the owner record says so.
+        if let Err(e) = lock.note(&[], None) {
+            tracing::warn!("{e}");
+        }
+    }
     match result {
         Ok(m) => {
             for p in &problems {
@@ -142,13 +169,23 @@ pub fn backup_live(
     }
 }
 
+/// Remove the files and lock files that live backups which died with their QEMU left
+/// under `lock_dir` (`<data>/locks/live`); any backup may call it. Returns what it removed.
+pub fn sweep_dead_runs(lock_dir: &Path) -> Vec<String> {
+    let mut removed = leftovers::sweep_dead_owners(lock_dir, Path::new(""));
+    removed.extend(leftovers::sweep_old_temp_locks(&std::env::temp_dir()));
+    removed
+}
+
 /// Disk id of disk `name` of `server`.
 pub fn disk_id(server: &str, name: &str) -> String {
     format!("{server}/{name}")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn capture_and_read(
     qmp: &mut Qmp,
+    lock: &mut leftovers::VmLock,
     vault: &Vault,
     server: &str,
     live: &LiveOptions,
@@ -158,6 +195,10 @@ fn capture_and_read(
 ) -> Result<BackupManifest> {
     // Prepare the fleecing images before freezing, so that the freeze is short.
     for d in disks.iter() {
+        // Recorded before it exists: a run killed in between leaves nothing unnamed.
+        let mut files = undo.files.clone();
+        files.push(d.fleece_file.clone());
+        lock.note(&files, None)?;
         let mut w = Qcow2Writer::create(&d.fleece_file, d.size)
             .map_err(|e| e.context_prefix("creating a fleecing image"))?;
         undo.files.push(d.fleece_file.clone());
@@ -193,8 +234,16 @@ fn capture_and_read(
     let mut frozen = live.hooks.freeze(server, opts.cancel.as_deref());
     if let Err(e) = check_cancel(opts) {
         frozen.thaw();
+        frozen
+            .check_thawed()
+            .map_err(|t| t.context_prefix("backup cancelled"))?;
         return Err(e);
     }
+    if frozen.failed() {
+        frozen.thaw(); // (done already by the failed freeze)
+    }
+    // Fail now if a thaw is unconfirmed, or if consistency is required and not reached.
+    frozen.check()?;
     // The instant lies between sending the transaction and its reply: stamp it before
     // sending, so every freeze step is provably earlier and every thaw step later.
     let snapshot_at = now_rfc3339_precise();
@@ -204,10 +253,12 @@ fn capture_and_read(
     }
     frozen.thaw();
     let (consistency, note, steps) = frozen.outcome();
+    let thawed = frozen.check_thawed();
     drop(frozen);
     instant.map_err(|e| e.context_prefix("taking the point in time"))?;
     undo.rotated = true;
     undo.jobs = disks.iter().map(|d| d.job.clone()).collect();
+    thawed?;
     check_cancel(opts)?;
 
     let socket = match &live.nbd_server {
@@ -218,10 +269,8 @@ fn capture_and_read(
                 "blockvault-nbd-{}.sock",
                 hex::encode(rand::random::<[u8; 4]>())
             ));
-            qmp.execute_value(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": path}}}),
-            )?;
+            lock.note(&undo.files, Some(&path))?;
+            nbd_server::start_private(qmp, &live.qmp, &path)?;
             undo.nbd_started = Some(path.clone());
             path.display().to_string()
         }

@@ -23,6 +23,15 @@ pub struct Qsd {
 impl Qsd {
     /// Start qemu-storage-daemon in `dir` with one qcow2 disk per `(name, image)`.
     pub fn start(dir: &Path, disks: &[(&str, &Path)]) -> Qsd {
+        Qsd::start_with(dir, disks, true)
+    }
+
+    /// The same without an NBD server of its own (blockvault then starts one).
+    pub fn start_without_nbd(dir: &Path, disks: &[(&str, &Path)]) -> Qsd {
+        Qsd::start_with(dir, disks, false)
+    }
+
+    fn start_with(dir: &Path, disks: &[(&str, &Path)], nbd_server: bool) -> Qsd {
         let qmp = dir.join("qmp.sock");
         let nbd = dir.join("nbd.sock");
         let test_qmp = dir.join("qmp-test.sock");
@@ -38,13 +47,15 @@ impl Qsd {
             args.push(format!("driver=qcow2,node-name={name},file=f{name}"));
             nodes.push(name.to_string());
         }
-        args.push("--nbd-server".into());
-        args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
-        for name in &nodes {
-            args.push("--export".into());
-            args.push(format!(
-                "type=nbd,id=e{name},node-name={name},name={name},writable=on"
-            ));
+        if nbd_server {
+            args.push("--nbd-server".into());
+            args.push(format!("addr.type=unix,addr.path={}", nbd.display()));
+            for name in &nodes {
+                args.push("--export".into());
+                args.push(format!(
+                    "type=nbd,id=e{name},node-name={name},name={name},writable=on"
+                ));
+            }
         }
         args.push("--chardev".into());
         args.push(format!(
@@ -69,7 +80,7 @@ impl Qsd {
             .expect("starting qemu-storage-daemon");
         let start = Instant::now();
         while std::os::unix::net::UnixStream::connect(&test_qmp).is_err()
-            || std::os::unix::net::UnixStream::connect(&nbd).is_err()
+            || (nbd_server && std::os::unix::net::UnixStream::connect(&nbd).is_err())
         {
             assert!(start.elapsed().as_secs() < 20, "qsd did not start");
             std::thread::sleep(Duration::from_millis(20));

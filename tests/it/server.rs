@@ -16,7 +16,12 @@ const CHUNK: u64 = 64 << 10;
 
 /// A qcow2 image of `mib` MiB made from `fill(slot)` placed at every MiB (+64 KiB), so
 /// the first 64 KiB of every MiB stays free for the writer's sequence numbers.
-fn image(env: &Env, name: &str, mib: u64, fill: impl Fn(u64) -> Vec<u8>) -> std::path::PathBuf {
+pub(crate) fn image(
+    env: &Env,
+    name: &str,
+    mib: u64,
+    fill: impl Fn(u64) -> Vec<u8>,
+) -> std::path::PathBuf {
     let raw = env.path(&format!("{name}.src.raw"));
     for slot in 0..mib {
         write_raw(&raw, mib * MIB, slot * MIB + CHUNK, &fill(slot));
@@ -38,13 +43,13 @@ fn image(env: &Env, name: &str, mib: u64, fill: impl Fn(u64) -> Vec<u8>) -> std:
     q
 }
 
-fn random_image(env: &Env, name: &str, mib: u64, seed: u64) -> std::path::PathBuf {
+pub(crate) fn random_image(env: &Env, name: &str, mib: u64, seed: u64) -> std::path::PathBuf {
     image(env, name, mib, |slot| {
         random_bytes((MIB - CHUNK) as usize, seed * 1000 + slot)
     })
 }
 
-fn live_backup(env: &Env, qsd: &Qsd, extra: &[&str]) -> std::process::Output {
+pub(crate) fn live_backup(env: &Env, qsd: &Qsd, extra: &[&str]) -> std::process::Output {
     let qmp = format!("qmp:{}", qsd.qmp.display());
     let nbd = qsd.nbd.display().to_string();
     let mut args = vec![
@@ -62,7 +67,7 @@ fn live_backup(env: &Env, qsd: &Qsd, extra: &[&str]) -> std::process::Output {
     env.run(&args)
 }
 
-fn live_backup_ok(env: &Env, qsd: &Qsd, extra: &[&str]) -> Value {
+pub(crate) fn live_backup_ok(env: &Env, qsd: &Qsd, extra: &[&str]) -> Value {
     let out = live_backup(env, qsd, extra);
     assert!(
         out.status.success(),
@@ -72,7 +77,7 @@ fn live_backup_ok(env: &Env, qsd: &Qsd, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
     m["disks"]
         .as_array()
         .unwrap()
@@ -561,18 +566,41 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
     );
 }
 
-/// MOCK guest agent (no VM with a real qemu-ga can run on the test machine): answers
-/// guest-sync with its id, and fsfreeze commands with 2 file systems or an error.
+/// How the SCRIPTED (mock) guest agent behaves: no VM with a real qemu-ga can run on
+/// the test machine. Like qemu-ga it runs one command at a time.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct AgentScript {
+    /// guest-fsfreeze-freeze answers with an error.
+    pub fail_freeze: bool,
+    /// guest-fsfreeze-freeze takes this long (a slow fsfreeze hook in the guest).
+    pub freeze_takes: Duration,
+    /// guest-fsfreeze-thaw fails and the guest stays frozen.
+    pub never_thaws: bool,
+}
+
+/// What the scripted agent saw, from its side.
+#[derive(Default)]
+pub(crate) struct AgentLog {
+    pub commands: Vec<String>,
+    /// Frozen since (None: thawed).
+    pub frozen_since: Option<Instant>,
+    /// How long each freeze lasted, once thawed.
+    pub frozen_for: Vec<Duration>,
+}
+
+/// A SCRIPTED guest agent on `sock`: guest-sync(-delimited) echoes the id (the delimited
+/// one after an 0xFF byte; an 0xFF in the input is dropped, as qemu-ga's parser does),
+/// guest-fsfreeze-freeze/-thaw/-status as in [`AgentScript`], 2 file systems.
 /// Its thread ends when the returned guard is dropped (otherwise it would sit in accept()
 /// for the rest of the test run under this test's thread name).
-fn mock_guest_agent(
+pub(crate) fn scripted_guest_agent(
     sock: &Path,
-    fail_freeze: bool,
-) -> (Arc<std::sync::Mutex<Vec<String>>>, StopOnDrop) {
+    script: AgentScript,
+) -> (Arc<std::sync::Mutex<AgentLog>>, StopOnDrop) {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::new(std::sync::Mutex::new(AgentLog::default()));
     let log = Arc::clone(&seen);
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
@@ -590,19 +618,65 @@ fn mock_guest_agent(
             conn.set_read_timeout(Some(Duration::from_secs(30)))
                 .unwrap();
             let mut w = conn.try_clone().unwrap();
-            for line in BufReader::new(conn).lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line).unwrap();
+            let mut r = BufReader::new(conn);
+            loop {
+                let mut raw = Vec::new();
+                if r.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
+                    break;
+                }
+                raw.retain(|&b| b != 0xFF);
+                if raw.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let v: Value = serde_json::from_slice(&raw).unwrap();
                 let cmd = v["execute"].as_str().unwrap_or("").to_string();
-                log.lock().unwrap().push(cmd.clone());
+                log.lock().unwrap().commands.push(cmd.clone());
+                let mut out = Vec::new();
                 let reply = match cmd.as_str() {
                     "guest-sync" => json!({"return": v["arguments"]["id"]}),
-                    "guest-fsfreeze-freeze" if fail_freeze => {
+                    "guest-sync-delimited" => {
+                        out.push(0xFF);
+                        json!({"return": v["arguments"]["id"]})
+                    }
+                    "guest-fsfreeze-freeze" if script.fail_freeze => {
                         json!({"error": {"class": "GenericError", "desc": "fsfreeze is not supported"}})
                     }
-                    _ => json!({"return": 2}),
+                    "guest-fsfreeze-freeze" => {
+                        let t = Instant::now();
+                        while t.elapsed() < script.freeze_takes {
+                            if stopped.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        log.lock()
+                            .unwrap()
+                            .frozen_since
+                            .get_or_insert_with(Instant::now);
+                        json!({"return": 2})
+                    }
+                    "guest-fsfreeze-thaw" if script.never_thaws => {
+                        json!({"error": {"class": "GenericError", "desc": "thaw failed: device busy"}})
+                    }
+                    "guest-fsfreeze-thaw" => {
+                        let mut l = log.lock().unwrap();
+                        match l.frozen_since.take() {
+                            Some(t) => {
+                                l.frozen_for.push(t.elapsed());
+                                json!({"return": 2})
+                            }
+                            None => json!({"return": 0}),
+                        }
+                    }
+                    "guest-fsfreeze-status" => {
+                        let frozen = log.lock().unwrap().frozen_since.is_some();
+                        json!({"return": if frozen { "frozen" } else { "thawed" }})
+                    }
+                    _ => json!({"error": {"class": "CommandNotFound", "desc": "unknown"}}),
                 };
-                if writeln!(w, "{reply}").is_err() {
+                out.extend(reply.to_string().into_bytes());
+                out.push(b'\n');
+                if w.write_all(&out).is_err() {
                     break;
                 }
             }
@@ -611,7 +685,18 @@ fn mock_guest_agent(
     (seen, StopOnDrop(stop, Some(thread)))
 }
 
-struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+/// The freeze and thaw commands the agent saw, in order.
+fn freeze_commands(log: &std::sync::Mutex<AgentLog>) -> Vec<String> {
+    log.lock()
+        .unwrap()
+        .commands
+        .iter()
+        .filter(|c| *c == "guest-fsfreeze-freeze" || *c == "guest-fsfreeze-thaw")
+        .cloned()
+        .collect()
+}
+
+pub(crate) struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
@@ -628,27 +713,32 @@ fn the_guest_agent_freezes_and_thaws_around_the_instant() {
     let a = random_image(&env, "a", 4, 8);
     let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
     let qga = env.path("qga.sock");
-    let (seen, _agent) = mock_guest_agent(&qga, false);
+    let (seen, _agent) = scripted_guest_agent(&qga, AgentScript::default());
     let m = live_backup_ok(&env, &qsd, &["--qga", qga.to_str().unwrap()]);
     assert_eq!(m["capture"]["consistency"], "application-consistent");
-    let cmds: Vec<String> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|c| *c != "guest-sync")
-        .cloned()
-        .collect();
-    assert_eq!(cmds, ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(
+        freeze_commands(&seen),
+        ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    );
+    let log = seen.lock().unwrap();
+    assert!(log.frozen_since.is_none(), "the guest ends thawed");
+    assert!(
+        !log.commands.iter().any(|c| c == "guest-sync"),
+        "resynchronised with guest-sync-delimited: {:?}",
+        log.commands
+    );
+    assert_eq!(log.commands.last().unwrap(), "guest-fsfreeze-status");
+    drop(log);
 
     // A guest whose freeze fails is thawed anyway and the backup says why.
     let qga2 = env.path("qga2.sock");
-    let (seen, _agent2) = mock_guest_agent(&qga2, true);
+    let script = AgentScript {
+        fail_freeze: true,
+        ..AgentScript::default()
+    };
+    let (seen, _agent2) = scripted_guest_agent(&qga2, script);
     let m = live_backup_ok(&env, &qsd, &["--qga", qga2.to_str().unwrap()]);
     assert_eq!(m["capture"]["consistency"], "crash-consistent");
     assert!(s(&m["capture"], "note").contains("not supported"), "{m}");
-    assert!(
-        seen.lock()
-            .unwrap()
-            .contains(&"guest-fsfreeze-thaw".to_string())
-    );
+    assert!(freeze_commands(&seen).contains(&"guest-fsfreeze-thaw".to_string()));
 }
