@@ -8,6 +8,12 @@
 //!
 //! The service's own state (tokens, resources, policies, tasks, audit, alerts, and the
 //! backups' protected flag) lives here too (`service`); that part is not in any vault.
+//! `figures` caches what is costly to compute from a vault (usage, the bytes only one
+//! backup references) so that the API serves them without walking the vault.
+//!
+//! One `Catalog` is one SQLite connection. WAL lets several connections read while one
+//! writes, so the service keeps a small pool of them (see `app::AppPool`) rather than one
+//! connection behind a global lock.
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +89,21 @@ CREATE TABLE alerts (
     message TEXT NOT NULL
 );
 ",
+    "
+CREATE INDEX tasks_by_created ON tasks(created);
+CREATE TABLE vault_figures (
+    vault       TEXT PRIMARY KEY,
+    body        TEXT NOT NULL,
+    computed_at TEXT NOT NULL
+);
+CREATE TABLE backup_figures (
+    id              TEXT PRIMARY KEY,
+    vault           TEXT NOT NULL,
+    exclusive_bytes INTEGER NOT NULL,
+    backups_key     TEXT NOT NULL,
+    computed_at     TEXT NOT NULL
+);
+",
 ];
 
 /// A vault known to the catalog.
@@ -102,8 +123,12 @@ pub struct BackupEntry {
     pub manifest: BackupManifest,
 }
 
+mod figures;
+mod pool;
 mod service;
 
+pub use figures::{BackupFigure, VaultFigures};
+pub use pool::{Lent, Pool};
 pub use service::{AlertRecord, AuditRecord, Role, Table, TokenInfo};
 
 /// An open catalog.
@@ -184,6 +209,10 @@ impl Catalog {
     pub fn remove_vault(&self, name: &str) -> Result<()> {
         self.conn
             .execute("DELETE FROM backups WHERE vault = ?1", params![name])?;
+        self.conn
+            .execute("DELETE FROM backup_figures WHERE vault = ?1", params![name])?;
+        self.conn
+            .execute("DELETE FROM vault_figures WHERE vault = ?1", params![name])?;
         self.conn
             .execute("DELETE FROM vaults WHERE name = ?1", params![name])?;
         Ok(())
@@ -328,6 +357,8 @@ impl Catalog {
     pub fn remove_backup(&self, id: &str) -> Result<()> {
         self.conn
             .execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+        self.conn
+            .execute("DELETE FROM backup_figures WHERE id = ?1", params![id])?;
         Ok(())
     }
 
