@@ -38,6 +38,10 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     pub capacity_warn_percent: u8,
     pub webhooks: Vec<Webhook>,
+    /// `[tasks] keep_days` / `keep_max`: ended tasks older than this, or beyond the
+    /// newest `keep_max`, are trimmed from the history by the service.
+    pub task_keep_days: u32,
+    pub task_keep_max: usize,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -71,6 +75,8 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
             capacity_warn_percent: 80,
             webhooks: Vec::new(),
+            task_keep_days: 30,
+            task_keep_max: 10_000,
         }
     }
 }
@@ -102,6 +108,8 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawTasks {
     max_parallel: Option<usize>,
+    keep_days: Option<u32>,
+    keep_max: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +165,18 @@ impl Config {
                 "{origin}: [tasks] max_parallel must be 1..=64, got {max}"
             ));
         }
+        let keep_days = raw.tasks.keep_days.unwrap_or(d.task_keep_days);
+        if !(1..=36_500).contains(&keep_days) {
+            return Err(format!(
+                "{origin}: [tasks] keep_days must be 1..=36500, got {keep_days}"
+            ));
+        }
+        let keep_max = raw.tasks.keep_max.unwrap_or(d.task_keep_max);
+        if !(100..=10_000_000).contains(&keep_max) {
+            return Err(format!(
+                "{origin}: [tasks] keep_max must be 100..=10000000, got {keep_max}"
+            ));
+        }
         let warn = raw
             .alerts
             .capacity_warn_percent
@@ -192,6 +212,8 @@ impl Config {
             log_level,
             log_format,
             max_parallel_tasks: max,
+            task_keep_days: keep_days,
+            task_keep_max: keep_max,
             scheduler_enabled: raw.scheduler.enabled.unwrap_or(d.scheduler_enabled),
             gc_after_prune: raw.scheduler.gc_after_prune.unwrap_or(d.gc_after_prune),
             shutdown_grace_seconds: raw
