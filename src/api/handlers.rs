@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -255,20 +256,33 @@ pub async fn create_backup(
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
 }
 
+/// `GET /backups`: ids from SQL, each backup's view from [`super::ApiState::backup_view_text`]
+/// (manifests are parsed once per backup, not once per request).
 pub async fn list_backups(
     State(st): State<Shared>,
     Query(q): Query<HashMap<String, String>>,
-) -> R<Json<Value>> {
-    st.run(move |_, app| {
-        let list = app.catalog().backups(
+) -> R<Response> {
+    st.run(move |st, app| {
+        let ids = app.catalog().backup_ids(
             q.get("vault").map(String::as_str),
             q.get("resource").map(String::as_str),
         )?;
-        Ok(Json(Value::Array(
-            list.iter()
-                .map(|b| app.backup_view(&b.vault, &b.manifest))
-                .collect(),
-        )))
+        let mut body = String::with_capacity(ids.len() * 1536 + 2);
+        body.push('[');
+        for (id, protected) in &ids {
+            let text = match st.backup_view_text(app, id, *protected) {
+                Ok(t) => t,
+                // Deleted since the ids were read.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if body.len() > 1 {
+                body.push(',');
+            }
+            body.push_str(&text);
+        }
+        body.push(']');
+        Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     })
     .await
 }

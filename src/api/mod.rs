@@ -61,6 +61,9 @@ pub struct ApiState {
     /// Recomputes vault figures in the background.
     pub figures: FigureRefresher,
     audit: audit::AuditLog,
+    /// Each backup's list view as JSON text, keyed by id (with its protected flag): a
+    /// committed manifest never changes, so `GET /backups` parses none it has seen.
+    views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -90,7 +93,36 @@ impl ApiState {
             tasks,
             alerts,
             capacity_warn_percent,
+            views: Default::default(),
         })
+    }
+
+    /// The list view of backup `id` (protected or not) as JSON text, from the cache or
+    /// rendered now (and cached).
+    pub fn backup_view_text(
+        &self,
+        app: &App,
+        id: &str,
+        protected: bool,
+    ) -> crate::Result<Arc<str>> {
+        let cached = self
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|(p, _)| *p == protected)
+            .map(|(_, v)| Arc::clone(v));
+        if let Some(v) = cached {
+            return Ok(v);
+        }
+        let e = app.catalog().find_backup(id)?;
+        let text: Arc<str> = app.backup_view(&e.vault, &e.manifest).to_string().into();
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.len() >= 100_000 {
+            views.clear();
+        }
+        views.insert(id.to_owned(), (protected, Arc::clone(&text)));
+        Ok(text)
     }
 
     /// The blocking boundary: run `f` on a blocking thread with a pooled [`App`].

@@ -271,6 +271,24 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Ids and protected flags of the backups [`Catalog::backups`] would list, in the
+    /// same order, without reading their manifests.
+    pub fn backup_ids(
+        &self,
+        vault: Option<&str>,
+        resource: Option<&str>,
+    ) -> Result<Vec<(String, bool)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, protected FROM backups
+             WHERE (?1 IS NULL OR vault = ?1) AND (?2 IS NULL OR resource = ?2)
+             ORDER BY created, id",
+        )?;
+        let rows = st.query_map(params![vault, resource], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Find a backup by id or by name; a name shared by several backups is ambiguous.
     pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
         let by_id: Option<(String, String)> = self
