@@ -414,6 +414,9 @@ pub fn run_appliance(
 ) -> crate::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work waits for one of APP_POOL catalog handles anyway; more threads
+        // than this would only wait (and cost memory) under a flood of requests.
+        .max_blocking_threads(64)
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
@@ -437,7 +440,11 @@ pub fn run_appliance(
     let hook_state = Arc::clone(&state);
     tasks.on_end(Arc::new(move |t| {
         // What a task changed in a vault shows in its figures soon (off this path).
-        if !matches!(t.kind.as_str(), "restore" | "verify") {
+        // A failed task changed nothing that counts (a failed backup removes its packs),
+        // so a burst of failures costs no walks.
+        if t.state == crate::task::TaskState::Succeeded
+            && !matches!(t.kind.as_str(), "restore" | "verify")
+        {
             hook_state.figures.request(None);
         }
         let st = Arc::clone(&hook_state);

@@ -205,6 +205,20 @@ fn backup_and_vault_figures_come_from_the_cache_without_reading_the_vault() {
     // it still answers from the catalog: no index walk for a backup, no vault listing.
     assert!(srv.stop());
     let srv = Appliance::start(&env, &[]);
+    let fresh = srv.ok(
+        "GET",
+        &format!("/backups/{}", backups[1]),
+        &admin,
+        None,
+        200,
+    );
+    assert_eq!(fresh["bytes_freed_stale"], false, "{fresh}");
+    assert_eq!(
+        fresh["bytes_freed_if_deleted"].as_u64(),
+        Some(freed),
+        "{fresh}"
+    );
+    let usage = srv.ok("GET", "/vaults/v", &admin, None, 200);
     let packs = env.vault_dir().join("packs");
     let hidden = env.path("packs.hidden");
     std::fs::rename(&packs, &hidden).unwrap();
@@ -227,6 +241,33 @@ fn backup_and_vault_figures_come_from_the_cache_without_reading_the_vault() {
     let listed = srv.ok("GET", "/vaults", &admin, None, 200);
     assert_eq!(listed[0]["pack_bytes"], usage["pack_bytes"], "{listed}");
     std::fs::rename(&hidden, &packs).unwrap();
+
+    // The listing's cached views follow the protected flag.
+    let protected = |srv: &Appliance| -> Vec<bool> {
+        srv.ok("GET", "/backups", &admin, None, 200)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["protected"].as_bool().unwrap())
+            .collect()
+    };
+    assert_eq!(protected(&srv), vec![false, false]);
+    srv.ok(
+        "POST",
+        &format!("/backups/{}/protect", backups[0]),
+        &admin,
+        None,
+        200,
+    );
+    assert_eq!(protected(&srv), vec![true, false]);
+    srv.ok(
+        "POST",
+        &format!("/backups/{}/protect", backups[0]),
+        &admin,
+        Some(json!({"protected": false})),
+        200,
+    );
+    assert_eq!(protected(&srv), vec![false, false]);
 
     // Deleting the first backup changes the set: the figure is stale, then refreshed.
     srv.ok(
