@@ -29,10 +29,10 @@
 //!
 //! ```text
 //!                                   before (Mutex<App>)   after
-//! GET /health (token)                        18–26        21,600–25,100
-//! GET /backups                              280–770        8,800–8,900
+//! GET /health (token)                        18–26        19,900–25,100
+//! GET /backups                              280–770         6,900–8,900
 //! GET /health, two backups running            9–17        12,500–13,700
-//! GET /backups, two backups running         240–280        4,300–5,100
+//! GET /backups, two backups running         240–280         4,300–9,000
 //! ```
 
 mod audit;
