@@ -64,6 +64,10 @@ pub struct Config {
     pub alert_queue: usize,
     /// Threads that deliver webhooks.
     pub alert_workers: usize,
+    /// `[tasks] keep_days` / `keep_max`: ended tasks older than this, or beyond the
+    /// newest `keep_max`, are trimmed from the history by the service.
+    pub task_keep_days: u32,
+    pub task_keep_max: usize,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -102,6 +106,8 @@ impl Default for Config {
             header_timeout_seconds: 10,
             alert_queue: 1000,
             alert_workers: 2,
+            task_keep_days: 30,
+            task_keep_max: 10_000,
         }
     }
 }
@@ -145,6 +151,8 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawTasks {
     max_parallel: Option<usize>,
+    keep_days: Option<u32>,
+    keep_max: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -200,6 +208,18 @@ impl Config {
         if !(1..=64).contains(&max) {
             return Err(format!(
                 "{origin}: [tasks] max_parallel must be 1..=64, got {max}"
+            ));
+        }
+        let keep_days = raw.tasks.keep_days.unwrap_or(d.task_keep_days);
+        if !(1..=36_500).contains(&keep_days) {
+            return Err(format!(
+                "{origin}: [tasks] keep_days must be 1..=36500, got {keep_days}"
+            ));
+        }
+        let keep_max = raw.tasks.keep_max.unwrap_or(d.task_keep_max);
+        if !(100..=10_000_000).contains(&keep_max) {
+            return Err(format!(
+                "{origin}: [tasks] keep_max must be 100..=10000000, got {keep_max}"
             ));
         }
         let warn = raw
@@ -293,6 +313,8 @@ impl Config {
             log_level,
             log_format,
             max_parallel_tasks: max,
+            task_keep_days: keep_days,
+            task_keep_max: keep_max,
             scheduler_enabled: raw.scheduler.enabled.unwrap_or(d.scheduler_enabled),
             gc_after_prune: raw.scheduler.gc_after_prune.unwrap_or(d.gc_after_prune),
             shutdown_grace_seconds: raw

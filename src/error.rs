@@ -13,7 +13,8 @@
 use std::fmt;
 
 /// Class of a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// An operating-system I/O error (open, read, write, fsync, rename).
     Io,
@@ -33,6 +34,8 @@ pub enum ErrorKind {
     Cancelled,
     /// A capacity limit would be exceeded.
     Full,
+    /// A source (image file, NBD server, QMP socket) could not be reached.
+    Unreachable,
 }
 
 impl fmt::Display for ErrorKind {
@@ -47,6 +50,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Config => "configuration error",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Full => "capacity exceeded",
+            ErrorKind::Unreachable => "source unreachable",
         };
         f.write_str(s)
     }
@@ -65,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Config => "config",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Full => "full",
+            ErrorKind::Unreachable => "unreachable",
         }
     }
 
@@ -80,6 +85,7 @@ impl ErrorKind {
             ErrorKind::Config,
             ErrorKind::Cancelled,
             ErrorKind::Full,
+            ErrorKind::Unreachable,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)
@@ -151,6 +157,13 @@ impl Error {
     /// The human context (without the source chain).
     pub fn context(&self) -> &str {
         &self.context
+    }
+
+    /// The same failure seen as another class (e.g. an I/O error while probing a
+    /// source is the source being unreachable).
+    pub fn with_kind(mut self, kind: ErrorKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// Prefix more context ("while backing up disk X: ...").

@@ -441,7 +441,9 @@ fn probe(res: &Resource) -> Result<()> {
             crate::source::open_source(&spec).map(|_| ())
         };
         if let Err(e) = r {
-            return Err(e.context_prefix(format!("{UNREACHABLE}: {spec}")));
+            return Err(e
+                .context_prefix(format!("{UNREACHABLE}: {spec}"))
+                .with_kind(crate::error::ErrorKind::Unreachable));
         }
     }
     Ok(())

@@ -1,4 +1,7 @@
-//! Route handlers: input checks, calls into the appliance, JSON out.
+//! Route handlers: input checks, calls into the appliance, JSON out. Everything that
+//! touches the catalog, the file system or a vault runs inside [`super::ApiState::run`]
+//! (the blocking boundary, with a pooled `App`); only in-memory work (the task
+//! registry's counts, input parsing) stays on the async side.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -6,7 +9,8 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -16,16 +20,12 @@ use crate::backup::BackupOptions;
 use crate::catalog::{Role, Table};
 use crate::chunk::ChunkSize;
 use crate::config::AlertKind;
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::restore::ImageFormat;
-use crate::service::{Policy, Resource, UNREACHABLE, backup_resource, prune, resource_of};
+use crate::service::{Policy, Resource, backup_resource, prune, resource_of};
 use crate::task::TaskState;
 
 type R<T> = Result<T, ApiError>;
-
-fn app(st: &Shared) -> std::sync::MutexGuard<'_, crate::app::App> {
-    st.app.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
@@ -35,9 +35,10 @@ fn body<T: serde::de::DeserializeOwned>(v: Value) -> R<T> {
     serde_json::from_value(v).map_err(|e| bad(format!("bad request body: {e}")))
 }
 
+/// Health: counts from the task registry's memory; no SQL, no file system, so its cost
+/// does not grow with the task history.
 pub async fn health(State(st): State<Shared>) -> R<Json<Value>> {
-    let running = st.tasks.list(Some(TaskState::Running))?.len();
-    let queued = st.tasks.list(Some(TaskState::Queued))?.len();
+    let (queued, running) = st.tasks.counts();
     Ok(Json(json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
@@ -49,13 +50,17 @@ pub async fn health(State(st): State<Shared>) -> R<Json<Value>> {
 
 // ---- vaults ----
 
+/// Vaults with their usage as last computed (`usage_computed_at`); no pack directory is
+/// listed here.
 pub async fn list_vaults(State(st): State<Shared>) -> R<Json<Value>> {
-    let app = app(&st);
-    let mut out = Vec::new();
-    for v in app.catalog().vaults()? {
-        out.push(serde_json::to_value(app.vault_info(&v.name)?).unwrap_or_default());
-    }
-    Ok(Json(Value::Array(out)))
+    st.run(|_, app| {
+        let mut out = Vec::new();
+        for v in app.catalog().vaults()? {
+            out.push(serde_json::to_value(app.vault_info_cached(&v.name)?).unwrap_or_default());
+        }
+        Ok(Json(Value::Array(out)))
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -77,21 +82,26 @@ pub async fn create_vault(
         Some(c) => ChunkSize::parse(c)?,
         None => ChunkSize::new(crate::chunk::DEFAULT_CHUNK_SIZE)?,
     };
-    let app = app(&st);
-    app.create_vault(&v.name, v.path.as_deref(), cs, v.zstd_level.unwrap_or(1))?;
-    if v.capacity.is_some() {
-        app.set_capacity(&v.name, v.capacity)?;
-    }
-    let info = app.vault_info(&v.name)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::to_value(info).unwrap_or_default()),
-    ))
+    st.run(move |_, app| {
+        app.create_vault(&v.name, v.path.as_deref(), cs, v.zstd_level.unwrap_or(1))?;
+        if v.capacity.is_some() {
+            app.set_capacity(&v.name, v.capacity)?;
+        }
+        let info = app.vault_info(&v.name)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(serde_json::to_value(info).unwrap_or_default()),
+        ))
+    })
+    .await
 }
 
 pub async fn get_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    let info = app(&st).vault_info(&name)?;
-    Ok(Json(serde_json::to_value(info).unwrap_or_default()))
+    st.run(move |_, app| {
+        let info = app.vault_info_cached(&name)?;
+        Ok(Json(serde_json::to_value(info).unwrap_or_default()))
+    })
+    .await
 }
 
 pub async fn patch_vault(
@@ -110,24 +120,30 @@ pub async fn patch_vault(
                 .ok_or_else(|| bad("capacity must be bytes or null"))?,
         ),
     };
-    let app = app(&st);
-    app.set_capacity(&name, cap)?;
-    Ok(Json(
-        serde_json::to_value(app.vault_info(&name)?).unwrap_or_default(),
-    ))
+    st.run(move |_, app| {
+        app.set_capacity(&name, cap)?;
+        Ok(Json(
+            serde_json::to_value(app.vault_info_cached(&name)?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn delete_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    app(&st).forget_vault(&name)?;
-    Ok(Json(
-        json!({"forgotten": name, "note": "the vault's files were not deleted"}),
-    ))
+    st.run(move |_, app| {
+        app.forget_vault(&name)?;
+        Ok(Json(
+            json!({"forgotten": name, "note": "the vault's files were not deleted"}),
+        ))
+    })
+    .await
 }
 
 // ---- resources ----
 
 pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Resource>>> {
-    Ok(Json(app(&st).catalog().list_named(Table::Resources)?))
+    st.run(|_, app| Ok(Json(app.catalog().list_named(Table::Resources)?)))
+        .await
 }
 
 pub async fn create_resource(
@@ -135,15 +151,18 @@ pub async fn create_resource(
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Resource>)> {
     let r: Resource = body(v)?;
-    let app = app(&st);
-    r.validate(&app)?;
-    app.catalog()
-        .put_named(Table::Resources, &r.name, &r, true)?;
-    Ok((StatusCode::CREATED, Json(r)))
+    st.run(move |_, app| {
+        r.validate(app)?;
+        app.catalog()
+            .put_named(Table::Resources, &r.name, &r, true)?;
+        Ok((StatusCode::CREATED, Json(r)))
+    })
+    .await
 }
 
 pub async fn get_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Resource>> {
-    Ok(Json(resource_of(&app(&st), &name)?))
+    st.run(move |_, app| Ok(Json(resource_of(app, &name)?)))
+        .await
 }
 
 /// Merge a JSON patch object into `current` (top-level keys; `name` cannot change).
@@ -166,31 +185,35 @@ pub async fn patch_resource(
     Path(name): Path<String>,
     Json(p): Json<Value>,
 ) -> R<Json<Resource>> {
-    let app = app(&st);
-    let r: Resource = merge(&resource_of(&app, &name)?, p)?;
-    r.validate(&app)?;
-    app.catalog()
-        .put_named(Table::Resources, &name, &r, false)?;
-    Ok(Json(r))
+    st.run(move |_, app| {
+        let r: Resource = merge(&resource_of(app, &name)?, p)?;
+        r.validate(app)?;
+        app.catalog()
+            .put_named(Table::Resources, &name, &r, false)?;
+        Ok(Json(r))
+    })
+    .await
 }
 
 pub async fn delete_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    let app = app(&st);
-    let users: Vec<String> = app
-        .catalog()
-        .list_named::<Policy>(Table::Policies)?
-        .into_iter()
-        .filter(|p| p.resources.contains(&name))
-        .map(|p| p.name)
-        .collect();
-    if !users.is_empty() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("resource {name} is used by policies {}", users.join(", ")),
-        ));
-    }
-    app.catalog().delete_named(Table::Resources, &name)?;
-    Ok(Json(json!({"deleted": name})))
+    st.run(move |_, app| {
+        let users: Vec<String> = app
+            .catalog()
+            .list_named::<Policy>(Table::Policies)?
+            .into_iter()
+            .filter(|p| p.resources.contains(&name))
+            .map(|p| p.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("resource {name} is used by policies {}", users.join(", ")),
+            ));
+        }
+        app.catalog().delete_named(Table::Resources, &name)?;
+        Ok(Json(json!({"deleted": name})))
+    })
+    .await
 }
 
 // ---- backups ----
@@ -208,7 +231,8 @@ pub async fn create_backup(
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
     let b: NewBackup = body(v)?;
-    let res = resource_of(&app(&st), &b.resource)?;
+    let wanted = b.resource.clone();
+    let res = st.run(move |_, app| Ok(resource_of(app, &wanted)?)).await?;
     let data = st.data.clone();
     let name = b.name.clone();
     let target = res.name.clone();
@@ -233,40 +257,69 @@ pub async fn create_backup(
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
 }
 
-fn backup_json(app: &crate::app::App, vault: &str, m: &crate::manifest::BackupManifest) -> Value {
-    app.backup_view(vault, m)
-}
-
+/// `GET /backups`: ids from SQL, each backup's view from [`super::ApiState::backup_view_text`]
+/// (manifests are parsed once per backup, not once per request).
 pub async fn list_backups(
     State(st): State<Shared>,
     Query(q): Query<HashMap<String, String>>,
-) -> R<Json<Value>> {
-    let app = app(&st);
-    let list = app.catalog().backups(
-        q.get("vault").map(String::as_str),
-        q.get("resource").map(String::as_str),
-    )?;
-    Ok(Json(Value::Array(
-        list.iter()
-            .map(|b| backup_json(&app, &b.vault, &b.manifest))
-            .collect(),
-    )))
+) -> R<Response> {
+    st.run(move |st, app| {
+        let ids = app.catalog().backup_ids(
+            q.get("vault").map(String::as_str),
+            q.get("resource").map(String::as_str),
+        )?;
+        let mut body = String::with_capacity(ids.len() * 1536 + 2);
+        body.push('[');
+        for (id, protected) in &ids {
+            let text = match st.backup_view_text(app, id, *protected) {
+                Ok(t) => t,
+                // Deleted since the ids were read.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if body.len() > 1 {
+                body.push(',');
+            }
+            body.push_str(&text);
+        }
+        body.push(']');
+        Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    })
+    .await
 }
 
-/// `GET /backups/{id}`: an id, a unique id prefix, a name, or `latest?disk=ID`.
+/// `GET /backups/{id}`: an id, a unique id prefix, a name, or `latest?disk=ID`. The
+/// bytes only this backup holds come from the catalog's cache with their age; a stale
+/// figure is served as such (`bytes_freed_stale`) while a refresh is queued. Only a
+/// backup that never had a figure (the cache is new) is computed here, once.
 pub async fn get_backup(
     State(st): State<Shared>,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> R<Json<Value>> {
-    let app = app(&st);
-    let entry = app.resolve_backup(&id, q.get("disk").map(String::as_str))?;
-    Ok(Json(app.backup_detail(&entry)?))
+    st.run(move |st, app| {
+        let entry = app.resolve_backup(&id, q.get("disk").map(String::as_str))?;
+        let (v, fresh) = app.backup_detail_cached(&entry)?;
+        if fresh == crate::app::Freshness::Fresh {
+            return Ok(Json(v));
+        }
+        if v["bytes_freed_if_deleted"].is_null() {
+            return Ok(Json(app.backup_detail(&entry)?));
+        }
+        st.figures.request(Some(&entry.vault));
+        Ok(Json(v))
+    })
+    .await
 }
 
 pub async fn delete_backup(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
-    let m = app(&st).delete_backup(&id)?;
-    Ok(Json(json!({"deleted": m.id, "name": m.name})))
+    st.run(move |st, app| {
+        let entry = app.find_backup(&id)?;
+        let m = app.delete_backup(&entry.manifest.id)?;
+        st.figures.request(Some(&entry.vault));
+        Ok(Json(json!({"deleted": m.id, "name": m.name})))
+    })
+    .await
 }
 
 pub async fn protect_backup(
@@ -278,10 +331,12 @@ pub async fn protect_backup(
         Some(Json(v)) => v.get("protected").and_then(Value::as_bool).unwrap_or(true),
         None => true,
     };
-    let app = app(&st);
-    let entry = app.find_backup(&id)?;
-    app.catalog().set_protected(&entry.manifest.id, protect)?;
-    Ok(Json(json!({"id": entry.manifest.id, "protected": protect})))
+    st.run(move |_, app| {
+        let entry = app.find_backup(&id)?;
+        app.catalog().set_protected(&entry.manifest.id, protect)?;
+        Ok(Json(json!({"id": entry.manifest.id, "protected": protect})))
+    })
+    .await
 }
 
 pub async fn create_restore(
@@ -292,11 +347,16 @@ pub async fn create_restore(
     let r: RestoreRequest = body(v)?;
     // Refuse a bad request now, not in the task: resolve `latest` and id prefixes,
     // and the image format from the target's extension.
-    let r = app(&st).resolve_restore(&r)?;
-    if let Some(f) = &r.format {
-        f.parse::<ImageFormat>()?;
-    }
-    let entry = app(&st).find_backup(&r.backup)?;
+    let (r, entry) = st
+        .run(move |_, app| {
+            let r = app.resolve_restore(&r)?;
+            if let Some(f) = &r.format {
+                f.parse::<ImageFormat>()?;
+            }
+            let entry = app.find_backup(&r.backup)?;
+            Ok((r, entry))
+        })
+        .await?;
     let data = st.data.clone();
     let target = entry.manifest.id.clone();
     let id = st.tasks.submit(
@@ -348,7 +408,8 @@ pub async fn create_restore(
 // ---- policies ----
 
 pub async fn list_policies(State(st): State<Shared>) -> R<Json<Vec<Policy>>> {
-    Ok(Json(app(&st).catalog().list_named(Table::Policies)?))
+    st.run(|_, app| Ok(Json(app.catalog().list_named(Table::Policies)?)))
+        .await
 }
 
 pub async fn create_policy(
@@ -356,15 +417,18 @@ pub async fn create_policy(
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Policy>)> {
     let p: Policy = body(v)?;
-    let app = app(&st);
-    p.validate(&app)?;
-    app.catalog()
-        .put_named(Table::Policies, &p.name, &p, true)?;
-    Ok((StatusCode::CREATED, Json(p)))
+    st.run(move |_, app| {
+        p.validate(app)?;
+        app.catalog()
+            .put_named(Table::Policies, &p.name, &p, true)?;
+        Ok((StatusCode::CREATED, Json(p)))
+    })
+    .await
 }
 
 pub async fn get_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Policy>> {
-    Ok(Json(app(&st).catalog().get_named(Table::Policies, &name)?))
+    st.run(move |_, app| Ok(Json(app.catalog().get_named(Table::Policies, &name)?)))
+        .await
 }
 
 pub async fn patch_policy(
@@ -372,34 +436,41 @@ pub async fn patch_policy(
     Path(name): Path<String>,
     Json(p): Json<Value>,
 ) -> R<Json<Policy>> {
-    let app = app(&st);
-    let cur: Policy = app.catalog().get_named(Table::Policies, &name)?;
-    let p: Policy = merge(&cur, p)?;
-    p.validate(&app)?;
-    app.catalog().put_named(Table::Policies, &name, &p, false)?;
-    Ok(Json(p))
+    st.run(move |_, app| {
+        let cur: Policy = app.catalog().get_named(Table::Policies, &name)?;
+        let p: Policy = merge(&cur, p)?;
+        p.validate(app)?;
+        app.catalog().put_named(Table::Policies, &name, &p, false)?;
+        Ok(Json(p))
+    })
+    .await
 }
 
 pub async fn delete_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    app(&st).catalog().delete_named(Table::Policies, &name)?;
-    Ok(Json(json!({"deleted": name})))
+    st.run(move |_, app| {
+        app.catalog().delete_named(Table::Policies, &name)?;
+        Ok(Json(json!({"deleted": name})))
+    })
+    .await
 }
 
 pub async fn preview_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    let app = app(&st);
-    let p: Policy = app.catalog().get_named(Table::Policies, &name)?;
-    let mut out = serde_json::Map::new();
-    for r in &p.resources {
-        let res = resource_of(&app, r)?;
-        let d = prune(&app, &res, &p.retention, false)?;
-        let delete: Vec<&str> = d
-            .iter()
-            .filter(|d| !d.keep)
-            .map(|d| d.id.as_str())
-            .collect();
-        out.insert(r.clone(), json!({"delete": delete, "decisions": d}));
-    }
-    Ok(Json(Value::Object(out)))
+    st.run(move |_, app| {
+        let p: Policy = app.catalog().get_named(Table::Policies, &name)?;
+        let mut out = serde_json::Map::new();
+        for r in &p.resources {
+            let res = resource_of(app, r)?;
+            let d = prune(app, &res, &p.retention, false)?;
+            let delete: Vec<&str> = d
+                .iter()
+                .filter(|d| !d.keep)
+                .map(|d| d.id.as_str())
+                .collect();
+            out.insert(r.clone(), json!({"delete": delete, "decisions": d}));
+        }
+        Ok(Json(Value::Object(out)))
+    })
+    .await
 }
 
 pub async fn run_policy(
@@ -407,9 +478,12 @@ pub async fn run_policy(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> R<(StatusCode, Json<Value>)> {
-    let p: Policy = app(&st).catalog().get_named(Table::Policies, &name)?;
-    let ids = crate::scheduler::run_policy(&st.data, &st.tasks, &p, &caller.0.name)?;
-    Ok((StatusCode::ACCEPTED, Json(json!({"tasks": ids}))))
+    st.run(move |st, app| {
+        let p: Policy = app.catalog().get_named(Table::Policies, &name)?;
+        let ids = crate::scheduler::run_policy(&st.data, &st.tasks, &p, &caller.0.name)?;
+        Ok((StatusCode::ACCEPTED, Json(json!({"tasks": ids}))))
+    })
+    .await
 }
 
 // ---- tasks, audit, alerts, tokens ----
@@ -425,42 +499,61 @@ pub async fn list_tasks(
                 .map_err(|_| bad(format!("unknown task state {s:?}")))?,
         ),
     };
-    Ok(Json(
-        serde_json::to_value(st.tasks.list(state)?).unwrap_or_default(),
-    ))
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.list(state)?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn get_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
-    Ok(Json(
-        serde_json::to_value(st.tasks.get(&id)?).unwrap_or_default(),
-    ))
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.get(&id)?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
-    Ok(Json(
-        serde_json::to_value(st.tasks.cancel(&id)?).unwrap_or_default(),
-    ))
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.cancel(&id)?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn audit(State(st): State<Shared>) -> R<Json<Value>> {
-    Ok(Json(
-        serde_json::to_value(app(&st).catalog().audit_log(1000)?).unwrap_or_default(),
-    ))
+    st.run(|st, app| {
+        st.flush_audit();
+        Ok(Json(
+            serde_json::to_value(app.catalog().audit_log(1000)?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn alerts(State(st): State<Shared>) -> R<([(&'static str, String); 1], Json<Value>)> {
     // Webhook deliveries dropped by a full queue (see crate::alerts).
     let dropped = st.alerts.stats().dropped.to_string();
-    Ok((
-        [("blockvault-alerts-dropped", dropped)],
-        Json(serde_json::to_value(app(&st).catalog().alerts(1000)?).unwrap_or_default()),
-    ))
+    st.run(move |_, app| {
+        Ok((
+            [("blockvault-alerts-dropped", dropped)],
+            Json(serde_json::to_value(app.catalog().alerts(1000)?).unwrap_or_default()),
+        ))
+    })
+    .await
 }
 
 pub async fn list_tokens(State(st): State<Shared>) -> R<Json<Value>> {
-    Ok(Json(
-        serde_json::to_value(app(&st).catalog().tokens()?).unwrap_or_default(),
-    ))
+    st.run(|_, app| {
+        Ok(Json(
+            serde_json::to_value(app.catalog().tokens()?).unwrap_or_default(),
+        ))
+    })
+    .await
 }
 
 pub async fn create_token(
@@ -476,20 +569,27 @@ pub async fn create_token(
         .and_then(Value::as_str)
         .ok_or_else(|| bad("a token needs a role"))?
         .parse()?;
-    let (info, secret) = app(&st).catalog().create_token(name, role)?;
+    let name = name.to_owned();
+    let (info, secret) = st
+        .run(move |_, app| Ok(app.catalog().create_token(&name, role)?))
+        .await?;
     let mut out = serde_json::to_value(info).unwrap_or_default();
     out["secret"] = json!(secret);
     Ok((StatusCode::CREATED, Json(out)))
 }
 
 pub async fn delete_token(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
-    if !app(&st).catalog().delete_token(&name)? {
-        return Err(Error::not_found(format!("no token named {name:?}")).into());
-    }
-    Ok(Json(json!({"deleted": name})))
+    st.run(move |_, app| {
+        if !app.catalog().delete_token(&name)? {
+            return Err(Error::not_found(format!("no token named {name:?}")).into());
+        }
+        Ok(Json(json!({"deleted": name})))
+    })
+    .await
 }
 
-/// Raise the alerts a finished task calls for.
+/// Raise the alerts a finished task calls for, chosen by the failure's kind (never by
+/// its message). Runs on its own thread (see `run_appliance`), not on the runtime.
 pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
     if t.state != TaskState::Failed && t.state != TaskState::Succeeded {
         return;
@@ -501,11 +601,10 @@ pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
         }
     };
     if t.state == TaskState::Failed {
-        if err.contains(UNREACHABLE) {
-            raise(AlertKind::SourceUnreachable, &t.target, &err);
-        }
-        if err.contains("is full") || err.contains("capacity") {
-            raise(AlertKind::VaultFull, &t.target, &err);
+        match t.error_kind {
+            Some(ErrorKind::Unreachable) => raise(AlertKind::SourceUnreachable, &t.target, &err),
+            Some(ErrorKind::Full) => raise(AlertKind::VaultFull, &t.target, &err),
+            _ => {}
         }
         raise(
             AlertKind::TaskFailed,
@@ -514,21 +613,23 @@ pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
         );
     }
     if t.kind == "backup" {
-        // Capacity warning for the resource's vault.
-        let app = app(st);
-        if let Ok(res) = resource_of(&app, &t.target)
-            && let Ok(info) = app.vault_info(&res.vault)
+        // Capacity warning for the resource's vault (usage as recorded by the backup).
+        let usage = st.apps.get().ok().and_then(|app| {
+            let res = resource_of(&app, &t.target).ok()?;
+            let info = app.vault_info_cached(&res.vault).ok()?;
+            Some((res.vault, info))
+        });
+        if let Some((vault, info)) = usage
             && let Some(cap) = info.capacity
             && cap > 0
             && info.pack_bytes * 100 >= cap * u64::from(st.capacity_warn_percent)
         {
-            drop(app);
             raise(
                 AlertKind::VaultCapacity,
-                &res.vault,
+                &vault,
                 &format!(
                     "vault {} holds {} of its {} byte limit ({}%)",
-                    res.vault,
+                    vault,
                     info.pack_bytes,
                     cap,
                     info.pack_bytes * 100 / cap

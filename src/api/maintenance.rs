@@ -32,8 +32,18 @@ pub async fn verify_vault(
     v: Option<Json<Value>>,
 ) -> R<(StatusCode, Json<Value>)> {
     let req: VerifyRequest = body_or_default(v)?;
-    let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
-    let id = submit_verify(&app, &st.tasks, &st.data, &name, req, &caller.0.name)?;
+    let id = st
+        .run(move |st, app| {
+            Ok(submit_verify(
+                app,
+                &st.tasks,
+                &st.data,
+                &name,
+                req,
+                &caller.0.name,
+            )?)
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
 }
 
@@ -45,8 +55,18 @@ pub async fn gc_vault(
     v: Option<Json<Value>>,
 ) -> R<(StatusCode, Json<Value>)> {
     let req: GcRequest = body_or_default(v)?;
-    let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
-    let id = submit_gc(&app, &st.tasks, &st.data, &name, req, &caller.0.name)?;
+    let id = st
+        .run(move |st, app| {
+            Ok(submit_gc(
+                app,
+                &st.tasks,
+                &st.data,
+                &name,
+                req,
+                &caller.0.name,
+            )?)
+        })
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
 }
 

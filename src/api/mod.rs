@@ -12,20 +12,41 @@
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
 //!
-//! Catalog access from handlers is short and synchronous, under one mutex; long work is
-//! queued as tasks and answered with `202 {"task": ID}`.
+//! Blocking boundary: the async side never touches SQLite, the file system or a vault.
+//! Every handler that does runs its work through [`ApiState::run`]: one
+//! `spawn_blocking` with an [`App`] lent by a small pool (each `App` owns one catalog
+//! connection; SQLite WAL lets them read side by side), so no request waits on a global
+//! lock and the runtime's threads keep answering. Long work is queued as tasks and
+//! answered with `202 {"task": ID}`. Costly figures (vault usage, the bytes only one
+//! backup holds) are served from the catalog's cache and refreshed by a background
+//! thread ([`FigureRefresher`]) after backups, deletes, prunes and GC. The audit trail
+//! is written by its own thread in batches (`audit.rs`); `/health` counts tasks from
+//! the registry's memory.
+//!
+//! Measured on this machine (`appliance/bench-api.sh`, release build, wrk 2 threads ×
+//! 32 connections, 10,000 ended tasks in history, 50 backups; 2 cores shared with other
+//! builds, load average 6–15, so compare within a run), requests/s before → after:
+//!
+//! ```text
+//!                                   before (Mutex<App>)   after
+//! GET /health (token)                        18–26        19,900–25,100
+//! GET /backups                              280–770         6,900–8,900
+//! GET /health, two backups running            9–17        12,500–13,700
+//! GET /backups, two backups running         240–280         4,300–9,000
+//! ```
 //!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
 
+mod audit;
 mod handlers;
-mod maintenance;
 pub mod listen;
+mod maintenance;
 mod openapi;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
@@ -36,21 +57,113 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::alerts::Alerter;
-use crate::app::App;
-use crate::catalog::{Role, TokenInfo};
+use crate::app::{App, FigureRefresher};
+use crate::catalog::{Pool, Role, TokenInfo};
 use crate::error::{Error, ErrorKind};
 use crate::task::Tasks;
 
 /// Shared state of the handlers.
 pub struct ApiState {
     pub data: PathBuf,
-    pub app: Mutex<App>,
+    /// `App`s (each with its own catalog connection) lent to blocking work; see
+    /// [`ApiState::run`].
+    pub apps: Pool<App>,
     pub tasks: Tasks,
     pub alerts: Alerter,
     pub capacity_warn_percent: u8,
+    /// Recomputes vault figures in the background.
+    pub figures: FigureRefresher,
+    audit: audit::AuditLog,
+    /// Each backup's list view as JSON text, keyed by id (with its protected flag): a
+    /// committed manifest never changes, so `GET /backups` parses none it has seen.
+    views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
 }
 
 pub type Shared = Arc<ApiState>;
+
+/// `App`s in the pool: enough for both cores and a few requests waiting on disk.
+const APP_POOL: usize = 8;
+
+impl ApiState {
+    /// State over the data dir `data` (opening its first catalog connections now, so
+    /// that a broken catalog stops the start).
+    pub fn new(
+        data: PathBuf,
+        tasks: Tasks,
+        alerts: Alerter,
+        capacity_warn_percent: u8,
+    ) -> crate::Result<ApiState> {
+        let apps = {
+            let d = data.clone();
+            Pool::with(APP_POOL, move || App::open(&d))
+        };
+        apps.give(App::open(&data)?);
+        Ok(ApiState {
+            audit: audit::AuditLog::start(crate::catalog::Catalog::open(&data)?)?,
+            figures: FigureRefresher::start(data.clone()),
+            data,
+            apps,
+            tasks,
+            alerts,
+            capacity_warn_percent,
+            views: Default::default(),
+        })
+    }
+
+    /// The list view of backup `id` (protected or not) as JSON text, from the cache or
+    /// rendered now (and cached).
+    pub fn backup_view_text(
+        &self,
+        app: &App,
+        id: &str,
+        protected: bool,
+    ) -> crate::Result<Arc<str>> {
+        let cached = self
+            .views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .filter(|(p, _)| *p == protected)
+            .map(|(_, v)| Arc::clone(v));
+        if let Some(v) = cached {
+            return Ok(v);
+        }
+        let e = app.catalog().find_backup(id)?;
+        let text: Arc<str> = app.backup_view(&e.vault, &e.manifest).to_string().into();
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if views.len() >= 100_000 {
+            views.clear();
+        }
+        views.insert(id.to_owned(), (protected, Arc::clone(&text)));
+        Ok(text)
+    }
+
+    /// The blocking boundary: run `f` on a blocking thread with a pooled [`App`].
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ApiState, &App) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let st = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let app = st.apps.get()?;
+            f(&st, &app)
+        })
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the request's worker failed: {e}"),
+            )
+        })?
+    }
+
+    /// Wait until every audit record of calls answered so far is written.
+    pub fn flush_audit(&self) {
+        if !self.audit.flush(std::time::Duration::from_secs(10)) {
+            tracing::error!("audit log: the writer did not catch up within 10 s");
+        }
+    }
+}
 
 /// One route: method, path (axum syntax), least role, summary.
 pub struct RouteSpec {
@@ -191,29 +304,21 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .map(str::to_owned);
-    let token = match &secret {
-        Some(s) => {
-            let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
-            app.catalog().authenticate(s).ok().flatten()
-        }
-        None => None,
-    };
-    let record = |who: &str, role: &str, status: StatusCode| {
-        let app = st.app.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = app
-            .catalog()
-            .audit(who, role, method.as_str(), &path, status.as_u16())
-        {
-            tracing::error!("audit log: {e}");
-        }
-    };
     if secret.is_none() && method == Method::GET && is_anonymous(&path) {
         // Liveness probes (load balancers, monitoring) get the status and nothing else;
         // they are not audited, so a probe every second cannot grow the audit log.
         return Json(json!({"status": "ok"})).into_response();
     }
+    let token = match secret {
+        Some(s) => st
+            .run(move |_, app| Ok(app.catalog().authenticate(&s).ok().flatten()))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let Some(token) = token else {
-        record("-", "-", StatusCode::UNAUTHORIZED);
+        st.audit.record("-", "-", method.as_str(), &path, 401).await;
         return ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or unknown token (Authorization: Bearer TOKEN)".into(),
@@ -224,7 +329,15 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
     if let Some(need) = need
         && token.role < need
     {
-        record(&token.name, token.role.as_str(), StatusCode::FORBIDDEN);
+        st.audit
+            .record(
+                &token.name,
+                token.role.as_str(),
+                method.as_str(),
+                &path,
+                403,
+            )
+            .await;
         return ApiError(
             StatusCode::FORBIDDEN,
             format!(
@@ -239,7 +352,15 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
     }
     req.extensions_mut().insert(Caller(token.clone()));
     let resp = next.run(req).await;
-    record(&token.name, token.role.as_str(), resp.status());
+    st.audit
+        .record(
+            &token.name,
+            token.role.as_str(),
+            method.as_str(),
+            &path,
+            resp.status().as_u16(),
+        )
+        .await;
     resp
 }
 
@@ -307,6 +428,9 @@ pub fn run_appliance(
 ) -> crate::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work waits for one of APP_POOL catalog handles anyway; more threads
+        // than this would only wait (and cost memory) under a flood of requests.
+        .max_blocking_threads(64)
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
@@ -322,12 +446,17 @@ pub fn run_appliance(
     for p in app.sweep_dead_restores()? {
         tracing::warn!(path = %p.display(), "removed the partial output of a killed restore");
     }
-    let tasks = Tasks::start(&config.data, config.max_parallel_tasks)?;
-    let state = Arc::new(ApiState {
-        data: config.data.clone(),
-        app: Mutex::new(app),
-        tasks: tasks.clone(),
-        alerts: Alerter::start(
+    drop(app);
+    let retention = crate::task::TaskRetention {
+        max_age_days: config.task_keep_days,
+        keep: config.task_keep_max,
+        ..Default::default()
+    };
+    let tasks = Tasks::start(&config.data, config.max_parallel_tasks, retention)?;
+    let state = Arc::new(ApiState::new(
+        config.data.clone(),
+        tasks.clone(),
+        Alerter::start(
             &config.data,
             config.webhooks.clone(),
             crate::alerts::AlertLimits {
@@ -335,10 +464,18 @@ pub fn run_appliance(
                 workers: config.alert_workers,
             },
         )?,
-        capacity_warn_percent: config.capacity_warn_percent,
-    });
+        config.capacity_warn_percent,
+    )?);
     let hook_state = Arc::clone(&state);
     tasks.on_end(Arc::new(move |t| {
+        // What a task changed in a vault shows in its figures soon (off this path).
+        // A failed task changed nothing that counts (a failed backup removes its packs),
+        // so a burst of failures costs no walks.
+        if t.state == crate::task::TaskState::Succeeded
+            && !matches!(t.kind.as_str(), "restore" | "verify")
+        {
+            hook_state.figures.request(None);
+        }
         let st = Arc::clone(&hook_state);
         let t = t.clone();
         // Alerts read the catalog: off the worker's path, on the alerter's one bounded

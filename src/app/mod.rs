@@ -5,15 +5,19 @@
 //! delete removes the manifest first). The vault is the truth: a backup whose catalog
 //! write still fails after retries is reported as done with a warning
 //! ([`App::take_warnings`]) and reaches the catalog at the next `vault rescan`.
-//! `views.rs` holds the JSON shapes the API and the CLI's `--json` share. The data dir holds `catalog.sqlite` and, by
+//! `views.rs` holds the JSON shapes the API and the CLI's `--json` share; `figures.rs`
+//! computes the costly figures (usage, bytes only one backup holds) off the request path
+//! and caches them in the catalog. The data dir holds `catalog.sqlite` and, by
 //! default, `vaults/<name>/`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+mod figures;
 mod restores;
 mod views;
+pub use figures::{FigureRefresher, Freshness};
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
@@ -56,6 +60,9 @@ pub struct VaultInfo {
     pub packs: usize,
     pub dedup_ratio: f64,
     pub capacity: Option<u64>,
+    /// When the pack and stored figures were computed (RFC 3339): the service serves
+    /// them from the catalog and refreshes them after backups, deletes and GC.
+    pub usage_computed_at: String,
 }
 
 impl App {
@@ -86,7 +93,10 @@ impl App {
         for wait_ms in [0u64, 200, 1000] {
             std::thread::sleep(std::time::Duration::from_millis(wait_ms));
             match self.catalog.put_backup(vault, m) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.refresh_usage_logged(vault);
+                    return;
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -159,7 +169,9 @@ impl App {
     /// Set (or clear) a vault's capacity limit in stored bytes.
     pub fn set_capacity(&self, name: &str, capacity: Option<u64>) -> Result<()> {
         let mut vault = self.open_vault(name)?;
-        vault.set_capacity(capacity)
+        vault.set_capacity(capacity)?;
+        self.refresh_usage_logged(name);
+        Ok(())
     }
 
     /// Forget a vault: the catalog drops it and its backups; its files stay (it can be
@@ -173,32 +185,11 @@ impl App {
         Vault::open(&self.catalog.vault(name)?.path)
     }
 
+    /// A vault's usage, computed now from its files (and cached for the service; see
+    /// [`App::vault_info_cached`]).
     pub fn vault_info(&self, name: &str) -> Result<VaultInfo> {
-        let entry = self.catalog.vault(name)?;
-        let vault = Vault::open(&entry.path)?;
-        let lookup = vault.lookup()?;
-        let (pack_bytes, packs) = vault.stored_bytes(&lookup)?;
-        let stored_bytes = lookup.stored_blob_bytes()?;
-        let backups = self.catalog.backups(Some(name), None)?;
-        let logical_bytes: u64 = backups.iter().map(|b| b.manifest.logical_size()).sum();
-        Ok(VaultInfo {
-            name: entry.name,
-            path: entry.path.display().to_string(),
-            id: vault.config().id.clone(),
-            chunk_size: vault.chunk_size().bytes(),
-            zstd_level: vault.config().zstd_level,
-            backups: backups.len(),
-            logical_bytes,
-            stored_bytes,
-            pack_bytes,
-            packs,
-            dedup_ratio: if stored_bytes == 0 {
-                0.0
-            } else {
-                logical_bytes as f64 / stored_bytes as f64
-            },
-            capacity: vault.config().capacity,
-        })
+        let f = self.refresh_usage(name)?;
+        self.vault_info_from(name, f)
     }
 
     /// Rebuild the catalog's view of a vault (and the vault's lookup index) from the
@@ -374,50 +365,6 @@ impl App {
             })
     }
 
-    /// Stored bytes only this backup references: what deleting it (and GC) would free.
-    /// Walks every backup of its vault (the index pages of each are read once).
-    pub fn exclusive_bytes(&self, entry: &BackupEntry) -> Result<u64> {
-        use crate::vault::walk::{WalkItem, walk_disk};
-        use std::collections::HashSet;
-        let vault = self.open_vault(&entry.vault)?;
-        let lookup = vault.lookup()?;
-        let collect =
-            |m: &BackupManifest, set: &mut HashSet<crate::chunk::ChunkDigest>| -> Result<()> {
-                let mut visited = HashSet::new();
-                for d in &m.disks {
-                    walk_disk(&vault, &lookup, d, &mut visited, &mut |item| {
-                        match item {
-                            WalkItem::Root(r) => {
-                                set.insert(r);
-                            }
-                            WalkItem::Page { digest, .. } => {
-                                set.insert(digest);
-                            }
-                            WalkItem::Chunks(c) => set.extend(c.iter().map(|(_, d)| *d)),
-                            WalkItem::Damaged { .. } => {}
-                        }
-                        Ok(())
-                    })?;
-                }
-                Ok(())
-            };
-        let mut mine = HashSet::new();
-        collect(&entry.manifest, &mut mine)?;
-        let mut others = HashSet::new();
-        for b in self.catalog.backups(Some(&entry.vault), None)? {
-            if b.manifest.id != entry.manifest.id {
-                collect(&b.manifest, &mut others)?;
-            }
-        }
-        let mut bytes = 0;
-        for d in mine.difference(&others) {
-            if let Some(loc) = lookup.get(d)? {
-                bytes += u64::from(loc.length);
-            }
-        }
-        Ok(bytes)
-    }
-
     /// Delete a backup: its manifest goes; GC frees what nothing else uses.
     pub fn delete_backup(&self, id_or_name: &str) -> Result<BackupManifest> {
         let entry = self.find_backup(id_or_name)?;
@@ -434,12 +381,15 @@ impl App {
             Err(e) => return Err(e),
         }
         self.catalog.remove_backup(&entry.manifest.id)?;
+        self.refresh_usage_logged(&entry.vault);
         Ok(entry.manifest)
     }
 
     pub fn gc(&self, vault_name: &str, repack_below: u8) -> Result<GcStats> {
         let vault = self.open_vault(vault_name)?;
-        gc(&vault, repack_below)
+        let stats = gc(&vault, repack_below)?;
+        self.refresh_usage_logged(vault_name);
+        Ok(stats)
     }
 
     /// Verify a whole vault, or one backup.

@@ -43,11 +43,27 @@ impl App {
         })
     }
 
-    /// One backup in full (`GET /api/v1/backups/{id}`, `blockvault backups show`):
-    /// [`App::backup_view`] plus the stored bytes only it references.
+    /// One backup in full (`blockvault backups show`): [`App::backup_detail_cached`],
+    /// with the figures computed now if the cache is stale.
     pub fn backup_detail(&self, entry: &crate::catalog::BackupEntry) -> crate::Result<Value> {
+        self.exclusive_bytes(entry)?;
+        Ok(self.backup_detail_cached(entry)?.0)
+    }
+
+    /// One backup as `GET /api/v1/backups/{id}` shows it: [`App::backup_view`] plus the
+    /// cached stored bytes only it references, when they were computed
+    /// (`bytes_freed_computed_at`) and whether a backup was added or deleted since
+    /// (`bytes_freed_stale`: then a refresh is due, and the figure may be null). Never
+    /// walks the vault; the caller schedules the refresh.
+    pub fn backup_detail_cached(
+        &self,
+        entry: &crate::catalog::BackupEntry,
+    ) -> crate::Result<(Value, super::Freshness)> {
         let mut v = self.backup_view(&entry.vault, &entry.manifest);
-        v["bytes_freed_if_deleted"] = json!(self.exclusive_bytes(entry)?);
-        Ok(v)
+        let (bytes, at, fresh) = self.exclusive_bytes_cached(entry)?;
+        v["bytes_freed_if_deleted"] = json!(bytes);
+        v["bytes_freed_computed_at"] = json!(at);
+        v["bytes_freed_stale"] = json!(fresh == super::Freshness::Stale);
+        Ok((v, fresh))
     }
 }

@@ -8,6 +8,12 @@
 //!
 //! The service's own state (tokens, resources, policies, tasks, audit, alerts, and the
 //! backups' protected flag) lives here too (`service`); that part is not in any vault.
+//! `figures` caches what is costly to compute from a vault (usage, the bytes only one
+//! backup references) so that the API serves them without walking the vault.
+//!
+//! One `Catalog` is one SQLite connection. WAL lets several connections read while one
+//! writes, so the service keeps a small pool of them (see `app::AppPool`) rather than one
+//! connection behind a global lock.
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +89,21 @@ CREATE TABLE alerts (
     message TEXT NOT NULL
 );
 ",
+    "
+CREATE INDEX tasks_by_created ON tasks(created);
+CREATE TABLE vault_figures (
+    vault       TEXT PRIMARY KEY,
+    body        TEXT NOT NULL,
+    computed_at TEXT NOT NULL
+);
+CREATE TABLE backup_figures (
+    id              TEXT PRIMARY KEY,
+    vault           TEXT NOT NULL,
+    exclusive_bytes INTEGER NOT NULL,
+    backups_key     TEXT NOT NULL,
+    computed_at     TEXT NOT NULL
+);
+",
 ];
 
 /// A vault known to the catalog.
@@ -102,8 +123,12 @@ pub struct BackupEntry {
     pub manifest: BackupManifest,
 }
 
+mod figures;
+mod pool;
 mod service;
 
+pub use figures::{BackupFigure, VaultFigures};
+pub use pool::{Lent, Pool};
 pub use service::{AlertRecord, AuditRecord, Role, Table, TokenInfo};
 
 /// An open catalog.
@@ -185,6 +210,10 @@ impl Catalog {
         self.conn
             .execute("DELETE FROM backups WHERE vault = ?1", params![name])?;
         self.conn
+            .execute("DELETE FROM backup_figures WHERE vault = ?1", params![name])?;
+        self.conn
+            .execute("DELETE FROM vault_figures WHERE vault = ?1", params![name])?;
+        self.conn
             .execute("DELETE FROM vaults WHERE name = ?1", params![name])?;
         Ok(())
     }
@@ -240,6 +269,24 @@ impl Catalog {
             out.push(BackupEntry { vault, manifest });
         }
         Ok(out)
+    }
+
+    /// Ids and protected flags of the backups [`Catalog::backups`] would list, in the
+    /// same order, without reading their manifests.
+    pub fn backup_ids(
+        &self,
+        vault: Option<&str>,
+        resource: Option<&str>,
+    ) -> Result<Vec<(String, bool)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, protected FROM backups
+             WHERE (?1 IS NULL OR vault = ?1) AND (?2 IS NULL OR resource = ?2)
+             ORDER BY created, id",
+        )?;
+        let rows = st.query_map(params![vault, resource], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Find a backup by id or by name; a name shared by several backups is ambiguous.
@@ -328,6 +375,8 @@ impl Catalog {
     pub fn remove_backup(&self, id: &str) -> Result<()> {
         self.conn
             .execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+        self.conn
+            .execute("DELETE FROM backup_figures WHERE id = ?1", params![id])?;
         Ok(())
     }
 

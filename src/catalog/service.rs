@@ -273,14 +273,77 @@ impl Catalog {
         Ok(())
     }
 
+    /// Write several task records in one transaction (the task registry's writer
+    /// batches them): `(id, state, created, JSON body)`.
+    pub fn put_tasks(&mut self, batch: &[(String, String, String, String)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO tasks (id, body, state, created) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET body = ?2, state = ?3",
+            )?;
+            for (id, state, created, body) in batch {
+                st.execute(params![id, body, state, created])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Tasks, newest first, at most 1,000, optionally in one state (filtered in SQL, so
+    /// a running task is found however many newer tasks exist).
     pub fn tasks<T: DeserializeOwned>(&self, state: Option<&str>) -> Result<Vec<T>> {
-        let mut st = self.conn.prepare(
-            "SELECT body FROM tasks WHERE (?1 IS NULL OR state = ?1) ORDER BY created DESC, id DESC LIMIT 1000",
-        )?;
-        let rows: Vec<String> = st
-            .query_map(params![state], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        self.tasks_limit(state, 1000)
+    }
+
+    /// Tasks, newest first, at most `limit`, optionally in one state.
+    pub fn tasks_limit<T: DeserializeOwned>(
+        &self,
+        state: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<T>> {
+        let rows: Vec<String> = match state {
+            Some(s) => self
+                .conn
+                .prepare_cached(
+                    "SELECT body FROM tasks WHERE state = ?1 ORDER BY created DESC, id DESC LIMIT ?2",
+                )?
+                .query_map(params![s, limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?,
+            None => self
+                .conn
+                .prepare_cached("SELECT body FROM tasks ORDER BY created DESC, id DESC LIMIT ?1")?
+                .query_map(params![limit as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?,
+        };
         rows.iter().map(|b| from_json(b)).collect()
+    }
+
+    /// How many task records are in `state`.
+    pub fn count_tasks(&self, state: &str) -> Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM tasks WHERE state = ?1")?
+            .query_row(params![state], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// Trim the history of ended tasks (succeeded, failed, cancelled): drop those created
+    /// before `created_before` (RFC 3339, UTC) and all but the newest `keep`. Queued and
+    /// running tasks are never trimmed. Returns how many records went.
+    pub fn trim_tasks(&self, created_before: &str, keep: usize) -> Result<usize> {
+        const ENDED: &str = "state IN ('succeeded', 'failed', 'cancelled')";
+        let old = self.conn.execute(
+            &format!("DELETE FROM tasks WHERE {ENDED} AND created < ?1"),
+            params![created_before],
+        )?;
+        let over = self.conn.execute(
+            &format!(
+                "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE {ENDED}
+                 ORDER BY created DESC, id DESC LIMIT -1 OFFSET ?1)"
+            ),
+            params![keep as i64],
+        )?;
+        Ok(old + over)
     }
 
     pub fn task<T: DeserializeOwned>(&self, id: &str) -> Result<T> {
@@ -308,6 +371,22 @@ impl Catalog {
             "INSERT INTO audit (at, token, role, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![now_rfc3339(), token, role, method, path, status],
         )?;
+        Ok(())
+    }
+
+    /// Append several audit records in one transaction: `(at, token, role, method,
+    /// path, status)`.
+    pub fn audit_many(&self, rows: &[(String, String, String, String, String, u16)]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO audit (at, token, role, method, path, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (at, token, role, method, path, status) in rows {
+                st.execute(params![at, token, role, method, path, status])?;
+            }
+        }
+        tx.commit()?;
         Ok(())
     }
 

@@ -53,7 +53,7 @@ fn of_kind(k: ErrorKind) -> Class {
         ErrorKind::Conflict => CONFLICT,
         ErrorKind::Corrupt => CORRUPT,
         ErrorKind::InvalidFormat | ErrorKind::Unsupported => INVALID,
-        ErrorKind::Io => IO,
+        ErrorKind::Io | ErrorKind::Unreachable => IO,
         ErrorKind::Full => FULL,
         ErrorKind::Cancelled => CANCELLED,
     }

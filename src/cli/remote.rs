@@ -362,8 +362,15 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
         .context("the task named no backup")?;
     let mut b = r.call("GET", &format!("/backups/{}", seg(backup)), None)?;
     // `backup` shows the backup as `backups list` does, here as locally.
-    b.as_object_mut()
-        .map(|o| o.remove("bytes_freed_if_deleted"));
+    if let Some(o) = b.as_object_mut() {
+        for k in [
+            "bytes_freed_if_deleted",
+            "bytes_freed_computed_at",
+            "bytes_freed_stale",
+        ] {
+            o.remove(k);
+        }
+    }
     print_backup(cli, &b)?;
     Ok(0)
 }

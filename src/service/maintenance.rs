@@ -290,7 +290,7 @@ pub fn maintenance_alert(
 ) -> Option<(crate::config::AlertKind, String, String)> {
     (t.kind == "verify"
         && t.state == crate::task::TaskState::Failed
-        && t.error_kind.as_deref() == Some(ErrorKind::Corrupt.as_str()))
+        && t.error_kind == Some(ErrorKind::Corrupt))
     .then(|| {
         (
             crate::config::AlertKind::VaultDamaged,

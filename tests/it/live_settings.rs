@@ -2,12 +2,7 @@
 //! hook set named from the config file (never a command from an API caller) and a guest
 //! agent — against a real `blockvault serve`.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::appliance::{Appliance, token};
 use crate::common::{Env, random_bytes, s, write_raw};
@@ -143,47 +138,6 @@ fn a_resource_runs_the_config_files_hook_set_and_the_api_cannot_give_a_command()
     assert!(srv.stop());
 }
 
-/// SCRIPTED guest agent (no VM with a real qemu-ga runs on the test machine): records
-/// each command and answers guest-sync with its id, everything else with 2 (file
-/// systems). Stops when the flag is raised.
-fn scripted_guest_agent(sock: &Path, stop: Arc<AtomicBool>) -> Arc<Mutex<Vec<String>>> {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let conn = match listener.accept() {
-                Ok((c, _)) => c,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-                Err(_) => return,
-            };
-            conn.set_nonblocking(false).unwrap();
-            conn.set_read_timeout(Some(Duration::from_secs(30)))
-                .unwrap();
-            let mut w = conn.try_clone().unwrap();
-            for line in BufReader::new(conn).lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line).unwrap();
-                let cmd = v["execute"].as_str().unwrap_or("").to_string();
-                log.lock().unwrap().push(cmd.clone());
-                let reply = match cmd.as_str() {
-                    "guest-sync" => json!({"return": v["arguments"]["id"]}),
-                    _ => json!({"return": 2}),
-                };
-                if writeln!(w, "{reply}").is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    seen
-}
-
 #[test]
 fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant() {
     let env = Env::new();
@@ -193,8 +147,9 @@ fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant(
     write_raw(&sys, 4 << 20, 0, &random_bytes(1 << 20, 10));
     write_raw(&data, 4 << 20, 0, &random_bytes(1 << 20, 11));
     let qga = env.path("qga.sock");
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = scripted_guest_agent(&qga, Arc::clone(&stop));
+    // The SCRIPTED guest agent of the live tests (no VM with a real qemu-ga runs here).
+    let (seen, _agent) =
+        crate::server::scripted_guest_agent(&qga, crate::server::AgentScript::default());
     let sources = json!([
         format!("sys={}", sys.display()),
         format!("data={}", data.display())
@@ -212,15 +167,23 @@ fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant(
         202,
     );
     let done = srv.wait_task(&admin, &task_of(&t), LIMIT);
-    stop.store(true, Ordering::Relaxed);
     assert_eq!(done["state"], "succeeded", "{done}");
     let cmds: Vec<String> = seen
         .lock()
         .unwrap()
+        .commands
         .iter()
         .filter(|c| c.starts_with("guest-fsfreeze"))
         .cloned()
         .collect();
-    assert_eq!(cmds, ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    assert_eq!(
+        cmds.first().map(String::as_str),
+        Some("guest-fsfreeze-freeze")
+    );
+    assert!(cmds.iter().any(|c| c == "guest-fsfreeze-thaw"), "{cmds:?}");
+    assert!(
+        seen.lock().unwrap().frozen_since.is_none(),
+        "the guest ends thawed"
+    );
     assert!(srv.stop());
 }

@@ -26,6 +26,7 @@ mod remote;
 mod restore;
 mod server;
 mod service;
+mod service_load;
 mod sources;
 mod vault;
 mod vm;

@@ -10,6 +10,22 @@
 //!
 //! Cancel sets the task's flag; the storage core checks it per chunk and stops with
 //! `Cancelled` (backups record nothing, restores remove their partial image).
+//!
+//! Locks and I/O: the registry's state mutex is held only for in-memory changes. Every
+//! state change is handed, in order and under that mutex, to one writer thread
+//! (`store.rs`) that writes the catalog in batches outside any lock; a task that ended
+//! stays in memory until its last record is written, so a reader never sees an older
+//! state than the registry's. The same thread trims the history of ended tasks by the
+//! retention setting (age and count), off the request path. Queued and running tasks
+//! are counted from memory (`/health` costs the same with 10 or 100,000 tasks in
+//! history); listings by state are filtered in SQL (index on `state, created`).
+//!
+//! A failure keeps its [`ErrorKind`] across the task boundary (`error_kind`), so alerts
+//! and clients tell failures apart by kind, never by message text.
+
+mod store;
+
+pub use store::TaskRetention;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
@@ -48,7 +64,7 @@ impl TaskState {
             TaskState::Cancelled => "cancelled",
         }
     }
-    fn done(&self) -> bool {
+    pub fn done(&self) -> bool {
         matches!(
             self,
             TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
@@ -77,10 +93,10 @@ pub struct TaskInfo {
     pub eta_seconds: Option<f64>,
     pub log: Vec<String>,
     pub error: Option<String>,
-    /// The failure's [`ErrorKind`] name (`not_found`, `conflict`, …), so that a client
-    /// can tell failures apart without reading the message.
+    /// The failure's [`ErrorKind`] (serialized as its name: `not_found`, `conflict`, …),
+    /// so that a client and the alerts tell failures apart without reading the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_kind: Option<String>,
+    pub error_kind: Option<ErrorKind>,
     pub result: Option<Value>,
 }
 
@@ -118,6 +134,10 @@ pub type Hook = Arc<dyn Fn(&TaskInfo) + Send + Sync>;
 
 struct Live {
     info: TaskInfo,
+    /// Ended, kept until the writer has recorded `seq` (see the module doc).
+    ended: bool,
+    /// Sequence number of the last record handed to the writer.
+    seq: u64,
     lock: Option<String>,
     progress: Arc<Progress>,
     cancel: Arc<AtomicBool>,
@@ -132,12 +152,29 @@ struct State {
     locked: HashSet<String>,
     running: usize,
     stopping: bool,
+    /// Last sequence number handed to the writer.
+    seq: u64,
+}
+
+impl State {
+    /// Hand `info` to the writer; called with the state mutex held, so records reach
+    /// the writer in the order the states changed. Only a channel send: no I/O.
+    fn persist(&mut self, writer: &store::Writer, info: &TaskInfo) {
+        self.seq += 1;
+        let seq = self.seq;
+        if let Some(l) = self.tasks.get_mut(&info.id) {
+            l.seq = seq;
+        }
+        writer.put(info.clone(), seq);
+    }
 }
 
 struct Inner {
     state: Mutex<State>,
     wake: Condvar,
-    catalog: Mutex<Catalog>,
+    writer: store::Writer,
+    /// Connections for reading task history (no lock shared with the state).
+    reads: crate::catalog::Pool,
     on_end: Mutex<Vec<Hook>>,
 }
 
@@ -145,13 +182,10 @@ impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-    fn persist(&self, info: &TaskInfo) {
-        let cat = self.catalog.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = cat.put_task(&info.id, info.state.as_str(), &info.created, info) {
-            tracing::error!(task = info.id, "recording the task failed: {e}");
-        }
-    }
 }
+
+/// Most tasks a listing returns.
+const LIST_LIMIT: usize = 1000;
 
 /// The registry and its worker pool.
 #[derive(Clone)]
@@ -183,8 +217,9 @@ fn snapshot(l: &Live) -> TaskInfo {
 }
 
 impl Tasks {
-    /// Open the registry on the catalog of `data` and start `workers` threads.
-    pub fn start(data: &Path, workers: usize) -> Result<Tasks> {
+    /// Open the registry on the catalog of `data`, start `workers` threads and the
+    /// writer (which also trims history by `retention`).
+    pub fn start(data: &Path, workers: usize, retention: TaskRetention) -> Result<Tasks> {
         let catalog = Catalog::open(data)?;
         // Tasks of a previous process that never ended.
         for state in ["queued", "running"] {
@@ -192,28 +227,43 @@ impl Tasks {
                 t.state = TaskState::Cancelled;
                 t.finished = Some(now_rfc3339());
                 t.error = Some("the appliance stopped before the task ended".into());
+                t.error_kind = Some(ErrorKind::Cancelled);
                 catalog.put_task(&t.id, t.state.as_str(), &t.created, &t)?;
             }
         }
+        let (writer, rx) = store::Writer::new();
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            catalog: Mutex::new(catalog),
+            writer,
+            reads: crate::catalog::Pool::new(data, 4),
             on_end: Mutex::new(Vec::new()),
         });
         let tasks = Tasks {
             inner,
             workers: Arc::new(Mutex::new(Vec::new())),
         };
+        let w = {
+            let inner = Arc::clone(&tasks.inner);
+            std::thread::Builder::new()
+                .name("task-writer".into())
+                .spawn(move || {
+                    store::run(catalog, rx, retention, &|written| {
+                        forget_written(&inner, written)
+                    })
+                })
+                .map_err(|e| Error::io("starting the task writer", e))?
+        };
+        let mut hs = vec![w];
         for _ in 0..workers.max(1) {
             let inner = Arc::clone(&tasks.inner);
-            let h = std::thread::spawn(move || worker(inner));
-            tasks
-                .workers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(h);
+            hs.push(std::thread::spawn(move || worker(inner)));
         }
+        tasks
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(hs);
         Ok(tasks)
     }
 
@@ -263,11 +313,12 @@ impl Tasks {
                     "the appliance is shutting down",
                 ));
             }
-            self.inner.persist(&info);
             st.tasks.insert(
                 id.clone(),
                 Live {
-                    info,
+                    info: info.clone(),
+                    ended: false,
+                    seq: 0,
                     lock,
                     progress: Arc::new(Progress::default()),
                     cancel: Arc::new(AtomicBool::new(false)),
@@ -275,6 +326,7 @@ impl Tasks {
                     job: Some(job),
                 },
             );
+            st.persist(&self.inner.writer, &info);
             st.queue.push_back(id.clone());
         }
         self.inner.wake.notify_all();
@@ -286,30 +338,56 @@ impl Tasks {
         if let Some(l) = self.inner.lock().tasks.get(id) {
             return Ok(snapshot(l));
         }
-        self.inner
-            .catalog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .task(id)
+        self.inner.reads.get()?.task(id)
     }
 
-    /// Tasks, newest first, optionally in one state.
+    /// Tasks, newest first (at most 1,000), optionally in one state. The catalog is
+    /// asked for that state (SQL), and what this registry holds in memory is newer than
+    /// any record of it.
     pub fn list(&self, state: Option<TaskState>) -> Result<Vec<TaskInfo>> {
         let mut out: Vec<TaskInfo> = self
             .inner
-            .catalog
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .tasks(None)?;
-        let st = self.inner.lock();
-        for t in &mut out {
-            if let Some(l) = st.tasks.get(&t.id) {
-                *t = snapshot(l);
-            }
-        }
-        drop(st);
-        out.retain(|t| state.is_none_or(|s| t.state == s));
+            .reads
+            .get()?
+            .tasks_limit(state.map(|s| s.as_str()), LIST_LIMIT)?;
+        let live: HashMap<String, TaskInfo> = {
+            let st = self.inner.lock();
+            st.tasks
+                .iter()
+                .map(|(id, l)| (id.clone(), snapshot(l)))
+                .collect()
+        };
+        out.retain(|t| !live.contains_key(&t.id));
+        out.extend(
+            live.into_values()
+                .filter(|t| state.is_none_or(|s| t.state == s)),
+        );
+        out.sort_by(|a, b| (&b.created, &b.id).cmp(&(&a.created, &a.id)));
+        out.truncate(LIST_LIMIT);
         Ok(out)
+    }
+
+    /// How many tasks of this appliance are queued and running, from memory: the cost
+    /// does not grow with the task history.
+    pub fn counts(&self) -> (usize, usize) {
+        let st = self.inner.lock();
+        let running = st
+            .tasks
+            .values()
+            .filter(|l| l.info.state == TaskState::Running)
+            .count();
+        let queued = st
+            .tasks
+            .values()
+            .filter(|l| l.info.state == TaskState::Queued)
+            .count();
+        (queued, running)
+    }
+
+    /// Wait until every record handed to the writer so far is in the catalog (or
+    /// `timeout` passed).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.inner.writer.flush(timeout)
     }
 
     /// Cancel a task: a queued one ends at once, a running one stops at its next check,
@@ -325,12 +403,13 @@ impl Tasks {
             l.info.state = TaskState::Cancelled;
             l.info.finished = Some(now_rfc3339());
             l.info.error = Some("cancelled before it started".into());
+            l.info.error_kind = Some(ErrorKind::Cancelled);
             l.job = None;
+            l.ended = true;
             let info = l.info.clone();
             st.queue.retain(|q| q != id);
-            st.tasks.remove(id);
+            st.persist(&self.inner.writer, &info);
             drop(st);
-            self.inner.persist(&info);
             self.run_hooks(&info);
             return Ok(info);
         }
@@ -359,7 +438,11 @@ impl Tasks {
         let ids: Vec<String> = {
             let mut st = self.inner.lock();
             st.stopping = true;
-            st.tasks.keys().cloned().collect()
+            st.tasks
+                .iter()
+                .filter(|(_, l)| !l.ended)
+                .map(|(id, _)| id.clone())
+                .collect()
         };
         for id in ids {
             let _ = self.cancel(&id);
@@ -368,6 +451,10 @@ impl Tasks {
         let deadline = Instant::now() + grace;
         while self.inner.lock().running > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // What ended is recorded before the process goes.
+        if !self.flush(Duration::from_secs(10)) {
+            tracing::error!("the task writer did not record every task within 10 s");
         }
     }
 }
@@ -414,7 +501,7 @@ pub fn record_ended(
             },
             None,
             Some(e.to_string()),
-            Some(e.kind().as_str().to_string()),
+            Some(e.kind()),
         ),
     };
     let info = TaskInfo {
@@ -455,6 +542,17 @@ fn run_hooks(inner: &Inner, info: &TaskInfo) {
     }
 }
 
+/// The writer recorded these `(id, seq)`: ended tasks whose last record that was leave
+/// memory.
+fn forget_written(inner: &Inner, written: &[(String, u64)]) {
+    let mut st = inner.lock();
+    for (id, seq) in written {
+        if st.tasks.get(id).is_some_and(|l| l.ended && l.seq == *seq) {
+            st.tasks.remove(id);
+        }
+    }
+}
+
 fn worker(inner: Arc<Inner>) {
     loop {
         let (id, job, ctx) = {
@@ -490,7 +588,7 @@ fn worker(inner: Arc<Inner>) {
                     if let Some(k) = l.lock.clone() {
                         st.locked.insert(k);
                     }
-                    inner.persist(&info);
+                    st.persist(&inner.writer, &info);
                     break (id, job, ctx);
                 }
                 st = inner.wake.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -504,12 +602,10 @@ fn worker(inner: Arc<Inner>) {
         let info = {
             let mut st = inner.lock();
             st.running -= 1;
-            let Some(mut l) = st.tasks.remove(&id) else {
+            let Some(l) = st.tasks.get_mut(&id) else {
                 continue;
             };
-            if let Some(k) = &l.lock {
-                st.locked.remove(k);
-            }
+            let lock = l.lock.clone();
             match result {
                 Ok(v) => {
                     l.info.state = TaskState::Succeeded;
@@ -518,19 +614,29 @@ fn worker(inner: Arc<Inner>) {
                 Err(e) if e.kind() == ErrorKind::Cancelled || ctx.cancelled() => {
                     l.info.state = TaskState::Cancelled;
                     l.info.error = Some(e.to_string());
-                    l.info.error_kind = Some(ErrorKind::Cancelled.as_str().into());
+                    l.info.error_kind = Some(ErrorKind::Cancelled);
                 }
                 Err(e) => {
                     l.info.state = TaskState::Failed;
                     l.info.error = Some(e.to_string());
-                    l.info.error_kind = Some(e.kind().as_str().into());
+                    l.info.error_kind = Some(e.kind());
                 }
             }
             l.info.finished = Some(now_rfc3339());
-            snapshot(&l)
+            l.ended = true;
+            let info = snapshot(l);
+            // The final figures stay with the record (progress is not live any more).
+            l.info = info.clone();
+            if let Some(k) = &lock {
+                st.locked.remove(k);
+            }
+            st.persist(&inner.writer, &info);
+            info
         };
         inner.wake.notify_all();
-        inner.persist(&info);
         run_hooks(&inner, &info);
     }
 }
+
+#[cfg(test)]
+mod tests;
