@@ -12,6 +12,7 @@ mod export;
 mod hostile;
 mod incremental;
 mod integrity;
+mod libvirt;
 mod nbd;
 mod nbd_server;
 mod qemu_formats;
