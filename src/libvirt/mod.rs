@@ -7,8 +7,9 @@
 //!  inspect   virsh domstate / dumpxml: running? disks (target, format), QEMU's DAC user;
 //!            checkpoint-list: which checkpoint of ours the previous backup left
 //!  leftovers a backup job whose socket lies in a `blockvault-libvirt-<pid>-…` dir of a
-//!            dead pid is aborted (a live pid's job: refused as Conflict); checkpoints of
-//!            this chain that no manifest records are deleted
+//!            dead pid is aborted and the capture's steps say so (a live pid's job:
+//!            refused as Conflict); checkpoints of this chain that are not the previous
+//!            backup's are deleted
 //!  instant   virsh backup-begin DOMAIN BACKUP.xml CHECKPOINT.xml [--quiesce]: all disks
 //!            at one instant; per disk a scratch file and an NBD export named by its
 //!            target on a private unix socket; a new checkpoint NEW (a bitmap per qcow2
@@ -179,10 +180,7 @@ pub fn backup_libvirt(
         )));
     }
     let scratch_base = lv.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let mut notes: Vec<String> = Vec::new();
-    if let Some(n) = end_dead_job(&virsh, dom)? {
-        notes.push(n);
-    }
+    let leftover = end_dead_job(&virsh, dom)?;
     let prefix = chain_prefix(vault, server);
     let existing: Vec<String> = virsh
         .run(&["checkpoint-list", dom, "--name"])?
@@ -294,7 +292,7 @@ pub fn backup_libvirt(
     write(&cp_file, &xml::checkpoint_xml(&new_cp, &cp_disks))?;
 
     // The instant.
-    let mut steps = Vec::new();
+    let mut steps: Vec<String> = leftover.into_iter().collect();
     let mut quiesce = false;
     let mut consistency_note = None;
     if info.agent_channel {
@@ -376,7 +374,6 @@ pub fn backup_libvirt(
             snapshot_at: Some(snapshot_at),
             steps,
         },
-        &notes,
     );
     let mut problems = Vec::new();
     if let Err(e) = end_job(&virsh, dom) {
@@ -428,7 +425,6 @@ fn read_job(
     new_cp: &str,
     with_checkpoint: bool,
     capture: Capture,
-    notes: &[String],
 ) -> Result<BackupManifest> {
     let virsh = lv.virsh();
     let dom = lv.domain.as_str();
@@ -466,13 +462,6 @@ fn read_job(
             d.target,
             d.source.as_deref().unwrap_or("?")
         ));
-        let mut note = note.clone();
-        for n in notes {
-            note = Some(match note {
-                Some(o) => format!("{o}; {n}"),
-                None => n.clone(),
-            });
-        }
         jobs.push(DiskJob {
             name: d.target.clone(),
             disk_id: disk_id(server, &d.target),
@@ -484,7 +473,7 @@ fn read_job(
             next_checkpoint: (with_checkpoint && d.format == "qcow2").then(|| Checkpoint {
                 bitmap: Some(new_cp.to_string()),
             }),
-            note,
+            note: note.clone(),
         });
     }
     let mut capture = Some(capture);
@@ -524,7 +513,7 @@ fn not_running(virsh: &Virsh, dom: &str, state: &str, server: &str) -> Error {
     Error::conflict(format!(
         "domain {dom} is {state}: libvirt's backup API needs a running domain; start it, \
          or back up its disk files offline while nothing writes them: \
-         blockvault backup --id {server} {files}"
+         blockvault backup --vault VAULT --id {server} {files}"
     ))
 }
 

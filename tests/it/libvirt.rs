@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
+use crate::appliance::{Appliance, token};
 use crate::common::{Env, images_equal, s, sh, u};
 
 const MIB: u64 = 1 << 20;
@@ -120,7 +121,8 @@ impl Libvirt {
         self.dir.path().join(name)
     }
 
-    /// Define and start a domain with qcow2 disks vda and vdb (user aliases ua-vda/ua-vdb).
+    /// Define and start a domain with qcow2 disks vda and vdb (user aliases ua-vda/ua-vdb)
+    /// and a guest-agent channel that no agent answers (the guest runs no OS).
     fn start_domain(&self, a: &Path, b: &Path) {
         let disk = |img: &Path, dev: &str| {
             format!(
@@ -134,6 +136,7 @@ impl Libvirt {
             "<domain type='qemu'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
              <emulator>/usr/bin/qemu-system-x86_64</emulator>{}{}\
+             <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <video><model type='none'/></video><memballoon model='none'/>\
              </devices></domain>",
             self.domain,
@@ -309,6 +312,11 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
     assert_eq!(s(&m1, "resource"), format!("libvirt:{}", lv.domain));
     assert_eq!(m1["capture"]["method"], "libvirt-backup");
     assert_eq!(m1["capture"]["consistency"], "crash-consistent");
+    assert!(
+        s(&m1["capture"], "note").contains("guest agent does not answer"),
+        "{}",
+        m1["capture"]
+    );
     for (name, bytes) in [("vda", 2 * MIB + CHUNK), ("vdb", 2 * MIB)] {
         let d = disk(&m1, name);
         assert_eq!(d["kind"], "full", "{d}");
@@ -377,9 +385,137 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
         "only the changed chunk is new"
     );
     let cp4 = s(&disk(&m4, "vda")["checkpoint"], "bitmap").to_string();
-    assert_eq!(lv.checkpoints(), vec![cp4]);
+    assert_eq!(lv.checkpoints(), vec![cp4.clone()]);
     lv.no_job();
     restores_to(&env, &m4, &c4, "b4");
+
+    // A service resource names the domain: a server, backed up as its own chain, which
+    // leaves the CLI chain's checkpoint alone.
+    let admin = token(&env, "admin", "root");
+    let srv = Appliance::start(&env, &[]);
+    let res = |kind: &str| json!({"name": "web", "kind": kind, "sources": [source], "vault": "v"});
+    let refused = srv.ok("POST", "/resources", &admin, Some(res("disk")), 400);
+    assert!(
+        refused.to_string().contains("libvirt: sources are servers"),
+        "{refused}"
+    );
+    srv.ok("POST", "/resources", &admin, Some(res("server")), 201);
+    let t = srv.ok(
+        "POST",
+        "/backups",
+        &admin,
+        Some(json!({"resource": "web"})),
+        202,
+    );
+    let done = srv.wait_task(&admin, s(&t, "task"), Duration::from_secs(120));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert!(srv.stop());
+    let web = env.json(&["backups", "show", s(&done["result"], "backup")]);
+    assert_eq!(s(&web, "resource"), "web");
+    let web_cp = s(&disk(&web, "vda")["checkpoint"], "bitmap").to_string();
+    let mut both = vec![cp4.clone(), web_cp.clone()];
+    both.sort();
+    let mut now = lv.checkpoints();
+    now.sort();
+    assert_eq!(now, both);
+    lv.no_job();
+
+    // Leftovers of killed runs, made by hand exactly as such a run leaves them: libvirt's
+    // backup job (socket in a blockvault-libvirt-<pid>-… dir) and its new checkpoint.
+    let prefix = format!("blockvault-{}-", cp4.split('-').nth(1).unwrap());
+    let hand_job = |pid: u32, tag: &str| {
+        let run = scratch.join(format!("blockvault-libvirt-{pid}-{tag}"));
+        std::fs::create_dir(&run).unwrap();
+        sh("chmod", &["0777", run.to_str().unwrap()]);
+        let r = run.display();
+        let bk = lv.path(&format!("{tag}-backup.xml"));
+        let cp = lv.path(&format!("{tag}-checkpoint.xml"));
+        let d = |dev: &str| {
+            format!(
+                "<disk name='{dev}' backup='yes' type='file' backupmode='incremental' \
+                 incremental='{cp4}'><scratch file='{r}/s-{dev}.qcow2'/></disk>"
+            )
+        };
+        std::fs::write(
+            &bk,
+            format!(
+                "<domainbackup mode='pull'><server transport='unix' socket='{r}/nbd.sock'/>\
+                 <disks>{}{}</disks></domainbackup>",
+                d("vda"),
+                d("vdb")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            &cp,
+            format!(
+                "<domaincheckpoint><name>{prefix}{tag}</name><disks>\
+                 <disk name='vda' checkpoint='bitmap'/><disk name='vdb' checkpoint='bitmap'/>\
+                 </disks></domaincheckpoint>"
+            ),
+        )
+        .unwrap();
+        lv.virsh(&[
+            "backup-begin",
+            &lv.domain,
+            bk.to_str().unwrap(),
+            cp.to_str().unwrap(),
+        ]);
+    };
+    // A job of a run that is still alive (this test's pid) is not touched.
+    hand_job(std::process::id(), "alive");
+    let before = env.backups().len();
+    let out = env.run(&["backup", &source, "--vault", "v", "--fleece-dir", fleece]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "another blockvault backup (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert_eq!(env.backups().len(), before, "nothing was written");
+    lv.virsh(&["domjobabort", &lv.domain]);
+    std::fs::remove_dir_all(
+        scratch.join(format!("blockvault-libvirt-{}-alive", std::process::id())),
+    )
+    .unwrap();
+    // A job of a run that died is ended; its checkpoint and the alive one's are deleted.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    hand_job(gone.id(), "dead");
+    lv.write("vda", 0x88, 40 * MIB, CHUNK);
+    let c5 = lv.paused_copy(&disks, "b5");
+    let m5 = backup("b5");
+    let d = disk(&m5, "vda");
+    assert_eq!(d["strategy"], "bitmap", "{d}");
+    assert_eq!(
+        u(d, "bytes_read"),
+        CHUNK,
+        "only the change since b4's checkpoint"
+    );
+    let ended = format!("ended the backup job left by blockvault pid {}", gone.id());
+    assert!(
+        m5["capture"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().starts_with(&ended)),
+        "{}",
+        m5["capture"]
+    );
+    let cp5 = s(&d["checkpoint"], "bitmap").to_string();
+    let mut both = vec![cp5, web_cp];
+    both.sort();
+    let mut now = lv.checkpoints();
+    now.sort();
+    assert_eq!(
+        now, both,
+        "stale checkpoints deleted, the other chain's kept"
+    );
+    lv.no_job();
+    restores_to(&env, &m5, &c5, "b5");
 
     // A domain that is not running is refused, naming its disk files; nothing is written.
     lv.virsh(&["destroy", &lv.domain]);
