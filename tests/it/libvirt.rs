@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::appliance::{Appliance, token};
-use crate::common::{Env, images_equal, s, sh, u};
+use crate::common::{Env, images_equal, pack_files, s, sh, u};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * 1024;
@@ -366,6 +366,43 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
     restores_to(&env, &m2, &c2, "b2");
     restores_to(&env, &m3, &c3, "b3");
     assert!(!images_equal(&c1[0], &c2[0]));
+
+    // A backup that fails after libvirt took its instant (the vault is full): nothing is
+    // recorded, its checkpoint is deleted, the job ended, and the next backup still reads
+    // every change since b3 (libvirt kept recording in b3's checkpoint).
+    let toml = env.vault_dir().join("vault.toml");
+    let cfg = std::fs::read_to_string(&toml).unwrap();
+    let used: u64 = pack_files(&env.vault_dir())
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    std::fs::write(&toml, format!("{cfg}capacity = {}\n", used + 1)).unwrap();
+    lv.write("vda", 0x5a, 12 * MIB, CHUNK);
+    let before = env.backups().len();
+    let out = env.run(&["backup", &source, "--vault", "v", "--fleece-dir", fleece]);
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.backups().len(), before, "nothing was recorded");
+    assert_eq!(lv.checkpoints(), vec![cp3.clone()]);
+    lv.no_job();
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+    std::fs::write(&toml, &cfg).unwrap();
+    lv.write("vdb", 0x5b, 9 * MIB, CHUNK);
+    let c3b = lv.paused_copy(&disks, "b3b");
+    let m3b = backup("b3b");
+    for name in ["vda", "vdb"] {
+        let d = disk(&m3b, name);
+        assert_eq!(d["strategy"], "bitmap", "{d}");
+        assert_eq!(u(d, "bytes_read"), CHUNK, "{name}");
+        assert_eq!(s(d, "parent"), s(&m3, "id"));
+    }
+    let cp3 = s(&disk(&m3b, "vda")["checkpoint"], "bitmap").to_string();
+    assert_eq!(lv.checkpoints(), vec![cp3.clone()]);
+    restores_to(&env, &m3b, &c3b, "b3b");
 
     // A checkpoint deleted by hand: the next backup reads in full and says why.
     lv.virsh(&["checkpoint-delete", &lv.domain, &cp3]);
