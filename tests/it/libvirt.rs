@@ -1,6 +1,6 @@
 //! `libvirt:DOMAIN` backups against a real, private `libvirtd` running a small domain
 //! under QEMU TCG (`<domain type='qemu'>`: no KVM, so a host whose /dev/kvm hangs guests
-//! does not matter). The guest boots nothing; its two qcow2 disks change through QEMU's
+//! does not matter). The guest boots nothing; its disks (two qcow2, one raw) change through QEMU's
 //! own block layer (HMP `qemu-io` on the virtio devices' block backends).
 //!
 //! The test starts `libvirtd` with its own config (sockets and pid file in a temp dir),
@@ -121,12 +121,12 @@ impl Libvirt {
         self.dir.path().join(name)
     }
 
-    /// Define and start a domain with qcow2 disks vda and vdb (user aliases ua-vda/ua-vdb)
-    /// and a guest-agent channel that no agent answers (the guest runs no OS).
-    fn start_domain(&self, a: &Path, b: &Path) {
-        let disk = |img: &Path, dev: &str| {
+    /// Define and start a domain with qcow2 disks vda and vdb, a raw disk vdc (user
+    /// aliases ua-vda…) and a guest-agent channel that no agent answers (no OS runs).
+    fn start_domain(&self, a: &Path, b: &Path, c: &Path) {
+        let disk = |img: &Path, dev: &str, format: &str| {
             format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                "<disk type='file' device='disk'><driver name='qemu' type='{format}'/>\
                  <source file='{}'/><target dev='{dev}' bus='virtio'/>\
                  <alias name='ua-{dev}'/></disk>",
                 img.display()
@@ -135,13 +135,14 @@ impl Libvirt {
         let xml = format!(
             "<domain type='qemu'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-             <emulator>/usr/bin/qemu-system-x86_64</emulator>{}{}\
+             <emulator>/usr/bin/qemu-system-x86_64</emulator>{}{}{}\
              <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
              <video><model type='none'/></video><memballoon model='none'/>\
              </devices></domain>",
             self.domain,
-            disk(a, "vda"),
-            disk(b, "vdb")
+            disk(a, "vda", "qcow2"),
+            disk(b, "vdb", "qcow2"),
+            disk(c, "vdc", "raw")
         );
         let f = self.path("domain.xml");
         std::fs::write(&f, xml).unwrap();
@@ -248,7 +249,7 @@ fn disk<'a>(m: &'a Value, name: &str) -> &'a Value {
 fn restores_to(env: &Env, m: &Value, copies: &[PathBuf], tag: &str) {
     let dir = env.path(&format!("restored-{tag}"));
     env.json(&["restore", s(m, "id"), "--to", dir.to_str().unwrap()]);
-    for (dev, copy) in ["vda", "vdb"].iter().zip(copies) {
+    for (dev, copy) in ["vda", "vdb", "vdc"].iter().zip(copies) {
         assert!(
             images_equal(&dir.join(format!("{dev}.raw")), copy),
             "{tag}: restored {dev} differs from the paused copy"
@@ -272,20 +273,33 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
         "qemu-img",
         &["create", "-q", "-f", "qcow2", b.to_str().unwrap(), "32M"],
     );
-    for (img, pat) in [(&a, "0x11"), (&b, "0x22")] {
+    let c = lv.path("c.raw");
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", c.to_str().unwrap(), "16M"],
+    );
+    for (img, pat, format) in [
+        (&a, "0x11", "qcow2"),
+        (&b, "0x22", "qcow2"),
+        (&c, "0x23", "raw"),
+    ] {
         sh(
             "qemu-io",
             &[
                 "-f",
-                "qcow2",
+                format,
                 "-c",
                 &format!("write -P {pat} 1M 2M"),
                 img.to_str().unwrap(),
             ],
         );
     }
-    lv.start_domain(&a, &b);
-    let disks = [("vda", a.as_path()), ("vdb", b.as_path())];
+    lv.start_domain(&a, &b, &c);
+    let disks = [
+        ("vda", a.as_path()),
+        ("vdb", b.as_path()),
+        ("vdc", c.as_path()),
+    ];
     let source = format!("libvirt:{}?uri={}", lv.domain, lv.uri);
     // The run directories (NBD socket, scratch files) go here; QEMU must reach it.
     let scratch = lv.path("scratch");
@@ -324,6 +338,13 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
     }
     let cp1 = s(&disk(&m1, "vda")["checkpoint"], "bitmap").to_string();
     assert_eq!(disk(&m1, "vdb")["checkpoint"]["bitmap"], cp1.as_str());
+    // A raw disk has no bitmap: no checkpoint to continue from.
+    assert_eq!(disk(&m1, "vdc")["kind"], "full");
+    assert!(
+        disk(&m1, "vdc")
+            .get("checkpoint")
+            .is_none_or(Value::is_null)
+    );
     assert_eq!(lv.checkpoints(), vec![cp1.clone()]);
     lv.no_job();
 
@@ -332,6 +353,7 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
         lv.write("vda", 0x44, off, CHUNK);
     }
     lv.write("vdb", 0x55, 7 * MIB + 4096, 4096);
+    lv.write("vdc", 0x56, 5 * MIB, CHUNK);
     let c2 = lv.paused_copy(&disks, "b2");
     let m2 = backup("b2");
     for (name, chunks) in [("vda", 3), ("vdb", 1)] {
@@ -341,6 +363,11 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
         assert_eq!(u(d, "bytes_read"), chunks * CHUNK, "{name}");
         assert_eq!(s(d, "parent"), s(&m1, "id"));
     }
+    // The raw disk is read in full and compared: only its changed chunk is new.
+    let d = disk(&m2, "vdc");
+    assert_eq!(d["strategy"], "compare", "{d}");
+    assert_eq!(u(d, "chunks_new"), 1, "{d}");
+    assert!(s(d, "note").contains("vdc is a raw image"), "{d}");
     let cp2 = s(&disk(&m2, "vda")["checkpoint"], "bitmap").to_string();
     assert_ne!(cp2, cp1);
     assert_eq!(
@@ -477,7 +504,7 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
             &bk,
             format!(
                 "<domainbackup mode='pull'><server transport='unix' socket='{r}/nbd.sock'/>\
-                 <disks>{}{}</disks></domainbackup>",
+                 <disks>{}{}<disk name='vdc' backup='no'/></disks></domainbackup>",
                 d("vda"),
                 d("vdb")
             ),
@@ -488,6 +515,7 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
             format!(
                 "<domaincheckpoint><name>{prefix}{tag}</name><disks>\
                  <disk name='vda' checkpoint='bitmap'/><disk name='vdb' checkpoint='bitmap'/>\
+                 <disk name='vdc' checkpoint='no'/>\
                  </disks></domaincheckpoint>"
             ),
         )
