@@ -51,12 +51,13 @@ mod run;
 mod virsh;
 mod xml;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backup::{BackupOptions, DiskJob, backup_resource, check_cancel};
 use crate::cbt::{ChangeHint, previous};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{BackupManifest, Capture, Checkpoint, Consistency, ResourceKind};
 use crate::source::NbdSource;
 use crate::vault::Vault;
@@ -190,7 +191,7 @@ pub fn backup_libvirt(
         .collect();
 
     // Per disk: the previous backup's checkpoint, if it can be the incremental base.
-    let mut plan = Vec::new();
+    let mut plan: Vec<(&DomainDisk, Option<String>, Option<String>)> = Vec::new();
     for d in &disks {
         let prev = previous(vault, server, &disk_id(server, &d.target))?;
         let old = prev
@@ -243,7 +244,7 @@ pub fn backup_libvirt(
     for c in existing.iter().filter(|c| c.starts_with(&prefix)) {
         if !plan.iter().any(|(_, b, _)| b.as_ref() == Some(c)) {
             tracing::info!(domain = dom, checkpoint = c, "deleting a stale checkpoint");
-            virsh.run(&["checkpoint-delete", dom, c])?;
+            delete_checkpoint(&virsh, dom, c)?;
         }
     }
     check_cancel(opts)?;
@@ -342,6 +343,42 @@ pub fn backup_libvirt(
     } else {
         virsh.run(&args)
     };
+    // The checkpoints this backup supersedes (deleted when it succeeds).
+    let superseded: BTreeSet<String> = plan.iter().filter_map(|(_, b, _)| b.clone()).collect();
+    // libvirt refuses an incremental whose bitmaps are missing or broken in the images
+    // (removed by hand, the image edited offline): read in full instead of failing for
+    // ever.
+    let begun = match begun {
+        Err(e) if !superseded.is_empty() && e.kind() != ErrorKind::Conflict => {
+            let why = format!(
+                "libvirt refused the incremental backup from checkpoint {} ({e})",
+                superseded.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+            tracing::warn!(domain = dom, "{why}; reading in full");
+            for p in plan.iter_mut().filter(|p| p.1.is_some()) {
+                p.1 = None;
+                p.2 = Some(format!("{why}: read in full"));
+            }
+            let full: Vec<BackupDisk> = request
+                .iter()
+                .map(|d| BackupDisk {
+                    incremental: None,
+                    ..d.clone()
+                })
+                .collect();
+            write(
+                &backup_file,
+                &xml::backup_xml(&socket.display().to_string(), &full),
+            )?;
+            let mut a = args.clone();
+            if quiesce {
+                a.push("--quiesce");
+            }
+            snapshot_at = crate::manifest::now_rfc3339_precise();
+            virsh.run(&a)
+        }
+        other => other,
+    };
     if let Err(e) = begun {
         return Err(e.context_prefix(format!(
             "libvirt backup of domain {dom}: starting the backup job{}",
@@ -383,19 +420,14 @@ pub fn backup_libvirt(
     // The chain: on success only NEW stays; on failure NEW goes (its changes are merged
     // into OLD by libvirt, which keeps recording).
     let to_delete: Vec<String> = if result.is_ok() {
-        plan.iter()
-            .filter_map(|(_, b, _)| b.clone())
-            .filter(|c| *c != new_cp)
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect()
+        superseded.into_iter().filter(|c| *c != new_cp).collect()
     } else if with_checkpoint {
         vec![new_cp.clone()]
     } else {
         Vec::new()
     };
     for c in to_delete {
-        if let Err(e) = virsh.run(&["checkpoint-delete", dom, &c]) {
+        if let Err(e) = delete_checkpoint(&virsh, dom, &c) {
             problems.push(format!("deleting checkpoint {c}: {e}"));
         }
     }
@@ -487,6 +519,26 @@ fn read_job(
     )
 }
 
+/// Delete checkpoint `c` (libvirt merges its bitmap into its parent's); when libvirt
+/// cannot (its bitmap is already gone from an image), forget its metadata only.
+fn delete_checkpoint(virsh: &Virsh, dom: &str, c: &str) -> Result<()> {
+    match virsh.run(&["checkpoint-delete", dom, c]) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::Conflict => Err(e),
+        Err(e) => {
+            tracing::warn!(
+                domain = dom,
+                checkpoint = c,
+                "deleting the checkpoint failed ({e}); removing its metadata only (its \
+                 bitmap may stay in some images: qemu-img bitmap --remove)"
+            );
+            virsh
+                .run(&["checkpoint-delete", dom, c, "--metadata"])
+                .map(|_| ())
+        }
+    }
+}
+
 /// Disk id of disk `target` of `server`.
 pub fn disk_id(server: &str, target: &str) -> String {
     format!("{server}/{target}")
@@ -520,7 +572,6 @@ fn not_running(virsh: &Virsh, dom: &str, state: &str, server: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorKind;
 
     #[test]
     fn specs_parse_with_default_and_own_uri() {

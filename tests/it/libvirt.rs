@@ -571,7 +571,7 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
         m5["capture"]
     );
     let cp5 = s(&d["checkpoint"], "bitmap").to_string();
-    let mut both = vec![cp5, web_cp];
+    let mut both = vec![cp5.clone(), web_cp.clone()];
     both.sort();
     let mut now = lv.checkpoints();
     now.sort();
@@ -581,6 +581,52 @@ fn a_libvirt_domain_is_backed_up_full_then_incrementally_through_its_checkpoints
     );
     lv.no_job();
     restores_to(&env, &m5, &c5, "b5");
+
+    // The chain's bitmap vanishes from one image behind libvirt's back (its checkpoint
+    // metadata stays): libvirt refuses the incremental, so the backup reads in full and
+    // says why instead of failing for ever; the broken checkpoint is dropped.
+    let nodes: Value = serde_json::from_str(&lv.virsh(&[
+        "qemu-monitor-command",
+        &lv.domain,
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]))
+    .unwrap();
+    let node = nodes["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["drv"] == "qcow2" && n["file"] == b.to_str().unwrap())
+        .unwrap_or_else(|| panic!("no qcow2 node for {}: {nodes}", b.display()))["node-name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    lv.virsh(&[
+        "qemu-monitor-command",
+        &lv.domain,
+        &json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": cp5}})
+            .to_string(),
+    ]);
+    lv.write("vda", 0x99, 50 * MIB, CHUNK);
+    let c6 = lv.paused_copy(&disks, "b6");
+    let m6 = backup("b6");
+    for name in ["vda", "vdb"] {
+        let d = disk(&m6, name);
+        assert_eq!(d["kind"], "full", "{d}");
+        assert_eq!(d["strategy"], "compare", "{d}");
+        assert!(
+            s(d, "note").contains("libvirt refused the incremental"),
+            "{d}"
+        );
+    }
+    assert_eq!(u(disk(&m6, "vda"), "chunks_new"), 1);
+    let cp6 = s(&disk(&m6, "vda")["checkpoint"], "bitmap").to_string();
+    let mut both = vec![cp6, web_cp.clone()];
+    both.sort();
+    let mut now = lv.checkpoints();
+    now.sort();
+    assert_eq!(now, both);
+    lv.no_job();
+    restores_to(&env, &m6, &c6, "b6");
 
     // A domain that is not running is refused, naming its disk files; nothing is written.
     lv.virsh(&["destroy", &lv.domain]);
