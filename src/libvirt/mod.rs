@@ -30,8 +30,11 @@
 //! two independent chains. A manifest records the checkpoint as each disk's
 //! `checkpoint.bitmap` (libvirt names the qcow2 bitmap after the checkpoint). When the
 //! previous backup's checkpoint is gone (deleted by hand, domain redefined), the disk is
-//! read in full and the note says so; a disk that is not qcow2 has no bitmap and is
-//! always read in full (compared against the vault).
+//! read in full and the note says so; so is every disk when libvirt refuses the
+//! incremental (a checkpoint's bitmap vanished from an image behind libvirt's back: the
+//! job is begun again in full). A disk that is not qcow2 has no bitmap and is always read
+//! in full (compared against the vault). A checkpoint libvirt cannot delete (its bitmap
+//! is gone) loses its metadata only (`checkpoint-delete --metadata`).
 //!
 //! Consistency: when the domain has a guest-agent channel and the agent answers
 //! `guest-ping`, the instant is taken with `--quiesce` (libvirt freezes and thaws the guest
