@@ -23,6 +23,7 @@ pub mod extent;
 pub mod freeze;
 pub mod index;
 pub mod instant;
+pub mod libvirt;
 pub mod live;
 pub mod manifest;
 pub mod nbd;

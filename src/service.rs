@@ -55,7 +55,7 @@ pub struct Resource {
     pub name: String,
     pub kind: ResourceKind,
     /// Disk: one source (path, `raw:`/`qcow2:`/`vmdk:` path, NBD URI). Server: image
-    /// files as `NAME=PATH` (or PATH), or one `qmp:SOCKET`.
+    /// files as `NAME=PATH` (or PATH), one `qmp:SOCKET`, or one `libvirt:DOMAIN[?uri=URI]`.
     pub sources: Vec<String>,
     pub vault: String,
     /// qmp: node or device names to capture (default: all).
@@ -118,13 +118,28 @@ impl Resource {
             (ResourceKind::Disk, _) if self.sources[0].starts_with("qmp:") => Err(Error::config(
                 format!("resource {}: qmp: sources are servers", self.name),
             )),
-            (ResourceKind::Server, n)
-                if n > 1 && self.sources.iter().any(|s| s.starts_with("qmp:")) =>
-            {
+            (ResourceKind::Disk, _) if crate::libvirt::is_libvirt(&self.sources[0]) => {
                 Err(Error::config(format!(
-                    "resource {}: a qmp: server has exactly one source",
+                    "resource {}: libvirt: sources are servers",
                     self.name
                 )))
+            }
+            (ResourceKind::Server, n)
+                if n > 1
+                    && self
+                        .sources
+                        .iter()
+                        .any(|s| s.starts_with("qmp:") || crate::libvirt::is_libvirt(s)) =>
+            {
+                Err(Error::config(format!(
+                    "resource {}: a qmp: or libvirt: server has exactly one source",
+                    self.name
+                )))
+            }
+            (ResourceKind::Server, _) if crate::libvirt::is_libvirt(&self.sources[0]) => {
+                crate::libvirt::LibvirtOptions::parse(&self.sources[0])
+                    .map(|_| ())
+                    .map_err(|e| e.context_prefix(format!("resource {}", self.name)))
             }
             _ => Ok(()),
         }
@@ -388,6 +403,10 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
             opts.disk_id = Some(res.name.clone());
             app.backup(&res.sources[0], &res.vault, &opts)
         }
+        ResourceKind::Server if crate::libvirt::is_libvirt(&res.sources[0]) => {
+            let lv = crate::libvirt::LibvirtOptions::parse(&res.sources[0])?;
+            app.backup_libvirt(&res.name, &res.vault, &lv, &opts)
+        }
         ResourceKind::Server if res.sources[0].starts_with("qmp:") => {
             let live = LiveOptions {
                 qmp: PathBuf::from(&res.sources[0]["qmp:".len()..]),
@@ -430,7 +449,9 @@ pub fn named_disk(i: usize, arg: &str) -> (String, String) {
 fn probe(res: &Resource) -> Result<()> {
     for (i, s) in res.sources.iter().enumerate() {
         let (_, spec) = named_disk(i, s);
-        let r = if let Some(sock) = spec.strip_prefix("qmp:") {
+        let r = if crate::libvirt::is_libvirt(&spec) {
+            crate::libvirt::probe(&spec)
+        } else if let Some(sock) = spec.strip_prefix("qmp:") {
             std::os::unix::net::UnixStream::connect(sock)
                 .map(|_| ())
                 .map_err(|e| Error::io(format!("connecting to {sock}"), e))

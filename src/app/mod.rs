@@ -331,6 +331,23 @@ impl App {
         Ok(m)
     }
 
+    /// Back up every disk of a running libvirt domain at one instant (libvirt's backup
+    /// API, pull mode).
+    pub fn backup_libvirt(
+        &self,
+        server: &str,
+        vault_name: &str,
+        lv: &crate::libvirt::LibvirtOptions,
+        opts: &BackupOptions,
+    ) -> Result<BackupManifest> {
+        let vault = self.open_vault(vault_name)?;
+        let mut opts = opts.clone();
+        self.name_backup(vault_name, server, &mut opts)?;
+        let m = crate::libvirt::backup_libvirt(&vault, server, lv, &opts)?;
+        self.record_backup(vault_name, &m);
+        Ok(m)
+    }
+
     /// A backup by id, unique id prefix or name.
     pub fn find_backup(&self, id_or_name: &str) -> Result<BackupEntry> {
         if id_or_name == "latest" {

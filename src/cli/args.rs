@@ -87,7 +87,9 @@ pub enum Cmd {
     /// disk0, disk1, …) back up a server made of image files as one backup (`--id` names
     /// the server). `qmp:SOCKET` captures every disk of a running QEMU VM or
     /// qemu-storage-daemon at one instant (copy-before-write fleecing; incremental
-    /// through dirty bitmaps it manages itself).
+    /// through dirty bitmaps it manages itself). `libvirt:DOMAIN[?uri=URI]` captures every
+    /// disk of a running libvirt domain through libvirt's backup API (checkpoints are the
+    /// incremental chain; quiesced through the guest agent when it answers).
     Backup(BackupArgs),
     /// List, show or delete backups.
     #[command(subcommand)]
@@ -187,7 +189,8 @@ pub struct ServerArgs {
     /// by default blockvault starts one on a private socket and stops it afterwards.
     #[arg(long)]
     pub nbd_server: Option<String>,
-    /// qmp: directory for the temporary fleecing images (QEMU must be able to write it).
+    /// qmp: directory for the temporary fleecing images; libvirt: for the run's socket and
+    /// scratch files (QEMU must be able to write it; default: the temp dir).
     #[arg(long)]
     pub fleece_dir: Option<PathBuf>,
     /// Command run (sh -c) to quiesce applications before the point in time.
@@ -316,7 +319,8 @@ pub enum BackupsCmd {
 
 #[derive(clap::Args)]
 pub struct BackupArgs {
-    /// Image path, `raw:`/`qcow2:`/`vmdk:PATH`, NBD URI, `qmp:SOCKET`, or several
+    /// Image path, `raw:`/`qcow2:`/`vmdk:PATH`, NBD URI, `qmp:SOCKET`,
+    /// `libvirt:DOMAIN[?uri=qemu:///system]`, or several
     /// `NAME=SPEC` for a server made of image files.
     #[arg(required = true)]
     pub sources: Vec<String>,

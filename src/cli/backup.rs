@@ -1,4 +1,5 @@
-//! `blockvault backup`: a disk, a server of image files, or a live QEMU over QMP.
+//! `blockvault backup`: a disk, a server of image files, a live QEMU over QMP, or a
+//! libvirt domain.
 //!
 //! Every local backup, good or not, is recorded afterwards in the data dir's task list
 //! as an ended task (kind `backup`, by `cli`, with its times, bytes and result or
@@ -62,7 +63,19 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
     };
     let bar = progress_bar(cli, &mut o, "backup");
     let live = sources.len() == 1 && sources[0].starts_with("qmp:");
-    let m = if live {
+    let libvirt = sources.len() == 1 && blockvault::libvirt::is_libvirt(&sources[0]);
+    let m = if libvirt {
+        if !server.hooks().is_empty() || !server.nodes.is_empty() || server.nbd_server.is_some() {
+            return Err(usage(
+                "libvirt: sources take no --freeze/--thaw/--qga (libvirt quiesces through the \
+                 guest agent itself), --nodes or --nbd-server",
+            ));
+        }
+        let mut l = blockvault::libvirt::LibvirtOptions::parse(&sources[0])?;
+        l.scratch_dir = server.fleece_dir.clone();
+        let server_id = id.clone().unwrap_or_else(|| l.default_server_id());
+        app.backup_libvirt(&server_id, vault, &l, &o)
+    } else if live {
         let sock = &sources[0]["qmp:".len()..];
         let server_id = match id {
             Some(i) => i.clone(),

@@ -12,6 +12,7 @@ mod export;
 mod hostile;
 mod incremental;
 mod integrity;
+mod libvirt;
 mod limits;
 mod live;
 mod live_names;
