@@ -54,6 +54,10 @@ pub struct Config {
     pub webhooks: Vec<Webhook>,
     /// Freeze/thaw hook sets by name.
     pub hooks: BTreeMap<String, HookSet>,
+    /// `[live] scratch_dir`: where live backups run by the service put fleecing images,
+    /// NBD sockets and libvirt run dirs (default: the temp dir, which is private to the
+    /// service under the shipped unit's `PrivateTmp=yes`, so QEMU cannot see it).
+    pub scratch_dir: Option<PathBuf>,
     /// API connections held at once; over the cap a new connection evicts the oldest
     /// one that has not sent a request yet, or is closed at once (see `api::listen`).
     pub max_connections: usize,
@@ -102,6 +106,7 @@ impl Default for Config {
             capacity_warn_percent: 80,
             webhooks: Vec::new(),
             hooks: BTreeMap::new(),
+            scratch_dir: None,
             max_connections: 1024,
             header_timeout_seconds: 10,
             alert_queue: 1000,
@@ -125,6 +130,14 @@ struct Raw {
     alerts: RawAlerts,
     #[serde(default)]
     hooks: BTreeMap<String, RawHookSet>,
+    #[serde(default)]
+    live: RawLive,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLive {
+    scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -307,7 +320,16 @@ impl Config {
             };
             hooks.insert(name, set);
         }
+        if let Some(d) = &raw.live.scratch_dir
+            && !d.is_absolute()
+        {
+            return Err(format!(
+                "{origin}: [live] scratch_dir must be an absolute path, got {}",
+                d.display()
+            ));
+        }
         Ok(Config {
+            scratch_dir: raw.live.scratch_dir,
             listen,
             data: raw.server.data.unwrap_or(d.data),
             log_level,
@@ -368,6 +390,7 @@ mod tests {
             ("[hooks.db]\nfreeze = \"x\"\nrun = \"y\"", "run"),
             ("[hooks.\"a b\"]\nfreeze = \"x\"", "hook set name"),
             ("[server]\nmax_connections = 0", "max_connections"),
+            ("[live]\nscratch_dir = \"rel/dir\"", "scratch_dir"),
             (
                 "[server]\nheader_timeout_seconds = 0",
                 "header_timeout_seconds",

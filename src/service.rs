@@ -151,12 +151,14 @@ impl Resource {
 struct Settings {
     hooks: BTreeMap<String, HookSet>,
     gc_after_prune: bool,
+    scratch_dir: Option<PathBuf>,
 }
 
 /// The settings of the config file the service runs with (see [`configure`]).
 static SETTINGS: std::sync::RwLock<Settings> = std::sync::RwLock::new(Settings {
     hooks: BTreeMap::new(),
     gc_after_prune: true,
+    scratch_dir: None,
 });
 
 fn settings() -> std::sync::RwLockReadGuard<'static, Settings> {
@@ -168,6 +170,7 @@ pub fn configure(config: &crate::config::Config) {
     *SETTINGS.write().unwrap_or_else(|e| e.into_inner()) = Settings {
         hooks: config.hooks.clone(),
         gc_after_prune: config.gc_after_prune,
+        scratch_dir: config.scratch_dir.clone(),
     };
 }
 
@@ -404,7 +407,8 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
             app.backup(&res.sources[0], &res.vault, &opts)
         }
         ResourceKind::Server if crate::libvirt::is_libvirt(&res.sources[0]) => {
-            let lv = crate::libvirt::LibvirtOptions::parse(&res.sources[0])?;
+            let mut lv = crate::libvirt::LibvirtOptions::parse(&res.sources[0])?;
+            lv.scratch_dir = settings().scratch_dir.clone();
             app.backup_libvirt(&res.name, &res.vault, &lv, &opts)
         }
         ResourceKind::Server if res.sources[0].starts_with("qmp:") => {
@@ -413,6 +417,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 nodes: res.nodes.clone(),
                 nbd_server: res.nbd_server.clone(),
                 hooks: freeze_hooks(res)?,
+                fleece_dir: settings().scratch_dir.clone(),
                 ..Default::default()
             };
             app.backup_live(&res.name, &res.vault, &live, &opts)
