@@ -435,20 +435,7 @@ pub fn backup_libvirt(
             problems.push(format!("deleting checkpoint {c}: {e}"));
         }
     }
-    match result {
-        Ok(m) => {
-            for p in &problems {
-                tracing::warn!(server, "cleanup after the backup: {p}");
-            }
-            Ok(m)
-        }
-        Err(e) if problems.is_empty() => Err(e),
-        Err(e) => Err(e.context_prefix(format!(
-            "libvirt backup failed and cleanup left work to do ({}; the next backup of \
-             this domain retries it)",
-            problems.join("; ")
-        ))),
-    }
+    crate::live::with_cleanup_problems(result, &problems, server, "libvirt backup")
 }
 
 #[allow(clippy::too_many_arguments)]

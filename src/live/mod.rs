@@ -154,16 +154,28 @@ pub fn backup_live(
             tracing::warn!("{e}");
         }
     }
+    with_cleanup_problems(result, &problems, server, "live backup")
+}
+
+/// The outcome of a live capture after its cleanup: a success keeps its result (cleanup
+/// problems are logged: the next run of this VM retries them); a failure names them.
+pub(crate) fn with_cleanup_problems<T>(
+    result: Result<T>,
+    problems: &[String],
+    server: &str,
+    what: &str,
+) -> Result<T> {
     match result {
         Ok(m) => {
-            for p in &problems {
+            for p in problems {
                 tracing::warn!(server, "cleanup after the backup: {p}");
             }
             Ok(m)
         }
         Err(e) if problems.is_empty() => Err(e),
         Err(e) => Err(e.context_prefix(format!(
-            "live backup failed and cleanup left work to do ({})",
+            "{what} failed and cleanup left work to do ({}; the next backup of this VM \
+             retries it)",
             problems.join("; ")
         ))),
     }

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::common::{Env, images_equal, random_bytes, s, u};
 use crate::qsd::Qsd;
 use crate::server::{
-    AgentScript, disk, image, live_backup, live_backup_ok, random_image, scripted_guest_agent,
+    AgentScript, disk, live_backup, live_backup_ok, random_image, scripted_guest_agent,
 };
 
 const MIB: u64 = 1 << 20;
@@ -92,19 +92,7 @@ fn a_daemon_with_its_own_nbd_server_is_backed_up_twice_and_without_the_flag_the_
 /// A 64 MiB text disk (slow to store into a zstd-19 vault, so a backup can be caught
 /// mid-read) and a copy of it as it is.
 fn text_disk(env: &Env, name: &str) -> (PathBuf, PathBuf) {
-    let words = [
-        "block", "vault", "qemu", "fleece", "bitmap", "chunk", "pack", "index",
-    ];
-    let text = |slot: u64| -> Vec<u8> {
-        let r = random_bytes(((MIB - CHUNK) / 6) as usize, slot + 77);
-        let mut v: Vec<u8> = r
-            .iter()
-            .flat_map(|x| format!("{} ", words[(*x % 8) as usize]).into_bytes())
-            .collect();
-        v.truncate((MIB - CHUNK) as usize);
-        v
-    };
-    let a = image(env, name, 64, text);
+    let a = crate::server::text_image(env, name);
     let copy = env.path(&format!("{name}.orig.qcow2"));
     std::fs::copy(&a, &copy).unwrap();
     (a, copy)

@@ -450,10 +450,9 @@ fn cancel_with_sigterm(child: std::process::Child) -> Duration {
     took
 }
 
-/// A live backup of one 64 MiB text disk into a zstd-19 vault (slow enough to interrupt),
-/// started in the background and returned once its temporary export exists.
-fn live_backup_in_flight(env: &Env) -> (Qsd, std::process::Child, std::path::PathBuf) {
-    env.ok(&["vault", "create", "v", "--zstd-level", "19"]);
+/// A 64 MiB qcow2 of words (slow to store into a zstd-19 vault, so a live backup can be
+/// caught mid-read).
+pub(crate) fn text_image(env: &Env, name: &str) -> std::path::PathBuf {
     let words = [
         "block", "vault", "qemu", "fleece", "bitmap", "chunk", "pack", "index",
     ];
@@ -466,7 +465,14 @@ fn live_backup_in_flight(env: &Env) -> (Qsd, std::process::Child, std::path::Pat
         v.truncate((MIB - CHUNK) as usize);
         v
     };
-    let a = image(env, "a", 64, text);
+    image(env, name, 64, text)
+}
+
+/// A live backup of one 64 MiB text disk into a zstd-19 vault (slow enough to interrupt),
+/// started in the background and returned once its temporary export exists.
+fn live_backup_in_flight(env: &Env) -> (Qsd, std::process::Child, std::path::PathBuf) {
+    env.ok(&["vault", "create", "v", "--zstd-level", "19"]);
+    let a = text_image(env, "a");
     let qsd = Qsd::start(env.dir.path(), &[("a", &a)]);
     let fleece = env.path("fleece");
     std::fs::create_dir(&fleece).unwrap();
