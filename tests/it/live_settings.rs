@@ -187,3 +187,57 @@ fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant(
     );
     assert!(srv.stop());
 }
+
+#[test]
+fn a_service_live_backup_puts_its_fleecing_files_in_the_configured_scratch_dir() {
+    let env = Env::new();
+    let admin = token(&env, "admin", "root");
+    let scratch = env.path("scratch");
+    let cfg = env.path("bv.toml");
+    std::fs::write(
+        &cfg,
+        format!("[live]\nscratch_dir = \"{}\"\n", scratch.display()),
+    )
+    .unwrap();
+    let srv = Appliance::start(&env, &["--config", cfg.to_str().unwrap()]);
+    let a = crate::server::random_image(&env, "a", 4, 12);
+    let qsd = crate::qsd::Qsd::start_without_nbd(env.dir.path(), &[("a", &a)]);
+    let r = json!({"name": "vm", "kind": "server", "vault": "v",
+        "sources": [format!("qmp:{}", qsd.qmp.display())], "nodes": qsd.nodes});
+    srv.ok("POST", "/resources", &admin, Some(r), 201);
+    let backup = |want: &str| {
+        let t = srv.ok(
+            "POST",
+            "/backups",
+            &admin,
+            Some(json!({"resource": "vm"})),
+            202,
+        );
+        let done = srv.wait_task(&admin, &task_of(&t), LIMIT);
+        assert_eq!(done["state"], want, "{done}");
+        done
+    };
+    // The scratch dir does not exist: QEMU is told to create the fleecing image there
+    // (not in the temp dir), fails, and the error names it; nothing is left in QEMU.
+    let failed = backup("failed");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains(&scratch.display().to_string()),
+        "{failed}"
+    );
+    assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
+    std::fs::create_dir(&scratch).unwrap();
+    let ok = backup("succeeded");
+    assert_eq!(
+        ok["bytes_done"], 3_932_160,
+        "the disk's data was read: {ok}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&scratch).unwrap().count(),
+        0,
+        "the fleecing image and socket are removed"
+    );
+    assert!(srv.stop());
+}
