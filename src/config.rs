@@ -473,6 +473,7 @@ mod tests {
             "shutdown_grace_seconds",
             "max_connections",
             "header_timeout_seconds",
+            "plain_http",
             "max_parallel",
             "enabled",
             "gc_after_prune",
@@ -494,5 +495,10 @@ mod tests {
         assert_eq!(c.webhooks.len(), 1);
         assert!(c.hooks["postgres"].freeze.is_some() && c.hooks["postgres"].thaw.is_some());
         assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));
+        // The shipped file serves HTTPS with the self-signed certificate.
+        assert!(!c.plain_http && c.tls_cert.is_none());
+        for key in ["tls_cert", "tls_key"] {
+            assert!(text.contains(&format!("#{key} = ")), "{key} is not shown");
+        }
     }
 }
