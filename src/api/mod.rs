@@ -1,4 +1,5 @@
-//! The HTTP admin API (`/api/v1`, JSON), on axum/tokio. Handlers are thin: they check
+//! The HTTPS admin API (`/api/v1`, JSON), on axum/tokio (TLS in `listen`, the certificate
+//! in `crate::tls`). Handlers are thin: they check
 //! input, call `app`, `service`, `scheduler` and `task`, and map errors to statuses;
 //! they never reach into vault internals.
 //!
