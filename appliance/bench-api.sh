@@ -9,6 +9,10 @@
 #
 #   appliance/bench-api.sh [BLOCKVAULT_BINARY] [WORKDIR] [SECONDS] [CONNECTIONS]
 #
+# HTTPS (the appliance's self-signed certificate; curl trusts it with --cacert, wrk does
+# not verify certificates) unless BENCH_PLAIN_HTTP=1 (serve --plain-http on loopback):
+# run both to see what TLS costs.
+#
 # Default binary: target/release/blockvault (`cargo build --release`). The work dir
 # (default /tmp/bv-bench-api) is recreated. On a shared machine run A/B binaries back to
 # back with the same arguments and compare the relative figures.
@@ -74,17 +78,21 @@ for n in 1 2; do
   pids+=($!)
 done
 
-"$BV" --data "$DATA" serve --listen 127.0.0.1:0 >"$WORK/serve.out" 2>"$WORK/serve.err" &
+plain=()
+[ "${BENCH_PLAIN_HTTP:-0}" = 1 ] && plain=(--plain-http)
+"$BV" --data "$DATA" serve --listen 127.0.0.1:0 "${plain[@]}" >"$WORK/serve.out" 2>"$WORK/serve.err" &
 pids+=($!)
 for _ in $(seq 1 300); do
-  grep -q "http://" "$WORK/serve.out" 2>/dev/null && break
+  grep -q "listening on" "$WORK/serve.out" 2>/dev/null && break
   sleep 0.1
 done
-URL="$(grep -o 'http://[0-9.:]*' "$WORK/serve.out" | head -n1)"
+URL="$(grep -o 'https\?://[0-9.:]*' "$WORK/serve.out" | head -n1)"
 [ -n "$URL" ] || { echo "serve did not start:" >&2; cat "$WORK/serve.err" >&2; exit 1; }
 API="$URL/api/v1"
 AUTH="Authorization: Bearer $TOKEN"
-call() { curl -fsS -H "$AUTH" -H 'content-type: application/json' "$@"; }
+cacert=()
+[ -s "$DATA/tls/cert.pem" ] && cacert=(--cacert "$DATA/tls/cert.pem")
+call() { curl -fsS "${cacert[@]}" -H "$AUTH" -H 'content-type: application/json' "$@"; }
 
 measure() {
   local label="$1" path="$2"

@@ -2,8 +2,10 @@
 # Quick start on a new machine: install what is needed, build, run the appliance's main
 # job once on its embedded defaults (data dir ./blockvault-data, vault "default", SQLite
 # catalog): back up a disk twice, list, restore, compare, verify; then start the
-# appliance (HTTP admin API on 127.0.0.1:8420, scheduler, task runner) with a fresh
-# admin token, until Ctrl-C. --no-serve stops after the demo.
+# appliance (HTTPS admin API on 127.0.0.1:8420 with a self-signed certificate made at its
+# first start, scheduler, task runner) with a fresh admin token, print the certificate's
+# SHA-256 fingerprint and how to call the API with it, and serve until Ctrl-C.
+# --no-serve stops after the demo.
 #   bash appliance/quickstart.sh [--no-serve] [DISK_IMAGE]
 # QUICKSTART_PROFILE=dev builds a debug binary instead (the test of this script uses it
 # to reuse the test build's dependencies).
@@ -36,8 +38,20 @@ bv verify --vault default
 bv vault info default
 [ "$serve" = 1 ] || exit 0
 token="$(bv --quiet token create --role admin --name "quickstart-$(date +%Y%m%d-%H%M%S)")"
+data="${BLOCKVAULT_DATA:-./blockvault-data}"
+"$bin" --data "$data" serve --listen 127.0.0.1:8420 &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' INT TERM
+# The certificate is made at the appliance's first start (then kept in $data/tls/).
+for _ in $(seq 300); do
+  [ -s "$data/tls/cert.pem" ] && break
+  kill -0 "$pid" 2>/dev/null || { wait "$pid"; exit $?; }
+  sleep 0.1
+done
+fp="$(bv tls fingerprint)"
 echo
 echo "admin token (shown once): $token"
-echo "try: $bin --server http://127.0.0.1:8420 --token $token backups list"
-echo "     curl -H 'Authorization: Bearer $token' http://127.0.0.1:8420/api/v1/health"
-exec "$bin" --data "${BLOCKVAULT_DATA:-./blockvault-data}" serve --listen 127.0.0.1:8420
+echo "certificate SHA-256 fingerprint: $fp"
+echo "try: $bin --server https://127.0.0.1:8420 --fingerprint $fp --token $token backups list"
+echo "     curl --cacert $data/tls/cert.pem -H 'Authorization: Bearer $token' https://127.0.0.1:8420/api/v1/health"
+wait "$pid"

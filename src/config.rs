@@ -72,6 +72,13 @@ pub struct Config {
     /// newest `keep_max`, are trimmed from the history by the service.
     pub task_keep_days: u32,
     pub task_keep_max: usize,
+    /// `[server] tls_cert` / `tls_key`: the administrator's own certificate (PEM, leaf
+    /// first) and key; both or neither. Neither: `<data>/tls/`, self-signed at first start.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// `[server] plain_http`: serve plain HTTP instead of HTTPS; only on a loopback
+    /// listen address (see [`Config::check_tls`]).
+    pub plain_http: bool,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -113,6 +120,9 @@ impl Default for Config {
             alert_workers: 2,
             task_keep_days: 30,
             task_keep_max: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            plain_http: false,
         }
     }
 }
@@ -158,6 +168,9 @@ struct RawServer {
     shutdown_grace_seconds: Option<u64>,
     max_connections: Option<usize>,
     header_timeout_seconds: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    plain_http: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -328,7 +341,10 @@ impl Config {
                 d.display()
             ));
         }
-        Ok(Config {
+        let c = Config {
+            tls_cert: raw.server.tls_cert,
+            tls_key: raw.server.tls_key,
+            plain_http: raw.server.plain_http.unwrap_or(d.plain_http),
             scratch_dir: raw.live.scratch_dir,
             listen,
             data: raw.server.data.unwrap_or(d.data),
@@ -350,7 +366,39 @@ impl Config {
             header_timeout_seconds: header_timeout,
             alert_queue,
             alert_workers,
-        })
+        };
+        c.check_tls().map_err(|e| format!("{origin}: {e}"))?;
+        Ok(c)
+    }
+
+    /// The TLS settings fit together: cert and key both or neither; plain HTTP only on
+    /// a loopback listen address (a token must never cross a network in clear) and not
+    /// together with a certificate. Checked again by `serve` after `--listen` etc.
+    pub fn check_tls(&self) -> Result<(), String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(
+                "[server] tls_cert and tls_key (--tls-cert/--tls-key) go together: give both"
+                    .into(),
+            );
+        }
+        if self.plain_http {
+            if !self.listen.ip().is_loopback() {
+                return Err(format!(
+                    "plain HTTP (--plain-http, [server] plain_http) is only allowed on a loopback \
+                     listen address (127.0.0.1, ::1), not {}: API tokens would cross the \
+                     network in clear. Drop it to serve HTTPS",
+                    self.listen
+                ));
+            }
+            if self.tls_cert.is_some() {
+                return Err(
+                    "plain HTTP and a TLS certificate (tls_cert/tls_key) exclude each other: \
+                     drop one"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Config, String> {
@@ -396,6 +444,11 @@ mod tests {
                 "header_timeout_seconds",
             ),
             ("[alerts]\nqueue = 0", "queue"),
+            (
+                "[server]\nlisten = \"0.0.0.0:8420\"\nplain_http = true",
+                "loopback",
+            ),
+            ("[server]\ntls_cert = \"/c.pem\"", "tls_key"),
             ("[alerts]\nworkers = 17", "workers"),
             (
                 "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
@@ -420,6 +473,7 @@ mod tests {
             "shutdown_grace_seconds",
             "max_connections",
             "header_timeout_seconds",
+            "plain_http",
             "max_parallel",
             "enabled",
             "gc_after_prune",
@@ -441,5 +495,10 @@ mod tests {
         assert_eq!(c.webhooks.len(), 1);
         assert!(c.hooks["postgres"].freeze.is_some() && c.hooks["postgres"].thaw.is_some());
         assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));
+        // The shipped file serves HTTPS with the self-signed certificate.
+        assert!(!c.plain_http && c.tls_cert.is_none());
+        for key in ["tls_cert", "tls_key"] {
+            assert!(text.contains(&format!("#{key} = ")), "{key} is not shown");
+        }
     }
 }

@@ -34,6 +34,7 @@ pub mod scheduler;
 pub mod service;
 pub mod source;
 pub mod task;
+pub mod tls;
 pub mod vault;
 
 pub use error::{Error, ErrorKind, Result};

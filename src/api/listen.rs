@@ -19,6 +19,14 @@
 //! - [`raise_fd_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at start and
 //!   [`Limits::capped`] keeps the cap [`FD_RESERVE`] descriptors below it, so the
 //!   scheduler and the task runner can always open the catalog and the vaults.
+//!
+//! With a TLS config (the default for `serve`; see `crate::tls`) each accepted stream is
+//! wrapped in rustls before hyper sees it. The handshake counts as waiting for a request:
+//! it must end within the header timeout, and the connection is evictable meanwhile. A
+//! client that sends plain HTTP to the TLS port (its first byte is not a TLS handshake
+//! record, 0x16) gets a plain `400` whose JSON body says to use `https://`, then EOF; a
+//! handshake that fails (a client that refused the certificate) reaches no handler, so
+//! it leaves nothing in the audit log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,7 +34,10 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 
 /// Descriptors kept free of connections: catalog, vaults, packs, sources, logs.
 pub const FD_RESERVE: u64 = 256;
@@ -154,12 +165,15 @@ impl Waiting {
 /// Serve `app` on `listener` within `limits` until `shutdown` completes; then stop
 /// accepting, close connections that wait for a request, let requests in progress
 /// finish (for at most the header timeout) and return.
+/// `tls`: serve HTTPS with this config (None: plain HTTP).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let tls = tls.map(TlsAcceptor::from);
     let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.body_limit));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let waiting = Arc::new(Waiting::default());
@@ -209,14 +223,28 @@ pub async fn serve(
         next_id += 1;
         let evict = Arc::new(Notify::new());
         waiting.idle(id, &evict);
-        let (waiting, builder, app, stop) = (
+        let (waiting, builder, app, mut stop, tls) = (
             Arc::clone(&waiting),
             Arc::clone(&builder),
             app.clone(),
             stop_rx.clone(),
+            tls.clone(),
         );
+        let timeout = limits.header_timeout;
         tokio::spawn(async move {
-            connection(stream, id, &waiting, &builder, app, evict, stop).await;
+            match tls {
+                None => connection(stream, id, &waiting, &builder, app, evict, stop).await,
+                Some(acceptor) => {
+                    let tls = tokio::select! {
+                        s = handshake(stream, &acceptor, timeout) => s,
+                        _ = evict.notified() => None,
+                        _ = stop.changed() => None,
+                    };
+                    if let Some(s) = tls {
+                        connection(s, id, &waiting, &builder, app, evict, stop).await;
+                    }
+                }
+            }
             waiting.busy(id);
             drop(permit);
         });
@@ -234,9 +262,48 @@ pub async fn serve(
     Ok(())
 }
 
-/// One connection, until it ends, is evicted, or shuts down gracefully on `stop`.
-async fn connection(
+/// What a plain-HTTP client of the HTTPS port is told.
+const USE_HTTPS: &str = "{\"error\":\"this port speaks HTTPS: use an https:// URL \
+(with --fingerprint or --ca for the appliance's certificate)\"}";
+
+/// The TLS handshake on `stream` within `timeout`; None if it failed, timed out, or the
+/// client spoke plain HTTP (answered with a 400 that says so).
+async fn handshake(
     stream: tokio::net::TcpStream,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let work = async {
+        let mut first = [0u8; 1];
+        if stream.peek(&mut first).await.ok()? == 0 {
+            return None;
+        }
+        if first[0] != 0x16 {
+            let mut stream = stream;
+            let answer = format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n\
+                 connection: close\r\ncontent-length: {}\r\n\r\n{USE_HTTPS}",
+                USE_HTTPS.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            tracing::debug!("a plain-HTTP client on the HTTPS port was told to use https");
+            return None;
+        }
+        match acceptor.accept(stream).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!("API TLS handshake: {e}");
+                None
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work).await.ok().flatten()
+}
+
+/// One connection, until it ends, is evicted, or shuts down gracefully on `stop`.
+async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     id: u64,
     waiting: &Arc<Waiting>,
     builder: &hyper::server::conn::http1::Builder,

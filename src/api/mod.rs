@@ -1,4 +1,5 @@
-//! The HTTP admin API (`/api/v1`, JSON), on axum/tokio. Handlers are thin: they check
+//! The HTTPS admin API (`/api/v1`, JSON), on axum/tokio (TLS in `listen`, the certificate
+//! in `crate::tls`). Handlers are thin: they check
 //! input, call `app`, `service`, `scheduler` and `task`, and map errors to statuses;
 //! they never reach into vault internals.
 //!
@@ -379,9 +380,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Shared,
     limits: listen::Limits,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    listen::serve(listener, router(state), limits, shutdown).await
+    listen::serve(listener, router(state), limits, tls, shutdown).await
 }
 
 /// The address a listener is bound to, for the startup line.
@@ -421,11 +423,13 @@ fn lock_data_dir(data: &std::path::Path) -> crate::Result<std::fs::File> {
 
 /// Run the appliance: API + scheduler + task runner, until SIGTERM or SIGINT. Running
 /// tasks are then cancelled (and recorded so) within the configured grace time.
-/// `ready` is called with the bound address once the API accepts connections.
+/// `ready` is called with the bound address and the certificate's SHA-256 fingerprint
+/// (None: plain HTTP) once the API accepts connections.
 pub fn run_appliance(
     config: crate::config::Config,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, Option<&str>),
 ) -> crate::Result<()> {
+    config.check_tls().map_err(Error::config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Blocking work waits for one of APP_POOL catalog handles anyway; more threads
@@ -434,6 +438,23 @@ pub fn run_appliance(
         .build()
         .map_err(|e| Error::io("starting the async runtime", e))?;
     let _serving = lock_data_dir(&config.data)?;
+    let cert = if config.plain_http {
+        tracing::warn!(
+            listen = %config.listen,
+            "serving plain HTTP (loopback only), as asked by plain_http"
+        );
+        None
+    } else {
+        let own = config.tls_cert.as_deref().zip(config.tls_key.as_deref());
+        let c = crate::tls::server_cert(&config.data, config.listen, own)?;
+        tracing::info!(
+            cert = %c.cert.display(),
+            made = c.made,
+            "TLS certificate SHA-256 fingerprint {}",
+            c.fingerprint
+        );
+        Some(c)
+    };
     crate::service::configure(&config);
     // Connections are capped well below the open-file limit: a flood of idle clients
     // cannot take the descriptors the scheduler and the tasks need.
@@ -500,7 +521,7 @@ pub fn run_appliance(
         let mut int = signal(SignalKind::interrupt())
             .map_err(|e| Error::io("installing the SIGINT handler", e))?;
         if let Some(a) = local_addr(&listener) {
-            ready(a);
+            ready(a, cert.as_ref().map(|c| c.fingerprint.as_str()));
         }
         let shutdown = async move {
             tokio::select! {
@@ -509,7 +530,8 @@ pub fn run_appliance(
             }
             tracing::info!("stopping: cancelling running tasks");
         };
-        serve(listener, Arc::clone(&state), limits, shutdown)
+        let tls = cert.as_ref().map(|c| Arc::clone(&c.config));
+        serve(listener, Arc::clone(&state), limits, tls, shutdown)
             .await
             .map_err(|e| Error::io("serving the API", e))
     });

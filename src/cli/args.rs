@@ -61,10 +61,24 @@ pub struct Cli {
     /// No progress bars or chatter.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Drive a running appliance at this URL (e.g. http://127.0.0.1:8420) instead of
+    /// Drive a running appliance at this URL (e.g. https://127.0.0.1:8420) instead of
     /// the data dir: vaults, backups, restores, tokens and tasks go through its API.
+    /// http:// only for a loopback address (an appliance run with --plain-http).
     #[arg(long, global = true, env = "BLOCKVAULT_SERVER")]
     pub server: Option<String>,
+    /// With --server: the appliance's TLS certificate SHA-256 fingerprint (AB:CD:…, as
+    /// `blockvault tls fingerprint` prints it on the appliance); its certificate must match.
+    #[arg(
+        long,
+        global = true,
+        env = "BLOCKVAULT_FINGERPRINT",
+        value_name = "SHA256"
+    )]
+    pub fingerprint: Option<String>,
+    /// With --server: verify the appliance's certificate against the CA certificate(s)
+    /// in this PEM file (default without --fingerprint: the public CAs).
+    #[arg(long, global = true, env = "BLOCKVAULT_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// API token for --server (see `token create`).
     #[arg(long, global = true, env = "BLOCKVAULT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -110,7 +124,9 @@ pub enum Cmd {
         #[arg(long)]
         listen: String,
     },
-    /// Run the appliance: HTTP admin API, scheduler and task runner (until SIGTERM).
+    /// Run the appliance: HTTPS admin API, scheduler and task runner (until SIGTERM).
+    /// The certificate is <data>/tls/cert.pem (self-signed, made at first start) unless
+    /// --tls-cert/--tls-key give one; its SHA-256 fingerprint is logged at start.
     Serve {
         /// HOST:PORT of the API (default from --config, else 127.0.0.1:8420).
         #[arg(long)]
@@ -118,7 +134,19 @@ pub enum Cmd {
         /// TOML configuration (see appliance/blockvault.toml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Your own certificate (PEM, leaf first; with --tls-key).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert (PEM).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP instead of HTTPS: only on a loopback --listen address.
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+        plain_http: bool,
     },
+    /// The admin port's TLS certificate.
+    #[command(subcommand)]
+    Tls(TlsCmd),
     /// Manage API tokens (offline on the data dir's catalog, or with --server).
     #[command(subcommand)]
     Token(TokenCmd),
@@ -437,6 +465,19 @@ pub enum BitmapsCmd {
         orphans: bool,
         /// Bitmaps to remove.
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TlsCmd {
+    /// Print the SHA-256 fingerprint of the appliance's certificate (of --data's
+    /// tls/cert.pem, or of --cert FILE) as uppercase hex pairs separated by colons, the
+    /// form of `openssl x509 -noout -fingerprint -sha256`; give it to clients as
+    /// --fingerprint.
+    Fingerprint {
+        /// A PEM certificate file instead of the data dir's.
+        #[arg(long, value_name = "FILE")]
+        cert: Option<PathBuf>,
     },
 }
 

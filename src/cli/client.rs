@@ -2,6 +2,12 @@
 //! bearer token, an HTTP agent with timeouts), JSON in and out, non-2xx answers as
 //! [`Refused`] errors, and waiting on a task with progress and Ctrl-C cancel. Used by
 //! remote mode (`remote`) and by `tasks`.
+//!
+//! An `https://` appliance is verified by `--fingerprint` (pinned leaf SHA-256), else
+//! `--ca FILE`, else the public CAs (see `blockvault::tls::client`); a refusal names the
+//! fingerprint presented and the one expected, and nothing (no token) was sent. An
+//! `http://` URL is allowed only to a loopback address (an appliance run with
+//! `--plain-http`): the token never crosses a network in clear.
 
 use std::io::IsTerminal;
 use std::sync::atomic::Ordering;
@@ -10,6 +16,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
+
+use blockvault::tls::client::Trust;
 
 use super::args::Cli;
 use super::cancel_on_signals;
@@ -28,8 +36,37 @@ pub fn seg(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
+/// How `cli` says the appliance's certificate is checked.
+pub fn trust(cli: &Cli) -> Result<Trust> {
+    Ok(match (&cli.fingerprint, &cli.ca) {
+        (Some(_), Some(_)) => {
+            return Err(usage(
+                "--fingerprint and --ca exclude each other: pin the certificate or name its CA",
+            ));
+        }
+        (Some(f), None) => Trust::Fingerprint(blockvault::tls::parse_fingerprint(f)?),
+        (None, Some(ca)) => Trust::Ca(ca.clone()),
+        (None, None) => Trust::PublicRoots,
+    })
+}
+
+/// Whether the host of `url` (after the scheme) is a loopback address or `localhost`.
+fn is_loopback(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Remote {
-    pub fn new(url: &str, token: Option<&str>) -> Result<Remote> {
+    pub fn new(url: &str, token: Option<&str>, trust: &Trust) -> Result<Remote> {
         let Some(token) = token else {
             return Err(usage(
                 "--server needs --token (or BLOCKVAULT_TOKEN); create one with `blockvault token create`",
@@ -40,14 +77,23 @@ impl Remote {
                 "--server must be an http:// or https:// URL, not {url:?}"
             )));
         }
+        if let Some(rest) = url.strip_prefix("http://")
+            && !is_loopback(rest)
+        {
+            return Err(usage(format!(
+                "refusing to send the token in clear to {url}: plain http:// is only for a \
+                 loopback appliance (serve --plain-http); use https:// with --fingerprint \
+                 (`blockvault tls fingerprint` on the appliance) or --ca FILE"
+            )));
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build();
         Ok(Remote {
             base: format!("{}/api/v1", url.trim_end_matches('/')),
             auth: format!("Bearer {token}"),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(120)))
-                .build()
-                .into(),
+            agent: blockvault::tls::client::agent(config, trust)?,
         })
     }
 
@@ -78,7 +124,10 @@ impl Remote {
                 .send_empty(),
             (m, _) => bail!("HTTP method {m} is not used by the command line"),
         };
-        let mut resp = r.with_context(|| format!("reaching the appliance at {url}"))?;
+        let mut resp = match r {
+            Ok(resp) => resp,
+            Err(e) => return Err(unreachable(&url, e)),
+        };
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
@@ -161,3 +210,32 @@ impl Remote {
         }
     }
 }
+
+/// A failed request as the person should read it: the certificate refusal as the
+/// verifier worded it, a server that does not speak TLS named as such.
+fn unreachable(url: &str, e: ureq::Error) -> anyhow::Error {
+    if let Some(msg) = blockvault::tls::client::refusal(&e) {
+        return NotTrusted(format!("the appliance at {url} was refused: {msg}")).into();
+    }
+    if blockvault::tls::client::not_tls(&e) {
+        return NotTrusted(format!(
+            "the server at {url} does not speak TLS ({e}): an appliance run with \
+             --plain-http is reached with http:// on its loopback address"
+        ))
+        .into();
+    }
+    anyhow::Error::new(e).context(format!("reaching the appliance at {url}"))
+}
+
+/// The appliance could not be verified (or does not speak TLS): exit status 9, like an
+/// unreachable appliance.
+#[derive(Debug)]
+pub struct NotTrusted(pub String);
+
+impl std::fmt::Display for NotTrusted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotTrusted {}

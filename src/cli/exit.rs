@@ -90,7 +90,7 @@ pub fn classify(e: &anyhow::Error) -> Class {
         if cause.is::<Usage>() {
             return USAGE;
         }
-        if cause.is::<ureq::Error>() {
+        if cause.is::<ureq::Error>() || cause.is::<super::client::NotTrusted>() {
             return DENIED;
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {

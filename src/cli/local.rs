@@ -190,21 +190,63 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
         Cmd::Serve {
             ref listen,
             ref config,
+            ref tls_cert,
+            ref tls_key,
+            plain_http,
         } => {
             let mut c = serve_config.unwrap_or_default();
             if let Some(l) = listen {
                 c.listen = l.parse().map_err(|_| usage("--listen must be HOST:PORT"))?;
             }
+            if tls_cert.is_some() {
+                c.tls_cert = tls_cert.as_deref().map(absolute_path);
+                c.tls_key = tls_key.as_deref().map(absolute_path);
+                c.plain_http = false;
+            }
+            if plain_http {
+                c.plain_http = true;
+                c.tls_cert = None;
+                c.tls_key = None;
+            }
+            c.check_tls().map_err(usage)?;
             // --data (or BLOCKVAULT_DATA) wins over the config file when given.
             if config.is_none() || cli.data_origin != "default" {
                 c.data = cli.data.clone();
             }
             tracing::info!("data dir {}", c.data.display());
-            blockvault::api::run_appliance(c, |addr| {
-                outln!("blockvault appliance listening on http://{addr}");
+            blockvault::api::run_appliance(c, |addr, fingerprint| {
+                match fingerprint {
+                    Some(f) => outln!(
+                        "blockvault appliance listening on https://{addr} (certificate SHA-256 {f})"
+                    ),
+                    None => outln!("blockvault appliance listening on http://{addr}"),
+                }
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
             })?;
+        }
+        Cmd::Tls(TlsCmd::Fingerprint { ref cert }) => {
+            let path = match cert {
+                Some(p) => p.clone(),
+                None => blockvault::tls::self_signed_paths(&cli.data).0,
+            };
+            if cert.is_none() && !path.exists() {
+                return Err(blockvault::Error::not_found(format!(
+                    "{} does not exist: `blockvault serve` makes it at its first start (or \
+                     give --cert FILE, e.g. the [server] tls_cert of the appliance)",
+                    path.display()
+                ))
+                .into());
+            }
+            let f = blockvault::tls::cert_fingerprint(&path)?;
+            if cli.json {
+                outln!(
+                    "{}",
+                    serde_json::json!({"sha256": f, "cert": path.display().to_string()})
+                );
+            } else {
+                outln!("{f}");
+            }
         }
         Cmd::Token(TokenCmd::Create { ref role, ref name }) => {
             let role: blockvault::catalog::Role = role.parse()?;
@@ -422,4 +464,9 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `p` made absolute, so the appliance's paths do not depend on its working directory.
+fn absolute_path(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

@@ -72,7 +72,7 @@ fn absolute(spec: &str) -> String {
 
 /// Run `cli.cmd` against the appliance at `url`.
 pub fn run(cli: &Cli, url: &str) -> Result<i32> {
-    let r = Remote::new(url, cli.token.as_deref())?;
+    let r = Remote::new(url, cli.token.as_deref(), &super::client::trust(cli)?)?;
     match &cli.cmd {
         Cmd::Vault(VaultCmd::Create {
             name,
@@ -206,6 +206,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         Cmd::Tasks(t) => return super::tasks::run(cli, Some(&r), t),
         Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
         Cmd::Serve { .. } => return Err(usage("serve starts an appliance; it takes no --server")),
+        Cmd::Tls(_) => return Err(not_remote("tls fingerprint")),
         Cmd::Completions { .. } | Cmd::Man { .. } => {}
         Cmd::Gc {
             vault,

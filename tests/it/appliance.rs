@@ -1,7 +1,11 @@
-//! A real `blockvault serve` on 127.0.0.1:0, driven over real HTTP.
+//! A real `blockvault serve` on 127.0.0.1:0, driven over real HTTPS: its self-signed
+//! certificate is pinned by the fingerprint `serve` prints (or plain HTTP on loopback
+//! when a test passes `--plain-http`).
 
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::process::{Child, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -11,7 +15,58 @@ use crate::common::Env;
 pub struct Appliance {
     child: Child,
     pub url: String,
+    /// The certificate's SHA-256 fingerprint as `serve` printed it (None: plain HTTP).
+    pub fingerprint: Option<String>,
     agent: ureq::Agent,
+}
+
+/// Fingerprints of the appliances started, by URL: a remote CLI run is given the one of
+/// the URL it talks to.
+static FINGERPRINTS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+/// `BLOCKVAULT_FINGERPRINT` for a CLI run against `url` (none for plain HTTP).
+pub fn trust_env(url: &str) -> Vec<(&'static str, String)> {
+    let map = FINGERPRINTS.lock().unwrap_or_else(|e| e.into_inner());
+    let base = url.split("/api/").next().unwrap_or(url);
+    map.as_ref()
+        .and_then(|m| m.get(base.trim_end_matches('/')))
+        .map(|f| vec![("BLOCKVAULT_FINGERPRINT", f.clone())])
+        .unwrap_or_default()
+}
+
+/// The URL and fingerprint in `serve`'s first line: "... listening on URL" and, for
+/// HTTPS, " (certificate SHA-256 FP)".
+pub fn parse_ready(line: &str) -> (String, Option<String>) {
+    let rest = line
+        .trim()
+        .split("listening on ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("not a ready line: {line}"));
+    let mut words = rest.split_whitespace();
+    let url = words.next().unwrap_or_default().to_string();
+    let fp = rest
+        .split("certificate SHA-256 ")
+        .nth(1)
+        .map(|f| f.trim_end_matches(')').to_string());
+    (url, fp)
+}
+
+/// A ureq agent for tests that verifies the appliance by `fingerprint` (or plain HTTP).
+pub fn agent_for(fingerprint: Option<&str>) -> ureq::Agent {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        // A refused request's body is not read, so the server closes that
+        // connection: do not reuse connections.
+        .max_idle_connections(0)
+        .max_idle_connections_per_host(0)
+        .build();
+    let trust = match fingerprint {
+        Some(f) => blockvault::tls::client::Trust::Fingerprint(
+            blockvault::tls::parse_fingerprint(f).unwrap(),
+        ),
+        None => blockvault::tls::client::Trust::PublicRoots,
+    };
+    blockvault::tls::client::agent(config, &trust).unwrap()
 }
 
 impl Appliance {
@@ -28,24 +83,23 @@ impl Appliance {
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        let (url, fingerprint) = parse_ready(&line);
+        if extra.contains(&"--plain-http") {
+            assert!(url.starts_with("http://127.0.0.1:"), "{line}");
+        } else {
+            assert!(url.starts_with("https://127.0.0.1:"), "{line}");
+            let f = fingerprint.clone().expect("serve prints its fingerprint");
+            FINGERPRINTS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(url.clone(), f);
+        }
         Appliance {
             child,
+            agent: agent_for(fingerprint.as_deref()),
             url,
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                // A refused request's body is not read, so the server closes that
-                // connection: do not reuse connections.
-                .max_idle_connections(0)
-                .max_idle_connections_per_host(0)
-                .build()
-                .into(),
+            fingerprint,
         }
     }
 

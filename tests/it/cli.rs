@@ -235,6 +235,7 @@ fn backups_show_latest_and_id_prefixes_are_the_same_locally_and_remotely() {
         let out = client
             .cmd()
             .args(["--server", &srv.url, "--token", &admin, "--json"])
+            .envs(crate::appliance::trust_env(&srv.url))
             .args(args)
             .output()
             .unwrap();

@@ -29,6 +29,7 @@ mod server;
 mod service;
 mod service_load;
 mod sources;
+mod tls;
 mod vault;
 mod vm;
 mod vsphere_cbt;

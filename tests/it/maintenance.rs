@@ -71,6 +71,7 @@ pub fn remote(url: &str, tok: &str, args: &[&str]) -> Output {
     let out = client
         .cmd()
         .args(["--server", url, "--token", tok, "--json"])
+        .envs(crate::appliance::trust_env(url))
         .args(args)
         .output()
         .expect("running blockvault");

@@ -14,6 +14,7 @@ fn remote(client: &Env, url: &str, tok: &str, args: &[&str]) -> Output {
     client
         .cmd()
         .args(["--server", url, "--token", tok, "--json"])
+        .envs(crate::appliance::trust_env(url))
         .args(args)
         .output()
         .expect("running blockvault")
