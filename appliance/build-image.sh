@@ -7,7 +7,8 @@
 # Debian bookworm packages only (mmdebstrap), plus the release binary, the systemd unit
 # appliance/blockvault.service, /etc/blockvault/blockvault.toml and the first-boot units in
 # appliance/firstboot/. No loop devices and no host mounts: every file system is written
-# into a file and the files are spliced into the disk image with dd.
+# into a file: the boot partition is made as its own file and spliced in with dd, the root
+# file system's used blocks are copied into its partition by e2image -ra -O.
 #
 # Disk layout (MBR, boots with SeaBIOS on -machine pc and q35):
 #
@@ -20,7 +21,8 @@
 #
 # The MBR code is syslinux's mbr.bin; it chains to the active partition p1, whose boot
 # sector `syslinux --install` (the mtools variant: works on a plain file) wrote. The
-# kernel command line is: root=UUID=<p2> ro console=tty0 console=ttyS0,115200.
+# kernel command line is: root=UUID=<p2> ro console=ttyS0,115200 console=tty0 (kernel
+# messages on both; /dev/console, where systemd reports, is the VGA console).
 #
 # Incremental: the root file system tarball is cached under --cache (default
 # ~/.cache/blockvault-appliance) keyed by the package list and the tarball hooks; it is
@@ -156,11 +158,6 @@ boot_start=$((1 * mib)); boot_size=$((256 * mib))
 root_start=$((boot_start + boot_size)); root_size=$(( (total - root_start) / mib * mib ))
 [ "$root_size" -ge $((1024 * mib)) ] || { echo "build-image.sh: --size $size is too small (at least 2G)" >&2; exit 2; }
 
-step "root ext4 ($((root_size / mib)) MiB, mke2fs -d)"
-truncate -s "$root_size" "$work/root.ext4"
-mke2fs -q -t ext4 -L blockvault-root -U "$root_uuid" -d "$root" "$work/root.ext4"
-done_step
-
 step "boot FAT16 (syslinux, kernel, initrd)"
 mkfs.vfat -n BVBOOT -C "$work/boot.fat" $((boot_size / 1024)) >/dev/null
 cat > "$work/syslinux.cfg" <<CFG
@@ -171,7 +168,7 @@ TIMEOUT 10
 LABEL blockvault
     LINUX /vmlinuz
     INITRD /initrd.img
-    APPEND root=UUID=$root_uuid ro console=tty0 console=ttyS0,115200
+    APPEND root=UUID=$root_uuid ro console=ttyS0,115200 console=tty0
 CFG
 mcopy -i "$work/boot.fat" "$kernel" ::/vmlinuz
 mcopy -i "$work/boot.fat" "$initrd" ::/initrd.img
@@ -180,8 +177,8 @@ syslinux --install "$work/boot.fat"
 done_step
 
 # --- 5. the disk: partition table, MBR code, partitions spliced in ----------------------
-step "disk image (sfdisk + dd)"
 raw="$work/disk.raw"
+step "disk image: partition table (sfdisk), MBR code, boot partition (dd)"
 truncate -s "$total" "$raw"
 sfdisk -q "$raw" <<PT
 label: dos
@@ -190,8 +187,19 @@ start=$((root_start / 512)), size=$((root_size / 512)), type=83
 PT
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$raw" bs=440 count=1 conv=notrunc status=none
 dd if="$work/boot.fat" of="$raw" bs=1M seek=$((boot_start / mib)) conv=notrunc,sparse status=none
-dd if="$work/root.ext4" of="$raw" bs=1M seek=$((root_start / mib)) conv=notrunc,sparse status=none
-rm -f "$work/root.ext4" "$work/boot.fat"
+rm -f "$work/boot.fat"
+done_step
+
+# The root file system is made as its own file and its used blocks only are copied into
+# p2 (e2image -ra -O: no pass over gigabytes of free space).
+step "root ext4 ($((root_size / mib)) MiB, mke2fs -d)"
+truncate -s "$root_size" "$work/root.ext4"
+mke2fs -q -t ext4 -L blockvault-root -U "$root_uuid" -d "$root" "$work/root.ext4"
+rm -rf "$root"
+done_step
+step "root ext4 into p2 (e2image -ra: used blocks only)"
+e2image -ra -O "$root_start" "$work/root.ext4" "$raw"
+rm -f "$work/root.ext4"
 done_step
 
 case "$format" in
@@ -207,10 +215,10 @@ ova)
     step "ova ($out)"
     bv="$work/bv"
     "$binary" --data "$bv" -q vault create export
-    "$binary" --data "$bv" -q backup --vault export --id blockvault-appliance \
-        "disk0=raw:$raw" >/dev/null
+    "$binary" --data "$bv" -q backup --vault export --id blockvault-appliance --name appliance \
+        "raw:$raw" >/dev/null
     rm -f "$raw"
-    "$binary" --data "$bv" -q restore latest --disk blockvault-appliance --image ova --to "$out.tmp.ova"
+    "$binary" --data "$bv" -q restore appliance --image ova --to "$out.tmp.ova"
     mv "$out.tmp.ova" "$out"
     done_step
     ;;

@@ -13,7 +13,8 @@
 #    with qemu-nbd, a restore inside the appliance (a file on its data disk) and a restore
 #    onto a blank disk the host serves with qemu-nbd; `qemu-img compare` says it equals
 #    the source.
-# 4. ACPI power-off, boot again: same token, no new token minted, the backup is still there.
+# 4. ACPI power-off, boot again on -machine pc with IDE disks (sda/sdb now: fstab is by
+#    UUID): same token, no new token minted, the backup is still there.
 # Prints: image size, build time, boot-to-API time, the service's RSS after start.
 #
 # Needs: qemu-system-x86 (qemu-system-x86_64), qemu-utils, python3, and what build-image.sh
@@ -79,9 +80,12 @@ if [ "$accel" = kvm ]; then boot_deadline=300; cpu=host; else boot_deadline=900;
 echo "==> accelerator: $accel"
 
 # --- host disks served over NBD ---------------------------------------------------------
-qemu-img create -q -f qcow2 "$work/source.qcow2" 256M
-qemu-io -f qcow2 -c 'write -P 0x5a 0 4M' -c 'write -P 0xa5 64M 1M' -c 'write -P 0x11 255M 1M' \
-    "$work/source.qcow2" >/dev/null
+# 256 MiB, sparse: 8 MiB of random data at 0, 4 MiB of a pattern at 64 MiB, 1 MiB at the end.
+truncate -s 256M "$work/source.raw"
+head -c 8M /dev/urandom | dd of="$work/source.raw" conv=notrunc status=none
+qemu-img convert -f raw -O qcow2 "$work/source.raw" "$work/source.qcow2"
+rm -f "$work/source.raw"
+qemu-io -f qcow2 -c 'write -P 0xa5 64M 4M' -c 'write -P 0x11 255M 1M' "$work/source.qcow2" >/dev/null
 qemu-img create -q -f qcow2 "$work/target.qcow2" 256M
 src_port=$(free_port); dst_port=$(free_port)
 qemu-nbd -f qcow2 -r -t -b 127.0.0.1 -p "$src_port" -x source "$work/source.qcow2" &
@@ -95,12 +99,14 @@ qemu-img create -q -f qcow2 -b "$image" -F qcow2 "$work/run.qcow2"
 qemu-img create -q -f qcow2 "$work/data.qcow2" 4G
 api_port=$(free_port)
 vm_pid=""
-boot() { # $1: serial log
-    qemu-system-x86_64 -accel "$accel" -machine q35 -cpu "$cpu" -smp 2 -m 1024 \
+boot() { # $1: serial log, $2: machine (q35: virtio disks; pc: IDE disks)
+    local bus=virtio
+    [ "$2" = pc ] && bus=ide
+    qemu-system-x86_64 -accel "$accel" -machine "$2" -cpu "$cpu" -smp 2 -m 1024 \
         -display none -monitor none -serial file:"$1" \
         -qmp unix:"$work/qmp.sock",server=on,wait=off \
-        -drive file="$work/run.qcow2",format=qcow2,if=virtio \
-        -drive file="$work/data.qcow2",format=qcow2,if=virtio \
+        -drive file="$work/run.qcow2",format=qcow2,if=$bus \
+        -drive file="$work/data.qcow2",format=qcow2,if=$bus \
         -netdev user,id=n0,hostfwd=tcp:127.0.0.1:"$api_port"-:8420 \
         -device virtio-net-pci,netdev=n0 &
     vm_pid=$!
@@ -108,7 +114,7 @@ boot() { # $1: serial log
 }
 wait_banner() { # $1: serial log; sets token, fp, url
     local deadline=$(( $(date +%s) + boot_deadline ))
-    until grep -q 'blockvault-banner: .*Admin token:' "$1" 2>/dev/null; do
+    until grep -q 'blockvault-banner: serve rss_kib=' "$1" 2>/dev/null; do
         kill -0 "$vm_pid" 2>/dev/null || fail "the VM exited before its banner"
         [ "$(date +%s)" -lt "$deadline" ] || fail "no banner on the serial console within ${boot_deadline}s"
         sleep 1
@@ -139,7 +145,7 @@ export BLOCKVAULT_FINGERPRINT
 remote() { "$bv" --server "$url" --token "$token" "$@"; }
 
 t_boot=$(now)
-boot "$work/serial.log"
+boot "$work/serial.log" q35
 wait_banner "$work/serial.log"
 BLOCKVAULT_FINGERPRINT=$fp
 until remote vault list >/dev/null 2>&1; do
@@ -148,9 +154,8 @@ until remote vault list >/dev/null 2>&1; do
     sleep 1
 done
 boot_s=$(since "$t_boot")
-rss1=$(sed -n 's/.*serve rss_kib=\([0-9]*\).*/\1/p' "$work/serial.log" | tail -n 1)
 echo "==> first boot: API at $url (guest: $(sed -n 's/.*Admin API:  *\([^[:space:]]*\).*/\1/p' "$work/serial.log" | tr -d '\r' | tail -n 1)) after ${boot_s}s; fingerprint ${fp:-none}"
-grep -q "formatting the blank disk /dev/vdb" "$work/serial.log" || fail "the data disk was not formatted on first boot"
+grep -q 'Data:.* on /dev/vdb' "$work/serial.log" || fail "the blank second disk is not the data disk"
 
 # --- a backup over NBD and two restores ----------------------------------------------------
 remote vault create main
@@ -162,15 +167,16 @@ kill "$dst_pid"; wait "$dst_pid" 2>/dev/null || true
 qemu-img compare -f qcow2 -F qcow2 "$work/source.qcow2" "$work/target.qcow2" \
     || fail "the disk restored onto the host's NBD export differs from the source"
 echo "==> restored disk equals the source (qemu-img compare)"
+rss1=$(sed -n 's/.*serve rss_kib=\([0-9]*\).*/\1/p' "$work/serial.log" | tail -n 1)
 backup_id=$(remote --json backups list | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 
 # --- reboot ----------------------------------------------------------------------------
 poweroff
-boot "$work/serial2.log"
+boot "$work/serial2.log" pc
 first_token=$token
 wait_banner "$work/serial2.log"
 [ "$token" = "$first_token" ] || fail "the second boot shows another token"
-grep -q "admin token 'root' created" "$work/serial2.log" && fail "the second boot minted a token"
+grep -q 'Data:.* on /dev/sdb' "$work/serial2.log" || fail "the data disk (IDE now) is not mounted by UUID"
 until remote vault list >/dev/null 2>&1; do sleep 1; done
 remote --json backups list | grep -q "$backup_id" || fail "backup $backup_id is gone after the reboot"
 [ "$(remote --json token list | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" = 1 ] \
