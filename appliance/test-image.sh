@@ -100,6 +100,7 @@ qemu-img create -q -f qcow2 "$work/data.qcow2" 4G
 api_port=$(free_port)
 vm_pid=""
 boot() { # $1: serial log, $2: machine (q35: virtio disks; pc: IDE disks)
+    machine=$2
     local bus=virtio
     [ "$2" = pc ] && bus=ide
     qemu-system-x86_64 -accel "$accel" -machine "$2" -cpu "$cpu" -smp 2 -m 1024 \
@@ -115,7 +116,18 @@ boot() { # $1: serial log, $2: machine (q35: virtio disks; pc: IDE disks)
 wait_banner() { # $1: serial log; sets token, fp, url
     local deadline=$(( $(date +%s) + boot_deadline ))
     until grep -q 'blockvault-banner: serve rss_kib=' "$1" 2>/dev/null; do
-        kill -0 "$vm_pid" 2>/dev/null || fail "the VM exited before its banner"
+        if ! kill -0 "$vm_pid" 2>/dev/null; then
+            # A /dev/kvm that passed the probe may still fail a real guest (seen here:
+            # "failed to set MSR 0x10a" at vCPU start): say so and boot it again under TCG.
+            if [ "$accel" = kvm ]; then
+                echo "==> the VM exited under KVM before its banner; booting it again under TCG"
+                accel=tcg; cpu=max; boot_deadline=900
+                boot "$1" "$machine"
+                deadline=$(( $(date +%s) + boot_deadline ))
+                continue
+            fi
+            fail "the VM exited before its banner"
+        fi
         [ "$(date +%s)" -lt "$deadline" ] || fail "no banner on the serial console within ${boot_deadline}s"
         sleep 1
     done
