@@ -292,7 +292,9 @@ impl NbdClient {
             broken: None,
             progress: Instant::now(),
         };
-        c.negotiate(&uri.export, meta, tls)?;
+        if let Err(e) = c.negotiate(&uri.export, meta, tls) {
+            return Err(c.explain_tls_failure(e));
+        }
         c.ready = true;
         Ok(c)
     }
@@ -549,7 +551,7 @@ impl NbdClient {
                 self.name
             )));
         }
-        let host = format!("{server_name:?}");
+        let host = server_name.to_str().into_owned();
         let conn = rustls::ClientConnection::new(config, server_name)
             .map_err(|e| Error::config(format!("TLS setup for {}: {e}", self.name)))?;
         let Stream::Plain(mut sock) = std::mem::replace(&mut self.stream, Stream::Swapping) else {
@@ -579,6 +581,33 @@ impl NbdClient {
             )),
             None => self.io_err(e).context_prefix("TLS handshake"),
         }
+    }
+
+    /// An I/O error after the handshake often is the server refusing us at the TLS
+    /// level (TLS 1.3 checks the client certificate after the client thinks the
+    /// handshake is done): read its alert, if one came, and say what it means.
+    fn explain_tls_failure(&mut self, e: Error) -> Error {
+        if e.kind() != ErrorKind::Io || !matches!(self.stream, Stream::Tls(_)) {
+            return e;
+        }
+        let _ = self.stream.set_read_timeout(Duration::from_secs(2));
+        let mut b = [0u8; 1];
+        let alert = match self.stream.read(&mut b) {
+            Err(io) => io
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map(|t| t.to_string()),
+            Ok(_) => None,
+        };
+        let alert = alert.map_or_else(String::new, |a| format!(" ({a})"));
+        Error::config(format!(
+            "NBD server {} ended the TLS session during negotiation{alert}: most likely it \
+             wants a client certificate it trusts (qemu's tls-creds-x509 has verify-peer=on \
+             by default): give --nbd-tls-cert and --nbd-tls-key, signed by the CA in the \
+             server's tls-creds dir",
+            self.name
+        ))
+        .with_source(e)
     }
 
     /// Refuse block-size constraints that are malformed by the NBD spec (minimum a power
