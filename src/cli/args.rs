@@ -109,6 +109,16 @@ pub enum Cmd {
         /// unix:PATH (or an absolute path) or HOST:PORT.
         #[arg(long)]
         listen: String,
+        /// Serve only over TLS (clients must STARTTLS first; `nbds://`): PEM certificate
+        /// (chain) of this server.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// With --tls-cert: require client certificates signed by this CA (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
     },
     /// Run the appliance: HTTP admin API, scheduler and task runner (until SIGTERM).
     Serve {
