@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::index::{IndexRoot, PAGE_ENTRIES};
 use crate::manifest::DiskManifest;
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
-use crate::nbd::server::{ExportInfo, ExportReader, Listener, serve};
+use crate::nbd::server::{ExportInfo, ExportReader, Listener};
 use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
 use crate::vault::walk::{load_page, load_root};
@@ -143,7 +143,12 @@ pub fn serve_backup(
     disk: &DiskManifest,
     listener: &Listener,
     stop: &AtomicBool,
+    tls: Option<&crate::nbd::NbdTlsServer>,
 ) -> Result<()> {
+    let limits = crate::nbd::server::Limits {
+        tls: tls.map(|t| t.config()).transpose()?,
+        ..Default::default()
+    };
     let lookup = vault.lookup()?;
     let root = load_root(&vault, &lookup, disk)?;
     drop(lookup);
@@ -171,5 +176,5 @@ pub fn serve_backup(
             lookup: s.vault.lookup()?,
         }))
     });
-    serve(listener, &info, open, stop)
+    crate::nbd::server::serve_with(listener, &info, open, stop, &limits)
 }

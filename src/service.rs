@@ -81,6 +81,10 @@ pub struct Resource {
     /// crash-consistent one.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_app_consistent: bool,
+    /// `nbds://` sources: paths of the CA (and client certificate/key) and the host name
+    /// to verify, as `{"ca": PATH, "cert": PATH, "key": PATH, "hostname": NAME}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
 }
 
 impl Resource {
@@ -404,6 +408,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
     match res.kind {
         ResourceKind::Disk => {
             opts.disk_id = Some(res.name.clone());
+            opts.nbd_tls = res.nbd_tls.clone();
             app.backup(&res.sources[0], &res.vault, &opts)
         }
         ResourceKind::Server if crate::libvirt::is_libvirt(&res.sources[0]) => {
@@ -429,6 +434,7 @@ fn backup_kind(app: &App, res: &Resource, opts: &BackupOptions) -> Result<Backup
                 .enumerate()
                 .map(|(i, s)| named_disk(i, s))
                 .collect();
+            opts.nbd_tls = res.nbd_tls.clone();
             app.backup_server_files(&res.name, &res.vault, &disks, &freeze_hooks(res)?, &opts)
         }
     }
@@ -461,8 +467,9 @@ fn probe(res: &Resource) -> Result<()> {
                 .map(|_| ())
                 .map_err(|e| Error::io(format!("connecting to {sock}"), e))
         } else if crate::nbd::NbdUri::is_nbd(&spec) {
-            crate::nbd::NbdUri::parse(&spec)
-                .and_then(|u| crate::nbd::NbdClient::connect(&u, &[]).map(|_| ()))
+            crate::nbd::NbdUri::parse(&spec).and_then(|u| {
+                crate::nbd::NbdClient::connect_tls(&u, &[], res.nbd_tls.as_ref()).map(|_| ())
+            })
         } else {
             crate::source::open_source(&spec).map(|_| ())
         };

@@ -395,12 +395,13 @@ impl App {
         disk: Option<&str>,
         listener: &crate::nbd::server::Listener,
         stop: &std::sync::atomic::AtomicBool,
+        tls: Option<&crate::nbd::NbdTlsServer>,
     ) -> Result<()> {
         let entry = self.find_backup(id_or_name)?;
         let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
         let d = pick_disk(&entry.manifest, disk)?;
         let _pin = vault.pin(&[&entry.manifest])?;
-        crate::instant::serve_backup(vault, d, listener, stop)
+        crate::instant::serve_backup(vault, d, listener, stop, tls)
     }
 
     /// Restore one disk (default: the first) of a backup into a new image.

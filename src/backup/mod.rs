@@ -63,6 +63,8 @@ pub struct BackupOptions {
     pub change: ChangeHint,
     /// Passphrase file of encrypted sources (LUKS, encrypted qcow2).
     pub secret_file: Option<std::path::PathBuf>,
+    /// NBD over TLS settings for `nbds://` sources.
+    pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
     /// Read image files that another process holds open for writing, labelling the
     /// backup `inconsistent`, instead of refusing them.
     pub force_inconsistent: bool,
@@ -80,6 +82,7 @@ impl BackupOptions {
             bitmap: bitmap.map(str::to_owned),
             secret_file: self.secret_file.clone(),
             force_inconsistent: self.force_inconsistent,
+            nbd_tls: self.nbd_tls.clone(),
             cancel: self.cancel.clone(),
         }
     }

@@ -123,6 +123,16 @@ pub enum Cmd {
         /// unix:PATH (or an absolute path) or HOST:PORT.
         #[arg(long)]
         listen: String,
+        /// Serve only over TLS (clients must STARTTLS first; `nbds://`): PEM certificate
+        /// (chain) of this server.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// With --tls-cert: require client certificates signed by this CA (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
     },
     /// Run the appliance: HTTPS admin API, scheduler and task runner (until SIGTERM).
     /// The certificate is <data>/tls/cert.pem (self-signed, made at first start) unless
@@ -395,7 +405,40 @@ pub struct BackupArgs {
     #[arg(long)]
     pub format_change: bool,
     #[command(flatten)]
+    pub nbd_tls: NbdTlsArgs,
+    #[command(flatten)]
     pub server: Box<ServerArgs>,
+}
+
+/// NBD over TLS for `nbds://` sources.
+#[derive(clap::Args)]
+pub struct NbdTlsArgs {
+    /// nbds://: PEM file of the CA that signed the NBD server's certificate.
+    #[arg(long)]
+    pub nbd_tls_ca: Option<PathBuf>,
+    /// nbds://: PEM client certificate, for a server that requires one.
+    #[arg(long, requires = "nbd_tls_key")]
+    pub nbd_tls_cert: Option<PathBuf>,
+    /// nbds://: PEM private key of --nbd-tls-cert.
+    #[arg(long, requires = "nbd_tls_cert")]
+    pub nbd_tls_key: Option<PathBuf>,
+    /// nbds://: the name the server's certificate must carry (default: the URI's host;
+    /// `localhost` for nbds+unix://).
+    #[arg(long)]
+    pub nbd_tls_hostname: Option<String>,
+}
+
+impl NbdTlsArgs {
+    /// The settings, or `None` when no flag was given.
+    pub fn settings(&self) -> Option<blockvault::nbd::NbdTlsClient> {
+        let t = blockvault::nbd::NbdTlsClient {
+            ca: self.nbd_tls_ca.clone(),
+            cert: self.nbd_tls_cert.clone(),
+            key: self.nbd_tls_key.clone(),
+            hostname: self.nbd_tls_hostname.clone(),
+        };
+        (t != Default::default()).then_some(t)
+    }
 }
 
 #[derive(clap::Args)]

@@ -34,6 +34,7 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         ref secret_file,
         force_inconsistent,
         format_change,
+        ref nbd_tls,
         ref server,
     } = *a;
     let app = App::open(&cli.data)?;
@@ -43,6 +44,7 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
     o.progress = Some(Arc::new(Progress::default()));
     o.cancel = Some(cancel_on_signals()?);
     o.secret_file = secret_file.clone();
+    o.nbd_tls = nbd_tls.settings();
     o.force_inconsistent = force_inconsistent;
     o.format_change = format_change;
     o.change = if let Some(b) = bitmap {

@@ -178,14 +178,33 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref backup,
             ref disk,
             ref listen,
+            ref tls_cert,
+            ref tls_key,
+            ref tls_ca,
         } => {
             let app = App::open(&cli.data)?;
             let stop = super::cancel_on_signals()?;
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(blockvault::nbd::NbdTlsServer {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: tls_ca.clone(),
+                }),
+                _ => None,
+            };
+            // Bad certificate files fail here, before anything listens.
+            if let Some(t) = &tls {
+                t.config()?;
+            }
             let listener = blockvault::nbd::server::Listener::bind(listen)?;
-            outln!("{}", listener.uri());
+            let uri = listener.uri();
+            match &tls {
+                Some(_) => outln!("{}", uri.replacen("nbd", "nbds", 1)),
+                None => outln!("{}", uri),
+            }
             use std::io::Write;
             std::io::stdout().flush()?;
-            app.serve_nbd(backup, disk.as_deref(), &listener, &stop)?;
+            app.serve_nbd(backup, disk.as_deref(), &listener, &stop, tls.as_ref())?;
         }
         Cmd::Serve {
             ref listen,

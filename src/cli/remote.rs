@@ -289,6 +289,12 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
     if s.fleece_dir.is_some() {
         return Err(usage("--fleece-dir is not available with --server"));
     }
+    if a.nbd_tls.settings().is_some() {
+        return Err(usage(
+            "--nbd-tls-* paths are not sent to an appliance: set the resource's \"nbd_tls\" \
+             ({\"ca\": PATH, …}, paths on the appliance) instead",
+        ));
+    }
     let sources: Vec<String> = a
         .sources
         .iter()

@@ -3,14 +3,17 @@
 //!
 //! `proto` holds the wire format and its parsers, `uri` the libnbd URI forms, `client`
 //! the negotiating, pipelining client (see its doc for why we do not use the `nbd` crate),
-//! `server` the fixed-newstyle server with structured replies and `base:allocation`.
+//! `server` the fixed-newstyle server with structured replies and `base:allocation`,
+//! `tls` the x509 settings of NBD over TLS (STARTTLS; `nbds://`).
 
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod uri;
 
 pub use client::{NbdClient, StatusExtent};
+pub use tls::{NbdTlsClient, NbdTlsServer};
 pub use uri::NbdUri;
 
 /// Meta context name of the allocation map.

@@ -31,6 +31,7 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
 pub const FLAG_C_NO_ZEROES: u32 = 2;
 
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -40,6 +41,7 @@ pub const REP_ACK: u32 = 1;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_BIT: u32 = 1 << 31;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR_BIT | 5;
 
 pub const INFO_EXPORT: u16 = 0;
 pub const INFO_BLOCK_SIZE: u16 = 3;

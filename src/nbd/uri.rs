@@ -1,5 +1,6 @@
 //! NBD URIs in libnbd's forms: `nbd://host[:port][/export]` and
-//! `nbd+unix:///[export]?socket=PATH`.
+//! `nbd+unix:///[export]?socket=PATH`, and their TLS forms `nbds://…` and
+//! `nbds+unix://…` (STARTTLS required; see `tls`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ pub enum Transport {
 pub struct NbdUri {
     pub transport: Transport,
     pub export: String,
+    /// `nbds`: TLS is required (STARTTLS), never silently skipped.
+    pub tls: bool,
 }
 
 fn pct_decode(s: &str) -> Result<String> {
@@ -43,12 +46,27 @@ fn pct_decode(s: &str) -> Result<String> {
 impl NbdUri {
     /// Is `s` an NBD URI at all?
     pub fn is_nbd(s: &str) -> bool {
-        s.starts_with("nbd://") || s.starts_with("nbd+unix://")
+        ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+    }
+
+    /// The host to verify a TLS certificate against (`None` for a Unix socket).
+    pub fn host(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Tcp { host, .. } => Some(host),
+            Transport::Unix(_) => None,
+        }
     }
 
     pub fn parse(s: &str) -> Result<NbdUri> {
         let bad = |why: &str| Error::config(format!("bad NBD URI {s:?}: {why}"));
-        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+        let (tls, s_plain) = match s.strip_prefix("nbds") {
+            Some(rest) => (true, format!("nbd{rest}")),
+            None => (false, s.to_string()),
+        };
+        let s_plain = s_plain.as_str();
+        if let Some(rest) = s_plain.strip_prefix("nbd+unix://") {
             let (path_part, query) = rest
                 .split_once('?')
                 .ok_or_else(|| bad("missing ?socket=PATH"))?;
@@ -63,8 +81,9 @@ impl NbdUri {
             Ok(NbdUri {
                 transport: Transport::Unix(PathBuf::from(pct_decode(socket)?)),
                 export,
+                tls,
             })
-        } else if let Some(rest) = s.strip_prefix("nbd://") {
+        } else if let Some(rest) = s_plain.strip_prefix("nbd://") {
             let (hostport, export) = match rest.split_once('/') {
                 Some((h, e)) => (h, pct_decode(e)?),
                 None => (rest, String::new()),
@@ -85,18 +104,22 @@ impl NbdUri {
                     port,
                 },
                 export,
+                tls,
             })
         } else {
-            Err(bad("expected nbd:// or nbd+unix://"))
+            Err(bad("expected nbd://, nbd+unix://, nbds:// or nbds+unix://"))
         }
     }
 }
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.tls { "s" } else { "" };
         match &self.transport {
-            Transport::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Transport::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            Transport::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{}", self.export),
+            Transport::Unix(p) => {
+                write!(f, "nbd{s}+unix:///{}?socket={}", self.export, p.display())
+            }
         }
     }
 }
@@ -132,5 +155,21 @@ mod tests {
         assert!(NbdUri::parse("nbd+unix:///x").is_err());
         assert!(NbdUri::parse("nbd://:1/").is_err());
         assert!(NbdUri::parse("http://x").is_err());
+        assert!(!NbdUri::parse("nbd://h/e").unwrap().tls);
+    }
+
+    #[test]
+    fn parses_tls_forms() {
+        let u = NbdUri::parse("nbds://host.example:10811/disk").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.host(), Some("host.example"));
+        assert_eq!(u.export, "disk");
+        assert_eq!(u.to_string(), "nbds://host.example:10811/disk");
+        let u = NbdUri::parse("nbds+unix:///d?socket=/run/s").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.host(), None);
+        assert_eq!(u.to_string(), "nbds+unix:///d?socket=/run/s");
+        assert!(NbdUri::is_nbd("nbds://h/e") && NbdUri::is_nbd("nbds+unix:///?socket=/s"));
+        assert!(NbdUri::parse("nbdx://h").is_err());
     }
 }

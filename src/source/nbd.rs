@@ -10,7 +10,7 @@
 use super::{BlockSource, Extent, SourceFormat};
 use crate::error::Result;
 use crate::nbd::proto::{STATE_DIRTY, STATE_ZERO};
-use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdUri, dirty_bitmap_context};
+use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdTlsClient, NbdUri, dirty_bitmap_context};
 
 /// An NBD export as a block source.
 pub struct NbdSource {
@@ -23,12 +23,21 @@ pub struct NbdSource {
 impl NbdSource {
     /// Connect to `uri`; with `bitmap`, also negotiate that dirty bitmap's context.
     pub fn open(uri: &str, bitmap: Option<&str>) -> Result<NbdSource> {
+        Self::open_tls(uri, bitmap, None)
+    }
+
+    /// [`NbdSource::open`] with the TLS settings of an `nbds://` URI.
+    pub fn open_tls(
+        uri: &str,
+        bitmap: Option<&str>,
+        tls: Option<&NbdTlsClient>,
+    ) -> Result<NbdSource> {
         let parsed = NbdUri::parse(uri)?;
         let mut meta = vec![BASE_ALLOCATION.to_string()];
         if let Some(b) = bitmap {
             meta.push(dirty_bitmap_context(b));
         }
-        let client = NbdClient::connect(&parsed, &meta)?;
+        let client = NbdClient::connect_tls(&parsed, &meta, tls)?;
         Ok(NbdSource {
             client,
             uri: uri.to_string(),

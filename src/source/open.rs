@@ -46,6 +46,8 @@ pub struct OpenOptions {
     /// Read an image that another process holds open for writing (the copy is labelled
     /// inconsistent) instead of refusing it.
     pub force_inconsistent: bool,
+    /// NBD over TLS (`nbds://`): the CA, client certificate and host name to verify.
+    pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
     /// Raised to give up while a qemu-storage-daemon is still starting.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -78,7 +80,20 @@ pub fn open_source_with(spec: &str, bitmap: Option<&str>) -> Result<Box<dyn Bloc
 /// Open the disk named by `spec` with `opts`.
 pub fn open_source_opts(spec: &str, opts: &OpenOptions) -> Result<Box<dyn BlockSource>> {
     if NbdUri::is_nbd(spec) {
-        return Ok(Box::new(NbdSource::open(spec, opts.bitmap.as_deref())?));
+        return Ok(Box::new(NbdSource::open_tls(
+            spec,
+            opts.bitmap.as_deref(),
+            opts.nbd_tls.as_ref(),
+        )?));
+    }
+    if opts
+        .nbd_tls
+        .as_ref()
+        .is_some_and(|t| *t != Default::default())
+    {
+        return Err(Error::config(format!(
+            "NBD TLS settings were given for {spec}, which is not an nbds:// URI"
+        )));
     }
     if let Some(b) = &opts.bitmap {
         return Err(Error::config(format!(

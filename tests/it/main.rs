@@ -20,6 +20,7 @@ mod live_settings;
 mod maintenance;
 mod nbd;
 mod nbd_server;
+mod nbd_tls;
 mod qemu_formats;
 mod qsd;
 mod quickstart;

@@ -423,6 +423,7 @@ fn clients_past_the_cap_are_refused_until_a_slot_frees() {
     let srv = Srv::start(Limits {
         max_clients: 2,
         handshake_timeout: Duration::from_secs(30),
+        ..Limits::default()
     });
     let mut a = srv.connect();
     read_n(&mut a, 18);
@@ -456,6 +457,7 @@ fn a_client_silent_or_trickling_in_negotiation_is_dropped_but_idle_transmission_
     let srv = Srv::start(Limits {
         max_clients: 4,
         handshake_timeout: Duration::from_millis(400),
+        ..Limits::default()
     });
     let t0 = Instant::now();
     // Silent after the greeting.

@@ -18,9 +18,13 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
+
 use super::proto::*;
+use super::tls::NbdTlsClient;
 use super::uri::{NbdUri, Transport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::MAX_DISK_SIZE;
@@ -98,16 +102,65 @@ fn read_exact_by(
     Ok(())
 }
 
-enum Stream {
+/// The socket under the (optional) TLS layer.
+enum Sock {
     Tcp(TcpStream),
     Unix(UnixStream),
+}
+
+impl Sock {
+    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(Some(t)),
+            Sock::Unix(s) => s.set_read_timeout(Some(t)),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.flush(),
+            Sock::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// What the client talks through: the plain socket, or TLS over it after STARTTLS.
+/// Reads of payload go straight into the caller's buffer either way (TLS decrypts into
+/// rustls's record buffer and copies out once).
+enum Stream {
+    Plain(Sock),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
+    /// Only while the plain socket is being wrapped in TLS.
+    Swapping,
+}
+
+fn swapping() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "TLS setup failed")
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Swapping => Err(swapping()),
         }
     }
 }
@@ -115,8 +168,9 @@ impl Read for Stream {
 impl Stream {
     fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(Some(t)),
-            Stream::Unix(s) => s.set_read_timeout(Some(t)),
+            Stream::Plain(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
+            Stream::Swapping => Err(swapping()),
         }
     }
 }
@@ -124,14 +178,16 @@ impl Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::Swapping => Err(swapping()),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.flush(),
-            Stream::Unix(s) => s.flush(),
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+            Stream::Swapping => Err(swapping()),
         }
     }
 }
@@ -172,16 +228,41 @@ pub struct NbdClient {
 }
 
 impl NbdClient {
-    /// Connect and negotiate; `meta` lists the meta contexts wanted (may be empty).
+    /// Connect and negotiate; `meta` lists the meta contexts wanted (may be empty). An
+    /// `nbds://` URI needs [`NbdClient::connect_tls`].
     pub fn connect(uri: &NbdUri, meta: &[String]) -> Result<NbdClient> {
+        Self::connect_tls(uri, meta, None)
+    }
+
+    /// Connect and negotiate; with an `nbds://` URI, STARTTLS first with `tls` (which
+    /// must name the CA). TLS settings given with a plain `nbd://` URI are refused rather
+    /// than ignored.
+    pub fn connect_tls(
+        uri: &NbdUri,
+        meta: &[String],
+        tls: Option<&NbdTlsClient>,
+    ) -> Result<NbdClient> {
         let name = uri.to_string();
+        let tls = match (uri.tls, tls) {
+            (true, t) => {
+                let t = t.cloned().unwrap_or_default();
+                Some((t.config()?, t.server_name(uri.host())?))
+            }
+            (false, Some(t)) if *t != NbdTlsClient::default() => {
+                return Err(Error::config(format!(
+                    "NBD TLS settings were given for {name}, a plain nbd:// URI: write it as \
+                     nbds://… to use TLS"
+                )));
+            }
+            (false, _) => None,
+        };
         let stream = match &uri.transport {
             Transport::Unix(path) => {
                 let s = UnixStream::connect(path)
                     .map_err(|e| Error::io(format!("connecting to NBD server {name}"), e))?;
                 s.set_read_timeout(Some(TIMEOUT)).ok();
                 s.set_write_timeout(Some(TIMEOUT)).ok();
-                Stream::Unix(s)
+                Stream::Plain(Sock::Unix(s))
             }
             Transport::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))
@@ -189,7 +270,7 @@ impl NbdClient {
                 s.set_read_timeout(Some(TIMEOUT)).ok();
                 s.set_write_timeout(Some(TIMEOUT)).ok();
                 s.set_nodelay(true).ok();
-                Stream::Tcp(s)
+                Stream::Plain(Sock::Tcp(s))
             }
         };
         let mut c = NbdClient {
@@ -211,7 +292,9 @@ impl NbdClient {
             broken: None,
             progress: Instant::now(),
         };
-        c.negotiate(&uri.export, meta)?;
+        if let Err(e) = c.negotiate(&uri.export, meta, tls) {
+            return Err(c.explain_tls_failure(e));
+        }
         c.ready = true;
         Ok(c)
     }
@@ -295,7 +378,12 @@ impl NbdClient {
         Ok((r, data))
     }
 
-    fn negotiate(&mut self, export: &str, meta: &[String]) -> Result<()> {
+    fn negotiate(
+        &mut self,
+        export: &str,
+        meta: &[String],
+        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    ) -> Result<()> {
         let mut hello = [0u8; 18];
         self.read_exact(&mut hello)?;
         let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap_or_default());
@@ -316,9 +404,16 @@ impl NbdClient {
         }
         self.write_all(&cflags.to_be_bytes())?;
 
+        if let Some((config, server_name)) = tls {
+            self.start_tls(config, server_name)?;
+        }
+
         // Structured replies (needed for block status and sparse reads).
         self.send_option(OPT_STRUCTURED_REPLY, &[])?;
         let (r, _) = self.read_opt_reply(OPT_STRUCTURED_REPLY)?;
+        if r.kind == REP_ERR_TLS_REQD {
+            return Err(self.tls_required());
+        }
         self.structured = r.kind == REP_ACK;
 
         if !meta.is_empty() {
@@ -341,6 +436,7 @@ impl NbdClient {
                 let (r, data) = self.read_opt_reply(OPT_SET_META_CONTEXT)?;
                 match r.kind {
                     REP_ACK => break,
+                    REP_ERR_TLS_REQD => return Err(self.tls_required()),
                     REP_META_CONTEXT if data.len() >= 4 => {
                         let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
                         let name = String::from_utf8_lossy(&data[4..]).into_owned();
@@ -395,6 +491,7 @@ impl NbdClient {
                     INFO_EXPORT | INFO_BLOCK_SIZE => return Err(self.err("malformed export info")),
                     _ => {}
                 },
+                REP_ERR_TLS_REQD => return Err(self.tls_required()),
                 k if k & REP_ERR_BIT != 0 => {
                     let msg = String::from_utf8_lossy(&data).into_owned();
                     return Err(Error::new(
@@ -419,6 +516,98 @@ impl NbdClient {
             )));
         }
         Ok(())
+    }
+
+    /// The server wants TLS and we did not ask for it: say how to.
+    fn tls_required(&self) -> Error {
+        Error::config(format!(
+            "NBD server {} requires TLS: use an nbds:// URI (nbds://HOST:PORT/EXPORT or \
+             nbds+unix:///EXPORT?socket=PATH) with --nbd-tls-ca FILE",
+            self.name
+        ))
+    }
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake on the same socket; everything after is
+    /// encrypted. A server that does not acknowledge STARTTLS is refused: never a silent
+    /// downgrade to plain text.
+    fn start_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Result<()> {
+        self.send_option(OPT_STARTTLS, &[])?;
+        let (r, data) = self.read_opt_reply(OPT_STARTTLS)?;
+        if r.kind != REP_ACK {
+            let msg = String::from_utf8_lossy(&data).into_owned();
+            let why = if r.kind & REP_ERR_BIT != 0 {
+                rep_error_name(r.kind)
+            } else {
+                "no acknowledgement"
+            };
+            return Err(Error::unsupported(format!(
+                "NBD server {} does not offer TLS (NBD_OPT_STARTTLS answered: {why} {msg}); \
+                 refusing to go on in plain text as nbds:// was asked. Serve the export with \
+                 TLS (qemu-nbd --tls-creds) or use nbd:// on a trusted network",
+                self.name
+            )));
+        }
+        let host = server_name.to_str().into_owned();
+        let conn = rustls::ClientConnection::new(config, server_name)
+            .map_err(|e| Error::config(format!("TLS setup for {}: {e}", self.name)))?;
+        let Stream::Plain(mut sock) = std::mem::replace(&mut self.stream, Stream::Swapping) else {
+            return Err(self.err("STARTTLS on a connection that already uses TLS"));
+        };
+        let mut conn = conn;
+        while conn.is_handshaking() {
+            if let Err(e) = conn.complete_io(&mut sock) {
+                return Err(self.handshake_error(e, &host));
+            }
+        }
+        self.stream = Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock)));
+        Ok(())
+    }
+
+    fn handshake_error(&self, e: std::io::Error, host: &str) -> Error {
+        let tls = e
+            .get_ref()
+            .and_then(|i| i.downcast_ref::<rustls::Error>())
+            .cloned();
+        match tls {
+            Some(t) => Error::config(format!(
+                "TLS handshake with NBD server {} failed: {t}. Check that --nbd-tls-ca is \
+                 the CA that signed the server's certificate and that the certificate names \
+                 {host} (else set --nbd-tls-hostname)",
+                self.name
+            )),
+            None => self.io_err(e).context_prefix("TLS handshake"),
+        }
+    }
+
+    /// An I/O error after the handshake often is the server refusing us at the TLS
+    /// level (TLS 1.3 checks the client certificate after the client thinks the
+    /// handshake is done): read its alert, if one came, and say what it means.
+    fn explain_tls_failure(&mut self, e: Error) -> Error {
+        if e.kind() != ErrorKind::Io || !matches!(self.stream, Stream::Tls(_)) {
+            return e;
+        }
+        let _ = self.stream.set_read_timeout(Duration::from_secs(2));
+        let mut b = [0u8; 1];
+        let alert = match self.stream.read(&mut b) {
+            Err(io) => io
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map(|t| t.to_string()),
+            Ok(_) => None,
+        };
+        let alert = alert.map_or_else(String::new, |a| format!(" ({a})"));
+        Error::config(format!(
+            "NBD server {} ended the TLS session during negotiation{alert}: most likely it \
+             wants a client certificate it trusts (qemu's tls-creds-x509 has verify-peer=on \
+             by default): give --nbd-tls-cert and --nbd-tls-key, signed by the CA in the \
+             server's tls-creds dir",
+            self.name
+        ))
+        .with_source(e)
     }
 
     /// Refuse block-size constraints that are malformed by the NBD spec (minimum a power

@@ -27,6 +27,12 @@
 //! so a silent or trickling client is dropped. In transmission an idle client is kept
 //! (NBD clients legitimately sit idle) but holds one of the slots.
 //!
+//! TLS ([`Limits::tls`]): the server answers NBD_OPT_STARTTLS, runs the handshake on the
+//! same socket and goes on negotiating inside TLS; until then EXPORT_NAME closes the
+//! connection and INFO, GO, LIST and the meta-context options get
+//! `NBD_REP_ERR_TLS_REQD`, so no export is given out in plain text. Without TLS,
+//! STARTTLS is answered `NBD_REP_ERR_POLICY`.
+//!
 //! `unix:PATH` never removes what it did not create: an existing non-socket at PATH, or
 //! a socket another server answers on, is an error; only a stale socket (connection
 //! refused) is replaced. On exit the socket is removed only if PATH is still the one this
@@ -62,6 +68,7 @@ const OPT_LIST: u32 = 3;
 const OPT_LIST_META_CONTEXT: u32 = 9;
 const REP_SERVER: u32 = 2;
 const REP_ERR_UNSUP: u32 = REP_ERR_BIT | 1;
+const REP_ERR_POLICY: u32 = REP_ERR_BIT | 2;
 const REP_ERR_INVALID: u32 = REP_ERR_BIT | 3;
 const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT | 6;
 const REP_ERR_TOO_BIG: u32 = REP_ERR_BIT | 9;
@@ -114,6 +121,9 @@ pub struct Limits {
     pub max_clients: usize,
     /// Time from accepting a connection to the end of its option negotiation.
     pub handshake_timeout: Duration,
+    /// Serve only over TLS: a client must send NBD_OPT_STARTTLS before any option that
+    /// names or gives out the export (those get `NBD_REP_ERR_TLS_REQD`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Limits {
@@ -121,6 +131,7 @@ impl Default for Limits {
         Limits {
             max_clients: DEFAULT_MAX_CLIENTS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            tls: None,
         }
     }
 }
@@ -189,12 +200,13 @@ pub fn serve_with(
                 let slot = Slot(Arc::clone(&active));
                 let (info, open) = (info.clone(), Arc::clone(&open));
                 let timeout = limits.handshake_timeout;
+                let tls = limits.tls.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("nbd-client".into())
                         .spawn(move || {
                             let _slot = slot;
-                            if let Err(e) = Session::new(conn, info, open, timeout).run() {
+                            if let Err(e) = Session::new(conn, info, open, timeout, tls).run() {
                                 tracing::info!("NBD client: {e}");
                             }
                         });
@@ -225,6 +237,29 @@ impl Conn for UnixStream {
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
+    }
+}
+/// A client socket after STARTTLS.
+struct TlsConn(rustls::StreamOwned<rustls::ServerConnection, Box<dyn Conn>>);
+impl Read for TlsConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+impl Write for TlsConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+impl Conn for TlsConn {
+    fn blocking(&self) -> std::io::Result<()> {
+        self.0.sock.blocking()
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> std::io::Result<()> {
+        self.0.sock.set_timeouts(read, write)
     }
 }
 impl Conn for std::net::TcpStream {

@@ -13,6 +13,34 @@ pub(super) struct Session {
     handshake_timeout: Duration,
     /// End of negotiation; `None` once in transmission.
     deadline: Option<Instant>,
+    /// TLS is required and not yet started (the configuration to start it with).
+    tls_pending: Option<Arc<rustls::ServerConfig>>,
+    /// TLS runs on this connection.
+    tls_on: bool,
+}
+
+/// The connection while it is being wrapped in TLS.
+struct Closed;
+impl Read for Closed {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::NotConnected.into())
+    }
+}
+impl Write for Closed {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::NotConnected.into())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+impl Conn for Closed {
+    fn blocking(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_timeouts(&self, _: Option<Duration>, _: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the option phase ended with.
@@ -68,6 +96,7 @@ impl Session {
         info: ExportInfo,
         open: Arc<ReaderFactory>,
         handshake_timeout: Duration,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Session {
         Session {
             conn,
@@ -78,6 +107,8 @@ impl Session {
             no_zeroes: false,
             handshake_timeout,
             deadline: None,
+            tls_pending: tls,
+            tls_on: false,
         }
     }
 
@@ -182,6 +213,27 @@ impl Session {
         self.conn.write_all(&r).map_err(Self::io)
     }
 
+    /// The TLS handshake on the connection, right after STARTTLS was acknowledged;
+    /// negotiation goes on inside TLS, within the same deadline.
+    fn start_tls(&mut self) -> Result<()> {
+        let Some(config) = self.tls_pending.take() else {
+            return Ok(());
+        };
+        let mut conn = rustls::ServerConnection::new(config)
+            .map_err(|e| Error::config(format!("TLS setup: {e}")))?;
+        let mut sock = std::mem::replace(&mut self.conn, Box::new(Closed));
+        while conn.is_handshaking() {
+            if Instant::now() >= self.deadline.unwrap_or_else(Instant::now) {
+                return Err(self.negotiation_timed_out());
+            }
+            conn.complete_io(&mut sock)
+                .map_err(|e| Error::io("TLS handshake with an NBD client", e))?;
+        }
+        self.conn = Box::new(TlsConn(rustls::StreamOwned::new(conn, sock)));
+        self.tls_on = true;
+        Ok(())
+    }
+
     fn name_ok(&self, name: &str) -> bool {
         name.is_empty() || name == self.info.name
     }
@@ -206,7 +258,29 @@ impl Session {
             }
             let mut data = vec![0u8; len as usize];
             self.read_nego(&mut data)?;
+            if self.tls_pending.is_some() {
+                match opt {
+                    OPT_STARTTLS if data.is_empty() => {
+                        self.opt_reply(opt, REP_ACK, b"")?;
+                        self.start_tls()?;
+                    }
+                    OPT_STARTTLS => self.opt_reply(opt, REP_ERR_INVALID, b"")?,
+                    OPT_EXPORT_NAME => {
+                        return Err(Error::config(
+                            "client asked for the export without TLS (STARTTLS first); closed",
+                        ));
+                    }
+                    OPT_ABORT => {
+                        let _ = self.opt_reply(opt, REP_ACK, b"");
+                        return Ok(Next::Close);
+                    }
+                    _ => self.opt_reply(opt, REP_ERR_TLS_REQD, b"TLS required: STARTTLS first")?,
+                }
+                continue;
+            }
             match opt {
+                OPT_STARTTLS if self.tls_on => self.opt_reply(opt, REP_ERR_INVALID, b"")?,
+                OPT_STARTTLS => self.opt_reply(opt, REP_ERR_POLICY, b"this server has no TLS")?,
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
                     if !self.name_ok(&name) {
