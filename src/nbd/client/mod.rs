@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 
+use self::stream::{Sock, Stream};
 use super::proto::*;
 use super::tls::NbdTlsClient;
 use super::uri::{NbdUri, Transport};
@@ -31,6 +32,7 @@ use crate::extent::MAX_DISK_SIZE;
 
 mod read;
 mod reassembly;
+mod stream;
 mod write;
 
 pub use reassembly::Coverage;
@@ -100,96 +102,6 @@ fn read_exact_by(
         }
     }
     Ok(())
-}
-
-/// The socket under the (optional) TLS layer.
-enum Sock {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Sock {
-    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.set_read_timeout(Some(t)),
-            Sock::Unix(s) => s.set_read_timeout(Some(t)),
-        }
-    }
-}
-
-impl Read for Sock {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.read(buf),
-            Sock::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Sock {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Sock::Tcp(s) => s.write(buf),
-            Sock::Unix(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Sock::Tcp(s) => s.flush(),
-            Sock::Unix(s) => s.flush(),
-        }
-    }
-}
-
-/// What the client talks through: the plain socket, or TLS over it after STARTTLS.
-/// Reads of payload go straight into the caller's buffer either way (TLS decrypts into
-/// rustls's record buffer and copies out once).
-enum Stream {
-    Plain(Sock),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Sock>>),
-    /// Only while the plain socket is being wrapped in TLS.
-    Swapping,
-}
-
-fn swapping() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::NotConnected, "TLS setup failed")
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-            Stream::Swapping => Err(swapping()),
-        }
-    }
-}
-
-impl Stream {
-    fn set_read_timeout(&self, t: Duration) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.set_read_timeout(t),
-            Stream::Tls(s) => s.sock.set_read_timeout(t),
-            Stream::Swapping => Err(swapping()),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-            Stream::Swapping => Err(swapping()),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-            Stream::Swapping => Err(swapping()),
-        }
-    }
 }
 
 /// One block-status extent.
