@@ -381,6 +381,15 @@ impl Config {
                     .into(),
             );
         }
+        for (key, p) in [("tls_cert", &self.tls_cert), ("tls_key", &self.tls_key)] {
+            if let Some(p) = p.as_ref().filter(|p| p.is_relative()) {
+                return Err(format!(
+                    "[server] {key} = {:?} is relative: give an absolute path (the service's \
+                     working directory is not the config file's)",
+                    p.display().to_string()
+                ));
+            }
+        }
         if self.plain_http {
             if !self.listen.ip().is_loopback() {
                 return Err(format!(
@@ -449,6 +458,10 @@ mod tests {
                 "loopback",
             ),
             ("[server]\ntls_cert = \"/c.pem\"", "tls_key"),
+            (
+                "[server]\ntls_cert = \"c.pem\"\ntls_key = \"/k.pem\"",
+                "relative",
+            ),
             ("[alerts]\nworkers = 17", "workers"),
             (
                 "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",

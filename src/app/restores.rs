@@ -61,6 +61,10 @@ pub struct RestoreRequest {
     /// ranges (`bad_ranges`) and keep the image; the restore still counts as failed.
     #[serde(default)]
     pub keep_going: bool,
+    /// With an `nbds://` target: how to verify the NBD server (CA, optional client
+    /// certificate; paths on the machine that runs the restore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
 }
 
 /// One disk restored into a directory.
@@ -206,12 +210,16 @@ impl App {
                 "a full-server image is written into a directory, not onto an NBD export",
             ));
         }
+        let mut opts = opts.clone();
+        if req.nbd_tls.is_some() {
+            opts.nbd_tls = req.nbd_tls.clone();
+        }
         let stats = self.restore_onto(
             &req.backup,
             req.disk.as_deref(),
             &req.to,
             req.target_bitmap.as_deref(),
-            opts,
+            &opts,
         )?;
         Ok(RestoreOutcome::Onto {
             to: req.to.clone(),

@@ -480,6 +480,8 @@ pub struct RestoreArgs {
     /// ranges and keep the image; exits 5 (corrupt) when anything was unreadable.
     #[arg(long)]
     pub keep_going: bool,
+    #[command(flatten)]
+    pub nbd_tls: NbdTlsArgs,
 }
 
 #[derive(Subcommand)]

@@ -161,6 +161,12 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             })?;
         }
         Cmd::Restore(a) => {
+            if a.nbd_tls.settings().is_some() {
+                return Err(usage(
+                    "--nbd-tls-* paths are not sent to an appliance: give \"nbd_tls\" ({\"ca\": \
+                     PATH, …}, paths on the appliance) in the body of POST /api/v1/restores",
+                ));
+            }
             let body = serde_json::to_value(super::restore::request(a))?;
             let task = r.call("POST", "/restores", Some(&body))?;
             let id = task["task"]

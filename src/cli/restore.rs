@@ -22,6 +22,7 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
         target_bitmap: a.target_bitmap.clone(),
         mode: a.mode.clone(),
         keep_going: a.keep_going,
+        nbd_tls: a.nbd_tls.settings(),
     }
 }
 

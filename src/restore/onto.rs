@@ -64,7 +64,7 @@ pub fn restore_onto_nbd(
     if let Some(b) = target_bitmap {
         meta.push(dirty_bitmap_context(b));
     }
-    let mut nbd = NbdClient::connect(&parsed, &meta)?;
+    let mut nbd = NbdClient::connect_tls(&parsed, &meta, opts.nbd_tls.as_ref())?;
     if nbd.read_only() {
         return Err(Error::config(format!(
             "{uri} is read-only: export the target disk writable"

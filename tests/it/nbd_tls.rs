@@ -412,3 +412,97 @@ fn serve_nbd_with_tls_is_read_byte_exact_by_qemu_img_and_refuses_plain_clients()
     let err = refused(&Env::new(), &backup_args(&srv.uri, "nocert", &ca));
     assert!(err.contains("TLS"), "{err}");
 }
+
+/// `restore --to nbds://…` writes the backup onto a TLS-only writable export; without the
+/// CA the restore is refused before anything is written.
+#[test]
+fn a_restore_onto_an_nbds_target_is_byte_exact_and_needs_the_ca() {
+    let fx = fixtures();
+    let env = Env::new();
+    let pki = make_pki(&env.path("pki"), "blockvault test CA");
+    let src = fx.join("disk.qcow2");
+    let b = env.json(&[
+        "backup",
+        src.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "vm1",
+    ]);
+    let target = env.path("target.qcow2");
+    let size = u(&b["disks"][0], "size").to_string();
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            target.to_str().unwrap(),
+            &size,
+        ],
+    );
+    let blank = std::fs::read(&target).unwrap();
+    let sock = env.path("w.sock");
+    let obj = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server",
+        pki.display()
+    );
+    let s_sock = sock.display().to_string();
+    let s_target = target.display().to_string();
+    let uri = tls_uri(&sock);
+    {
+        let _srv = Server::start(
+            "qemu-nbd",
+            &[
+                "-t",
+                "-k",
+                &s_sock,
+                "--object",
+                &obj,
+                "--tls-creds",
+                "tls0",
+                "-f",
+                "qcow2",
+                &s_target,
+            ],
+            &sock,
+        );
+        let out = env.run(&["restore", s(&b, "id"), "--to", &uri]);
+        assert!(
+            !out.status.success(),
+            "a restore onto nbds:// without a CA ran"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--nbd-tls-ca"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        blank,
+        "the refused restore wrote"
+    );
+    {
+        let _srv = Server::start(
+            "qemu-nbd",
+            &[
+                "-t",
+                "-k",
+                &s_sock,
+                "--object",
+                &obj,
+                "--tls-creds",
+                "tls0",
+                "-f",
+                "qcow2",
+                &s_target,
+            ],
+            &sock,
+        );
+        let mut args = vec!["restore", s(&b, "id"), "--to", &uri];
+        let flags = tls_flags(&pki);
+        args.extend(flags.iter().map(String::as_str));
+        let r = env.json(&args);
+        assert!(u(&r, "chunks_written") > 0, "{r}");
+    }
+    assert!(images_equal(&src, &target));
+}
