@@ -1,0 +1,772 @@
+//! The lock journal: protection and retention locks recorded in the vault itself.
+//!
+//! A backup's protection and its retention lock travel with the vault: a second
+//! appliance that attaches the vault reads them here, so it cannot delete what the first
+//! one locked. The appliance's catalog only caches the protected flag; this journal is
+//! the truth.
+//!
+//! ```text
+//! <vault>/locks/retention.journal   one record per line, append-only, hash-chained
+//! <vault>/locks/retention.head      {"seq":N,"hash":"<hash of record N>"}: the chain's end
+//! <vault>/locks/retention.lock      flock held while a record is appended
+//! ```
+//!
+//! A record is one line of JSON (fields in this order; `until`/`days` only where the
+//! kind has them):
+//!
+//! ```text
+//! {"v":1,"seq":3,"kind":"lock","backup":"<backup id>","until":"2027-01-01T00:00:00Z",
+//!  "at":"2026-11-28T16:00:00Z","actor":"token ops","prev":"<hash of record 2>","hash":"<hash>"}
+//!
+//! kind        protect | unprotect | lock (until) | compliance (days; backup "")
+//! seq         1, 2, 3 … without gaps
+//! prev        hash of the previous record; 64 zeros for record 1
+//! hash        blake3("blockvault retention journal v1\n" ‖ the record's JSON with "hash":"")
+//! ```
+//!
+//! Rules:
+//! - Records are only ever appended (read, check the whole chain, write the old bytes plus
+//!   the new line atomically, then the head), under `retention.lock`. A journal whose
+//!   chain does not check refuses appends and every deletion (`Corrupt`): locks are never
+//!   guessed.
+//! - A backup's lock is the latest `until` of its `lock` records, and at least
+//!   `created + compliance days` in a compliance vault (`vault.toml`'s
+//!   `compliance_days`, or a `compliance` record: the larger wins, so editing
+//!   `vault.toml` does not shorten it). A lock can be extended, never shortened.
+//! - Protection is the last `protect`/`unprotect` record of the backup.
+//! - [`check`] (run by verify) reports a broken chain: a record that does not parse, a
+//!   wrong hash or `prev`, a gap in `seq`, a head that names a record the journal does
+//!   not have (truncated) or differs from the last one (rewritten).
+//!
+//! The journal makes locks tamper-evident, not tamper-proof: whoever can write the vault's
+//! files directly can remove them (an object store's object lock is the answer to that);
+//! what it guarantees is that no blockvault command, API token or second appliance deletes
+//! a locked backup before its date.
+//!
+//! The clock: [`now`]. Debug builds (the integration tests) honour `BLOCKVAULT_NOW`
+//! (RFC 3339) so that tests can step past a lock's date; release builds ignore it, so an
+//! administrator cannot lift a lock by setting an environment variable.
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::{Duration, OffsetDateTime};
+
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::manifest::BackupManifest;
+
+use super::Vault;
+use super::store::ChunkStore;
+
+/// Key of the journal in the vault's store.
+pub const JOURNAL_KEY: &str = "locks/retention.journal";
+/// Key of the head (the last record's seq and hash).
+pub const HEAD_KEY: &str = "locks/retention.head";
+/// Prefix of every record's hash input.
+const HASH_DOMAIN: &[u8] = b"blockvault retention journal v1\n";
+/// Record format version.
+const RECORD_VERSION: u32 = 1;
+/// The journal is read whole; refuse one this large (about 2 million records).
+const MAX_JOURNAL_BYTES: usize = 512 << 20;
+
+/// The time locks are judged against. Debug builds honour `BLOCKVAULT_NOW` (RFC 3339),
+/// for tests; release builds always use the system clock.
+pub fn now() -> OffsetDateTime {
+    #[cfg(debug_assertions)]
+    if let Ok(s) = std::env::var("BLOCKVAULT_NOW")
+        && let Ok(t) = OffsetDateTime::parse(&s, &Rfc3339)
+    {
+        return t;
+    }
+    OffsetDateTime::now_utc()
+}
+
+/// RFC 3339 text of `t` (UTC, whole seconds).
+pub fn format_time(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// A lock date given by a user: RFC 3339 (`2027-01-31T12:00:00Z`) or a day
+/// (`2027-01-31`, meaning its start, 00:00 UTC).
+pub fn parse_until(s: &str) -> Result<OffsetDateTime> {
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let day = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &day)
+        .map(|d| d.midnight().assume_utc())
+        .map_err(|_| {
+            Error::config(format!(
+                "{s:?} is not a date: give YYYY-MM-DD (00:00 UTC) or RFC 3339 (2027-01-31T12:00:00Z)"
+            ))
+        })
+}
+
+/// What a record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Protect,
+    Unprotect,
+    Lock,
+    Compliance,
+}
+
+/// One line of the journal (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub v: u32,
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub backup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<u32>,
+    pub at: String,
+    pub actor: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+impl Record {
+    /// The hash this record must carry.
+    fn compute_hash(&self) -> String {
+        let mut r = self.clone();
+        r.hash = String::new();
+        let body = serde_json::to_vec(&r).unwrap_or_default();
+        let mut h = blake3::Hasher::new();
+        h.update(HASH_DOMAIN);
+        h.update(&body);
+        h.finalize().to_hex().to_string()
+    }
+}
+
+/// `retention.head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: String,
+}
+
+/// A backup's protection and lock, as the journal and the vault's compliance mode say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LockStatus {
+    pub protected: bool,
+    /// The date before which nothing deletes the backup (may lie in the past).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+    /// Where `until` comes from ("lock set by … at …", "compliance mode: N days").
+    pub reason: Option<String>,
+}
+
+impl LockStatus {
+    /// Locked at `now`?
+    pub fn locked_at(&self, now: OffsetDateTime) -> bool {
+        self.until.is_some_and(|u| u > now)
+    }
+
+    /// `Some(until)` while locked at [`now`].
+    pub fn locked_until(&self) -> Option<OffsetDateTime> {
+        self.until.filter(|u| *u > now())
+    }
+}
+
+/// The journal, read and checked.
+#[derive(Debug, Default, Clone)]
+pub struct Journal {
+    records: Vec<Record>,
+}
+
+/// A backup's state folded from its records.
+#[derive(Debug, Default, Clone)]
+struct Folded {
+    protected: Option<bool>,
+    until: Option<(OffsetDateTime, String)>,
+}
+
+impl Journal {
+    /// Read the journal of the vault in `store` and check its chain (any fault: `Corrupt`,
+    /// naming it). A vault without a journal has an empty one.
+    pub fn load(store: &dyn ChunkStore) -> Result<Journal> {
+        let problems_or = read_records(store)?;
+        match problems_or {
+            (records, problems) if problems.is_empty() => Ok(Journal { records }),
+            (_, problems) => Err(Error::corrupt(format!(
+                "the vault's lock journal ({JOURNAL_KEY}) is damaged: {}; nothing is deleted \
+                 while locks cannot be read: restore the journal from a copy of the vault, \
+                 then run `verify`",
+                problems.join("; ")
+            ))),
+        }
+    }
+
+    pub fn records(&self) -> &[Record] {
+        &self.records
+    }
+
+    fn fold(&self) -> HashMap<&str, Folded> {
+        let mut out: HashMap<&str, Folded> = HashMap::new();
+        for r in &self.records {
+            let f = out.entry(r.backup.as_str()).or_default();
+            match r.kind {
+                RecordKind::Protect => f.protected = Some(true),
+                RecordKind::Unprotect => f.protected = Some(false),
+                RecordKind::Lock => {
+                    if let Some(u) = r.until.as_deref().and_then(|u| parse_until(u).ok())
+                        && f.until.as_ref().is_none_or(|(cur, _)| u > *cur)
+                    {
+                        f.until = Some((u, format!("lock set by {} at {}", r.actor, r.at)));
+                    }
+                }
+                RecordKind::Compliance => {}
+            }
+        }
+        out
+    }
+
+    /// The largest compliance period recorded in the journal.
+    pub fn compliance_days(&self) -> Option<u32> {
+        self.records
+            .iter()
+            .filter(|r| r.kind == RecordKind::Compliance)
+            .filter_map(|r| r.days)
+            .max()
+    }
+
+    /// `Some(flag)` when the journal has protected or unprotected `backup`.
+    pub fn protected(&self, backup: &str) -> Option<bool> {
+        self.fold().get(backup).and_then(|f| f.protected)
+    }
+
+    /// The protection and lock of `m`, in a vault with `compliance_days` in its vault.toml.
+    pub fn status(&self, m: &BackupManifest, compliance_days: Option<u32>) -> LockStatus {
+        let folded = self.fold();
+        let f = folded.get(m.id.as_str()).cloned().unwrap_or_default();
+        let mut until = f.until;
+        let days = compliance_days.max(self.compliance_days());
+        if let Some(days) = days.filter(|d| *d > 0)
+            && let Ok(created) = OffsetDateTime::parse(&m.created, &Rfc3339)
+        {
+            let c = created + Duration::days(days as i64);
+            if until.as_ref().is_none_or(|(u, _)| c > *u) {
+                until = Some((
+                    c,
+                    format!("compliance mode: every backup is kept {days} days"),
+                ));
+            }
+        }
+        LockStatus {
+            protected: f.protected.unwrap_or(false),
+            until: until.as_ref().map(|(u, _)| *u),
+            reason: until.map(|(_, r)| r),
+        }
+    }
+
+    /// Backups with a `lock` record whose date lies after `now`.
+    pub fn locked_ids(&self, now: OffsetDateTime) -> Vec<(String, OffsetDateTime)> {
+        let mut v: Vec<(String, OffsetDateTime)> = self
+            .fold()
+            .into_iter()
+            .filter_map(|(id, f)| f.until.map(|(u, _)| (id.to_string(), u)))
+            .filter(|(_, u)| *u > now)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Parse every line; return the records that parsed and every fault of the chain.
+fn read_records(store: &dyn ChunkStore) -> Result<(Vec<Record>, Vec<String>)> {
+    let bytes = match store.get_file(JOURNAL_KEY) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let head = match store.get_file(HEAD_KEY) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    Ok(check_bytes(&bytes, head.as_deref()))
+}
+
+/// The chain check of a journal's bytes against its head (see the module doc).
+fn check_bytes(bytes: &[u8], head: Option<&[u8]>) -> (Vec<Record>, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    if bytes.len() > MAX_JOURNAL_BYTES {
+        problems.push(format!(
+            "it is {} bytes, over the {MAX_JOURNAL_BYTES} byte limit",
+            bytes.len()
+        ));
+        return (records, problems);
+    }
+    if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+        problems.push(format!(
+            "it ends inside a record (byte {}): truncated",
+            bytes.len()
+        ));
+    }
+    let mut prev = "0".repeat(64);
+    let mut offset = 0usize;
+    for (i, line) in bytes.split_inclusive(|b| *b == b'\n').enumerate() {
+        let line_no = i + 1;
+        let at = offset;
+        offset += line.len();
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let r: Record = match serde_json::from_slice(text) {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!(
+                    "record on line {line_no} (byte {at}) does not parse: {e}"
+                ));
+                // The chain is broken from here on; later records cannot be trusted.
+                return (records, problems);
+            }
+        };
+        let expected_seq = records.len() as u64 + 1;
+        if r.v != RECORD_VERSION {
+            problems.push(format!(
+                "record {} (line {line_no}) has version {}",
+                r.seq, r.v
+            ));
+        }
+        if r.seq != expected_seq {
+            problems.push(format!(
+                "line {line_no} holds record {} where record {expected_seq} belongs (a record was removed or inserted)",
+                r.seq
+            ));
+        }
+        if r.prev != prev {
+            problems.push(format!(
+                "record {} (line {line_no}) does not chain to the record before it",
+                r.seq
+            ));
+        }
+        if r.compute_hash() != r.hash {
+            problems.push(format!(
+                "record {} (line {line_no}) was altered: its hash does not match its content",
+                r.seq
+            ));
+        }
+        prev = r.hash.clone();
+        records.push(r);
+    }
+    match head {
+        None if !records.is_empty() => problems.push(format!(
+            "{HEAD_KEY} is missing while the journal holds {} records",
+            records.len()
+        )),
+        None => {}
+        Some(h) => match serde_json::from_slice::<Head>(h) {
+            Err(e) => problems.push(format!("{HEAD_KEY} does not parse: {e}")),
+            Ok(h) => {
+                let last = records.last();
+                let n = records.len() as u64;
+                if h.seq > n {
+                    problems.push(format!(
+                        "the head names record {} but the journal ends at record {n}: truncated",
+                        h.seq
+                    ));
+                } else if h.seq < n {
+                    problems.push(format!(
+                        "the journal holds {n} records but its head names record {}",
+                        h.seq
+                    ));
+                } else if last.is_some_and(|l| l.hash != h.hash) {
+                    problems.push(format!(
+                        "the last record's hash differs from the head's: record {n} was rewritten"
+                    ));
+                }
+            }
+        },
+    }
+    (records, problems)
+}
+
+/// The faults of the vault's lock journal, for verify (empty: the chain checks, and
+/// every backup locked until after now still has its manifest among `manifests`, when
+/// given).
+pub fn check(store: &dyn ChunkStore, manifests: Option<&[BackupManifest]>) -> Result<Vec<String>> {
+    let (records, mut problems) = read_records(store)?;
+    if let Some(ms) = manifests {
+        let journal = Journal { records };
+        for (id, until) in journal.locked_ids(now()) {
+            if !ms.iter().any(|m| m.id == id) {
+                problems.push(format!(
+                    "backup {id} is locked until {} but its manifest is gone from the vault (deleted outside blockvault?)",
+                    format_time(until)
+                ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// What to append.
+#[derive(Debug, Clone)]
+pub struct NewRecord<'a> {
+    pub kind: RecordKind,
+    pub backup: &'a str,
+    pub until: Option<OffsetDateTime>,
+    pub days: Option<u32>,
+    pub actor: &'a str,
+}
+
+/// Append a record under the journal's flock, after checking the whole chain. `decide`
+/// sees the journal first and may refuse (e.g. a shorter lock) or skip (returns
+/// `Ok(false)`: nothing to append).
+fn append_with(
+    vault: &Vault,
+    new: &NewRecord<'_>,
+    decide: impl FnOnce(&Journal) -> Result<bool>,
+) -> Result<Option<Record>> {
+    let lock = journal_lock(vault)?;
+    let store = vault.store().as_ref();
+    let journal = Journal::load(store)?;
+    if !decide(&journal)? {
+        return Ok(None);
+    }
+    let prev = journal
+        .records
+        .last()
+        .map_or_else(|| "0".repeat(64), |r| r.hash.clone());
+    let mut r = Record {
+        v: RECORD_VERSION,
+        seq: journal.records.len() as u64 + 1,
+        kind: new.kind,
+        backup: new.backup.to_string(),
+        until: new.until.map(format_time),
+        days: new.days,
+        at: format_time(now()),
+        actor: new.actor.to_string(),
+        prev,
+        hash: String::new(),
+    };
+    r.hash = r.compute_hash();
+    let mut bytes = match store.get_file(JOURNAL_KEY) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let line = serde_json::to_vec(&r)
+        .map_err(|e| Error::invalid("encoding a lock record").with_source(e))?;
+    bytes.extend_from_slice(&line);
+    bytes.push(b'\n');
+    store.put_file(JOURNAL_KEY, &bytes)?;
+    let head = serde_json::to_vec(&Head {
+        seq: r.seq,
+        hash: r.hash.clone(),
+    })
+    .map_err(|e| Error::invalid("encoding the lock journal's head").with_source(e))?;
+    store.put_file(HEAD_KEY, &head)?;
+    drop(lock);
+    Ok(Some(r))
+}
+
+/// The journal's flock (exclusive; released when the file is dropped).
+fn journal_lock(vault: &Vault) -> Result<File> {
+    let lock_path = vault.root().join("locks").join("retention.lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .ctx(|| format!("opening {}", lock_path.display()))?;
+    lock.lock()
+        .ctx(|| format!("locking {}", lock_path.display()))?;
+    Ok(lock)
+}
+
+/// Delete `m`'s manifest unless it is locked or protected (then `Conflict`, naming the
+/// date, and nothing is deleted). The check and the delete happen under the journal's
+/// flock, so a lock recorded meanwhile is not missed. `catalog_protected` is the
+/// appliance's own flag (protections made before the journal existed).
+pub fn delete_unless_held(
+    vault: &Vault,
+    m: &BackupManifest,
+    catalog_protected: bool,
+) -> Result<()> {
+    let _lock = journal_lock(vault)?;
+    let journal = Journal::load(vault.store().as_ref())?;
+    refuse_if_held(
+        &journal,
+        vault.config().compliance_days,
+        m,
+        catalog_protected,
+    )?;
+    match vault.delete_manifest(m) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Record that `m` is protected (or no longer).
+pub fn set_protected(vault: &Vault, m: &BackupManifest, protect: bool, actor: &str) -> Result<()> {
+    let new = NewRecord {
+        kind: if protect {
+            RecordKind::Protect
+        } else {
+            RecordKind::Unprotect
+        },
+        backup: &m.id,
+        until: None,
+        days: None,
+        actor,
+    };
+    append_with(vault, &new, |j| Ok(j.protected(&m.id) != Some(protect)))?;
+    Ok(())
+}
+
+/// Lock `m` until `until`: extending is recorded, the same date is a no-op, an earlier
+/// one than the lock it already has is refused (`Conflict`). Returns the new status.
+pub fn lock(
+    vault: &Vault,
+    m: &BackupManifest,
+    until: OffsetDateTime,
+    actor: &str,
+) -> Result<LockStatus> {
+    let compliance = vault.config().compliance_days;
+    if until <= now() {
+        return Err(Error::config(format!(
+            "{} lies in the past: a lock date must be in the future",
+            format_time(until)
+        )));
+    }
+    let new = NewRecord {
+        kind: RecordKind::Lock,
+        backup: &m.id,
+        until: Some(until),
+        days: None,
+        actor,
+    };
+    append_with(vault, &new, |j| {
+        let st = j.status(m, compliance);
+        match st.until {
+            Some(cur) if cur > until => Err(Error::conflict(format!(
+                "backup {} ({}) is locked until {} ({}): a lock can be extended, never shortened",
+                m.name,
+                m.id,
+                format_time(cur),
+                st.reason.unwrap_or_default()
+            ))),
+            Some(cur) if cur == until => Ok(false),
+            _ => Ok(true),
+        }
+    })?;
+    status(vault, m)
+}
+
+/// Record a vault's compliance period (at creation).
+pub fn record_compliance(vault: &Vault, days: u32, actor: &str) -> Result<()> {
+    let new = NewRecord {
+        kind: RecordKind::Compliance,
+        backup: "",
+        until: None,
+        days: Some(days),
+        actor,
+    };
+    append_with(vault, &new, |_| Ok(true))?;
+    Ok(())
+}
+
+/// The protection and lock of `m` in `vault`.
+pub fn status(vault: &Vault, m: &BackupManifest) -> Result<LockStatus> {
+    Ok(Journal::load(vault.store().as_ref())?.status(m, vault.config().compliance_days))
+}
+
+/// `Ok` when nothing holds `m` back from deletion; else a `Conflict` naming the date (or
+/// the protection).
+pub fn refuse_if_held(
+    journal: &Journal,
+    compliance_days: Option<u32>,
+    m: &BackupManifest,
+    catalog_protected: bool,
+) -> Result<()> {
+    let st = journal.status(m, compliance_days);
+    if let Some(until) = st.until.filter(|u| *u > now()) {
+        return Err(Error::conflict(format!(
+            "backup {} ({}) is locked until {} ({}); nothing was deleted: it can be deleted after that date",
+            m.name,
+            m.id,
+            format_time(until),
+            st.reason.unwrap_or_default()
+        )));
+    }
+    let protected = journal.protected(&m.id).unwrap_or(catalog_protected);
+    if protected {
+        return Err(Error::conflict(format!(
+            "backup {} ({}) is protected; nothing was deleted: unprotect it first",
+            m.name, m.id
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, prev: &str, kind: RecordKind, backup: &str, until: Option<&str>) -> Record {
+        let mut r = Record {
+            v: 1,
+            seq,
+            kind,
+            backup: backup.into(),
+            until: until.map(Into::into),
+            days: None,
+            at: "2026-01-01T00:00:00Z".into(),
+            actor: "test".into(),
+            prev: prev.into(),
+            hash: String::new(),
+        };
+        r.hash = r.compute_hash();
+        r
+    }
+
+    fn journal_bytes(recs: &[Record]) -> (Vec<u8>, Vec<u8>) {
+        let mut b = Vec::new();
+        for r in recs {
+            b.extend(serde_json::to_vec(r).unwrap());
+            b.push(b'\n');
+        }
+        let last = recs.last().unwrap();
+        let head = serde_json::to_vec(&Head {
+            seq: last.seq,
+            hash: last.hash.clone(),
+        })
+        .unwrap();
+        (b, head)
+    }
+
+    fn chain() -> Vec<Record> {
+        let r1 = rec(1, &"0".repeat(64), RecordKind::Protect, "b1", None);
+        let r2 = rec(
+            2,
+            &r1.hash,
+            RecordKind::Lock,
+            "b1",
+            Some("2030-01-01T00:00:00Z"),
+        );
+        let r3 = rec(
+            3,
+            &r2.hash,
+            RecordKind::Lock,
+            "b2",
+            Some("2031-01-01T00:00:00Z"),
+        );
+        vec![r1, r2, r3]
+    }
+
+    #[test]
+    fn a_whole_chain_checks() {
+        let (b, h) = journal_bytes(&chain());
+        let (recs, problems) = check_bytes(&b, Some(&h));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(recs.len(), 3);
+    }
+
+    #[test]
+    fn an_edited_record_is_named() {
+        let (b, h) = journal_bytes(&chain());
+        let text = String::from_utf8(b)
+            .unwrap()
+            .replacen("2030-01-01", "2020-01-01", 1);
+        let (_, problems) = check_bytes(text.as_bytes(), Some(&h));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("record 2") && p.contains("altered")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_last_record_is_named_truncated() {
+        let recs = chain();
+        let (b, h) = journal_bytes(&recs);
+        let (b2, _) = journal_bytes(&recs[..2]);
+        assert!(b.starts_with(&b2));
+        let (_, problems) = check_bytes(&b2, Some(&h));
+        assert!(
+            problems.iter().any(|p| p.contains("truncated")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_middle_record_breaks_the_chain() {
+        let recs = chain();
+        let (b, h) = journal_bytes(&[recs[0].clone(), recs[2].clone()]);
+        let (_, problems) = check_bytes(&b, Some(&h));
+        assert!(
+            problems.iter().any(|p| p.contains("does not chain")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_cut_inside_a_record_is_named() {
+        let (b, h) = journal_bytes(&chain());
+        let (_, problems) = check_bytes(&b[..b.len() - 10], Some(&h));
+        assert!(
+            problems.iter().any(|p| p.contains("truncated")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn locks_take_the_latest_date_and_compliance_applies() {
+        let j = Journal { records: chain() };
+        let m = |id: &str| BackupManifest {
+            version: 1,
+            id: id.into(),
+            name: id.into(),
+            resource: "disk".into(),
+            resource_kind: crate::manifest::ResourceKind::Disk,
+            created: "2026-01-01T00:00:00Z".into(),
+            vault_id: String::new(),
+            chunk_size: 65536,
+            seconds: 0.0,
+            disks: Vec::new(),
+            capture: None,
+        };
+        let st = j.status(&m("b1"), None);
+        assert!(st.protected);
+        assert_eq!(format_time(st.until.unwrap()), "2030-01-01T00:00:00Z");
+        let st = j.status(&m("b3"), Some(10));
+        assert_eq!(format_time(st.until.unwrap()), "2026-01-11T00:00:00Z");
+        assert!(!st.protected);
+    }
+
+    #[test]
+    fn until_accepts_a_day_or_rfc3339_and_nothing_else() {
+        assert_eq!(
+            format_time(parse_until("2027-01-31").unwrap()),
+            "2027-01-31T00:00:00Z"
+        );
+        assert_eq!(
+            format_time(parse_until("2027-01-31T12:00:00+02:00").unwrap()),
+            "2027-01-31T10:00:00Z"
+        );
+        assert_eq!(
+            parse_until("next tuesday").unwrap_err().kind(),
+            ErrorKind::Config
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn check_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = check_bytes(&bytes, Some(&bytes));
+        }
+    }
+}
