@@ -17,7 +17,8 @@ Exit status:
   1    failed for another reason (e.g. a task the appliance ran failed)
   2    usage: bad arguments, options or configuration
   3    not found: no such vault, backup, disk, file or task
-  4    conflict: name taken, vault in use, ambiguous id prefix, would overwrite
+  4    conflict: name taken, vault in use, ambiguous id prefix, would overwrite,
+       backup locked or protected
   5    corrupt data: a stored blob failed its check (verify found damage)
   6    invalid or unsupported input: an image, manifest or file format
   7    I/O error (disk full, permission denied, connection lost)
