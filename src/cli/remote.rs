@@ -414,6 +414,9 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
             "bytes_freed_if_deleted",
             "bytes_freed_computed_at",
             "bytes_freed_stale",
+            "locked_until",
+            "lock_reason",
+            "lock_error",
         ] {
             o.remove(k);
         }
