@@ -183,6 +183,10 @@ impl LockStatus {
 #[derive(Debug, Default, Clone)]
 pub struct Journal {
     records: Vec<Record>,
+    /// Each backup's state, folded once from `records`.
+    folded: HashMap<String, Folded>,
+    /// The largest compliance period recorded.
+    compliance: Option<u32>,
 }
 
 /// A backup's state folded from its records.
@@ -198,7 +202,7 @@ impl Journal {
     pub fn load(store: &dyn ChunkStore) -> Result<Journal> {
         let problems_or = read_records(store)?;
         match problems_or {
-            (records, problems) if problems.is_empty() => Ok(Journal { records }),
+            (records, problems) if problems.is_empty() => Ok(Journal::from_records(records)),
             (_, problems) => Err(Error::corrupt(format!(
                 "the vault's lock journal ({JOURNAL_KEY}) is damaged: {}; nothing is deleted \
                  while locks cannot be read: restore the journal from a copy of the vault, \
@@ -212,10 +216,10 @@ impl Journal {
         &self.records
     }
 
-    fn fold(&self) -> HashMap<&str, Folded> {
-        let mut out: HashMap<&str, Folded> = HashMap::new();
-        for r in &self.records {
-            let f = out.entry(r.backup.as_str()).or_default();
+    fn from_records(records: Vec<Record>) -> Journal {
+        let mut folded: HashMap<String, Folded> = HashMap::new();
+        for r in &records {
+            let f = folded.entry(r.backup.clone()).or_default();
             match r.kind {
                 RecordKind::Protect => f.protected = Some(true),
                 RecordKind::Unprotect => f.protected = Some(false),
@@ -229,27 +233,31 @@ impl Journal {
                 RecordKind::Compliance => {}
             }
         }
-        out
+        let compliance = records
+            .iter()
+            .filter(|r| r.kind == RecordKind::Compliance)
+            .filter_map(|r| r.days)
+            .max();
+        Journal {
+            records,
+            folded,
+            compliance,
+        }
     }
 
     /// The largest compliance period recorded in the journal.
     pub fn compliance_days(&self) -> Option<u32> {
-        self.records
-            .iter()
-            .filter(|r| r.kind == RecordKind::Compliance)
-            .filter_map(|r| r.days)
-            .max()
+        self.compliance
     }
 
     /// `Some(flag)` when the journal has protected or unprotected `backup`.
     pub fn protected(&self, backup: &str) -> Option<bool> {
-        self.fold().get(backup).and_then(|f| f.protected)
+        self.folded.get(backup).and_then(|f| f.protected)
     }
 
     /// The protection and lock of `m`, in a vault with `compliance_days` in its vault.toml.
     pub fn status(&self, m: &BackupManifest, compliance_days: Option<u32>) -> LockStatus {
-        let folded = self.fold();
-        let f = folded.get(m.id.as_str()).cloned().unwrap_or_default();
+        let f = self.folded.get(&m.id).cloned().unwrap_or_default();
         let mut until = f.until;
         let days = compliance_days.max(self.compliance_days());
         if let Some(days) = days.filter(|d| *d > 0)
@@ -273,9 +281,9 @@ impl Journal {
     /// Backups with a `lock` record whose date lies after `now`.
     pub fn locked_ids(&self, now: OffsetDateTime) -> Vec<(String, OffsetDateTime)> {
         let mut v: Vec<(String, OffsetDateTime)> = self
-            .fold()
-            .into_iter()
-            .filter_map(|(id, f)| f.until.map(|(u, _)| (id.to_string(), u)))
+            .folded
+            .iter()
+            .filter_map(|(id, f)| f.until.as_ref().map(|(u, _)| (id.clone(), *u)))
             .filter(|(_, u)| *u > now)
             .collect();
         v.sort();
@@ -398,7 +406,7 @@ fn check_bytes(bytes: &[u8], head: Option<&[u8]>) -> (Vec<Record>, Vec<String>) 
 pub fn check(store: &dyn ChunkStore, manifests: Option<&[BackupManifest]>) -> Result<Vec<String>> {
     let (records, mut problems) = read_records(store)?;
     if let Some(ms) = manifests {
-        let journal = Journal { records };
+        let journal = Journal::from_records(records);
         for (id, until) in journal.locked_ids(now()) {
             if !ms.iter().any(|m| m.id == id) {
                 problems.push(format!(
@@ -725,7 +733,7 @@ mod tests {
 
     #[test]
     fn locks_take_the_latest_date_and_compliance_applies() {
-        let j = Journal { records: chain() };
+        let j = Journal::from_records(chain());
         let m = |id: &str| BackupManifest {
             version: 1,
             id: id.into(),

@@ -241,6 +241,28 @@ fn a_tampered_lock_journal_is_reported_by_verify_and_deletes_nothing() {
     // Put back, it checks again.
     std::fs::write(&journal, &good).unwrap();
     env.ok(&["verify", "--vault", "v"]);
+
+    // A locked backup's manifest removed behind blockvault's back: verify names it and GC
+    // frees nothing of it.
+    let manifest = manifest_of(&env.vault_dir(), &id);
+    let saved = std::fs::read(&manifest).unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+    let packs = pack_files(&env.vault_dir());
+    let o = env.run(&["verify", "--vault", "v"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!(
+            "backup {id} is locked until 2031-01-01T00:00:00Z but its manifest is gone"
+        )),
+        "{}",
+        stdout(&o)
+    );
+    let o = env.run(&["gc", "--vault", "v"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    assert!(stderr(&o).contains("GC stopped"), "{}", stderr(&o));
+    assert_eq!(pack_files(&env.vault_dir()), packs);
+    std::fs::write(&manifest, saved).unwrap();
+    env.ok(&["verify", "--vault", "v"]);
 }
 
 /// Run policy `name` now and wait for its task; returns the task.
