@@ -8,7 +8,7 @@
 //! nothing more (for probes; not audited; see [`ANONYMOUS`]). The route table
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
 //! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
-//! also manages vaults, resources, policies and tokens and runs GC): a weaker role gets 403. Every call with a
+//! also manages vaults, resources, policies and tokens, locks backups and runs GC): a weaker role gets 403. Every call with a
 //! token or refused, goes to the audit log with the token's name. The same table generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
