@@ -217,7 +217,14 @@ impl App {
         vault.lookup()?.rebuild(vault.store().as_ref())?;
         let manifests = vault.manifests()?;
         self.catalog.replace_backups(name, &manifests)?;
-        self.sync_protection(name)?;
+        if let Err(e) = self.sync_protection(name) {
+            // The backups are known; deletes stay refused while the journal is damaged.
+            let w = format!("vault {name}: protections not read from its lock journal: {e}");
+            tracing::warn!("{w}");
+            if let Ok(mut ws) = self.warnings.lock() {
+                ws.push(w);
+            }
+        }
         Ok(manifests.len())
     }
 
