@@ -59,63 +59,77 @@ fn run_backup_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> R
     let mut ids = Vec::new();
     for r in &policy.resources {
         let (data, policy, r2) = (data.to_path_buf(), policy.clone(), r.clone());
-        let id =
-            tasks.submit(
-                "backup",
-                r,
-                Some(r.clone()),
-                by,
-                Box::new(move |ctx| {
-                    let app = App::open(&data)?;
-                    let res = resource_of(&app, &r2)?;
-                    drop(app);
-                    let opts = BackupOptions {
-                        name: Some(auto_name()),
-                        cancel: Some(Arc::clone(&ctx.cancel)),
-                        progress: Some(Arc::clone(&ctx.progress)),
-                        ..Default::default()
-                    };
-                    ctx.log(format!("backing up {} (policy {})", res.name, policy.name));
-                    let m = backup_resource(&data, &res, &opts)?;
-                    ctx.log(format!("backup {} ({}) done", m.name, m.id));
-                    let app = App::open(&data)?;
-                    if let Some(days) = policy.lock_days {
-                        let who = format!("policy {}", policy.name);
-                        let st = app.lock_backup_days(&m.id, days, &who)?;
-                        if let Some(u) = st.until {
-                            let u = crate::vault::retention::format_time(u);
-                            ctx.log(format!("backup {} locked until {u}", m.name));
-                        }
+        let id = tasks.submit(
+            "backup",
+            r,
+            Some(r.clone()),
+            by,
+            Box::new(move |ctx| {
+                let app = App::open(&data)?;
+                let res = resource_of(&app, &r2)?;
+                drop(app);
+                let opts = BackupOptions {
+                    name: Some(auto_name()),
+                    cancel: Some(Arc::clone(&ctx.cancel)),
+                    progress: Some(Arc::clone(&ctx.progress)),
+                    ..Default::default()
+                };
+                ctx.log(format!("backing up {} (policy {})", res.name, policy.name));
+                let m = backup_resource(&data, &res, &opts)?;
+                ctx.log(format!("backup {} ({}) done", m.name, m.id));
+                let app = App::open(&data)?;
+                lock_for_policy(&app, &policy, &m, ctx)?;
+                let decisions = prune(&app, &res, &policy.retention, true)?;
+                log_skipped(&decisions, ctx);
+                let pruned: Vec<&str> = decisions
+                    .iter()
+                    .filter(|d| !d.keep)
+                    .map(|d| d.id.as_str())
+                    .collect();
+                if !pruned.is_empty() {
+                    ctx.log(format!("retention pruned {}", pruned.join(", ")));
+                }
+                if !pruned.is_empty() && policy.gc_after_prune() {
+                    match app.gc(&res.vault, 50) {
+                        Ok(s) => ctx.log(format!("gc freed {} bytes", s.bytes_freed)),
+                        // GC needs the vault alone; another backup may hold it. Next time.
+                        Err(e) => ctx.log(format!("gc skipped: {e}")),
                     }
-                    let decisions = prune(&app, &res, &policy.retention, true)?;
-                    for d in decisions.iter().filter(|d| d.keep) {
-                        for r in d.reasons.iter().filter(|r| {
-                            r.starts_with("locked until") || r.starts_with("not deleted")
-                        }) {
-                            ctx.log(format!("retention skipped {}: {r}", d.id));
-                        }
-                    }
-                    let pruned: Vec<&str> = decisions
-                        .iter()
-                        .filter(|d| !d.keep)
-                        .map(|d| d.id.as_str())
-                        .collect();
-                    if !pruned.is_empty() {
-                        ctx.log(format!("retention pruned {}", pruned.join(", ")));
-                    }
-                    if !pruned.is_empty() && policy.gc_after_prune() {
-                        match app.gc(&res.vault, 50) {
-                            Ok(s) => ctx.log(format!("gc freed {} bytes", s.bytes_freed)),
-                            // GC needs the vault alone; another backup may hold it. Next time.
-                            Err(e) => ctx.log(format!("gc skipped: {e}")),
-                        }
-                    }
-                    Ok(json!({"backup": m.id, "name": m.name, "pruned": pruned}))
-                }),
-            )?;
+                }
+                Ok(json!({"backup": m.id, "name": m.name, "pruned": pruned}))
+            }),
+        )?;
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// A backup policy's `lock_days`: lock the backup it just made, and say so in the log.
+fn lock_for_policy(
+    app: &App,
+    policy: &Policy,
+    m: &crate::manifest::BackupManifest,
+    ctx: &crate::task::TaskCtx,
+) -> Result<()> {
+    if let Some(days) = policy.lock_days {
+        let st = app.lock_backup_days(&m.id, days, &format!("policy {}", policy.name))?;
+        if let Some(u) = st.until {
+            let u = crate::vault::retention::format_time(u);
+            ctx.log(format!("backup {} locked until {u}", m.name));
+        }
+    }
+    Ok(())
+}
+
+/// Log the backups retention would have deleted but a lock or protection kept.
+fn log_skipped(decisions: &[crate::policy::Decision], ctx: &crate::task::TaskCtx) {
+    for d in decisions.iter().filter(|d| d.keep) {
+        for r in &d.reasons {
+            if r.starts_with("locked until") || r.starts_with("not deleted") {
+                ctx.log(format!("retention skipped {}: {r}", d.id));
+            }
+        }
+    }
 }
 
 /// The scheduler thread.
