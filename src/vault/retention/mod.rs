@@ -68,9 +68,14 @@ use super::store::ChunkStore;
 /// The time locks are judged against. Debug builds honour `BLOCKVAULT_NOW` (RFC 3339),
 /// for tests; release builds always use the system clock.
 pub fn now() -> OffsetDateTime {
-    #[cfg(debug_assertions)]
-    if let Ok(s) = std::env::var("BLOCKVAULT_NOW")
-        && let Ok(t) = OffsetDateTime::parse(&s, &Rfc3339)
+    clock(std::env::var("BLOCKVAULT_NOW").ok().as_deref())
+}
+
+/// The clock with `injected` (the value of `BLOCKVAULT_NOW`): honoured only by debug
+/// builds; a release build always reads the system clock.
+fn clock(injected: Option<&str>) -> OffsetDateTime {
+    if cfg!(debug_assertions)
+        && let Some(t) = injected.and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
     {
         return t;
     }
@@ -459,6 +464,17 @@ pub fn refuse_if_held(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_debug_builds_take_the_clock_from_blockvault_now() {
+        let t = clock(Some("2100-01-01T00:00:00Z"));
+        if cfg!(debug_assertions) {
+            assert_eq!(format_time(t), "2100-01-01T00:00:00Z");
+        } else {
+            assert!(t < parse_until("2100-01-01").unwrap(), "release ignores it");
+        }
+        assert!(clock(Some("not a time")) < parse_until("2100-01-01").unwrap());
+    }
 
     #[test]
     fn locks_take_the_latest_date_and_compliance_applies() {
