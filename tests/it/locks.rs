@@ -345,6 +345,26 @@ fn lock_days_policy_backups_survive_api_delete_and_prune_until_the_date() {
     );
     assert!(st == 400 || st == 409, "{st} {body}");
     assert!(manifest_of(&env.vault_dir(), &first).exists());
+    // The CLI with --server extends it over the API; a remote delete is refused with 4.
+    let remote = |args: &[&str]| {
+        env.cmd()
+            .envs(crate::appliance::trust_env(&srv.url))
+            .args(["--server", &srv.url, "--token", &admin])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = remote(&["backups", "lock", &first, "--until", "2099-01-01"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = remote(&["backups", "delete", &first]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("locked until 2099-01-01T00:00:00Z"),
+        "{}",
+        stderr(&o)
+    );
+    let detail = srv.ok("GET", &format!("/backups/{first}"), &admin, None, 200);
+    assert_eq!(detail["locked_until"], "2099-01-01T00:00:00Z", "{detail}");
 
     // It restores byte-exact.
     let out = env.path("first.qcow2");
@@ -358,8 +378,19 @@ fn lock_days_policy_backups_survive_api_delete_and_prune_until_the_date() {
     let srv = Appliance::start_env(&env, &[], &[("BLOCKVAULT_NOW", &later)]);
     let t3 = run_policy(&srv, &admin, "locked");
     assert_eq!(t3["state"], "succeeded", "{t3}");
+    // The second backup's 30 days are over: pruned. The first one was extended to 2099:
+    // kept, and the log says so.
     let autos = auto_backups(&srv, &admin);
-    assert_eq!(autos.len(), 1, "{autos:?}");
-    assert!(!manifest_of(&env.vault_dir(), &first).exists());
+    assert_eq!(autos.len(), 2, "{autos:?}");
+    assert!(manifest_of(&env.vault_dir(), &first).exists());
+    assert!(
+        t3["log"].to_string().contains(&format!(
+            "retention skipped {first}: locked until 2099-01-01T00:00:00Z"
+        )),
+        "{t3}"
+    );
     assert!(srv.stop());
+    // After 2099 it goes too.
+    let o = run_at(&env, "2099-01-01T00:00:01Z", &["backups", "delete", &first]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
