@@ -19,6 +19,9 @@
 //!    blobs stay in place, byte for byte, until its date. A lock recorded in the
 //!    journal for a backup whose manifest is gone stops GC (`Corrupt`): something
 //!    deleted it outside blockvault, and GC frees nothing until that is looked at.
+//!    The journal is read once, at the start: a lock recorded while GC runs keeps its
+//!    backup's packs in place from the next GC on (this one may still move them; their
+//!    blobs are copied, never lost).
 //! 4. New packs are durable, then the lookup index is switched to them and made to agree
 //!    with the trailers of every surviving pack (`lookup::TrailerScan`; rows it still has
 //!    to fix are reported as `index_repaired`), then the old packs are deleted. A crash

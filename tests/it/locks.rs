@@ -309,6 +309,16 @@ fn lock_days_policy_backups_survive_api_delete_and_prune_until_the_date() {
         ),
         201,
     );
+    // A compliance vault over the API: its period shows in the vault's view.
+    srv.ok(
+        "POST",
+        "/vaults",
+        &admin,
+        Some(json!({"name": "worm", "compliance_days": 3})),
+        201,
+    );
+    let worm = srv.ok("GET", "/vaults/worm", &admin, None, 200);
+    assert_eq!(worm["compliance_days"], 3, "{worm}");
     let t1 = run_policy(&srv, &admin, "locked");
     assert_eq!(t1["state"], "succeeded", "{t1}");
     let t2 = run_policy(&srv, &admin, "locked");
