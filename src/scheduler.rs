@@ -78,7 +78,9 @@ fn run_backup_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> R
                 let m = backup_resource(&data, &res, &opts)?;
                 ctx.log(format!("backup {} ({}) done", m.name, m.id));
                 let app = App::open(&data)?;
+                lock_for_policy(&app, &policy, &m, ctx)?;
                 let decisions = prune(&app, &res, &policy.retention, true)?;
+                log_skipped(&decisions, ctx);
                 let pruned: Vec<&str> = decisions
                     .iter()
                     .filter(|d| !d.keep)
@@ -100,6 +102,34 @@ fn run_backup_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> R
         ids.push(id);
     }
     Ok(ids)
+}
+
+/// A backup policy's `lock_days`: lock the backup it just made, and say so in the log.
+fn lock_for_policy(
+    app: &App,
+    policy: &Policy,
+    m: &crate::manifest::BackupManifest,
+    ctx: &crate::task::TaskCtx,
+) -> Result<()> {
+    if let Some(days) = policy.lock_days {
+        let st = app.lock_backup_days(&m.id, days, &format!("policy {}", policy.name))?;
+        if let Some(u) = st.until {
+            let u = crate::vault::retention::format_time(u);
+            ctx.log(format!("backup {} locked until {u}", m.name));
+        }
+    }
+    Ok(())
+}
+
+/// Log the backups retention would have deleted but a lock or protection kept.
+fn log_skipped(decisions: &[crate::policy::Decision], ctx: &crate::task::TaskCtx) {
+    for d in decisions.iter().filter(|d| d.keep) {
+        for r in &d.reasons {
+            if r.starts_with("locked until") || r.starts_with("not deleted") {
+                ctx.log(format!("retention skipped {}: {r}", d.id));
+            }
+        }
+    }
 }
 
 /// The scheduler thread.

@@ -22,7 +22,8 @@
 //!
 //! A resource's backups are identified in the vault by the resource name (its disk id,
 //! or its server name). Policy backups are named `autobk_<yyyymmdd-hhmmss>`; retention
-//! prunes only `autobk_` backups of the policy's resources, never protected ones, and
+//! prunes only `autobk_` backups of the policy's resources, never protected or locked ones
+//! (a locked backup is kept with the reason `locked until DATE`, and the task log says so), and
 //! never one-off (`manualbk_…` or named) backups.
 
 use std::collections::BTreeMap;
@@ -267,6 +268,10 @@ pub struct Policy {
     /// file's `[scheduler] gc_after_prune`, true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gc_after_prune: Option<bool>,
+    /// backup: lock every backup the policy makes for this many days (recorded in the
+    /// vault's lock journal: nothing deletes it before then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_days: Option<u32>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -295,6 +300,12 @@ impl Policy {
                 if self.repack_below.is_some() {
                     return refuse("repack_below", "gc");
                 }
+                if self.lock_days.is_some_and(|d| d == 0 || d > 36_500) {
+                    return Err(Error::config(format!(
+                        "policy {}: lock_days must be between 1 and 36500",
+                        self.name
+                    )));
+                }
                 for r in &self.resources {
                     app.catalog()
                         .get_named::<Resource>(crate::catalog::Table::Resources, r)?;
@@ -306,6 +317,9 @@ impl Policy {
                 }
                 if self.gc_after_prune.is_some() {
                     return refuse("gc_after_prune", "backup");
+                }
+                if self.lock_days.is_some() {
+                    return refuse("lock_days", "backup");
                 }
                 if self.vaults.is_empty() {
                     return Err(Error::config(format!(
@@ -507,10 +521,32 @@ pub fn prune(
             protected: app.catalog().is_protected(&b.manifest.id)?,
         });
     }
-    let decisions = plan(retention, &candidates, OffsetDateTime::now_utc());
-    if apply {
-        for d in decisions.iter().filter(|d| !d.keep) {
-            app.delete_backup(&d.id)?;
+    let mut decisions = plan(retention, &candidates, OffsetDateTime::now_utc());
+    // A backup under a retention lock is skipped, never deleted, and the prune goes on:
+    // it is kept with the reason `locked until DATE`.
+    for d in decisions.iter_mut().filter(|d| !d.keep) {
+        let held = match backups.iter().find(|b| b.manifest.id == d.id) {
+            Some(b) => app.lock_status(b)?.locked_until(),
+            None => None,
+        };
+        if let Some(until) = held {
+            d.keep = true;
+            d.reasons.push(format!(
+                "locked until {}",
+                crate::vault::retention::format_time(until)
+            ));
+            continue;
+        }
+        if apply {
+            match app.delete_backup(&d.id) {
+                Ok(_) => {}
+                // Locked or protected meanwhile (a second appliance): skip it.
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    d.keep = true;
+                    d.reasons.push(format!("not deleted: {}", e.context()));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(decisions)

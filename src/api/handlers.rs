@@ -71,6 +71,8 @@ struct NewVault {
     chunk_size: Option<String>,
     zstd_level: Option<i32>,
     capacity: Option<u64>,
+    /// Compliance mode: every backup locked at least this many days (fixed for life).
+    compliance_days: Option<u32>,
 }
 
 pub async fn create_vault(
@@ -83,7 +85,8 @@ pub async fn create_vault(
         None => ChunkSize::new(crate::chunk::DEFAULT_CHUNK_SIZE)?,
     };
     st.run(move |_, app| {
-        app.create_vault(&v.name, v.path.as_deref(), cs, v.zstd_level.unwrap_or(1))?;
+        let zstd = v.zstd_level.unwrap_or(1);
+        app.create_vault_with(&v.name, v.path.as_deref(), cs, zstd, v.compliance_days)?;
         if v.capacity.is_some() {
             app.set_capacity(&v.name, v.capacity)?;
         }
@@ -318,23 +321,6 @@ pub async fn delete_backup(State(st): State<Shared>, Path(id): Path<String>) -> 
         let m = app.delete_backup(&entry.manifest.id)?;
         st.figures.request(Some(&entry.vault));
         Ok(Json(json!({"deleted": m.id, "name": m.name})))
-    })
-    .await
-}
-
-pub async fn protect_backup(
-    State(st): State<Shared>,
-    Path(id): Path<String>,
-    body_v: Option<Json<Value>>,
-) -> R<Json<Value>> {
-    let protect = match body_v {
-        Some(Json(v)) => v.get("protected").and_then(Value::as_bool).unwrap_or(true),
-        None => true,
-    };
-    st.run(move |_, app| {
-        let entry = app.find_backup(&id)?;
-        app.catalog().set_protected(&entry.manifest.id, protect)?;
-        Ok(Json(json!({"id": entry.manifest.id, "protected": protect})))
     })
     .await
 }

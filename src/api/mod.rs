@@ -8,7 +8,7 @@
 //! nothing more (for probes; not audited; see [`ANONYMOUS`]). The route table
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
 //! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
-//! also manages vaults, resources, policies and tokens and runs GC): a weaker role gets 403. Every call with a
+//! also manages vaults, resources, policies and tokens, locks backups and runs GC): a weaker role gets 403. Every call with a
 //! token or refused, goes to the audit log with the token's name. The same table generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
@@ -42,6 +42,7 @@
 mod audit;
 mod handlers;
 pub mod listen;
+mod locks;
 mod maintenance;
 mod openapi;
 
@@ -219,7 +220,8 @@ routes! {
     GET "/backups" Auditor "List backups (?vault=&resource=)" => handlers::list_backups;
     GET "/backups/{id}" Auditor "A backup with its sizes" => handlers::get_backup;
     DELETE "/backups/{id}" Operator "Delete a backup" => handlers::delete_backup;
-    POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => handlers::protect_backup;
+    POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => locks::protect_backup;
+    POST "/backups/{id}/lock" Admin "Lock a backup until a date (extend only)" => locks::lock_backup;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;

@@ -148,6 +148,9 @@ impl App {
     pub(super) fn vault_info_from(&self, name: &str, f: VaultFigures) -> Result<VaultInfo> {
         let entry = self.catalog.vault(name)?;
         let (backups, logical_bytes) = self.catalog.vault_backup_totals(name)?;
+        let compliance_days = Vault::open(&entry.path)
+            .ok()
+            .and_then(|v| v.config().compliance_days);
         Ok(VaultInfo {
             name: entry.name,
             path: entry.path.display().to_string(),
@@ -165,6 +168,7 @@ impl App {
                 logical_bytes as f64 / f.stored_bytes as f64
             },
             capacity: f.capacity,
+            compliance_days,
             usage_computed_at: f.computed_at,
         })
     }

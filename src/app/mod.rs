@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 mod figures;
+mod locks;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
+pub use locks::cli_actor;
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
@@ -60,6 +62,9 @@ pub struct VaultInfo {
     pub packs: usize,
     pub dedup_ratio: f64,
     pub capacity: Option<u64>,
+    /// Compliance mode: every backup locked at least this many days (see `vault::retention`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compliance_days: Option<u32>,
     /// When the pack and stored figures were computed (RFC 3339): the service serves
     /// them from the catalog and refreshes them after backups, deletes and GC.
     pub usage_computed_at: String,
@@ -124,6 +129,19 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
     ) -> Result<VaultEntry> {
+        self.create_vault_with(name, path, chunk_size, zstd_level, None)
+    }
+
+    /// [`App::create_vault`], in compliance mode with `compliance_days` (every backup
+    /// locked at least that long; fixed for the vault's life).
+    pub fn create_vault_with(
+        &self,
+        name: &str,
+        path: Option<&Path>,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+    ) -> Result<VaultEntry> {
         if name.is_empty()
             || !name
                 .chars()
@@ -139,7 +157,7 @@ impl App {
             )));
         }
         let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
-        let vault = Vault::create(&path, chunk_size, zstd_level)?;
+        let vault = Vault::create_with(&path, chunk_size, zstd_level, compliance_days)?;
         let entry = VaultEntry {
             name: name.into(),
             path: std::fs::canonicalize(&path).unwrap_or(path),
@@ -199,6 +217,14 @@ impl App {
         vault.lookup()?.rebuild(vault.store().as_ref())?;
         let manifests = vault.manifests()?;
         self.catalog.replace_backups(name, &manifests)?;
+        if let Err(e) = self.sync_protection(name) {
+            // The backups are known; deletes stay refused while the journal is damaged.
+            let w = format!("vault {name}: protections not read from its lock journal: {e}");
+            tracing::warn!("{w}");
+            if let Ok(mut ws) = self.warnings.lock() {
+                ws.push(w);
+            }
+        }
         Ok(manifests.len())
     }
 
@@ -385,18 +411,9 @@ impl App {
     /// Delete a backup: its manifest goes; GC frees what nothing else uses.
     pub fn delete_backup(&self, id_or_name: &str) -> Result<BackupManifest> {
         let entry = self.find_backup(id_or_name)?;
-        if self.catalog.is_protected(&entry.manifest.id)? {
-            return Err(Error::conflict(format!(
-                "backup {} is protected; unprotect it first",
-                entry.manifest.name
-            )));
-        }
         let vault = self.open_vault(&entry.vault)?;
-        match vault.delete_manifest(&entry.manifest) {
-            Ok(()) => {}
-            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        let catalog_protected = self.catalog.is_protected(&entry.manifest.id)?;
+        crate::vault::retention::delete_unless_held(&vault, &entry.manifest, catalog_protected)?;
         self.catalog.remove_backup(&entry.manifest.id)?;
         self.refresh_usage_logged(&entry.vault);
         Ok(entry.manifest)

@@ -64,6 +64,16 @@ impl App {
         v["bytes_freed_if_deleted"] = json!(bytes);
         v["bytes_freed_computed_at"] = json!(at);
         v["bytes_freed_stale"] = json!(fresh == super::Freshness::Stale);
+        // The lock journal is the truth for protection and locks (`locks.rs`).
+        match self.lock_status(entry) {
+            Ok(st) => {
+                v["protected"] = json!(st.protected);
+                v["locked_until"] =
+                    json!(st.locked_until().map(crate::vault::retention::format_time));
+                v["lock_reason"] = json!(st.locked_until().and(st.reason));
+            }
+            Err(e) => v["lock_error"] = json!(e.to_string()),
+        }
         Ok((v, fresh))
     }
 }

@@ -6,8 +6,9 @@
 //! The schema is versioned with `PRAGMA user_version` and migrated by the embedded,
 //! ordered [`MIGRATIONS`]; a catalog newer than this build is refused.
 //!
-//! The service's own state (tokens, resources, policies, tasks, audit, alerts, and the
-//! backups' protected flag) lives here too (`service`); that part is not in any vault.
+//! The service's own state (tokens, resources, policies, tasks, audit, alerts) lives here
+//! too (`service`); that part is not in any vault. The backups' protected flag here is a
+//! cache of the vault's lock journal (`vault::retention`), synced at rescan/attach.
 //! `figures` caches what is costly to compute from a vault (usage, the bytes only one
 //! backup references) so that the API serves them without walking the vault.
 //!

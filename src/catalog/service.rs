@@ -1,6 +1,6 @@
 //! The service's state in the catalog: API tokens (hashed) and roles, resources and
 //! policies (JSON bodies keyed by name), tasks, the audit log and alerts, and the
-//! protected flag of backups.
+//! protected flag of backups (a cache: the vault's lock journal is the truth).
 
 use std::collections::HashSet;
 

@@ -17,7 +17,8 @@ Exit status:
   1    failed for another reason (e.g. a task the appliance ran failed)
   2    usage: bad arguments, options or configuration
   3    not found: no such vault, backup, disk, file or task
-  4    conflict: name taken, vault in use, ambiguous id prefix, would overwrite
+  4    conflict: name taken, vault in use, ambiguous id prefix, would overwrite,
+       backup locked or protected
   5    corrupt data: a stored blob failed its check (verify found damage)
   6    invalid or unsupported input: an image, manifest or file format
   7    I/O error (disk full, permission denied, connection lost)
@@ -304,6 +305,10 @@ pub enum VaultCmd {
         /// zstd compression level of new chunks.
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
+        /// Compliance mode: lock every backup for at least N days after its creation
+        /// (fixed for the vault's life; nothing deletes a backup before then).
+        #[arg(long, value_name = "N")]
+        compliance_days: Option<u32>,
     },
     /// List vaults.
     List,
@@ -352,6 +357,29 @@ pub enum BackupsCmd {
         /// Disk id or server name, for `latest`.
         #[arg(long)]
         disk: Option<String>,
+    },
+    /// Lock a backup until a date: nothing deletes it before then (recorded in the
+    /// vault; a lock can be extended, never shortened).
+    Lock {
+        /// Backup id, unique id prefix or name; `latest` with --disk.
+        backup: String,
+        /// Disk id or server name, for `latest`.
+        #[arg(long)]
+        disk: Option<String>,
+        /// YYYY-MM-DD (00:00 UTC) or an RFC 3339 time.
+        #[arg(long)]
+        until: String,
+    },
+    /// Protect a backup from deletion until it is unprotected (recorded in the vault).
+    Protect {
+        /// Backup id, unique id prefix or name; `latest` with --disk.
+        backup: String,
+        /// Disk id or server name, for `latest`.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Remove the protection instead.
+        #[arg(long)]
+        off: bool,
     },
 }
 

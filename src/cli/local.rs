@@ -32,13 +32,15 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref path,
             ref chunk_size,
             zstd_level,
+            compliance_days,
         }) => {
             let app = App::open(&cli.data)?;
-            let v = app.create_vault(
+            let v = app.create_vault_with(
                 name,
                 path.as_deref(),
                 ChunkSize::parse(chunk_size)?,
                 zstd_level,
+                compliance_days,
             )?;
             if cli.json {
                 outln!(
@@ -97,6 +99,9 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     human(info.pack_bytes)
                 );
                 outln!("dedup ratio {:.2}", info.dedup_ratio);
+                if let Some(d) = info.compliance_days {
+                    outln!("compliance  every backup locked {d} days");
+                }
             }
         }
         Cmd::Vault(VaultCmd::Rescan { ref name }) => {
@@ -170,6 +175,54 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     "deleted backup {} ({}); run `gc` to free its space",
                     m.name,
                     m.id
+                );
+            }
+        }
+        Cmd::Backups(BackupsCmd::Lock {
+            ref backup,
+            ref disk,
+            ref until,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
+            let until = blockvault::vault::retention::parse_until(until)?;
+            let (entry, st) = app.lock_backup(&id, until, &blockvault::app::cli_actor())?;
+            let until = st.until.map(blockvault::vault::retention::format_time);
+            if cli.json {
+                outln!(
+                    "{}",
+                    json!({"id": entry.manifest.id, "name": entry.manifest.name,
+                           "locked_until": until, "lock_reason": st.reason})
+                );
+            } else if !cli.quiet {
+                outln!(
+                    "backup {} ({}) is locked until {}",
+                    entry.manifest.name,
+                    entry.manifest.id,
+                    until.unwrap_or_default()
+                );
+            }
+        }
+        Cmd::Backups(BackupsCmd::Protect {
+            ref backup,
+            ref disk,
+            off,
+        }) => {
+            let app = App::open(&cli.data)?;
+            let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
+            let entry = app.set_protected(&id, !off, &blockvault::app::cli_actor())?;
+            if cli.json {
+                outln!("{}", json!({"id": entry.manifest.id, "protected": !off}));
+            } else if !cli.quiet {
+                outln!(
+                    "backup {} ({}) is {}",
+                    entry.manifest.name,
+                    entry.manifest.id,
+                    if off {
+                        "no longer protected"
+                    } else {
+                        "protected"
+                    }
                 );
             }
         }
@@ -408,6 +461,9 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                         fixed.stale_rows,
                         fixed.missing_rows
                     );
+                }
+                for p in &report.lock_journal {
+                    outln!("lock journal damaged: {p}");
                 }
                 for d in &report.damage {
                     match d.offset {

@@ -171,6 +171,12 @@ pub fn print_backup_detail(cli: &Cli, v: &Value) -> Result<()> {
         u("bytes_freed_if_deleted")
     );
     outln!("protected   {}", s("protected"));
+    if let Some(u) = v["locked_until"].as_str() {
+        outln!(
+            "locked      until {u} ({})",
+            v["lock_reason"].as_str().unwrap_or("")
+        );
+    }
     let rows: Vec<Vec<String>> = v["disks"]
         .as_array()
         .into_iter()

@@ -79,8 +79,9 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             path,
             chunk_size,
             zstd_level,
+            compliance_days,
         }) => {
-            let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level});
+            let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level, "compliance_days": compliance_days});
             let v = r.call("POST", "/vaults", Some(&body))?;
             print(cli, &v, |v| {
                 format!(
@@ -157,6 +158,45 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
                     "deleted backup {} ({}); the appliance's GC frees its space",
                     v["name"].as_str().unwrap_or(""),
                     v["deleted"].as_str().unwrap_or("")
+                )
+            })?;
+        }
+        Cmd::Backups(BackupsCmd::Lock {
+            backup,
+            disk,
+            until,
+        }) => {
+            let b = r.call("GET", &backup_path(backup, disk.as_deref()), None)?;
+            let id = b["id"]
+                .as_str()
+                .context("the appliance sent no backup id")?;
+            let body = json!({ "until": until });
+            let v = r.call("POST", &format!("/backups/{}/lock", seg(id)), Some(&body))?;
+            print(cli, &v, |v| {
+                format!(
+                    "backup {} ({}) is locked until {}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["id"].as_str().unwrap_or(""),
+                    v["locked_until"].as_str().unwrap_or("")
+                )
+            })?;
+        }
+        Cmd::Backups(BackupsCmd::Protect { backup, disk, off }) => {
+            let b = r.call("GET", &backup_path(backup, disk.as_deref()), None)?;
+            let id = b["id"]
+                .as_str()
+                .context("the appliance sent no backup id")?;
+            let body = json!({ "protected": !off });
+            let v = r.call(
+                "POST",
+                &format!("/backups/{}/protect", seg(id)),
+                Some(&body),
+            )?;
+            print(cli, &v, |v| {
+                format!(
+                    "backup {} protected: {}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["protected"]
                 )
             })?;
         }
@@ -380,6 +420,9 @@ fn backup(cli: &Cli, r: &Remote, a: &BackupArgs) -> Result<i32> {
             "bytes_freed_if_deleted",
             "bytes_freed_computed_at",
             "bytes_freed_stale",
+            "locked_until",
+            "lock_reason",
+            "lock_error",
         ] {
             o.remove(k);
         }

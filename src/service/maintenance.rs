@@ -186,6 +186,9 @@ pub fn verify_vault(app: &App, vault: &str, req: &VerifyRequest, ctx: &TaskCtx) 
             d.backup_name, d.backup_id, d.disk, d.what
         ));
     }
+    for p in &report.lock_journal {
+        ctx.log(format!("lock journal damaged: {p}"));
+    }
     if !report.is_clean() {
         let mut hurt: Vec<String> = report
             .damage
@@ -198,10 +201,18 @@ pub fn verify_vault(app: &App, vault: &str, req: &VerifyRequest, ctx: &TaskCtx) 
         } else {
             format!("damaged backups: {}", hurt.join(", "))
         };
+        let journal = if report.lock_journal.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " The lock journal is damaged ({}); restore it from a copy of the vault.",
+                report.lock_journal.join("; ")
+            )
+        };
         return Err(Error::corrupt(format!(
             "vault {vault}: verify found {} corrupt blob(s); {hurt}. Restore those from another \
              copy or back the resources up again (a new backup stores good copies); see the \
-             task log for every damaged place",
+             task log for every damaged place.{journal}",
             report.corrupt_blobs.len()
         )));
     }

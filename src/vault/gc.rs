@@ -14,6 +14,14 @@
 //!    below `repack_below` percent is rewritten: each kept blob is decoded and its digest
 //!    checked as it is copied (a rotten blob is not carried forward; it is reported with
 //!    the backups that reach it) into new packs.
+//!    A pack that holds a blob of a locked backup (see `retention`: a lock date after
+//!    now, or compliance mode) is neither deleted nor rewritten: a locked backup's
+//!    blobs stay in place, byte for byte, until its date. A lock recorded in the
+//!    journal for a backup whose manifest is gone stops GC (`Corrupt`): something
+//!    deleted it outside blockvault, and GC frees nothing until that is looked at.
+//!    The journal is read once, at the start: a lock recorded while GC runs keeps its
+//!    backup's packs in place from the next GC on (this one may still move them; their
+//!    blobs are copied, never lost).
 //! 4. New packs are durable, then the lookup index is switched to them and made to agree
 //!    with the trailers of every surviving pack (`lookup::TrailerScan`; rows it still has
 //!    to fix are reported as `index_repaired`), then the old packs are deleted. A crash
@@ -60,6 +68,10 @@ pub struct GcStats {
     pub backups: usize,
     /// Backups pinned by running readers (marked live even if deleted).
     pub pinned_backups: usize,
+    /// Backups under a retention lock (their packs are left as they are).
+    pub locked_backups: usize,
+    /// Packs kept as they are because they hold blobs of locked backups.
+    pub packs_kept_locked: usize,
     pub live_blobs: usize,
     pub packs_before: usize,
     pub packs_after: usize,
@@ -108,6 +120,40 @@ pub fn gc_with_progress(
         let who = || format!("backup {} ({})", m.name, m.id);
         mark(vault, &lookup, &m.disks, &mut visited, &mut live, &who)?;
     }
+    // Blobs of locked backups: their packs stay as they are.
+    let journal = super::retention::Journal::load(store.as_ref())?;
+    let now = super::retention::now();
+    let ids: HashSet<&str> = manifests.iter().map(|m| m.id.as_str()).collect();
+    if let Some((id, until)) = journal
+        .locked_ids(now)
+        .into_iter()
+        .find(|(id, _)| !ids.contains(id.as_str()))
+    {
+        return Err(crate::error::Error::corrupt(format!(
+            "GC stopped: backup {id} is locked until {} but its manifest is gone from the              vault (deleted outside blockvault?); restore the manifest from a copy of the              vault, or run GC after that date",
+            super::retention::format_time(until)
+        )));
+    }
+    let mut locked = DigestSet::new()?;
+    let mut locked_backups = 0;
+    let mut locked_visited = HashSet::new();
+    for m in &manifests {
+        if journal
+            .status(m, vault.config().compliance_days)
+            .locked_at(now)
+        {
+            locked_backups += 1;
+            let who = || format!("locked backup {} ({})", m.name, m.id);
+            mark(
+                vault,
+                &lookup,
+                &m.disks,
+                &mut locked_visited,
+                &mut locked,
+                &who,
+            )?;
+        }
+    }
     // Pins second (after the manifests: see `pin`): pinned backups stay live even when
     // their manifests were deleted.
     let pins = super::pin::live_pins(vault.root())?;
@@ -125,6 +171,7 @@ pub fn gc_with_progress(
 
     let mut stats = GcStats {
         pinned_backups: pins.iter().map(|p| p.backups.len()).sum(),
+        locked_backups,
         backups: manifests.len(),
         live_blobs: live.len() as usize,
         ..GcStats::default()
@@ -190,7 +237,26 @@ pub fn gc_with_progress(
             }
         }
         let live_bytes: u64 = keep.iter().map(|e| e.length as u64).sum();
-        if keep.is_empty() {
+        let mut holds_locked = false;
+        if locked_backups > 0 {
+            for e in &entries {
+                if locked.contains(&e.digest)? {
+                    holds_locked = true;
+                    break;
+                }
+            }
+        }
+        if holds_locked {
+            // A locked backup's blobs stay where they are (see the module doc).
+            if keep.is_empty() || live_bytes * 100 < total * repack_below as u64 {
+                stats.packs_kept_locked += 1;
+            }
+            for e in &keep {
+                kept.insert(&e.digest)?;
+            }
+            scan.add_pack(&PackInfo { id, size, entries }, &bad)?;
+            surviving.push(id);
+        } else if keep.is_empty() {
             stats.packs_deleted += 1;
             stats.blobs_removed += entries.len() as u64;
             old_packs.push(id);

@@ -10,7 +10,12 @@
 //! <vault>/cache/lookup.sqlite             chunk lookup index (a cache of the pack trailers)
 //! <vault>/bad-blobs                       copies verify found rotten (see `badblobs`)
 //! <vault>/locks/vault.lock                shared by backups and verify, exclusive for GC
+//! <vault>/locks/retention.journal         protection and retention locks (see `retention`)
 //! ```
+//!
+//! A vault created in compliance mode (`compliance_days` in `vault.toml`, set at creation
+//! and never changed: no command writes it afterwards, and the journal records it too)
+//! locks every backup for at least that many days after its creation.
 //!
 //! Locks and pins (`locks/vault.lock` is an flock; pins are files, see `pin`):
 //!
@@ -32,6 +37,7 @@ pub mod gc;
 pub mod lookup;
 pub mod pack;
 pub mod pin;
+pub mod retention;
 pub mod store;
 pub mod verify;
 pub mod walk;
@@ -66,6 +72,10 @@ pub struct VaultConfig {
     /// Optional capacity limit in bytes of stored data.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
+    /// Compliance mode: every backup is locked for at least this many days after its
+    /// creation. Chosen at creation, never changed (see `retention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance_days: Option<u32>,
 }
 
 /// A copy found in the pack trailers: where, and its decoded kind and bytes.
@@ -86,6 +96,23 @@ pub struct VaultLock {
 impl Vault {
     /// Create a new vault in `root` (which must not hold one yet).
     pub fn create(root: &Path, chunk_size: ChunkSize, zstd_level: i32) -> Result<Vault> {
+        Vault::create_with(root, chunk_size, zstd_level, None)
+    }
+
+    /// [`Vault::create`], in compliance mode when `compliance_days` is given: every
+    /// backup is then locked for at least that many days (recorded in `vault.toml` and
+    /// in the lock journal).
+    pub fn create_with(
+        root: &Path,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+    ) -> Result<Vault> {
+        if compliance_days == Some(0) || compliance_days.is_some_and(|d| d > 36_500) {
+            return Err(Error::config(
+                "compliance days must be between 1 and 36500 (100 years)",
+            ));
+        }
         if !(1..=19).contains(&zstd_level) {
             return Err(Error::config(format!(
                 "zstd level {zstd_level} must be between 1 and 19"
@@ -110,11 +137,16 @@ impl Vault {
             pack_target: DEFAULT_PACK_TARGET,
             created: crate::manifest::now_rfc3339(),
             capacity: None,
+            compliance_days,
         };
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
         write_atomic(&cfg_path, text.as_bytes())?;
-        Vault::open(root)
+        let vault = Vault::open(root)?;
+        if let Some(days) = compliance_days {
+            retention::record_compliance(&vault, days, "vault create")?;
+        }
+        Ok(vault)
     }
 
     /// Open the vault in `root`.

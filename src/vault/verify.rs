@@ -71,11 +71,15 @@ pub struct VerifyReport {
     pub damage: Vec<Damage>,
     /// What the lookup index had wrong (fixed from the trailers).
     pub index_repaired: IndexRepair,
+    /// Faults of the lock journal (`retention`): a broken or truncated chain, a locked
+    /// backup whose manifest is gone.
+    #[serde(default)]
+    pub lock_journal: Vec<String>,
 }
 
 impl VerifyReport {
     pub fn is_clean(&self) -> bool {
-        self.corrupt_blobs.is_empty() && self.damage.is_empty()
+        self.corrupt_blobs.is_empty() && self.damage.is_empty() && self.lock_journal.is_empty()
     }
 }
 
@@ -317,6 +321,14 @@ pub fn verify_paced(
         }
     }
     report.damage = damage;
+    report.lock_journal = super::retention::check(
+        store.as_ref(),
+        if only.is_none() {
+            Some(manifests)
+        } else {
+            None
+        },
+    )?;
     Ok(report)
 }
 

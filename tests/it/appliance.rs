@@ -72,8 +72,14 @@ pub fn agent_for(fingerprint: Option<&str>) -> ureq::Agent {
 impl Appliance {
     /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config).
     pub fn start(env: &Env, extra: &[&str]) -> Appliance {
+        Appliance::start_env(env, extra, &[])
+    }
+
+    /// [`Appliance::start`] with extra environment variables (e.g. `BLOCKVAULT_NOW`).
+    pub fn start_env(env: &Env, extra: &[&str], vars: &[(&str, &str)]) -> Appliance {
         let mut child = env
             .cmd()
+            .envs(vars.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())

@@ -17,6 +17,7 @@ mod limits;
 mod live;
 mod live_names;
 mod live_settings;
+mod locks;
 mod maintenance;
 mod nbd;
 mod nbd_server;
