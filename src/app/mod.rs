@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+mod drills;
 mod figures;
 mod restores;
 mod views;

@@ -38,6 +38,7 @@ impl App {
             "note": d.and_then(|d| d.note.clone()),
             "seconds": m.seconds,
             "protected": self.catalog().is_protected(&m.id).unwrap_or(false),
+            "verified_boot": self.catalog().last_drill(&m.id).ok().flatten(),
             "capture": m.capture,
             "disks": m.disks,
         })
