@@ -157,6 +157,7 @@ pub fn run_drill(
     cancel: &AtomicBool,
     progress: &dyn Fn(&str),
 ) -> Result<VerifiedBoot> {
+    vm::check_options(opts)?;
     if m.disks.is_empty() {
         return Err(Error::invalid(format!("backup {} has no disks", m.name)));
     }

@@ -44,6 +44,21 @@ impl Bus {
     }
 }
 
+/// Refuse options that cannot work, before anything starts.
+pub(super) fn check_options(opts: &DrillOptions) -> Result<()> {
+    if let Some(b) = &opts.bus
+        && Bus::parse(b).is_none()
+    {
+        return Err(Error::config(format!(
+            "disk bus {b:?}: expected sata, virtio, ide, scsi or nvme"
+        )));
+    }
+    if opts.timeout.is_zero() {
+        return Err(Error::config("the drill's timeout must be more than 0 s"));
+    }
+    Ok(())
+}
+
 /// Everything QEMU is started with, except the accelerator.
 pub(super) struct Plan {
     disks: Vec<(Served, Bus)>,
