@@ -40,6 +40,7 @@
 //! listener's business: see [`listen`].
 
 mod audit;
+mod drill;
 mod handlers;
 pub mod listen;
 mod maintenance;
@@ -220,6 +221,7 @@ routes! {
     GET "/backups/{id}" Auditor "A backup with its sizes" => handlers::get_backup;
     DELETE "/backups/{id}" Operator "Delete a backup" => handlers::delete_backup;
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => handlers::protect_backup;
+    POST "/backups/{id}/drill" Operator "Boot a backup in a throwaway VM (recovery drill task)" => drill::drill_backup;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;

@@ -18,6 +18,8 @@ use crate::manifest::BackupManifest;
 const POLL: Duration = Duration::from_millis(200);
 /// What SeaBIOS prints when no disk boots (then it waits 60 s and reboots).
 const NO_BOOT: &str = "No bootable device";
+/// util-linux's setpriv, to tie QEMU's life to ours.
+const SETPRIV: &str = "/usr/bin/setpriv";
 /// SATA ports of q35's AHCI controller.
 const AHCI_PORTS: usize = 6;
 
@@ -356,7 +358,16 @@ fn attempt(
         opts.check
     ));
     let start = Instant::now();
-    let child = Command::new("qemu-system-x86_64")
+    // setpriv(1) --pdeathsig: QEMU is killed with us even if we die without unwinding
+    // (SIGKILL, abort), so no drill VM outlives the process that watches it.
+    let mut cmd = if Path::new(SETPRIV).exists() {
+        let mut c = Command::new(SETPRIV);
+        c.args(["--pdeathsig", "KILL", "qemu-system-x86_64"]);
+        c
+    } else {
+        Command::new("qemu-system-x86_64")
+    };
+    let child = cmd
         .args(plan.args(accel, opts))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
