@@ -12,9 +12,11 @@
 //!      [agent: virtio-serial org.qemu.guest_agent.0 → <run>/qga.sock]
 //!      [port:N: -nic user,restrict=on,hostfwd=tcp:127.0.0.1:P-:N]
 //! ```
-//! `<run>` is a private temporary directory (sockets, overlays), removed with everything
-//! in it when the drill ends however it ends (success, failure, timeout, cancel, error):
-//! QEMU is killed and reaped, the NBD servers are stopped and joined, their sockets go.
+//! `<run>` is a private temporary directory (sockets, overlays, our pid), removed with
+//! everything in it when the drill ends however it ends (success, failure, timeout,
+//! cancel, error): QEMU is killed and reaped, the NBD servers are stopped and joined,
+//! their sockets go. Should the drilling process itself be killed (SIGKILL), QEMU dies
+//! with it (`setpriv --pdeathsig KILL`) and the next drill removes the orphaned `<run>`.
 //! `<drill>` = `<data>/drills/<backup-id>/<yyyymmddThhmmssZ>/` keeps what the drill
 //! shows: `console.log`, `firmware.log`, `qemu.log` (QEMU's stderr) and the VGA
 //! screenshot (`screenshot.png`, or `.ppm` from a QEMU without PNG `screendump`).
@@ -178,10 +180,13 @@ pub fn run_drill(
     let dir = drills_dir.join(&m.id).join(&stamp);
     crate::restore::partial::create_private_dir(&dir)?;
     let _pin = vault.pin(&[m])?;
+    sweep_stale_runs(&std::env::temp_dir());
     let run = tempfile::Builder::new()
-        .prefix("blockvault-drill-")
+        .prefix(RUN_PREFIX)
         .tempdir()
         .map_err(|e| Error::io("creating the drill's temporary directory", e))?;
+    std::fs::write(run.path().join("pid"), std::process::id().to_string())
+        .map_err(|e| Error::io(format!("writing {}/pid", run.path().display()), e))?;
     progress(&format!(
         "serving {} disk(s) of backup {} over NBD",
         m.disks.len(),
@@ -218,6 +223,33 @@ pub fn run_drill(
     })
 }
 
+/// Name prefix of the run directories in the temp dir.
+const RUN_PREFIX: &str = "blockvault-drill-";
+
+/// Remove the run directories of drills whose process is gone (killed before it could
+/// clean up: its QEMU died with it, see `vm`). A directory without a readable pid, or
+/// whose process still exists, is left alone.
+fn sweep_stale_runs(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(RUN_PREFIX) {
+            continue;
+        }
+        let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing {} (its drill died)", e.path().display());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// The last `max` bytes of `path` (from a line start when there is one), lossily UTF-8.
 fn tail(path: &Path, max: usize) -> String {
     let Ok(b) = std::fs::read(path) else {
@@ -244,6 +276,29 @@ mod tests {
         assert_eq!(tail(&p, 100), "first line\nsecond\nthird\n");
         assert_eq!(tail(&p, 10), "third\n");
         assert_eq!(tail(&d.path().join("none"), 10), "");
+    }
+
+    #[test]
+    fn only_runs_of_dead_drills_are_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let mk = |name: &str, pid: Option<&str>| {
+            let p = d.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            if let Some(pid) = pid {
+                std::fs::write(p.join("pid"), pid).unwrap();
+            }
+            p
+        };
+        let dead = mk("blockvault-drill-dead", Some("4194304999"));
+        let alive = mk(
+            "blockvault-drill-alive",
+            Some(&std::process::id().to_string()),
+        );
+        let unknown = mk("blockvault-drill-nopid", None);
+        let other = mk("someone-else", Some("4194304999"));
+        sweep_stale_runs(d.path());
+        assert!(!dead.exists());
+        assert!(alive.exists() && unknown.exists() && other.exists());
     }
 
     #[test]

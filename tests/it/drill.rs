@@ -598,3 +598,53 @@ fn a_drill_policy_proves_each_server_bootable_on_schedule_and_alerts_on_a_failed
     assert!(left.is_empty(), "{left:?}");
     assert!(srv.stop());
 }
+
+#[test]
+fn a_killed_drill_takes_its_vm_along_and_the_next_drill_sweeps_its_leftovers() {
+    let t = Drill::new();
+    let img = t.env.path("g.img");
+    disk(&img, &boot_sector("guest up\r\n"), 4 << 20);
+    t.backup_named(&[img.to_str().unwrap()], "g", "g");
+    let mut child = t
+        .cmd(&[
+            "g",
+            "--check",
+            "console:NEVER",
+            "--timeout",
+            "600",
+            "--accel",
+            "tcg",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let needle = t.env.dir.path().display().to_string();
+    let qemu = || {
+        processes_mentioning(&needle)
+            .into_iter()
+            .filter(|p| p.contains("qemu-system"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qemu().is_empty() {
+        assert!(Instant::now() < deadline, "QEMU never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL: no unwinding, no cleanup of ours runs
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qemu().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU outlived its drill: {:?}",
+            qemu()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Its run dir is still there; the next drill removes it and cleans up after itself.
+    assert_eq!(std::fs::read_dir(&t.tmp).unwrap().count(), 1);
+    let (code, v) = t.drill(&["g", "--check", "console:guest up", "--accel", "tcg"]);
+    assert_eq!(code, 0, "{v:#}");
+    t.assert_clean();
+}
