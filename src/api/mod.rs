@@ -495,7 +495,7 @@ pub fn run_appliance(
         // A failed task changed nothing that counts (a failed backup removes its packs),
         // so a burst of failures costs no walks.
         if t.state == crate::task::TaskState::Succeeded
-            && !matches!(t.kind.as_str(), "restore" | "verify")
+            && !matches!(t.kind.as_str(), "restore" | "verify" | "drill")
         {
             hook_state.figures.request(None);
         }

@@ -92,11 +92,20 @@ pub(super) enum Probe {
     },
     Port {
         addr: SocketAddr,
+        guest_port: u16,
+        qmp: PathBuf,
+        conn: Option<TcpStream>,
     },
 }
 
 impl Probe {
-    pub(super) fn new(check: &Check, console: &Path, qga: &Path, host_port: u16) -> Result<Probe> {
+    pub(super) fn new(
+        check: &Check,
+        console: &Path,
+        qga: &Path,
+        qmp: &Path,
+        host_port: u16,
+    ) -> Result<Probe> {
         Ok(match check {
             Check::Console(r) => Probe::Console {
                 re: regex::Regex::new(r)
@@ -108,8 +117,11 @@ impl Probe {
             Check::Agent => Probe::Agent {
                 socket: qga.to_path_buf(),
             },
-            Check::Port(_) => Probe::Port {
+            Check::Port(p) => Probe::Port {
                 addr: SocketAddr::from(([127, 0, 0, 1], host_port)),
+                guest_port: *p,
+                qmp: qmp.to_path_buf(),
+                conn: None,
             },
         })
     }
@@ -149,31 +161,54 @@ impl Probe {
                 qga.sync(deadline, Some(cancel)).is_ok()
                     && qga.command("guest-ping", deadline, Some(cancel)).is_ok()
             }
-            Probe::Port { addr } => port_open(addr),
+            Probe::Port {
+                addr,
+                guest_port,
+                qmp,
+                conn,
+            } => {
+                // Hold one connection through the forward; slirp accepts it at once and
+                // connects on to the guest, closing ours if the guest refuses.
+                if let Some(c) = conn.as_mut() {
+                    let mut b = [0u8; 64];
+                    if matches!(c.read(&mut b), Ok(0)) {
+                        *conn = None;
+                    }
+                }
+                if conn.is_none() {
+                    *conn = TcpStream::connect_timeout(addr, Duration::from_secs(1))
+                        .ok()
+                        .filter(|c| c.set_nonblocking(true).is_ok());
+                    return false;
+                }
+                let Ok(mut q) = crate::qmp::Qmp::connect(qmp, Duration::from_secs(5)) else {
+                    return false;
+                };
+                q.execute_value(
+                    "human-monitor-command",
+                    serde_json::json!({"command-line": "info usernet"}),
+                )
+                .ok()
+                .and_then(|v| v.as_str().map(|t| usernet_established(t, *guest_port)))
+                .unwrap_or(false)
+            }
         }
     }
 }
 
-/// Whether a connection through slirp's forward reaches a listening guest socket: slirp
-/// accepts on the host side first and closes at once when the guest refuses.
-fn port_open(addr: &SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(addr, Duration::from_secs(1)) else {
-        return false;
-    };
-    if s.set_read_timeout(Some(Duration::from_millis(1500)))
-        .is_err()
-    {
-        return false;
-    }
-    let mut b = [0u8; 1];
-    match s.read(&mut b) {
-        Ok(0) => false,
-        Ok(_) => true,
-        Err(e) => matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
+/// Whether slirp's connection table (`info usernet`) holds an established connection to
+/// `port` in the guest: the guest accepted a forwarded connection.
+/// ```text
+///   Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+///   TCP[ESTABLISHED]   17       127.0.0.1 18080       10.0.2.15  8080     0     0
+///   TCP[HOST_FORWARD]  13       127.0.0.1 18080       10.0.2.15  8080     0     0
+/// ```
+fn usernet_established(table: &str, port: u16) -> bool {
+    let port = port.to_string();
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.first() == Some(&"TCP[ESTABLISHED]") && f.get(5) == Some(&port.as_str())
+    })
 }
 
 #[cfg(test)]
@@ -196,7 +231,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let log = d.path().join("console.log");
         let check: Check = "console:READY-[0-9]+".parse().unwrap();
-        let mut p = Probe::new(&check, &log, &d.path().join("q"), 0).unwrap();
+        let mut p = Probe::new(&check, &log, &d.path().join("q"), &d.path().join("m"), 0).unwrap();
         let no = AtomicBool::new(false);
         assert!(!p.passed(&no), "no file yet");
         std::fs::write(&log, "booting\nREADY-").unwrap();
@@ -211,17 +246,21 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_port_is_not_open() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        drop(l);
-        assert!(!port_open(&addr));
-        // A server that accepts and closes at once (what slirp does for a closed guest
-        // port) is not open either.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let t = std::thread::spawn(move || drop(l.accept()));
-        assert!(!port_open(&addr));
-        t.join().unwrap();
+    fn only_an_established_connection_to_the_port_counts() {
+        let t = "Hub -1 (#net099):
+  Protocol[State]    FD  Source Address  Port   Dest. Address  Port RecvQ SendQ
+  TCP[SYN_SENT]      17       127.0.0.1 18080       10.0.2.15  8080     0     0
+  TCP[ESTABLISHED]   14       127.0.0.1 18081       10.0.2.15  8081     0     0
+  TCP[HOST_FORWARD]  13       127.0.0.1 18080       10.0.2.15  8080     0     0";
+        assert!(
+            !usernet_established(t, 8080),
+            "SYN_SENT: the guest has not answered"
+        );
+        assert!(usernet_established(t, 8081));
+        assert!(
+            !usernet_established(t, 18081),
+            "the host port is not the guest's"
+        );
+        assert!(!usernet_established("", 22));
     }
 }

@@ -26,9 +26,10 @@
 //!
 //! Success signals ([`Check`]): the guest agent answering `guest-ping`; a regex on the
 //! serial console; or a TCP port inside the guest, reached through a user-mode NIC with
-//! `restrict=on` (the guest can reach nothing; only the forwarded port comes in). A
-//! forwarded connection that slirp accepts but the guest resets reads EOF at once: the
-//! port counts as open when the connection stays up (or sends data) for a moment.
+//! `restrict=on` (the guest can reach nothing; only the forwarded port comes in). Slirp
+//! accepts a forwarded connection on the host side before the guest answers, so the
+//! drill holds one connection and asks QEMU (`info usernet`) whether slirp's side to the
+//! guest port is ESTABLISHED: only then did the guest accept.
 //! Failure: the deadline passes, QEMU exits, or SeaBIOS reports "No bootable device".
 //!
 //! Accelerator: KVM when `/dev/kvm` can be opened read-write, TCG otherwise. A VM that

@@ -379,6 +379,7 @@ fn attempt(
         &opts.check,
         &plan.dir.join("console.log"),
         &plan.run.join("qga.sock"),
+        &plan.run.join("qmp.sock"),
         plan.host_port,
     )?;
     let deadline = start + opts.timeout;
