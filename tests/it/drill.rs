@@ -648,3 +648,52 @@ fn a_killed_drill_takes_its_vm_along_and_the_next_drill_sweeps_its_leftovers() {
     assert_eq!(code, 0, "{v:#}");
     t.assert_clean();
 }
+
+/// The Linux guest of `fixtures/drill-guest.sh` (built once per checkout, cached).
+fn linux_guest() -> PathBuf {
+    static IMG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMG.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new("bash")
+            .arg(root.join("fixtures/drill-guest.sh"))
+            .arg(root.join("target/fixtures/drill-guest"))
+            .output()
+            .expect("running fixtures/drill-guest.sh");
+        assert!(
+            out.status.success(),
+            "fixtures/drill-guest.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+#[test]
+fn a_linux_guest_passes_the_agent_and_port_checks_and_a_closed_port_fails() {
+    let t = Drill::new();
+    let img = linux_guest();
+    let h = hash(&img);
+    t.backup_named(&[img.to_str().unwrap()], "linux", "linux");
+    let vm = ["--accel", "tcg", "--memory", "256"];
+    for check in ["agent", "port:8080"] {
+        let mut a = vec!["linux", "--check", check, "--timeout", "300"];
+        a.extend(vm);
+        let (code, v) = t.drill(&a);
+        assert_eq!(code, 0, "{check}: {v:#}");
+        assert_eq!(v["ok"], true);
+        png_size(Path::new(s(&v, "screenshot")));
+        t.assert_clean();
+    }
+    // Nothing listens on 8081: slirp accepting the forwarded connection is not enough.
+    let mut a = vec!["linux", "--check", "port:8081", "--timeout", "30"];
+    a.extend(vm);
+    let (code, v) = t.drill(&a);
+    assert_eq!(code, 1, "{v:#}");
+    assert!(
+        s(&v, "reason").contains("no port:8081 within 30 s"),
+        "{v:#}"
+    );
+    t.assert_clean();
+    assert_eq!(hash(&img), h, "the guest image changed");
+}
