@@ -117,7 +117,7 @@ pub enum Cmd {
     /// a temporary qcow2 overlay on top; nothing is written to the backup), wait for the
     /// check, and record the result on the backup (`verified_boot`, with the console log
     /// and a screenshot under <data>/drills/<backup-id>/). Exit status 1 when the guest
-    /// did not pass.
+    /// did not pass (with --server: 6, the drill task's failure kind invalid_format).
     Drill(DrillArgs),
     /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
     /// Prints the NBD URI clients connect to.

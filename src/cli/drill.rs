@@ -30,14 +30,21 @@ pub fn run(cli: &Cli, a: &DrillArgs) -> Result<i32> {
 /// Run the drill as a task on the appliance.
 pub fn remote(cli: &Cli, r: &Remote, a: &DrillArgs) -> Result<i32> {
     let opts = a.options()?;
-    let b = match &a.disk {
-        Some(d) if a.backup == "latest" => format!("latest?disk={}", seg(d)),
-        _ => seg(&a.backup),
+    let query = match &a.disk {
+        Some(d) if a.backup == "latest" => format!("?disk={}", seg(d)),
+        _ => String::new(),
     };
     let task = r.call(
         "POST",
-        &format!("/backups/{b}/drill"),
-        Some(&serde_json::to_value(&opts)?),
+        &format!("/backups/{}/drill{query}", seg(&a.backup)),
+        Some(&serde_json::to_value(blockvault::service::DrillRequest {
+            check: Some(opts.check.to_string()),
+            timeout_seconds: Some(opts.timeout.as_secs_f64()),
+            accel: Some(opts.accel),
+            memory_mib: opts.memory_mib,
+            bus: opts.bus.clone(),
+            cpu: opts.cpu.clone(),
+        })?),
     )?;
     let id = task["task"]
         .as_str()

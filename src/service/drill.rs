@@ -32,7 +32,7 @@ pub struct DrillRequest {
     #[serde(default)]
     pub check: Option<String>,
     /// Seconds from the VM's start to the signal (default 300).
-    #[serde(default, alias = "timeout")]
+    #[serde(default)]
     pub timeout_seconds: Option<f64>,
     #[serde(default)]
     pub accel: Option<Accel>,

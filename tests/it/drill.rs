@@ -566,6 +566,50 @@ fn a_drill_policy_proves_each_server_bootable_on_schedule_and_alerts_on_a_failed
         Some(json!({"check": "bogus"})),
         400,
     );
+    // The CLI with --server runs the drill as a task on the appliance.
+    let remote = |args: &[&str]| {
+        t.env
+            .cmd()
+            .args(["--server", &srv.url, "--token", &op, "--json", "drill"])
+            .args(args)
+            .envs(crate::appliance::trust_env(&srv.url))
+            .output()
+            .unwrap()
+    };
+    let out = remote(&[
+        "latest",
+        "--disk",
+        "good-srv",
+        "--check",
+        "console:SECOND-DISK-OK",
+        "--accel",
+        "tcg",
+        "--timeout",
+        "60",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["ok"], &v["backup"]),
+        (&json!(true), &json!(latest["good-srv"]))
+    );
+    let out = remote(&[
+        &latest["broken-srv"],
+        "--check",
+        "console:SECOND-DISK-OK",
+        "--accel",
+        "tcg",
+        "--timeout",
+        "60",
+    ]);
+    assert!(!out.status.success(), "a failed drill fails the command");
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no bootable disk"), "{said}");
     let task = srv.ok(
         "POST",
         "/backups/latest/drill?disk=good-srv",
