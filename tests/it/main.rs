@@ -9,6 +9,7 @@ mod bitmaps;
 mod catalog_full;
 mod cli;
 mod drill;
+mod drill_service;
 mod export;
 mod hostile;
 mod incremental;
