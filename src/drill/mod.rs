@@ -178,8 +178,7 @@ pub fn run_drill(
             "[year][month][day]T[hour][minute][second]Z"
         ))
         .map_err(|e| Error::invalid(format!("formatting the time: {e}")))?;
-    let dir = drills_dir.join(&m.id).join(&stamp);
-    crate::restore::partial::create_private_dir(&dir)?;
+    let dir = new_drill_dir(&drills_dir.join(&m.id), &stamp)?;
     let _pin = vault.pin(&[m])?;
     sweep_stale_runs(&std::env::temp_dir());
     let run = tempfile::Builder::new()
@@ -222,6 +221,28 @@ pub fn run_drill(
         disks: m.disks.iter().map(|d| d.name.clone()).collect(),
         dir,
     })
+}
+
+/// A new directory `parent/stamp` (or `stamp-2`, `-3`, … when a drill of the same backup
+/// started in the same second), private to us.
+fn new_drill_dir(parent: &Path, stamp: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    crate::restore::partial::create_private_dir(parent)?;
+    for n in 1..1000 {
+        let dir = match n {
+            1 => parent.join(stamp),
+            _ => parent.join(format!("{stamp}-{n}")),
+        };
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+        }
+    }
+    Err(Error::conflict(format!(
+        "{}: too many drills of this backup in one second",
+        parent.display()
+    )))
 }
 
 /// Name prefix of the run directories in the temp dir.
@@ -300,6 +321,15 @@ mod tests {
         sweep_stale_runs(d.path());
         assert!(!dead.exists());
         assert!(alive.exists() && unknown.exists() && other.exists());
+    }
+
+    #[test]
+    fn drills_started_in_the_same_second_get_their_own_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let a = new_drill_dir(&d.path().join("b"), "20260101T000000Z").unwrap();
+        let b = new_drill_dir(&d.path().join("b"), "20260101T000000Z").unwrap();
+        assert_ne!(a, b);
+        assert!(b.ends_with("20260101T000000Z-2") && a.is_dir() && b.is_dir());
     }
 
     #[test]
