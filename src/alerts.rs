@@ -39,6 +39,7 @@ pub fn kind_str(k: AlertKind) -> &'static str {
         AlertKind::VaultFull => "vault_full",
         AlertKind::SourceUnreachable => "source_unreachable",
         AlertKind::VaultDamaged => "vault_damaged",
+        AlertKind::DrillFailed => "drill_failed",
     }
 }
 

@@ -18,6 +18,8 @@ pub enum AlertKind {
     SourceUnreachable,
     /// Verify found corrupt or missing data in a vault.
     VaultDamaged,
+    /// A recovery drill's guest did not pass its check.
+    DrillFailed,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -38,6 +38,14 @@ use crate::task::Tasks;
 pub fn run_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> Result<Vec<String>> {
     match policy.kind {
         PolicyKind::Backup => run_backup_policy(data, tasks, policy, by),
+        PolicyKind::Drill => crate::service::submit_policy_drills(
+            &App::open(data)?,
+            tasks,
+            data,
+            &policy.resources,
+            &policy.drill_request(),
+            by,
+        ),
         PolicyKind::Verify | PolicyKind::Gc => {
             let app = App::open(data)?;
             let mut ids = Vec::new();

@@ -5,8 +5,10 @@
 //! Policies have a kind: `backup` (schedule + retention + resources; after retention
 //! pruned something, GC runs in the vault unless `gc_after_prune` is false), `verify`
 //! (schedule + vaults, optionally a random `sample` percent of their backups and a read
-//! rate limit `rate_mb_s`) and `gc` (schedule + vaults, `repack_below`). A field that
-//! does not belong to the kind is refused when the policy is saved.
+//! rate limit `rate_mb_s`), `gc` (schedule + vaults, `repack_below`) and `drill`
+//! (schedule + resources, `check`, `timeout_seconds`: boot the latest backup of each
+//! resource, every server resource when none is named; see `drill`). A field that does
+//! not belong to the kind is refused when the policy is saved.
 //!
 //! Verify and GC run as tasks (`maintenance`: [`submit_verify`], [`submit_gc`]) for the
 //! API and the scheduler alike: kind `verify`/`gc`, target the vault, one at a time per
@@ -43,7 +45,9 @@ use crate::live::LiveOptions;
 use crate::manifest::{BackupManifest, ResourceKind};
 use crate::policy::{Candidate, Decision, Retention, Schedule, plan};
 
+mod drill;
 mod maintenance;
+pub use drill::{DrillRequest, drill_alert, drill_backup, submit_drill, submit_policy_drills};
 pub use maintenance::{
     GcRequest, VerifyRequest, gc_vault, maintenance_alert, submit_gc, submit_verify, verify_report,
     verify_vault,
@@ -224,6 +228,9 @@ pub enum PolicyKind {
     Verify,
     /// Collect garbage in `vaults`.
     Gc,
+    /// Boot the latest backup of each of `resources` (every server resource when empty)
+    /// in a throwaway VM and wait for `check` (recovery drill).
+    Drill,
 }
 
 impl PolicyKind {
@@ -232,6 +239,7 @@ impl PolicyKind {
             PolicyKind::Backup => "backup",
             PolicyKind::Verify => "verify",
             PolicyKind::Gc => "gc",
+            PolicyKind::Drill => "drill",
         }
     }
 }
@@ -272,6 +280,12 @@ pub struct Policy {
     /// vault's lock journal: nothing deletes it before then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_days: Option<u32>,
+    /// drill: `agent` (default), `console:REGEX` or `port:N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    /// drill: seconds from the VM's start to the signal (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<f64>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -289,7 +303,31 @@ impl Policy {
                 self.name
             )))
         };
+        if self.kind != PolicyKind::Drill
+            && (self.check.is_some() || self.timeout_seconds.is_some())
+        {
+            return refuse("check/timeout_seconds", "drill");
+        }
         match self.kind {
+            PolicyKind::Drill => {
+                if !self.vaults.is_empty() {
+                    return refuse("vaults", "verify and gc");
+                }
+                if self.retention != Retention::default() || self.gc_after_prune.is_some() {
+                    return refuse("retention/gc_after_prune", "backup");
+                }
+                if self.sample.is_some() || self.rate_mb_s.is_some() {
+                    return refuse("sample/rate_mb_s", "verify");
+                }
+                if self.repack_below.is_some() {
+                    return refuse("repack_below", "gc");
+                }
+                for r in &self.resources {
+                    app.catalog()
+                        .get_named::<Resource>(crate::catalog::Table::Resources, r)?;
+                }
+                self.drill_request().options()?;
+            }
             PolicyKind::Backup => {
                 if !self.vaults.is_empty() {
                     return refuse("vaults", "verify and gc");
@@ -358,6 +396,15 @@ impl Policy {
             sample: self.sample,
             backups: Vec::new(),
             rate_mb_s: self.rate_mb_s,
+        }
+    }
+
+    /// What a drill policy asks of each drill.
+    pub fn drill_request(&self) -> DrillRequest {
+        DrillRequest {
+            check: self.check.clone(),
+            timeout_seconds: self.timeout_seconds,
+            ..Default::default()
         }
     }
 

@@ -144,9 +144,20 @@ pub async fn delete_vault(State(st): State<Shared>, Path(name): Path<String>) ->
 
 // ---- resources ----
 
-pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Resource>>> {
-    st.run(|_, app| Ok(Json(app.catalog().list_named(Table::Resources)?)))
-        .await
+/// A resource as the API shows it: its settings plus `last_drill` (its latest backup
+/// drill's `verified_boot`, or null).
+fn resource_view(app: &crate::app::App, r: &Resource) -> Value {
+    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+    v["last_drill"] = json!(app.catalog().last_drill_of_resource(&r.name).ok().flatten());
+    v
+}
+
+pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Value>>> {
+    st.run(|_, app| {
+        let rs: Vec<Resource> = app.catalog().list_named(Table::Resources)?;
+        Ok(Json(rs.iter().map(|r| resource_view(app, r)).collect()))
+    })
+    .await
 }
 
 pub async fn create_resource(
@@ -163,8 +174,8 @@ pub async fn create_resource(
     .await
 }
 
-pub async fn get_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Resource>> {
-    st.run(move |_, app| Ok(Json(resource_of(app, &name)?)))
+pub async fn get_resource(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    st.run(move |_, app| Ok(Json(resource_view(app, &resource_of(app, &name)?))))
         .await
 }
 

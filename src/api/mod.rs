@@ -40,6 +40,7 @@
 //! listener's business: see [`listen`].
 
 mod audit;
+mod drill;
 mod handlers;
 pub mod listen;
 mod locks;
@@ -222,6 +223,7 @@ routes! {
     DELETE "/backups/{id}" Operator "Delete a backup" => handlers::delete_backup;
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => locks::protect_backup;
     POST "/backups/{id}/lock" Admin "Lock a backup until a date (extend only)" => locks::lock_backup;
+    POST "/backups/{id}/drill" Operator "Boot a backup in a throwaway VM (recovery drill task)" => drill::drill_backup;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;
@@ -495,7 +497,7 @@ pub fn run_appliance(
         // A failed task changed nothing that counts (a failed backup removes its packs),
         // so a burst of failures costs no walks.
         if t.state == crate::task::TaskState::Succeeded
-            && !matches!(t.kind.as_str(), "restore" | "verify")
+            && !matches!(t.kind.as_str(), "restore" | "verify" | "drill")
         {
             hook_state.figures.request(None);
         }

@@ -7,13 +7,15 @@
 //! ([`App::take_warnings`]) and reaches the catalog at the next `vault rescan`.
 //! `views.rs` holds the JSON shapes the API and the CLI's `--json` share; `figures.rs`
 //! computes the costly figures (usage, bytes only one backup holds) off the request path
-//! and caches them in the catalog. The data dir holds `catalog.sqlite` and, by
-//! default, `vaults/<name>/`.
+//! and caches them in the catalog; `drills.rs` boots backups in throwaway VMs and records
+//! the result. The data dir holds `catalog.sqlite`, by default `vaults/<name>/`, and the
+//! drills' logs and screenshots in `drills/<backup-id>/`.
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+mod drills;
 mod figures;
 mod locks;
 mod restores;

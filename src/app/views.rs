@@ -11,6 +11,7 @@ impl App {
     /// A backup as `GET /api/v1/backups` and `blockvault --json backups list` show it
     /// (`backups show` adds `bytes_freed_if_deleted`). `bytes_new` and `bytes_stored`
     /// are the same figure: the stored bytes this backup added to its vault.
+    /// `verified_boot` is the backup's last recovery drill (null when never drilled).
     pub fn backup_view(&self, vault: &str, m: &BackupManifest) -> Value {
         let d = m.disks.first();
         json!({
@@ -38,6 +39,7 @@ impl App {
             "note": d.and_then(|d| d.note.clone()),
             "seconds": m.seconds,
             "protected": self.catalog().is_protected(&m.id).unwrap_or(false),
+            "verified_boot": self.catalog().last_drill(&m.id).ok().flatten(),
             "capture": m.capture,
             "disks": m.disks,
         })

@@ -105,6 +105,19 @@ CREATE TABLE backup_figures (
     computed_at     TEXT NOT NULL
 );
 ",
+    "
+CREATE TABLE drills (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    backup_id TEXT NOT NULL,
+    vault     TEXT NOT NULL,
+    resource  TEXT NOT NULL,
+    at        TEXT NOT NULL,
+    ok        INTEGER NOT NULL,
+    body      TEXT NOT NULL
+);
+CREATE INDEX drills_by_backup ON drills(backup_id, seq);
+CREATE INDEX drills_by_resource ON drills(resource, seq);
+",
 ];
 
 /// A vault known to the catalog.
@@ -124,6 +137,7 @@ pub struct BackupEntry {
     pub manifest: BackupManifest,
 }
 
+mod drills;
 mod figures;
 mod pool;
 mod service;

@@ -113,6 +113,13 @@ pub enum Cmd {
     /// image; a server backup's disks go into directory --to as <disk>.<format> unless
     /// --disk picks one.
     Restore(RestoreArgs),
+    /// Recovery drill: boot a backup (every disk of a server backup, in order) in a
+    /// throwaway QEMU VM without restoring it (the disks are served from the vault with
+    /// a temporary qcow2 overlay on top; nothing is written to the backup), wait for the
+    /// check, and record the result on the backup (`verified_boot`, with the console log
+    /// and a screenshot under <data>/drills/<backup-id>/). Exit status 1 when the guest
+    /// did not pass (with --server: 6, the drill task's failure kind invalid_format).
+    Drill(DrillArgs),
     /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
     /// Prints the NBD URI clients connect to.
     ServeNbd {
@@ -510,6 +517,53 @@ pub struct RestoreArgs {
     pub keep_going: bool,
     #[command(flatten)]
     pub nbd_tls: NbdTlsArgs,
+}
+
+#[derive(clap::Args)]
+pub struct DrillArgs {
+    /// Backup id, unique id prefix or name; `latest` with --disk.
+    pub backup: String,
+    /// Disk id or server name, for `latest`.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Seconds from the VM's start to the success signal.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// agent (the QEMU guest agent answers guest-ping), console:REGEX (the serial
+    /// console matches) or port:N (TCP port N inside the guest accepts connections,
+    /// through a user-mode NIC with restrict=on; otherwise the VM has no network).
+    #[arg(long, default_value = "agent")]
+    pub check: String,
+    /// auto (KVM when /dev/kvm works, TCG otherwise or when KVM fails the guest), kvm, tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+    /// Guest RAM in MiB (default: the backup's recorded hardware, else 1024).
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Disk bus: sata, virtio, ide, scsi or nvme (default: as recorded, else sata).
+    #[arg(long)]
+    pub bus: Option<String>,
+    /// QEMU CPU model (default: host under KVM, max under TCG).
+    #[arg(long)]
+    pub cpu: Option<String>,
+}
+
+impl DrillArgs {
+    pub fn options(&self) -> blockvault::Result<blockvault::drill::DrillOptions> {
+        if !(self.timeout > 0.0 && self.timeout.is_finite()) {
+            return Err(blockvault::Error::config(
+                "--timeout must be a positive number of seconds",
+            ));
+        }
+        Ok(blockvault::drill::DrillOptions {
+            timeout: Duration::from_secs_f64(self.timeout),
+            check: self.check.parse()?,
+            accel: self.accel.parse()?,
+            memory_mib: self.memory,
+            bus: self.bus.clone(),
+            cpu: self.cpu.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]

@@ -4,6 +4,7 @@ pub mod args;
 pub mod backup;
 pub mod bitmaps;
 pub mod client;
+pub mod drill;
 pub mod exit;
 pub mod local;
 pub mod output;

@@ -295,10 +295,13 @@ pub fn submit_gc(
 }
 
 /// The alert a finished task calls for beyond `task_failed`: a verify that found damage
-/// raises `vault_damaged` for its vault.
+/// raises `vault_damaged` for its vault; a failed drill `drill_failed` for its resource.
 pub fn maintenance_alert(
     t: &crate::task::TaskInfo,
 ) -> Option<(crate::config::AlertKind, String, String)> {
+    if let Some(a) = super::drill::drill_alert(t) {
+        return Some(a);
+    }
     (t.kind == "verify"
         && t.state == crate::task::TaskState::Failed
         && t.error_kind == Some(ErrorKind::Corrupt))

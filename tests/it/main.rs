@@ -8,6 +8,8 @@ mod backup;
 mod bitmaps;
 mod catalog_full;
 mod cli;
+mod drill;
+mod drill_service;
 mod export;
 mod hostile;
 mod incremental;
