@@ -250,6 +250,7 @@ impl From<Error> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ErrorKind::Full => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::KeyRequired | ErrorKind::WrongKey => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())

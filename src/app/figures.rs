@@ -148,6 +148,12 @@ impl App {
     pub(super) fn vault_info_from(&self, name: &str, f: VaultFigures) -> Result<VaultInfo> {
         let entry = self.catalog.vault(name)?;
         let (backups, logical_bytes) = self.catalog.vault_backup_totals(name)?;
+        // vault.toml is small and read without the key; a vault gone missing shows as
+        // plaintext rather than failing the whole listing.
+        let enc = Vault::open(&entry.path)
+            .ok()
+            .and_then(|v| v.config().encryption.clone());
+        let key_stored = enc.is_some() && self.key_stored(&f.id);
         Ok(VaultInfo {
             name: entry.name,
             path: entry.path.display().to_string(),
@@ -165,6 +171,9 @@ impl App {
                 logical_bytes as f64 / f.stored_bytes as f64
             },
             capacity: f.capacity,
+            encrypted: enc.is_some(),
+            key_wrappings: enc.as_ref().map_or(0, |e| e.keys.len()),
+            key_stored,
             usage_computed_at: f.computed_at,
         })
     }

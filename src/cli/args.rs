@@ -23,6 +23,8 @@ Exit status:
   7    I/O error (disk full, permission denied, connection lost)
   8    capacity exceeded: the vault's limit would be passed
   9    the appliance refused the token (401/403) or could not be reached
+  10   the vault is encrypted and no key was given (--keyfile, --passphrase-env)
+  11   the key given does not open the encrypted vault (wrong key or passphrase)
   130  cancelled (Ctrl-C, SIGTERM)
 With --json, a failure prints {\"error\": {\"kind\", \"message\", \"exit_code\"}} on stdout.
 

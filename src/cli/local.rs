@@ -474,6 +474,11 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                         human(i.bytes_stored)
                     );
                     outln!(
+                        "same full backup into an encrypted vault: {:.2}s ({:+.1} %)",
+                        i.encrypted_backup_seconds,
+                        i.encrypted_overhead_percent
+                    );
+                    outln!(
                         "restore: {:.2}s; peak RSS {:.0} MiB",
                         i.restore_seconds,
                         i.peak_rss_mib

@@ -48,7 +48,7 @@ impl<'a> Fetcher<'a> {
             lookup: vault.lookup()?,
             locations: HashMap::new(),
             packs: VecDeque::new(),
-            decoder: Decoder::new()?,
+            decoder: Decoder::new(vault.codec()?)?,
         })
     }
 
