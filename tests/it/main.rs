@@ -8,6 +8,7 @@ mod backup;
 mod bitmaps;
 mod catalog_full;
 mod cli;
+mod encryption;
 mod export;
 mod hostile;
 mod incremental;
