@@ -457,6 +457,7 @@ pub fn run_appliance(
         Some(c)
     };
     crate::service::configure(&config);
+    crate::app::set_configured_key_files(config.key_files.clone());
     // Connections are capped well below the open-file limit: a flood of idle clients
     // cannot take the descriptors the scheduler and the tasks need.
     let limits = listen::Limits::new(
