@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let mut lookup = vault.lookup()?;
     // Packs of ~512 blobs, as a vault of 64 KiB chunks and 32 MiB packs has.
     let mut writer = PackWriter::new(Arc::clone(&store), 512 * 20);
-    let mut enc = Encoder::new(1)?;
+    let mut enc = Encoder::new(1, &blockvault::chunk::BlobCodec::plain())?;
     let t = Instant::now();
     let publish = |sealed: Option<blockvault::vault::pack::SealedPack>,
                    lookup: &mut blockvault::vault::lookup::LookupIndex|
@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     };
     // Data blobs, then for each backup its pages and root.
     for i in 0..n {
-        let blob = enc.encode(BlobKind::Data, digest(i), i.to_le_bytes().to_vec());
+        let blob = enc.encode(BlobKind::Data, digest(i), i.to_le_bytes().to_vec())?;
         publish(writer.add(&blob)?, &mut lookup)?;
     }
     let mut manifests = Vec::new();
@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
                     Some(bytes) => {
                         let d = ChunkDigest::of(&bytes);
                         publish(
-                            writer.add(&enc.encode(BlobKind::IndexPage, d, bytes))?,
+                            writer.add(&enc.encode(BlobKind::IndexPage, d, bytes)?)?,
                             &mut lookup,
                         )?;
                         pages.push(d);
@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
         let bytes = root.encode();
         let rd = ChunkDigest::of(&bytes);
         publish(
-            writer.add(&enc.encode(BlobKind::IndexRoot, rd, bytes))?,
+            writer.add(&enc.encode(BlobKind::IndexRoot, rd, bytes)?)?,
             &mut lookup,
         )?;
         let m = serde_json::json!({

@@ -1,10 +1,11 @@
 //! `blockvault benchmark`: what this machine does per second on the per-chunk path.
 //!
 //! Like `proxmox-backup-client benchmark`: blake3, zstd compress and decompress at the
-//! vault's level, lookups per second in the SQLite chunk index, pack write and read —
+//! vault's level, AES-256-GCM seal and open (encrypted vaults), lookups per second in the SQLite chunk index, pack write and read —
 //! single thread and all threads — on 64 KiB chunks of mixed data (half text-like, half
 //! random). With `image_gib`, it also times a full backup and a restore of a sparse raw
-//! image holding mixed data, the end-to-end figure the speed target is stated in.
+//! image holding mixed data, the end-to-end figure the speed target is stated in, and
+//! the same full backup into an encrypted vault (the cost of encryption end to end).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::backup::{BackupOptions, backup_disk};
-use crate::chunk::{BlobKind, ChunkDigest, ChunkSize, Encoder, decode_blob};
+use crate::chunk::{BlobCodec, BlobKind, ChunkDigest, ChunkSize, Encoder, VaultKey, decode_blob};
 use crate::error::{IoContext, Result};
 use crate::restore::{ImageFormat, restore_disk};
 use crate::source::RawSource;
@@ -37,6 +38,10 @@ pub struct ImageFigures {
     pub backup_logical_mb_s: f64,
     pub backup_allocated_mb_s: f64,
     pub bytes_stored: u64,
+    /// The same full backup into an encrypted vault.
+    pub encrypted_backup_seconds: f64,
+    /// How much slower the encrypted backup was, in percent.
+    pub encrypted_overhead_percent: f64,
     pub restore_seconds: f64,
     pub peak_rss_mib: f64,
 }
@@ -157,10 +162,10 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
         ENC.with(|e| {
             let mut e = e.borrow_mut();
             if e.is_none() {
-                *e = Encoder::new(level).ok();
+                *e = Encoder::new(level, &BlobCodec::plain()).ok();
             }
             if let Some(e) = e.as_mut() {
-                std::hint::black_box(e.encode(BlobKind::Data, ChunkDigest::ZERO, c.clone()));
+                std::hint::black_box(e.encode(BlobKind::Data, ChunkDigest::ZERO, c.clone()).ok());
             }
         });
     };
@@ -171,22 +176,55 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
         "MB/s",
     );
 
-    let mut enc = Encoder::new(level)?;
+    let plain = BlobCodec::plain();
+    let mut enc = Encoder::new(level, &plain)?;
     let encoded: Vec<(ChunkDigest, Vec<u8>)> = chunks
         .iter()
         .map(|c| {
             let d = ChunkDigest::of(c);
-            let b = enc.encode(BlobKind::Data, d, c.clone());
-            (d, [&b.header[..], &b.payload].concat())
+            let b = enc.encode(BlobKind::Data, d, c.clone())?;
+            Ok((d, [&b.header[..], &b.payload].concat()))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let decompress = |(d, stored): &(ChunkDigest, Vec<u8>)| {
-        std::hint::black_box(decode_blob(stored, d).ok());
+        std::hint::black_box(decode_blob(stored, d, &plain).ok());
     };
     fig(
         &format!("zstd-{level} decompress+verify"),
         mb(rate(&encoded, 1, dur, decompress)),
         mb(rate(&encoded, threads, dur, decompress)),
+        "MB/s",
+    );
+
+    // Encrypted vaults: AES-256-GCM over whole chunks (the header as associated data).
+    let sealed = BlobCodec::sealed(&VaultKey::generate());
+    let header = [0u8; crate::chunk::BLOB_HEADER_LEN];
+    let seal = |c: &Vec<u8>| {
+        std::hint::black_box(sealed.seal_payload(&header, c).ok());
+    };
+    fig(
+        "aes-256-gcm seal",
+        mb(rate(&chunks, 1, dur, seal)),
+        mb(rate(&chunks, threads, dur, seal)),
+        "MB/s",
+    );
+    let sealed_chunks: Vec<Vec<u8>> = chunks
+        .iter()
+        .map(|c| sealed.seal_payload(&header, c))
+        .collect::<Result<_>>()?;
+    let open = |c: &Vec<u8>| {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with(|b| {
+            let r = sealed.open_payload(&header, c, &mut b.borrow_mut(), &ChunkDigest::ZERO);
+            std::hint::black_box(r.ok());
+        });
+    };
+    fig(
+        "aes-256-gcm open",
+        mb(rate(&sealed_chunks, 1, dur, open)),
+        mb(rate(&sealed_chunks, threads, dur, open)),
         "MB/s",
     );
 
@@ -197,13 +235,13 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
     let mut infos: Vec<PackInfo> = Vec::new();
     let t = Instant::now();
     let mut written = 0u64;
-    let mut enc = Encoder::new(level)?;
+    let mut enc = Encoder::new(level, &plain)?;
     for round in 0..(256u64 * 4) {
         let c = &chunks[(round % 256) as usize];
         let mut plain = c.clone();
         plain[..8].copy_from_slice(&round.to_le_bytes());
         let d = ChunkDigest::of(&plain);
-        let blob = enc.encode(BlobKind::Data, d, plain);
+        let blob = enc.encode(BlobKind::Data, d, plain)?;
         written += blob.stored_len() as u64;
         if let Some(sealed) = writer.add(&blob)? {
             infos.push(sealed.publish()?);
@@ -325,6 +363,21 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
     )?;
     let restore_seconds = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&out);
+    let _ = std::fs::remove_dir_all(dir.join("img-vault"));
+    let secret = crate::vault::keys::KeySecret::KeyFile(zeroize::Zeroizing::new(rand::random()));
+    let enc_vault = Vault::create_with(
+        &dir.join("img-vault-enc"),
+        ChunkSize::new(cs as u32)?,
+        level,
+        Some(&secret),
+    )?;
+    let t = Instant::now();
+    backup_disk(
+        &enc_vault,
+        Box::new(RawSource::open(&path)?),
+        &BackupOptions::default(),
+    )?;
+    let encrypted_backup_seconds = t.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&path);
     Ok(ImageFigures {
         disk_bytes: disk,
@@ -333,6 +386,8 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
         backup_logical_mb_s: disk as f64 / 1e6 / backup_seconds,
         backup_allocated_mb_s: data as f64 / 1e6 / backup_seconds,
         bytes_stored: m.bytes_stored(),
+        encrypted_backup_seconds,
+        encrypted_overhead_percent: (encrypted_backup_seconds / backup_seconds - 1.0) * 100.0,
         restore_seconds,
         peak_rss_mib: peak_rss_mib(),
     })

@@ -2,7 +2,8 @@
 //!
 //! A disk is cut into fixed-size chunks aligned to absolute disk offsets (chunk `n` covers
 //! `n * chunk_size .. (n + 1) * chunk_size`; the last one may be short). Each chunk is
-//! addressed by the blake3 [`ChunkDigest`] of its plaintext. All-zero chunks are never
+//! addressed by the blake3 [`ChunkDigest`] of its plaintext (keyed blake3 in an
+//! encrypted vault: see [`seal`]). All-zero chunks are never
 //! stored: they get the reserved digest [`ChunkDigest::ZERO`].
 //!
 //! Everything in a vault (data chunks, index pages, index roots) is stored as a *blob*:
@@ -13,10 +14,14 @@
 //! 3      1     version (1)
 //! 4      1     kind: 0 data chunk, 1 index page, 2 index root
 //! 5      1     codec: 0 stored as is, 1 zstd
-//! 6      2     flags (reserved, 0)
+//! 6      2     flags, u16 LE: bit 0 sealed (encrypted vault); other bits reserved, 0
 //! 8      4     plaintext length, u32 LE
-//! 12     ...   payload
+//! 12     ...   payload (sealed: nonce ‖ AES-256-GCM ciphertext ‖ tag, see [`seal`])
 //! ```
+//!
+//! All hashing, sealing and opening goes through a [`BlobCodec`] (the vault's: plain, or
+//! sealed under its key): [`Encoder`], [`Decoder`] and [`decode_blob`] take one, so no
+//! path can write a plaintext blob into an encrypted vault or read one from it.
 //!
 //! Decoding checks the header, bounds the plaintext length (no allocation sized by an
 //! untrusted length beyond [`MAX_BLOB_PLAIN`]), decompresses and re-hashes: a blob whose
@@ -29,6 +34,10 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
+
+pub mod seal;
+use seal::FLAG_SEALED;
+pub use seal::{BlobCodec, VaultKey};
 
 /// Smallest chunk size a vault accepts.
 pub const MIN_CHUNK_SIZE: u32 = 16 << 10;
@@ -54,7 +63,8 @@ impl ChunkDigest {
     /// chunks). Never stored.
     pub const ZERO: ChunkDigest = ChunkDigest([0; 32]);
 
-    /// Digest of `data`.
+    /// Unkeyed digest of `data`: a plaintext vault's digest. Code that may run on an
+    /// encrypted vault uses [`BlobCodec::digest`].
     pub fn of(data: &[u8]) -> ChunkDigest {
         ChunkDigest(*blake3::hash(data).as_bytes())
     }
@@ -206,7 +216,12 @@ enum Codec {
 }
 
 /// Header of an encoded blob (without its payload).
-pub fn blob_header(kind: BlobKind, compressed: bool, plain_len: usize) -> [u8; BLOB_HEADER_LEN] {
+pub fn blob_header(
+    kind: BlobKind,
+    compressed: bool,
+    sealed: bool,
+    plain_len: usize,
+) -> [u8; BLOB_HEADER_LEN] {
     let mut h = [0u8; BLOB_HEADER_LEN];
     h[..3].copy_from_slice(BLOB_MAGIC);
     h[3] = BLOB_VERSION;
@@ -216,6 +231,8 @@ pub fn blob_header(kind: BlobKind, compressed: bool, plain_len: usize) -> [u8; B
     } else {
         Codec::Stored as u8
     };
+    let flags = if sealed { FLAG_SEALED } else { 0 };
+    h[6..8].copy_from_slice(&flags.to_le_bytes());
     h[8..12].copy_from_slice(&(plain_len as u32).to_le_bytes());
     h
 }
@@ -236,30 +253,54 @@ impl EncodedBlob {
     }
 }
 
-/// Compressor state reused across chunks by one worker thread.
+/// Compressor state reused across chunks by one worker thread, and the vault's codec.
 pub struct Encoder {
     cctx: zstd::bulk::Compressor<'static>,
     scratch: Vec<u8>,
+    codec: BlobCodec,
 }
 
 impl Encoder {
-    pub fn new(level: i32) -> Result<Encoder> {
+    pub fn new(level: i32, codec: &BlobCodec) -> Result<Encoder> {
         let cctx = zstd::bulk::Compressor::new(level)
             .map_err(|e| Error::config(format!("zstd level {level}")).with_source(e))?;
         Ok(Encoder {
             cctx,
             scratch: Vec::new(),
+            codec: codec.clone(),
         })
     }
 
-    /// Encode `plain` (whose digest is already known). Takes ownership of the buffer so
-    /// that an incompressible chunk is stored without a copy.
-    pub fn encode(&mut self, kind: BlobKind, digest: ChunkDigest, plain: Vec<u8>) -> EncodedBlob {
+    /// Encode `plain` (whose digest is already known), sealing it in an encrypted
+    /// vault. Takes ownership of the buffer so that an incompressible chunk of a
+    /// plaintext vault is stored without a copy.
+    pub fn encode(
+        &mut self,
+        kind: BlobKind,
+        digest: ChunkDigest,
+        plain: Vec<u8>,
+    ) -> Result<EncodedBlob> {
+        let blob = self.compress(kind, digest, plain);
+        if !self.codec.is_sealed() {
+            return Ok(blob);
+        }
+        let compressed = blob.header[5] == Codec::Zstd as u8;
+        let header = blob_header(kind, compressed, true, parse_plain_len(&blob.header));
+        let payload = self.codec.seal_payload(&header, &blob.payload)?;
+        Ok(EncodedBlob {
+            digest,
+            kind,
+            header,
+            payload,
+        })
+    }
+
+    fn compress(&mut self, kind: BlobKind, digest: ChunkDigest, plain: Vec<u8>) -> EncodedBlob {
         if self.looks_incompressible(&plain) {
             return EncodedBlob {
                 digest,
                 kind,
-                header: blob_header(kind, false, plain.len()),
+                header: blob_header(kind, false, false, plain.len()),
                 payload: plain,
             };
         }
@@ -271,7 +312,7 @@ impl Encoder {
             Ok(n) if n < plain.len() - plain.len() / 32 => true,
             _ => false,
         };
-        let header = blob_header(kind, compressed, plain.len());
+        let header = blob_header(kind, compressed, false, plain.len());
         let payload = if compressed {
             self.scratch.clone()
         } else {
@@ -309,9 +350,18 @@ impl Encoder {
 }
 
 /// Hash and encode a blob in one step (index pages, roots).
-pub fn encode_blob(kind: BlobKind, plain: Vec<u8>, level: i32) -> Result<EncodedBlob> {
-    let digest = ChunkDigest::of(&plain);
-    Ok(Encoder::new(level)?.encode(kind, digest, plain))
+pub fn encode_blob(
+    kind: BlobKind,
+    plain: Vec<u8>,
+    level: i32,
+    codec: &BlobCodec,
+) -> Result<EncodedBlob> {
+    let digest = codec.digest(&plain);
+    Encoder::new(level, codec)?.encode(kind, digest, plain)
+}
+
+fn parse_plain_len(h: &[u8; BLOB_HEADER_LEN]) -> usize {
+    u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize
 }
 
 /// Parsed blob header.
@@ -319,6 +369,8 @@ pub fn encode_blob(kind: BlobKind, plain: Vec<u8>, level: i32) -> Result<Encoded
 pub struct BlobHeader {
     pub kind: BlobKind,
     pub compressed: bool,
+    /// The payload is sealed (encrypted vault).
+    pub sealed: bool,
     pub plain_len: usize,
 }
 
@@ -345,10 +397,11 @@ pub fn parse_blob_header(stored: &[u8]) -> Result<BlobHeader> {
         1 => true,
         c => return Err(Error::corrupt(format!("unknown blob codec {c}"))),
     };
-    if stored[6] != 0 || stored[7] != 0 {
-        return Err(Error::unsupported(
-            "blob flags set (encrypted vaults are not supported by this build)",
-        ));
+    let flags = u16::from_le_bytes([stored[6], stored[7]]);
+    if flags & !FLAG_SEALED != 0 {
+        return Err(Error::unsupported(format!(
+            "blob flags {flags:#06x} (this build knows only bit 0, sealed)"
+        )));
     }
     let plain_len = u32::from_le_bytes([stored[8], stored[9], stored[10], stored[11]]) as usize;
     if plain_len > MAX_BLOB_PLAIN {
@@ -359,74 +412,117 @@ pub fn parse_blob_header(stored: &[u8]) -> Result<BlobHeader> {
     Ok(BlobHeader {
         kind,
         compressed,
+        sealed: flags & FLAG_SEALED != 0,
         plain_len,
     })
 }
 
-/// Decode a stored blob and check it against `expected`. Any mismatch is `Corrupt`.
-pub fn decode_blob(stored: &[u8], expected: &ChunkDigest) -> Result<(BlobKind, Vec<u8>)> {
+/// Decode a stored blob of a vault with `codec` and check it against `expected`. Any
+/// mismatch is `Corrupt`; a sealed blob without a key is `KeyRequired`.
+pub fn decode_blob(
+    stored: &[u8],
+    expected: &ChunkDigest,
+    codec: &BlobCodec,
+) -> Result<(BlobKind, Vec<u8>)> {
     let mut scratch = Vec::new();
-    let (kind, in_scratch) = decode_checked(stored, expected, &mut scratch, |payload, out| {
-        *out = zstd::bulk::decompress(payload, out.capacity())?;
-        Ok(())
-    })?;
-    if in_scratch {
-        Ok((kind, scratch))
-    } else {
-        Ok((kind, stored[BLOB_HEADER_LEN..].to_vec()))
-    }
+    let mut opened = Vec::new();
+    let (kind, at) = decode_checked(
+        stored,
+        expected,
+        codec,
+        &mut scratch,
+        &mut opened,
+        |payload, out| {
+            *out = zstd::bulk::decompress(payload, out.capacity())?;
+            Ok(())
+        },
+    )?;
+    Ok(match at {
+        Plain::Scratch => (kind, scratch),
+        Plain::Opened => (kind, opened),
+        Plain::Stored => (kind, stored[BLOB_HEADER_LEN..].to_vec()),
+    })
 }
 
-/// Blob decoding state reused by one thread: a zstd context and an output buffer (a
-/// restore decodes thousands of chunks per second; a fresh context each costs more
-/// than a tenth of the decompression).
+/// Blob decoding state reused by one thread: a zstd context, output buffers and the
+/// vault's codec (a restore decodes thousands of chunks per second; a fresh context
+/// each costs more than a tenth of the decompression).
 pub struct Decoder {
     dctx: zstd::bulk::Decompressor<'static>,
     scratch: Vec<u8>,
+    opened: Vec<u8>,
+    codec: BlobCodec,
 }
 
 impl Decoder {
-    pub fn new() -> Result<Decoder> {
+    pub fn new(codec: &BlobCodec) -> Result<Decoder> {
         Ok(Decoder {
             dctx: zstd::bulk::Decompressor::new().map_err(|e| {
                 Error::new(crate::ErrorKind::Io, "creating a zstd context").with_source(e)
             })?,
             scratch: Vec::new(),
+            opened: Vec::new(),
+            codec: codec.clone(),
         })
     }
 
     /// Like [`decode_blob`], without copies: the plaintext is borrowed from `stored`
-    /// (stored raw) or from this decoder's buffer (valid until the next call).
+    /// (stored raw) or from this decoder's buffers (valid until the next call).
     pub fn decode<'s>(
         &'s mut self,
         stored: &'s [u8],
         expected: &ChunkDigest,
     ) -> Result<(BlobKind, &'s [u8])> {
         let dctx = &mut self.dctx;
-        let (kind, in_scratch) =
-            decode_checked(stored, expected, &mut self.scratch, |payload, out| {
-                dctx.decompress_to_buffer(payload, out).map(|_| ())
-            })?;
-        if in_scratch {
-            Ok((kind, &self.scratch))
-        } else {
-            Ok((kind, &stored[BLOB_HEADER_LEN..]))
-        }
+        let (kind, at) = decode_checked(
+            stored,
+            expected,
+            &self.codec,
+            &mut self.scratch,
+            &mut self.opened,
+            |payload, out| dctx.decompress_to_buffer(payload, out).map(|_| ()),
+        )?;
+        Ok(match at {
+            Plain::Scratch => (kind, &self.scratch),
+            Plain::Opened => (kind, &self.opened),
+            Plain::Stored => (kind, &stored[BLOB_HEADER_LEN..]),
+        })
     }
 }
 
-/// The checks of every blob decode: header, lengths, digest. `decompress` fills `out`
-/// (empty, with capacity for the declared plaintext). Returns the kind and whether the
-/// plaintext is in `scratch` (compressed blobs) or is the stored payload.
+/// Where a decoded blob's plaintext is.
+enum Plain {
+    /// The stored payload itself (plaintext vault, stored raw).
+    Stored,
+    /// The decompression buffer.
+    Scratch,
+    /// The opened (decrypted) payload (sealed, stored raw).
+    Opened,
+}
+
+/// The checks of every blob decode: header, seal, lengths, digest. `decompress` fills
+/// `out` (empty, with capacity for the declared plaintext). Returns the kind and where
+/// the plaintext is.
 fn decode_checked(
     stored: &[u8],
     expected: &ChunkDigest,
+    codec: &BlobCodec,
     scratch: &mut Vec<u8>,
+    opened: &mut Vec<u8>,
     decompress: impl FnOnce(&[u8], &mut Vec<u8>) -> std::io::Result<()>,
-) -> Result<(BlobKind, bool)> {
+) -> Result<(BlobKind, Plain)> {
     let h = parse_blob_header(stored)?;
-    let payload = &stored[BLOB_HEADER_LEN..];
-    let plain: &[u8] = if h.compressed {
+    let mut payload = &stored[BLOB_HEADER_LEN..];
+    if h.sealed {
+        codec.open_payload(&stored[..BLOB_HEADER_LEN], payload, opened, expected)?;
+        payload = opened;
+    } else if codec.is_sealed() {
+        return Err(Error::corrupt(format!(
+            "blob {} is not sealed, but the vault is encrypted: it was not written with this vault's key",
+            expected.short()
+        )));
+    }
+    let (plain, at): (&[u8], Plain) = if h.compressed {
         scratch.clear();
         scratch.reserve(h.plain_len);
         decompress(payload, scratch).map_err(|e| {
@@ -440,7 +536,7 @@ fn decode_checked(
                 h.plain_len
             )));
         }
-        scratch
+        (scratch, Plain::Scratch)
     } else {
         if payload.len() != h.plain_len {
             return Err(Error::corrupt(format!(
@@ -450,9 +546,14 @@ fn decode_checked(
                 h.plain_len
             )));
         }
-        payload
+        let at = if h.sealed {
+            Plain::Opened
+        } else {
+            Plain::Stored
+        };
+        (payload, at)
     };
-    let actual = ChunkDigest::of(plain);
+    let actual = codec.digest(plain);
     if actual != *expected {
         return Err(Error::corrupt(format!(
             "blob {} fails its digest check (content hashes to {})",
@@ -460,7 +561,7 @@ fn decode_checked(
             actual.short()
         )));
     }
-    Ok((h.kind, h.compressed))
+    Ok((h.kind, at))
 }
 
 #[cfg(test)]
@@ -497,60 +598,105 @@ mod tests {
 
     #[test]
     fn compressible_and_random_round_trip() {
-        let mut enc = Encoder::new(1).unwrap();
+        let mut enc = Encoder::new(1, &BlobCodec::plain()).unwrap();
         let text = b"hello world ".repeat(5000);
         let d = ChunkDigest::of(&text);
-        let blob = enc.encode(BlobKind::Data, d, text.clone());
+        let blob = enc.encode(BlobKind::Data, d, text.clone()).unwrap();
         assert!(blob.payload.len() < text.len() / 10);
         let stored = [&blob.header[..], &blob.payload].concat();
-        assert_eq!(decode_blob(&stored, &d).unwrap().1, text);
+        assert_eq!(
+            decode_blob(&stored, &d, &BlobCodec::plain()).unwrap().1,
+            text
+        );
 
         let random: Vec<u8> = (0..65536u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
         let d = ChunkDigest::of(&random);
-        let blob = enc.encode(BlobKind::Data, d, random.clone());
+        let blob = enc.encode(BlobKind::Data, d, random.clone()).unwrap();
         let stored = [&blob.header[..], &blob.payload].concat();
-        assert_eq!(decode_blob(&stored, &d).unwrap().1, random);
+        assert_eq!(
+            decode_blob(&stored, &d, &BlobCodec::plain()).unwrap().1,
+            random
+        );
     }
 
     #[test]
     fn flipped_byte_is_corrupt() {
-        let mut enc = Encoder::new(1).unwrap();
+        let mut enc = Encoder::new(1, &BlobCodec::plain()).unwrap();
         let text = b"abcdefgh".repeat(1000);
         let d = ChunkDigest::of(&text);
-        let blob = enc.encode(BlobKind::Data, d, text);
+        let blob = enc.encode(BlobKind::Data, d, text).unwrap();
         let mut stored = [&blob.header[..], &blob.payload].concat();
         let last = stored.len() - 1;
         stored[last] ^= 0x40;
-        let err = decode_blob(&stored, &d).unwrap_err();
+        let err = decode_blob(&stored, &d, &BlobCodec::plain()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn sealed_blobs_round_trip_and_refuse_tampering() {
+        let codec = BlobCodec::sealed(&VaultKey::generate());
+        let mut enc = Encoder::new(1, &codec).unwrap();
+        let random: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for plain in [b"marker text ".repeat(5000), random] {
+            let d = codec.digest(&plain);
+            let blob = enc.encode(BlobKind::Data, d, plain.clone()).unwrap();
+            let stored = [&blob.header[..], &blob.payload].concat();
+            assert!(parse_blob_header(&stored).unwrap().sealed);
+            assert!(!stored.windows(12).any(|w| w == &plain[..12]));
+            assert_eq!(decode_blob(&stored, &d, &codec).unwrap().1, plain);
+            let mut dec = Decoder::new(&codec).unwrap();
+            assert_eq!(dec.decode(&stored, &d).unwrap().1, &plain[..]);
+            // Without the key: KeyRequired, not corrupt.
+            let locked = decode_blob(&stored, &d, &BlobCodec::plain()).unwrap_err();
+            assert_eq!(locked.kind(), crate::ErrorKind::KeyRequired);
+            // Any flipped bit (payload or header): an authentication failure.
+            for pos in [5, 8, 20, stored.len() / 2, stored.len() - 1] {
+                let mut bad = stored.clone();
+                bad[pos] ^= 0x01;
+                let err = decode_blob(&bad, &d, &codec).unwrap_err();
+                assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "flip at {pos}");
+            }
+        }
+        // A plaintext blob slipped into an encrypted vault is refused.
+        let plain = b"abc".repeat(100);
+        let d = codec.digest(&plain);
+        let blob = Encoder::new(1, &BlobCodec::plain())
+            .unwrap()
+            .encode(BlobKind::Data, d, plain)
+            .unwrap();
+        let stored = [&blob.header[..], &blob.payload].concat();
+        let err = decode_blob(&stored, &d, &codec).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
     }
 
     proptest! {
         #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode_blob(&bytes, &ChunkDigest::ZERO);
+            let _ = decode_blob(&bytes, &ChunkDigest::ZERO, &BlobCodec::plain());
         }
 
         #[test]
         fn decoder_never_returns_wrong_plaintext(data in proptest::collection::vec(any::<u8>(), 1..3000), pos in any::<usize>(), bit in 0u8..8) {
-            let mut enc = Encoder::new(1).unwrap();
+            let mut enc = Encoder::new(1, &BlobCodec::plain()).unwrap();
             let d = ChunkDigest::of(&data);
-            let blob = enc.encode(BlobKind::Data, d, data.clone());
+            let blob = enc.encode(BlobKind::Data, d, data.clone()).unwrap();
             let mut stored = [&blob.header[..], &blob.payload].concat();
             let p = pos % stored.len();
             stored[p] ^= 1 << bit;
             // A flip may land on a bit zstd ignores; what must never happen is a
             // decode that returns different plaintext.
-            if let Ok((_, plain)) = decode_blob(&stored, &d) {
+            if let Ok((_, plain)) = decode_blob(&stored, &d, &BlobCodec::plain()) {
                 prop_assert_eq!(plain, data.clone());
             }
             // The reusing decoder agrees with decode_blob, on good and damaged blobs.
-            let mut dec = Decoder::new().unwrap();
+            let mut dec = Decoder::new(&BlobCodec::plain()).unwrap();
             let good = [&blob.header[..], &blob.payload].concat();
             prop_assert_eq!(dec.decode(&good, &d).unwrap().1, &data[..]);
-            match (decode_blob(&stored, &d), dec.decode(&stored, &d)) {
+            match (decode_blob(&stored, &d, &BlobCodec::plain()), dec.decode(&stored, &d)) {
                 (Ok((_, a)), Ok((_, b))) => prop_assert_eq!(&a[..], b),
                 (Err(_), Err(_)) => {}
                 (a, b) => prop_assert!(false, "decode_blob {:?} vs Decoder {:?}", a.is_ok(), b.is_ok()),

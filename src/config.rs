@@ -60,6 +60,10 @@ pub struct Config {
     /// NBD sockets and libvirt run dirs (default: the temp dir, which is private to the
     /// service under the shipped unit's `PrivateTmp=yes`, so QEMU cannot see it).
     pub scratch_dir: Option<PathBuf>,
+    /// `[keys]`: per encrypted vault (by name), the key file that opens it (absolute
+    /// path; the file should be root-only). Vaults not named here are opened with the
+    /// key file in `<data>/keys/` (`vault key store`), if any.
+    pub key_files: BTreeMap<String, PathBuf>,
     /// API connections held at once; over the cap a new connection evicts the oldest
     /// one that has not sent a request yet, or is closed at once (see `api::listen`).
     pub max_connections: usize,
@@ -116,6 +120,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             hooks: BTreeMap::new(),
             scratch_dir: None,
+            key_files: BTreeMap::new(),
             max_connections: 1024,
             header_timeout_seconds: 10,
             alert_queue: 1000,
@@ -144,6 +149,8 @@ struct Raw {
     hooks: BTreeMap<String, RawHookSet>,
     #[serde(default)]
     live: RawLive,
+    #[serde(default)]
+    keys: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -343,7 +350,14 @@ impl Config {
                 d.display()
             ));
         }
+        if let Some((name, p)) = raw.keys.iter().find(|(_, p)| !p.is_absolute()) {
+            return Err(format!(
+                "{origin}: [keys] {name}: the key file must be an absolute path, got {}",
+                p.display()
+            ));
+        }
         let c = Config {
+            key_files: raw.keys,
             tls_cert: raw.server.tls_cert,
             tls_key: raw.server.tls_key,
             plain_http: raw.server.plain_http.unwrap_or(d.plain_http),
@@ -465,6 +479,7 @@ mod tests {
                 "relative",
             ),
             ("[alerts]\nworkers = 17", "workers"),
+            ("[keys]\nmain = \"rel.key\"", "absolute"),
             (
                 "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
                 "nope",

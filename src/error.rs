@@ -36,6 +36,10 @@ pub enum ErrorKind {
     Full,
     /// A source (image file, NBD server, QMP socket) could not be reached.
     Unreachable,
+    /// The vault is encrypted and no key was given (`--keyfile` / `--passphrase-env`).
+    KeyRequired,
+    /// The key given does not open any of the vault's key wrappings.
+    WrongKey,
 }
 
 impl fmt::Display for ErrorKind {
@@ -51,6 +55,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Full => "capacity exceeded",
             ErrorKind::Unreachable => "source unreachable",
+            ErrorKind::KeyRequired => "key required",
+            ErrorKind::WrongKey => "wrong key",
         };
         f.write_str(s)
     }
@@ -70,6 +76,8 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Full => "full",
             ErrorKind::Unreachable => "unreachable",
+            ErrorKind::KeyRequired => "key_required",
+            ErrorKind::WrongKey => "wrong_key",
         }
     }
 
@@ -86,6 +94,8 @@ impl ErrorKind {
             ErrorKind::Cancelled,
             ErrorKind::Full,
             ErrorKind::Unreachable,
+            ErrorKind::KeyRequired,
+            ErrorKind::WrongKey,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)

@@ -254,6 +254,7 @@ impl From<Error> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ErrorKind::Full => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::KeyRequired | ErrorKind::WrongKey => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -460,6 +461,7 @@ pub fn run_appliance(
         Some(c)
     };
     crate::service::configure(&config);
+    crate::app::set_configured_key_files(config.key_files.clone());
     // Connections are capped well below the open-file limit: a flood of idle clients
     // cannot take the descriptors the scheduler and the tasks need.
     let limits = listen::Limits::new(

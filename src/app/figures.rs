@@ -148,9 +148,12 @@ impl App {
     pub(super) fn vault_info_from(&self, name: &str, f: VaultFigures) -> Result<VaultInfo> {
         let entry = self.catalog.vault(name)?;
         let (backups, logical_bytes) = self.catalog.vault_backup_totals(name)?;
-        let compliance_days = Vault::open(&entry.path)
-            .ok()
-            .and_then(|v| v.config().compliance_days);
+        // vault.toml is small and read without the key; a vault gone missing shows as
+        // plaintext and not in compliance mode rather than failing the whole listing.
+        let config = Vault::open(&entry.path).ok().map(|v| v.config().clone());
+        let compliance_days = config.as_ref().and_then(|c| c.compliance_days);
+        let enc = config.and_then(|c| c.encryption);
+        let key_stored = enc.is_some() && self.key_stored(&f.id);
         Ok(VaultInfo {
             name: entry.name,
             path: entry.path.display().to_string(),
@@ -169,6 +172,9 @@ impl App {
             },
             capacity: f.capacity,
             compliance_days,
+            encrypted: enc.is_some(),
+            key_wrappings: enc.as_ref().map_or(0, |e| e.keys.len()),
+            key_stored,
             usage_computed_at: f.computed_at,
         })
     }

@@ -22,6 +22,11 @@ mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
 pub use locks::cli_actor;
+mod keys;
+mod restores;
+mod views;
+pub use figures::{FigureRefresher, Freshness};
+pub use keys::{KeyView, new_keyfile, set_configured_key_files};
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
@@ -44,6 +49,8 @@ pub struct App {
     catalog: Catalog,
     /// Warnings of the last operations, for the caller to show (see [`App::take_warnings`]).
     warnings: std::sync::Mutex<Vec<String>>,
+    /// The key given for encrypted vaults (see `keys`).
+    key: Option<crate::vault::keys::KeySecret>,
 }
 
 /// Usage figures of a vault.
@@ -67,6 +74,13 @@ pub struct VaultInfo {
     /// Compliance mode: every backup locked at least this many days (see `vault::retention`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compliance_days: Option<u32>,
+    /// Blobs and manifests are sealed (AES-256-GCM under the vault key).
+    pub encrypted: bool,
+    /// Encrypted: how many wrappings of the vault key vault.toml holds.
+    pub key_wrappings: usize,
+    /// Encrypted: the appliance's key store holds a key file of this vault (scheduled
+    /// backups run unattended).
+    pub key_stored: bool,
     /// When the pack and stored figures were computed (RFC 3339): the service serves
     /// them from the catalog and refreshes them after backups, deletes and GC.
     pub usage_computed_at: String,
@@ -79,6 +93,7 @@ impl App {
             data: data.to_path_buf(),
             catalog: Catalog::open(data)?,
             warnings: std::sync::Mutex::new(Vec::new()),
+            key: None,
         })
     }
 
@@ -135,7 +150,8 @@ impl App {
     }
 
     /// [`App::create_vault`], in compliance mode with `compliance_days` (every backup
-    /// locked at least that long; fixed for the vault's life).
+    /// locked at least that long; fixed for the vault's life); with `encrypt`, an
+    /// encrypted vault whose key that secret wraps.
     pub fn create_vault_with(
         &self,
         name: &str,
@@ -143,6 +159,7 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
         compliance_days: Option<u32>,
+        encrypt: Option<&crate::vault::keys::KeySecret>,
     ) -> Result<VaultEntry> {
         if name.is_empty()
             || !name
@@ -159,7 +176,7 @@ impl App {
             )));
         }
         let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
-        let vault = Vault::create_with(&path, chunk_size, zstd_level, compliance_days)?;
+        let vault = Vault::create_with(&path, chunk_size, zstd_level, compliance_days, encrypt)?;
         let entry = VaultEntry {
             name: name.into(),
             path: std::fs::canonicalize(&path).unwrap_or(path),
@@ -174,7 +191,9 @@ impl App {
     /// Register an existing vault (e.g. on a new appliance, or a vault on a NAS) and
     /// rebuild the catalog's view of it. Returns the number of backups found.
     pub fn attach_vault(&mut self, name: &str, path: &Path) -> Result<usize> {
-        let vault = Vault::open(path)?;
+        let mut vault = Vault::open(path)?;
+        // An encrypted vault is attached only with a key that opens it.
+        self.unlock(name, &mut vault)?;
         let entry = VaultEntry {
             name: name.into(),
             path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
@@ -188,7 +207,8 @@ impl App {
 
     /// Set (or clear) a vault's capacity limit in stored bytes.
     pub fn set_capacity(&self, name: &str, capacity: Option<u64>) -> Result<()> {
-        let mut vault = self.open_vault(name)?;
+        // vault.toml only: no key needed.
+        let mut vault = Vault::open(&self.catalog.vault(name)?.path)?;
         vault.set_capacity(capacity)?;
         self.refresh_usage_logged(name);
         Ok(())
@@ -201,8 +221,12 @@ impl App {
         self.catalog.remove_vault(name)
     }
 
+    /// Open vault `name`, unlocked when it is encrypted (`KeyRequired` / `WrongKey`
+    /// at once when no key that opens it is at hand: see `keys`).
     pub fn open_vault(&self, name: &str) -> Result<Vault> {
-        Vault::open(&self.catalog.vault(name)?.path)
+        let mut v = Vault::open(&self.catalog.vault(name)?.path)?;
+        self.unlock(name, &mut v)?;
+        Ok(v)
     }
 
     /// A vault's usage, computed now from its files (and cached for the service; see

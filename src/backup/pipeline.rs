@@ -124,6 +124,8 @@ pub fn run_disk(
         opts.threads
     };
     let level = vault.config().zstd_level;
+    // An encrypted vault without its key: fail before reading anything.
+    vault.codec()?;
     let bytes_allocated: u64 = plan.extents.iter().map(|e| e.length).sum();
     let main_lookup = vault.lookup_reconciled()?;
     let claimed: Claimed = Mutex::new(HashSet::new());
@@ -387,9 +389,9 @@ impl Reader<'_> {
 
     /// Store an index blob unless the vault already has it.
     fn store_blob(&mut self, kind: BlobKind, plain: Vec<u8>) -> Result<ChunkDigest> {
-        let digest = ChunkDigest::of(&plain);
+        let digest = self.vault.codec()?.digest(&plain);
         if claim(self.lookup, self.claimed, &digest)? {
-            let blob = encode_blob(kind, plain, self.level)?;
+            let blob = encode_blob(kind, plain, self.level, self.vault.codec()?)?;
             self.blob_tx
                 .send(blob)
                 .map_err(|_| Error::new(ErrorKind::Io, "pack writer stopped"))?;
@@ -408,14 +410,15 @@ fn hash_worker(
     claimed: &Claimed,
 ) -> Result<()> {
     let lookup = vault.lookup()?;
-    let mut encoder = Encoder::new(level)?;
+    let codec = vault.codec()?;
+    let mut encoder = Encoder::new(level, codec)?;
     for Job { page, slot, buf } in jobs {
         let (digest, new) = if is_zero(&buf) {
             (ChunkDigest::ZERO, false)
         } else {
-            let digest = ChunkDigest::of(&buf);
+            let digest = codec.digest(&buf);
             if claim(&lookup, claimed, &digest)? {
-                let blob = encoder.encode(BlobKind::Data, digest, buf);
+                let blob = encoder.encode(BlobKind::Data, digest, buf)?;
                 if blobs.send(blob).is_err() {
                     return Err(Error::new(ErrorKind::Io, "pack writer stopped"));
                 }

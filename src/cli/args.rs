@@ -24,6 +24,8 @@ Exit status:
   7    I/O error (disk full, permission denied, connection lost)
   8    capacity exceeded: the vault's limit would be passed
   9    the appliance refused the token (401/403) or could not be reached
+  10   the vault is encrypted and no key was given (--keyfile, --passphrase-env)
+  11   the key given does not open the encrypted vault (wrong key or passphrase)
   130  cancelled (Ctrl-C, SIGTERM)
 With --json, a failure prints {\"error\": {\"kind\", \"message\", \"exit_code\"}} on stdout.
 
@@ -83,6 +85,19 @@ pub struct Cli {
     /// API token for --server (see `token create`).
     #[arg(long, global = true, env = "BLOCKVAULT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Key file of an encrypted vault (32 random bytes, raw or hex, or a paper recovery
+    /// key). With `vault create --encrypt` a new one is written here if PATH does not exist.
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        conflicts_with = "passphrase_env"
+    )]
+    pub keyfile: Option<PathBuf>,
+    /// Name of the environment variable that holds the passphrase of an encrypted vault
+    /// (the passphrase itself is never an argument).
+    #[arg(long, global = true, value_name = "VAR")]
+    pub passphrase_env: Option<String>,
     /// Worker threads (default: one per core).
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
@@ -316,7 +331,14 @@ pub enum VaultCmd {
         /// (fixed for the vault's life; nothing deletes a backup before then).
         #[arg(long, value_name = "N")]
         compliance_days: Option<u32>,
+        /// Encrypt the vault (AES-256-GCM, keyed digests) under a new random key, wrapped
+        /// by --keyfile PATH or --passphrase-env VAR.
+        #[arg(long)]
+        encrypt: bool,
     },
+    /// Keys of an encrypted vault: the wrappings of its key (a key file, a passphrase).
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// List vaults.
     List,
     /// Usage of a vault.
@@ -335,6 +357,56 @@ pub enum VaultCmd {
         name: String,
         /// The vault's directory (holds vault.toml).
         path: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Wrap the vault key with one more key file or passphrase (the vault is opened
+    /// with --keyfile / --passphrase-env first).
+    Add {
+        /// Vault name.
+        name: String,
+        /// The new key file (written new, 0600, if PATH does not exist).
+        #[arg(
+            long,
+            value_name = "PATH",
+            required_unless_present = "new_passphrase_env"
+        )]
+        new_keyfile: Option<PathBuf>,
+        /// Environment variable holding the new passphrase.
+        #[arg(long, value_name = "VAR", conflicts_with = "new_keyfile")]
+        new_passphrase_env: Option<String>,
+        /// A note shown by `vault key list`.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List the wrappings of the vault key (no key needed).
+    List {
+        /// Vault name.
+        name: String,
+    },
+    /// Remove a wrapping (never the last one).
+    Remove {
+        /// Vault name.
+        name: String,
+        /// Wrapping id (`vault key list`).
+        id: String,
+    },
+    /// Print the vault key as a paper recovery key (keep it offline; it opens the vault
+    /// as --keyfile when saved to a file).
+    Export {
+        /// Vault name.
+        name: String,
+        /// Printable form: four numbered lines of hex groups, each with a check.
+        #[arg(long, required = true)]
+        paper: bool,
+    },
+    /// Keep a key file of the vault in this appliance's key store
+    /// (<data>/keys/<vault id>.key, root-only) so scheduled backups run unattended.
+    Store {
+        /// Vault name.
+        name: String,
     },
 }
 

@@ -37,7 +37,7 @@ pub fn run(cli: &Cli, a: &BackupArgs) -> Result<i32> {
         ref nbd_tls,
         ref server,
     } = *a;
-    let app = App::open(&cli.data)?;
+    let app = super::open_app(cli)?;
     let started = blockvault::manifest::now_rfc3339_precise();
     let clock = std::time::Instant::now();
     let mut o = options(cli, name.clone(), id.clone());

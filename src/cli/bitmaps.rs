@@ -173,7 +173,7 @@ fn connect(target: &str) -> Result<Qmp> {
 }
 
 pub fn run(cli: &Cli, cmd: &BitmapsCmd) -> Result<i32> {
-    let app = App::open(&cli.data)?;
+    let app = super::open_app(cli)?;
     let used = uses(&app)?;
     let known = chains(&app)?;
     match cmd {

@@ -44,6 +44,8 @@ pub const INVALID: Class = class(6, "invalid_input");
 pub const IO: Class = class(7, "io");
 pub const FULL: Class = class(8, "full");
 pub const DENIED: Class = class(9, "denied");
+pub const KEY_REQUIRED: Class = class(10, "key_required");
+pub const WRONG_KEY: Class = class(11, "wrong_key");
 pub const CANCELLED: Class = class(130, "cancelled");
 
 fn of_kind(k: ErrorKind) -> Class {
@@ -56,6 +58,8 @@ fn of_kind(k: ErrorKind) -> Class {
         ErrorKind::Io | ErrorKind::Unreachable => IO,
         ErrorKind::Full => FULL,
         ErrorKind::Cancelled => CANCELLED,
+        ErrorKind::KeyRequired => KEY_REQUIRED,
+        ErrorKind::WrongKey => WRONG_KEY,
     }
 }
 

@@ -33,14 +33,34 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref chunk_size,
             zstd_level,
             compliance_days,
+            encrypt,
         }) => {
             let app = App::open(&cli.data)?;
+            let secret = match (encrypt, &cli.keyfile, &cli.passphrase_env) {
+                (false, None, None) => None,
+                (false, _, _) => {
+                    return Err(usage(
+                        "--keyfile / --passphrase-env with `vault create` need --encrypt",
+                    ));
+                }
+                (true, None, None) => {
+                    return Err(usage(
+                        "vault create --encrypt needs --keyfile PATH (a new key file is written there if it does not exist) or --passphrase-env VAR",
+                    ));
+                }
+                (true, Some(kf), _) if !kf.exists() => {
+                    blockvault::app::new_keyfile(kf)?;
+                    super::key_secret(cli)?
+                }
+                (true, _, _) => super::key_secret(cli)?,
+            };
             let v = app.create_vault_with(
                 name,
                 path.as_deref(),
                 ChunkSize::parse(chunk_size)?,
                 zstd_level,
                 compliance_days,
+                secret.as_ref(),
             )?;
             if cli.json {
                 outln!(
@@ -57,7 +77,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Vault(VaultCmd::List) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let mut infos = Vec::new();
             for v in app.catalog().vaults()? {
                 infos.push(serde_json::to_value(app.vault_info(&v.name)?)?);
@@ -75,7 +95,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Vault(VaultCmd::Info { ref name }) => {
-            let info = App::open(&cli.data)?.vault_info(name)?;
+            let info = super::open_app(cli)?.vault_info(name)?;
             if cli.json {
                 outln!("{}", serde_json::to_string_pretty(&info)?);
             } else {
@@ -102,10 +122,24 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 if let Some(d) = info.compliance_days {
                     outln!("compliance  every backup locked {d} days");
                 }
+                if info.encrypted {
+                    outln!(
+                        "encryption  AES-256-GCM, keyed blake3 digests; {} key wrapping(s); {}",
+                        info.key_wrappings,
+                        if info.key_stored {
+                            "key kept in this appliance's key store (scheduled backups run unattended)"
+                        } else {
+                            "key not stored on this appliance (scheduled backups need [keys] in the config or `vault key store`)"
+                        }
+                    );
+                } else {
+                    outln!("encryption  none");
+                }
             }
         }
+        Cmd::Vault(VaultCmd::Key(ref k)) => return vault_key(cli, k),
         Cmd::Vault(VaultCmd::Rescan { ref name }) => {
-            let n = App::open(&cli.data)?.rescan(name)?;
+            let n = super::open_app(cli)?.rescan(name)?;
             if cli.json {
                 outln!("{}", json!({"vault": name, "backups": n}));
             } else if !cli.quiet {
@@ -113,7 +147,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Vault(VaultCmd::Attach { ref name, ref path }) => {
-            let n = App::open(&cli.data)?.attach_vault(name, path)?;
+            let n = super::open_app(cli)?.attach_vault(name, path)?;
             if cli.json {
                 outln!("{}", json!({"vault": name, "backups": n}));
             } else if !cli.quiet {
@@ -126,7 +160,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref vault,
             ref disk,
         }) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let list = app.catalog().backups(vault.as_deref(), disk.as_deref())?;
             if cli.json {
                 let v: Vec<_> = list
@@ -156,7 +190,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref backup,
             ref disk,
         }) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let entry = app.resolve_backup(backup, disk.as_deref())?;
             let v = app.backup_detail(&entry)?;
             print_backup_detail(cli, &v)?;
@@ -165,7 +199,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref backup,
             ref disk,
         }) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
             let m = app.delete_backup(&id)?;
             if cli.json {
@@ -236,7 +270,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref tls_key,
             ref tls_ca,
         } => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let stop = super::cancel_on_signals()?;
             let tls = match (tls_cert, tls_key) {
                 (Some(cert), Some(key)) => Some(blockvault::nbd::NbdTlsServer {
@@ -330,7 +364,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     &blockvault::manifest::new_backup_id()[16..]
                 )
             });
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let (info, secret) = app.catalog().create_token(&name, role)?;
             if !cli.quiet {
                 outln!(
@@ -342,7 +376,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             outln!("{secret}");
         }
         Cmd::Token(TokenCmd::List) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let list = app.catalog().tokens()?;
             if cli.json {
                 outln!("{}", serde_json::to_string_pretty(&list)?);
@@ -361,7 +395,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Token(TokenCmd::Delete { ref name }) => {
-            if !App::open(&cli.data)?.catalog().delete_token(name)? {
+            if !super::open_app(cli)?.catalog().delete_token(name)? {
                 return Err(
                     blockvault::Error::not_found(format!("no token named {name:?}")).into(),
                 );
@@ -373,7 +407,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             repack_below,
         } => {
             let spin = spinner(cli, "gc: marking live blobs and sweeping packs");
-            let stats = App::open(&cli.data)?.gc(vault, repack_below);
+            let stats = super::open_app(cli)?.gc(vault, repack_below);
             spin.finish_and_clear();
             let stats = stats?;
             if cli.json {
@@ -422,7 +456,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 ..Default::default()
             };
             let report = blockvault::service::verify_report(
-                &App::open(&cli.data)?,
+                &super::open_app(cli)?,
                 vault,
                 &req,
                 threads,
@@ -531,6 +565,11 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                         human(i.bytes_stored)
                     );
                     outln!(
+                        "same full backup into an encrypted vault: {:.2}s ({:+.1} %)",
+                        i.encrypted_backup_seconds,
+                        i.encrypted_overhead_percent
+                    );
+                    outln!(
                         "restore: {:.2}s; peak RSS {:.0} MiB",
                         i.restore_seconds,
                         i.peak_rss_mib
@@ -545,4 +584,88 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
 /// `p` made absolute, so the appliance's paths do not depend on its working directory.
 fn absolute_path(p: &std::path::Path) -> std::path::PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `vault key …`.
+fn vault_key(cli: &Cli, cmd: &KeyCmd) -> Result<i32> {
+    use blockvault::vault::keys::KeySecret;
+    match cmd {
+        KeyCmd::List { name } => {
+            let keys = App::open(&cli.data)?.vault_keys(name)?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&keys)?);
+            } else {
+                outln!(
+                    "{:<10} {:<11} {:<26} {:<17} LABEL",
+                    "ID",
+                    "KIND",
+                    "CREATED",
+                    "FINGERPRINT"
+                );
+                for k in &keys {
+                    outln!(
+                        "{:<10} {:<11} {:<26} {:<17} {}",
+                        k.id,
+                        k.kind,
+                        k.created,
+                        k.fingerprint.as_deref().unwrap_or("-"),
+                        k.label.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+        KeyCmd::Add {
+            name,
+            new_keyfile,
+            new_passphrase_env,
+            label,
+        } => {
+            let app = super::open_app(cli)?;
+            let secret = match (new_keyfile, new_passphrase_env) {
+                (Some(p), _) => {
+                    // Unlock first, so a wrong key writes no new key file.
+                    app.open_vault(name)?;
+                    if !p.exists() {
+                        blockvault::app::new_keyfile(p)?;
+                    }
+                    KeySecret::from_keyfile(p)?
+                }
+                (None, Some(var)) => KeySecret::from_env(var)?,
+                (None, None) => {
+                    return Err(usage("give --new-keyfile PATH or --new-passphrase-env VAR"));
+                }
+            };
+            let k = app.add_vault_key(name, &secret, label.as_deref())?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&k)?);
+            } else if !cli.quiet {
+                outln!("vault {name}: added {} key {}", k.kind, k.id);
+            }
+        }
+        KeyCmd::Remove { name, id } => {
+            let k = super::open_app(cli)?.remove_vault_key(name, id)?;
+            if cli.json {
+                outln!("{}", serde_json::to_string_pretty(&k)?);
+            } else if !cli.quiet {
+                outln!("vault {name}: removed {} key {}", k.kind, k.id);
+            }
+        }
+        KeyCmd::Export { name, .. } => {
+            let paper = super::open_app(cli)?.paper_key(name)?;
+            if cli.json {
+                outln!("{}", json!({"vault": name, "paper": paper.as_str()}));
+            } else {
+                outln!("{}", paper.trim_end());
+            }
+        }
+        KeyCmd::Store { name } => {
+            let path = super::open_app(cli)?.store_vault_key(name)?;
+            if cli.json {
+                outln!("{}", json!({"vault": name, "stored": path}));
+            } else if !cli.quiet {
+                outln!("vault {name}: key kept in {} (root-only)", path.display());
+            }
+        }
+    }
+    Ok(0)
 }

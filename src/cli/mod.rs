@@ -20,6 +20,25 @@ use args::Cli;
 use blockvault::backup::BackupOptions;
 use blockvault::cbt::ChangeHint;
 
+/// The key given with --keyfile / --passphrase-env, if any.
+pub fn key_secret(cli: &Cli) -> Result<Option<blockvault::vault::keys::KeySecret>> {
+    use blockvault::vault::keys::KeySecret;
+    Ok(match (&cli.keyfile, &cli.passphrase_env) {
+        (Some(path), _) => Some(KeySecret::from_keyfile(path)?),
+        (None, Some(var)) => Some(KeySecret::from_env(var)?),
+        (None, None) => None,
+    })
+}
+
+/// The data dir's `App`, holding the key given on the command line (for encrypted vaults).
+pub fn open_app(cli: &Cli) -> Result<blockvault::app::App> {
+    let mut app = blockvault::app::App::open(&cli.data)?;
+    if let Some(secret) = key_secret(cli)? {
+        app.set_key(secret);
+    }
+    Ok(app)
+}
+
 /// Options of a backup or restore from the global flags.
 pub fn options(cli: &Cli, name: Option<String>, id: Option<String>) -> BackupOptions {
     BackupOptions {

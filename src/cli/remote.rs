@@ -72,6 +72,11 @@ fn absolute(spec: &str) -> String {
 
 /// Run `cli.cmd` against the appliance at `url`.
 pub fn run(cli: &Cli, url: &str) -> Result<i32> {
+    if cli.keyfile.is_some() || cli.passphrase_env.is_some() {
+        return Err(super::exit::usage(
+            "--keyfile / --passphrase-env work on the data dir only: the appliance reads vault keys from its config ([keys]) or its key store (`vault key store` on the appliance), never from a request",
+        ));
+    }
     let r = Remote::new(url, cli.token.as_deref(), &super::client::trust(cli)?)?;
     match &cli.cmd {
         Cmd::Vault(VaultCmd::Create {
@@ -80,7 +85,11 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             chunk_size,
             zstd_level,
             compliance_days,
+            encrypt,
         }) => {
+            if *encrypt {
+                return Err(not_remote("vault create --encrypt"));
+            }
             let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level, "compliance_days": compliance_days});
             let v = r.call("POST", "/vaults", Some(&body))?;
             print(cli, &v, |v| {
@@ -112,6 +121,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Vault(VaultCmd::Rescan { .. }) => return Err(not_remote("vault rescan")),
         Cmd::Vault(VaultCmd::Attach { .. }) => return Err(not_remote("vault attach")),
+        Cmd::Vault(VaultCmd::Key(_)) => return Err(not_remote("vault key")),
         Cmd::Backup(a) => return backup(cli, &r, a),
         Cmd::Backups(BackupsCmd::List { vault, disk }) => {
             let mut q = Vec::new();

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::args::{Cli, RestoreArgs};
 use super::output::{finish_bar, human, progress_bar};
 use super::{cancel_on_signals, options};
-use blockvault::app::{App, RestoreRequest};
+use blockvault::app::RestoreRequest;
 
 pub fn request(a: &RestoreArgs) -> RestoreRequest {
     RestoreRequest {
@@ -27,7 +27,7 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
 }
 
 pub fn run(cli: &Cli, a: &RestoreArgs) -> Result<i32> {
-    let app = App::open(&cli.data)?;
+    let app = super::open_app(cli)?;
     let mut o = options(cli, None, None);
     o.cancel = Some(cancel_on_signals()?);
     let bar = progress_bar(cli, &mut o, "restore");

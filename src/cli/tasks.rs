@@ -8,7 +8,6 @@ use serde_json::Value;
 use super::args::{Cli, TasksCmd};
 use super::client::{Remote, seg};
 use super::output::{human, table};
-use blockvault::app::App;
 use blockvault::task::TaskInfo;
 
 pub fn run(cli: &Cli, remote: Option<&Remote>, cmd: &TasksCmd) -> Result<i32> {
@@ -21,12 +20,12 @@ pub fn run(cli: &Cli, remote: Option<&Remote>, cmd: &TasksCmd) -> Result<i32> {
             r.call("GET", &format!("/tasks{q}"), None)?
         }
         (TasksCmd::List { state }, None) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             serde_json::to_value(app.catalog().tasks::<TaskInfo>(state.as_deref())?)?
         }
         (TasksCmd::Show { id }, Some(r)) => r.call("GET", &format!("/tasks/{}", seg(id)), None)?,
         (TasksCmd::Show { id }, None) => {
-            serde_json::to_value(App::open(&cli.data)?.catalog().task::<TaskInfo>(id)?)?
+            serde_json::to_value(super::open_app(cli)?.catalog().task::<TaskInfo>(id)?)?
         }
         (TasksCmd::Cancel { id }, Some(r)) => {
             r.call("POST", &format!("/tasks/{}/cancel", seg(id)), None)?

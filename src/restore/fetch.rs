@@ -48,7 +48,7 @@ impl<'a> Fetcher<'a> {
             lookup: vault.lookup()?,
             locations: HashMap::new(),
             packs: VecDeque::new(),
-            decoder: Decoder::new()?,
+            decoder: Decoder::new(vault.codec()?)?,
         })
     }
 
@@ -132,7 +132,7 @@ mod tests {
         let mut lookup = vault.lookup().unwrap();
         // Packs of a few blobs; text-like (compressed) and random (stored) chunks.
         let mut w = PackWriter::new(Arc::clone(vault.store()), 2 * 65536);
-        let mut enc = Encoder::new(1).unwrap();
+        let mut enc = Encoder::new(1, &crate::chunk::BlobCodec::plain()).unwrap();
         let mut blobs = Vec::new();
         for i in 0..14u8 {
             let data: Vec<u8> = if i % 2 == 0 {
@@ -146,7 +146,10 @@ mod tests {
                 v
             };
             let d = ChunkDigest::of(&data);
-            if let Some(sealed) = w.add(&enc.encode(BlobKind::Data, d, data.clone())).unwrap() {
+            if let Some(sealed) = w
+                .add(&enc.encode(BlobKind::Data, d, data.clone()).unwrap())
+                .unwrap()
+            {
                 lookup.insert_pack(&sealed.publish().unwrap()).unwrap();
             }
             blobs.push((d, data));

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use crate::backup::BackupOptions;
-use crate::chunk::{ChunkDigest, is_zero};
+use crate::chunk::is_zero;
 use crate::error::{Error, Result};
 use crate::index::PAGE_ENTRIES;
 use crate::manifest::DiskManifest;
@@ -77,6 +77,7 @@ pub fn restore_onto_nbd(
             disk.size
         )));
     }
+    let codec = vault.codec()?;
     let lookup = vault.lookup()?;
     let root = load_root(vault, &lookup, disk)?;
     let cs = root.chunk_size.as_u64();
@@ -163,7 +164,7 @@ pub fn restore_onto_nbd(
                         if want.is_zero() {
                             is_zero(have)
                         } else {
-                            ChunkDigest::of(have) == want
+                            codec.digest(have) == want
                         }
                     }
                     (None, None) => want.is_zero(), // the target holds zeros here

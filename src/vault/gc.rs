@@ -106,6 +106,8 @@ pub fn gc_with_progress(
     progress: Option<(&AtomicU64, &AtomicU64)>,
 ) -> Result<GcStats> {
     let _lock = vault.try_lock_exclusive()?;
+    // GC reads manifests and index pages: an encrypted vault must be unlocked.
+    let codec = vault.codec()?;
     let store = Arc::clone(vault.store());
     let staged = store.clean_staging()?;
     if staged > 0 {
@@ -264,7 +266,7 @@ pub fn gc_with_progress(
             let mut carried = 0u64;
             for e in keep {
                 let stored = store.read_pack_range(id, e.offset, e.length as usize)?;
-                if let Err(err) = decode_blob(&stored, &e.digest) {
+                if let Err(err) = decode_blob(&stored, &e.digest, codec) {
                     tracing::error!(
                         "GC does not carry rotten blob {} (pack {id} offset {}) forward: {err}",
                         e.digest,

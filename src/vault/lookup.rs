@@ -474,7 +474,13 @@ mod tests {
 
     fn write_pack(store: Arc<LocalStore>, content: &[u8]) -> PackInfo {
         let mut w = PackWriter::new(store, 1 << 20);
-        let blob = encode_blob(BlobKind::Data, content.to_vec(), 1).unwrap();
+        let blob = encode_blob(
+            BlobKind::Data,
+            content.to_vec(),
+            1,
+            &crate::chunk::BlobCodec::plain(),
+        )
+        .unwrap();
         assert!(w.add(&blob).unwrap().is_none());
         w.finish_current().unwrap().unwrap()
     }

@@ -3,7 +3,8 @@
 //! Layout of a local vault (DESIGN §5):
 //!
 //! ```text
-//! <vault>/vault.toml                      id, chunk size, zstd level, pack target, capacity
+//! <vault>/vault.toml                      id, chunk size, zstd level, pack target, capacity,
+//!                                         [encryption]: wrapped vault key (see `keys`)
 //! <vault>/packs/<aa>/<pack-id>.pack       immutable packs (see `pack`)
 //! <vault>/packs/tmp/                      packs being written (garbage after a crash)
 //! <vault>/backups/<resource>/<id>.json    manifests (see `manifest`)
@@ -27,6 +28,11 @@
 //! | GC                         | lock exclusive (fails fast with `Conflict`) | no backup or verify runs beside it; it honours pins |
 //! | rescan                     | none                  | rebuilds the lookup cache from the trailers |
 //!
+//! An encrypted vault ([`Vault::create_with`] with a key) seals every blob and every
+//! manifest under its vault key (`chunk::seal`); [`Vault::open`] opens it *locked*: its
+//! config and pack sizes are readable, but [`Vault::codec`] — and so every blob or
+//! manifest read and every write — fails with `KeyRequired` until [`Vault::unlock`].
+//!
 //! Packs are immutable and GC publishes and indexes replacements before deleting, so a
 //! reader never sees a hole: at worst its cached location is gone and
 //! [`Vault::read_blob`] finds the new copy through the trailers.
@@ -34,6 +40,7 @@
 pub mod badblobs;
 pub mod digestset;
 pub mod gc;
+pub mod keys;
 pub mod lookup;
 pub mod pack;
 pub mod pin;
@@ -48,11 +55,12 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::{BlobKind, ChunkDigest, ChunkSize, decode_blob};
+use crate::chunk::{BlobCodec, BlobKind, ChunkDigest, ChunkSize, VaultKey, decode_blob};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::manifest::BackupManifest;
 
 use self::badblobs::BadBlobs;
+use self::keys::{EncryptionConfig, KeySecret, Wrapping};
 use self::lookup::{BlobLocation, LookupIndex};
 use self::pack::{DEFAULT_PACK_TARGET, read_pack_entries};
 use self::store::{ChunkStore, LocalStore, write_atomic};
@@ -76,6 +84,9 @@ pub struct VaultConfig {
     /// creation. Chosen at creation, never changed (see `retention`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compliance_days: Option<u32>,
+    /// Present in an encrypted vault: the wrapped vault key (see `keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
 }
 
 /// A copy found in the pack trailers: where, and its decoded kind and bytes.
@@ -86,6 +97,10 @@ pub struct Vault {
     root: PathBuf,
     config: VaultConfig,
     store: Arc<dyn ChunkStore>,
+    /// None while an encrypted vault is locked.
+    codec: Option<BlobCodec>,
+    /// The vault key of an unlocked encrypted vault.
+    key: Option<VaultKey>,
 }
 
 /// A held vault lock; released on drop.
@@ -94,19 +109,21 @@ pub struct VaultLock {
 }
 
 impl Vault {
-    /// Create a new vault in `root` (which must not hold one yet).
+    /// Create a new plaintext vault in `root` (which must not hold one yet).
     pub fn create(root: &Path, chunk_size: ChunkSize, zstd_level: i32) -> Result<Vault> {
-        Vault::create_with(root, chunk_size, zstd_level, None)
+        Vault::create_with(root, chunk_size, zstd_level, None, None)
     }
 
-    /// [`Vault::create`], in compliance mode when `compliance_days` is given: every
+    /// Create a new vault in `root` ([`Vault::create`]), in compliance mode when `compliance_days` is given: every
     /// backup is then locked for at least that many days (recorded in `vault.toml` and
-    /// in the lock journal).
+    /// in the lock journal); with `encrypt`, an encrypted one whose new random key is
+    /// wrapped by that secret. Returned unlocked.
     pub fn create_with(
         root: &Path,
         chunk_size: ChunkSize,
         zstd_level: i32,
         compliance_days: Option<u32>,
+        encrypt: Option<&KeySecret>,
     ) -> Result<Vault> {
         if compliance_days == Some(0) || compliance_days.is_some_and(|d| d > 36_500) {
             return Err(Error::config(
@@ -129,27 +146,47 @@ impl Vault {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
         }
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let key = encrypt.map(|_| VaultKey::generate());
+        let encryption = match (encrypt, &key) {
+            (Some(secret), Some(key)) => Some(keys::new_encryption(&id, key, secret, None)?),
+            _ => None,
+        };
         let config = VaultConfig {
             format: VAULT_FORMAT,
-            id: hex::encode(rand::random::<[u8; 16]>()),
+            id,
             chunk_size,
             zstd_level,
             pack_target: DEFAULT_PACK_TARGET,
             created: crate::manifest::now_rfc3339(),
             capacity: None,
             compliance_days,
+            encryption,
         };
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
         write_atomic(&cfg_path, text.as_bytes())?;
-        let vault = Vault::open(root)?;
+        let mut vault = Vault::open(root)?;
+        if let Some(key) = key {
+            vault.codec = Some(BlobCodec::sealed(&key));
+            vault.key = Some(key);
+        }
         if let Some(days) = compliance_days {
             retention::record_compliance(&vault, days, "vault create")?;
         }
         Ok(vault)
     }
 
-    /// Open the vault in `root`.
+    /// Open the vault in `root` and, when it is encrypted and `secret` is given, unlock it.
+    pub fn open_with(root: &Path, secret: Option<&KeySecret>) -> Result<Vault> {
+        let mut v = Vault::open(root)?;
+        if let (true, Some(secret)) = (v.is_encrypted(), secret) {
+            v.unlock(secret)?;
+        }
+        Ok(v)
+    }
+
+    /// Open the vault in `root`; an encrypted vault opens locked (see the module doc).
     pub fn open(root: &Path) -> Result<Vault> {
         let cfg_path = root.join("vault.toml");
         let text = fs::read_to_string(&cfg_path).map_err(|e| {
@@ -178,11 +215,127 @@ impl Vault {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
         }
+        if let Some(enc) = &config.encryption
+            && (enc.cipher != "aes-256-gcm" || enc.digest != "blake3-keyed")
+        {
+            return Err(Error::unsupported(format!(
+                "vault {} is encrypted with {} / {} (this build knows aes-256-gcm / blake3-keyed)",
+                root.display(),
+                enc.cipher,
+                enc.digest
+            )));
+        }
+        let codec = config.encryption.is_none().then(BlobCodec::plain);
         Ok(Vault {
             root: root.to_path_buf(),
             config,
             store: Arc::new(LocalStore::new(root)),
+            codec,
+            key: None,
         })
+    }
+
+    /// Whether the vault's blobs and manifests are sealed.
+    pub fn is_encrypted(&self) -> bool {
+        self.config.encryption.is_some()
+    }
+
+    /// Whether blobs can be read and written: a plaintext vault, or an unlocked one.
+    pub fn is_unlocked(&self) -> bool {
+        self.codec.is_some()
+    }
+
+    /// Unlock an encrypted vault with `secret` (`WrongKey` when it opens no wrapping).
+    pub fn unlock(&mut self, secret: &KeySecret) -> Result<()> {
+        let Some(enc) = &self.config.encryption else {
+            return Ok(());
+        };
+        let key = keys::unlock(&self.display_name(), &self.config.id, enc, secret)?;
+        self.codec = Some(BlobCodec::sealed(&key));
+        self.key = Some(key);
+        Ok(())
+    }
+
+    /// The codec every blob and manifest of this vault goes through; `KeyRequired`
+    /// while an encrypted vault is locked.
+    pub fn codec(&self) -> Result<&BlobCodec> {
+        self.codec.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::KeyRequired,
+                format!(
+                    "vault {} is encrypted and no key was given: pass --keyfile PATH or --passphrase-env VAR (or keep its key on the appliance with `vault key store`)",
+                    self.display_name()
+                ),
+            )
+        })
+    }
+
+    fn display_name(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn unlocked_key(&self) -> Result<&VaultKey> {
+        self.codec()?;
+        self.key
+            .as_ref()
+            .ok_or_else(|| Error::config(format!("vault {} is not encrypted", self.display_name())))
+    }
+
+    /// The wrappings of the vault key (none in a plaintext vault).
+    pub fn key_wrappings(&self) -> &[Wrapping] {
+        self.config
+            .encryption
+            .as_ref()
+            .map_or(&[], |e| e.keys.as_slice())
+    }
+
+    /// Wrap the (unlocked) vault key with one more secret; returns the new wrapping.
+    pub fn add_key(&mut self, secret: &KeySecret, label: Option<&str>) -> Result<Wrapping> {
+        let w = keys::wrap(&self.config.id, self.unlocked_key()?, secret, label)?;
+        let mut config = self.config.clone();
+        if let Some(enc) = config.encryption.as_mut() {
+            enc.keys.push(w.clone());
+        }
+        self.write_config(config)?;
+        Ok(w)
+    }
+
+    /// Remove wrapping `id` (the vault must be unlocked). Removing the last one is
+    /// refused: nothing could open the vault any more.
+    pub fn remove_key(&mut self, id: &str) -> Result<Wrapping> {
+        self.unlocked_key()?;
+        let mut config = self.config.clone();
+        let Some(enc) = config.encryption.as_mut() else {
+            return Err(Error::config("the vault is not encrypted"));
+        };
+        let Some(pos) = enc.keys.iter().position(|w| w.id == id) else {
+            return Err(Error::not_found(format!(
+                "vault {} has no key wrapping {id:?} (`vault key list` shows them)",
+                self.display_name()
+            )));
+        };
+        if enc.keys.len() == 1 {
+            return Err(Error::conflict(format!(
+                "key wrapping {id} is the last one of vault {}: removing it would leave nothing that opens the vault; add another key first",
+                self.display_name()
+            )));
+        }
+        let w = enc.keys.remove(pos);
+        self.write_config(config)?;
+        Ok(w)
+    }
+
+    /// The paper recovery key of the (unlocked) vault.
+    pub fn paper_key(&self) -> Result<zeroize::Zeroizing<String>> {
+        Ok(keys::paper(&self.config.id, self.unlocked_key()?))
+    }
+
+    fn write_config(&mut self, config: VaultConfig) -> Result<()> {
+        let text = toml::to_string(&config)
+            .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
+        write_atomic(&self.root.join("vault.toml"), text.as_bytes())?;
+        self.config = config;
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -203,10 +356,9 @@ impl Vault {
 
     /// Update the capacity limit (None: unlimited).
     pub fn set_capacity(&mut self, capacity: Option<u64>) -> Result<()> {
-        self.config.capacity = capacity;
-        let text = toml::to_string(&self.config)
-            .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
-        write_atomic(&self.root.join("vault.toml"), text.as_bytes())
+        let mut config = self.config.clone();
+        config.capacity = capacity;
+        self.write_config(config)
     }
 
     /// A new connection to the lookup index (one per thread).
@@ -331,7 +483,7 @@ impl Vault {
             .store
             .read_pack_range(loc.pack, loc.offset, loc.length as usize)
             .map_err(|e| e.context_prefix(format!("blob {digest}")))?;
-        decode_blob(&stored, digest)
+        decode_blob(&stored, digest, self.codec()?)
             .map_err(|e| e.context_prefix(format!("pack {} offset {}", loc.pack, loc.offset)))
     }
 
@@ -388,7 +540,16 @@ impl Vault {
     pub fn put_manifest(&self, m: &BackupManifest) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(m)
             .map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
-        self.store.put_file(&m.key(), &bytes)
+        let key = m.key();
+        let sealed = self.codec()?.seal_file(&key, &bytes)?;
+        self.store.put_file(&key, &sealed)
+    }
+
+    /// Read and parse (opening it in an encrypted vault) the manifest stored at `key`.
+    pub fn read_manifest(&self, key: &str) -> Result<BackupManifest> {
+        let stored = self.store.get_file(key)?;
+        let bytes = self.codec()?.open_file(key, &stored)?;
+        BackupManifest::from_json(&bytes).map_err(|e| e.context_prefix(format!("manifest {key}")))
     }
 
     /// Every manifest in the vault, oldest first. An unreadable manifest is an error:
@@ -399,10 +560,7 @@ impl Vault {
             if !key.ends_with(".json") {
                 continue;
             }
-            let bytes = self.store.get_file(&key)?;
-            let m = BackupManifest::from_json(&bytes)
-                .map_err(|e| e.context_prefix(format!("manifest {key}")))?;
-            out.push(m);
+            out.push(self.read_manifest(&key)?);
         }
         out.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
         Ok(out)
@@ -416,8 +574,7 @@ impl Vault {
             if !key.ends_with(".json") {
                 continue;
             }
-            let m = BackupManifest::from_json(&self.store.get_file(&key)?)
-                .map_err(|e| e.context_prefix(format!("manifest {key}")))?;
+            let m = self.read_manifest(&key)?;
             if m.resource == resource {
                 out.push(m);
             }

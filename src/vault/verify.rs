@@ -143,6 +143,8 @@ pub fn verify_paced(
     threads: usize,
     pace: Pace<'_>,
 ) -> Result<VerifyReport> {
+    // Without the key of an encrypted vault nothing can be checked: say so at once.
+    vault.codec()?;
     let _lock = vault.lock_shared()?;
     let mut lookup = vault.lookup()?;
     let all;
@@ -408,10 +410,14 @@ fn check_pack(vault: &Vault, id: PackId) -> PackCheck {
         Ok(d) => d,
         Err(e) => return failed(e.to_string()),
     };
+    let codec = match vault.codec() {
+        Ok(c) => c,
+        Err(e) => return failed(e.to_string()),
+    };
     let mut bad = Vec::new();
     for e in &entries {
         let stored = &data[e.offset as usize..(e.offset + e.length as u64) as usize];
-        if let Err(err) = decode_blob(stored, &e.digest) {
+        if let Err(err) = decode_blob(stored, &e.digest, codec) {
             bad.push(BadBlob {
                 digest: e.digest.to_string(),
                 pack: id.to_string(),

@@ -10,6 +10,7 @@ mod catalog_full;
 mod cli;
 mod drill;
 mod drill_service;
+mod encryption;
 mod export;
 mod hostile;
 mod incremental;
