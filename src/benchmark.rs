@@ -369,6 +369,7 @@ fn image_figures(dir: &std::path::Path, data_gib: u64, level: i32) -> Result<Ima
         &dir.join("img-vault-enc"),
         ChunkSize::new(cs as u32)?,
         level,
+        None,
         Some(&secret),
     )?;
     let t = Instant::now();

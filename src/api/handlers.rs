@@ -86,7 +86,14 @@ pub async fn create_vault(
     };
     st.run(move |_, app| {
         let zstd = v.zstd_level.unwrap_or(1);
-        app.create_vault_with(&v.name, v.path.as_deref(), cs, zstd, v.compliance_days)?;
+        app.create_vault_with(
+            &v.name,
+            v.path.as_deref(),
+            cs,
+            zstd,
+            v.compliance_days,
+            None,
+        )?;
         if v.capacity.is_some() {
             app.set_capacity(&v.name, v.capacity)?;
         }

@@ -17,16 +17,13 @@ use serde::Serialize;
 
 mod drills;
 mod figures;
+mod keys;
 mod locks;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
-pub use locks::cli_actor;
-mod keys;
-mod restores;
-mod views;
-pub use figures::{FigureRefresher, Freshness};
 pub use keys::{KeyView, new_keyfile, set_configured_key_files};
+pub use locks::cli_actor;
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};
@@ -146,7 +143,7 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
     ) -> Result<VaultEntry> {
-        self.create_vault_with(name, path, chunk_size, zstd_level, None)
+        self.create_vault_with(name, path, chunk_size, zstd_level, None, None)
     }
 
     /// [`App::create_vault`], in compliance mode with `compliance_days` (every backup
