@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod cbt;
 pub mod chunk;
 pub mod config;
+pub mod disk_reader;
 pub mod error;
 pub mod extent;
 pub mod freeze;
