@@ -21,6 +21,7 @@ pub mod config;
 pub mod disk_reader;
 pub mod error;
 pub mod extent;
+pub mod files;
 pub mod freeze;
 pub mod index;
 pub mod instant;

@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 mod figures;
+mod files;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
+pub use files::FilesSession;
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod bitmaps;
 pub mod client;
 pub mod exit;
+pub mod files;
 pub mod local;
 pub mod output;
 pub mod remote;

@@ -205,6 +205,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Tasks(t) => return super::tasks::run(cli, Some(&r), t),
         Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
+        Cmd::Files(_) => return Err(not_remote("files")),
         Cmd::Serve { .. } => return Err(usage("serve starts an appliance; it takes no --server")),
         Cmd::Tls(_) => return Err(not_remote("tls fingerprint")),
         Cmd::Completions { .. } | Cmd::Man { .. } => {}
