@@ -101,7 +101,7 @@ pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
                 outln!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for f in &r.failed {
-                    write_err(format_args!("error: {}: {}", f.path, f.error));
+                    write_err(format_args!("error: {}", f.error));
                 }
                 for f in &r.skipped {
                     write_err(format_args!("skipped: {}: {}", f.path, f.error));

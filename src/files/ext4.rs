@@ -144,6 +144,13 @@ impl Entry {
                 .map(|t| String::from_utf8_lossy(t).into_owned()),
             raw_name: name.to_vec(),
             raw_target: target,
+            identity: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                m.hash(&mut h);
+                h.finish()
+            },
+            precise: m.created().is_some_and(|c| c.nanoseconds() != 0),
         }
     }
 }

@@ -55,6 +55,10 @@ pub struct Problem {
 
 struct Walk<'a> {
     vol: &'a dyn Volume,
+    /// Signatures (inode attributes + listing) of the directories on the current path.
+    ancestors: Vec<u64>,
+    /// Directories already restored whose inode is recognisable: identity → path.
+    seen: std::collections::HashMap<u64, String>,
     as_root: bool,
     entries: usize,
     report: GetReport,
@@ -91,6 +95,8 @@ pub fn get(vol: &dyn Volume, path: &[u8], dest: &Path) -> Result<GetReport> {
     }
     let mut w = Walk {
         vol,
+        ancestors: Vec::new(),
+        seen: Default::default(),
         as_root: nix::unistd::geteuid().is_root(),
         entries: 0,
         report: GetReport {
@@ -187,21 +193,59 @@ impl Walk<'_> {
                 e.path
             )));
         }
+        if e.precise
+            && let Some(first) = self.seen.insert(e.identity, e.path.clone())
+        {
+            return Err(Error::corrupt(format!(
+                "{}: the same directory as {first} (a hard-linked directory or a directory \
+                 loop); not restored twice",
+                e.path
+            )));
+        }
         let children = self.vol.list(src)?;
+        let signature = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            e.identity.hash(&mut h);
+            for c in &children {
+                (&c.raw_name, c.identity).hash(&mut h);
+            }
+            h.finish()
+        };
+        // Three equal directories on one path: a loop (seconds-only time stamps can make
+        // two nested look-alikes, not three in a row).
+        if self.ancestors.iter().filter(|&&a| a == signature).count() >= 2 {
+            return Err(Error::corrupt(format!(
+                "{}: a directory loop (this directory contains itself); not descended",
+                e.path
+            )));
+        }
         fs::DirBuilder::new()
             .mode(0o700)
             .create(to)
             .map_err(|err| Error::io(format!("creating directory {}", to.display()), err))?;
         self.report.dirs += 1;
-        for c in &children {
+        self.ancestors.push(signature);
+        let r = self.children(src, to, &children, depth, &e.path);
+        self.ancestors.pop();
+        r?;
+        self.attrs(e, to)
+    }
+
+    fn children(
+        &mut self,
+        src: &[u8],
+        to: &Path,
+        children: &[Entry],
+        depth: usize,
+        dir: &str,
+    ) -> Result<()> {
+        for c in children {
             self.entries += 1;
             if self.entries > MAX_WALK_ENTRIES {
                 return Err(Error::new(
                     ErrorKind::Full,
-                    format!(
-                        "more than {MAX_WALK_ENTRIES} entries under {}; get a subdirectory",
-                        e.path
-                    ),
+                    format!("more than {MAX_WALK_ENTRIES} entries under {dir}; get a subdirectory"),
                 ));
             }
             if c.raw_name.is_empty() || c.raw_name.contains(&b'/') {
@@ -231,7 +275,7 @@ impl Walk<'_> {
                 self.fail(&c.path, &err);
             }
         }
-        self.attrs(e, to)
+        Ok(())
     }
 
     /// Owner (as root), mode and times; never through a symlink.

@@ -17,7 +17,10 @@
 //! LUKS (encrypted: needs the guest's key), swap, and **LVM2** physical volumes (not
 //! supported: logical volumes would need the LVM metadata parsed; restore the disk).
 //!
-//! Hostile metadata: every walk is bounded — [`MAX_DEPTH`] directory levels,
+//! Hostile metadata: a directory met again under itself (a directory loop made by a
+//! hard link to an ancestor) is refused, and so is a directory seen twice anywhere when
+//! its inode is recognisable (nanosecond creation time; see [`Entry::identity`]); every
+//! walk is bounded besides — [`MAX_DEPTH`] directory levels,
 //! [`MAX_WALK_ENTRIES`] entries per `get`, [`ext4::MAX_DIR_ENTRIES`] per directory, no
 //! file larger than its file system (see [`Volume::read_file`]) — so a directory loop or
 //! a fuzzed inode ends in an error, not a hang.
@@ -73,6 +76,14 @@ pub struct Entry {
     pub raw_name: Vec<u8>,
     #[serde(skip)]
     pub raw_target: Option<Vec<u8>>,
+    /// Hash of every attribute the inode has (times to the nanosecond where stored,
+    /// creation and change times included): equal for two names of one inode.
+    #[serde(skip)]
+    pub identity: u64,
+    /// Whether [`Entry::identity`] tells inodes apart (the inode stores nanosecond
+    /// creation times, so two inodes practically never share it).
+    #[serde(skip)]
+    pub precise: bool,
 }
 
 /// A file system opened read-only.
