@@ -40,6 +40,7 @@
 //! listener's business: see [`listen`].
 
 mod audit;
+mod files;
 mod handlers;
 pub mod listen;
 mod maintenance;
@@ -219,6 +220,8 @@ routes! {
     GET "/backups" Auditor "List backups (?vault=&resource=)" => handlers::list_backups;
     GET "/backups/{id}" Auditor "A backup with its sizes" => handlers::get_backup;
     DELETE "/backups/{id}" Operator "Delete a backup" => handlers::delete_backup;
+    GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
+    GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => handlers::protect_backup;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
