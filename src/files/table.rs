@@ -26,6 +26,35 @@ use serde::Serialize;
 use crate::disk_reader::DiskView;
 use crate::error::{Error, Result};
 
+/// Positioned reads of a byte range: a [`DiskView`], or a byte slice in tests.
+pub trait ReadAt {
+    fn len(&self) -> u64;
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+impl ReadAt for DiskView {
+    fn len(&self) -> u64 {
+        DiskView::len(self)
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        DiskView::read_exact_at(self, offset, buf)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| Error::invalid(format!("read past the end at {offset}")))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 /// Most GPT entries read (the spec's minimum array holds 128).
 const MAX_GPT_ENTRIES: u32 = 4096;
 /// Most logical partitions followed in an EBR chain.
@@ -57,7 +86,7 @@ pub struct TableEntry {
 }
 
 /// Read the partition table of `disk` (`None` scheme when there is none).
-pub fn read_table(disk: &DiskView) -> Result<(Scheme, Vec<TableEntry>)> {
+pub fn read_table(disk: &(impl ReadAt + ?Sized)) -> Result<(Scheme, Vec<TableEntry>)> {
     for ss in [512u64, 4096] {
         if let Some(parts) = read_gpt(disk, ss)? {
             return Ok((Scheme::Gpt, parts));
@@ -81,7 +110,7 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-fn read_sector(disk: &DiskView, lba: u64, ss: u64) -> Result<Option<Vec<u8>>> {
+fn read_sector(disk: &(impl ReadAt + ?Sized), lba: u64, ss: u64) -> Result<Option<Vec<u8>>> {
     let Some(off) = lba.checked_mul(ss) else {
         return Ok(None);
     };
@@ -106,7 +135,11 @@ fn guid(b: &[u8]) -> String {
 }
 
 /// A valid GPT header at `lba`, parsed: (entries LBA, count, entry size, entries CRC).
-fn gpt_header(disk: &DiskView, lba: u64, ss: u64) -> Result<Option<(u64, u32, u32, u32)>> {
+fn gpt_header(
+    disk: &(impl ReadAt + ?Sized),
+    lba: u64,
+    ss: u64,
+) -> Result<Option<(u64, u32, u32, u32)>> {
     let Some(h) = read_sector(disk, lba, ss)? else {
         return Ok(None);
     };
@@ -135,7 +168,7 @@ fn crc32(b: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn read_gpt(disk: &DiskView, ss: u64) -> Result<Option<Vec<TableEntry>>> {
+fn read_gpt(disk: &(impl ReadAt + ?Sized), ss: u64) -> Result<Option<Vec<TableEntry>>> {
     let last = (disk.len() / ss).saturating_sub(1);
     for lba in [1, last] {
         let Some((elba, count, esize, ecrc)) = gpt_header(disk, lba, ss)? else {
@@ -194,7 +227,7 @@ fn mbr_entries(s: &[u8]) -> [(u8, u32, u32); 4] {
     out
 }
 
-fn read_mbr(disk: &DiskView) -> Result<Option<Vec<TableEntry>>> {
+fn read_mbr(disk: &(impl ReadAt + ?Sized)) -> Result<Option<Vec<TableEntry>>> {
     let Some(s) = read_sector(disk, 0, 512)? else {
         return Ok(None);
     };
@@ -262,4 +295,106 @@ fn read_mbr(disk: &DiskView) -> Result<Option<Vec<TableEntry>>> {
         }
     }
     Ok(Some(parts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A GPT header at LBA 1 with valid CRCs over `entries` (each 128 bytes).
+    fn gpt_disk(entries: &[[u8; 128]], count: u32, esize: u32) -> Vec<u8> {
+        let mut d = vec![0u8; 1 << 20];
+        let arr: Vec<u8> = entries.iter().flatten().copied().collect();
+        d[1024..1024 + arr.len()].copy_from_slice(&arr);
+        let h = &mut d[512..1024];
+        h[..8].copy_from_slice(b"EFI PART");
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[72..80].copy_from_slice(&2u64.to_le_bytes());
+        h[80..84].copy_from_slice(&count.to_le_bytes());
+        h[84..88].copy_from_slice(&esize.to_le_bytes());
+        let len = (count as usize * esize as usize).min(d.len() - 1024);
+        let ecrc = crc32(&d[1024..1024 + len]);
+        let h = &mut d[512..1024];
+        h[88..92].copy_from_slice(&ecrc.to_le_bytes());
+        let hcrc = crc32(&h[..92]);
+        h[16..20].copy_from_slice(&hcrc.to_le_bytes());
+        d
+    }
+
+    #[test]
+    fn a_gpt_entry_is_read_with_its_name_and_a_bad_crc_is_no_gpt() {
+        let mut e = [0u8; 128];
+        e[0] = 0xAF;
+        e[32..40].copy_from_slice(&2048u64.to_le_bytes());
+        e[40..48].copy_from_slice(&4095u64.to_le_bytes());
+        for (i, c) in "root".encode_utf16().enumerate() {
+            e[56 + 2 * i..58 + 2 * i].copy_from_slice(&c.to_le_bytes());
+        }
+        let d = gpt_disk(&[e], 128, 128);
+        let (scheme, parts) = read_table(d.as_slice()).unwrap();
+        assert_eq!(scheme, Scheme::Gpt);
+        assert_eq!(parts.len(), 1);
+        assert_eq!((parts[0].start, parts[0].size), (2048 * 512, 2048 * 512));
+        assert_eq!(parts[0].name, "root");
+        let mut bad = d.clone();
+        bad[1024 + 33] ^= 1;
+        assert_eq!(read_table(bad.as_slice()).unwrap().0, Scheme::None);
+    }
+
+    #[test]
+    fn an_ebr_chain_that_loops_is_an_error() {
+        let mut d = vec![0u8; 1 << 20];
+        d[510] = 0x55;
+        d[511] = 0xAA;
+        // Primary 1: extended at sector 100, 1000 sectors.
+        d[446 + 4] = 0x05;
+        d[446 + 8..446 + 12].copy_from_slice(&100u32.to_le_bytes());
+        d[446 + 12..446 + 16].copy_from_slice(&1000u32.to_le_bytes());
+        // EBR at 100: logical at +10, next EBR at relative 0 + 50; EBR at 150 points back to 50.
+        for (ebr, next) in [(100usize, 50u32), (150, 50)] {
+            let s = &mut d[ebr * 512..ebr * 512 + 512];
+            s[510] = 0x55;
+            s[511] = 0xAA;
+            s[446 + 4] = 0x83;
+            s[446 + 8..446 + 12].copy_from_slice(&10u32.to_le_bytes());
+            s[446 + 12..446 + 16].copy_from_slice(&20u32.to_le_bytes());
+            s[462 + 4] = 0x05;
+            s[462 + 8..462 + 12].copy_from_slice(&next.to_le_bytes());
+        }
+        let err = read_table(d.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("loops"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any bytes in the table sectors: a table, no table or an error — never a panic.
+        #[test]
+        fn hostile_tables_never_panic(
+            mbr in proptest::collection::vec(any::<u8>(), 512),
+            gpt_hdr in proptest::collection::vec(any::<u8>(), 92),
+            count in 0u32..10_000,
+            esize in 0u32..5000,
+            entry in proptest::collection::vec(any::<u8>(), 128),
+        ) {
+            let mut e = [0u8; 128];
+            e.copy_from_slice(&entry);
+            let mut d = gpt_disk(&[e], count, esize);
+            d[512 + 20..512 + 72].copy_from_slice(&gpt_hdr[20..72]);
+            d[512 + 16..512 + 20].fill(0);
+            let hcrc = crc32(&d[512..512 + 92]);
+            d[512 + 16..512 + 20].copy_from_slice(&hcrc.to_le_bytes());
+            let _ = read_table(d.as_slice());
+            let mut m = vec![0u8; 1 << 20];
+            m[..512].copy_from_slice(&mbr);
+            m[510] = 0x55;
+            m[511] = 0xAA;
+            // Its EBRs, wherever they point, are the same random sector.
+            for s in (512..m.len()).step_by(512 * 7) {
+                let (a, b) = m.split_at_mut(s);
+                b[..512].copy_from_slice(&a[..512]);
+            }
+            let _ = read_table(m.as_slice());
+        }
+    }
 }
