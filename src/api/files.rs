@@ -3,9 +3,10 @@
 //!
 //! The file system reader is not `Send` (nor is the vault's lookup handle): each request
 //! runs whole on one blocking thread. A file's bytes are streamed through a small
-//! bounded channel with `Content-Length` set; a chunk that fails verification mid-file
-//! aborts the response (the client sees a short body, never wrong bytes), and a client
-//! that goes away stops the reading.
+//! bounded channel with `Content-Length` set. The status is sent with the first 1 MiB:
+//! a chunk failing verification before that is an error answer (500, the chunk named),
+//! later it aborts the response (the client sees a short body, never wrong bytes); a
+//! client that goes away stops the reading.
 
 use std::collections::HashMap;
 
@@ -35,8 +36,8 @@ fn partition(q: &HashMap<String, String>) -> R<Option<u32>> {
         .transpose()
 }
 
-/// `GET /backups/{id}/files?disk=&partition=&path=`: the partitions of the disk and the
-/// entries of directory `path` (default `/`; a non-directory lists itself).
+/// `GET /backups/{id}/files?disk=&partition=&path=`: the partitions of the disk and,
+/// with `path`, the entries of that directory (a non-directory lists itself).
 pub async fn list(
     State(st): State<Shared>,
     Path(id): Path<String>,
@@ -44,24 +45,27 @@ pub async fn list(
 ) -> R<Json<Value>> {
     let part = partition(&q)?;
     st.run(move |_, app| {
-        let path = q.get("path").map_or("/", String::as_str).to_string();
         let s = app.open_files(&id, q.get("disk").map(String::as_str))?;
+        let mut v = json!({
+            "backup": s.backup_id,
+            "disk": s.disk_name,
+            "scheme": s.disk.scheme,
+            "partitions": s.disk.partitions,
+        });
+        let Some(path) = q.get("path") else {
+            return Ok(Json(v));
+        };
         let vol = s.disk.volume(part)?;
-        let p = normalize(&path)?;
+        let p = normalize(path)?;
         let top = vol.stat(&p)?;
         let entries = if top.kind == EntryKind::Dir {
             vol.list(&p)?
         } else {
             vec![top]
         };
-        Ok(Json(json!({
-            "backup": s.backup_id,
-            "disk": s.disk_name,
-            "scheme": s.disk.scheme,
-            "partitions": s.disk.partitions,
-            "path": path,
-            "entries": entries,
-        })))
+        v["path"] = json!(path);
+        v["entries"] = json!(entries);
+        Ok(Json(v))
     })
     .await
 }
@@ -102,16 +106,29 @@ pub async fn content(
                 return;
             }
         };
-        if head_tx.send(Ok(size)).is_err() {
-            return;
-        }
+        // The status goes out with the first bytes: a file whose first megabyte cannot
+        // be read gets an error answer, a later failure cuts the body short.
+        let mut head = Some(head_tx);
         let r = vol.read_file(&p, &mut |_, bytes| {
+            if let Some(h) = head.take() {
+                h.send(Ok(size))
+                    .map_err(|_| Error::cancelled("the client went away"))?;
+            }
             tx.blocking_send(Ok(Bytes::copy_from_slice(bytes)))
                 .map_err(|_| Error::cancelled("the client went away"))
         });
-        if let Err(e) = r {
-            tracing::warn!("streaming {path} of a backup: {e}");
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        match (r, head.take()) {
+            (Ok(()), Some(h)) => {
+                let _ = h.send(Ok(size));
+            }
+            (Ok(()), None) => {}
+            (Err(e), Some(h)) => {
+                let _ = h.send(Err(e.into()));
+            }
+            (Err(e), None) => {
+                tracing::warn!("streaming {path} of a backup: {e}");
+                let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            }
         }
     });
     let size = head_rx.await.map_err(|_| {

@@ -1,57 +1,25 @@
 //! `blockvault files`: partitions, `ls` and `get` on a backup's disk, read from its chunks.
 
 use anyhow::Result;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::args::{Cli, FilesArgs, FilesCmd};
 use super::output::{human, table, write_err};
 use blockvault::app::App;
-use blockvault::files::{Entry, EntryKind, extract, normalize};
+use blockvault::files::{EntryKind, extract, normalize};
 
 pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
     let app = App::open(&cli.data)?;
     let s = app.open_files(&a.backup, a.disk.as_deref())?;
     match &a.cmd {
         FilesCmd::Partitions => {
-            if cli.json {
-                let v = json!({
-                    "backup": s.backup_id,
-                    "disk": s.disk_name,
-                    "scheme": s.disk.scheme,
-                    "partitions": s.disk.partitions,
-                });
-                outln!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                outln!("disk {}: {:?} partition table", s.disk_name, s.disk.scheme);
-                let rows: Vec<Vec<String>> = s
-                    .disk
-                    .partitions
-                    .iter()
-                    .map(|p| {
-                        vec![
-                            p.number.to_string(),
-                            p.start.to_string(),
-                            human(p.size),
-                            p.type_id.clone(),
-                            p.fs.as_str().to_string(),
-                            match (&p.problem, p.supported) {
-                                (Some(pr), _) => pr.clone(),
-                                (None, true) => "yes".into(),
-                                (None, false) => "no".into(),
-                            },
-                            p.name.clone(),
-                        ]
-                    })
-                    .collect();
-                outln!(
-                    "{}",
-                    table(
-                        &["#", ">START", ">SIZE", "TYPE", "FS", "READABLE", "NAME"],
-                        &rows
-                    )
-                    .trim_end()
-                );
-            }
+            let v = json!({
+                "backup": s.backup_id,
+                "disk": s.disk_name,
+                "scheme": s.disk.scheme,
+                "partitions": s.disk.partitions,
+            });
+            print_partitions(cli, &v)?;
         }
         FilesCmd::Ls { path, long } => {
             let vol = s.disk.volume(a.partition)?;
@@ -62,19 +30,8 @@ pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
             } else {
                 vec![top]
             };
-            if cli.json {
-                let v = json!({"backup": s.backup_id, "disk": s.disk_name, "path": path, "entries": entries});
-                outln!("{}", serde_json::to_string_pretty(&v)?);
-            } else if *long {
-                for e in &entries {
-                    outln!("{}", long_line(e));
-                }
-            } else {
-                for e in &entries {
-                    let slash = if e.kind == EntryKind::Dir { "/" } else { "" };
-                    outln!("{}{slash}", e.name);
-                }
-            }
+            let v = json!({"backup": s.backup_id, "disk": s.disk_name, "path": path, "entries": entries});
+            print_listing(cli, &v, *long)?;
         }
         FilesCmd::Get { path, to } => {
             let vol = s.disk.volume(a.partition)?;
@@ -129,18 +86,83 @@ pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn long_line(e: &Entry) -> String {
-    let t = match e.kind {
-        EntryKind::Dir => 'd',
-        EntryKind::Symlink => 'l',
-        EntryKind::File => '-',
-        EntryKind::Special => '?',
+/// `files partitions` from its JSON (local or the API's `GET /backups/{id}/files`).
+pub fn print_partitions(cli: &Cli, v: &Value) -> Result<()> {
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let str_of = |x: &Value| x.as_str().unwrap_or("").to_string();
+    outln!(
+        "disk {}: {} partition table",
+        str_of(&v["disk"]),
+        str_of(&v["scheme"])
+    );
+    let rows: Vec<Vec<String>> = v["partitions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                p["number"].to_string(),
+                p["start"].to_string(),
+                human(p["size"].as_u64().unwrap_or(0)),
+                str_of(&p["type_id"]),
+                str_of(&p["fs"]),
+                match (p["problem"].as_str(), p["supported"].as_bool()) {
+                    (Some(pr), _) => pr.to_string(),
+                    (None, Some(true)) => "yes".into(),
+                    _ => "no".into(),
+                },
+                str_of(&p["name"]),
+            ]
+        })
+        .collect();
+    outln!(
+        "{}",
+        table(
+            &["#", ">START", ">SIZE", "TYPE", "FS", "READABLE", "NAME"],
+            &rows
+        )
+        .trim_end()
+    );
+    Ok(())
+}
+
+/// `files ls` from its JSON (local or the API's).
+pub fn print_listing(cli: &Cli, v: &Value, long: bool) -> Result<()> {
+    if cli.json {
+        outln!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    for e in v["entries"].as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or("");
+        if long {
+            outln!("{}", long_line(e));
+        } else if e["kind"] == "dir" {
+            outln!("{name}/");
+        } else {
+            outln!("{name}");
+        }
+    }
+    Ok(())
+}
+
+fn long_line(e: &Value) -> String {
+    let num = |k: &str| e[k].as_u64().unwrap_or(0);
+    let t = match e["kind"].as_str() {
+        Some("dir") => 'd',
+        Some("symlink") => 'l',
+        Some("file") => '-',
+        _ => '?',
     };
+    let mode = num("mode");
     let mut perm = String::new();
     for (i, c) in "rwxrwxrwx".chars().enumerate() {
-        perm.push(if e.mode & (1 << (8 - i)) != 0 { c } else { '-' });
+        perm.push(if mode & (1 << (8 - i)) != 0 { c } else { '-' });
     }
-    let when = time::OffsetDateTime::from_unix_timestamp(e.mtime)
+    let mtime = e["mtime"].as_i64().unwrap_or(0);
+    let when = time::OffsetDateTime::from_unix_timestamp(mtime)
         .ok()
         .and_then(|d| {
             d.format(time::macros::format_description!(
@@ -148,14 +170,16 @@ fn long_line(e: &Entry) -> String {
             ))
             .ok()
         })
-        .unwrap_or_else(|| e.mtime.to_string());
-    let target = e
-        .target
-        .as_ref()
+        .unwrap_or_else(|| mtime.to_string());
+    let target = e["target"]
+        .as_str()
         .map(|t| format!(" -> {t}"))
         .unwrap_or_default();
     format!(
         "{t}{perm} {:>6} {:>6} {:>12} {when} {}{target}",
-        e.uid, e.gid, e.size, e.name
+        num("uid"),
+        num("gid"),
+        num("size"),
+        e["name"].as_str().unwrap_or("")
     )
 }
