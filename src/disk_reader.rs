@@ -12,6 +12,7 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::num::NonZeroUsize;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
@@ -180,9 +181,10 @@ impl DiskReader {
 }
 
 /// A byte range of a disk (a partition, or the whole disk) as a file: `Read + Seek`,
-/// and positioned reads with [`DiskView::read_exact_at`].
+/// and positioned reads with [`DiskView::read_exact_at`]. One thread's (its reader holds
+/// a SQLite handle); several views share one reader through an `Rc`.
 pub struct DiskView {
-    reader: Arc<DiskReader>,
+    reader: Rc<DiskReader>,
     start: u64,
     len: u64,
     pos: u64,
@@ -190,7 +192,7 @@ pub struct DiskView {
 
 impl DiskView {
     /// `len` bytes from `start`; the range must lie within the disk.
-    pub fn new(reader: Arc<DiskReader>, start: u64, len: u64) -> Result<DiskView> {
+    pub fn new(reader: Rc<DiskReader>, start: u64, len: u64) -> Result<DiskView> {
         let size = reader.cache.size;
         if start.checked_add(len).is_none_or(|e| e > size) {
             return Err(Error::invalid(format!(
@@ -206,7 +208,7 @@ impl DiskView {
     }
 
     /// The whole disk.
-    pub fn whole(reader: Arc<DiskReader>) -> DiskView {
+    pub fn whole(reader: Rc<DiskReader>) -> DiskView {
         let len = reader.cache.size;
         DiskView {
             reader,
@@ -234,7 +236,7 @@ impl DiskView {
     /// Another view of the same range (its own position).
     pub fn reopen(&self) -> DiskView {
         DiskView {
-            reader: Arc::clone(&self.reader),
+            reader: Rc::clone(&self.reader),
             start: self.start,
             len: self.len,
             pos: 0,

@@ -29,7 +29,7 @@ pub mod ext4;
 pub mod extract;
 pub mod table;
 
-use std::sync::Arc;
+use std::rc::Rc;
 
 use serde::Serialize;
 
@@ -210,7 +210,7 @@ pub struct Partition {
 
 /// A disk of a backup, ready to have its partitions listed or a file system opened.
 pub struct Disk {
-    reader: Arc<DiskReader>,
+    reader: Rc<DiskReader>,
     pub scheme: Scheme,
     pub partitions: Vec<Partition>,
 }
@@ -218,8 +218,8 @@ pub struct Disk {
 impl Disk {
     /// Read the partition table and sniff each partition (or the whole disk).
     pub fn open(reader: DiskReader) -> Result<Disk> {
-        let reader = Arc::new(reader);
-        let whole = DiskView::whole(Arc::clone(&reader));
+        let reader = Rc::new(reader);
+        let whole = DiskView::whole(Rc::clone(&reader));
         // A file system on the whole disk wins over a "table" that is its boot sector.
         let whole_fs = detect(&whole)?;
         let (scheme, entries) = if matches!(whole_fs, FsKind::Unknown) {
@@ -241,7 +241,7 @@ impl Disk {
             });
         }
         for e in entries {
-            let (fs, problem) = match DiskView::new(Arc::clone(&reader), e.start, e.size) {
+            let (fs, problem) = match DiskView::new(Rc::clone(&reader), e.start, e.size) {
                 Ok(v) => match detect(&v) {
                     Ok(fs) => (fs, None),
                     Err(err) => (FsKind::Unknown, Some(err.to_string())),
@@ -315,7 +315,7 @@ impl Disk {
                 p.fs.refusal()
             )));
         }
-        let view = DiskView::new(Arc::clone(&self.reader), p.start, p.size)?;
+        let view = DiskView::new(Rc::clone(&self.reader), p.start, p.size)?;
         let v = ext4::Ext4Volume::open(view).map_err(|e| e.context_prefix(self.label(p)))?;
         Ok(Box::new(v))
     }

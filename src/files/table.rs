@@ -28,13 +28,13 @@ use crate::error::{Error, Result};
 
 /// Positioned reads of a byte range: a [`DiskView`], or a byte slice in tests.
 pub trait ReadAt {
-    fn len(&self) -> u64;
+    fn size(&self) -> u64;
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 }
 
 impl ReadAt for DiskView {
-    fn len(&self) -> u64 {
-        DiskView::len(self)
+    fn size(&self) -> u64 {
+        self.len()
     }
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         DiskView::read_exact_at(self, offset, buf)
@@ -42,8 +42,8 @@ impl ReadAt for DiskView {
 }
 
 impl ReadAt for [u8] {
-    fn len(&self) -> u64 {
-        <[u8]>::len(self) as u64
+    fn size(&self) -> u64 {
+        self.len() as u64
     }
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let src = usize::try_from(offset)
@@ -114,7 +114,7 @@ fn read_sector(disk: &(impl ReadAt + ?Sized), lba: u64, ss: u64) -> Result<Optio
     let Some(off) = lba.checked_mul(ss) else {
         return Ok(None);
     };
-    if off.checked_add(ss).is_none_or(|e| e > disk.len()) {
+    if off.checked_add(ss).is_none_or(|e| e > disk.size()) {
         return Ok(None);
     }
     let mut b = vec![0u8; ss as usize];
@@ -169,7 +169,7 @@ fn crc32(b: &[u8]) -> u32 {
 }
 
 fn read_gpt(disk: &(impl ReadAt + ?Sized), ss: u64) -> Result<Option<Vec<TableEntry>>> {
-    let last = (disk.len() / ss).saturating_sub(1);
+    let last = (disk.size() / ss).saturating_sub(1);
     for lba in [1, last] {
         let Some((elba, count, esize, ecrc)) = gpt_header(disk, lba, ss)? else {
             continue;
@@ -178,7 +178,7 @@ fn read_gpt(disk: &(impl ReadAt + ?Sized), ss: u64) -> Result<Option<Vec<TableEn
         let Some(off) = elba.checked_mul(ss) else {
             continue;
         };
-        if off.checked_add(len).is_none_or(|e| e > disk.len()) {
+        if off.checked_add(len).is_none_or(|e| e > disk.size()) {
             continue;
         }
         let mut arr = vec![0u8; len as usize];
