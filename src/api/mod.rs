@@ -41,6 +41,7 @@
 
 mod audit;
 mod drill;
+mod files;
 mod handlers;
 pub mod listen;
 mod locks;
@@ -224,6 +225,8 @@ routes! {
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => locks::protect_backup;
     POST "/backups/{id}/lock" Admin "Lock a backup until a date (extend only)" => locks::lock_backup;
     POST "/backups/{id}/drill" Operator "Boot a backup in a throwaway VM (recovery drill task)" => drill::drill_backup;
+    GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
+    GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;

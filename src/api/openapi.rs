@@ -23,9 +23,14 @@ pub fn build() -> Value {
             ("POST", "/vaults" | "/resources" | "/policies" | "/tokens") => "201",
             _ => "200",
         };
+        let media = if r.path.ends_with("/files/content") {
+            "application/octet-stream"
+        } else {
+            "application/json"
+        };
         responses.insert(
             ok.into(),
-            json!({"description": "success", "content": {"application/json": {}}}),
+            json!({"description": "success", "content": {media: {}}}),
         );
         let anonymous = r.method == "GET" && ANONYMOUS.contains(&r.path);
         for (code, what) in [

@@ -17,11 +17,13 @@ use serde::Serialize;
 
 mod drills;
 mod figures;
+mod files;
 mod keys;
 mod locks;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
+pub use files::FilesSession;
 pub use keys::{KeyView, new_keyfile, set_configured_key_files};
 pub use locks::cli_actor;
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};

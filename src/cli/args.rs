@@ -135,6 +135,10 @@ pub enum Cmd {
     /// and a screenshot under <data>/drills/<backup-id>/). Exit status 1 when the guest
     /// did not pass (with --server: 6, the drill task's failure kind invalid_format).
     Drill(DrillArgs),
+    /// File-level restore: list partitions, list directories and copy files or trees out
+    /// of a backup, read directly from its chunks (ext2/3/4; nothing is mounted and no disk
+    /// image is written).
+    Files(FilesArgs),
     /// Serve one disk of a backup read-only over NBD (instant access) until interrupted.
     /// Prints the NBD URI clients connect to.
     ServeNbd {
@@ -717,5 +721,45 @@ pub enum TasksCmd {
     Cancel {
         /// Task id.
         id: String,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct FilesArgs {
+    /// Backup id, unique id prefix or name (`latest` with --disk).
+    pub backup: String,
+    /// Disk of a server backup (default: the first).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Partition number as `files BACKUP partitions` lists it (default: the only one with
+    /// a readable file system; 0 = a file system on the whole disk).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    #[command(subcommand)]
+    pub cmd: FilesCmd,
+}
+
+#[derive(Subcommand)]
+pub enum FilesCmd {
+    /// The disk's partition table (GPT, MBR or none) and the file system of each partition.
+    Partitions,
+    /// List a directory (or show one entry) inside the backup.
+    Ls {
+        /// Absolute path inside the file system.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Mode, owner, size, mtime and symlink targets.
+        #[arg(long, short)]
+        long: bool,
+    },
+    /// Copy a file, symlink or directory tree out of the backup to DEST (mode, times,
+    /// symlinks; owner when run as root). DEST must not exist, or be a directory to put
+    /// it in; nothing is overwritten. Hard links come back as separate copies.
+    Get {
+        /// Absolute path inside the file system.
+        path: String,
+        /// Where the copy goes.
+        #[arg(long)]
+        to: PathBuf,
     },
 }

@@ -262,6 +262,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
         }
         Cmd::Restore(ref a) => return super::restore::run(cli, a),
         Cmd::Drill(ref a) => return super::drill::run(cli, a),
+        Cmd::Files(ref a) => return super::files::run(cli, a),
         Cmd::ServeNbd {
             ref backup,
             ref disk,

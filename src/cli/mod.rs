@@ -6,6 +6,7 @@ pub mod bitmaps;
 pub mod client;
 pub mod drill;
 pub mod exit;
+pub mod files;
 pub mod local;
 pub mod output;
 pub mod remote;

@@ -262,6 +262,38 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         Cmd::Tasks(t) => return super::tasks::run(cli, Some(&r), t),
         Cmd::ServeNbd { .. } => return Err(not_remote("serve-nbd")),
         Cmd::Drill(a) => return super::drill::remote(cli, &r, a),
+        Cmd::Files(a) => {
+            use super::args::FilesCmd;
+            let at = |path: Option<&str>| {
+                let mut q = Vec::new();
+                if let Some(p) = path {
+                    q.push(format!("path={}", seg(p)));
+                }
+                if let Some(d) = &a.disk {
+                    q.push(format!("disk={}", seg(d)));
+                }
+                if let Some(p) = a.partition {
+                    q.push(format!("partition={p}"));
+                }
+                format!("/backups/{}/files?{}", seg(&a.backup), q.join("&"))
+            };
+            match &a.cmd {
+                FilesCmd::Partitions => {
+                    let v = r.call("GET", &at(None), None)?;
+                    super::files::print_partitions(cli, &v)?;
+                }
+                FilesCmd::Ls { path, long } => {
+                    let v = r.call("GET", &at(Some(path)), None)?;
+                    super::files::print_listing(cli, &v, *long)?;
+                }
+                FilesCmd::Get { .. } => {
+                    return Err(usage(
+                        "files get writes on the machine next to the vault: run it on the \
+                         appliance, or fetch one file with GET /api/v1/backups/{id}/files/content?path=",
+                    ));
+                }
+            }
+        }
         Cmd::Serve { .. } => return Err(usage("serve starts an appliance; it takes no --server")),
         Cmd::Tls(_) => return Err(not_remote("tls fingerprint")),
         Cmd::Completions { .. } | Cmd::Man { .. } => {}

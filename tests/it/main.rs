@@ -12,6 +12,7 @@ mod drill;
 mod drill_service;
 mod encryption;
 mod export;
+mod files;
 mod hostile;
 mod incremental;
 mod integrity;

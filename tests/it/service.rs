@@ -213,8 +213,10 @@ fn every_endpoint_needs_a_token_and_the_right_role_and_is_audited() {
             _ => &aud,
         };
         let (s, v) = srv.call(method, &path, Some(right), body);
+        // The fixture disk holds no file system: `files` answers 400 once the role passed.
+        let no_fs = pattern.starts_with("/backups/{id}/files") && s == 400;
         assert!(
-            [200, 201, 202].contains(&s),
+            [200, 201, 202].contains(&s) || no_fs,
             "{method} {path} as {role}: {s} {v}"
         );
         seen.insert(format!("{method} {pattern}"));

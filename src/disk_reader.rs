@@ -1,0 +1,310 @@
+//! A random-access, read-only view of one disk of a backup: offset → bytes, straight
+//! from the vault's chunks. Used by instant access (`serve-nbd`, one reader per NBD
+//! connection) and by file-level restore (`files`, through [`DiskView`]).
+//!
+//! [`DiskCache`] holds what readers share: the disk's index root, an LRU of index pages
+//! and an LRU of decoded, verified chunks (bounded by bytes). A [`DiskReader`] is one
+//! thread's handle on it (it owns a SQLite lookup handle, which is not `Sync`). Every
+//! chunk is verified against its digest when it is fetched ([`Vault::read_blob`]); a
+//! chunk that fails is an error for the read that needs it, never cached, never zeros.
+//! A `ZERO` slot reads as zeros without touching the vault; the last chunk of a disk may
+//! be short, the rest of it reads as zeros.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::num::NonZeroUsize;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use crate::chunk::ChunkDigest;
+use crate::error::{Error, ErrorKind, Result};
+use crate::index::{IndexRoot, PAGE_ENTRIES};
+use crate::manifest::DiskManifest;
+use crate::vault::Vault;
+use crate::vault::lookup::LookupIndex;
+use crate::vault::walk::{load_page, load_root};
+
+/// Bytes of decoded chunks kept in memory by default.
+pub const CHUNK_CACHE_BYTES: usize = 64 << 20;
+/// Index pages kept in memory (each 32 KiB: covers 64 MiB at 64 KiB chunks).
+pub const PAGE_CACHE: usize = 64;
+
+/// What the readers of one disk share: index root and caches.
+pub struct DiskCache {
+    vault: Arc<Vault>,
+    name: String,
+    root: IndexRoot,
+    size: u64,
+    pages: Mutex<LruCache<usize, Arc<Vec<ChunkDigest>>>>,
+    chunks: Mutex<LruCache<ChunkDigest, Arc<Vec<u8>>>>,
+}
+
+impl DiskCache {
+    /// Load `disk`'s index root from `vault`; caches of `chunk_bytes` decoded chunk bytes.
+    pub fn open(vault: Arc<Vault>, disk: &DiskManifest, chunk_bytes: usize) -> Result<DiskCache> {
+        let lookup = vault.lookup()?;
+        let root = load_root(&vault, &lookup, disk)?;
+        drop(lookup);
+        let cs = root.chunk_size.as_u64() as usize;
+        Ok(DiskCache {
+            size: disk.size,
+            name: disk.name.clone(),
+            pages: Mutex::new(LruCache::new(
+                NonZeroUsize::new(PAGE_CACHE).unwrap_or(NonZeroUsize::MIN),
+            )),
+            chunks: Mutex::new(LruCache::new(
+                NonZeroUsize::new((chunk_bytes / cs).max(1)).unwrap_or(NonZeroUsize::MIN),
+            )),
+            vault,
+            root,
+        })
+    }
+
+    /// Virtual size of the disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Chunk size of the vault in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.root.chunk_size.as_u64()
+    }
+
+    /// The vault the chunks come from.
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// A reader for this thread.
+    pub fn reader(self: &Arc<Self>) -> Result<DiskReader> {
+        Ok(DiskReader {
+            lookup: self.vault.lookup()?,
+            cache: Arc::clone(self),
+        })
+    }
+}
+
+/// One thread's reader of a disk: its own lookup index handle, the shared caches.
+pub struct DiskReader {
+    cache: Arc<DiskCache>,
+    lookup: LookupIndex,
+}
+
+impl DiskReader {
+    /// The shared part.
+    pub fn cache(&self) -> &Arc<DiskCache> {
+        &self.cache
+    }
+
+    fn page(&self, p: usize) -> Result<Arc<Vec<ChunkDigest>>> {
+        let s = &self.cache;
+        if let Some(e) = s.pages.lock().unwrap_or_else(|e| e.into_inner()).get(&p) {
+            return Ok(Arc::clone(e));
+        }
+        let entries = Arc::new(load_page(&s.vault, &self.lookup, &s.root, p)?);
+        s.pages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(p, Arc::clone(&entries));
+        Ok(entries)
+    }
+
+    /// The digest of chunk slot `slot` (`ZERO` for a hole).
+    pub fn digest(&self, slot: u64) -> Result<ChunkDigest> {
+        let p = (slot / PAGE_ENTRIES as u64) as usize;
+        let i = (slot % PAGE_ENTRIES as u64) as usize;
+        if p >= self.cache.root.pages.len() {
+            return Ok(ChunkDigest::ZERO);
+        }
+        Ok(self.page(p)?.get(i).copied().unwrap_or(ChunkDigest::ZERO))
+    }
+
+    fn chunk(&self, d: &ChunkDigest, offset: u64) -> Result<Arc<Vec<u8>>> {
+        let s = &self.cache;
+        if let Some(c) = s.chunks.lock().unwrap_or_else(|e| e.into_inner()).get(d) {
+            return Ok(Arc::clone(c));
+        }
+        let (_, data) = s.vault.read_blob(&self.lookup, d).map_err(|e| {
+            e.context_prefix(format!(
+                "disk {}: chunk {d} at disk offset {offset}",
+                s.name
+            ))
+        })?;
+        let data = Arc::new(data);
+        s.chunks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(*d, Arc::clone(&data));
+        Ok(data)
+    }
+
+    /// Fill `buf` with the disk's bytes at `offset`. A read past the end of the disk is
+    /// an `InvalidFormat` error (whoever asked believed a wrong size).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.cache.size) {
+            return Err(Error::invalid(format!(
+                "disk {}: read of {} bytes at offset {offset} passes its end ({} bytes)",
+                self.cache.name,
+                buf.len(),
+                self.cache.size
+            )));
+        }
+        let cs = self.cache.chunk_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let slot = pos / cs;
+            let within = (pos % cs) as usize;
+            let n = (cs as usize - within).min(buf.len() - done);
+            let d = self.digest(slot)?;
+            let out = &mut buf[done..done + n];
+            if d.is_zero() {
+                out.fill(0);
+            } else {
+                let c = self.chunk(&d, slot * cs)?;
+                match c.get(within..within + n) {
+                    Some(src) => out.copy_from_slice(src),
+                    None => {
+                        // The last chunk of a disk may be short: the rest reads as zeros.
+                        let avail = c.len().saturating_sub(within).min(n);
+                        out[..avail].copy_from_slice(&c[within..within + avail]);
+                        out[avail..].fill(0);
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// A byte range of a disk (a partition, or the whole disk) as a file: `Read + Seek`,
+/// and positioned reads with [`DiskView::read_exact_at`]. One thread's (its reader holds
+/// a SQLite handle); several views share one reader through an `Rc`.
+pub struct DiskView {
+    reader: Rc<DiskReader>,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl DiskView {
+    /// `len` bytes from `start`; the range must lie within the disk.
+    pub fn new(reader: Rc<DiskReader>, start: u64, len: u64) -> Result<DiskView> {
+        let size = reader.cache.size;
+        if start.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::invalid(format!(
+                "range of {len} bytes at offset {start} passes the end of the disk ({size} bytes)"
+            )));
+        }
+        Ok(DiskView {
+            reader,
+            start,
+            len,
+            pos: 0,
+        })
+    }
+
+    /// The whole disk.
+    pub fn whole(reader: Rc<DiskReader>) -> DiskView {
+        let len = reader.cache.size;
+        DiskView {
+            reader,
+            start: 0,
+            len,
+            pos: 0,
+        }
+    }
+
+    /// Length of the range in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the range starts on the disk.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Another view of the same range (its own position).
+    pub fn reopen(&self) -> DiskView {
+        DiskView {
+            reader: Rc::clone(&self.reader),
+            start: self.start,
+            len: self.len,
+            pos: 0,
+        }
+    }
+
+    /// Fill `buf` from `offset` within the range; past its end is `InvalidFormat`.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
+            return Err(Error::invalid(format!(
+                "read of {} bytes at offset {offset} passes the end of the partition \
+                 ({} bytes at disk offset {})",
+                buf.len(),
+                self.len,
+                self.start
+            )));
+        }
+        self.reader.read_at(self.start + offset, buf)
+    }
+}
+
+impl Read for DiskView {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.len.saturating_sub(self.pos)).min(buf.len() as u64) as usize;
+        self.read_exact_at(self.pos, &mut buf[..n])
+            .map_err(into_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for DiskView {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before the start of the partition",
+            )),
+        }
+    }
+}
+
+/// Our error inside an `io::Error`, so that its kind survives (see [`from_io`]).
+fn into_io(e: Error) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+/// Recover an [`Error`] wrapped by [`DiskView`]'s `Read` impl (other I/O errors become
+/// `Io`).
+pub fn from_io(e: std::io::Error, what: &str) -> Error {
+    if e.get_ref().is_some_and(|r| r.is::<Error>()) {
+        match e.into_inner().map(|b| b.downcast::<Error>()) {
+            Some(Ok(inner)) => return inner.context_prefix(what.to_string()),
+            Some(Err(other)) => return Error::new(ErrorKind::Io, what).with_source(other),
+            None => return Error::new(ErrorKind::Io, what),
+        }
+    }
+    Error::io(what, e)
+}
