@@ -26,6 +26,7 @@ pub mod instant;
 pub mod libvirt;
 pub mod live;
 pub mod manifest;
+pub mod name;
 pub mod nbd;
 pub mod policy;
 pub mod qmp;

@@ -124,13 +124,11 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
     ) -> Result<VaultEntry> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        crate::name::Name::parse(name, "vault")?;
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(Error::config(format!(
-                "vault name {name:?} must be letters, digits, '-', '_' or '.'"
+                "vault {name}: the path is empty; give a directory, or none for \
+                 <data>/vaults/{name}"
             )));
         }
         if self.catalog.vault(name).is_ok() {

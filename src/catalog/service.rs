@@ -92,6 +92,7 @@ fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
 impl Catalog {
     /// Create a token; returns its info and the secret (shown once, stored hashed).
     pub fn create_token(&self, name: &str, role: Role) -> Result<(TokenInfo, String)> {
+        crate::name::Name::parse(name, "token")?;
         let secret = format!("bv_{}", hex::encode(rand::random::<[u8; 24]>()));
         let info = TokenInfo {
             id: hex::encode(rand::random::<[u8; 6]>()),

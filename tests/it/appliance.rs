@@ -70,8 +70,36 @@ pub fn agent_for(fingerprint: Option<&str>) -> ureq::Agent {
 }
 
 impl Appliance {
-    /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config).
+    /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config),
+    /// with `[paths]` that let API callers name any host path, socket and NBD server
+    /// (the tests of other features use files wherever their temp dirs are; the
+    /// confinement itself is tested with [`Appliance::start_confined`]).
     pub fn start(env: &Env, extra: &[&str]) -> Appliance {
+        const OPEN: &str = "\n[paths]\nsources = [\"/\"]\nrestore_to = [\"/\"]\n\
+            nbd_hosts = [\"*\"]\nqmp_sockets = [\"/\"]\nlibvirt_domains = [\"*\"]\n";
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let at = args.iter().position(|a| a == "--config");
+        let mut text = at
+            .and_then(|i| args.get(i + 1))
+            .map(|c| std::fs::read_to_string(c).expect("reading the test's config"))
+            .unwrap_or_default();
+        if !text.contains("[paths]") {
+            text.push_str(OPEN);
+        }
+        let cfg = env.path("serve-open-paths.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let cfg = cfg.to_string_lossy().into_owned();
+        match at {
+            Some(i) => args[i + 1] = cfg,
+            None => args.extend(["--config".to_string(), cfg]),
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Appliance::start_confined(env, &args)
+    }
+
+    /// Start `blockvault serve` as `extra` says, with the `[paths]` of its config (the
+    /// defaults without one).
+    pub fn start_confined(env: &Env, extra: &[&str]) -> Appliance {
         let mut child = env
             .cmd()
             .args(["serve", "--listen", "127.0.0.1:0"])
