@@ -125,6 +125,16 @@ impl Confinement {
             Ok(m) if m.file_type().is_symlink() => Err(forbidden(format!(
                 "restore target {to} is a symbolic link: a restore never writes through one"
             ))),
+            Ok(m) if !m.is_dir() => {
+                under(p, &self.restore_to, "restore target", "restore_to")?;
+                Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "restore target {to} already exists; a restore never overwrites a \
+                         file: name a new one"
+                    ),
+                ))
+            }
             Ok(_) => under(p, &self.restore_to, "restore target", "restore_to"),
             Err(_) => {
                 let parent = p

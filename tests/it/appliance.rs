@@ -164,6 +164,34 @@ impl Appliance {
         (status, v)
     }
 
+    /// Any `method` on `/api/v1PATH` (HEAD, PUT, OPTIONS…) with `token` and a JSON
+    /// `body`; returns the status, the headers and the body text.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, ureq::http::HeaderMap, String) {
+        let mut rb = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}/api/v1{path}", self.url))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            rb = rb.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = self
+            .agent
+            .run(rb.body(body.to_string()).unwrap())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let text = if method == "HEAD" {
+            String::new()
+        } else {
+            resp.body_mut().read_to_string().unwrap_or_default()
+        };
+        (resp.status().as_u16(), resp.headers().clone(), text)
+    }
+
     /// Like `call`, requiring `want` status.
     pub fn ok(
         &self,
