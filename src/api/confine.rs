@@ -217,21 +217,31 @@ fn lexical(p: &Path, what: &str) -> std::result::Result<(), ApiError> {
     Ok(())
 }
 
+/// `p` with every symlink of its longest existing ancestor followed.
+fn resolve(p: &Path) -> PathBuf {
+    let mut tail = Vec::new();
+    let mut cur = p;
+    loop {
+        if let Ok(r) = std::fs::canonicalize(cur) {
+            return tail.iter().rev().fold(r, |acc: PathBuf, c| acc.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                tail.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
 /// Does `p` (resolved) lie under one of `roots` (`key` of `[paths]`)?
 fn under(p: &Path, roots: &[PathBuf], what: &str, key: &str) -> std::result::Result<(), ApiError> {
     lexical(p, what)?;
-    // A path that does not resolve is refused like one outside unless it is inside by
-    // its letters: the answer must not tell which host files exist.
-    let real = match std::fs::canonicalize(p) {
-        Ok(r) => r,
-        Err(e) if roots.iter().any(|r| p.starts_with(r)) => {
-            return Err(bad(format!(
-                "{what} {}: cannot be resolved: {e}",
-                p.display()
-            )));
-        }
-        Err(_) => p.to_path_buf(),
-    };
+    // A path that does not exist (yet: a disk not created, a source gone) is resolved
+    // through its longest existing ancestor; the rest holds no link to follow. A backup
+    // of a missing source then fails as unreachable, like any other.
+    let real = resolve(p);
     if roots.iter().any(|r| real.starts_with(r)) {
         return Ok(());
     }
