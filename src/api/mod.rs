@@ -9,7 +9,13 @@
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
 //! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
 //! also manages vaults, resources, policies and tokens and runs GC): a weaker role gets 403. Every call with a
-//! token or refused, goes to the audit log with the token's name. The same table generates the
+//! token or refused, goes to the audit log with the token's name. Deny by default: a
+//! method or path the table does not list is refused (405/404) before any handler runs,
+//! `HEAD` takes `GET`'s role, and each route's method is a `MethodFilter` constant (a
+//! method the router does not know does not compile). Requests without a valid token
+//! are limited per peer (`guard`: 429 past 60 a minute, audited once). Host paths,
+//! sockets and NBD servers a request names are confined by `[paths]` (`confine`).
+//! Every answer to a token carries `Cache-Control: no-store`. The same table generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
 //!
