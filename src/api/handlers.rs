@@ -605,9 +605,18 @@ pub async fn create_token(
         .and_then(Value::as_str)
         .ok_or_else(|| bad("a token needs a role"))?
         .parse()?;
+    let expires = match v.get("expires") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.clone()),
+        Some(_) => return Err(bad("expires is an RFC 3339 instant (2030-01-31T00:00:00Z)")),
+    };
     let name = name.to_owned();
     let (info, secret) = st
-        .run(move |_, app| Ok(app.catalog().create_token(&name, role)?))
+        .run(move |_, app| {
+            Ok(app
+                .catalog()
+                .create_token_until(&name, role, expires.as_deref())?)
+        })
         .await?;
     let mut out = serde_json::to_value(info).unwrap_or_default();
     out["secret"] = json!(secret);

@@ -104,6 +104,11 @@ CREATE TABLE backup_figures (
     computed_at     TEXT NOT NULL
 );
 ",
+    // Token expiry and last use (issue 16 item 4).
+    "
+ALTER TABLE tokens ADD COLUMN expires TEXT;
+ALTER TABLE tokens ADD COLUMN last_used TEXT;
+",
 ];
 
 /// A vault known to the catalog.

@@ -478,3 +478,62 @@ fn a_new_tokens_secret_is_never_cached_and_failed_logins_are_limited_per_peer() 
     assert_eq!(count(401), 60);
     assert_eq!(count(429), 1);
 }
+
+/// Run `sql` on the catalog of `env` (python3's sqlite3, beside the running service).
+fn catalog_sql(env: &Env, sql: &str) {
+    let st = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()",
+        ])
+        .arg(env.data().join("catalog.sqlite"))
+        .arg(sql)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn a_token_past_its_expiry_is_refused_and_its_last_use_is_listed() {
+    let env = Env::new();
+    let srv = Appliance::start(&env, &[]);
+    let admin = token(&env, "admin", "root");
+    let (s, v) = srv.call(
+        "POST",
+        "/tokens",
+        Some(&admin),
+        Some(json!({"name": "old", "role": "auditor", "expires": "2001-01-01T00:00:00Z"})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("in the future"),
+        "{v}"
+    );
+    let t = srv.ok(
+        "POST",
+        "/tokens",
+        &admin,
+        Some(json!({"name": "ci", "role": "auditor", "expires": "2999-01-01T00:00:00Z"})),
+        201,
+    );
+    let secret = t["secret"].as_str().unwrap().to_string();
+    srv.ok("GET", "/vaults", &secret, None, 200);
+    let list = srv.ok("GET", "/tokens", &admin, None, 200);
+    let ci = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .unwrap()
+        .clone();
+    assert_eq!(ci["expires"], "2999-01-01T00:00:00Z");
+    assert!(ci["last_used"].is_string(), "{ci}");
+    assert!(ci.get("secret").is_none() && ci.get("hash").is_none());
+    // The date passes (moved in the catalog): the same secret is now refused.
+    catalog_sql(
+        &env,
+        "UPDATE tokens SET expires = '2001-01-01T00:00:00Z' WHERE name = 'ci'",
+    );
+    let (s, _) = srv.call("GET", "/vaults", Some(&secret), None);
+    assert_eq!(s, 401);
+}
