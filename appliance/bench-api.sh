@@ -80,7 +80,9 @@ done
 
 plain=()
 [ "${BENCH_PLAIN_HTTP:-0}" = 1 ] && plain=(--plain-http)
-"$BV" --data "$DATA" serve --listen 127.0.0.1:0 "${plain[@]}" >"$WORK/serve.out" 2>"$WORK/serve.err" &
+# The nbdkit sockets live in $WORK: let API callers name them ([paths] sources).
+printf '[paths]\nsources = ["%s"]\n' "$WORK" >"$WORK/bv.toml"
+"$BV" --data "$DATA" serve --listen 127.0.0.1:0 --config "$WORK/bv.toml" "${plain[@]}" >"$WORK/serve.out" 2>"$WORK/serve.err" &
 pids+=($!)
 for _ in $(seq 1 300); do
   grep -q "listening on" "$WORK/serve.out" 2>/dev/null && break

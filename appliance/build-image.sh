@@ -2,7 +2,10 @@
 # Build the blockvault appliance: a bootable x86_64 disk image (qcow2, or an OVA).
 #
 #   appliance/build-image.sh [--out FILE.qcow2] [--size 8G] [--format qcow2|ova]
-#                            [--binary PATH] [--cache DIR]
+#                            [--binary PATH] [--cache DIR] [--nbd-hosts HOST,…]
+#
+# --nbd-hosts: the NBD servers API callers may back up from or restore onto ([paths]
+# nbd_hosts of the shipped config; default none).
 #
 # Debian bookworm packages only (mmdebstrap), plus the release binary, the systemd unit
 # appliance/blockvault.service, /etc/blockvault/blockvault.toml and the first-boot units in
@@ -42,7 +45,9 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/blockvault-appliance"
 suite=bookworm
 mirror="${BLOCKVAULT_MIRROR:-http://deb.debian.org/debian}"
 
-usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+nbd_hosts=""
+
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) out=$2; shift 2 ;;
@@ -50,6 +55,7 @@ while [ $# -gt 0 ]; do
         --format) format=$2; shift 2 ;;
         --binary) binary=$2; shift 2 ;;
         --cache) cache=$2; shift 2 ;;
+        --nbd-hosts) nbd_hosts=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "build-image.sh: unknown argument $1" >&2; usage 2 ;;
     esac
@@ -121,8 +127,11 @@ install -m 0644 "$here/blockvault.service" "$root/etc/systemd/system/blockvault.
 install -d -m 0755 "$root/etc/blockvault"
 # The shipped config, with the API on every address (the appliance is driven over the
 # network) and the example webhook commented out (it would post to example.com).
-awk '
+awk -v nbd="$nbd_hosts" '
     /^listen = / { print "listen = \"0.0.0.0:8420\""; next }
+    /^nbd_hosts = / && nbd != "" { n = split(nbd, h, ","); line = "nbd_hosts = ["
+        for (i = 1; i <= n; i++) line = line (i > 1 ? ", " : "") "\"" h[i] "\""
+        print line "]"; next }
     /^\[\[alerts\.webhook\]\]/ { skip = 1 }
     /^# Freeze\/thaw hook sets/ { skip = 0 }
     { if (skip && $0 !~ /^#/ && $0 != "") print "# " $0; else print }

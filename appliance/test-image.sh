@@ -52,7 +52,7 @@ bv="$repo/target/release/blockvault"
 if [ -z "$image" ]; then
     image="$work/appliance.qcow2"
     t=$(now)
-    "$here/build-image.sh" --out "$image" --binary "$bv"
+    "$here/build-image.sh" --out "$image" --binary "$bv" --nbd-hosts 10.0.2.2
     build_s=$(since "$t")
 else
     build_s="(prebuilt)"
@@ -173,7 +173,7 @@ grep -q 'Data:.* on /dev/vdb' "$work/serial.log" || fail "the blank second disk 
 remote vault create main
 remote vault info main
 remote backup --vault main --id host-disk "nbd://10.0.2.2:$src_port/source"
-remote restore latest --disk host-disk --to /var/lib/blockvault/restored.qcow2
+remote restore latest --disk host-disk --to /var/lib/blockvault/restored/restored.qcow2
 remote restore latest --disk host-disk --to "nbd://10.0.2.2:$dst_port/target"
 kill "$dst_pid"; wait "$dst_pid" 2>/dev/null || true
 qemu-img compare -f qcow2 -F qcow2 "$work/source.qcow2" "$work/target.qcow2" \

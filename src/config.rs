@@ -41,8 +41,30 @@ pub struct HookSet {
     pub timeout_seconds: u64,
 }
 
+/// `[paths]`: what API callers may name on this host (see `api::confine`). The CLI in
+/// local mode is not confined. `None` roots: the defaults under the data dir
+/// (`<data>/images`, `<data>/restored`), created when the service starts.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PathsConfig {
+    /// Directories that hold the image files resources may read (and `nbd+unix://`
+    /// sockets they may connect to).
+    pub sources: Option<Vec<PathBuf>>,
+    /// Directories that restores and exports may write new files into.
+    pub restore_to: Option<Vec<PathBuf>>,
+    /// NBD servers sources and restore targets may reach: `HOST`, `HOST:PORT` or `*`.
+    /// Default: none.
+    pub nbd_hosts: Vec<String>,
+    /// Directories (or socket paths) of QMP and guest-agent sockets. Default: none.
+    pub qmp_sockets: Vec<PathBuf>,
+    /// `libvirt:` sources allowed, as written after `libvirt:` (`DOMAIN[?uri=URI]`), or
+    /// `*`. Default: none.
+    pub libvirt_domains: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// `[paths]`: confinement of API callers.
+    pub paths: PathsConfig,
     pub listen: SocketAddr,
     pub data: PathBuf,
     pub log_level: String,
@@ -130,6 +152,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             plain_http: false,
+            paths: PathsConfig::default(),
         }
     }
 }
@@ -151,6 +174,21 @@ struct Raw {
     live: RawLive,
     #[serde(default)]
     keys: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    paths: RawPaths,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    sources: Option<Vec<PathBuf>>,
+    restore_to: Option<Vec<PathBuf>>,
+    #[serde(default)]
+    nbd_hosts: Vec<String>,
+    #[serde(default)]
+    qmp_sockets: Vec<PathBuf>,
+    #[serde(default)]
+    libvirt_domains: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -356,8 +394,33 @@ impl Config {
                 p.display()
             ));
         }
+        for (key, dirs) in [
+            (
+                "sources",
+                raw.paths.sources.iter().flatten().collect::<Vec<_>>(),
+            ),
+            (
+                "restore_to",
+                raw.paths.restore_to.iter().flatten().collect(),
+            ),
+            ("qmp_sockets", raw.paths.qmp_sockets.iter().collect()),
+        ] {
+            if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
+                return Err(format!(
+                    "{origin}: [paths] {key} takes absolute paths, got {}",
+                    d.display()
+                ));
+            }
+        }
         let c = Config {
             key_files: raw.keys,
+            paths: PathsConfig {
+                sources: raw.paths.sources,
+                restore_to: raw.paths.restore_to,
+                nbd_hosts: raw.paths.nbd_hosts,
+                qmp_sockets: raw.paths.qmp_sockets,
+                libvirt_domains: raw.paths.libvirt_domains,
+            },
             tls_cert: raw.server.tls_cert,
             tls_key: raw.server.tls_key,
             plain_http: raw.server.plain_http.unwrap_or(d.plain_http),

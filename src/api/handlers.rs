@@ -80,6 +80,17 @@ pub async fn create_vault(
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
     let v: NewVault = body(v)?;
+    crate::name::Name::parse(&v.name, "vault")?;
+    if let Some(p) = &v.path
+        && !p.is_absolute()
+    {
+        return Err(bad(format!(
+            "vault {}: path {:?} must be absolute (or leave it out for <data>/vaults/{})",
+            v.name,
+            p.display(),
+            v.name
+        )));
+    }
     let cs = match &v.chunk_size {
         Some(c) => ChunkSize::parse(c)?,
         None => ChunkSize::new(crate::chunk::DEFAULT_CHUNK_SIZE)?,
@@ -167,12 +178,27 @@ pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Value>>> {
     .await
 }
 
+/// Every host path, socket and NBD server `r` names must be allowed (`[paths]`; see
+/// `confine`); checked before anything is opened.
+fn confine_resource(st: &super::ApiState, r: &Resource) -> R<()> {
+    for (i, s) in r.sources.iter().enumerate() {
+        let (_, spec) = crate::service::named_disk(i, s);
+        st.confine.check_source(&spec)?;
+    }
+    if let Some(q) = &r.qga {
+        st.confine.check_qga(q)?;
+    }
+    Ok(())
+}
+
 pub async fn create_resource(
     State(st): State<Shared>,
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Resource>)> {
     let r: Resource = body(v)?;
-    st.run(move |_, app| {
+    st.run(move |st, app| {
+        crate::name::Name::parse(&r.name, "resource")?;
+        confine_resource(st, &r)?;
         r.validate(app)?;
         app.catalog()
             .put_named(Table::Resources, &r.name, &r, true)?;
@@ -206,8 +232,9 @@ pub async fn patch_resource(
     Path(name): Path<String>,
     Json(p): Json<Value>,
 ) -> R<Json<Resource>> {
-    st.run(move |_, app| {
+    st.run(move |st, app| {
         let r: Resource = merge(&resource_of(app, &name)?, p)?;
+        confine_resource(st, &r)?;
         r.validate(app)?;
         app.catalog()
             .put_named(Table::Resources, &name, &r, false)?;
@@ -253,7 +280,14 @@ pub async fn create_backup(
 ) -> R<(StatusCode, Json<Value>)> {
     let b: NewBackup = body(v)?;
     let wanted = b.resource.clone();
-    let res = st.run(move |_, app| Ok(resource_of(app, &wanted)?)).await?;
+    // A resource saved before `[paths]` was tightened is checked again here.
+    let res = st
+        .run(move |st, app| {
+            let res = resource_of(app, &wanted)?;
+            confine_resource(st, &res)?;
+            Ok(res)
+        })
+        .await?;
     let data = st.data.clone();
     let name = b.name.clone();
     let target = res.name.clone();
@@ -352,7 +386,8 @@ pub async fn create_restore(
     // Refuse a bad request now, not in the task: resolve `latest` and id prefixes,
     // and the image format from the target's extension.
     let (r, entry) = st
-        .run(move |_, app| {
+        .run(move |st, app| {
+            st.confine.check_target(&r.to)?;
             let r = app.resolve_restore(&r)?;
             if let Some(f) = &r.format {
                 f.parse::<ImageFormat>()?;
@@ -422,6 +457,7 @@ pub async fn create_policy(
 ) -> R<(StatusCode, Json<Policy>)> {
     let p: Policy = body(v)?;
     st.run(move |_, app| {
+        crate::name::Name::parse(&p.name, "policy")?;
         p.validate(app)?;
         app.catalog()
             .put_named(Table::Policies, &p.name, &p, true)?;
@@ -573,9 +609,18 @@ pub async fn create_token(
         .and_then(Value::as_str)
         .ok_or_else(|| bad("a token needs a role"))?
         .parse()?;
+    let expires = match v.get("expires") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.clone()),
+        Some(_) => return Err(bad("expires is an RFC 3339 instant (2030-01-31T00:00:00Z)")),
+    };
     let name = name.to_owned();
     let (info, secret) = st
-        .run(move |_, app| Ok(app.catalog().create_token(&name, role)?))
+        .run(move |_, app| {
+            Ok(app
+                .catalog()
+                .create_token_until(&name, role, expires.as_deref())?)
+        })
         .await?;
     let mut out = serde_json::to_value(info).unwrap_or_default();
     out["secret"] = json!(secret);

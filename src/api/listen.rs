@@ -186,10 +186,10 @@ pub async fn serve(
     let mut next_id = 0u64;
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer),
                 Err(e) => {
                     // Out of descriptors (EMFILE/ENFILE) or a connection reset before it
                     // was accepted: back off a little instead of spinning on the error.
@@ -233,7 +233,7 @@ pub async fn serve(
         let timeout = limits.header_timeout;
         tokio::spawn(async move {
             match tls {
-                None => connection(stream, id, &waiting, &builder, app, evict, stop).await,
+                None => connection(stream, peer, id, &waiting, &builder, app, evict, stop).await,
                 Some(acceptor) => {
                     let tls = tokio::select! {
                         s = handshake(stream, &acceptor, timeout) => s,
@@ -241,7 +241,7 @@ pub async fn serve(
                         _ = stop.changed() => None,
                     };
                     if let Some(s) = tls {
-                        connection(s, id, &waiting, &builder, app, evict, stop).await;
+                        connection(s, peer, id, &waiting, &builder, app, evict, stop).await;
                     }
                 }
             }
@@ -301,9 +301,12 @@ async fn handshake(
     tokio::time::timeout(timeout, work).await.ok().flatten()
 }
 
-/// One connection, until it ends, is evicted, or shuts down gracefully on `stop`.
+/// One connection, until it ends, is evicted, or shuts down gracefully on `stop`. Each
+/// request carries the peer's address (`ConnectInfo`), for the failed-login limit.
+#[allow(clippy::too_many_arguments)]
 async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     stream: S,
+    peer: std::net::SocketAddr,
     id: u64,
     waiting: &Arc<Waiting>,
     builder: &hyper::server::conn::http1::Builder,
@@ -312,19 +315,22 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut stop: watch::Receiver<bool>,
 ) {
     let (w, e) = (Arc::clone(waiting), Arc::clone(&evict));
-    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        // A complete request header arrived: busy until the handler has answered. The
-        // answer is then written at once (small JSON), and the connection is the most
-        // recently idle one, the last to be evicted.
-        w.busy(id);
-        let (w, e) = (Arc::clone(&w), Arc::clone(&e));
-        let mut app = app.clone();
-        async move {
-            let r = tower_service::Service::call(&mut app, req).await;
-            w.idle(id, &e);
-            r
-        }
-    });
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            // A complete request header arrived: busy until the handler has answered. The
+            // answer is then written at once (small JSON), and the connection is the most
+            // recently idle one, the last to be evicted.
+            w.busy(id);
+            let (w, e) = (Arc::clone(&w), Arc::clone(&e));
+            let mut app = app.clone();
+            async move {
+                let r = tower_service::Service::call(&mut app, req).await;
+                w.idle(id, &e);
+                r
+            }
+        });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut stopping = *stop.borrow();

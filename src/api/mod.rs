@@ -9,7 +9,13 @@
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
 //! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
 //! also manages vaults, resources, policies and tokens, locks backups and runs GC): a weaker role gets 403. Every call with a
-//! token or refused, goes to the audit log with the token's name. The same table generates the
+//! token or refused, goes to the audit log with the token's name. Deny by default: a
+//! method or path the table does not list is refused (405/404) before any handler runs,
+//! `HEAD` takes `GET`'s role, and each route's method is a `MethodFilter` constant (a
+//! method the router does not know does not compile). Requests without a valid token
+//! are limited per peer (`guard`: 429 past 60 a minute, audited once). Host paths,
+//! sockets and NBD servers a request names are confined by `[paths]` (`confine`).
+//! Every answer to a token carries `Cache-Control: no-store`. The same table generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
 //!
@@ -40,8 +46,10 @@
 //! listener's business: see [`listen`].
 
 mod audit;
+pub mod confine;
 mod drill;
 mod files;
+mod guard;
 mod handlers;
 pub mod listen;
 mod locks;
@@ -56,7 +64,6 @@ use axum::extract::{Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -78,6 +85,10 @@ pub struct ApiState {
     /// Recomputes vault figures in the background.
     pub figures: FigureRefresher,
     audit: audit::AuditLog,
+    /// What host paths, sockets and NBD servers requests may name.
+    pub confine: confine::Confinement,
+    /// Failed logins per peer (429 over the limit).
+    failed: guard::FailedLogins,
     /// Each backup's list view as JSON text, keyed by id (with its protected flag): a
     /// committed manifest never changes, so `GET /backups` parses none it has seen.
     views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
@@ -103,6 +114,8 @@ impl ApiState {
         };
         apps.give(App::open(&data)?);
         Ok(ApiState {
+            failed: Default::default(),
+            confine: confine::Confinement::default(),
             audit: audit::AuditLog::start(crate::catalog::Catalog::open(&data)?)?,
             figures: FigureRefresher::start(data.clone()),
             data,
@@ -184,23 +197,12 @@ macro_rules! routes {
             $( RouteSpec { method: stringify!($method), path: $path, role: Role::$role, summary: $summary }, )*
         ];
         fn add_routes(mut r: Router<Shared>) -> Router<Shared> {
-            $( r = r.route(concat!("/api/v1", $path), method_router(stringify!($method), $handler)); )*
+            // The method is a `MethodFilter` constant: a method the router does not know
+            // fails to compile instead of becoming GET.
+            $( r = r.route(concat!("/api/v1", $path), axum::routing::on(axum::routing::MethodFilter::$method, $handler)); )*
             r
         }
     };
-}
-
-fn method_router<H, T>(method: &str, h: H) -> MethodRouter<Shared>
-where
-    H: axum::handler::Handler<T, Shared>,
-    T: 'static,
-{
-    match method {
-        "POST" => axum::routing::post(h),
-        "PATCH" => axum::routing::patch(h),
-        "DELETE" => axum::routing::delete(h),
-        _ => get(h),
-    }
 }
 
 routes! {
@@ -270,23 +272,32 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The least role for a request (matched against the route table).
+/// The least role for a request, from the route table: `HEAD` takes `GET`'s role; a
+/// method or path the table does not list has none (the request is refused: deny by
+/// default, never "no rule, so allowed").
 fn required_role(method: &Method, path: &str) -> Option<Role> {
     let path = path.strip_prefix("/api/v1")?;
+    let method = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    route_of(path, |r| r.method == method).map(|r| r.role)
+}
+
+/// The first route whose path pattern matches `path` (below `/api/v1`) and that `pick`s.
+fn route_of(path: &str, pick: impl Fn(&RouteSpec) -> bool) -> Option<&'static RouteSpec> {
     let segs: Vec<&str> = path.split('/').collect();
-    ROUTES
-        .iter()
-        .find(|r| {
-            r.method == method.as_str() && {
-                let pat: Vec<&str> = r.path.split('/').collect();
-                pat.len() == segs.len()
-                    && pat
-                        .iter()
-                        .zip(&segs)
-                        .all(|(p, s)| p.starts_with('{') || p == s)
-            }
-        })
-        .map(|r| r.role)
+    ROUTES.iter().find(|r| {
+        pick(r) && {
+            let pat: Vec<&str> = r.path.split('/').collect();
+            pat.len() == segs.len()
+                && pat
+                    .iter()
+                    .zip(&segs)
+                    .all(|(p, s)| p.starts_with('{') || p == s)
+        }
+    })
 }
 
 /// Routes answered without a token (GET only), with a minimal body: `GET /health`
@@ -318,6 +329,14 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
         // they are not audited, so a probe every second cannot grow the audit log.
         return Json(json!({"status": "ok"})).into_response();
     }
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    if st.failed.limited(peer) {
+        return too_many(&st, peer, &method, &path).await;
+    }
     let token = match secret {
         Some(s) => st
             .run(move |_, app| Ok(app.catalog().authenticate(&s).ok().flatten()))
@@ -327,17 +346,47 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
         None => None,
     };
     let Some(token) = token else {
+        if st.failed.fail(peer) != guard::Verdict::Audit {
+            return too_many(&st, peer, &method, &path).await;
+        }
         st.audit.record("-", "-", method.as_str(), &path, 401).await;
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown token (Authorization: Bearer TOKEN)".into(),
-        )
-        .into_response();
+        return no_store(
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown token (Authorization: Bearer TOKEN)".into(),
+            )
+            .into_response(),
+        );
     };
-    let need = required_role(&method, &path);
-    if let Some(need) = need
-        && token.role < need
-    {
+    let Some(need) = required_role(&method, &path) else {
+        // Not in the route table: refused before any handler runs, whatever the role.
+        let known_path = path
+            .strip_prefix("/api/v1")
+            .and_then(|p| route_of(p, |_| true))
+            .is_some();
+        let (status, msg) = if known_path {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path} (see GET /api/v1/openapi.json)"),
+            )
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                format!("no route {path} (see GET /api/v1/openapi.json)"),
+            )
+        };
+        st.audit
+            .record(
+                &token.name,
+                token.role.as_str(),
+                method.as_str(),
+                &path,
+                status.as_u16(),
+            )
+            .await;
+        return no_store(ApiError(status, msg).into_response());
+    };
+    if token.role < need {
         st.audit
             .record(
                 &token.name,
@@ -360,7 +409,7 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
         .into_response();
     }
     req.extensions_mut().insert(Caller(token.clone()));
-    let resp = next.run(req).await;
+    let resp = no_store(next.run(req).await);
     st.audit
         .record(
             &token.name,
@@ -371,6 +420,37 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
         )
         .await;
     resp
+}
+
+/// `429` for a peer over its failed-login limit; audited once per window.
+async fn too_many(st: &ApiState, peer: std::net::IpAddr, method: &Method, path: &str) -> Response {
+    if st.failed.fail(peer) == guard::Verdict::LimitAudit {
+        st.audit.record("-", "-", method.as_str(), path, 429).await;
+    }
+    let wait = st.failed.retry_after(peer);
+    let mut r = ApiError(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "more than {} requests without a valid token from {peer} within a minute; \
+             retry in {wait} s with a valid token",
+            guard::FAILED_PER_MINUTE
+        ),
+    )
+    .into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&wait.to_string()) {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    no_store(r)
+}
+
+/// `Cache-Control: no-store` on `r`: answers to a token (a new token's secret, the audit
+/// log, host paths) are never kept by a proxy or a browser cache.
+fn no_store(mut r: Response) -> Response {
+    r.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 /// The router over `state`.
@@ -483,7 +563,8 @@ pub fn run_appliance(
         ..Default::default()
     };
     let tasks = Tasks::start(&config.data, config.max_parallel_tasks, retention)?;
-    let state = Arc::new(ApiState::new(
+    let confine = confine::Confinement::new(&config.paths, &config.data)?;
+    let mut state = ApiState::new(
         config.data.clone(),
         tasks.clone(),
         Alerter::start(
@@ -495,7 +576,9 @@ pub fn run_appliance(
             },
         )?,
         config.capacity_warn_percent,
-    )?);
+    )?;
+    state.confine = confine;
+    let state = Arc::new(state);
     let hook_state = Arc::clone(&state);
     tasks.on_end(Arc::new(move |t| {
         // What a task changed in a vault shows in its figures soon (off this path).

@@ -160,13 +160,11 @@ impl App {
         compliance_days: Option<u32>,
         encrypt: Option<&crate::vault::keys::KeySecret>,
     ) -> Result<VaultEntry> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        crate::name::Name::parse(name, "vault")?;
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
             return Err(Error::config(format!(
-                "vault name {name:?} must be letters, digits, '-', '_' or '.'"
+                "vault {name}: the path is empty; give a directory, or none for \
+                 <data>/vaults/{name}"
             )));
         }
         if self.catalog.vault(name).is_ok() {

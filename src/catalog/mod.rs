@@ -118,6 +118,11 @@ CREATE TABLE drills (
 CREATE INDEX drills_by_backup ON drills(backup_id, seq);
 CREATE INDEX drills_by_resource ON drills(resource, seq);
 ",
+    // Token expiry and last use (issue 16 item 4).
+    "
+ALTER TABLE tokens ADD COLUMN expires TEXT;
+ALTER TABLE tokens ADD COLUMN last_used TEXT;
+",
 ];
 
 /// A vault known to the catalog.

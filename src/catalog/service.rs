@@ -53,6 +53,16 @@ pub struct TokenInfo {
     pub name: String,
     pub role: Role,
     pub created: String,
+    /// After this instant (RFC 3339) the token is refused like an unknown one.
+    pub expires: Option<String>,
+    /// When it last authenticated a call (updated at most once a minute).
+    pub last_used: Option<String>,
+}
+
+/// Has the RFC 3339 instant `at` passed? An instant that does not parse has.
+fn passed(at: &str) -> bool {
+    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+        .map_or(true, |t| t <= time::OffsetDateTime::now_utc())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -92,16 +102,39 @@ fn from_json<T: DeserializeOwned>(s: &str) -> Result<T> {
 impl Catalog {
     /// Create a token; returns its info and the secret (shown once, stored hashed).
     pub fn create_token(&self, name: &str, role: Role) -> Result<(TokenInfo, String)> {
+        self.create_token_until(name, role, None)
+    }
+
+    /// Create a token that expires at `expires` (RFC 3339, in the future), or never.
+    /// The secret is 192 random bits; only its blake3 hash is stored, so a lookup by
+    /// hash compares nothing an attacker could steer byte by byte.
+    pub fn create_token_until(
+        &self,
+        name: &str,
+        role: Role,
+        expires: Option<&str>,
+    ) -> Result<(TokenInfo, String)> {
+        crate::name::Name::parse(name, "token")?;
+        if let Some(e) = expires
+            && passed(e)
+        {
+            return Err(Error::config(format!(
+                "token {name}: expires {e:?} must be an RFC 3339 instant in the future \
+                 (e.g. 2030-01-31T00:00:00Z)"
+            )));
+        }
         let secret = format!("bv_{}", hex::encode(rand::random::<[u8; 24]>()));
         let info = TokenInfo {
             id: hex::encode(rand::random::<[u8; 6]>()),
             name: name.to_string(),
             role,
             created: now_rfc3339(),
+            expires: expires.map(str::to_owned),
+            last_used: None,
         };
         let n = self.conn.execute(
-            "INSERT OR IGNORE INTO tokens (id, name, role, hash, created) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![info.id, info.name, role.as_str(), token_hash(&secret), info.created],
+            "INSERT OR IGNORE INTO tokens (id, name, role, hash, created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![info.id, info.name, role.as_str(), token_hash(&secret), info.created, info.expires],
         )?;
         if n == 0 {
             return Err(Error::conflict(format!(
@@ -111,44 +144,73 @@ impl Catalog {
         Ok((info, secret))
     }
 
-    /// The token with this secret, if any.
+    /// The token with this secret, if any and not expired; notes its use (at most once
+    /// a minute, so that a busy client does not write on every call).
     pub fn authenticate(&self, secret: &str) -> Result<Option<TokenInfo>> {
-        let row: Option<(String, String, String, String)> = self
-            .conn
-            .query_row(
-                "SELECT id, name, role, created FROM tokens WHERE hash = ?1",
-                params![token_hash(secret)],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        row.map(|(id, name, role, created)| {
-            Ok(TokenInfo {
-                id,
-                name,
-                role: role.parse()?,
-                created,
-            })
-        })
-        .transpose()
+        let Some(t) = self
+            .token_rows("WHERE hash = ?1", params![token_hash(secret)])?
+            .into_iter()
+            .next()
+        else {
+            return Ok(None);
+        };
+        if t.expires.as_deref().is_some_and(passed) {
+            return Ok(None);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let stale = t.last_used.as_deref().is_none_or(|u| {
+            time::OffsetDateTime::parse(u, &time::format_description::well_known::Rfc3339)
+                .map_or(true, |u| now - u >= time::Duration::minutes(1))
+        });
+        if stale {
+            self.conn.execute(
+                "UPDATE tokens SET last_used = ?1 WHERE id = ?2",
+                params![now_rfc3339(), t.id],
+            )?;
+        }
+        Ok(Some(t))
     }
 
-    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, name, role, created FROM tokens ORDER BY name")?;
-        let rows: Vec<(String, String, String, String)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+    fn token_rows(&self, filter: &str, p: impl rusqlite::Params) -> Result<Vec<TokenInfo>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT id, name, role, created, expires, last_used FROM tokens {filter} ORDER BY name"
+        ))?;
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        );
+        let rows: Vec<Row> = st
+            .query_map(p, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
             .collect::<rusqlite::Result<_>>()?;
         rows.into_iter()
-            .map(|(id, name, role, created)| {
+            .map(|(id, name, role, created, expires, last_used)| {
                 Ok(TokenInfo {
                     id,
                     name,
                     role: role.parse()?,
                     created,
+                    expires,
+                    last_used,
                 })
             })
             .collect()
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        self.token_rows("", [])
     }
 
     pub fn delete_token(&self, name: &str) -> Result<bool> {

@@ -231,7 +231,7 @@ pub fn restore_disk_with(
         drop(writer);
         fs::set_permissions(&staging, fs::Permissions::from_mode(ropts.mode))
             .ctx(|| format!("setting the mode of {}", staging.display()))?;
-        fs::rename(&staging, to).ctx(|| format!("renaming restored image to {}", to.display()))?;
+        partial::rename_noreplace(&staging, to)?;
         Ok(stats)
     })();
     if result.is_err() {

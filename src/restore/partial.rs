@@ -169,6 +169,36 @@ pub fn sweep_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// Rename the finished staging file or directory `from` to `to`, never replacing
+/// anything: `renameat2(RENAME_NOREPLACE)`, so a file (or symlink) created at `to` while
+/// the restore ran is left alone and the restore fails with `Conflict`. On a file system
+/// without `RENAME_NOREPLACE` a file is hard-linked into place (which also fails on an
+/// existing name) and its staging name removed.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    use nix::errno::Errno;
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    let exists = || {
+        Error::conflict(format!(
+            "{} appeared while the restore ran; restore never overwrites a file (the \
+             restored copy was removed: restore again to another name)",
+            to.display()
+        ))
+    };
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EEXIST) => Err(exists()),
+        Err(Errno::EINVAL | Errno::ENOSYS) if from.is_file() => match fs::hard_link(from, to) {
+            Ok(()) => fs::remove_file(from).ctx(|| format!("removing {}", from.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) => Err(Error::io(format!("linking into {}", to.display()), e)),
+        },
+        Err(e) => Err(Error::io(
+            format!("renaming {} to {}", from.display(), to.display()),
+            std::io::Error::from(e),
+        )),
+    }
+}
+
 /// Create directory `dir` (and missing parents) with mode 0700 when it does not exist;
 /// an existing directory keeps its mode (it is the user's).
 pub fn create_private_dir(dir: &Path) -> Result<()> {
@@ -183,6 +213,25 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_created_at_the_target_meanwhile_is_never_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let (staging, to) = (d.path().join(".t.partial"), d.path().join("t.raw"));
+        fs::write(&staging, b"restored").unwrap();
+        fs::write(&to, b"theirs").unwrap();
+        let e = rename_noreplace(&staging, &to).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Conflict);
+        assert_eq!(fs::read(&to).unwrap(), b"theirs");
+        // A dangling symlink counts as a file too.
+        fs::remove_file(&to).unwrap();
+        std::os::unix::fs::symlink(d.path().join("nowhere"), &to).unwrap();
+        assert!(rename_noreplace(&staging, &to).is_err());
+        assert!(!d.path().join("nowhere").exists());
+        fs::remove_file(&to).unwrap();
+        rename_noreplace(&staging, &to).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"restored");
+    }
 
     #[test]
     fn staging_names_carry_their_owner_and_parse_back() {

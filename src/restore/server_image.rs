@@ -135,7 +135,7 @@ pub fn export_server(
                 if empty_dir {
                     fs::remove_dir(&target).ctx(|| format!("replacing {}", target.display()))?;
                 }
-                fs::rename(&work, &target).ctx(|| format!("renaming into {}", target.display()))?;
+                super::partial::rename_noreplace(&work, &target)?;
             }
             ServerImage::Ova => {
                 let ovf_name = format!("{server}.ovf");
@@ -149,7 +149,10 @@ pub fn export_server(
                     let _ = fs::remove_file(&tmp);
                 }
                 r?;
-                fs::rename(&tmp, &target).ctx(|| format!("renaming into {}", target.display()))?;
+                if let Err(e) = super::partial::rename_noreplace(&tmp, &target) {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 let _ = fs::remove_dir_all(&work);
             }
         }

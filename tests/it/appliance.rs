@@ -70,13 +70,46 @@ pub fn agent_for(fingerprint: Option<&str>) -> ureq::Agent {
 }
 
 impl Appliance {
-    /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config).
+    /// Start `blockvault serve` on the data dir of `env` (extra args: e.g. --config),
+    /// with `[paths]` that let API callers name any host path, socket and NBD server
+    /// (the tests of other features use files wherever their temp dirs are; the
+    /// confinement itself is tested with [`Appliance::start_confined`]).
     pub fn start(env: &Env, extra: &[&str]) -> Appliance {
         Appliance::start_env(env, extra, &[])
     }
 
     /// [`Appliance::start`] with extra environment variables (e.g. `BLOCKVAULT_NOW`).
     pub fn start_env(env: &Env, extra: &[&str], vars: &[(&str, &str)]) -> Appliance {
+        const OPEN: &str = "\n[paths]\nsources = [\"/\"]\nrestore_to = [\"/\"]\n\
+            nbd_hosts = [\"*\"]\nqmp_sockets = [\"/\"]\nlibvirt_domains = [\"*\"]\n";
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let at = args.iter().position(|a| a == "--config");
+        let mut text = at
+            .and_then(|i| args.get(i + 1))
+            .map(|c| std::fs::read_to_string(c).expect("reading the test's config"))
+            .unwrap_or_default();
+        if !text.contains("[paths]") {
+            text.push_str(OPEN);
+        }
+        let cfg = env.path("serve-open-paths.toml");
+        std::fs::write(&cfg, text).unwrap();
+        let cfg = cfg.to_string_lossy().into_owned();
+        match at {
+            Some(i) => args[i + 1] = cfg,
+            None => args.extend(["--config".to_string(), cfg]),
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Appliance::start_confined_env(env, &args, vars)
+    }
+
+    /// Start `blockvault serve` as `extra` says, with the `[paths]` of its config (the
+    /// defaults without one).
+    pub fn start_confined(env: &Env, extra: &[&str]) -> Appliance {
+        Appliance::start_confined_env(env, extra, &[])
+    }
+
+    /// [`Appliance::start_confined`] with extra environment variables.
+    pub fn start_confined_env(env: &Env, extra: &[&str], vars: &[(&str, &str)]) -> Appliance {
         let mut child = env
             .cmd()
             .envs(vars.iter().copied())
@@ -140,6 +173,34 @@ impl Appliance {
         let status = resp.status().as_u16();
         let v = resp.body_mut().read_json::<Value>().unwrap_or(Value::Null);
         (status, v)
+    }
+
+    /// Any `method` on `/api/v1PATH` (HEAD, PUT, OPTIONS…) with `token` and a JSON
+    /// `body`; returns the status, the headers and the body text.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, ureq::http::HeaderMap, String) {
+        let mut rb = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}/api/v1{path}", self.url))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            rb = rb.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = self
+            .agent
+            .run(rb.body(body.to_string()).unwrap())
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let text = if method == "HEAD" {
+            String::new()
+        } else {
+            resp.body_mut().read_to_string().unwrap_or_default()
+        };
+        (resp.status().as_u16(), resp.headers().clone(), text)
     }
 
     /// Like `call`, requiring `want` status.
