@@ -40,9 +40,11 @@
 //! listener's business: see [`listen`].
 
 mod audit;
+mod console;
 mod handlers;
 pub mod listen;
 mod maintenance;
+mod metrics;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -203,6 +205,8 @@ where
 routes! {
     GET "/health" Auditor "Service health" => handlers::health;
     GET "/openapi.json" Auditor "This document" => openapi::document;
+    GET "/whoami" Auditor "The caller's token name and role" => console::whoami;
+    GET "/schedules/next" Auditor "Next fire times of a cron expression (?cron=&count=)" => console::next_runs;
     GET "/vaults" Auditor "List vaults with usage" => handlers::list_vaults;
     POST "/vaults" Admin "Create a vault" => handlers::create_vault;
     GET "/vaults/{name}" Auditor "A vault with usage" => handlers::get_vault;
@@ -368,10 +372,17 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
 /// The router over `state`.
 pub fn router(state: Shared) -> Router {
     add_routes(Router::new())
+        // Prometheus text format, for any valid token (see `metrics`).
+        .route("/metrics", get(metrics::metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth,
         ))
+        // The console's assets need no token: they hold no data (see `console`).
+        .route("/", get(console::asset))
+        .route("/index.html", get(console::asset))
+        .route("/app.js", get(console::asset))
+        .route("/app.css", get(console::asset))
         .with_state(state)
 }
 
