@@ -38,6 +38,9 @@
 //!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
+//!
+//! Outside `/api/v1`: the web console's embedded assets at `/` (no token; see
+//! `console`) and `GET /metrics` (Prometheus text, any valid token; see `metrics`).
 
 mod audit;
 mod console;

@@ -8,6 +8,7 @@ mod backup;
 mod bitmaps;
 mod catalog_full;
 mod cli;
+mod console;
 mod export;
 mod hostile;
 mod incremental;
