@@ -103,8 +103,14 @@ async function start(): Promise<void> {
     }
     const tick = async () => {
       if (gen !== generation || !refresh) return;
+      // A refresh rebuilds the tables: while the keyboard focus is on a control inside
+      // one, wait, so that polling never takes the focus away.
+      const focused = document.activeElement;
+      const busy = focused instanceof HTMLElement && focused !== main && main.contains(focused) && focused.closest("table");
       try {
-        await refresh();
+        if (!busy) await refresh();
+        // Ticks seen, for tests and for the curious: polling goes on.
+        main.dataset.polls = String(Number(main.dataset.polls || 0) + 1);
       } catch (e: any) {
         ctx.flash(e.message, true);
       }

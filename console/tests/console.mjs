@@ -218,6 +218,13 @@ try {
     await shot("dashboard");
     await view("backups");
     await shot("backups");
+    // Keyboard: Tab to the first action button of the list; polling keeps refreshing the
+    // view (two more polling ticks seen) without taking the focus away.
+    await page.locator("tbody button").first().focus();
+    await page.keyboard.press("Tab");
+    const seen = Number(await page.locator("main").getAttribute("data-polls"));
+    await page.waitForFunction((n) => Number(document.querySelector("main").dataset.polls) >= n + 2, seen);
+    assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Protect");
     await view("vaults");
     await page.locator("main td", { hasText: "v" }).first().waitFor();
     await shot("vaults");
