@@ -243,7 +243,8 @@ try {
     assert.equal(await page.locator("nav a[data-view=tokens]").count(), 0);
     for (const v of ["dashboard", "backups", "tasks", "resources", "policies", "vaults", "audit"]) {
       await view(v);
-      await page.waitForTimeout(0);
+      // The view has drawn its data (a table or its "nothing yet" line) before we look.
+      await page.locator(`main [data-view="${v}"] table, main [data-view="${v}"] .empty`).first().waitFor();
       const buttons = await page.locator("main button").allTextContents();
       const allowed = ["Log", "Preview retention"];
       assert.deepEqual(buttons.filter((b) => !allowed.includes(b)), [], `auditor sees buttons on ${v}: ${buttons}`);
