@@ -44,9 +44,13 @@
 //!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
+//!
+//! Outside `/api/v1`: the web console's embedded assets at `/` (no token; see
+//! `console`) and `GET /metrics` (Prometheus text, any valid token; see `metrics`).
 
 mod audit;
 pub mod confine;
+mod console;
 mod drill;
 mod files;
 mod guard;
@@ -54,6 +58,7 @@ mod handlers;
 pub mod listen;
 mod locks;
 mod maintenance;
+mod metrics;
 mod openapi;
 
 use std::net::SocketAddr;
@@ -208,6 +213,8 @@ macro_rules! routes {
 routes! {
     GET "/health" Auditor "Service health" => handlers::health;
     GET "/openapi.json" Auditor "This document" => openapi::document;
+    GET "/whoami" Auditor "The caller's token name and role" => console::whoami;
+    GET "/schedules/next" Auditor "Next fire times of a cron expression (?cron=&count=)" => console::next_runs;
     GET "/vaults" Auditor "List vaults with usage" => handlers::list_vaults;
     POST "/vaults" Admin "Create a vault" => handlers::create_vault;
     GET "/vaults/{name}" Auditor "A vault with usage" => handlers::get_vault;
@@ -456,10 +463,17 @@ fn no_store(mut r: Response) -> Response {
 /// The router over `state`.
 pub fn router(state: Shared) -> Router {
     add_routes(Router::new())
+        // Prometheus text format, for any valid token (see `metrics`).
+        .route("/metrics", axum::routing::get(metrics::metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth,
         ))
+        // The console's assets need no token: they hold no data (see `console`).
+        .route("/", axum::routing::get(console::asset))
+        .route("/index.html", axum::routing::get(console::asset))
+        .route("/app.js", axum::routing::get(console::asset))
+        .route("/app.css", axum::routing::get(console::asset))
         .with_state(state)
 }
 

@@ -9,6 +9,7 @@ mod backup;
 mod bitmaps;
 mod catalog_full;
 mod cli;
+mod console;
 mod drill;
 mod drill_service;
 mod encryption;

@@ -159,7 +159,8 @@ fn every_endpoint_needs_a_token_and_the_right_role_and_is_audited() {
                 "/backups/{id}",
                 &format!("/backups/{}", if del { &backups[2] } else { &backups[0] }),
             )
-            .replace("/tasks/{id}", &format!("/tasks/{task}"));
+            .replace("/tasks/{id}", &format!("/tasks/{task}"))
+            .replace("/schedules/next", "/schedules/next?cron=0%204%20*%20*%20*");
         let body = match (method.as_str(), pattern.as_str()) {
             ("POST", "/vaults") => Some(json!({"name": "v2"})),
             ("POST", "/resources") => {
