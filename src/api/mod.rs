@@ -283,12 +283,16 @@ impl IntoResponse for ApiError {
 /// method or path the table does not list has none (the request is refused: deny by
 /// default, never "no rule, so allowed").
 fn required_role(method: &Method, path: &str) -> Option<Role> {
-    let path = path.strip_prefix("/api/v1")?;
     let method = if method == Method::HEAD {
         "GET"
     } else {
         method.as_str()
     };
+    if path == "/metrics" {
+        // Outside /api/v1: Prometheus scrapes it with any valid token (see `metrics`).
+        return (method == "GET").then_some(Role::Auditor);
+    }
+    let path = path.strip_prefix("/api/v1")?;
     route_of(path, |r| r.method == method).map(|r| r.role)
 }
 
