@@ -29,9 +29,13 @@
 pub mod badblobs;
 pub mod digestset;
 pub mod gc;
+pub mod lease;
 pub mod lookup;
+#[cfg(test)]
+mod memory_tests;
 pub mod pack;
 pub mod pin;
+pub mod remote;
 pub mod store;
 pub mod verify;
 pub mod walk;
@@ -48,8 +52,8 @@ use crate::manifest::BackupManifest;
 
 use self::badblobs::BadBlobs;
 use self::lookup::{BlobLocation, LookupIndex};
-use self::pack::{DEFAULT_PACK_TARGET, read_pack_entries};
-use self::store::{ChunkStore, LocalStore, write_atomic};
+use self::pack::{DEFAULT_PACK_TARGET, PackWriter, read_pack_entries};
+use self::store::{ChunkStore, LocalStore};
 
 /// Current vault format version.
 const VAULT_FORMAT: u32 = 1;
@@ -73,26 +77,27 @@ type FoundBlob = (BlobLocation, (BlobKind, Vec<u8>));
 
 /// An open vault.
 pub struct Vault {
+    /// Local directory of the vault's local-only state (lookup cache, flock, pins,
+    /// spool): the vault directory itself for a local vault, `<data>/vaults/<name>` for
+    /// a vault on object storage (see `remote`).
     root: PathBuf,
     config: VaultConfig,
     store: Arc<dyn ChunkStore>,
+    /// Whether other appliances may share the store: locks then also take a lease object
+    /// (see `lease`), since an flock is only seen on this machine.
+    shared_store: bool,
 }
 
 /// A held vault lock; released on drop.
 pub struct VaultLock {
     _file: File,
+    _lease: Option<lease::Lease>,
 }
 
 impl Vault {
     /// Create a new vault in `root` (which must not hold one yet).
     pub fn create(root: &Path, chunk_size: ChunkSize, zstd_level: i32) -> Result<Vault> {
-        if !(1..=19).contains(&zstd_level) {
-            return Err(Error::config(format!(
-                "zstd level {zstd_level} must be between 1 and 19"
-            )));
-        }
-        let cfg_path = root.join("vault.toml");
-        if cfg_path.exists() {
+        if root.join("vault.toml").exists() || root.join(remote::LOCATION_FILE).exists() {
             return Err(Error::conflict(format!(
                 "{} already holds a vault",
                 root.display()
@@ -101,6 +106,39 @@ impl Vault {
         for dir in ["packs", "backups", "cache", "locks"] {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        Vault::create_in(
+            Arc::new(LocalStore::new(root)),
+            root,
+            false,
+            chunk_size,
+            zstd_level,
+        )
+    }
+
+    /// Create a new vault in `store` (which must not hold one yet), keeping local state in
+    /// `state`. `shared_store`: other appliances may reach the store (object storage).
+    pub fn create_in(
+        store: Arc<dyn ChunkStore>,
+        state: &Path,
+        shared_store: bool,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+    ) -> Result<Vault> {
+        if !(1..=19).contains(&zstd_level) {
+            return Err(Error::config(format!(
+                "zstd level {zstd_level} must be between 1 and 19"
+            )));
+        }
+        match store.len("vault.toml") {
+            Ok(_) => {
+                return Err(Error::conflict(format!(
+                    "{} already holds a vault (attach it instead)",
+                    store.describe()
+                )));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let config = VaultConfig {
             format: VAULT_FORMAT,
@@ -113,29 +151,40 @@ impl Vault {
         };
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
-        write_atomic(&cfg_path, text.as_bytes())?;
-        Vault::open(root)
+        store.put("vault.toml", text.as_bytes())?;
+        Vault::open_in(store, state, shared_store)
     }
 
-    /// Open the vault in `root`.
+    /// Open the vault at `root`: a local vault directory, or the local state directory of
+    /// a vault on object storage (holding `s3.toml`).
     pub fn open(root: &Path) -> Result<Vault> {
-        let cfg_path = root.join("vault.toml");
-        let text = fs::read_to_string(&cfg_path).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::NotFound
-            } else {
-                ErrorKind::Io
-            };
-            Error::new(
-                kind,
-                format!("no vault at {} (reading vault.toml)", root.display()),
-            )
-            .with_source(e)
+        if root.join(remote::LOCATION_FILE).exists() {
+            let store = remote::connect(root)?;
+            return Vault::open_in(Arc::new(store), root, true);
+        }
+        if !root.join("vault.toml").exists() {
+            return Err(Error::not_found(format!(
+                "no vault at {} (no vault.toml)",
+                root.display()
+            )));
+        }
+        Vault::open_in(Arc::new(LocalStore::new(root)), root, false)
+    }
+
+    /// Open the vault held by `store`, keeping local state in `state`.
+    pub fn open_in(store: Arc<dyn ChunkStore>, state: &Path, shared_store: bool) -> Result<Vault> {
+        let bytes = store.get("vault.toml").map_err(|e| {
+            e.context_prefix(format!(
+                "no vault in {} (reading vault.toml)",
+                store.describe()
+            ))
         })?;
-        let config: VaultConfig = toml::from_str(&text).map_err(|e| {
-            Error::invalid(format!("{} is not a valid vault.toml", cfg_path.display()))
-                .with_source(e)
-        })?;
+        let config: VaultConfig = std::str::from_utf8(&bytes)
+            .map_err(|e| Error::invalid("vault.toml is not UTF-8").with_source(e))
+            .and_then(|text| {
+                toml::from_str(text).map_err(|e| Error::invalid("bad vault.toml").with_source(e))
+            })
+            .map_err(|e| e.context_prefix(store.describe()))?;
         if config.format != VAULT_FORMAT {
             return Err(Error::unsupported(format!(
                 "vault format {} (this build reads format {VAULT_FORMAT})",
@@ -143,14 +192,55 @@ impl Vault {
             )));
         }
         for dir in ["cache", "locks"] {
-            fs::create_dir_all(root.join(dir))
-                .ctx(|| format!("creating {}", root.join(dir).display()))?;
+            fs::create_dir_all(state.join(dir))
+                .ctx(|| format!("creating {}", state.join(dir).display()))?;
         }
         Ok(Vault {
-            root: root.to_path_buf(),
+            root: state.to_path_buf(),
             config,
-            store: Arc::new(LocalStore::new(root)),
+            store,
+            shared_store,
         })
+    }
+
+    /// Local directory where packs are spooled before the store publishes them: inside
+    /// a local vault (`packs/tmp`, so publishing is a rename), in the state directory
+    /// otherwise.
+    pub fn spool_dir(&self) -> PathBuf {
+        if self.shared_store {
+            self.root.join("spool")
+        } else {
+            self.root.join("packs").join("tmp")
+        }
+    }
+
+    /// A pack writer spooling in [`spool_dir`](Self::spool_dir), `target` bytes a pack.
+    pub fn pack_writer_with_target(&self, target: u64) -> PackWriter {
+        PackWriter::new(Arc::clone(&self.store), &self.spool_dir(), target)
+    }
+
+    /// A pack writer with the vault's pack target.
+    pub fn pack_writer(&self) -> PackWriter {
+        self.pack_writer_with_target(self.config.pack_target)
+    }
+
+    /// Remove spooled packs left behind by crashed writers of this machine (only under
+    /// the exclusive vault lock, when no writer can be running). Returns how many.
+    pub fn clean_spool(&self) -> Result<usize> {
+        let dir = self.spool_dir();
+        let mut n = 0;
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                fs::remove_file(e.path()).ctx(|| format!("removing {}", e.path().display()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Is the store shared with other appliances (object storage)?
+    pub fn is_shared_store(&self) -> bool {
+        self.shared_store
     }
 
     pub fn root(&self) -> &Path {
@@ -174,7 +264,7 @@ impl Vault {
         self.config.capacity = capacity;
         let text = toml::to_string(&self.config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
-        write_atomic(&self.root.join("vault.toml"), text.as_bytes())
+        self.store.put("vault.toml", text.as_bytes())
     }
 
     /// A new connection to the lookup index (one per thread).
@@ -205,11 +295,23 @@ impl Vault {
             .ctx(|| format!("opening {}", path.display()))
     }
 
-    /// Shared lock for a backup or verify (waits while GC runs).
+    /// Shared lock for a backup or verify (waits while GC of this machine runs; on a
+    /// shared store, fails with `Conflict` while another appliance's GC holds its lease).
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
-        Ok(VaultLock { _file: f })
+        let lease = if self.shared_store {
+            Some(lease::Lease::take(
+                Arc::clone(&self.store),
+                lease::LeaseKind::Use,
+            )?)
+        } else {
+            None
+        };
+        Ok(VaultLock {
+            _file: f,
+            _lease: lease,
+        })
     }
 
     /// Pin `backups` for a long read (restore, export, serve-nbd): GC keeps them live
@@ -238,7 +340,20 @@ impl Vault {
     pub fn try_lock_exclusive(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         match f.try_lock() {
-            Ok(()) => Ok(VaultLock { _file: f }),
+            Ok(()) => {
+                let lease = if self.shared_store {
+                    Some(lease::Lease::take(
+                        Arc::clone(&self.store),
+                        lease::LeaseKind::Gc,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(VaultLock {
+                    _file: f,
+                    _lease: lease,
+                })
+            }
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
                 "vault {} is in use by a running backup or verify; try again when it has finished",
                 self.root.display()
