@@ -65,6 +65,19 @@ pub struct VaultInfo {
     pub usage_computed_at: String,
 }
 
+fn check_vault_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(Error::config(format!(
+            "vault name {name:?} must be letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
+}
+
 impl App {
     pub fn open(data: &Path) -> Result<App> {
         private_data_dir(data)?;
@@ -124,15 +137,7 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
     ) -> Result<VaultEntry> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(Error::config(format!(
-                "vault name {name:?} must be letters, digits, '-', '_' or '.'"
-            )));
-        }
+        check_vault_name(name)?;
         if self.catalog.vault(name).is_ok() {
             return Err(Error::conflict(format!(
                 "a vault named {name:?} already exists"
@@ -149,6 +154,61 @@ impl App {
         };
         self.catalog.add_vault(&entry)?;
         Ok(entry)
+    }
+
+    /// Create a vault named `name` on S3-compatible object storage; its local state goes
+    /// to `<data>/vaults/<name>` (see `vault::remote`).
+    pub fn create_vault_s3(
+        &self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+    ) -> Result<VaultEntry> {
+        check_vault_name(name)?;
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
+        }
+        let state = self.data.join("vaults").join(name);
+        let vault = crate::vault::remote::create(&state, location, chunk_size, zstd_level)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: state,
+            vault_id: vault.config().id.clone(),
+            chunk_size: chunk_size.bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        Ok(entry)
+    }
+
+    /// Attach the vault at an S3 `location` (e.g. on a new appliance) under `name` and
+    /// rebuild its catalog and lookup cache from the bucket alone. Returns the number of
+    /// backups found.
+    pub fn attach_vault_s3(
+        &mut self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+    ) -> Result<usize> {
+        check_vault_name(name)?;
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
+        }
+        let state = self.data.join("vaults").join(name);
+        let vault = crate::vault::remote::attach(&state, location)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: state,
+            vault_id: vault.config().id.clone(),
+            chunk_size: vault.chunk_size().bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        self.rescan(name)
     }
 
     /// Register an existing vault (e.g. on a new appliance, or a vault on a NAS) and

@@ -32,14 +32,14 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref path,
             ref chunk_size,
             zstd_level,
+            ref s3,
         }) => {
             let app = App::open(&cli.data)?;
-            let v = app.create_vault(
-                name,
-                path.as_deref(),
-                ChunkSize::parse(chunk_size)?,
-                zstd_level,
-            )?;
+            let chunk_size = ChunkSize::parse(chunk_size)?;
+            let v = match s3.location()? {
+                Some(loc) => app.create_vault_s3(name, &loc, chunk_size, zstd_level)?,
+                None => app.create_vault(name, path.as_deref(), chunk_size, zstd_level)?,
+            };
             if cli.json {
                 outln!(
                     "{}",
@@ -107,12 +107,21 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 outln!("vault {name}: {n} backups in the catalog");
             }
         }
-        Cmd::Vault(VaultCmd::Attach { ref name, ref path }) => {
-            let n = App::open(&cli.data)?.attach_vault(name, path)?;
+        Cmd::Vault(VaultCmd::Attach {
+            ref name,
+            ref path,
+            ref s3,
+        }) => {
+            let mut app = App::open(&cli.data)?;
+            let (n, at) = match (s3.location()?, path) {
+                (Some(loc), _) => (app.attach_vault_s3(name, &loc)?, loc.url()),
+                (None, Some(path)) => (app.attach_vault(name, path)?, path.display().to_string()),
+                (None, None) => anyhow::bail!("vault attach needs a PATH or --s3"),
+            };
             if cli.json {
                 outln!("{}", json!({"vault": name, "backups": n}));
             } else if !cli.quiet {
-                outln!("attached vault {name} at {}: {n} backups", path.display());
+                outln!("attached vault {name} at {at}: {n} backups");
             }
         }
         Cmd::Backup(ref a) => return super::backup::run(cli, a),

@@ -79,7 +79,11 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             path,
             chunk_size,
             zstd_level,
+            s3,
         }) => {
+            if s3.s3.is_some() {
+                return Err(not_remote("vault create --s3"));
+            }
             let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level});
             let v = r.call("POST", "/vaults", Some(&body))?;
             print(cli, &v, |v| {

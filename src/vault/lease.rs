@@ -16,7 +16,8 @@
 //! other in step 3 (S3 and Garage list what was written before: read-after-write
 //! consistency), so at worst both refuse; never both proceed. A lease lasts [`TTL`] and
 //! is renewed every [`RENEW`] from a thread; it is deleted when dropped. A lease past
-//! its expiry is ignored (its holder crashed), and GC deletes it.
+//! its expiry, or one of this host whose pid is dead (killed with -9), is ignored, and
+//! GC deletes it.
 //!
 //! Honest limits: (a) expiry is compared with this machine's clock, so appliances must
 //! keep their clocks within a minute or so of each other (NTP); (b) a holder that stalls
@@ -82,9 +83,13 @@ pub struct Lease {
     renewer: Option<JoinHandle<()>>,
 }
 
+/// Live leases by key, and the keys of expired ones.
+pub type Leases = (Vec<(String, LeaseRecord)>, Vec<String>);
+
 /// The live leases in `store` (expired ones are returned separately).
-pub fn leases(store: &dyn ChunkStore) -> Result<(Vec<(String, LeaseRecord)>, Vec<String>)> {
+pub fn leases(store: &dyn ChunkStore) -> Result<Leases> {
     let now = unix_now();
+    let host = super::pin::host_name();
     let (mut live, mut expired) = (Vec::new(), Vec::new());
     for o in store.list(LEASE_DIR)? {
         if o.len > MAX_LEASE {
@@ -102,7 +107,8 @@ pub fn leases(store: &dyn ChunkStore) -> Result<(Vec<(String, LeaseRecord)>, Vec
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        if rec.expires < now {
+        let dead_here = rec.host == host && !super::pin::pid_alive(rec.pid);
+        if rec.expires < now || dead_here {
             expired.push(o.key);
         } else {
             live.push((o.key, rec));

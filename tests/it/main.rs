@@ -9,6 +9,7 @@ mod bitmaps;
 mod catalog_full;
 mod cli;
 mod export;
+mod garage;
 mod hostile;
 mod incremental;
 mod integrity;
