@@ -20,6 +20,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
@@ -143,6 +144,42 @@ pub struct S3Store {
     location: S3Location,
     client: Arc<AmazonS3>,
     runtime: tokio::runtime::Runtime,
+    requests: Requests,
+}
+
+/// Requests sent (each counted once, retries not included), logged when the store is
+/// dropped (`RUST_LOG=blockvault=info`): what a backup or restore costs in requests.
+#[derive(Default)]
+struct Requests {
+    get: AtomicU64,
+    head: AtomicU64,
+    put: AtomicU64,
+    list: AtomicU64,
+    delete: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+fn count(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Drop for S3Store {
+    fn drop(&mut self) {
+        let r = &self.requests;
+        let v = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tracing::info!(
+            store = %self.location.url(),
+            get = v(&r.get),
+            head = v(&r.head),
+            put = v(&r.put),
+            list = v(&r.list),
+            delete = v(&r.delete),
+            bytes_in = v(&r.bytes_in),
+            bytes_out = v(&r.bytes_out),
+            "S3 requests"
+        );
+    }
 }
 
 /// Is any error in the chain a failure to reach the server (connect, timeout)?
@@ -209,6 +246,7 @@ impl S3Store {
             location,
             client: Arc::new(client),
             runtime,
+            requests: Requests::default(),
         })
     }
 
@@ -274,6 +312,8 @@ impl S3Store {
 
     fn put_payload(&self, key: &str, payload: PutPayload) -> Result<()> {
         let path = self.path(key)?;
+        count(&self.requests.put, 1);
+        count(&self.requests.bytes_out, payload.content_length() as u64);
         self.run(move |c| async move { c.put(&path, payload).await.map(|_| ()) })
             .map_err(|e| self.error(format!("writing {key}"), e))
     }
@@ -286,14 +326,20 @@ impl ChunkStore for S3Store {
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let path = self.path(key)?;
+        count(&self.requests.get, 1);
         self.run(move |c| async move { c.get(&path).await?.bytes().await })
-            .map(|b| b.to_vec())
+            .map(|b| {
+                count(&self.requests.bytes_in, b.len() as u64);
+                b.to_vec()
+            })
             .map_err(|e| self.error(format!("reading {key}"), e))
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let path = self.path(key)?;
         let range: Range<u64> = offset..offset + len as u64;
+        count(&self.requests.get, 1);
+        count(&self.requests.bytes_in, len as u64);
         let bytes = self
             .run(move |c| async move { c.get_range(&path, range).await })
             .map_err(|e| self.error(format!("reading {len} bytes at {offset} of {key}"), e))?;
@@ -309,6 +355,7 @@ impl ChunkStore for S3Store {
 
     fn len(&self, key: &str) -> Result<u64> {
         let path = self.path(key)?;
+        count(&self.requests.head, 1);
         self.run(move |c| async move { c.head(&path).await })
             .map(|m| m.size)
             .map_err(|e| self.error(format!("size of {key}"), e))
@@ -329,6 +376,8 @@ impl ChunkStore for S3Store {
             let path = self.path(key)?;
             let file =
                 std::fs::File::open(spooled).ctx(|| format!("opening {}", spooled.display()))?;
+            count(&self.requests.put, size.div_ceil(PART_SIZE as u64) + 2);
+            count(&self.requests.bytes_out, size);
             self.run(move |c| async move {
                 let upload = c.put_multipart(&path).await?;
                 let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
@@ -358,6 +407,7 @@ impl ChunkStore for S3Store {
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let path = self.path(prefix)?;
+        count(&self.requests.list, 1);
         let metas = self
             .run(move |c| async move { c.list(Some(&path)).try_collect::<Vec<_>>().await })
             .map_err(|e| self.error(format!("listing {prefix}/"), e))?;
@@ -374,6 +424,7 @@ impl ChunkStore for S3Store {
 
     fn delete(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
+        count(&self.requests.delete, 1);
         self.run(move |c| async move { c.delete(&path).await })
             .map_err(|e| self.error(format!("deleting {key}"), e))
     }
