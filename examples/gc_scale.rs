@@ -12,7 +12,6 @@
 //! so that the vault's size on disk stays small while its blob and pack counts are real.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -20,7 +19,6 @@ use blockvault::chunk::{BlobKind, ChunkDigest, ChunkSize, Encoder};
 use blockvault::index::{IndexRoot, PAGE_ENTRIES, encode_page};
 use blockvault::manifest::BackupManifest;
 use blockvault::vault::Vault;
-use blockvault::vault::pack::PackWriter;
 
 fn peak_rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -50,10 +48,9 @@ fn main() -> anyhow::Result<()> {
         .context("REPACK_BELOW")?;
     let cs = ChunkSize::new(64 << 10)?;
     let vault = Vault::create(&dir, cs, 1)?;
-    let store = Arc::clone(vault.store());
     let mut lookup = vault.lookup()?;
     // Packs of ~512 blobs, as a vault of 64 KiB chunks and 32 MiB packs has.
-    let mut writer = PackWriter::new(Arc::clone(&store), 512 * 20);
+    let mut writer = vault.pack_writer_with_target(512 * 20);
     let mut enc = Encoder::new(1, &blockvault::chunk::BlobCodec::plain())?;
     let t = Instant::now();
     let publish = |sealed: Option<blockvault::vault::pack::SealedPack>,

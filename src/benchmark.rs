@@ -7,7 +7,6 @@
 //! image holding mixed data, the end-to-end figure the speed target is stated in, and
 //! the same full backup into an encrypted vault (the cost of encryption end to end).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -18,7 +17,7 @@ use crate::error::{IoContext, Result};
 use crate::restore::{ImageFormat, restore_disk};
 use crate::source::RawSource;
 use crate::vault::Vault;
-use crate::vault::pack::{PackInfo, PackWriter};
+use crate::vault::pack::PackInfo;
 
 /// One measured figure.
 #[derive(Debug, Clone, Serialize)]
@@ -231,7 +230,7 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
     // Lookups and packs in a scratch vault.
     let dir = tempfile_dir()?;
     let vault = Vault::create(&dir.join("v"), ChunkSize::new(cs as u32)?, level)?;
-    let mut writer = PackWriter::new(Arc::clone(vault.store()), vault.config().pack_target);
+    let mut writer = vault.pack_writer();
     let mut infos: Vec<PackInfo> = Vec::new();
     let t = Instant::now();
     let mut written = 0u64;

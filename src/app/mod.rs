@@ -185,6 +185,61 @@ impl App {
         Ok(entry)
     }
 
+    /// Create a vault named `name` on S3-compatible object storage; its local state goes
+    /// to `<data>/vaults/<name>` (see `vault::remote`).
+    pub fn create_vault_s3(
+        &self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+    ) -> Result<VaultEntry> {
+        crate::name::Name::parse(name, "vault")?;
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
+        }
+        let state = self.data.join("vaults").join(name);
+        let vault = crate::vault::remote::create(&state, location, chunk_size, zstd_level)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: state,
+            vault_id: vault.config().id.clone(),
+            chunk_size: chunk_size.bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        Ok(entry)
+    }
+
+    /// Attach the vault at an S3 `location` (e.g. on a new appliance) under `name` and
+    /// rebuild its catalog and lookup cache from the bucket alone. Returns the number of
+    /// backups found.
+    pub fn attach_vault_s3(
+        &mut self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+    ) -> Result<usize> {
+        crate::name::Name::parse(name, "vault")?;
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
+        }
+        let state = self.data.join("vaults").join(name);
+        let vault = crate::vault::remote::attach(&state, location)?;
+        let entry = VaultEntry {
+            name: name.into(),
+            path: state,
+            vault_id: vault.config().id.clone(),
+            chunk_size: vault.chunk_size().bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        self.rescan(name)
+    }
+
     /// Register an existing vault (e.g. on a new appliance, or a vault on a NAS) and
     /// rebuild the catalog's view of it. Returns the number of backups found.
     pub fn attach_vault(&mut self, name: &str, path: &Path) -> Result<usize> {

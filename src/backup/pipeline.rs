@@ -23,8 +23,8 @@
 //! pipeline fails is removed by the pack writer.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
@@ -35,7 +35,7 @@ use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, 
 use crate::source::{BlockSource, Extent};
 use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
-use crate::vault::pack::{PackId, PackWriter, SealedPack};
+use crate::vault::pack::{PackId, SealedPack};
 
 /// Consecutive chunks read with one request.
 const READ_RUN: usize = 16;
@@ -472,7 +472,7 @@ fn write_blobs(
             Ok(())
         });
         let written = (|| -> Result<()> {
-            let mut writer = PackWriter::new(Arc::clone(vault.store()), vault.config().pack_target);
+            let mut writer = vault.pack_writer();
             for blob in blobs {
                 let total = stored.load(Ordering::Relaxed) + blob.stored_len() as u64;
                 if let Some(left) = capacity_left

@@ -339,6 +339,8 @@ pub enum VaultCmd {
         /// by --keyfile PATH or --passphrase-env VAR.
         #[arg(long)]
         encrypt: bool,
+        #[command(flatten)]
+        s3: S3Args,
     },
     /// Keys of an encrypted vault: the wrappings of its key (a key file, a passphrase).
     #[command(subcommand)]
@@ -359,9 +361,47 @@ pub enum VaultCmd {
     Attach {
         /// Name to register the vault under.
         name: String,
-        /// The vault's directory (holds vault.toml).
-        path: PathBuf,
+        /// The vault's directory (holds vault.toml); not with --s3.
+        #[arg(required_unless_present = "s3")]
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        s3: S3Args,
     },
+}
+
+/// A vault on S3-compatible object storage. Credentials are never arguments: they come
+/// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (kept, mode 0600, in the vault's
+/// state directory <data>/vaults/NAME/s3-credentials.toml).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct S3Args {
+    /// The vault in a bucket: s3://BUCKET/PREFIX (local state stays in <data>/vaults/NAME).
+    #[arg(
+        long = "s3",
+        value_name = "s3://BUCKET/PREFIX",
+        conflicts_with = "path",
+        requires = "endpoint"
+    )]
+    pub s3: Option<String>,
+    /// URL of the S3 API (e.g. http://127.0.0.1:3900).
+    #[arg(long, value_name = "URL", requires = "s3")]
+    pub endpoint: Option<String>,
+    /// Region (default us-east-1; Garage's default is "garage").
+    #[arg(long, requires = "s3")]
+    pub region: Option<String>,
+}
+
+impl S3Args {
+    /// The location given, if any.
+    pub fn location(&self) -> blockvault::Result<Option<blockvault::vault::store::S3Location>> {
+        match (&self.s3, &self.endpoint) {
+            (Some(url), Some(endpoint)) => Ok(Some(blockvault::vault::store::S3Location::parse(
+                url,
+                endpoint,
+                self.region.as_deref(),
+            )?)),
+            _ => Ok(None),
+        }
+    }
 }
 
 #[derive(Subcommand)]

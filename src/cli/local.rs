@@ -34,6 +34,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             zstd_level,
             compliance_days,
             encrypt,
+            ref s3,
         }) => {
             let app = App::open(&cli.data)?;
             let secret = match (encrypt, &cli.keyfile, &cli.passphrase_env) {
@@ -54,14 +55,24 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 }
                 (true, _, _) => super::key_secret(cli)?,
             };
-            let v = app.create_vault_with(
-                name,
-                path.as_deref(),
-                ChunkSize::parse(chunk_size)?,
-                zstd_level,
-                compliance_days,
-                secret.as_ref(),
-            )?;
+            let chunk_size = ChunkSize::parse(chunk_size)?;
+            let v = match s3.location()? {
+                Some(_) if secret.is_some() || compliance_days.is_some() => {
+                    return Err(usage(
+                        "--encrypt and --compliance-days are not available yet for a vault on \
+                         S3 (--s3): create a local vault for them",
+                    ));
+                }
+                Some(loc) => app.create_vault_s3(name, &loc, chunk_size, zstd_level)?,
+                None => app.create_vault_with(
+                    name,
+                    path.as_deref(),
+                    chunk_size,
+                    zstd_level,
+                    compliance_days,
+                    secret.as_ref(),
+                )?,
+            };
             if cli.json {
                 outln!(
                     "{}",
@@ -146,12 +157,21 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 outln!("vault {name}: {n} backups in the catalog");
             }
         }
-        Cmd::Vault(VaultCmd::Attach { ref name, ref path }) => {
-            let n = super::open_app(cli)?.attach_vault(name, path)?;
+        Cmd::Vault(VaultCmd::Attach {
+            ref name,
+            ref path,
+            ref s3,
+        }) => {
+            let mut app = super::open_app(cli)?;
+            let (n, at) = match (s3.location()?, path) {
+                (Some(loc), _) => (app.attach_vault_s3(name, &loc)?, loc.url()),
+                (None, Some(path)) => (app.attach_vault(name, path)?, path.display().to_string()),
+                (None, None) => anyhow::bail!("vault attach needs a PATH or --s3"),
+            };
             if cli.json {
                 outln!("{}", json!({"vault": name, "backups": n}));
             } else if !cli.quiet {
-                outln!("attached vault {name} at {}: {n} backups", path.display());
+                outln!("attached vault {name} at {at}: {n} backups");
             }
         }
         Cmd::Backup(ref a) => return super::backup::run(cli, a),

@@ -86,9 +86,13 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             zstd_level,
             compliance_days,
             encrypt,
+            s3,
         }) => {
             if *encrypt {
                 return Err(not_remote("vault create --encrypt"));
+            }
+            if s3.s3.is_some() {
+                return Err(not_remote("vault create --s3"));
             }
             let body = json!({"name": name, "path": path, "chunk_size": chunk_size, "zstd_level": zstd_level, "compliance_days": compliance_days});
             let v = r.call("POST", "/vaults", Some(&body))?;

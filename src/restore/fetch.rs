@@ -117,12 +117,9 @@ impl<'a> Fetcher<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::chunk::{BlobKind, ChunkSize, Encoder};
     use crate::error::ErrorKind;
-    use crate::vault::pack::PackWriter;
 
     #[test]
     fn chunks_are_found_pack_by_pack_across_evictions_and_missing_ones_fail_as_the_vault_says() {
@@ -131,7 +128,7 @@ mod tests {
             Vault::create(&dir.path().join("v"), ChunkSize::new(65536).unwrap(), 1).unwrap();
         let mut lookup = vault.lookup().unwrap();
         // Packs of a few blobs; text-like (compressed) and random (stored) chunks.
-        let mut w = PackWriter::new(Arc::clone(vault.store()), 2 * 65536);
+        let mut w = vault.pack_writer_with_target(2 * 65536);
         let mut enc = Encoder::new(1, &crate::chunk::BlobCodec::plain()).unwrap();
         let mut blobs = Vec::new();
         for i in 0..14u8 {

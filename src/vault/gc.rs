@@ -48,7 +48,7 @@ use super::Vault;
 use super::badblobs::BadBlobs;
 use super::digestset::DigestSet;
 use super::lookup::IndexRepair;
-use super::pack::{PackEntry, PackId, PackInfo, PackWriter, read_pack_entries};
+use super::pack::{PackEntry, PackId, PackInfo, read_pack_entries};
 use super::walk::{WalkItem, walk_disk};
 
 /// A blob GC found rotten while copying it (not carried forward).
@@ -109,7 +109,7 @@ pub fn gc_with_progress(
     // GC reads manifests and index pages: an encrypted vault must be unlocked.
     let codec = vault.codec()?;
     let store = Arc::clone(vault.store());
-    let staged = store.clean_staging()?;
+    let staged = vault.clean_spool()?;
     if staged > 0 {
         tracing::info!(staged, "removed staged packs of crashed writers");
     }
@@ -195,7 +195,7 @@ pub fn gc_with_progress(
         }
     }
 
-    let mut writer = PackWriter::new(Arc::clone(&store), vault.config().pack_target);
+    let mut writer = vault.pack_writer();
     let mut new_packs: Vec<PackInfo> = Vec::new();
     let mut old_packs: Vec<PackId> = Vec::new();
     let mut surviving: Vec<PackId> = Vec::new();

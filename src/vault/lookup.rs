@@ -421,7 +421,7 @@ mod tests {
     use super::*;
     use crate::chunk::encode_blob;
     use crate::vault::pack::PackWriter;
-    use crate::vault::store::LocalStore;
+    use crate::vault::store::{LocalStore, ObjectMeta};
 
     type Hook = Box<dyn FnOnce() + Send>;
 
@@ -433,47 +433,41 @@ mod tests {
     }
 
     impl ChunkStore for RacingStore {
-        fn staging_path(&self, id: PackId) -> Result<PathBuf> {
-            self.inner.staging_path(id)
+        fn describe(&self) -> String {
+            self.inner.describe()
         }
-        fn clean_staging(&self) -> Result<usize> {
-            self.inner.clean_staging()
+        fn get(&self, key: &str) -> Result<Vec<u8>> {
+            self.inner.get(key)
         }
-        fn publish_pack(&self, id: PackId, staged: &Path) -> Result<()> {
-            self.inner.publish_pack(id, staged)
+        fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+            self.inner.get_range(key, offset, len)
         }
-        fn pack_len(&self, id: PackId) -> Result<u64> {
-            self.inner.pack_len(id)
+        fn len(&self, key: &str) -> Result<u64> {
+            self.inner.len(key)
         }
-        fn read_pack_range(&self, id: PackId, offset: u64, len: usize) -> Result<Vec<u8>> {
-            self.inner.read_pack_range(id, offset, len)
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<()> {
+            self.inner.put(key, bytes)
         }
-        fn list_packs(&self) -> Result<Vec<PackId>> {
-            let listed = self.inner.list_packs();
-            if let Some(hook) = self.after_list.lock().unwrap().take() {
+        fn put_spooled(&self, key: &str, spooled: &Path) -> Result<()> {
+            self.inner.put_spooled(key, spooled)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+            let listed = self.inner.list(prefix);
+            if prefix == "packs"
+                && let Some(hook) = self.after_list.lock().unwrap().take()
+            {
                 hook();
             }
             listed
         }
-        fn remove_pack(&self, id: PackId) -> Result<()> {
-            self.inner.remove_pack(id)
-        }
-        fn put_file(&self, key: &str, bytes: &[u8]) -> Result<()> {
-            self.inner.put_file(key, bytes)
-        }
-        fn get_file(&self, key: &str) -> Result<Vec<u8>> {
-            self.inner.get_file(key)
-        }
-        fn list_files(&self, prefix: &str) -> Result<Vec<String>> {
-            self.inner.list_files(prefix)
-        }
-        fn remove_file(&self, key: &str) -> Result<()> {
-            self.inner.remove_file(key)
+        fn delete(&self, key: &str) -> Result<()> {
+            self.inner.delete(key)
         }
     }
 
     fn write_pack(store: Arc<LocalStore>, content: &[u8]) -> PackInfo {
-        let mut w = PackWriter::new(store, 1 << 20);
+        let spool = PathBuf::from(store.describe()).join("spool");
+        let mut w = PackWriter::new(store, &spool, 1 << 20);
         let blob = encode_blob(
             BlobKind::Data,
             content.to_vec(),

@@ -41,9 +41,13 @@ pub mod badblobs;
 pub mod digestset;
 pub mod gc;
 pub mod keys;
+pub mod lease;
 pub mod lookup;
+#[cfg(test)]
+mod memory_tests;
 pub mod pack;
 pub mod pin;
+pub mod remote;
 pub mod retention;
 pub mod store;
 pub mod verify;
@@ -62,8 +66,8 @@ use crate::manifest::BackupManifest;
 use self::badblobs::BadBlobs;
 use self::keys::{EncryptionConfig, KeySecret, Wrapping};
 use self::lookup::{BlobLocation, LookupIndex};
-use self::pack::{DEFAULT_PACK_TARGET, read_pack_entries};
-use self::store::{ChunkStore, LocalStore, write_atomic};
+use self::pack::{DEFAULT_PACK_TARGET, PackWriter, read_pack_entries};
+use self::store::{ChunkStore, LocalStore};
 
 /// Current vault format version.
 const VAULT_FORMAT: u32 = 1;
@@ -94,6 +98,9 @@ type FoundBlob = (BlobLocation, (BlobKind, Vec<u8>));
 
 /// An open vault.
 pub struct Vault {
+    /// Local directory of the vault's local-only state (lookup cache, flock, pins,
+    /// spool): the vault directory itself for a local vault, `<data>/vaults/<name>` for
+    /// a vault on object storage (see `remote`).
     root: PathBuf,
     config: VaultConfig,
     store: Arc<dyn ChunkStore>,
@@ -101,11 +108,15 @@ pub struct Vault {
     codec: Option<BlobCodec>,
     /// The vault key of an unlocked encrypted vault.
     key: Option<VaultKey>,
+    /// Whether other appliances may share the store: locks then also take a lease object
+    /// (see `lease`), since an flock is only seen on this machine.
+    shared_store: bool,
 }
 
 /// A held vault lock; released on drop.
 pub struct VaultLock {
     _file: File,
+    _lease: Option<lease::Lease>,
 }
 
 impl Vault {
@@ -135,8 +146,7 @@ impl Vault {
                 "zstd level {zstd_level} must be between 1 and 19"
             )));
         }
-        let cfg_path = root.join("vault.toml");
-        if cfg_path.exists() {
+        if root.join("vault.toml").exists() || root.join(remote::LOCATION_FILE).exists() {
             return Err(Error::conflict(format!(
                 "{} already holds a vault",
                 root.display()
@@ -145,6 +155,49 @@ impl Vault {
         for dir in ["packs", "backups", "cache", "locks"] {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
+        }
+        Vault::create_in(
+            Arc::new(LocalStore::new(root)),
+            root,
+            false,
+            chunk_size,
+            zstd_level,
+            compliance_days,
+            encrypt,
+        )
+    }
+
+    /// Create a new vault in `store` (which must not hold one yet), keeping local state in
+    /// `state`. `shared_store`: other appliances may reach the store (object storage).
+    /// `compliance_days` and `encrypt` as in [`Vault::create_with`].
+    pub fn create_in(
+        store: Arc<dyn ChunkStore>,
+        state: &Path,
+        shared_store: bool,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+        encrypt: Option<&KeySecret>,
+    ) -> Result<Vault> {
+        if compliance_days == Some(0) || compliance_days.is_some_and(|d| d > 36_500) {
+            return Err(Error::config(
+                "compliance days must be between 1 and 36500 (100 years)",
+            ));
+        }
+        if !(1..=19).contains(&zstd_level) {
+            return Err(Error::config(format!(
+                "zstd level {zstd_level} must be between 1 and 19"
+            )));
+        }
+        match store.len("vault.toml") {
+            Ok(_) => {
+                return Err(Error::conflict(format!(
+                    "{} already holds a vault (attach it instead)",
+                    store.describe()
+                )));
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let id = hex::encode(rand::random::<[u8; 16]>());
         let key = encrypt.map(|_| VaultKey::generate());
@@ -165,8 +218,8 @@ impl Vault {
         };
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
-        write_atomic(&cfg_path, text.as_bytes())?;
-        let mut vault = Vault::open(root)?;
+        store.put("vault.toml", text.as_bytes())?;
+        let mut vault = Vault::open_in(store, state, shared_store)?;
         if let Some(key) = key {
             vault.codec = Some(BlobCodec::sealed(&key));
             vault.key = Some(key);
@@ -186,25 +239,37 @@ impl Vault {
         Ok(v)
     }
 
-    /// Open the vault in `root`; an encrypted vault opens locked (see the module doc).
+    /// Open the vault at `root`: a local vault directory, or the local state directory of
+    /// a vault on object storage (holding `s3.toml`). An encrypted vault opens locked (see
+    /// the module doc).
     pub fn open(root: &Path) -> Result<Vault> {
-        let cfg_path = root.join("vault.toml");
-        let text = fs::read_to_string(&cfg_path).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::NotFound
-            } else {
-                ErrorKind::Io
-            };
-            Error::new(
-                kind,
-                format!("no vault at {} (reading vault.toml)", root.display()),
-            )
-            .with_source(e)
+        if root.join(remote::LOCATION_FILE).exists() {
+            let store = remote::connect(root)?;
+            return Vault::open_in(Arc::new(store), root, true);
+        }
+        if !root.join("vault.toml").exists() {
+            return Err(Error::not_found(format!(
+                "no vault at {} (no vault.toml)",
+                root.display()
+            )));
+        }
+        Vault::open_in(Arc::new(LocalStore::new(root)), root, false)
+    }
+
+    /// Open the vault held by `store`, keeping local state in `state`.
+    pub fn open_in(store: Arc<dyn ChunkStore>, state: &Path, shared_store: bool) -> Result<Vault> {
+        let bytes = store.get("vault.toml").map_err(|e| {
+            e.context_prefix(format!(
+                "no vault in {} (reading vault.toml)",
+                store.describe()
+            ))
         })?;
-        let config: VaultConfig = toml::from_str(&text).map_err(|e| {
-            Error::invalid(format!("{} is not a valid vault.toml", cfg_path.display()))
-                .with_source(e)
-        })?;
+        let config: VaultConfig = std::str::from_utf8(&bytes)
+            .map_err(|e| Error::invalid("vault.toml is not UTF-8").with_source(e))
+            .and_then(|text| {
+                toml::from_str(text).map_err(|e| Error::invalid("bad vault.toml").with_source(e))
+            })
+            .map_err(|e| e.context_prefix(store.describe()))?;
         if config.format != VAULT_FORMAT {
             return Err(Error::unsupported(format!(
                 "vault format {} (this build reads format {VAULT_FORMAT})",
@@ -212,24 +277,25 @@ impl Vault {
             )));
         }
         for dir in ["cache", "locks"] {
-            fs::create_dir_all(root.join(dir))
-                .ctx(|| format!("creating {}", root.join(dir).display()))?;
+            fs::create_dir_all(state.join(dir))
+                .ctx(|| format!("creating {}", state.join(dir).display()))?;
         }
         if let Some(enc) = &config.encryption
             && (enc.cipher != "aes-256-gcm" || enc.digest != "blake3-keyed")
         {
             return Err(Error::unsupported(format!(
                 "vault {} is encrypted with {} / {} (this build knows aes-256-gcm / blake3-keyed)",
-                root.display(),
+                store.describe(),
                 enc.cipher,
                 enc.digest
             )));
         }
         let codec = config.encryption.is_none().then(BlobCodec::plain);
         Ok(Vault {
-            root: root.to_path_buf(),
+            root: state.to_path_buf(),
             config,
-            store: Arc::new(LocalStore::new(root)),
+            store,
+            shared_store,
             codec,
             key: None,
         })
@@ -333,9 +399,49 @@ impl Vault {
     fn write_config(&mut self, config: VaultConfig) -> Result<()> {
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
-        write_atomic(&self.root.join("vault.toml"), text.as_bytes())?;
+        self.store.put("vault.toml", text.as_bytes())?;
         self.config = config;
         Ok(())
+    }
+
+    /// Local directory where packs are spooled before the store publishes them: inside
+    /// a local vault (`packs/tmp`, so publishing is a rename), in the state directory
+    /// otherwise.
+    pub fn spool_dir(&self) -> PathBuf {
+        if self.shared_store {
+            self.root.join("spool")
+        } else {
+            self.root.join("packs").join("tmp")
+        }
+    }
+
+    /// A pack writer spooling in [`spool_dir`](Self::spool_dir), `target` bytes a pack.
+    pub fn pack_writer_with_target(&self, target: u64) -> PackWriter {
+        PackWriter::new(Arc::clone(&self.store), &self.spool_dir(), target)
+    }
+
+    /// A pack writer with the vault's pack target.
+    pub fn pack_writer(&self) -> PackWriter {
+        self.pack_writer_with_target(self.config.pack_target)
+    }
+
+    /// Remove spooled packs left behind by crashed writers of this machine (only under
+    /// the exclusive vault lock, when no writer can be running). Returns how many.
+    pub fn clean_spool(&self) -> Result<usize> {
+        let dir = self.spool_dir();
+        let mut n = 0;
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                fs::remove_file(e.path()).ctx(|| format!("removing {}", e.path().display()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Is the store shared with other appliances (object storage)?
+    pub fn is_shared_store(&self) -> bool {
+        self.shared_store
     }
 
     pub fn root(&self) -> &Path {
@@ -389,11 +495,23 @@ impl Vault {
             .ctx(|| format!("opening {}", path.display()))
     }
 
-    /// Shared lock for a backup or verify (waits while GC runs).
+    /// Shared lock for a backup or verify (waits while GC of this machine runs; on a
+    /// shared store, fails with `Conflict` while another appliance's GC holds its lease).
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
-        Ok(VaultLock { _file: f })
+        let lease = if self.shared_store {
+            Some(lease::Lease::take(
+                Arc::clone(&self.store),
+                lease::LeaseKind::Use,
+            )?)
+        } else {
+            None
+        };
+        Ok(VaultLock {
+            _file: f,
+            _lease: lease,
+        })
     }
 
     /// Pin `backups` for a long read (restore, export, serve-nbd): GC keeps them live
@@ -422,7 +540,20 @@ impl Vault {
     pub fn try_lock_exclusive(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         match f.try_lock() {
-            Ok(()) => Ok(VaultLock { _file: f }),
+            Ok(()) => {
+                let lease = if self.shared_store {
+                    Some(lease::Lease::take(
+                        Arc::clone(&self.store),
+                        lease::LeaseKind::Gc,
+                    )?)
+                } else {
+                    None
+                };
+                Ok(VaultLock {
+                    _file: f,
+                    _lease: lease,
+                })
+            }
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
                 "vault {} is in use by a running backup or verify; try again when it has finished",
                 self.root.display()

@@ -13,12 +13,13 @@
 //! ```
 //!
 //! The trailer makes the lookup index rebuildable from the packs alone. A pack is written
-//! to a staging file, fsynced, then handed to the [`ChunkStore`](super::store::ChunkStore)
-//! which publishes it atomically (rename): a pack either exists whole or not at all.
+//! to a local spool file (in the vault's spool directory), fsynced, then handed to the
+//! [`ChunkStore`](super::store::ChunkStore), which publishes it atomically (a rename in a
+//! local vault, one PUT in an object store): a pack either exists whole or not at all.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob};
@@ -159,6 +160,7 @@ pub fn read_pack_entries(store: &dyn ChunkStore, id: PackId) -> Result<Vec<PackE
 /// Appends blobs to packs and publishes each pack once it reaches its target size.
 pub struct PackWriter {
     store: Arc<dyn ChunkStore>,
+    spool: PathBuf,
     target: u64,
     current: Option<OpenPack>,
 }
@@ -172,9 +174,12 @@ struct OpenPack {
 }
 
 impl PackWriter {
-    pub fn new(store: Arc<dyn ChunkStore>, target: u64) -> PackWriter {
+    /// A writer that spools packs in the local directory `spool` (see
+    /// `Vault::pack_writer`, which gives the vault's own).
+    pub fn new(store: Arc<dyn ChunkStore>, spool: &Path, target: u64) -> PackWriter {
         PackWriter {
             store,
+            spool: spool.to_path_buf(),
             target,
             current: None,
         }
@@ -190,7 +195,9 @@ impl PackWriter {
     pub fn add(&mut self, blob: &EncodedBlob) -> Result<Option<SealedPack>> {
         if self.current.is_none() {
             let id = PackId::random();
-            let path = self.store.staging_path(id)?;
+            std::fs::create_dir_all(&self.spool)
+                .ctx(|| format!("creating {}", self.spool.display()))?;
+            let path = self.spool.join(format!("{id}.tmp"));
             let file = File::create(&path).ctx(|| format!("creating pack {}", path.display()))?;
             let mut out = BufWriter::with_capacity(1 << 20, file);
             out.write_all(PACK_MAGIC)

@@ -135,7 +135,7 @@ pub fn pin(vault_root: &Path, backups: &[&BackupManifest]) -> Result<PinGuard> {
 }
 
 /// Is the process `pid` alive on this host?
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };

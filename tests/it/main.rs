@@ -15,6 +15,7 @@ mod drill_service;
 mod encryption;
 mod export;
 mod files;
+mod garage;
 mod hostile;
 mod incremental;
 mod integrity;

@@ -1,0 +1,198 @@
+//! The vault logic over [`MemoryStore`] with injected faults: what a failed put, a short
+//! read or a listing that misses an object does to a backup, a restore and GC.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backup::{BackupOptions, backup_disk};
+use crate::chunk::ChunkSize;
+use crate::error::ErrorKind;
+use crate::restore::{ImageFormat, restore_disk};
+use crate::source::RawSource;
+use crate::vault::Vault;
+use crate::vault::gc::gc;
+use crate::vault::lookup::BlobLocation;
+use crate::vault::store::{ChunkStore, Fault, MemoryStore};
+
+/// A 4 MiB raw image: random data with a hole, written where `dir` says.
+fn image(dir: &Path, seed: u8) -> std::path::PathBuf {
+    let path = dir.join(format!("disk{seed}.raw"));
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(4 << 20).unwrap();
+    let mut data = vec![0u8; 3 << 20];
+    blake3::Hasher::new()
+        .update(&[seed])
+        .finalize_xof()
+        .fill(&mut data);
+    f.write_all_at(&data, 1 << 20).unwrap();
+    path
+}
+
+fn vault_over(store: &Arc<MemoryStore>, state: &Path) -> Vault {
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(store) as Arc<dyn ChunkStore>;
+    Vault::create_in(
+        dyn_store,
+        state,
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap()
+}
+
+fn opts(name: &str) -> BackupOptions {
+    BackupOptions {
+        disk_id: Some("disk".into()),
+        name: Some(name.into()),
+        ..BackupOptions::default()
+    }
+}
+
+fn keys_under(store: &MemoryStore, prefix: &str) -> Vec<String> {
+    store
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with(prefix))
+        .collect()
+}
+
+#[test]
+fn a_failed_pack_put_leaves_no_manifest_and_the_next_backup_restores_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let vault = vault_over(&store, &dir.path().join("state"));
+    let img = image(dir.path(), 1);
+
+    // Put 1 is the backup's lease, put 2 its first pack.
+    store.inject(Fault::FailPut(2));
+    let err = backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("b1"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert!(
+        keys_under(&store, "backups/").is_empty(),
+        "no manifest after a failed put"
+    );
+    assert!(vault.manifests().unwrap().is_empty());
+    assert!(
+        keys_under(&store, "locks/").is_empty(),
+        "the lease is released"
+    );
+    let spool: Vec<_> = std::fs::read_dir(vault.spool_dir()).unwrap().collect();
+    assert!(spool.is_empty(), "the spooled pack is removed: {spool:?}");
+
+    // The next backup is whole, GC keeps what it needs, the restore is byte-exact.
+    let m = backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("b2"),
+    )
+    .unwrap();
+    assert_eq!(keys_under(&store, "backups/").len(), 1);
+    gc(&vault, 50).unwrap();
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn a_truncated_get_is_a_corruption_error_and_a_restore_never_returns_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let vault = vault_over(&store, &dir.path().join("state"));
+    let img = image(dir.path(), 2);
+    let m = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &opts("b")).unwrap();
+
+    // One blob read through its location: the short answer is Corrupt, naming the pack.
+    let lookup = vault.lookup().unwrap();
+    let root = m.disks[0].index_root;
+    let loc: BlobLocation = lookup.get(&root).unwrap().unwrap();
+    store.inject(Fault::TruncateGet(".pack".into()));
+    let err = vault.read_blob_at(&loc, &root).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains(&loc.pack.to_string()), "{err}");
+
+    // A restore whose first read (the index root) comes back short fails with
+    // Corrupt and leaves no image; the next one is byte-exact.
+    store.inject(Fault::TruncateGet(".pack".into()));
+    let out = dir.path().join("restored.raw");
+    let err = restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(!out.exists(), "a failed restore leaves no image");
+    restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn a_listing_that_misses_a_pack_loses_nothing_the_cache_is_rebuilt_from_trailers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let vault = vault_over(&store, &dir.path().join("state"));
+    let img = image(dir.path(), 3);
+    let m = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &opts("b")).unwrap();
+
+    // The lookup cache is lost and rebuilt from a listing that misses a pack.
+    std::fs::remove_file(dir.path().join("state/cache/lookup.sqlite")).unwrap();
+    store.inject(Fault::DropListEntry(".pack".into()));
+    let before = store.requests();
+    vault.lookup().unwrap().rebuild(store.as_ref()).unwrap();
+    let after = store.requests();
+    assert!(after.lists > before.lists);
+    // The restore finds the missed pack's blobs through the trailers: byte-exact.
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn gc_after_delete_frees_every_pack_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let vault = vault_over(&store, &dir.path().join("state"));
+    let img = image(dir.path(), 4);
+    let m = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &opts("b")).unwrap();
+    assert!(!keys_under(&store, "packs/").is_empty());
+    vault.delete_manifest(&m).unwrap();
+    let stats = gc(&vault, 50).unwrap();
+    assert!(stats.packs_deleted > 0);
+    assert_eq!(keys_under(&store, "packs/"), Vec::<String>::new());
+    assert_eq!(store.keys(), vec!["vault.toml".to_string()]);
+}
