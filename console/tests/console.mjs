@@ -29,6 +29,10 @@ mkdirSync(SHOTS, { recursive: true });
 
 const work = mkdtempSync(join(tmpdir(), "bv-console-"));
 const data = join(work, "data");
+// The API only reaches host paths under [paths] (the defaults are inside the data dir):
+// this test's images, restores and the nbdkit socket live in `work`.
+const config = join(work, "serve.toml");
+writeFileSync(config, `[paths]\nsources = ["${work}"]\nrestore_to = ["${work}"]\n`);
 const children = [];
 process.on("exit", () => {
   for (const c of children) c.kill("SIGTERM");
@@ -43,7 +47,7 @@ function tokenOf(role, name) {
 
 /** Start `serve` on `dataDir`; resolves with its URL once it prints its ready line. */
 function serve(dataDir) {
-  const c = spawn(BIN, ["--data", dataDir, "--quiet", "serve", "--listen", "127.0.0.1:0", "--plain-http"], {
+  const c = spawn(BIN, ["--data", dataDir, "--quiet", "serve", "--config", config, "--listen", "127.0.0.1:0", "--plain-http"], {
     stdio: ["ignore", "pipe", "inherit"],
   });
   children.push(c);
