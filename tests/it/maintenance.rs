@@ -276,7 +276,16 @@ fn the_gc_task_reclaims_the_space_of_a_deleted_backup() {
     assert_eq!(freed, b_size, "{done}");
     assert!(b_packs.iter().all(|p| !p.exists()), "b's packs are gone");
     assert!(a_packs.iter().all(|p| p.exists()), "a's packs stay");
-    let after = srv.ok("GET", "/vaults/v", &op, None, 200);
+    // The vault's figures are refreshed by a background thread after the GC task ends:
+    // wait for the refresh (a figure that never moves fails at the deadline).
+    let t0 = std::time::Instant::now();
+    let after = loop {
+        let after = srv.ok("GET", "/vaults/v", &op, None, 200);
+        if u(&before, "pack_bytes") - u(&after, "pack_bytes") == freed || t0.elapsed() > LIMIT {
+            break after;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
     assert_eq!(u(&before, "pack_bytes") - u(&after, "pack_bytes"), freed);
     assert_eq!(
         u(&after, "pack_bytes"),

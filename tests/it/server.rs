@@ -561,7 +561,9 @@ fn a_cancelled_live_backup_records_nothing_and_leaves_nothing_behind() {
     let (qsd, child, fleece) = live_backup_in_flight(&env);
     std::thread::sleep(Duration::from_millis(200));
     let took = cancel_with_sigterm(child);
-    assert!(took < Duration::from_secs(2), "stopped in {took:?}");
+    // Promptly, not at the end of the backup (zstd level 19 on a text image); the bound
+    // leaves room for a loaded machine.
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
     assert!(env.backups().is_empty());
     assert!(qsd.leftovers().is_empty(), "{:?}", qsd.leftovers());
     assert!(qsd.bitmaps("a").is_empty(), "{:?}", qsd.bitmaps("a"));

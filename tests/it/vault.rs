@@ -348,9 +348,14 @@ impl Drop for Served {
     }
 }
 
+/// Pin files (not the `.NAME.tmp-…` staging files of a pin being written).
 fn pins(env: &Env) -> usize {
     std::fs::read_dir(env.vault_dir().join("locks").join("pins"))
-        .map(|d| d.count())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
         .unwrap_or(0)
 }
 
