@@ -8,6 +8,12 @@
 //! memory. At most [`CACHED_PACKS`] packs' locations are kept per worker (a few hundred
 //! KiB), evicted oldest first.
 //!
+//! On object storage (a vault whose store is shared, e.g. S3) every read is a request, so
+//! a blob's read also fetches the blobs that follow it in its pack, up to
+//! [`READ_AHEAD`] bytes, in the same ranged GET; the next blobs of the disk are then
+//! served from that window. A local vault reads each blob with its own `pread` (the page
+//! cache does the read-ahead).
+//!
 //! Any failure on this fast path (missing pack, bad blob) is retried through
 //! [`Vault::read_blob`], the vault's own read path, so that errors read the same as
 //! everywhere else and whatever that path does to recover applies to restores too.
@@ -23,6 +29,9 @@ use crate::vault::pack::PackId;
 /// Packs whose blob locations one worker keeps.
 pub const CACHED_PACKS: usize = 16;
 
+/// Bytes one ranged read of a shared (object) store covers at most.
+pub const READ_AHEAD: u64 = 8 << 20;
+
 /// One worker's view of the vault.
 pub struct Fetcher<'a> {
     vault: &'a Vault,
@@ -33,6 +42,9 @@ pub struct Fetcher<'a> {
     packs: VecDeque<(PackId, Vec<ChunkDigest>)>,
     decoder: Decoder,
     capacity: usize,
+    /// Shared store: the last window read, (pack, offset of its first byte, bytes).
+    window: Option<(PackId, u64, Vec<u8>)>,
+    read_ahead: bool,
 }
 
 impl<'a> Fetcher<'a> {
@@ -49,6 +61,8 @@ impl<'a> Fetcher<'a> {
             locations: HashMap::new(),
             packs: VecDeque::new(),
             decoder: Decoder::new(vault.codec()?)?,
+            window: None,
+            read_ahead: vault.is_shared_store(),
         })
     }
 
@@ -87,10 +101,50 @@ impl<'a> Fetcher<'a> {
                 (loc.pack, loc.offset, loc.length)
             }
         };
-        self.vault
-            .store()
-            .read_pack_range(pack, offset, length as usize)
-            .map(Some)
+        if !self.read_ahead {
+            return self
+                .vault
+                .store()
+                .read_pack_range(pack, offset, length as usize)
+                .map(Some);
+        }
+        let end = offset + u64::from(length);
+        if let Some((p, start, bytes)) = &self.window
+            && *p == pack
+            && offset >= *start
+            && end <= *start + bytes.len() as u64
+        {
+            let at = (offset - start) as usize;
+            return Ok(Some(bytes[at..at + length as usize].to_vec()));
+        }
+        // The window: this blob and the known blobs that follow it, up to READ_AHEAD
+        // bytes (never past the last indexed blob, so never past the pack's end).
+        let limit = offset + READ_AHEAD.max(u64::from(length));
+        let window_end = self
+            .packs
+            .iter()
+            .find(|(p, _)| *p == pack)
+            .into_iter()
+            .flat_map(|(_, digests)| digests.iter())
+            .filter_map(|d| self.locations.get(d))
+            .map(|&(_, o, l)| (o, o + u64::from(l)))
+            .filter(|&(o, e)| o >= offset && e <= limit)
+            .map(|(_, e)| e)
+            .max()
+            .unwrap_or(end)
+            .max(end);
+        let bytes =
+            self.vault
+                .store()
+                .read_pack_range(pack, offset, (window_end - offset) as usize)?;
+        let Some(blob) = bytes.get(..length as usize).map(<[u8]>::to_vec) else {
+            return Err(crate::Error::corrupt(format!(
+                "pack {pack}: {} bytes read at offset {offset}, {length} expected",
+                bytes.len()
+            )));
+        };
+        self.window = Some((pack, offset, bytes));
+        Ok(Some(blob))
     }
 
     fn cache_pack(&mut self, pack: PackId) -> Result<()> {

@@ -196,3 +196,26 @@ fn gc_after_delete_frees_every_pack_object() {
     assert_eq!(keys_under(&store, "packs/"), Vec::<String>::new());
     assert_eq!(store.keys(), vec!["vault.toml".to_string()]);
 }
+
+#[test]
+fn a_restore_from_a_shared_store_reads_a_pack_in_windows_not_blob_by_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let vault = vault_over(&store, &dir.path().join("state"));
+    let img = image(dir.path(), 3);
+    let m = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &opts("b")).unwrap();
+    let chunks = m.disks[0].chunks_new;
+    assert!(chunks >= 48, "3 MiB of random data: {chunks} chunks");
+    let before = store.requests().gets;
+    let out = dir.path().join("restored.raw");
+    let ropts = BackupOptions {
+        threads: 1,
+        ..opts("r")
+    };
+    restore_disk(&vault, &m.disks[0], &out, ImageFormat::Raw, None, &ropts).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    let gets = store.requests().gets - before;
+    // One window (up to READ_AHEAD bytes) per pack run, plus the manifest and index
+    // reads: far fewer than one GET per chunk.
+    assert!(gets * 4 < chunks, "{gets} GETs for {chunks} chunks");
+}
