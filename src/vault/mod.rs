@@ -37,6 +37,7 @@
 //! reader never sees a hole: at worst its cached location is gone and
 //! [`Vault::read_blob`] finds the new copy through the trailers.
 
+mod access;
 pub mod badblobs;
 pub mod digestset;
 pub mod gc;
@@ -64,7 +65,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::manifest::BackupManifest;
 
 use self::badblobs::BadBlobs;
-use self::keys::{EncryptionConfig, KeySecret, Wrapping};
+use self::keys::{EncryptionConfig, KeySecret};
 use self::lookup::{BlobLocation, LookupIndex};
 use self::pack::{DEFAULT_PACK_TARGET, PackWriter, read_pack_entries};
 use self::store::{ChunkStore, LocalStore};
@@ -301,101 +302,6 @@ impl Vault {
         })
     }
 
-    /// Whether the vault's blobs and manifests are sealed.
-    pub fn is_encrypted(&self) -> bool {
-        self.config.encryption.is_some()
-    }
-
-    /// Whether blobs can be read and written: a plaintext vault, or an unlocked one.
-    pub fn is_unlocked(&self) -> bool {
-        self.codec.is_some()
-    }
-
-    /// Unlock an encrypted vault with `secret` (`WrongKey` when it opens no wrapping).
-    pub fn unlock(&mut self, secret: &KeySecret) -> Result<()> {
-        let Some(enc) = &self.config.encryption else {
-            return Ok(());
-        };
-        let key = keys::unlock(&self.display_name(), &self.config.id, enc, secret)?;
-        self.codec = Some(BlobCodec::sealed(&key));
-        self.key = Some(key);
-        Ok(())
-    }
-
-    /// The codec every blob and manifest of this vault goes through; `KeyRequired`
-    /// while an encrypted vault is locked.
-    pub fn codec(&self) -> Result<&BlobCodec> {
-        self.codec.as_ref().ok_or_else(|| {
-            Error::new(
-                ErrorKind::KeyRequired,
-                format!(
-                    "vault {} is encrypted and no key was given: pass --keyfile PATH or --passphrase-env VAR (or keep its key on the appliance with `vault key store`)",
-                    self.display_name()
-                ),
-            )
-        })
-    }
-
-    fn display_name(&self) -> String {
-        self.root.display().to_string()
-    }
-
-    fn unlocked_key(&self) -> Result<&VaultKey> {
-        self.codec()?;
-        self.key
-            .as_ref()
-            .ok_or_else(|| Error::config(format!("vault {} is not encrypted", self.display_name())))
-    }
-
-    /// The wrappings of the vault key (none in a plaintext vault).
-    pub fn key_wrappings(&self) -> &[Wrapping] {
-        self.config
-            .encryption
-            .as_ref()
-            .map_or(&[], |e| e.keys.as_slice())
-    }
-
-    /// Wrap the (unlocked) vault key with one more secret; returns the new wrapping.
-    pub fn add_key(&mut self, secret: &KeySecret, label: Option<&str>) -> Result<Wrapping> {
-        let w = keys::wrap(&self.config.id, self.unlocked_key()?, secret, label)?;
-        let mut config = self.config.clone();
-        if let Some(enc) = config.encryption.as_mut() {
-            enc.keys.push(w.clone());
-        }
-        self.write_config(config)?;
-        Ok(w)
-    }
-
-    /// Remove wrapping `id` (the vault must be unlocked). Removing the last one is
-    /// refused: nothing could open the vault any more.
-    pub fn remove_key(&mut self, id: &str) -> Result<Wrapping> {
-        self.unlocked_key()?;
-        let mut config = self.config.clone();
-        let Some(enc) = config.encryption.as_mut() else {
-            return Err(Error::config("the vault is not encrypted"));
-        };
-        let Some(pos) = enc.keys.iter().position(|w| w.id == id) else {
-            return Err(Error::not_found(format!(
-                "vault {} has no key wrapping {id:?} (`vault key list` shows them)",
-                self.display_name()
-            )));
-        };
-        if enc.keys.len() == 1 {
-            return Err(Error::conflict(format!(
-                "key wrapping {id} is the last one of vault {}: removing it would leave nothing that opens the vault; add another key first",
-                self.display_name()
-            )));
-        }
-        let w = enc.keys.remove(pos);
-        self.write_config(config)?;
-        Ok(w)
-    }
-
-    /// The paper recovery key of the (unlocked) vault.
-    pub fn paper_key(&self) -> Result<zeroize::Zeroizing<String>> {
-        Ok(keys::paper(&self.config.id, self.unlocked_key()?))
-    }
-
     fn write_config(&mut self, config: VaultConfig) -> Result<()> {
         let text = toml::to_string(&config)
             .map_err(|e| Error::invalid("encoding vault.toml").with_source(e))?;
@@ -500,11 +406,13 @@ impl Vault {
     pub fn lock_shared(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         f.lock_shared().ctx(|| "taking the vault lock (shared)")?;
+        self.held(f, lease::LeaseKind::Use)
+    }
+
+    /// The lock held with `f`; on a shared store also a lease of `kind`.
+    fn held(&self, f: File, kind: lease::LeaseKind) -> Result<VaultLock> {
         let lease = if self.shared_store {
-            Some(lease::Lease::take(
-                Arc::clone(&self.store),
-                lease::LeaseKind::Use,
-            )?)
+            Some(lease::Lease::take(Arc::clone(&self.store), kind)?)
         } else {
             None
         };
@@ -522,7 +430,7 @@ impl Vault {
         // GC reads manifests before pins: with the pin durable, a manifest still here now
         // was either seen by any GC that missed the pin, or that GC has not run yet.
         for m in backups {
-            match self.store.get_file(&m.key()) {
+            match self.store.len(&m.key()) {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     return Err(Error::not_found(format!(
@@ -540,20 +448,7 @@ impl Vault {
     pub fn try_lock_exclusive(&self) -> Result<VaultLock> {
         let f = self.lock_file()?;
         match f.try_lock() {
-            Ok(()) => {
-                let lease = if self.shared_store {
-                    Some(lease::Lease::take(
-                        Arc::clone(&self.store),
-                        lease::LeaseKind::Gc,
-                    )?)
-                } else {
-                    None
-                };
-                Ok(VaultLock {
-                    _file: f,
-                    _lease: lease,
-                })
-            }
+            Ok(()) => self.held(f, lease::LeaseKind::Gc),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::conflict(format!(
                 "vault {} is in use by a running backup or verify; try again when it has finished",
                 self.root.display()

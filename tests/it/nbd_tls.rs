@@ -451,8 +451,9 @@ fn a_restore_onto_an_nbds_target_is_byte_exact_and_needs_the_ca() {
     let s_sock = sock.display().to_string();
     let s_target = target.display().to_string();
     let uri = tls_uri(&sock);
-    {
-        let _srv = Server::start(
+    // qemu-nbd serving the target writable, only over TLS.
+    let serve_target = || {
+        Server::start(
             "qemu-nbd",
             &[
                 "-t",
@@ -467,7 +468,10 @@ fn a_restore_onto_an_nbds_target_is_byte_exact_and_needs_the_ca() {
                 &s_target,
             ],
             &sock,
-        );
+        )
+    };
+    {
+        let _srv = serve_target();
         let out = env.run(&["restore", s(&b, "id"), "--to", &uri]);
         assert!(
             !out.status.success(),
@@ -482,22 +486,7 @@ fn a_restore_onto_an_nbds_target_is_byte_exact_and_needs_the_ca() {
         "the refused restore wrote"
     );
     {
-        let _srv = Server::start(
-            "qemu-nbd",
-            &[
-                "-t",
-                "-k",
-                &s_sock,
-                "--object",
-                &obj,
-                "--tls-creds",
-                "tls0",
-                "-f",
-                "qcow2",
-                &s_target,
-            ],
-            &sock,
-        );
+        let _srv = serve_target();
         let mut args = vec!["restore", s(&b, "id"), "--to", &uri];
         let flags = tls_flags(&pki);
         args.extend(flags.iter().map(String::as_str));
