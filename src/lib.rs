@@ -33,6 +33,7 @@ pub mod name;
 pub mod nbd;
 pub mod policy;
 pub mod qmp;
+pub mod replicate;
 pub mod restore;
 pub mod scheduler;
 pub mod service;

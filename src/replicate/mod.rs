@@ -1,0 +1,49 @@
+//! Replication: copying backups from one vault to another by digest.
+//!
+//! The engine (owned here) walks a source backup's blobs, asks the target which digests
+//! it lacks, and hands it those blobs exactly as they are stored in the source packs
+//! (sealed blobs stay sealed), then the manifest. A target is anything that implements
+//! [`ReplicaTarget`]: another vault opened on this appliance (local or object storage),
+//! or a mirror vault on a second appliance reached over its HTTPS admin API.
+//!
+//! Order of landing, so that a target never holds a manifest whose blobs are missing:
+//! blobs first (durable when `put_blobs` returns), manifest last.
+
+use crate::Result;
+use crate::chunk::{BlobKind, ChunkDigest, ChunkSize};
+use crate::manifest::BackupManifest;
+
+/// One blob as stored in a source pack: header and payload bytes, sealed when the vault
+/// is encrypted. The target verifies it against `digest` before keeping it.
+#[derive(Debug, Clone)]
+pub struct RawBlob {
+    pub digest: ChunkDigest,
+    pub kind: BlobKind,
+    pub stored: Vec<u8>,
+}
+
+/// What a source needs to know about a target before copying anything to it: blobs are
+/// only meaningful in a vault with the same chunk size and, for encrypted vaults, the
+/// same vault key (digests are keyed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetInfo {
+    pub vault_id: String,
+    pub chunk_size: ChunkSize,
+    /// `EncryptionConfig::key_check` of an encrypted target; `None` when plaintext.
+    pub key_check: Option<String>,
+}
+
+/// Where replicated blobs and manifests land.
+pub trait ReplicaTarget: Send + Sync {
+    /// Identity and compatibility of the target vault.
+    fn info(&self) -> Result<TargetInfo>;
+    /// The digests of `digests` the target does not hold.
+    fn missing(&self, digests: &[ChunkDigest]) -> Result<Vec<ChunkDigest>>;
+    /// Land `blobs` durably (verified, packed, published) before returning; returns the
+    /// bytes the target wrote.
+    fn put_blobs(&self, blobs: Vec<RawBlob>) -> Result<u64>;
+    /// Whether the target already holds this backup's manifest.
+    fn has_manifest(&self, manifest: &BackupManifest) -> Result<bool>;
+    /// Publish a manifest whose blobs have all landed.
+    fn put_manifest(&self, manifest: &BackupManifest) -> Result<()>;
+}
