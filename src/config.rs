@@ -100,6 +100,10 @@ pub struct Config {
     /// newest `keep_max`, are trimmed from the history by the service.
     pub task_keep_days: u32,
     pub task_keep_max: usize,
+    /// `[audit] keep_days` / `keep_max`: audit records older than this, or beyond the
+    /// newest `keep_max`, are trimmed by the audit writer.
+    pub audit_keep_days: u32,
+    pub audit_keep_max: usize,
     /// `[server] tls_cert` / `tls_key`: the administrator's own certificate (PEM, leaf
     /// first) and key; both or neither. Neither: `<data>/tls/`, self-signed at first start.
     pub tls_cert: Option<PathBuf>,
@@ -149,6 +153,8 @@ impl Default for Config {
             alert_workers: 2,
             task_keep_days: 30,
             task_keep_max: 10_000,
+            audit_keep_days: 365,
+            audit_keep_max: 1_000_000,
             tls_cert: None,
             tls_key: None,
             plain_http: false,
@@ -164,6 +170,8 @@ struct Raw {
     server: RawServer,
     #[serde(default)]
     tasks: RawTasks,
+    #[serde(default)]
+    audit: RawAudit,
     #[serde(default)]
     scheduler: RawScheduler,
     #[serde(default)]
@@ -224,6 +232,13 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawTasks {
     max_parallel: Option<usize>,
+    keep_days: Option<u32>,
+    keep_max: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
     keep_days: Option<u32>,
     keep_max: Option<usize>,
 }
@@ -293,6 +308,18 @@ impl Config {
         if !(100..=10_000_000).contains(&keep_max) {
             return Err(format!(
                 "{origin}: [tasks] keep_max must be 100..=10000000, got {keep_max}"
+            ));
+        }
+        let audit_keep_days = raw.audit.keep_days.unwrap_or(d.audit_keep_days);
+        if !(1..=36_500).contains(&audit_keep_days) {
+            return Err(format!(
+                "{origin}: [audit] keep_days must be 1..=36500, got {audit_keep_days}"
+            ));
+        }
+        let audit_keep_max = raw.audit.keep_max.unwrap_or(d.audit_keep_max);
+        if !(1_000..=100_000_000).contains(&audit_keep_max) {
+            return Err(format!(
+                "{origin}: [audit] keep_max must be 1000..=100000000, got {audit_keep_max}"
             ));
         }
         let warn = raw
@@ -432,6 +459,8 @@ impl Config {
             max_parallel_tasks: max,
             task_keep_days: keep_days,
             task_keep_max: keep_max,
+            audit_keep_days,
+            audit_keep_max,
             scheduler_enabled: raw.scheduler.enabled.unwrap_or(d.scheduler_enabled),
             gc_after_prune: raw.scheduler.gc_after_prune.unwrap_or(d.gc_after_prune),
             shutdown_grace_seconds: raw
@@ -509,6 +538,9 @@ mod tests {
     fn bad_values_and_unknown_keys_are_named() {
         for (text, needle) in [
             ("[tasks]\nmax_parallel = 0", "max_parallel"),
+            ("[audit]\nkeep_days = 0", "[audit] keep_days"),
+            ("[audit]\nkeep_max = 10", "[audit] keep_max"),
+            ("[audit]\nkeep = 10", "keep"),
             ("[server]\nlisten = \"nowhere\"", "listen"),
             ("[server]\nlog_level = \"loud\"", "log_level"),
             ("[server]\nlog_format = \"xml\"", "log_format"),
@@ -585,6 +617,7 @@ mod tests {
                 "the example does not set {key}"
             );
         }
+        assert_eq!((c.audit_keep_days, c.audit_keep_max), (365, 1_000_000));
         assert_eq!(c.webhooks.len(), 1);
         assert!(c.hooks["postgres"].freeze.is_some() && c.hooks["postgres"].thaw.is_some());
         assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));

@@ -596,6 +596,11 @@ pub fn run_appliance(
         config.capacity_warn_percent,
     )?;
     state.confine = confine;
+    state.audit.set_retention(audit::AuditRetention {
+        keep_days: config.audit_keep_days,
+        keep_max: config.audit_keep_max,
+        ..Default::default()
+    });
     let state = Arc::new(state);
     let hook_state = Arc::clone(&state);
     tasks.on_end(Arc::new(move |t| {

@@ -452,6 +452,19 @@ impl Catalog {
         Ok(())
     }
 
+    /// Trim the audit log: drop records written before `before` (RFC 3339, UTC) and
+    /// all but the newest `keep`. Returns how many records went.
+    pub fn trim_audit(&self, before: &str, keep: usize) -> Result<usize> {
+        let old = self
+            .conn
+            .execute("DELETE FROM audit WHERE at < ?1", params![before])?;
+        let over = self.conn.execute(
+            "DELETE FROM audit WHERE seq <= (SELECT seq FROM audit ORDER BY seq DESC LIMIT 1 OFFSET ?1)",
+            params![keep as i64],
+        )?;
+        Ok(old + over)
+    }
+
     pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRecord>> {
         let mut st = self.conn.prepare(
             "SELECT seq, at, token, role, method, path, status FROM audit ORDER BY seq DESC LIMIT ?1",
