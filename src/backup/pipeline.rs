@@ -107,6 +107,7 @@ pub fn run_disk(
     published: &Mutex<Vec<PackId>>,
 ) -> Result<DiskOutcome> {
     let cs = vault.chunk_size().as_u64();
+    source.set_cancel(opts.cancel.clone());
     let size = source.size();
     let chunks = cs_chunks(size, cs);
     let npages = pages_for(chunks);

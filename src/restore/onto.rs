@@ -65,6 +65,7 @@ pub fn restore_onto_nbd(
         meta.push(dirty_bitmap_context(b));
     }
     let mut nbd = NbdClient::connect_tls(&parsed, &meta, opts.nbd_tls.as_ref())?;
+    nbd.set_cancel(opts.cancel.clone());
     if nbd.read_only() {
         return Err(Error::config(format!(
             "{uri} is read-only: export the target disk writable"

@@ -14,6 +14,10 @@ pub(crate) struct Locked {
 }
 
 impl BlockSource for Locked {
+    fn set_cancel(&mut self, cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.inner.set_cancel(cancel);
+    }
+
     fn format(&self) -> SourceFormat {
         self.inner.format()
     }

@@ -178,6 +178,10 @@ pub trait BlockSource {
     /// that scattered chunks do not cost one round trip each. Reads elsewhere still work.
     fn will_read(&mut self, _ranges: &[Extent]) {}
 
+    /// The task's cancel flag: a network source looks at it while it waits on its peer,
+    /// so that a cancel is honoured within a fraction of a second even mid-request.
+    fn set_cancel(&mut self, _cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {}
+
     /// This source as one that may be read on another thread, when it can be (so that
     /// the disks of a server are read in parallel). None by default (imago's qcow2
     /// driver is not `Send`).

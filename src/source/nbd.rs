@@ -90,6 +90,10 @@ impl BlockSource for NbdSource {
         self.client.read_ahead(ranges);
     }
 
+    fn set_cancel(&mut self, cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.client.set_cancel(cancel);
+    }
+
     fn as_send(&mut self) -> Option<&mut (dyn BlockSource + Send)> {
         Some(self)
     }

@@ -378,6 +378,10 @@ fn daemon_error(daemon: &mut Daemon, path: &Path, e: Error) -> Error {
 }
 
 impl BlockSource for QemuSource {
+    fn set_cancel(&mut self, cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>) {
+        self.nbd.set_cancel(cancel);
+    }
+
     fn format(&self) -> SourceFormat {
         SourceFormat::Qemu(self.driver)
     }

@@ -81,6 +81,8 @@ enum Lie {
     WrappingOffset,
     /// The reply trickles: one byte every 100 ms.
     Trickle,
+    /// A writable export whose reply to a write trickles: one byte every 100 ms.
+    TrickleWriteReply,
 }
 
 fn be32(v: u32) -> [u8; 4] {
@@ -142,7 +144,13 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                         }
                         let mut d = 0u16.to_be_bytes().to_vec();
                         d.extend_from_slice(&be64(1 << 20));
-                        d.extend_from_slice(&3u16.to_be_bytes());
+                        // HAS_FLAGS, and READ_ONLY unless the lie is about writes.
+                        let tflags: u16 = if let Lie::TrickleWriteReply = lie {
+                            1
+                        } else {
+                            3
+                        };
+                        d.extend_from_slice(&tflags.to_be_bytes());
                         reply(&mut c, 7, 3, &d)?;
                         reply(&mut c, 7, 1, &[])?;
                         break;
@@ -212,6 +220,15 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                     for _ in 0..length.min(600) {
                         std::thread::sleep(std::time::Duration::from_millis(100));
                         c.write_all(&[7])?;
+                    }
+                    Vec::new()
+                }
+                Lie::TrickleWriteReply => {
+                    let mut payload = vec![0u8; length as usize];
+                    c.read_exact(&mut payload)?;
+                    for b in chunk(1, 0, cookie, &[]) {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        c.write_all(&[b])?;
                     }
                     Vec::new()
                 }
@@ -289,6 +306,55 @@ fn a_trickling_server_hits_the_request_deadline_not_a_hang() {
     // The connection is out of step now and says so.
     let e = c.read(0, &mut buf).unwrap_err();
     assert!(e.to_string().contains("unusable"), "{e}");
+}
+
+#[test]
+fn a_write_whose_reply_trickles_hits_the_request_deadline() {
+    // Scripted peer (a real server cannot be made to trickle): before, a write waited
+    // for its reply with no deadline at all, one 30 s socket timeout per byte.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = connect(dir.path(), Lie::TrickleWriteReply).unwrap();
+    c.set_request_deadline(std::time::Duration::from_secs(1));
+    let started = std::time::Instant::now();
+    let e = c.write(0, &[5u8; 4096]).unwrap_err();
+    assert!(e.to_string().contains("request deadline"), "{e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let e = c.write(0, &[5u8; 4096]).unwrap_err();
+    assert!(e.to_string().contains("unusable"), "{e}");
+}
+
+#[test]
+fn a_cancel_ends_a_wait_on_a_trickling_server_at_once() {
+    // Scripted peers, as above. The request deadline is long; only the cancel ends it.
+    for lie in [Lie::Trickle, Lie::TrickleWriteReply] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = connect(dir.path(), lie).unwrap();
+        c.set_request_deadline(std::time::Duration::from_secs(600));
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        c.set_cancel(Some(cancel.clone()));
+        let setter = {
+            let cancel = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                std::time::Instant::now()
+            })
+        };
+        let mut buf = vec![0u8; 65536];
+        let e = match lie {
+            Lie::Trickle => c.read(0, &mut buf).unwrap_err(),
+            _ => c.write(0, &[5u8; 4096]).unwrap_err(),
+        };
+        let ended = std::time::Instant::now();
+        let cancelled_at = setter.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+        assert!(e.to_string().contains("cancelled while waiting"), "{e}");
+        assert!(
+            ended.duration_since(cancelled_at) < std::time::Duration::from_secs(2),
+            "the cancel took {:?} to be honoured",
+            ended.duration_since(cancelled_at)
+        );
+    }
 }
 
 #[test]

@@ -9,7 +9,10 @@
 //! byte of a read covered exactly once (`reassembly`), payload sizes against fixed caps,
 //! block-size limits against the spec and a floor ([`MIN_MAX_BLOCK`]); every socket
 //! operation has a timeout ([`TIMEOUT`]) and every request a deadline over its whole
-//! reply ([`REQUEST_DEADLINE`]). A broken or hostile server gets a clear error, never a
+//! reply ([`REQUEST_DEADLINE`]: reads, block status, and each write, write-zeroes or
+//! flush with its reply); with a cancel flag ([`NbdClient::set_cancel`]) every wait on
+//! the socket wakes at least every [`CANCEL_POLL`] to look at it, so a cancelled task
+//! is let go within a fraction of a second even by a server that trickles. A broken or hostile server gets a clear error, never a
 //! panic, a hang, silently wrong data or an unbounded allocation; after a protocol error
 //! the connection refuses further use. Reads (`read`) are split at the server's maximum
 //! block size and pipelined, and read ahead across announced ranges (`read_ahead`), so
@@ -19,6 +22,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
@@ -47,6 +51,8 @@ const MAX_REQUEST: u32 = 32 << 20;
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// Default deadline of one request, from sending it to the end of its reply.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(120);
+/// With a cancel flag: the longest a socket wait goes without looking at it.
+pub const CANCEL_POLL: Duration = Duration::from_millis(200);
 /// The smallest maximum block size we accept from a server. Smaller would make reads
 /// crawl (a 1-byte maximum turns a 4 MiB read into 4 Mi requests); QEMU never
 /// advertises less than 32 MiB and the NBD spec lets a server ask for at most 64 KiB as
@@ -58,7 +64,42 @@ pub const MAX_MIN_BLOCK: u32 = 64 << 10;
 /// Why a socket read stopped.
 enum ReadFail {
     Deadline,
+    Cancelled,
     Io(std::io::Error),
+}
+
+/// The socket timeout to use now: up to the deadline, at most [`TIMEOUT`], and at most
+/// [`CANCEL_POLL`] when there is a cancel flag to look at.
+fn wait_slice(deadline: Option<Instant>, cancel: Option<&AtomicBool>) -> Duration {
+    let t = match deadline {
+        None => TIMEOUT,
+        Some(d) => d
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), TIMEOUT),
+    };
+    if cancel.is_some() {
+        t.min(CANCEL_POLL)
+    } else {
+        t
+    }
+}
+
+/// After a socket timeout: cancelled, past the deadline, or (`None`) wait on. Without
+/// a deadline or cancel flag the timeout is [`TIMEOUT`] and ends the wait.
+fn after_timeout(
+    deadline: Option<Instant>,
+    cancel: Option<&AtomicBool>,
+    e: std::io::Error,
+) -> Option<ReadFail> {
+    if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        return Some(ReadFail::Cancelled);
+    }
+    match deadline {
+        Some(d) if Instant::now() >= d => Some(ReadFail::Deadline),
+        Some(_) => None,
+        None if cancel.is_some() => None,
+        None => Some(ReadFail::Io(e)),
+    }
 }
 
 /// `read_exact` with a deadline over the whole buffer: the socket timeout is shortened
@@ -69,15 +110,14 @@ fn read_exact_by(
     stream: &mut Stream,
     cur: &mut Duration,
     deadline: Option<Instant>,
+    cancel: Option<&AtomicBool>,
     mut buf: &mut [u8],
 ) -> std::result::Result<(), ReadFail> {
     while !buf.is_empty() {
-        let want = match deadline {
-            None => TIMEOUT,
-            Some(d) => d
-                .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(1), TIMEOUT),
-        };
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(ReadFail::Cancelled);
+        }
+        let want = wait_slice(deadline, cancel);
         if want != *cur {
             stream.set_read_timeout(want).map_err(ReadFail::Io)?;
             *cur = want;
@@ -94,14 +134,72 @@ fn read_exact_by(
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) && deadline.is_some_and(|d| Instant::now() >= d) =>
+                ) =>
             {
-                return Err(ReadFail::Deadline);
+                if let Some(f) = after_timeout(deadline, cancel, e) {
+                    return Err(f);
+                }
             }
             Err(e) => return Err(ReadFail::Io(e)),
         }
     }
     Ok(())
+}
+
+/// `write_all` by the same rules as [`read_exact_by`]: a peer that stops reading is
+/// waited for only up to the deadline, and never past a cancel.
+fn write_all_by(
+    stream: &mut Stream,
+    deadline: Option<Instant>,
+    cancel: Option<&AtomicBool>,
+    mut buf: &[u8],
+) -> std::result::Result<(), ReadFail> {
+    stream
+        .set_write_timeout(wait_slice(deadline, cancel))
+        .map_err(ReadFail::Io)?;
+    while !buf.is_empty() {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(ReadFail::Cancelled);
+        }
+        match stream.write(buf) {
+            Ok(0) => {
+                return Err(ReadFail::Io(std::io::Error::from(
+                    std::io::ErrorKind::WriteZero,
+                )));
+            }
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if let Some(f) = after_timeout(deadline, cancel, e) {
+                    return Err(f);
+                }
+                stream
+                    .set_write_timeout(wait_slice(deadline, cancel))
+                    .map_err(ReadFail::Io)?;
+            }
+            Err(e) => return Err(ReadFail::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Connect to the first address of `host` that answers within [`TIMEOUT`] (a host that
+/// drops SYNs is given up on, not waited for for minutes).
+fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in (host, port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{host} has no address"))))
 }
 
 /// One block-status extent.
@@ -135,6 +233,8 @@ pub struct NbdClient {
     cur_timeout: Duration,
     /// Set after an error that leaves the stream out of step.
     broken: Option<String>,
+    /// The task's cancel flag: socket waits look at it (see [`CANCEL_POLL`]).
+    cancel: Option<Arc<AtomicBool>>,
     /// Last sign of progress: a request completed, or the caller came back to `read`.
     progress: Instant,
 }
@@ -177,7 +277,7 @@ impl NbdClient {
                 Stream::Plain(Sock::Unix(s))
             }
             Transport::Tcp { host, port } => {
-                let s = TcpStream::connect((host.as_str(), *port))
+                let s = connect_tcp(host, *port)
                     .map_err(|e| Error::io(format!("connecting to NBD server {name}"), e))?;
                 s.set_read_timeout(Some(TIMEOUT)).ok();
                 s.set_write_timeout(Some(TIMEOUT)).ok();
@@ -202,6 +302,7 @@ impl NbdClient {
             deadline: None,
             cur_timeout: TIMEOUT,
             broken: None,
+            cancel: None,
             progress: Instant::now(),
         };
         if let Err(e) = c.negotiate(&uri.export, meta, tls) {
@@ -227,13 +328,23 @@ impl NbdClient {
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        read_exact_by(&mut self.stream, &mut self.cur_timeout, self.deadline, buf)
-            .map_err(|e| self.stream_error(e))
+        let r = read_exact_by(
+            &mut self.stream,
+            &mut self.cur_timeout,
+            self.deadline,
+            self.cancel.as_deref(),
+            buf,
+        );
+        r.map_err(|e| self.stream_failed(e))
     }
 
     fn stream_error(&self, e: ReadFail) -> Error {
         match e {
             ReadFail::Deadline => self.deadline_error(),
+            ReadFail::Cancelled => Error::cancelled(format!(
+                "cancelled while waiting for NBD server {}",
+                self.name
+            )),
             ReadFail::Io(e) => self.io_err(e),
         }
     }
@@ -245,7 +356,21 @@ impl NbdClient {
     }
 
     fn write_all(&mut self, buf: &[u8]) -> Result<()> {
-        self.stream.write_all(buf).map_err(|e| self.io_err(e))
+        let r = write_all_by(&mut self.stream, self.deadline, self.cancel.as_deref(), buf);
+        r.map_err(|e| self.stream_failed(e))
+    }
+
+    /// The error for a failed socket wait; the stream is out of step from now on.
+    fn stream_failed(&mut self, e: ReadFail) -> Error {
+        let e = self.stream_error(e);
+        self.broken.get_or_insert_with(|| e.to_string());
+        e
+    }
+
+    /// Let every later wait on the socket end with a `Cancelled` error soon after `flag`
+    /// is set (the connection is unusable afterwards).
+    pub fn set_cancel(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.cancel = flag;
     }
 
     fn read_u(&mut self, n: usize) -> Result<Vec<u8>> {

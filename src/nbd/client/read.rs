@@ -386,9 +386,16 @@ impl NbdClient {
         range: std::ops::Range<usize>,
     ) -> Result<()> {
         let deadline = self.deadline;
+        let cancel = self.cancel.clone();
         let (stream, req) = (&mut self.stream, &mut self.inflight[i]);
         let dst = &mut req.dst(caller)[range];
-        match super::read_exact_by(stream, &mut self.cur_timeout, deadline, dst) {
+        match super::read_exact_by(
+            stream,
+            &mut self.cur_timeout,
+            deadline,
+            cancel.as_deref(),
+            dst,
+        ) {
             Ok(()) => Ok(()),
             Err(e) => Err(self.stream_error(e)),
         }

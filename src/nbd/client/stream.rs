@@ -19,6 +19,13 @@ impl Sock {
             Sock::Unix(s) => s.set_read_timeout(Some(t)),
         }
     }
+
+    pub(super) fn set_write_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(Some(t)),
+            Sock::Unix(s) => s.set_write_timeout(Some(t)),
+        }
+    }
 }
 
 impl Read for Sock {
@@ -74,6 +81,14 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.set_read_timeout(t),
             Stream::Tls(s) => s.sock.set_read_timeout(t),
+            Stream::Swapping => Err(swapping()),
+        }
+    }
+
+    pub(super) fn set_write_timeout(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.sock.set_write_timeout(t),
             Stream::Swapping => Err(swapping()),
         }
     }

@@ -1,6 +1,7 @@
 //! Write commands of the NBD client (restore onto a disk): WRITE, WRITE_ZEROES, FLUSH.
 //! One request at a time; each waits for its reply (simple, or structured with only a
-//! final "none" chunk or an error chunk).
+//! final "none" chunk or an error chunk), sending and waiting within one request
+//! deadline (a target that trickles its reply or stops reading fails the request).
 
 use super::MAX_SMALL_PAYLOAD;
 use super::NbdClient;
@@ -62,6 +63,13 @@ impl NbdClient {
     fn command(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<()> {
         self.check_usable()?;
         self.drain()?;
+        self.deadline = Some(std::time::Instant::now() + self.request_deadline);
+        let r = self.command_inner(cmd, offset, len, payload);
+        self.deadline = None;
+        r
+    }
+
+    fn command_inner(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<()> {
         let cookie = self.next_cookie();
         self.write_all(&encode_request(0, cmd, cookie, offset, len))?;
         if !payload.is_empty() {
