@@ -28,6 +28,48 @@ pub struct Webhook {
     /// Empty: every kind.
     pub events: Vec<AlertKind>,
     pub timeout_seconds: u64,
+    /// Shared secret that signs each delivery (HMAC-SHA256, see `alerts`): from
+    /// `secret_file` (preferred) or `secret`.
+    pub secret: Option<WebhookSecret>,
+}
+
+/// A webhook's signing secret; never printed.
+#[derive(Clone, PartialEq)]
+pub struct WebhookSecret(pub String);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WebhookSecret(..)")
+    }
+}
+
+/// The host of an `http(s)://` URL, lower-cased, without port or brackets; None when
+/// the URL is not http(s), has no host, or carries credentials (`user@`).
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    if authority.contains('@') {
+        return None;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Whether `host` is allowed by `list` (exact names or addresses, or `*.domain` for
+/// any name under that domain).
+pub fn host_allowed(host: &str, list: &[String]) -> bool {
+    list.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        match a.strip_prefix("*.") {
+            Some(domain) => host.ends_with(&format!(".{domain}")),
+            None => a == host,
+        }
+    })
 }
 
 /// A named set of freeze/thaw commands (`[hooks.NAME]`), run with `sh -c` around the
@@ -96,6 +138,8 @@ pub struct Config {
     pub alert_queue: usize,
     /// Threads that deliver webhooks.
     pub alert_workers: usize,
+    /// `[alerts] retry_seconds`: waits before each retry of a failed delivery.
+    pub alert_retry_seconds: Vec<u64>,
     /// `[tasks] keep_days` / `keep_max`: ended tasks older than this, or beyond the
     /// newest `keep_max`, are trimmed from the history by the service.
     pub task_keep_days: u32,
@@ -151,6 +195,7 @@ impl Default for Config {
             header_timeout_seconds: 10,
             alert_queue: 1000,
             alert_workers: 2,
+            alert_retry_seconds: vec![5, 30, 120, 600, 3600],
             task_keep_days: 30,
             task_keep_max: 10_000,
             audit_keep_days: 365,
@@ -258,6 +303,9 @@ struct RawAlerts {
     workers: Option<usize>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    retry_seconds: Option<Vec<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -267,6 +315,8 @@ struct RawWebhook {
     #[serde(default)]
     events: Vec<AlertKind>,
     timeout_seconds: Option<u64>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -358,6 +408,19 @@ impl Config {
                 "{origin}: [alerts] workers must be 1..=16, got {alert_workers}"
             ));
         }
+        let alert_retry_seconds = raw
+            .alerts
+            .retry_seconds
+            .unwrap_or_else(|| d.alert_retry_seconds.clone());
+        if alert_retry_seconds.len() > 10
+            || alert_retry_seconds
+                .iter()
+                .any(|s| !(1..=86_400).contains(s))
+        {
+            return Err(format!(
+                "{origin}: [alerts] retry_seconds must list at most 10 waits of 1..=86400 seconds, got {alert_retry_seconds:?}"
+            ));
+        }
         let mut webhooks = Vec::new();
         for w in raw.alerts.webhook {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
@@ -372,10 +435,53 @@ impl Config {
                     "{origin}: [[alerts.webhook]] timeout_seconds must be 1..=60, got {t}"
                 ));
             }
+            match url_host(&w.url) {
+                Some(h) if host_allowed(&h, &raw.alerts.allowed_hosts) => {}
+                Some(h) => {
+                    return Err(format!(
+                        "{origin}: [[alerts.webhook]] {:?}: host {h:?} is not in [alerts] allowed_hosts (list it there to send alerts to it)",
+                        w.url
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{origin}: [[alerts.webhook]] url {:?} has no host, or carries credentials (use secret_file for signing)",
+                        w.url
+                    ));
+                }
+            }
+            let secret = match (w.secret, w.secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{origin}: [[alerts.webhook]] {:?}: give secret or secret_file, not both",
+                        w.url
+                    ));
+                }
+                (Some(s), None) => Some(s),
+                (None, Some(f)) => Some(
+                    std::fs::read_to_string(&f)
+                        .map_err(|e| {
+                            format!(
+                                "{origin}: [[alerts.webhook]] secret_file {}: {e}",
+                                f.display()
+                            )
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            if secret.as_ref().is_some_and(|s| s.len() < 16) {
+                return Err(format!(
+                    "{origin}: [[alerts.webhook]] {:?}: the secret must be at least 16 characters",
+                    w.url
+                ));
+            }
             webhooks.push(Webhook {
                 url: w.url,
                 events: w.events,
                 timeout_seconds: t,
+                secret: secret.map(WebhookSecret),
             });
         }
         let mut hooks = BTreeMap::new();
@@ -474,6 +580,7 @@ impl Config {
             header_timeout_seconds: header_timeout,
             alert_queue,
             alert_workers,
+            alert_retry_seconds,
         };
         c.check_tls().map_err(|e| format!("{origin}: {e}"))?;
         Ok(c)
@@ -530,6 +637,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn webhook_hosts_are_matched_exactly_or_by_domain() {
+        let list = vec![
+            "hooks.example.com".to_owned(),
+            "*.corp".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        for (url, ok) in [
+            ("https://hooks.example.com/x", true),
+            ("https://HOOKS.example.com:8443/x", true),
+            ("https://evil.hooks.example.com/x", false),
+            ("https://hooks.example.com.evil/x", false),
+            ("http://a.corp/x", true),
+            ("http://corp/x", false),
+            ("http://x.evilcorp/x", false),
+            ("http://127.0.0.1:9000/x", true),
+            ("http://[::1]:9000/x", true),
+            ("http://127.0.0.2/x", false),
+        ] {
+            let host = url_host(url).unwrap();
+            assert_eq!(host_allowed(&host, &list), ok, "{url}");
+        }
+        assert_eq!(url_host("http://u:p@x/"), None);
+        assert_eq!(url_host("ftp://x/"), None);
+        assert_eq!(url_host("http:///x"), None);
+    }
+
+    #[test]
     fn empty_text_gives_the_defaults() {
         assert_eq!(Config::from_toml("", "t").unwrap(), Config::default());
     }
@@ -550,7 +685,20 @@ mod tests {
             ),
             ("[[alerts.webhook]]\nurl = \"ftp://x\"", "url"),
             (
-                "[[alerts.webhook]]\nurl = \"http://x\"\ntimeout_seconds = 0",
+                "[[alerts.webhook]]\nurl = \"http://evil.example/x\"",
+                "not in [alerts] allowed_hosts",
+            ),
+            (
+                "[alerts]\nallowed_hosts = [\"*.example\"]\n[[alerts.webhook]]\nurl = \"http://a:b@x.example/\"",
+                "credentials",
+            ),
+            (
+                "[alerts]\nallowed_hosts = [\"x\"]\n[[alerts.webhook]]\nurl = \"http://x/\"\nsecret = \"short\"",
+                "at least 16",
+            ),
+            ("[alerts]\nretry_seconds = [0]", "retry_seconds"),
+            (
+                "[alerts]\nallowed_hosts = [\"x\"]\n[[alerts.webhook]]\nurl = \"http://x\"\ntimeout_seconds = 0",
                 "timeout_seconds",
             ),
             ("[server]\nlisen = \"1.2.3.4:5\"", "lisen"),
@@ -576,7 +724,7 @@ mod tests {
             ("[alerts]\nworkers = 17", "workers"),
             ("[keys]\nmain = \"rel.key\"", "absolute"),
             (
-                "[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
+                "[alerts]\nallowed_hosts = [\"x\"]\n[[alerts.webhook]]\nurl = \"http://x\"\nevents = [\"nope\"]",
                 "nope",
             ),
         ] {
@@ -608,6 +756,8 @@ mod tests {
             "url",
             "events",
             "timeout_seconds",
+            "allowed_hosts",
+            "retry_seconds",
             "freeze",
             "thaw",
         ] {
@@ -619,6 +769,7 @@ mod tests {
         }
         assert_eq!((c.audit_keep_days, c.audit_keep_max), (365, 1_000_000));
         assert_eq!(c.webhooks.len(), 1);
+        assert_eq!(c.alert_retry_seconds, vec![5, 30, 120, 600, 3600]);
         assert!(c.hooks["postgres"].freeze.is_some() && c.hooks["postgres"].thaw.is_some());
         assert_eq!(c.data, PathBuf::from("/var/lib/blockvault"));
         // The shipped file serves HTTPS with the self-signed certificate.

@@ -591,6 +591,11 @@ pub fn run_appliance(
             crate::alerts::AlertLimits {
                 queue: config.alert_queue,
                 workers: config.alert_workers,
+                retry: config
+                    .alert_retry_seconds
+                    .iter()
+                    .map(|s| std::time::Duration::from_secs(*s))
+                    .collect(),
             },
         )?,
         config.capacity_warn_percent,

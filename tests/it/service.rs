@@ -565,7 +565,7 @@ fn a_vault_limited_below_the_image_refuses_the_backup_and_alerts_the_webhook() {
     let cfg = env.path("bv.toml");
     std::fs::write(
         &cfg,
-        format!("[alerts]\ncapacity_warn_percent = 80\n[[alerts.webhook]]\nurl = \"{url}\"\ntimeout_seconds = 5\n"),
+        format!("[alerts]\ncapacity_warn_percent = 80\nallowed_hosts = [\"127.0.0.1\"]\n[[alerts.webhook]]\nurl = \"{url}\"\ntimeout_seconds = 5\n"),
     )
     .unwrap();
     let srv = Appliance::start(&env, &["--config", cfg.to_str().unwrap()]);
