@@ -9,6 +9,12 @@
 //! Order of landing, so that a target never holds a manifest whose blobs are missing:
 //! blobs first (durable when `put_blobs` returns), manifest last.
 
+pub mod engine;
+pub mod vault_target;
+
+pub use engine::{ReplicaProgress, ReplicaStats, ReplicateOptions, replicate_backup};
+pub use vault_target::VaultTarget;
+
 use crate::Result;
 use crate::chunk::{BlobKind, ChunkDigest, ChunkSize};
 use crate::manifest::BackupManifest;
