@@ -20,12 +20,14 @@ mod figures;
 mod files;
 mod keys;
 mod locks;
+mod replicate;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
 pub use files::FilesSession;
 pub use keys::{KeyView, new_keyfile, set_configured_key_files};
 pub use locks::cli_actor;
+pub use replicate::{ReplicaSelection, ReplicateReport, ReplicatedBackup};
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};

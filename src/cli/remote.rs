@@ -86,8 +86,12 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             zstd_level,
             compliance_days,
             encrypt,
+            replica_of,
             s3,
         }) => {
+            if replica_of.is_some() {
+                return Err(not_remote("vault create --replica-of"));
+            }
             if *encrypt {
                 return Err(not_remote("vault create --encrypt"));
             }
@@ -359,6 +363,7 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
         Cmd::Bitmaps(_) => return Err(not_remote("bitmaps")),
+        Cmd::Replicate { .. } => return Err(not_remote("replicate")),
     }
     Ok(0)
 }

@@ -5,7 +5,9 @@
 //!    target with the same vault key (same `key_check`); a plaintext source is never
 //!    copied into an encrypted target (its blobs would land unsealed) — nothing is sent
 //!    when they do not fit;
-//! 2. a target that already holds the manifest is skipped;
+//! 2. the replica's manifest is derived ([`replica_manifest`]: its own id, stable across
+//!    runs, and `replica_of` naming the source backup); a target that already holds it
+//!    is skipped;
 //! 3. the source backup is pinned (GC on the source keeps it live meanwhile);
 //! 4. the backup's disk indexes are walked (`vault::walk`: roots, pages, data chunks; a
 //!    page shared by two disks is visited once) and the digests are asked of the target
@@ -131,6 +133,38 @@ fn check_cancel(opts: &ReplicateOptions) -> Result<()> {
     Ok(())
 }
 
+/// The id a backup gets in the vault `target_vault_id`: the catalog keys backups by id,
+/// so a replica needs its own. It keeps the source id's time prefix (ids sort by time)
+/// and is derived from the source id and the target vault, so a rerun finds it.
+pub fn replica_id(source_id: &str, target_vault_id: &str) -> String {
+    let time = source_id.split('-').next().unwrap_or(source_id);
+    let mut h = blake3::Hasher::new_derive_key("blockvault 2026-11 replica id");
+    h.update(source_id.as_bytes());
+    h.update(&[0]);
+    h.update(target_vault_id.as_bytes());
+    format!("{time}-{}", hex::encode(&h.finalize().as_bytes()[..4]))
+}
+
+/// The manifest a backup has in the target vault: its own id (see [`replica_id`]), the
+/// target's vault id, parents renamed the same way, and where it came from. Disks,
+/// index roots, sizes and the name are the source's.
+pub fn replica_manifest(m: &BackupManifest, target_vault_id: &str) -> BackupManifest {
+    let mut r = m.clone();
+    r.id = replica_id(&m.id, target_vault_id);
+    r.vault_id = target_vault_id.to_string();
+    for d in &mut r.disks {
+        if let Some(p) = &d.parent {
+            d.parent = Some(replica_id(p, target_vault_id));
+        }
+    }
+    r.replica_of = Some(crate::manifest::ReplicaOf {
+        backup: m.id.clone(),
+        vault_id: m.vault_id.clone(),
+        replicated: crate::manifest::now_rfc3339(),
+    });
+    r
+}
+
 /// Copy one backup of `source` onto `target`: the blobs it lacks, then the manifest.
 pub fn replicate_backup(
     source: &Vault,
@@ -142,7 +176,8 @@ pub fn replicate_backup(
     check_compatible(source, &info)?;
     source.codec()?;
     let mut stats = ReplicaStats::default();
-    if target.has_manifest(manifest)? {
+    let replica = replica_manifest(manifest, &info.vault_id);
+    if target.has_manifest(&replica)? {
         tracing::info!(backup = %manifest.id, "target already holds this backup");
         return Ok(stats);
     }
@@ -174,7 +209,7 @@ pub fn replicate_backup(
     }
     batch.flush(source, target, opts, &mut stats)?;
     check_cancel(opts)?;
-    target.put_manifest(manifest)?;
+    target.put_manifest(&replica)?;
     stats.manifest_sent = true;
     if let Some(p) = &opts.progress {
         p.backups_done.fetch_add(1, Ordering::Relaxed);
