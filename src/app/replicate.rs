@@ -69,7 +69,6 @@ impl App {
                 "--from and --to both name vault {from}: replicate into another vault"
             )));
         }
-        let started = std::time::Instant::now();
         let source = self.open_vault(from)?;
         let manifests = match selection {
             ReplicaSelection::Backup(spec) => {
@@ -93,7 +92,20 @@ impl App {
             }
             ReplicaSelection::All => source.manifests()?,
         };
-        let target = VaultTarget::new(self.open_target(&source, to)?)?;
+        self.replicate_manifests(&source, &manifests, from, to, opts)
+    }
+
+    /// Copy `manifests` (backups of the opened vault `from`) into vault `to`, in order.
+    pub fn replicate_manifests(
+        &self,
+        source: &Vault,
+        manifests: &[crate::manifest::BackupManifest],
+        from: &str,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
+        let target = VaultTarget::new(self.open_target(source, to)?)?;
         let mut report = ReplicateReport {
             from: from.into(),
             to: to.into(),
@@ -105,8 +117,8 @@ impl App {
             seconds: 0.0,
         };
         let target_id = target.vault().config().id.clone();
-        for m in &manifests {
-            let stats = replicate_backup(&source, m, &target, opts).map_err(|e| {
+        for m in manifests {
+            let stats = replicate_backup(source, m, &target, opts).map_err(|e| {
                 e.context_prefix(format!("replicating backup {} ({})", m.name, m.id))
             })?;
             let replica_id = crate::replicate::engine::replica_id(&m.id, &target_id);

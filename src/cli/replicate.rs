@@ -36,6 +36,7 @@ pub fn local(cli: &Cli) -> Result<()> {
     let opts = ReplicateOptions {
         cancel: Some(super::cancel_on_signals()?),
         progress: Some(progress),
+        task: None,
     };
     let spin = spinner(cli, &format!("replicating {from} → {to}"));
     let report = app.replicate(&sel, from, to, &opts);

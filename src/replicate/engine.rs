@@ -66,6 +66,9 @@ pub struct ReplicateOptions {
     /// sent (blobs already landed stay, unreferenced, for the next run or the target's GC).
     pub cancel: Option<Arc<AtomicBool>>,
     pub progress: Option<Arc<ReplicaProgress>>,
+    /// A task's byte counters: `bytes_total` grows by the stored bytes of each batch the
+    /// target lacks as it is found, `bytes_done` by what was sent.
+    pub task: Option<Arc<crate::backup::Progress>>,
 }
 
 /// What one replication did.
@@ -280,6 +283,10 @@ fn send_missing(
         located.push((*d, loc));
     }
     located.sort_by_key(|(_, l)| (l.pack.0, l.offset));
+    if let Some(t) = &opts.task {
+        let total: u64 = located.iter().map(|(_, l)| l.length as u64).sum();
+        t.bytes_total.fetch_add(total, Ordering::Relaxed);
+    }
     let mut start = 0;
     while start < located.len() {
         check_cancel(opts)?;
@@ -298,6 +305,9 @@ fn send_missing(
         if let Some(p) = &opts.progress {
             p.blobs_sent.fetch_add(n, Ordering::Relaxed);
             p.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        }
+        if let Some(t) = &opts.task {
+            t.bytes_done.fetch_add(sent, Ordering::Relaxed);
         }
         start = end;
     }

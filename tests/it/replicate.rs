@@ -329,3 +329,163 @@ fn a_local_vault_replicates_to_garage_and_restores_from_the_bucket_alone() {
     assert!(images_equal(&img, &out1));
     let _ = (full, inc);
 }
+
+#[test]
+fn a_replication_policy_runs_from_serve_on_schedule_with_the_targets_own_retention() {
+    use crate::appliance::{Appliance, token};
+    use serde_json::json;
+    let env = Env::new();
+    env.ok(&["vault", "create", "v2"]);
+    env.ok(&["vault", "create", "wide", "--chunk-size", "128K"]);
+    let img = env.path("d.raw");
+    let mut autos = Vec::new();
+    for (i, name) in [
+        "autobk_20261101-000000",
+        "autobk_20261102-000000",
+        "autobk_20261103-000000",
+    ]
+    .iter()
+    .enumerate()
+    {
+        write_raw(
+            &img,
+            8 << 20,
+            i as u64 * (1 << 20),
+            &random_bytes(1 << 20, 100 + i as u64),
+        );
+        let b = env.json(&[
+            "backup",
+            img.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            "vm1",
+            "--name",
+            name,
+        ]);
+        autos.push(s(&b, "id").to_string());
+    }
+    let manual = env.backup(&img, "vm1");
+    let admin = token(&env, "admin", "root");
+    let op = token(&env, "operator", "ops");
+    let srv = Appliance::start(&env, &[]);
+    // Fields of other kinds, or a missing target, are refused.
+    for bad in [
+        json!({"name": "x", "kind": "replicate", "schedule": "0 3 * * *", "from": "v"}),
+        json!({"name": "x", "kind": "replicate", "schedule": "0 3 * * *", "from": "v", "to": "v"}),
+        json!({"name": "x", "kind": "replicate", "schedule": "0 3 * * *", "from": "v", "to": "v2", "vaults": ["v"]}),
+        json!({"name": "x", "kind": "backup", "schedule": "0 3 * * *", "from": "v", "to": "v2"}),
+    ] {
+        srv.ok("POST", "/policies", &admin, Some(bad), 400);
+    }
+    srv.ok(
+        "POST",
+        "/policies",
+        &admin,
+        Some(
+            json!({"name": "offsite", "kind": "replicate", "schedule": "*/2 * * * * *",
+                    "from": "v", "to": "v2", "resources": ["vm1"], "retention": {"keep_last": 2}}),
+        ),
+        201,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        let ts = srv.ok("GET", "/tasks", &admin, None, 200);
+        if let Some(t) = ts
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["kind"] == "replicate" && t["by"] == "scheduler")
+        {
+            break t.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replication policy never ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    srv.ok(
+        "PATCH",
+        "/policies/offsite",
+        &admin,
+        Some(json!({"enabled": false})),
+        200,
+    );
+    let done = srv.wait_task(&admin, s(&first, "id"), Duration::from_secs(120));
+    assert_eq!(done["state"], "succeeded", "{done:#}");
+    assert_eq!(done["target"], "v2");
+    // The target keeps the newest two policy backups and the one-off one, not the oldest.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ["running", "queued"].iter().any(|st| {
+        !srv.ok("GET", &format!("/tasks?state={st}"), &admin, None, 200)
+            .as_array()
+            .unwrap()
+            .is_empty()
+    }) {
+        assert!(Instant::now() < deadline, "replications still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let on_target = srv.ok("GET", "/backups?vault=v2", &admin, None, 200);
+    let mut names: Vec<String> = on_target
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| s(b, "name").to_string())
+        .collect();
+    names.sort();
+    let mut want = vec![
+        "autobk_20261102-000000".to_string(),
+        "autobk_20261103-000000".to_string(),
+        s(&manual, "name").to_string(),
+    ];
+    want.sort();
+    assert_eq!(names, want, "{on_target:#}");
+
+    // A one-off replication is a task too; into a vault of another chunk size it fails
+    // and raises the failure alert.
+    let t = srv.ok(
+        "POST",
+        "/replications",
+        &op,
+        Some(json!({"from": "v", "to": "wide", "backup": autos[0]})),
+        202,
+    );
+    let failed = srv.wait_task(&op, s(&t, "task"), Duration::from_secs(60));
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(s(&failed, "error").contains("chunk size"), "{failed:#}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alerts = srv.ok("GET", "/alerts", &admin, None, 200);
+        if alerts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "task_failed" && s(a, "message").contains("chunk size"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no task_failed alert: {alerts:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    srv.ok(
+        "POST",
+        "/replications",
+        &op,
+        Some(json!({"from": "v", "to": "v2", "bogus": 1})),
+        400,
+    );
+    let t = srv.ok(
+        "POST",
+        "/replications",
+        &op,
+        Some(json!({"from": "v", "to": "v2", "backup": autos[0]})),
+        202,
+    );
+    let ok = srv.wait_task(&op, s(&t, "task"), Duration::from_secs(60));
+    assert_eq!(ok["state"], "succeeded", "{ok:#}");
+    assert_eq!(ok["result"]["backups_sent"], 1, "{ok:#}");
+}
