@@ -363,7 +363,29 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
         Cmd::Bitmaps(_) => return Err(not_remote("bitmaps")),
-        Cmd::Replicate { .. } => return Err(not_remote("replicate")),
+        Cmd::Replicate {
+            backup,
+            resource,
+            from,
+            to,
+            ..
+        } => {
+            let body = json!({"from": from, "to": to, "backup": backup,
+                              "resources": resource.iter().collect::<Vec<_>>()});
+            let task = r.call("POST", "/replications", Some(&body))?;
+            let id = task["task"]
+                .as_str()
+                .context("the appliance sent no task id")?;
+            let v = r.wait_task(cli, id)?;
+            print(cli, &v, |v| {
+                format!(
+                    "replicated {} backups from {from} to {to}: {} new, {} sent",
+                    v["backups"].as_array().map_or(0, Vec::len),
+                    v["backups_sent"],
+                    human(v["bytes_sent"].as_u64().unwrap_or(0))
+                )
+            })?;
+        }
     }
     Ok(0)
 }

@@ -488,4 +488,25 @@ fn a_replication_policy_runs_from_serve_on_schedule_with_the_targets_own_retenti
     let ok = srv.wait_task(&op, s(&t, "task"), Duration::from_secs(60));
     assert_eq!(ok["state"], "succeeded", "{ok:#}");
     assert_eq!(ok["result"]["backups_sent"], 1, "{ok:#}");
+
+    // The CLI with --server runs it as a task on the appliance.
+    env.ok(&["vault", "create", "v3"]);
+    let out = env
+        .cmd()
+        .args(["--server", &srv.url, "--token", &op, "--json"])
+        .args([
+            "replicate",
+            "--resource",
+            "vm1",
+            "--from",
+            "v",
+            "--to",
+            "v3",
+        ])
+        .envs(crate::appliance::trust_env(&srv.url))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["backups_sent"], 4, "{v:#}");
 }
