@@ -53,3 +53,6 @@ pub trait ReplicaTarget: Send + Sync {
     /// Publish a manifest whose blobs have all landed.
     fn put_manifest(&self, manifest: &BackupManifest) -> Result<()>;
 }
+
+#[cfg(test)]
+mod tests;

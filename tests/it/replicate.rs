@@ -510,3 +510,26 @@ fn a_replication_policy_runs_from_serve_on_schedule_with_the_targets_own_retenti
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["backups_sent"], 4, "{v:#}");
 }
+
+#[test]
+fn a_blob_rotten_at_the_source_stops_the_replication_before_its_manifest() {
+    let env = Env::new();
+    env.ok(&["vault", "create", "v2"]);
+    let img = env.path("d.raw");
+    write_raw(&img, 4 << 20, 0, &random_bytes(4 << 20, 11));
+    let b = env.backup(&img, "d");
+    let pack = pack_files(&env.vault_dir()).remove(0);
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[100] ^= 0x40; // inside the first blob's payload
+    std::fs::write(&pack, bytes).unwrap();
+    let out = env.run(&["replicate", s(&b, "id"), "--from", "v", "--to", "v2"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let target = env.data().join("vaults/v2");
+    assert!(files_under(&target.join("backups")).is_empty());
+    assert!(
+        env.json(&["backups", "list", "--vault", "v2"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
