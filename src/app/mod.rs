@@ -8,7 +8,7 @@
 //! `views.rs` holds the JSON shapes the API and the CLI's `--json` share; `figures.rs`
 //! computes the costly figures (usage, bytes only one backup holds) off the request path
 //! and caches them in the catalog; `drills.rs` boots backups in throwaway VMs and records
-//! the result. The data dir holds `catalog.sqlite`, by default `vaults/<name>/`, and the
+//! the result; `replicate.rs` copies backups between vaults and makes replica vaults. The data dir holds `catalog.sqlite`, by default `vaults/<name>/`, and the
 //! drills' logs and screenshots in `drills/<backup-id>/`.
 
 use std::path::{Path, PathBuf};

@@ -11,7 +11,10 @@
 //! 3. the source backup is pinned (GC on the source keeps it live meanwhile);
 //! 4. the backup's disk indexes are walked (`vault::walk`: roots, pages, data chunks; a
 //!    page shared by two disks is visited once) and the digests are asked of the target
-//!    in batches of [`ASK_BATCH`] (`missing`);
+//!    in batches of [`ASK_BATCH`] (`missing`). The pages of a parent backup whose replica
+//!    the target holds are skipped with their chunks: a complete replica (its manifest
+//!    landed last, and the target's GC cannot run while a target holds its lock) has
+//!    them all, so an incremental asks about the pages it changed only;
 //! 5. the missing blobs are read as stored in the source packs — no decryption or
 //!    re-encoding: sealed blobs stay sealed — with neighbouring blobs of a pack read in
 //!    one ranged read, on [`READ_THREADS`] threads; each is verified at the source with
@@ -19,7 +22,9 @@
 //!    looked up again in the pack trailers (`Vault::read_blob`), and a blob with no good
 //!    copy stops the replication (`Corrupt`) before the manifest is sent;
 //! 6. blobs go to the target in batches of about [`SEND_BATCH`] bytes (`put_blobs`,
-//!    durable when it returns), so a batch asked later sees what earlier ones landed;
+//!    durable when it returns), so a batch asked later sees what earlier ones landed; the
+//!    next batch is read while the target lands the current one (at most two batches in
+//!    memory);
 //! 7. the manifest last (`put_manifest`).
 //!
 //! Memory is bounded by the batch sizes, not by the disk size: no set of every digest is
@@ -187,7 +192,10 @@ pub fn replicate_backup(
     let _pin = source.pin(&[manifest])?;
     let lookup = source.lookup()?;
     let mut batch = Batch::default();
-    let mut visited = HashSet::new();
+    // Pages of a parent whose replica is complete on the target are there with all
+    // their chunks (manifest last): walking skips them, so an incremental asks about
+    // the pages it changed, not about the whole disk.
+    let mut visited = replicated_parent_pages(source, &lookup, manifest, target, &info)?;
     for disk in &manifest.disks {
         walk_disk(source, &lookup, disk, &mut visited, &mut |item| {
             match item {
@@ -218,6 +226,38 @@ pub fn replicate_backup(
         p.backups_done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(stats)
+}
+
+/// The index pages of each disk's parent backup (in the source) whose replica the
+/// target holds. A parent that is gone from the source, or not replicated, adds nothing.
+fn replicated_parent_pages(
+    source: &Vault,
+    lookup: &LookupIndex,
+    manifest: &BackupManifest,
+    target: &dyn ReplicaTarget,
+    info: &TargetInfo,
+) -> Result<HashSet<ChunkDigest>> {
+    let mut pages = HashSet::new();
+    for disk in &manifest.disks {
+        let Some(parent_id) = &disk.parent else {
+            continue;
+        };
+        let mut key = manifest.clone();
+        key.id = parent_id.clone();
+        let parent = match source.read_manifest(&key.key()) {
+            Ok(p) => p,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if !target.has_manifest(&replica_manifest(&parent, &info.vault_id))? {
+            continue;
+        }
+        if let Some(pd) = parent.disks.iter().find(|d| d.disk_id == disk.disk_id) {
+            let root = crate::vault::walk::load_root(source, lookup, pd)?;
+            pages.extend(root.pages.iter().filter(|d| !d.is_zero()));
+        }
+    }
+    Ok(pages)
 }
 
 /// Digests waiting to be asked of the target.
@@ -287,31 +327,48 @@ fn send_missing(
         let total: u64 = located.iter().map(|(_, l)| l.length as u64).sum();
         t.bytes_total.fetch_add(total, Ordering::Relaxed);
     }
+    // Cut into send batches of about SEND_BATCH bytes.
+    let mut batches = Vec::new();
     let mut start = 0;
     while start < located.len() {
-        check_cancel(opts)?;
         let mut end = start;
         let mut bytes = 0u64;
         while end < located.len() && (end == start || bytes < SEND_BATCH) {
             bytes += located[end].1.length as u64;
             end += 1;
         }
-        let blobs = read_verified(source, &located[start..end])?;
-        let n = blobs.len() as u64;
-        let sent: u64 = blobs.iter().map(|b| b.stored.len() as u64).sum();
-        target.put_blobs(blobs)?;
-        stats.blobs_sent += n;
-        stats.bytes_sent += sent;
-        if let Some(p) = &opts.progress {
-            p.blobs_sent.fetch_add(n, Ordering::Relaxed);
-            p.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        }
-        if let Some(t) = &opts.task {
-            t.bytes_done.fetch_add(sent, Ordering::Relaxed);
-        }
+        batches.push(&located[start..end]);
         start = end;
     }
-    Ok(())
+    // The next batch is read (and verified) while the target lands the current one.
+    std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<RawBlob>>>(1);
+        s.spawn(move || {
+            for b in batches {
+                let r = check_cancel(opts).and_then(|()| read_verified(source, b));
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for blobs in rx {
+            let blobs = blobs?;
+            let n = blobs.len() as u64;
+            let sent: u64 = blobs.iter().map(|b| b.stored.len() as u64).sum();
+            target.put_blobs(blobs)?;
+            stats.blobs_sent += n;
+            stats.bytes_sent += sent;
+            if let Some(p) = &opts.progress {
+                p.blobs_sent.fetch_add(n, Ordering::Relaxed);
+                p.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+            }
+            if let Some(t) = &opts.task {
+                t.bytes_done.fetch_add(sent, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Find a good copy of `d` through the trailers and return its (repaired) location.

@@ -294,10 +294,26 @@ fn a_replication_killed_midway_completes_on_rerun_and_the_target_verifies_clean(
     assert!(v["corrupt_blobs"].as_array().unwrap().is_empty(), "{v}");
     assert!(v["damage"].as_array().unwrap().is_empty(), "{v}");
     let replica = s(&r["backups"][0], "replica_id").to_string();
+
+    // An incremental that changed one 64 MiB index page of three: only that page's
+    // chunks are asked about, and about its stored bytes are sent.
+    write_raw(&img, 160 << 20, 5 << 20, &random_bytes(64 << 10, 8));
+    let inc = env.backup(&img, "big");
+    assert_eq!(s(&inc, "parent"), s(&b, "id"), "{inc}");
+    let r2 = replicate(&env, &[s(&inc, "id")], "v", "v2");
+    let asked = u(&r2, "blobs_sent") + u(&r2, "blobs_skipped");
+    assert!(asked <= 1024 + 2, "asked about {asked} blobs: {r2}");
+    assert!(
+        u(&r2, "bytes_sent") as f64 <= 1.2 * u(&inc, "bytes_stored") as f64,
+        "{r2} {inc}"
+    );
+    let inc_replica = s(&r2["backups"][0], "replica_id").to_string();
+
     std::fs::remove_dir_all(env.vault_dir()).unwrap();
     let out = env.path("r.raw");
-    env.restore(&replica, &out, "raw");
+    env.restore(&inc_replica, &out, "raw");
     assert!(images_equal(&img, &out));
+    let _ = replica;
 }
 
 #[test]
