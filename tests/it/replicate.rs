@@ -421,6 +421,8 @@ fn a_replication_policy_runs_from_serve_on_schedule_with_the_targets_own_retenti
         );
         std::thread::sleep(Duration::from_millis(100));
     };
+    // Preview is a backup policy's; a replication policy says so instead of guessing.
+    srv.ok("POST", "/policies/offsite/preview", &admin, None, 400);
     srv.ok(
         "PATCH",
         "/policies/offsite",
