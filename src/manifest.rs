@@ -182,6 +182,20 @@ pub struct BackupManifest {
     /// How the point in time was captured (absent in manifests of older builds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capture: Option<Capture>,
+    /// Set in a replica (see `replicate`): the backup it was copied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_of: Option<ReplicaOf>,
+}
+
+/// Where a replicated backup was copied from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaOf {
+    /// The source backup's id.
+    pub backup: String,
+    /// The source vault's id.
+    pub vault_id: String,
+    /// When the copy was made (RFC 3339).
+    pub replicated: String,
 }
 
 impl BackupManifest {

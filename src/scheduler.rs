@@ -46,6 +46,18 @@ pub fn run_policy(data: &Path, tasks: &Tasks, policy: &Policy, by: &str) -> Resu
             &policy.drill_request(),
             by,
         ),
+        PolicyKind::Replicate => {
+            let app = App::open(data)?;
+            let req = policy.replicate_request()?;
+            Ok(vec![crate::service::submit_replicate(
+                &app,
+                tasks,
+                data,
+                req,
+                Some(policy.retention.clone()),
+                by,
+            )?])
+        }
         PolicyKind::Verify | PolicyKind::Gc => {
             let app = App::open(data)?;
             let mut ids = Vec::new();

@@ -7,7 +7,9 @@
 //! (schedule + vaults, optionally a random `sample` percent of their backups and a read
 //! rate limit `rate_mb_s`), `gc` (schedule + vaults, `repack_below`) and `drill`
 //! (schedule + resources, `check`, `timeout_seconds`: boot the latest backup of each
-//! resource, every server resource when none is named; see `drill`). A field that does
+//! resource, every server resource when none is named; see `drill`) and `replicate`
+//! (schedule + `from` and `to` vaults + optional resources + the target's own
+//! `retention`; see `replicate`). A field that does
 //! not belong to the kind is refused when the policy is saved.
 //!
 //! Verify and GC run as tasks (`maintenance`: [`submit_verify`], [`submit_gc`]) for the
@@ -47,11 +49,13 @@ use crate::policy::{Candidate, Decision, Retention, Schedule, plan};
 
 mod drill;
 mod maintenance;
+mod replicate;
 pub use drill::{DrillRequest, drill_alert, drill_backup, submit_drill, submit_policy_drills};
 pub use maintenance::{
     GcRequest, VerifyRequest, gc_vault, maintenance_alert, submit_gc, submit_verify, verify_report,
     verify_vault,
 };
+pub use replicate::{ReplicateRequest, replicate_job, submit_replicate};
 
 /// A disk or a server the appliance protects.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +235,9 @@ pub enum PolicyKind {
     /// Boot the latest backup of each of `resources` (every server resource when empty)
     /// in a throwaway VM and wait for `check` (recovery drill).
     Drill,
+    /// Copy the backups of `resources` (all when empty) from vault `from` to vault `to`,
+    /// with `retention` applied on the target (see `replicate`).
+    Replicate,
 }
 
 impl PolicyKind {
@@ -240,6 +247,7 @@ impl PolicyKind {
             PolicyKind::Verify => "verify",
             PolicyKind::Gc => "gc",
             PolicyKind::Drill => "drill",
+            PolicyKind::Replicate => "replicate",
         }
     }
 }
@@ -286,6 +294,12 @@ pub struct Policy {
     /// drill: seconds from the VM's start to the signal (default 300).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
+    /// replicate: the source vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// replicate: the target vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -308,7 +322,25 @@ impl Policy {
         {
             return refuse("check/timeout_seconds", "drill");
         }
+        if self.kind != PolicyKind::Replicate && (self.from.is_some() || self.to.is_some()) {
+            return refuse("from/to", "replicate");
+        }
         match self.kind {
+            PolicyKind::Replicate => {
+                if !self.vaults.is_empty() {
+                    return refuse("vaults", "verify and gc");
+                }
+                if self.gc_after_prune.is_some() || self.lock_days.is_some() {
+                    return refuse("gc_after_prune/lock_days", "backup");
+                }
+                if self.sample.is_some() || self.rate_mb_s.is_some() {
+                    return refuse("sample/rate_mb_s", "verify");
+                }
+                if self.repack_below.is_some() {
+                    return refuse("repack_below", "gc");
+                }
+                self.replicate_request()?.validate(app)?;
+            }
             PolicyKind::Drill => {
                 if !self.vaults.is_empty() {
                     return refuse("vaults", "verify and gc");
@@ -406,6 +438,22 @@ impl Policy {
             timeout_seconds: self.timeout_seconds,
             ..Default::default()
         }
+    }
+
+    /// What a replicate policy asks each run (`from` and `to` are required).
+    pub fn replicate_request(&self) -> Result<ReplicateRequest> {
+        let (Some(from), Some(to)) = (&self.from, &self.to) else {
+            return Err(Error::config(format!(
+                "policy {}: a replicate policy needs \"from\": VAULT and \"to\": VAULT",
+                self.name
+            )));
+        };
+        Ok(ReplicateRequest {
+            from: from.clone(),
+            to: to.clone(),
+            backup: None,
+            resources: self.resources.clone(),
+        })
     }
 
     /// What a gc policy asks of each of its vaults.

@@ -497,6 +497,13 @@ pub async fn delete_policy(State(st): State<Shared>, Path(name): Path<String>) -
 pub async fn preview_policy(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
     st.run(move |_, app| {
         let p: Policy = app.catalog().get_named(Table::Policies, &name)?;
+        if p.kind == crate::service::PolicyKind::Replicate {
+            return Err(crate::Error::unsupported(format!(
+                "policy {name} is a {} policy: preview shows what a backup policy's retention would delete; a replication applies its retention on the target when it runs",
+                p.kind.as_str()
+            ))
+            .into());
+        }
         let mut out = serde_json::Map::new();
         for r in &p.resources {
             let res = resource_of(app, r)?;

@@ -60,6 +60,7 @@ mod locks;
 mod maintenance;
 mod metrics;
 mod openapi;
+mod replicate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -237,6 +238,7 @@ routes! {
     GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
     GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
+    POST "/replications" Operator "Copy backups from one vault to another (task)" => replicate::create_replication;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;
     GET "/policies/{name}" Auditor "A policy" => handlers::get_policy;

@@ -18,7 +18,7 @@ pub fn build() -> Value {
             .collect();
         let mut responses = Map::new();
         let ok = match (r.method, r.path) {
-            ("POST", "/backups" | "/restores" | "/backups/{id}/drill")
+            ("POST", "/backups" | "/restores" | "/replications" | "/backups/{id}/drill")
             | ("POST", "/policies/{name}/run") => "202",
             ("POST", "/vaults" | "/resources" | "/policies" | "/tokens") => "201",
             _ => "200",

@@ -8,7 +8,7 @@
 //! `views.rs` holds the JSON shapes the API and the CLI's `--json` share; `figures.rs`
 //! computes the costly figures (usage, bytes only one backup holds) off the request path
 //! and caches them in the catalog; `drills.rs` boots backups in throwaway VMs and records
-//! the result. The data dir holds `catalog.sqlite`, by default `vaults/<name>/`, and the
+//! the result; `replicate.rs` copies backups between vaults and makes replica vaults. The data dir holds `catalog.sqlite`, by default `vaults/<name>/`, and the
 //! drills' logs and screenshots in `drills/<backup-id>/`.
 
 use std::path::{Path, PathBuf};
@@ -20,12 +20,14 @@ mod figures;
 mod files;
 mod keys;
 mod locks;
+mod replicate;
 mod restores;
 mod views;
 pub use figures::{FigureRefresher, Freshness};
 pub use files::FilesSession;
 pub use keys::{KeyView, new_keyfile, set_configured_key_files};
 pub use locks::cli_actor;
+pub use replicate::{ReplicaSelection, ReplicateReport, ReplicatedBackup};
 pub use restores::{DiskRestored, RestoreOutcome, RestoreRequest};
 
 use crate::backup::{BackupOptions, DiskJob, backup_disk, backup_resource};

@@ -283,6 +283,7 @@ fn backup_locked(
         seconds: started.elapsed().as_secs_f64(),
         capture: inconsistent_capture(capture(), &jobs),
         disks,
+        replica_of: None,
     };
     check_cancel(opts)?;
     vault.put_manifest(&manifest)?;

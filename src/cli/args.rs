@@ -214,6 +214,26 @@ pub enum Cmd {
         #[arg(long)]
         rate_mb_s: Option<f64>,
     },
+    /// Copy backups from one vault into another (local or S3): only the blobs the target
+    /// lacks, each verified, the manifest last (with --server: a replicate task).
+    #[command(group(clap::ArgGroup::new("what").required(true).args(["backup", "resource", "all"])))]
+    Replicate {
+        /// The backup to copy (id, unique id prefix or name).
+        backup: Option<String>,
+        /// Copy every backup of this resource (disk id or server name).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Copy every backup of the source vault.
+        #[arg(long)]
+        all: bool,
+        /// Source vault.
+        #[arg(long)]
+        from: String,
+        /// Target vault (same chunk size; for an encrypted source, created with
+        /// `vault create NAME --replica-of SOURCE`).
+        #[arg(long)]
+        to: String,
+    },
     /// The `blockvault-…` dirty bitmaps in a live QEMU's disks: list them, retire unused ones.
     #[command(subcommand)]
     Bitmaps(BitmapsCmd),
@@ -339,6 +359,11 @@ pub enum VaultCmd {
         /// by --keyfile PATH or --passphrase-env VAR.
         #[arg(long)]
         encrypt: bool,
+        /// Create the vault as a replication target of vault SOURCE: its chunk size and
+        /// zstd level and, when SOURCE is encrypted, its vault key (opened with --keyfile
+        /// / --passphrase-env, which then also wrap the new vault's copy of the key).
+        #[arg(long, value_name = "SOURCE", conflicts_with_all = ["encrypt", "chunk_size", "zstd_level", "compliance_days"])]
+        replica_of: Option<String>,
         #[command(flatten)]
         s3: S3Args,
     },

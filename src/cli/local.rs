@@ -34,8 +34,28 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             zstd_level,
             compliance_days,
             encrypt,
+            ref replica_of,
             ref s3,
         }) => {
+            if let Some(src) = replica_of {
+                let app = super::open_app(cli)?;
+                let v =
+                    app.create_replica_vault(name, path.as_deref(), s3.location()?.as_ref(), src)?;
+                if cli.json {
+                    outln!(
+                        "{}",
+                        serde_json::to_string_pretty(&app.vault_info(&v.name)?)?
+                    );
+                } else if !cli.quiet {
+                    outln!(
+                        "created vault {} at {} as a replica of {src} (chunk size {} KiB)",
+                        v.name,
+                        v.path.display(),
+                        v.chunk_size / 1024
+                    );
+                }
+                return Ok(0);
+            }
             let app = App::open(&cli.data)?;
             let secret = match (encrypt, &cli.keyfile, &cli.passphrase_env) {
                 (false, None, None) => None,
@@ -423,6 +443,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
         }
         Cmd::Tasks(ref t) => return super::tasks::run(cli, None, t),
+        Cmd::Replicate { .. } => return super::replicate::local(cli).map(|()| 0),
         Cmd::Gc {
             ref vault,
             repack_below,

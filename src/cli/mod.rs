@@ -10,6 +10,7 @@ pub mod files;
 pub mod local;
 pub mod output;
 pub mod remote;
+pub mod replicate;
 pub mod restore;
 pub mod tasks;
 

@@ -86,8 +86,12 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             zstd_level,
             compliance_days,
             encrypt,
+            replica_of,
             s3,
         }) => {
+            if replica_of.is_some() {
+                return Err(not_remote("vault create --replica-of"));
+            }
             if *encrypt {
                 return Err(not_remote("vault create --encrypt"));
             }
@@ -359,6 +363,29 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
         }
         Cmd::Benchmark { .. } => return Err(not_remote("benchmark")),
         Cmd::Bitmaps(_) => return Err(not_remote("bitmaps")),
+        Cmd::Replicate {
+            backup,
+            resource,
+            from,
+            to,
+            ..
+        } => {
+            let body = json!({"from": from, "to": to, "backup": backup,
+                              "resources": resource.iter().collect::<Vec<_>>()});
+            let task = r.call("POST", "/replications", Some(&body))?;
+            let id = task["task"]
+                .as_str()
+                .context("the appliance sent no task id")?;
+            let v = r.wait_task(cli, id)?;
+            print(cli, &v, |v| {
+                format!(
+                    "replicated {} backups from {from} to {to}: {} new, {} sent",
+                    v["backups"].as_array().map_or(0, Vec::len),
+                    v["backups_sent"],
+                    human(v["bytes_sent"].as_u64().unwrap_or(0))
+                )
+            })?;
+        }
     }
     Ok(0)
 }

@@ -7,7 +7,29 @@
 //! or a mirror vault on a second appliance reached over its HTTPS admin API.
 //!
 //! Order of landing, so that a target never holds a manifest whose blobs are missing:
-//! blobs first (durable when `put_blobs` returns), manifest last.
+//! blobs first (durable when `put_blobs` returns), manifest last. Within a backup the
+//! engine sends data chunks, index pages and roots in walk order, batch by batch; what a
+//! killed run landed stays, unreferenced (the target's GC may collect it), and the next
+//! run asks `missing` again and sends only the rest.
+//!
+//! What is verified where:
+//!
+//! | where            | what |
+//! |------------------|------|
+//! | engine, source   | each blob it sends decodes and matches its digest under the source vault's codec (a rotten copy is looked up again in the pack trailers; none good: `Corrupt`, no manifest); a damaged index page or root stops the replication |
+//! | engine           | the target's chunk size and key (`key_check`) match the source's, before anything is sent ([`engine::check_compatible`]) |
+//! | target, landing  | each blob's header names the kind it was sent as, and it decodes and matches its digest under the target's codec; a batch with one bad blob keeps nothing |
+//!
+//! A replica has its own backup id ([`engine::replica_id`]: the catalog keys backups by
+//! id) and records where it came from (`replica_of` in the manifest). [`VaultTarget`]
+//! (`vault_target`) is a vault of this appliance; `remote` (the mirror engineer's) is a
+//! mirror vault on another appliance.
+
+pub mod engine;
+pub mod vault_target;
+
+pub use engine::{ReplicaProgress, ReplicaStats, ReplicateOptions, replicate_backup};
+pub use vault_target::VaultTarget;
 
 use crate::Result;
 use crate::chunk::{BlobKind, ChunkDigest, ChunkSize};
@@ -47,3 +69,6 @@ pub trait ReplicaTarget: Send + Sync {
     /// Publish a manifest whose blobs have all landed.
     fn put_manifest(&self, manifest: &BackupManifest) -> Result<()>;
 }
+
+#[cfg(test)]
+mod tests;

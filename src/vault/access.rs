@@ -47,7 +47,8 @@ impl Vault {
         self.root.display().to_string()
     }
 
-    fn unlocked_key(&self) -> Result<&VaultKey> {
+    /// The vault key of an unlocked encrypted vault (a replica is created with it).
+    pub fn unlocked_key(&self) -> Result<&VaultKey> {
         self.codec()?;
         self.key
             .as_ref()

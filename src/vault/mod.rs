@@ -157,14 +157,14 @@ impl Vault {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
         }
-        Vault::create_in(
+        Vault::create_keyed(
             Arc::new(LocalStore::new(root)),
             root,
             false,
             chunk_size,
             zstd_level,
             compliance_days,
-            encrypt,
+            encrypt.map(|s| (s, VaultKey::generate())),
         )
     }
 
@@ -179,6 +179,28 @@ impl Vault {
         zstd_level: i32,
         compliance_days: Option<u32>,
         encrypt: Option<&KeySecret>,
+    ) -> Result<Vault> {
+        Vault::create_keyed(
+            store,
+            state,
+            shared_store,
+            chunk_size,
+            zstd_level,
+            compliance_days,
+            encrypt.map(|s| (s, VaultKey::generate())),
+        )
+    }
+
+    /// [`Vault::create_in`] with a given vault key (a replica of an encrypted vault has
+    /// its source's key, wrapped anew under its own id) wrapped by the secret.
+    pub fn create_keyed(
+        store: Arc<dyn ChunkStore>,
+        state: &Path,
+        shared_store: bool,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+        encrypt: Option<(&KeySecret, VaultKey)>,
     ) -> Result<Vault> {
         if compliance_days == Some(0) || compliance_days.is_some_and(|d| d > 36_500) {
             return Err(Error::config(
@@ -201,8 +223,11 @@ impl Vault {
             Err(e) => return Err(e),
         }
         let id = hex::encode(rand::random::<[u8; 16]>());
-        let key = encrypt.map(|_| VaultKey::generate());
-        let encryption = match (encrypt, &key) {
+        let (secret, key) = match encrypt {
+            Some((s, k)) => (Some(s), Some(k)),
+            None => (None, None),
+        };
+        let encryption = match (secret, &key) {
             (Some(secret), Some(key)) => Some(keys::new_encryption(&id, key, secret, None)?),
             _ => None,
         };

@@ -33,6 +33,7 @@ mod qemu_formats;
 mod qsd;
 mod quickstart;
 mod remote;
+mod replicate;
 mod restore;
 mod server;
 mod service;

@@ -171,6 +171,7 @@ fn every_endpoint_needs_a_token_and_the_right_role_and_is_audited() {
             ),
             ("POST", "/backups") => Some(json!({"resource": "r1"})),
             ("POST", "/restores") => Some(json!({"backup": backups[1], "to": restored})),
+            ("POST", "/replications") => Some(json!({"from": "v", "to": "tmpv"})),
             ("POST", "/tokens") => Some(json!({"name": "t2", "role": "auditor"})),
             ("POST", "/backups/{id}/lock") => Some(json!({"until": "2099-01-01"})),
             ("PATCH", "/vaults/{name}") => Some(json!({"capacity": null})),

@@ -491,6 +491,7 @@ mod tests {
             seconds: 0.0,
             disks: Vec::new(),
             capture: None,
+            replica_of: None,
         };
         let st = j.status(&m("b1"), None);
         assert!(st.protected);

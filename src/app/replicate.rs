@@ -1,0 +1,256 @@
+//! Replication between the appliance's vaults: which backups, the replica vault, and the
+//! catalog of the target learning each replica as soon as its manifest landed (so
+//! `backups list --vault TARGET` and `restore` work at once). The copying is
+//! `replicate`'s.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::App;
+use crate::catalog::VaultEntry;
+use crate::error::{Error, Result};
+use crate::replicate::{ReplicaStats, ReplicateOptions, VaultTarget, replicate_backup};
+use crate::vault::Vault;
+use crate::vault::keys::{self, KeySecret};
+
+/// Which backups of the source vault to replicate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaSelection {
+    /// One backup (id, unique id prefix or name).
+    Backup(String),
+    /// Every backup of one resource (disk id or server name).
+    Resource(String),
+    /// Every backup of the vault.
+    All,
+}
+
+/// One backup replicated.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicatedBackup {
+    /// The source backup's id.
+    pub source_id: String,
+    /// Its id in the target vault.
+    pub replica_id: String,
+    pub name: String,
+    pub resource: String,
+    #[serde(flatten)]
+    pub stats: ReplicaStats,
+}
+
+/// What a replication did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicateReport {
+    pub from: String,
+    pub to: String,
+    pub backups: Vec<ReplicatedBackup>,
+    /// Sums over `backups`.
+    pub blobs_sent: u64,
+    pub bytes_sent: u64,
+    pub blobs_skipped: u64,
+    /// Backups whose manifest was sent (the others were there already).
+    pub backups_sent: u64,
+    pub seconds: f64,
+}
+
+impl App {
+    /// Copy the selected backups of vault `from` into vault `to` (oldest first: an
+    /// incremental then finds its parent's blobs there already).
+    pub fn replicate(
+        &self,
+        selection: &ReplicaSelection,
+        from: &str,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        if from == to {
+            return Err(Error::config(format!(
+                "--from and --to both name vault {from}: replicate into another vault"
+            )));
+        }
+        let source = self.open_vault(from)?;
+        let manifests = match selection {
+            ReplicaSelection::Backup(spec) => {
+                let b = self.find_backup(spec)?;
+                if b.vault != from {
+                    return Err(Error::not_found(format!(
+                        "backup {spec} is in vault {}, not in {from}",
+                        b.vault
+                    )));
+                }
+                vec![b.manifest]
+            }
+            ReplicaSelection::Resource(r) => {
+                let ms = source.manifests_of(r)?;
+                if ms.is_empty() {
+                    return Err(Error::not_found(format!(
+                        "vault {from} holds no backup of {r:?}: `backups list --vault {from}` shows its resources"
+                    )));
+                }
+                ms
+            }
+            ReplicaSelection::All => source.manifests()?,
+        };
+        self.replicate_manifests(&source, &manifests, from, to, opts)
+    }
+
+    /// Copy `manifests` (backups of the opened vault `from`) into vault `to`, in order.
+    pub fn replicate_manifests(
+        &self,
+        source: &Vault,
+        manifests: &[crate::manifest::BackupManifest],
+        from: &str,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
+        let target = VaultTarget::new(self.open_target(source, to)?)?;
+        let mut report = ReplicateReport {
+            from: from.into(),
+            to: to.into(),
+            backups: Vec::new(),
+            blobs_sent: 0,
+            bytes_sent: 0,
+            blobs_skipped: 0,
+            backups_sent: 0,
+            seconds: 0.0,
+        };
+        let target_id = target.vault().config().id.clone();
+        for m in manifests {
+            let stats = replicate_backup(source, m, &target, opts).map_err(|e| {
+                e.context_prefix(format!("replicating backup {} ({})", m.name, m.id))
+            })?;
+            let replica_id = crate::replicate::engine::replica_id(&m.id, &target_id);
+            let mut key = m.clone();
+            key.id = replica_id.clone();
+            let replica = target.vault().read_manifest(&key.key())?;
+            self.record_backup(to, &replica);
+            report.blobs_sent += stats.blobs_sent;
+            report.bytes_sent += stats.bytes_sent;
+            report.blobs_skipped += stats.blobs_skipped;
+            report.backups_sent += u64::from(stats.manifest_sent);
+            report.backups.push(ReplicatedBackup {
+                source_id: m.id.clone(),
+                replica_id,
+                name: m.name.clone(),
+                resource: m.resource.clone(),
+                stats,
+            });
+        }
+        drop(target);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Open vault `to` as a target of `source`. An encrypted target with the source's
+    /// vault key (same `key_check`) is unlocked with that key itself, so no second secret
+    /// is needed; any other encrypted target stays locked and the engine refuses it
+    /// before writing anything (`replicate::engine::check_compatible`).
+    fn open_target(&self, source: &Vault, to: &str) -> Result<Vault> {
+        let mut target = Vault::open(&self.catalog.vault(to)?.path)?;
+        let (Some(s), Some(t)) = (&source.config().encryption, &target.config().encryption) else {
+            return Ok(target);
+        };
+        if s.key_check == t.key_check {
+            let key = source.unlocked_key()?.clone();
+            target
+                .unlock(&KeySecret::Recovery(key))
+                .map_err(|e| e.context_prefix(format!("vault {to}")))?;
+        }
+        Ok(target)
+    }
+
+    /// Create vault `name` as a replica of vault `source`: same chunk size and zstd level
+    /// and, when the source is encrypted, the same vault key (so its sealed blobs and keyed
+    /// digests mean the same there), wrapped anew under the replica's own id by the key
+    /// given (`--keyfile`/`--passphrase-env`) or, when the source's key is in the
+    /// appliance's key store, by that key file, which is then stored for the replica too.
+    /// Compliance mode is not copied: the replica's retention is its own.
+    pub fn create_replica_vault(
+        &self,
+        name: &str,
+        path: Option<&Path>,
+        s3: Option<&crate::vault::store::S3Location>,
+        source: &str,
+    ) -> Result<VaultEntry> {
+        let src = self.open_vault(source)?;
+        let chunk_size = src.chunk_size();
+        let zstd = src.config().zstd_level;
+        if !src.is_encrypted() {
+            return match s3 {
+                Some(loc) => self.create_vault_s3(name, loc, chunk_size, zstd),
+                None => self.create_vault(name, path, chunk_size, zstd),
+            };
+        }
+        if s3.is_some() {
+            return Err(Error::unsupported(format!(
+                "vault {source} is encrypted and encrypted vaults on S3 are not available in this build: create the replica as a local vault"
+            )));
+        }
+        let stored_src = keys::stored_key_path(&self.data, &src.config().id);
+        let loaded;
+        let (secret, store_copy): (&KeySecret, bool) = match &self.key {
+            Some(KeySecret::Recovery(_)) => {
+                return Err(Error::config(
+                    "a paper recovery key cannot wrap the replica's key: pass --keyfile PATH or --passphrase-env VAR",
+                ));
+            }
+            Some(s) => (s, false),
+            None if stored_src.exists() => {
+                loaded = KeySecret::from_keyfile(&stored_src)?;
+                (&loaded, true)
+            }
+            None => {
+                return Err(Error::new(
+                    crate::ErrorKind::KeyRequired,
+                    format!(
+                        "vault {source} is encrypted: pass the key that opens it (--keyfile PATH or --passphrase-env VAR); it wraps the replica's key too"
+                    ),
+                ));
+            }
+        };
+        crate::name::Name::parse(name, "vault")?;
+        if self.catalog.vault(name).is_ok() {
+            return Err(Error::conflict(format!(
+                "a vault named {name:?} already exists"
+            )));
+        }
+        let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
+        if path.join("vault.toml").exists() {
+            return Err(Error::conflict(format!(
+                "{} already holds a vault",
+                path.display()
+            )));
+        }
+        for dir in ["packs", "backups", "cache", "locks"] {
+            std::fs::create_dir_all(path.join(dir))
+                .map_err(|e| Error::io(format!("creating {}", path.join(dir).display()), e))?;
+        }
+        let key = src.unlocked_key()?.clone();
+        let vault = Vault::create_keyed(
+            std::sync::Arc::new(crate::vault::store::LocalStore::new(&path)),
+            &path,
+            false,
+            chunk_size,
+            zstd,
+            None,
+            Some((secret, key)),
+        )?;
+        if store_copy {
+            let to = keys::stored_key_path(&self.data, &vault.config().id);
+            std::fs::copy(&stored_src, &to).map_err(|e| {
+                Error::io(format!("storing the replica's key as {}", to.display()), e)
+            })?;
+        }
+        let entry = VaultEntry {
+            name: name.into(),
+            path: std::fs::canonicalize(&path).unwrap_or(path),
+            vault_id: vault.config().id.clone(),
+            chunk_size: chunk_size.bytes(),
+            created: vault.config().created.clone(),
+        };
+        self.catalog.add_vault(&entry)?;
+        Ok(entry)
+    }
+}
