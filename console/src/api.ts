@@ -25,6 +25,18 @@ export function setOnUnauthorized(f: (msg: string) => void): void {
   onUnauthorized = f;
 }
 
+/**
+ * The message of an error body: the one place that knows the API's error shape, either
+ * `{"error": "..."}` or `{"error": {"kind", "message"}}` (and plain text from a proxy).
+ */
+export function errorMessage(v: any): string {
+  if (v && typeof v === "object") {
+    if (typeof v.error === "string") return v.error;
+    if (v.error && typeof v.error.message === "string") return v.error.message;
+  }
+  return typeof v === "string" ? v : "";
+}
+
 export async function api<T = any>(method: string, path: string, body?: unknown): Promise<T> {
   const headers: Record<string, string> = {};
   const t = token();
@@ -43,10 +55,7 @@ export async function api<T = any>(method: string, path: string, body?: unknown)
     v = text;
   }
   if (!r.ok) {
-    const msg =
-      (v && typeof v === "object" && (typeof v.error === "string" ? v.error : v.error?.message)) ||
-      (typeof v === "string" && v) ||
-      r.statusText;
+    const msg = errorMessage(v) || r.statusText;
     if (r.status === 401) onUnauthorized(msg);
     throw new ApiError(r.status, `${r.status}: ${msg}`);
   }

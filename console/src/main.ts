@@ -2,6 +2,7 @@
 
 import { api, ApiError, RANK, Role, setOnUnauthorized, setToken, token } from "./api";
 import { field, h, replace } from "./dom";
+import { alerts } from "./alerts";
 import { audit, policies, resources, tokens, vaults } from "./manage";
 import { backups, Ctx, dashboard, tasks, View } from "./views";
 
@@ -16,6 +17,7 @@ const VIEWS: { hash: string; title: string; view: View; role: Role }[] = [
   { hash: "vaults", title: "Vaults", view: vaults, role: "auditor" },
   { hash: "tokens", title: "Tokens", view: tokens, role: "admin" },
   { hash: "audit", title: "Audit log", view: audit, role: "auditor" },
+  { hash: "alerts", title: "Alerts", view: alerts, role: "auditor" },
 ];
 
 const app = document.getElementById("app") as HTMLElement;

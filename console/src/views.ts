@@ -1,6 +1,6 @@
 // Dashboard, backups and tasks: the views an operator keeps open.
 
-import { api, age, bytes, duration, RANK, Role } from "./api";
+import { api, ApiError, age, bytes, duration, RANK, Role } from "./api";
 import { Child, field, h, replace, table, val } from "./dom";
 
 export interface Ctx {
@@ -42,6 +42,14 @@ async function period(cron: string): Promise<{ period: number | null; next: stri
   } catch {
     return { period: null, next: null };
   }
+}
+
+/** A resource's last drill: "proven bootable this week" when it passed within 7 days. */
+function drillCell(d: any): Child {
+  if (!d) return h("span", { class: "muted" }, "never drilled");
+  const days = (Date.now() - Date.parse(d.at)) / 86400000;
+  if (!d.ok) return h("span", { class: "badge failed", title: d.reason ?? "" }, `drill failed ${age(d.at)}`);
+  return h("span", { class: `badge ${days <= 7 ? "ok" : "late"}`, title: `${d.check}, ${d.accel}, ${Math.round(d.seconds)} s` }, days <= 7 ? `proven bootable this week (${age(d.at)})` : `booted ${age(d.at)}`);
 }
 
 export const dashboard: View = {
@@ -100,9 +108,10 @@ export const dashboard: View = {
           pp?.period ? duration(pp.period) : "—",
           h("span", { class: `badge ${cls}`, "data-rpo": r.name }, status),
           pp?.next ? h("span", { title: pp.next }, new Date(pp.next).toLocaleString()) : "—",
+          drillCell(r.last_drill),
         ]);
       }
-      replace(rpo, table(["Resource", "Last good backup", "Period", "RPO", "Next run"], rows, "No resources yet."));
+      replace(rpo, table(["Resource", "Last good backup", "Period", "RPO", "Next run", "Last drill"], rows, "No resources yet."));
       replace(
         vaults,
         table(
@@ -175,6 +184,50 @@ function restoreForm(b: any, ctx: Ctx, done: () => void): HTMLElement {
   return form;
 }
 
+/** "Lock until" (admin): extend-only; a refusal (409) is shown in the form itself. */
+function lockForm(b: any, ctx: Ctx, done: () => void): HTMLElement {
+  const msg = h("p", { class: "error", role: "alert" });
+  // The list does not carry the lock (it lives in the vault's journal): ask the backup.
+  const current = h("p", { class: "muted", "data-lock": "" }, "Reading the current lock…");
+  const rule = "A lock can only be extended; nobody (not even an admin) can delete the backup before its date.";
+  api("GET", `/backups/${b.id}`)
+    .then((d) => replace(current, d.locked_until ? `Locked until ${d.locked_until}. ${rule}` : `Not locked. ${rule}`))
+    .catch((e) => replace(current, e.message));
+  const form = h(
+    "form",
+    { class: "card", "aria-label": `lock ${b.name}` },
+    h("h3", {}, `Lock ${b.name} (${b.resource})`),
+    current,
+    field("Lock until", h("input", { name: "until", type: "date", required: true })),
+    h("button", { type: "submit" }, "Lock"),
+    h("button", { type: "button", onclick: done }, "Close"),
+    msg,
+  );
+  form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    try {
+      const r = await api("POST", `/backups/${b.id}/lock`, { until: val(form, "until") });
+      ctx.flash(`${b.name} is locked until ${r.locked_until}.`);
+      done();
+    } catch (e: any) {
+      replace(msg, e instanceof ApiError && e.status === 409 ? `Refused: ${e.message.replace(/^409: /, "")}` : e.message);
+    }
+  };
+  return form;
+}
+
+/** A backup's lock and last drill as badges. */
+function badges(b: any): Child {
+  const d = b.verified_boot;
+  return h(
+    "span",
+    { class: "badges" },
+    b.protected ? h("span", { class: "badge ok" }, "protected") : "",
+    b.locked_until ? h("span", { class: "badge lock", title: b.lock_reason ?? "" }, `locked until ${b.locked_until.slice(0, 10)}`) : "",
+    d ? h("span", { class: `badge ${d.ok ? "ok" : "failed"}`, title: `${d.check}, ${d.accel}, ${Math.round(d.seconds)} s` }, d.ok ? `booted ${age(d.at)}` : "drill failed") : "",
+  );
+}
+
 export const backups: View = {
   async mount(root, ctx) {
     const [res, vs] = await Promise.all([api<any[]>("GET", "/resources"), api<any[]>("GET", "/vaults")]);
@@ -219,8 +272,25 @@ export const backups: View = {
               h(
                 "button",
                 {
+                  onclick: async () => {
+                    if (!confirm(`Boot ${b.name} of ${b.resource} in a throwaway VM (a recovery drill)?`)) return;
+                    try {
+                      const r = await api("POST", `/backups/${b.id}/drill`, {});
+                      ctx.flash(`Drill queued as task ${r.task}.`);
+                      ctx.go(`#/tasks/${r.task}`);
+                    } catch (e: any) {
+                      ctx.flash(e.message, true);
+                    }
+                  },
+                },
+                "Drill",
+              ),
+              ctx.can("admin") ? h("button", { onclick: () => replace(panel, lockForm(b, ctx, () => replace(panel))) }, "Lock…") : null,
+              h(
+                "button",
+                {
                   class: "danger",
-                  disabled: b.protected,
+                  disabled: b.protected || !!b.locked_until,
                   onclick: async () => {
                     if (!confirm(`Delete backup ${b.name} of ${b.resource}?`)) return;
                     try {
@@ -252,7 +322,7 @@ export const backups: View = {
             bytes(b.logical_size),
             bytes(b.bytes_read),
             bytes(b.bytes_new),
-            b.protected ? h("span", { class: "badge ok" }, "protected") : "",
+            badges(b),
             act(b),
           ]),
           "No backups match.",

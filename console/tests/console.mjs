@@ -240,12 +240,57 @@ try {
     await shot("audit");
   });
 
+  await step("lock a backup until a date; an earlier date is refused with the 409 message and changes nothing", async () => {
+    await view("backups");
+    const row = page.locator("tbody tr", { hasText: "web" }).first();
+    await row.getByRole("button", { name: "Lock…" }).click();
+    let f = page.locator("form[aria-label^=lock]");
+    await f.getByLabel("Lock until").fill("2030-01-01");
+    await f.getByRole("button", { name: "Lock" }).click();
+    await page.locator(".flash", { hasText: "is locked until 2030-01-01" }).waitFor();
+    await row.getByRole("button", { name: "Lock…" }).click();
+    f = page.locator("form[aria-label^=lock]");
+    await f.locator("[data-lock]", { hasText: "Locked until 2030-01-01" }).waitFor();
+    await f.getByLabel("Lock until").fill("2029-01-01");
+    await f.getByRole("button", { name: "Lock" }).click();
+    await f.locator("[role=alert]", { hasText: "Refused:" }).waitFor();
+    await shot("backups-lock-refused");
+    const bks = await (await fetch(`${url}/api/v1/backups?resource=web`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+    const locks = [];
+    for (const b of bks) {
+      const d = await (await fetch(`${url}/api/v1/backups/${b.id}`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+      if (d.locked_until) locks.push(d.locked_until);
+    }
+    assert.equal(locks.length, 1);
+    assert.ok(locks[0].startsWith("2030-01-01"), `the lock is still 2030-01-01: ${locks[0]}`);
+    await f.getByRole("button", { name: "Close" }).click();
+  });
+
+  await step("a recorded drill shows on the dashboard; the alerts view renders", async () => {
+    // A real drill through the appliance (CLI in remote mode), bounded to a few seconds:
+    // the test image boots nothing, so the drill is recorded as failed.
+    try {
+      execFileSync(BIN, ["--quiet", "drill", "latest", "--disk", "web", "--server", url, "--token", admin, "--timeout", "3", "--accel", "tcg", "--memory", "64"], {
+        stdio: "ignore",
+      });
+      assert.fail("a drill of a blank disk passed");
+    } catch (e) {
+      assert.notEqual(e.status, 0, String(e));
+    }
+    await view("dashboard");
+    await page.locator("main tr", { hasText: "web" }).locator(".badge.failed", { hasText: "drill failed" }).waitFor();
+    await shot("dashboard-drill");
+    await view("alerts");
+    await page.locator("main [data-view=alerts] table, main [data-view=alerts] .empty").first().waitFor();
+    await shot("alerts");
+  });
+
   await step("an auditor sees read-only views; a direct API call from the page gets 403", async () => {
     await page.getByRole("button", { name: "Log out" }).click();
     await login(auditor);
     await page.locator("#who", { hasText: "watcher (auditor)" }).waitFor();
     assert.equal(await page.locator("nav a[data-view=tokens]").count(), 0);
-    for (const v of ["dashboard", "backups", "tasks", "resources", "policies", "vaults", "audit"]) {
+    for (const v of ["dashboard", "backups", "tasks", "resources", "policies", "vaults", "audit", "alerts"]) {
       await view(v);
       // The view has drawn its data (a table or its "nothing yet" line) before we look.
       await page.locator(`main [data-view="${v}"] table, main [data-view="${v}"] .empty`).first().waitFor();
