@@ -280,19 +280,32 @@ impl Encoder {
         digest: ChunkDigest,
         plain: Vec<u8>,
     ) -> Result<EncodedBlob> {
-        let blob = self.compress(kind, digest, plain);
         if !self.codec.is_sealed() {
-            return Ok(blob);
+            return Ok(self.compress(kind, digest, plain));
         }
-        let compressed = blob.header[5] == Codec::Zstd as u8;
-        let header = blob_header(kind, compressed, true, parse_plain_len(&blob.header));
-        let payload = self.codec.seal_payload(&header, &blob.payload)?;
+        // Sealed: seal straight from the compressor's buffer (or the plaintext), one copy.
+        let compressed = !self.looks_incompressible(&plain) && self.compress_to_scratch(&plain);
+        let header = blob_header(kind, compressed, true, plain.len());
+        let src: &[u8] = if compressed { &self.scratch } else { &plain };
+        let payload = self.codec.seal_payload(&header, src)?;
         Ok(EncodedBlob {
             digest,
             kind,
             header,
             payload,
         })
+    }
+
+    /// Compress `plain` into the scratch buffer; true when compression pays (it saves
+    /// at least 1/32 of the chunk).
+    fn compress_to_scratch(&mut self, plain: &[u8]) -> bool {
+        let bound = zstd::zstd_safe::compress_bound(plain.len());
+        self.scratch.clear();
+        self.scratch.reserve(bound);
+        matches!(
+            self.cctx.compress_to_buffer(plain, &mut self.scratch),
+            Ok(n) if n < plain.len() - plain.len() / 32
+        )
     }
 
     fn compress(&mut self, kind: BlobKind, digest: ChunkDigest, plain: Vec<u8>) -> EncodedBlob {
@@ -304,14 +317,7 @@ impl Encoder {
                 payload: plain,
             };
         }
-        let bound = zstd::zstd_safe::compress_bound(plain.len());
-        self.scratch.clear();
-        self.scratch.reserve(bound);
-        let compressed = match self.cctx.compress_to_buffer(&plain, &mut self.scratch) {
-            // Compression pays only when it saves at least 1/32 of the chunk.
-            Ok(n) if n < plain.len() - plain.len() / 32 => true,
-            _ => false,
-        };
+        let compressed = self.compress_to_scratch(&plain);
         let header = blob_header(kind, compressed, false, plain.len());
         let payload = if compressed {
             self.scratch.clone()
@@ -358,10 +364,6 @@ pub fn encode_blob(
 ) -> Result<EncodedBlob> {
     let digest = codec.digest(&plain);
     Encoder::new(level, codec)?.encode(kind, digest, plain)
-}
-
-fn parse_plain_len(h: &[u8; BLOB_HEADER_LEN]) -> usize {
-    u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize
 }
 
 /// Parsed blob header.
