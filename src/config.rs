@@ -101,6 +101,9 @@ pub struct PathsConfig {
     /// `libvirt:` sources allowed, as written after `libvirt:` (`DOMAIN[?uri=URI]`), or
     /// `*`. Default: none.
     pub libvirt_domains: Vec<String>,
+    /// Directories of the CA, certificate and key files a restore onto `nbds://` may
+    /// name in its `nbd_tls`. Default: `<data>/nbd-tls`.
+    pub nbd_tls: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +245,7 @@ struct RawPaths {
     qmp_sockets: Vec<PathBuf>,
     #[serde(default)]
     libvirt_domains: Vec<String>,
+    nbd_tls: Option<Vec<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -537,6 +541,7 @@ impl Config {
                 raw.paths.restore_to.iter().flatten().collect(),
             ),
             ("qmp_sockets", raw.paths.qmp_sockets.iter().collect()),
+            ("nbd_tls", raw.paths.nbd_tls.iter().flatten().collect()),
         ] {
             if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
                 return Err(format!(
@@ -553,6 +558,7 @@ impl Config {
                 nbd_hosts: raw.paths.nbd_hosts,
                 qmp_sockets: raw.paths.qmp_sockets,
                 libvirt_domains: raw.paths.libvirt_domains,
+                nbd_tls: raw.paths.nbd_tls,
             },
             tls_cert: raw.server.tls_cert,
             tls_key: raw.server.tls_key,

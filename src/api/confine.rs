@@ -8,6 +8,8 @@
 //! - `nbd://`/`nbds://` sources and restore targets only to hosts in `nbd_hosts`;
 //!   `nbd+unix://` sockets under `sources`; `qmp:` and guest-agent sockets under
 //!   `qmp_sockets`; `libvirt:` specs listed in `libvirt_domains`. All default to none.
+//! - The CA, certificate and key files of a restore's `nbd_tls` under one of `nbd_tls`
+//!   (default `<data>/nbd-tls`; never the appliance's own `<data>/tls`).
 //!
 //! Resolution: the path must be absolute and hold no `..`; then it is canonicalized
 //! (every symlink followed; for a target that does not exist yet, its parent) and the
@@ -40,6 +42,7 @@ pub struct Confinement {
     nbd_hosts: Vec<String>,
     qmp_sockets: Vec<PathBuf>,
     libvirt_domains: Vec<String>,
+    nbd_tls: Vec<PathBuf>,
 }
 
 fn forbidden(msg: String) -> ApiError {
@@ -85,7 +88,25 @@ impl Confinement {
                 .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
                 .collect(),
             libvirt_domains: cfg.libvirt_domains.clone(),
+            nbd_tls: roots(&cfg.nbd_tls, "nbd-tls")?,
         })
+    }
+
+    /// May a restore onto `nbds://` use these CA, certificate and key files?
+    pub fn check_nbd_tls(
+        &self,
+        tls: &crate::nbd::NbdTlsClient,
+    ) -> std::result::Result<(), ApiError> {
+        for (what, p) in [
+            ("CA", &tls.ca),
+            ("certificate", &tls.cert),
+            ("key", &tls.key),
+        ] {
+            if let Some(p) = p {
+                under(p, &self.nbd_tls, &format!("nbd_tls {what} file"), "nbd_tls")?;
+            }
+        }
+        Ok(())
     }
 
     /// May a resource read `spec` (one entry of its `sources`, `NAME=` already cut)?
@@ -315,5 +336,36 @@ mod tests {
             c.check_target(&img.join("new.raw").display().to_string())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn nbd_tls_files_only_from_their_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let c = conf(t.path());
+        let ok = t.path().join("nbd-tls");
+        std::fs::write(ok.join("ca.pem"), b"x").unwrap();
+        std::fs::create_dir_all(t.path().join("tls")).unwrap();
+        std::fs::write(t.path().join("tls/key.pem"), b"x").unwrap();
+        std::os::unix::fs::symlink(t.path().join("tls/key.pem"), ok.join("link.pem")).unwrap();
+        let tls = |ca: PathBuf, key: Option<PathBuf>| crate::nbd::NbdTlsClient {
+            ca: Some(ca),
+            key,
+            ..Default::default()
+        };
+        assert!(c.check_nbd_tls(&tls(ok.join("ca.pem"), None)).is_ok());
+        for bad in [
+            tls(t.path().join("tls/key.pem"), None),
+            tls(ok.join("link.pem"), None),
+            tls(ok.join("ca.pem"), Some("/etc/shadow".into())),
+            tls(ok.join("../tls/key.pem"), None),
+            tls("rel/ca.pem".into(), None),
+        ] {
+            let e = c.check_nbd_tls(&bad).unwrap_err();
+            assert!(
+                e.0 == StatusCode::FORBIDDEN || e.0 == StatusCode::BAD_REQUEST,
+                "{bad:?}: {}",
+                e.1
+            );
+        }
     }
 }

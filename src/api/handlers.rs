@@ -388,6 +388,9 @@ pub async fn create_restore(
     let (r, entry) = st
         .run(move |st, app| {
             st.confine.check_target(&r.to)?;
+            if let Some(tls) = &r.nbd_tls {
+                st.confine.check_nbd_tls(tls)?;
+            }
             let r = app.resolve_restore(&r)?;
             if let Some(f) = &r.format {
                 f.parse::<ImageFormat>()?;
