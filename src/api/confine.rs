@@ -136,7 +136,7 @@ impl Confinement {
     }
 
     /// May a restore write to `to` (a new file or directory, or an NBD export)?
-    pub fn check_target(&self, to: &str) -> std::result::Result<(), ApiError> {
+    pub fn check_target(&self, to: &str, overwrite: bool) -> std::result::Result<(), ApiError> {
         if NbdUri::is_nbd(to) {
             return self.check_nbd(to, "restore target");
         }
@@ -146,6 +146,9 @@ impl Confinement {
             Ok(m) if m.file_type().is_symlink() => Err(forbidden(format!(
                 "restore target {to} is a symbolic link: a restore never writes through one"
             ))),
+            Ok(m) if m.is_file() && overwrite => {
+                under(p, &self.restore_to, "restore target", "restore_to")
+            }
             Ok(m) if !m.is_dir() => {
                 under(p, &self.restore_to, "restore target", "restore_to")?;
                 Err(ApiError(
@@ -324,17 +327,31 @@ mod tests {
         assert!(c.check_source("nbd://nbd.example:10809/x").is_ok());
         let out = t.path().join("out");
         assert!(
-            c.check_target(&out.join("new.raw").display().to_string())
+            c.check_target(&out.join("new.raw").display().to_string(), false)
                 .is_ok()
         );
         std::os::unix::fs::symlink("/etc/passwd", out.join("l.raw")).unwrap();
         assert!(
-            c.check_target(&out.join("l.raw").display().to_string())
+            c.check_target(&out.join("l.raw").display().to_string(), true)
                 .is_err()
         );
         assert!(
-            c.check_target(&img.join("new.raw").display().to_string())
+            c.check_target(&img.join("new.raw").display().to_string(), false)
                 .is_err()
+        );
+        // An existing file: refused (409) unless overwrite, and then only under a root.
+        std::fs::write(out.join("old.raw"), b"x").unwrap();
+        std::fs::write(img.join("old.raw"), b"x").unwrap();
+        let old = out.join("old.raw").display().to_string();
+        assert_eq!(
+            c.check_target(&old, false).unwrap_err().0,
+            StatusCode::CONFLICT
+        );
+        assert!(c.check_target(&old, true).is_ok());
+        let elsewhere = img.join("old.raw").display().to_string();
+        assert_eq!(
+            c.check_target(&elsewhere, true).unwrap_err().0,
+            StatusCode::FORBIDDEN
         );
     }
 

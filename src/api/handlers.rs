@@ -387,10 +387,16 @@ pub async fn create_restore(
     // and the image format from the target's extension.
     let (r, entry) = st
         .run(move |st, app| {
-            st.confine.check_target(&r.to)?;
+            if r.overwrite && caller.0.role < crate::catalog::Role::Admin {
+                return Err(ApiError(
+                    StatusCode::FORBIDDEN,
+                    "overwrite replaces a host file: only an admin token may ask for it".into(),
+                ));
+            }
             if let Some(tls) = &r.nbd_tls {
                 st.confine.check_nbd_tls(tls)?;
             }
+            st.confine.check_target(&r.to, r.overwrite)?;
             let r = app.resolve_restore(&r)?;
             if let Some(f) = &r.format {
                 f.parse::<ImageFormat>()?;

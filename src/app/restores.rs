@@ -65,6 +65,12 @@ pub struct RestoreRequest {
     /// certificate; paths on the machine that runs the restore).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
+    /// Replace an existing regular file at `to` (one raw or qcow2 image): the new image
+    /// is staged beside it and renamed over it at the end, so a failed restore leaves
+    /// the old file. A symlink, directory or other file type at `to` is never replaced.
+    /// Through the API only an admin token may ask for it.
+    #[serde(default)]
+    pub overwrite: bool,
 }
 
 /// One disk restored into a directory.
@@ -188,8 +194,14 @@ impl App {
             },
             keep_going: req.keep_going,
             size: None,
+            overwrite: req.overwrite,
         };
         if crate::nbd::NbdUri::is_nbd(&req.to) {
+            if req.overwrite {
+                return Err(Error::config(
+                    "overwrite applies to image files; a restore onto an NBD export always writes it",
+                ));
+            }
             if req.format.is_some() || req.size.is_some() {
                 return Err(Error::config(
                     "a restore onto an NBD export keeps the export's format and size",
@@ -252,12 +264,25 @@ impl App {
         Ok(removed)
     }
 
+    /// Does this backup restore into a directory of disks (a server, or several disks)?
+    fn is_multi_disk(&self, backup: &str) -> Result<bool> {
+        let m = self.find_backup(backup)?.manifest;
+        Ok(m.resource_kind == ResourceKind::Server || m.disks.len() > 1)
+    }
+
     fn restore_to_files(
         &self,
         req: &RestoreRequest,
         opts: &BackupOptions,
         ropts: &RestoreOptions,
     ) -> Result<RestoreOutcome> {
+        if req.overwrite
+            && (req.image.is_some() || req.disk.is_none() && self.is_multi_disk(&req.backup)?)
+        {
+            return Err(Error::config(
+                "overwrite applies to one disk image file, not to a directory of disks or a full-server image",
+            ));
+        }
         if let Some(kind) = &req.image {
             if req.keep_going {
                 return Err(Error::config(

@@ -656,6 +656,10 @@ pub struct RestoreArgs {
     /// ranges and keep the image; exits 5 (corrupt) when anything was unreadable.
     #[arg(long)]
     pub keep_going: bool,
+    /// Replace an existing regular file at --to (one raw or qcow2 image; staged beside
+    /// it and renamed over it at the end). Never replaces a link or a directory.
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub nbd_tls: NbdTlsArgs,
 }

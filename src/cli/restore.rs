@@ -23,6 +23,7 @@ pub fn request(a: &RestoreArgs) -> RestoreRequest {
         mode: a.mode.clone(),
         keep_going: a.keep_going,
         nbd_tls: a.nbd_tls.settings(),
+        overwrite: a.overwrite,
     }
 }
 

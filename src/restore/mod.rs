@@ -122,6 +122,9 @@ pub struct RestoreOptions {
     /// Size of the new disk: may grow it beyond the backed-up size, never shrink it
     /// (that would cut off data). `None`: the backed-up size.
     pub size: Option<u64>,
+    /// Replace an existing regular file at the target (raw and qcow2 only): staged
+    /// beside it, renamed over it at the end.
+    pub overwrite: bool,
 }
 
 impl Default for RestoreOptions {
@@ -130,6 +133,7 @@ impl Default for RestoreOptions {
             mode: DEFAULT_MODE,
             keep_going: false,
             size: None,
+            overwrite: false,
         }
     }
 }
@@ -212,11 +216,29 @@ pub fn restore_disk_with(
         }
         Some(s) => s,
     };
-    if to.exists() {
-        return Err(Error::conflict(format!(
-            "{} already exists; restore never overwrites a file",
-            to.display()
-        )));
+    match fs::symlink_metadata(to) {
+        Err(_) => {}
+        Ok(m) if ropts.overwrite && m.file_type().is_file() => {
+            if matches!(format, ImageFormat::Vmdk(_)) {
+                return Err(Error::conflict(format!(
+                    "{} already exists; overwrite replaces raw and qcow2 images only (a VMDK may be several files)",
+                    to.display()
+                )));
+            }
+        }
+        Ok(m) if ropts.overwrite => {
+            return Err(Error::conflict(format!(
+                "{} exists and is not a regular file ({:?}); overwrite replaces only a regular file, never a link or directory",
+                to.display(),
+                m.file_type()
+            )));
+        }
+        Ok(_) => {
+            return Err(Error::conflict(format!(
+                "{} already exists; restore never overwrites a file unless asked to (--overwrite)",
+                to.display()
+            )));
+        }
     }
     partial::sweep_dir(&partial::parent_dir(to))?;
     let staging = partial::staging_path(to)?;
@@ -231,7 +253,14 @@ pub fn restore_disk_with(
         drop(writer);
         fs::set_permissions(&staging, fs::Permissions::from_mode(ropts.mode))
             .ctx(|| format!("setting the mode of {}", staging.display()))?;
-        partial::rename_noreplace(&staging, to)?;
+        if ropts.overwrite {
+            // rename(2) replaces the directory entry itself: a link put at `to`
+            // meanwhile is replaced, never written through.
+            fs::rename(&staging, to)
+                .ctx(|| format!("renaming {} over {}", staging.display(), to.display()))?;
+        } else {
+            partial::rename_noreplace(&staging, to)?;
+        }
         Ok(stats)
     })();
     if result.is_err() {

@@ -211,6 +211,39 @@ fn hostile_paths_sockets_and_hosts_are_refused_and_nothing_is_read_or_written() 
             "op",
             "POST",
             "/restores",
+            json!({"backup": backup, "to": s(&theirs), "overwrite": true}),
+            403,
+            "only an admin",
+        ),
+        (
+            "admin",
+            "POST",
+            "/restores",
+            json!({"backup": backup, "to": s(&restored.join("link-out.raw")), "overwrite": true}),
+            403,
+            "symbolic link",
+        ),
+        (
+            "admin",
+            "POST",
+            "/restores",
+            json!({"backup": backup, "to": s(&secret), "overwrite": true}),
+            403,
+            "outside",
+        ),
+        (
+            "admin",
+            "POST",
+            "/restores",
+            json!({"backup": backup, "to": "nbds://127.0.0.1:1/x",
+                   "nbd_tls": {"ca": s(&data.join("tls").join("key.pem"))}}),
+            403,
+            "nbd_tls",
+        ),
+        (
+            "op",
+            "POST",
+            "/restores",
             restore("/proc/self/environ".into()),
             403,
             "outside",
@@ -378,6 +411,19 @@ fn hostile_paths_sockets_and_hosts_are_refused_and_nothing_is_read_or_written() 
         3,
         "only the restored image was added"
     );
+    // An admin may replace an existing file under restore_to, and only when asked.
+    let again = json!({"backup": backup, "to": s(&theirs)});
+    srv.ok("POST", "/restores", &admin, Some(again), 409);
+    assert_eq!(std::fs::read(&theirs).unwrap(), b"somebody's file");
+    let over = json!({"backup": backup, "to": s(&theirs), "overwrite": true});
+    let t = srv.ok("POST", "/restores", &admin, Some(over), 202);
+    let t = srv.wait_task(&admin, t["task"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert!(images_equal(&disk, &theirs));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&theirs).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(files_under(&restored).len(), 3, "replaced, nothing added");
 }
 
 #[test]

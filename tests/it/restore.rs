@@ -132,6 +132,55 @@ fn restored_images_exports_and_the_data_dir_are_private_unless_a_mode_is_asked_f
 }
 
 #[test]
+fn overwrite_replaces_a_regular_file_only_when_asked_and_never_a_link() {
+    let env = Env::new();
+    let img = env.path("d.raw");
+    write_raw(&img, 8 << 20, 1 << 20, &random_bytes(1 << 20, 5));
+    let b = env.backup(&img, "d");
+    let id = s(&b, "id");
+    let out = env.path("old.qcow2");
+    std::fs::write(&out, b"an older image").unwrap();
+    let r = env.run(&["restore", id, "--to", out.to_str().unwrap()]);
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--overwrite"));
+    assert_eq!(std::fs::read(&out).unwrap(), b"an older image");
+    env.ok(&["restore", id, "--to", out.to_str().unwrap(), "--overwrite"]);
+    assert!(images_equal(&img, &out));
+    assert_eq!(mode(&out), 0o600);
+    assert!(partials(&env.path("")).is_empty());
+    // A symlink at the target is never replaced, nor written through.
+    let victim = env.path("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link = env.path("link.raw");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let r = env.run(&["restore", id, "--to", link.to_str().unwrap(), "--overwrite"]);
+    assert_eq!(
+        r.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // Not for a VMDK (several files) nor onto NBD.
+    let vm = env.path("old.vmdk");
+    std::fs::write(&vm, b"x").unwrap();
+    let r = env.run(&["restore", id, "--to", vm.to_str().unwrap(), "--overwrite"]);
+    assert!(!r.status.success());
+    assert_eq!(std::fs::read(&vm).unwrap(), b"x");
+}
+
+#[test]
 fn keep_going_writes_everything_readable_and_lists_the_corrupt_range_as_zeros() {
     let env = Env::new();
     let img = env.path("d.raw");
