@@ -176,11 +176,21 @@ impl App {
         }
         let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
         let vault = Vault::create_with(&path, chunk_size, zstd_level, compliance_days, encrypt)?;
+        self.register_vault(name, path, &vault)
+    }
+
+    /// Name `vault` (just created or attached at `path`) in the catalog.
+    pub(crate) fn register_vault(
+        &self,
+        name: &str,
+        path: PathBuf,
+        vault: &Vault,
+    ) -> Result<VaultEntry> {
         let entry = VaultEntry {
             name: name.into(),
             path: std::fs::canonicalize(&path).unwrap_or(path),
             vault_id: vault.config().id.clone(),
-            chunk_size: chunk_size.bytes(),
+            chunk_size: vault.chunk_size().bytes(),
             created: vault.config().created.clone(),
         };
         self.catalog.add_vault(&entry)?;
@@ -204,15 +214,7 @@ impl App {
         }
         let state = self.data.join("vaults").join(name);
         let vault = crate::vault::remote::create(&state, location, chunk_size, zstd_level)?;
-        let entry = VaultEntry {
-            name: name.into(),
-            path: state,
-            vault_id: vault.config().id.clone(),
-            chunk_size: chunk_size.bytes(),
-            created: vault.config().created.clone(),
-        };
-        self.catalog.add_vault(&entry)?;
-        Ok(entry)
+        self.register_vault(name, state, &vault)
     }
 
     /// Attach the vault at an S3 `location` (e.g. on a new appliance) under `name` and
@@ -231,14 +233,7 @@ impl App {
         }
         let state = self.data.join("vaults").join(name);
         let vault = crate::vault::remote::attach(&state, location)?;
-        let entry = VaultEntry {
-            name: name.into(),
-            path: state,
-            vault_id: vault.config().id.clone(),
-            chunk_size: vault.chunk_size().bytes(),
-            created: vault.config().created.clone(),
-        };
-        self.catalog.add_vault(&entry)?;
+        self.register_vault(name, state, &vault)?;
         self.rescan(name)
     }
 
@@ -248,14 +243,7 @@ impl App {
         let mut vault = Vault::open(path)?;
         // An encrypted vault is attached only with a key that opens it.
         self.unlock(name, &mut vault)?;
-        let entry = VaultEntry {
-            name: name.into(),
-            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
-            vault_id: vault.config().id.clone(),
-            chunk_size: vault.chunk_size().bytes(),
-            created: vault.config().created.clone(),
-        };
-        self.catalog.add_vault(&entry)?;
+        self.register_vault(name, path.to_path_buf(), &vault)?;
         self.rescan(name)
     }
 

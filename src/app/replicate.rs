@@ -243,14 +243,6 @@ impl App {
                 Error::io(format!("storing the replica's key as {}", to.display()), e)
             })?;
         }
-        let entry = VaultEntry {
-            name: name.into(),
-            path: std::fs::canonicalize(&path).unwrap_or(path),
-            vault_id: vault.config().id.clone(),
-            chunk_size: chunk_size.bytes(),
-            created: vault.config().created.clone(),
-        };
-        self.catalog.add_vault(&entry)?;
-        Ok(entry)
+        self.register_vault(name, path, &vault)
     }
 }

@@ -41,19 +41,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                 let app = super::open_app(cli)?;
                 let v =
                     app.create_replica_vault(name, path.as_deref(), s3.location()?.as_ref(), src)?;
-                if cli.json {
-                    outln!(
-                        "{}",
-                        serde_json::to_string_pretty(&app.vault_info(&v.name)?)?
-                    );
-                } else if !cli.quiet {
-                    outln!(
-                        "created vault {} at {} as a replica of {src} (chunk size {} KiB)",
-                        v.name,
-                        v.path.display(),
-                        v.chunk_size / 1024
-                    );
-                }
+                print_created(cli, &app, &v, &format!(" as a replica of {src}"))?;
                 return Ok(0);
             }
             let app = App::open(&cli.data)?;
@@ -93,19 +81,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
                     secret.as_ref(),
                 )?,
             };
-            if cli.json {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&app.vault_info(&v.name)?)?
-                );
-            } else if !cli.quiet {
-                outln!(
-                    "created vault {} at {} (chunk size {} KiB)",
-                    v.name,
-                    v.path.display(),
-                    v.chunk_size / 1024
-                );
-            }
+            print_created(cli, &app, &v, "")?;
         }
         Cmd::Vault(VaultCmd::List) => {
             let app = super::open_app(cli)?;
@@ -710,4 +686,27 @@ fn vault_key(cli: &Cli, cmd: &KeyCmd) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Say that vault `v` was created (`how`: e.g. " as a replica of SRC").
+fn print_created(
+    cli: &Cli,
+    app: &App,
+    v: &blockvault::catalog::VaultEntry,
+    how: &str,
+) -> Result<()> {
+    if cli.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&app.vault_info(&v.name)?)?
+        );
+    } else if !cli.quiet {
+        outln!(
+            "created vault {} at {}{how} (chunk size {} KiB)",
+            v.name,
+            v.path.display(),
+            v.chunk_size / 1024
+        );
+    }
+    Ok(())
 }

@@ -157,14 +157,14 @@ impl Vault {
             fs::create_dir_all(root.join(dir))
                 .ctx(|| format!("creating {}", root.join(dir).display()))?;
         }
-        Vault::create_keyed(
+        Vault::create_in(
             Arc::new(LocalStore::new(root)),
             root,
             false,
             chunk_size,
             zstd_level,
             compliance_days,
-            encrypt.map(|s| (s, VaultKey::generate())),
+            encrypt,
         )
     }
 
