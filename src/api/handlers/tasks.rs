@@ -1,0 +1,115 @@
+//! Task routes (list, show, cancel), the audit log and alert history, and the alerts a finished task raises.
+
+use super::*;
+
+// ---- tasks, audit, alerts, tokens ----
+
+pub async fn list_tasks(
+    State(st): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> R<Json<Value>> {
+    let state = match q.get("state") {
+        None => None,
+        Some(s) => Some(
+            serde_json::from_value::<TaskState>(json!(s))
+                .map_err(|_| bad(format!("unknown task state {s:?}")))?,
+        ),
+    };
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.list(state)?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn get_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.get(&id)?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
+    st.run(move |st, _| {
+        Ok(Json(
+            serde_json::to_value(st.tasks.cancel(&id)?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn audit(State(st): State<Shared>) -> R<Json<Value>> {
+    st.run(|st, app| {
+        st.flush_audit();
+        Ok(Json(
+            serde_json::to_value(app.catalog().audit_log(1000)?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn alerts(State(st): State<Shared>) -> R<([(&'static str, String); 1], Json<Value>)> {
+    // Webhook deliveries dropped by a full queue (see crate::alerts).
+    let dropped = st.alerts.stats().dropped.to_string();
+    st.run(move |_, app| {
+        Ok((
+            [("blockvault-alerts-dropped", dropped)],
+            Json(serde_json::to_value(app.catalog().alerts(1000)?).unwrap_or_default()),
+        ))
+    })
+    .await
+}
+
+/// Raise the alerts a finished task calls for, chosen by the failure's kind (never by
+/// its message). Runs on its own thread (see `run_appliance`), not on the runtime.
+pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
+    if t.state != TaskState::Failed && t.state != TaskState::Succeeded {
+        return;
+    }
+    let err = t.error.clone().unwrap_or_default();
+    let raise = |k: AlertKind, subject: &str, msg: &str| {
+        if let Err(e) = st.alerts.raise(k, subject, msg) {
+            tracing::error!("raising an alert: {e}");
+        }
+    };
+    if t.state == TaskState::Failed {
+        match t.error_kind {
+            Some(ErrorKind::Unreachable) => raise(AlertKind::SourceUnreachable, &t.target, &err),
+            Some(ErrorKind::Full) => raise(AlertKind::VaultFull, &t.target, &err),
+            _ => {}
+        }
+        raise(
+            AlertKind::TaskFailed,
+            &format!("{} {}", t.kind, t.target),
+            &err,
+        );
+    }
+    if t.kind == "backup" {
+        // Capacity warning for the resource's vault (usage as recorded by the backup).
+        let usage = st.apps.get().ok().and_then(|app| {
+            let res = resource_of(&app, &t.target).ok()?;
+            let info = app.vault_info_cached(&res.vault).ok()?;
+            Some((res.vault, info))
+        });
+        if let Some((vault, info)) = usage
+            && let Some(cap) = info.capacity
+            && cap > 0
+            && info.pack_bytes * 100 >= cap * u64::from(st.capacity_warn_percent)
+        {
+            raise(
+                AlertKind::VaultCapacity,
+                &vault,
+                &format!(
+                    "vault {} holds {} of its {} byte limit ({}%)",
+                    vault,
+                    info.pack_bytes,
+                    cap,
+                    info.pack_bytes * 100 / cap
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! Token routes (admin only): list, create (the secret is shown once), delete.
+
+use super::*;
+
+pub async fn list_tokens(State(st): State<Shared>) -> R<Json<Value>> {
+    st.run(|_, app| {
+        Ok(Json(
+            serde_json::to_value(app.catalog().tokens()?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn create_token(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("a token needs a name"))?;
+    let role: Role = v
+        .get("role")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("a token needs a role"))?
+        .parse()?;
+    let expires = match v.get("expires") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.clone()),
+        Some(_) => return Err(bad("expires is an RFC 3339 instant (2030-01-31T00:00:00Z)")),
+    };
+    let name = name.to_owned();
+    let (info, secret) = st
+        .run(move |_, app| {
+            Ok(app
+                .catalog()
+                .create_token_until(&name, role, expires.as_deref())?)
+        })
+        .await?;
+    let mut out = serde_json::to_value(info).unwrap_or_default();
+    out["secret"] = json!(secret);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+pub async fn delete_token(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    st.run(move |_, app| {
+        if !app.catalog().delete_token(&name)? {
+            return Err(Error::not_found(format!("no token named {name:?}")).into());
+        }
+        Ok(Json(json!({"deleted": name})))
+    })
+    .await
+}

@@ -1,0 +1,115 @@
+//! Vault routes: list, create or attach, show, change, forget.
+
+use super::*;
+
+// ---- vaults ----
+
+/// Vaults with their usage as last computed (`usage_computed_at`); no pack directory is
+/// listed here.
+pub async fn list_vaults(State(st): State<Shared>) -> R<Json<Value>> {
+    st.run(|_, app| {
+        let mut out = Vec::new();
+        for v in app.catalog().vaults()? {
+            out.push(serde_json::to_value(app.vault_info_cached(&v.name)?).unwrap_or_default());
+        }
+        Ok(Json(Value::Array(out)))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewVault {
+    name: String,
+    path: Option<PathBuf>,
+    chunk_size: Option<String>,
+    zstd_level: Option<i32>,
+    capacity: Option<u64>,
+    /// Compliance mode: every backup locked at least this many days (fixed for life).
+    compliance_days: Option<u32>,
+}
+
+pub async fn create_vault(
+    State(st): State<Shared>,
+    Json(v): Json<Value>,
+) -> R<(StatusCode, Json<Value>)> {
+    let v: NewVault = body(v)?;
+    crate::name::Name::parse(&v.name, "vault")?;
+    if let Some(p) = &v.path
+        && !p.is_absolute()
+    {
+        return Err(bad(format!(
+            "vault {}: path {:?} must be absolute (or leave it out for <data>/vaults/{})",
+            v.name,
+            p.display(),
+            v.name
+        )));
+    }
+    let cs = match &v.chunk_size {
+        Some(c) => ChunkSize::parse(c)?,
+        None => ChunkSize::new(crate::chunk::DEFAULT_CHUNK_SIZE)?,
+    };
+    st.run(move |_, app| {
+        let zstd = v.zstd_level.unwrap_or(1);
+        app.create_vault_with(
+            &v.name,
+            v.path.as_deref(),
+            cs,
+            zstd,
+            v.compliance_days,
+            None,
+        )?;
+        if v.capacity.is_some() {
+            app.set_capacity(&v.name, v.capacity)?;
+        }
+        let info = app.vault_info(&v.name)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(serde_json::to_value(info).unwrap_or_default()),
+        ))
+    })
+    .await
+}
+
+pub async fn get_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    st.run(move |_, app| {
+        let info = app.vault_info_cached(&name)?;
+        Ok(Json(serde_json::to_value(info).unwrap_or_default()))
+    })
+    .await
+}
+
+pub async fn patch_vault(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(v): Json<Value>,
+) -> R<Json<Value>> {
+    let obj = v.as_object().ok_or_else(|| bad("expected a JSON object"))?;
+    if obj.keys().any(|k| k != "capacity") {
+        return Err(bad("only \"capacity\" (bytes or null) can be changed"));
+    }
+    let cap = match obj.get("capacity") {
+        Some(Value::Null) | None => None,
+        Some(c) => Some(
+            c.as_u64()
+                .ok_or_else(|| bad("capacity must be bytes or null"))?,
+        ),
+    };
+    st.run(move |_, app| {
+        app.set_capacity(&name, cap)?;
+        Ok(Json(
+            serde_json::to_value(app.vault_info_cached(&name)?).unwrap_or_default(),
+        ))
+    })
+    .await
+}
+
+pub async fn delete_vault(State(st): State<Shared>, Path(name): Path<String>) -> R<Json<Value>> {
+    st.run(move |_, app| {
+        app.forget_vault(&name)?;
+        Ok(Json(
+            json!({"forgotten": name, "note": "the vault's files were not deleted"}),
+        ))
+    })
+    .await
+}
