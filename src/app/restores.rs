@@ -68,8 +68,9 @@ pub struct RestoreRequest {
     /// Replace an existing regular file at `to` (one raw or qcow2 image): the new image
     /// is staged beside it and renamed over it at the end, so a failed restore leaves
     /// the old file. A symlink, directory or other file type at `to` is never replaced.
-    /// Through the API only an admin token may ask for it.
-    #[serde(default)]
+    /// Through the API only an admin token may ask for it. Not sent when false, so the
+    /// remote CLI reaches an appliance that predates it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overwrite: bool,
 }
 

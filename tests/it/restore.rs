@@ -604,3 +604,36 @@ fn a_cancelled_backup_leaves_its_packs_to_gc_while_another_job_holds_the_vault()
     assert!(u(&gc, "packs_deleted") >= 1, "{gc}");
     assert_eq!(pack_files(&env.vault_dir()), before);
 }
+
+#[test]
+fn a_failed_overwrite_leaves_the_old_file_and_its_mode() {
+    let env = Env::new();
+    let disk = env.path("d.raw");
+    write_raw(&disk, 4 << 20, 0, &random_bytes(2 << 20, 19));
+    let b = env.backup(&disk, "d");
+    let id = s(&b, "id");
+    // Damage every pack in its middle: the restore fails partway through.
+    for p in pack_files(&env.vault_dir()) {
+        let mut bytes = std::fs::read(&p).unwrap();
+        let mid = bytes.len() / 2;
+        for x in &mut bytes[mid..mid + 64] {
+            *x ^= 0xff;
+        }
+        std::fs::write(&p, bytes).unwrap();
+    }
+    let target = env.path("out.raw");
+    let old = b"somebody's old file".repeat(100);
+    std::fs::write(&target, &old).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = env.run(&[
+        "restore",
+        id,
+        "--to",
+        target.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(!r.status.success(), "{r:?}");
+    assert_eq!(std::fs::read(&target).unwrap(), old);
+    assert_eq!(mode(&target), 0o644);
+    assert!(partials(&env.path("")).is_empty());
+}
