@@ -9,6 +9,7 @@ use blockvault::ErrorKind;
 use blockvault::nbd::{NbdClient, NbdUri};
 use blockvault::source::open_source;
 
+use crate::appliance::{Appliance, token};
 use crate::common::*;
 
 #[test]
@@ -83,6 +84,9 @@ enum Lie {
     Trickle,
     /// A writable export whose reply to a write trickles: one byte every 100 ms.
     TrickleWriteReply,
+    /// A writable export that takes the first request and then never answers (until
+    /// the client hangs up); the flag is set when the request has arrived.
+    Stall(&'static std::sync::atomic::AtomicBool),
 }
 
 fn be32(v: u32) -> [u8; 4] {
@@ -145,7 +149,7 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                         let mut d = 0u16.to_be_bytes().to_vec();
                         d.extend_from_slice(&be64(1 << 20));
                         // HAS_FLAGS, and READ_ONLY unless the lie is about writes.
-                        let tflags: u16 = if let Lie::TrickleWriteReply = lie {
+                        let tflags: u16 = if let Lie::TrickleWriteReply | Lie::Stall(_) = lie {
                             1
                         } else {
                             3
@@ -222,6 +226,16 @@ fn fake_server(path: &Path, lie: Lie) -> std::thread::JoinHandle<()> {
                         c.write_all(&[7])?;
                     }
                     Vec::new()
+                }
+                Lie::Stall(arrived) => {
+                    if kind == 1 {
+                        let mut payload = vec![0u8; length as usize];
+                        c.read_exact(&mut payload)?;
+                    }
+                    arrived.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // Never answer; wait for the client to hang up.
+                    while c.read(&mut [0u8; 4096])? > 0 {}
+                    return Ok(());
                 }
                 Lie::TrickleWriteReply => {
                     let mut payload = vec![0u8; length as usize];
@@ -619,4 +633,57 @@ fn requests_queued_behind_others_on_a_slow_server_are_not_charged_for_the_wait()
     for (i, w) in buf.chunks(8).enumerate().step_by(997) {
         assert_eq!(w, (8 * i as u64).to_be_bytes());
     }
+}
+
+#[test]
+fn an_api_restore_onto_an_nbd_target_that_never_answers_is_cancelled_at_once() {
+    // Scripted peer (a real server always answers): it takes the restore's first
+    // request and goes silent. The task must let its worker go as soon as it is
+    // cancelled, not after the request deadline.
+    let env = Env::new();
+    let admin = token(&env, "admin", "root");
+    let img = env.path("d.raw");
+    write_raw(&img, 1 << 20, 0, &random_bytes(1 << 20, 41));
+    let b = env.backup(&img, "d");
+    let sock = env.path("stall.sock");
+    let arrived: &'static std::sync::atomic::AtomicBool =
+        Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    let peer = fake_server(&sock, Lie::Stall(arrived));
+    let srv = Appliance::start(&env, &[]);
+    let to = format!("nbd+unix:///?socket={}", sock.display());
+    let t = srv.ok(
+        "POST",
+        "/restores",
+        &admin,
+        Some(serde_json::json!({"backup": b["id"], "to": to})),
+        202,
+    );
+    let id = t["task"].as_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    while !arrived.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "no request came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let asked = std::time::Instant::now();
+    srv.ok("POST", &format!("/tasks/{id}/cancel"), &admin, None, 200);
+    let done = srv.wait_task(&admin, &id, std::time::Duration::from_secs(20));
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(3),
+        "the cancel took {:?}",
+        asked.elapsed()
+    );
+    // The connection is closed: the scripted peer saw the hang-up and ended.
+    let t0 = std::time::Instant::now();
+    while !peer.is_finished() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "still connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(srv.stop());
 }
