@@ -206,6 +206,21 @@ impl App {
         chunk_size: ChunkSize,
         zstd_level: i32,
     ) -> Result<VaultEntry> {
+        self.create_vault_s3_with(name, location, chunk_size, zstd_level, None, None)
+    }
+
+    /// [`App::create_vault_s3`] in compliance mode with `compliance_days`, encrypted with
+    /// the vault key `encrypt` gives (a new one: `VaultKey::generate()`), wrapped by its
+    /// secret.
+    pub fn create_vault_s3_with(
+        &self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+        encrypt: Option<(&crate::vault::keys::KeySecret, crate::chunk::VaultKey)>,
+    ) -> Result<VaultEntry> {
         crate::name::Name::parse(name, "vault")?;
         if self.catalog.vault(name).is_ok() {
             return Err(Error::conflict(format!(
@@ -213,7 +228,14 @@ impl App {
             )));
         }
         let state = self.data.join("vaults").join(name);
-        let vault = crate::vault::remote::create(&state, location, chunk_size, zstd_level)?;
+        let vault = crate::vault::remote::create(
+            &state,
+            location,
+            chunk_size,
+            zstd_level,
+            compliance_days,
+            encrypt,
+        )?;
         self.register_vault(name, state, &vault)
     }
 
@@ -232,7 +254,12 @@ impl App {
             )));
         }
         let state = self.data.join("vaults").join(name);
-        let vault = crate::vault::remote::attach(&state, location)?;
+        let mut vault = crate::vault::remote::attach(&state, location)?;
+        // An encrypted vault is attached only with a key that opens it.
+        if let Err(e) = self.unlock(name, &mut vault) {
+            crate::vault::remote::detach(&state);
+            return Err(e);
+        }
         self.register_vault(name, state, &vault)?;
         self.rescan(name)
     }

@@ -183,11 +183,6 @@ impl App {
                 None => self.create_vault(name, path, chunk_size, zstd),
             };
         }
-        if s3.is_some() {
-            return Err(Error::unsupported(format!(
-                "vault {source} is encrypted and encrypted vaults on S3 are not available in this build: create the replica as a local vault"
-            )));
-        }
         let stored_src = keys::stored_key_path(&self.data, &src.config().id);
         let loaded;
         let (secret, store_copy): (&KeySecret, bool) = match &self.key {
@@ -216,6 +211,15 @@ impl App {
                 "a vault named {name:?} already exists"
             )));
         }
+        let key = src.unlocked_key()?.clone();
+        if let Some(loc) = s3 {
+            let entry =
+                self.create_vault_s3_with(name, loc, chunk_size, zstd, None, Some((secret, key)))?;
+            if store_copy {
+                self.store_replica_key(&stored_src, &entry.vault_id)?;
+            }
+            return Ok(entry);
+        }
         let path = path.map_or_else(|| self.data.join("vaults").join(name), Path::to_path_buf);
         if path.join("vault.toml").exists() {
             return Err(Error::conflict(format!(
@@ -227,7 +231,6 @@ impl App {
             std::fs::create_dir_all(path.join(dir))
                 .map_err(|e| Error::io(format!("creating {}", path.join(dir).display()), e))?;
         }
-        let key = src.unlocked_key()?.clone();
         let vault = Vault::create_keyed(
             std::sync::Arc::new(crate::vault::store::LocalStore::new(&path)),
             &path,
@@ -238,11 +241,17 @@ impl App {
             Some((secret, key)),
         )?;
         if store_copy {
-            let to = keys::stored_key_path(&self.data, &vault.config().id);
-            std::fs::copy(&stored_src, &to).map_err(|e| {
-                Error::io(format!("storing the replica's key as {}", to.display()), e)
-            })?;
+            self.store_replica_key(&stored_src, &vault.config().id)?;
         }
         self.register_vault(name, path, &vault)
+    }
+
+    /// Keep the key file `stored_src` (the source's, from the key store) for the replica
+    /// `vault_id` too.
+    fn store_replica_key(&self, stored_src: &Path, vault_id: &str) -> Result<()> {
+        let to = keys::stored_key_path(&self.data, vault_id);
+        std::fs::copy(stored_src, &to)
+            .map_err(|e| Error::io(format!("storing the replica's key as {}", to.display()), e))?;
+        Ok(())
     }
 }

@@ -65,13 +65,16 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             };
             let chunk_size = ChunkSize::parse(chunk_size)?;
             let v = match s3.location()? {
-                Some(_) if secret.is_some() || compliance_days.is_some() => {
-                    return Err(usage(
-                        "--encrypt and --compliance-days are not available yet for a vault on \
-                         S3 (--s3): create a local vault for them",
-                    ));
-                }
-                Some(loc) => app.create_vault_s3(name, &loc, chunk_size, zstd_level)?,
+                Some(loc) => app.create_vault_s3_with(
+                    name,
+                    &loc,
+                    chunk_size,
+                    zstd_level,
+                    compliance_days,
+                    secret
+                        .as_ref()
+                        .map(|s| (s, blockvault::chunk::VaultKey::generate())),
+                )?,
                 None => app.create_vault_with(
                     name,
                     path.as_deref(),

@@ -14,7 +14,10 @@
 //! conflicting lease other than ours is there, delete ours and refuse. GC conflicts with
 //! every live lease, a use lease only with gc leases. Two takers that race both see each
 //! other in step 3 (S3 and Garage list what was written before: read-after-write
-//! consistency), so at worst both refuse; never both proceed. A lease lasts [`TTL`] and
+//! consistency), so at worst both refuse; never both proceed. A **journal** lease
+//! (`"kind":"journal"`) guards an append to the lock journal, and a deletion checked
+//! against it, across appliances: it conflicts only with another journal lease, and its
+//! takers retry with jitter (see `retention`). A lease lasts [`TTL`] and
 //! is renewed every [`RENEW`] from a thread; it is deleted when dropped. A lease past
 //! its expiry, or one of this host whose pid is dead (killed with -9), is ignored, and
 //! GC deletes it.
@@ -56,6 +59,9 @@ pub enum LeaseKind {
     Use,
     /// GC: runs alone.
     Gc,
+    /// An append to the lock journal (`retention`), or a deletion checked against it:
+    /// one at a time across appliances; independent of use and gc leases.
+    Journal,
 }
 
 /// A lease object's content.
@@ -118,12 +124,17 @@ pub fn leases(store: &dyn ChunkStore) -> Result<Leases> {
 }
 
 fn conflicts(mine: LeaseKind, theirs: LeaseKind) -> bool {
-    mine == LeaseKind::Gc || theirs == LeaseKind::Gc
+    match (mine, theirs) {
+        (LeaseKind::Journal, LeaseKind::Journal) => true,
+        (LeaseKind::Journal, _) | (_, LeaseKind::Journal) => false,
+        _ => mine == LeaseKind::Gc || theirs == LeaseKind::Gc,
+    }
 }
 
 fn refusal(store: &dyn ChunkStore, mine: LeaseKind, rec: &LeaseRecord) -> Error {
     let what = match (mine, rec.kind) {
         (LeaseKind::Gc, LeaseKind::Use) => "a backup or verify",
+        (_, LeaseKind::Journal) => "a lock journal update",
         _ => "a GC",
     };
     Error::conflict(format!(
@@ -157,6 +168,7 @@ impl Lease {
         let kind_name = match kind {
             LeaseKind::Use => "use",
             LeaseKind::Gc => "gc",
+            LeaseKind::Journal => "journal",
         };
         let key = format!("{LEASE_DIR}/{kind_name}-{owner}.json");
         let record = LeaseRecord {

@@ -28,7 +28,9 @@ use crate::chunk::ChunkSize;
 use crate::error::{Error, IoContext, Result};
 
 use super::Vault;
+use super::keys::KeySecret;
 use super::store::{S3Credentials, S3Location, S3Store, write_atomic};
+use crate::chunk::VaultKey;
 
 /// Marks a state directory of an object-store vault.
 pub const LOCATION_FILE: &str = "s3.toml";
@@ -97,28 +99,39 @@ fn write_state(state: &Path, location: &S3Location) -> Result<()> {
     write_atomic(&state.join(LOCATION_FILE), text.as_bytes())
 }
 
+/// Forget the state directory's description of its vault (an attach that did not go
+/// through, e.g. without the key of an encrypted vault).
+pub fn detach(state: &Path) {
+    undo_state(state);
+}
+
 fn undo_state(state: &Path) {
     let _ = fs::remove_file(state.join(LOCATION_FILE));
     let _ = fs::remove_file(state.join(CREDENTIALS_FILE));
 }
 
-/// Create a vault at `location`, with local state in `state`.
+/// Create a vault at `location`, with local state in `state`: in compliance mode with
+/// `compliance_days`, encrypted with the vault key `encrypt` gives, wrapped by its secret
+/// (see [`Vault::create_keyed`]; the wrappings live in the bucket's `vault.toml`, so
+/// whoever attaches the bucket needs the key too).
 pub fn create(
     state: &Path,
     location: &S3Location,
     chunk_size: ChunkSize,
     zstd_level: i32,
+    compliance_days: Option<u32>,
+    encrypt: Option<(&KeySecret, VaultKey)>,
 ) -> Result<Vault> {
     write_state(state, location)?;
     let made = connect(state).and_then(|store| {
-        Vault::create_in(
+        Vault::create_keyed(
             Arc::new(store),
             state,
             true,
             chunk_size,
             zstd_level,
-            None,
-            None,
+            compliance_days,
+            encrypt,
         )
     });
     if made.is_err() {

@@ -202,10 +202,16 @@ impl Garage {
 
     /// `vault create NAME --s3 …` in `env`, with the key in the environment only.
     pub fn create_vault(&self, env: &Env, name: &str, prefix: &str) {
+        self.create_vault_with(env, name, prefix, &[]);
+    }
+
+    /// [`Garage::create_vault`] with more arguments (`--encrypt …`, `--compliance-days`).
+    pub fn create_vault_with(&self, env: &Env, name: &str, prefix: &str, extra: &[&str]) {
         let url = format!("s3://{}/{prefix}", self.bucket);
         let out = env
             .cmd()
             .args(["vault", "create", name, "--s3", &url])
+            .args(extra)
             .args(["--endpoint", &self.endpoint, "--region", "garage"])
             .env("AWS_ACCESS_KEY_ID", &self.key_id)
             .env("AWS_SECRET_ACCESS_KEY", &self.secret)
@@ -220,22 +226,33 @@ impl Garage {
 
     /// `vault attach NAME --s3 …` in `env`.
     pub fn attach_vault(&self, env: &Env, name: &str, prefix: &str) -> String {
-        let url = format!("s3://{}/{prefix}", self.bucket);
-        let out = env
-            .cmd()
-            .args(["vault", "attach", name, "--s3", &url])
-            .args(["--endpoint", &self.endpoint, "--region", "garage"])
-            .env("AWS_ACCESS_KEY_ID", &self.key_id)
-            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
-            .arg("--json")
-            .output()
-            .unwrap();
+        let out = self.try_attach_vault(env, name, prefix, &[]);
         assert!(
             out.status.success(),
             "vault attach --s3: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `vault attach NAME --s3 …` in `env` with more arguments (e.g. `--keyfile K`).
+    pub fn try_attach_vault(
+        &self,
+        env: &Env,
+        name: &str,
+        prefix: &str,
+        extra: &[&str],
+    ) -> std::process::Output {
+        let url = format!("s3://{}/{prefix}", self.bucket);
+        env.cmd()
+            .args(["vault", "attach", name, "--s3", &url])
+            .args(extra)
+            .args(["--endpoint", &self.endpoint, "--region", "garage"])
+            .env("AWS_ACCESS_KEY_ID", &self.key_id)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .arg("--json")
+            .output()
+            .unwrap()
     }
 }
 

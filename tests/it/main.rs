@@ -16,6 +16,7 @@ mod encryption;
 mod export;
 mod files;
 mod garage;
+mod garage_trust;
 mod hostile;
 mod incremental;
 mod integrity;

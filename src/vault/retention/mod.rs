@@ -11,6 +11,12 @@
 //! <vault>/locks/retention.lock      flock held while a record is appended
 //! ```
 //!
+//! On object storage the journal and its head are objects under the same keys, the
+//! flock is in the appliance's state directory, and since a second appliance cannot see
+//! it, an append (or a deletion checked against the journal) also holds a **journal
+//! lease** object (`locks/leases/journal-….json`, see `lease`): one appliance at a time
+//! reads, checks and rewrites the journal, so no record is lost to a concurrent append.
+//!
 //! A record is one line of JSON (fields in this order; `until`/`days` only where the
 //! kind has them):
 //!
@@ -322,18 +328,54 @@ fn append_with(
     Ok(Some(r))
 }
 
-/// The journal's flock (exclusive; released when the file is dropped).
-fn journal_lock(vault: &Vault) -> Result<File> {
+/// The journal's flock, and on a store other appliances reach (S3) also a journal
+/// lease; released on drop.
+struct JournalLock {
+    _file: File,
+    _lease: Option<super::lease::Lease>,
+}
+
+/// How long [`journal_lock`] keeps trying for the journal lease of a shared store.
+const JOURNAL_LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Take the journal's lock (see [`JournalLock`]). Two appliances that race for the
+/// lease may both be refused (see `lease`): each retries after a random pause, so one
+/// gets it; after [`JOURNAL_LEASE_WAIT`] the `Conflict` is returned.
+fn journal_lock(vault: &Vault) -> Result<JournalLock> {
     let lock_path = vault.root().join("locks").join("retention.lock");
-    let lock = File::options()
+    let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
         .ctx(|| format!("opening {}", lock_path.display()))?;
-    lock.lock()
+    file.lock()
         .ctx(|| format!("locking {}", lock_path.display()))?;
-    Ok(lock)
+    if !vault.is_shared_store() {
+        return Ok(JournalLock {
+            _file: file,
+            _lease: None,
+        });
+    }
+    let started = std::time::Instant::now();
+    loop {
+        match super::lease::Lease::take(
+            std::sync::Arc::clone(vault.store()),
+            super::lease::LeaseKind::Journal,
+        ) {
+            Ok(lease) => {
+                return Ok(JournalLock {
+                    _file: file,
+                    _lease: Some(lease),
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::Conflict && started.elapsed() < JOURNAL_LEASE_WAIT => {
+                let pause = 100 + u64::from(rand::random::<u16>() % 900);
+                std::thread::sleep(std::time::Duration::from_millis(pause));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Delete `m`'s manifest unless it is locked or protected (then `Conflict`, naming the
