@@ -196,7 +196,7 @@ pub fn run(level: i32, secs: f64, image_gib: Option<u64>) -> Result<Report> {
     );
 
     // Encrypted vaults: AES-256-GCM over whole chunks (the header as associated data).
-    let sealed = BlobCodec::sealed(&VaultKey::generate());
+    let sealed = BlobCodec::sealed(&VaultKey::generate())?;
     let header = [0u8; crate::chunk::BLOB_HEADER_LEN];
     let seal = |c: &Vec<u8>| {
         std::hint::black_box(sealed.seal_payload(&header, c).ok());

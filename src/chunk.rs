@@ -638,7 +638,7 @@ mod tests {
 
     #[test]
     fn sealed_blobs_round_trip_and_refuse_tampering() {
-        let codec = BlobCodec::sealed(&VaultKey::generate());
+        let codec = BlobCodec::sealed(&VaultKey::generate()).unwrap();
         let mut enc = Encoder::new(1, &codec).unwrap();
         let random: Vec<u8> = (0..65536u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)

@@ -24,7 +24,7 @@ impl Vault {
             return Ok(());
         };
         let key = keys::unlock(&self.display_name(), &self.config.id, enc, secret)?;
-        self.codec = Some(BlobCodec::sealed(&key));
+        self.codec = Some(BlobCodec::sealed(&key)?);
         self.key = Some(key);
         Ok(())
     }

@@ -41,12 +41,11 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::chunk::VaultKey;
+use crate::chunk::seal::{aes_key, open_detached, seal_detached};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
 const KEYFILE_WRAP_CONTEXT: &str = "blockvault 2026-11 key file wrapping";
@@ -251,13 +250,8 @@ pub fn wrap(
     };
     let nonce: [u8; 12] = rand::random();
     let mut buf = key.as_bytes().to_vec();
-    let tag = Aes256Gcm::new(kek.as_ref().into())
-        .encrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            &wrap_aad(vault_id, &id),
-            &mut buf,
-        )
-        .map_err(|_| Error::new(ErrorKind::Io, "wrapping the vault key failed"))?;
+    let tag = seal_detached(&aes_key(&kek)?, nonce, &wrap_aad(vault_id, &id), &mut buf)
+        .map_err(|e| e.context_prefix("wrapping the vault key"))?;
     buf.extend_from_slice(&tag);
     Ok(Wrapping {
         id,
@@ -362,14 +356,13 @@ fn unwrap_with(vault_id: &str, w: &Wrapping, kek: &[u8; 32]) -> Result<Option<Va
         return Err(bad());
     }
     let mut buf = Zeroizing::new(wrapped[..32].to_vec());
-    let ok = Aes256Gcm::new(kek.into())
-        .decrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            &wrap_aad(vault_id, &w.id),
-            &mut buf,
-            Tag::from_slice(&wrapped[32..]),
-        )
-        .is_ok();
+    let ok = open_detached(
+        &aes_key(kek)?,
+        &nonce,
+        &wrap_aad(vault_id, &w.id),
+        &mut buf,
+        &wrapped[32..],
+    );
     if !ok {
         return Ok(None);
     }

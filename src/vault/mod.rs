@@ -247,7 +247,7 @@ impl Vault {
         store.put("vault.toml", text.as_bytes())?;
         let mut vault = Vault::open_in(store, state, shared_store)?;
         if let Some(key) = key {
-            vault.codec = Some(BlobCodec::sealed(&key));
+            vault.codec = Some(BlobCodec::sealed(&key)?);
             vault.key = Some(key);
         }
         if let Some(days) = compliance_days {
