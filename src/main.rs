@@ -130,7 +130,14 @@ fn init_logging(cli: &Cli, config: Option<&blockvault::config::Config>) {
                 "warn".into()
             }
         });
-    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let mut filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("warn"));
+    // fatfs warns about every volume mkfs.vfat makes (reserved sectors ≠ 1): noise for
+    // a reader; its errors still show.
+    if !level.contains("fatfs")
+        && let Ok(d) = "fatfs=error".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let json = cli.log_json || config.is_some_and(|c| c.log_format == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -87,7 +87,7 @@ fn mkfs(tree: &Path, img: &Path, mib: u64, extra: &[&str]) {
 
 /// A disk of `mib` MiB with the partition table `script` (sfdisk) and `fs` copied at
 /// byte offset `at`.
-fn disk_with(disk: &Path, mib: u64, script: &str, fs_img: &Path, at: u64) {
+pub(crate) fn disk_with(disk: &Path, mib: u64, script: &str, fs_img: &Path, at: u64) {
     write_raw(disk, mib << 20, 0, &[0]);
     let mut c = Command::new("sfdisk")
         .args(["-q", disk.to_str().unwrap()])
@@ -180,13 +180,13 @@ impl FifoLike for fs::FileType {
     }
 }
 
-fn files(env: &Env, disk: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn files(env: &Env, disk: &str, args: &[&str]) -> std::process::Output {
     let mut a = vec!["files", "latest", "--disk", disk];
     a.extend_from_slice(args);
     env.run(&a)
 }
 
-fn files_json(env: &Env, disk: &str, args: &[&str]) -> Value {
+pub(crate) fn files_json(env: &Env, disk: &str, args: &[&str]) -> Value {
     let mut a = vec!["files", "latest", "--disk", disk];
     a.extend_from_slice(args);
     env.json(&a)
@@ -513,7 +513,7 @@ fn a_corrupt_chunk_fails_only_the_files_in_it_with_a_clear_error() {
 }
 
 /// Run `files` with a deadline; returns (exit code, stderr). A hang fails the test.
-fn bounded(env: &Env, args: &[&str], deadline: Duration) -> (Option<i32>, String) {
+pub(crate) fn bounded(env: &Env, args: &[&str], deadline: Duration) -> (Option<i32>, String) {
     let mut child = env
         .cmd()
         .args(args)

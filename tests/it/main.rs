@@ -15,6 +15,7 @@ mod drill_service;
 mod encryption;
 mod export;
 mod files;
+mod files_fat;
 mod garage;
 mod garage_trust;
 mod hostile;
