@@ -202,11 +202,9 @@ fn hostile_fat_boot_sectors_and_looping_chains_give_errors_not_panics_or_hangs()
         looping[at..at + 2].copy_from_slice(&2u16.to_le_bytes());
     }
     cases.push(("looping FAT chains", looping));
-    let mut seed = 1u64;
-    for i in 0..6 {
+    for i in 0..6u64 {
         let mut b = good.clone();
-        let noise = random_bytes(512, seed);
-        seed += 1;
+        let noise = random_bytes(512, i + 1);
         let at = if i % 2 == 0 { 0 } else { fat };
         for (j, x) in noise.iter().enumerate().step_by(3) {
             b[at + j] ^= x;
