@@ -7,12 +7,11 @@ use serde_json::Value;
 use super::args::{Cli, DrillArgs};
 use super::client::{Remote, seg};
 use super::output::*;
-use blockvault::app::App;
 
 /// Run the drill here; exit status 1 when the guest did not pass.
 pub fn run(cli: &Cli, a: &DrillArgs) -> Result<i32> {
     let opts = a.options()?;
-    let app = App::open(&cli.data)?;
+    let app = super::open_app(cli)?;
     let stop = super::cancel_on_signals()?;
     let spin = spinner(cli, "drill: starting");
     let progress = |m: &str| {

@@ -5,11 +5,10 @@ use serde_json::{Value, json};
 
 use super::args::{Cli, FilesArgs, FilesCmd};
 use super::output::{human, table, write_err};
-use blockvault::app::App;
 use blockvault::files::{EntryKind, extract, normalize};
 
 pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
-    let app = App::open(&cli.data)?;
+    let app = super::open_app(cli)?;
     let s = app.open_files(&a.backup, a.disk.as_deref())?;
     match &a.cmd {
         FilesCmd::Partitions => {

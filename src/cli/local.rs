@@ -236,7 +236,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref disk,
             ref until,
         }) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
             let until = blockvault::vault::retention::parse_until(until)?;
             let (entry, st) = app.lock_backup(&id, until, &blockvault::app::cli_actor())?;
@@ -261,7 +261,7 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref disk,
             off,
         }) => {
-            let app = App::open(&cli.data)?;
+            let app = super::open_app(cli)?;
             let id = app.resolve_backup(backup, disk.as_deref())?.manifest.id;
             let entry = app.set_protected(&id, !off, &blockvault::app::cli_actor())?;
             if cli.json {

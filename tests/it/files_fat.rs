@@ -48,7 +48,7 @@ fn tree() -> Vec<(&'static str, Vec<u8>)> {
 
 /// A FAT image of `mib` MiB (`fat_bits` 12/16/32) holding [`tree`], mtimes set to
 /// 2024-05-06 07:08:(10 + 2i) UTC and `sub/ro.txt` read-only.
-fn make_fat(env: &Env, img: &Path, mib: u64, fat_bits: &str) {
+pub(crate) fn make_fat(env: &Env, img: &Path, mib: u64, fat_bits: &str) {
     let _ = fs::remove_file(img);
     mtool(
         "mkfs.vfat",
@@ -85,7 +85,7 @@ fn filetime(n: usize) -> i64 {
     1_714_979_290 + 2 * n as i64
 }
 
-fn check_tree(out: &Path) {
+pub(crate) fn check_tree(out: &Path) {
     for (n, (name, bytes)) in tree().into_iter().enumerate() {
         let p = out.join(name);
         assert_eq!(fs::read(&p).unwrap(), bytes, "{name}");

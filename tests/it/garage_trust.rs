@@ -241,3 +241,95 @@ fn an_encrypted_vault_replicates_to_garage_sealed_and_restores_from_there() {
     ]);
     assert!(images_equal(&img, &out));
 }
+
+#[test]
+fn files_and_a_drill_read_an_encrypted_vault_on_garage_with_its_key_only() {
+    let g = Garage::start();
+    let env = Env::bare();
+    let key = env.path("v.key");
+    let k = key.to_str().unwrap();
+    g.create_vault_with(&env, "v", "rec", &["--encrypt", "--keyfile", k]);
+    // A FAT volume for files, a boot-sector disk for the drill.
+    let fat = env.path("vol.fat");
+    crate::files_fat::make_fat(&env, &fat, 16, "16");
+    let guest = env.path("guest.img");
+    crate::drill::disk(
+        &guest,
+        &crate::drill::boot_sector("encrypted drill: DRILL-OK\r\n"),
+        8 << 20,
+    );
+    let mut ids = Vec::new();
+    for (img, id) in [(&fat, "vol"), (&guest, "guest")] {
+        let b = env.json(&[
+            "--keyfile",
+            k,
+            "backup",
+            img.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            id,
+        ]);
+        ids.push(s(&b, "id").to_string());
+    }
+    let guest_backup = ids[1].clone();
+    // Without the key: refused at once, nothing extracted.
+    let out = env.path("out");
+    let o = env.run(&[
+        "files",
+        "latest",
+        "--disk",
+        "vol",
+        "get",
+        "/",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    assert!(!out.exists());
+    let tmp = env.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let drill = |with_key: bool| {
+        let mut c = env.cmd();
+        c.env("TMPDIR", &tmp).arg("--json");
+        if with_key {
+            c.args(["--keyfile", k]);
+        }
+        let o = c
+            .args([
+                "drill",
+                &guest_backup,
+                "--check",
+                "console:DRILL-OK",
+                "--timeout",
+                "120",
+            ])
+            .output()
+            .unwrap();
+        (o.status.code(), stdout(&o), stderr(&o))
+    };
+    let (code, _, err) = drill(false);
+    assert_eq!(code, Some(10), "{err}");
+    // With it: every file comes back equal, and the guest boots from the bucket.
+    env.ok(&[
+        "--keyfile",
+        k,
+        "files",
+        "latest",
+        "--disk",
+        "vol",
+        "get",
+        "/",
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    crate::files_fat::check_tree(&out);
+    let (code, json, err) = drill(true);
+    assert_eq!(code, Some(0), "{json}{err}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "the drill left files"
+    );
+}
