@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vault chunks ──▶ DiskCache/DiskReader (verified, LRU) ──▶ DiskView (partition range)
-//!   ──▶ table.rs (GPT | MBR | none) ──▶ detect (magic) ──▶ Volume (ext4.rs | fat.rs)
+//!   ──▶ table.rs (GPT | MBR | none) ──▶ detect (magic) ──▶ Volume (ext4.rs | fat.rs | ntfs.rs)
 //!   ──▶ ls / stat / read_file ──▶ extract.rs (DEST on the host) | the API's stream
 //! ```
 //!
@@ -11,9 +11,9 @@
 //! A chunk failing verification is an error for the file (or directory) that needs it.
 //!
 //! File systems: **ext2/3/4** through `ext4-view` (read-only, forbids `unsafe`, fuzzed
-//! upstream) and **FAT12/16/32** through `fatfs` (see `fat`: a write-refusing adapter).
-//! Detected and refused with a clear `Unsupported` error: NTFS (the `ntfs` crate reads
-//! it; not wired in yet), XFS (no well-kept pure-Rust reader exists), btrfs,
+//! upstream), **FAT12/16/32** through `fatfs` (see `fat`: a write-refusing adapter) and
+//! **NTFS** through `ntfs` (see `ntfs` for what is mapped). Detected and refused with a
+//! clear `Unsupported` error: XFS (no well-kept pure-Rust reader exists), btrfs,
 //! LUKS (encrypted: needs the guest's key), swap, and **LVM2** physical volumes (not
 //! supported: logical volumes would need the LVM metadata parsed; restore the disk).
 //!
@@ -28,6 +28,7 @@
 pub mod ext4;
 pub mod extract;
 pub mod fat;
+pub mod ntfs;
 pub mod table;
 
 use std::rc::Rc;
@@ -133,7 +134,7 @@ impl FsKind {
 
     /// Whether `files ls/get` can read it.
     pub fn supported(self) -> bool {
-        matches!(self, FsKind::Ext4 | FsKind::Fat)
+        matches!(self, FsKind::Ext4 | FsKind::Fat | FsKind::Ntfs)
     }
 
     /// Why it cannot be read.
@@ -319,6 +320,7 @@ impl Disk {
         let view = DiskView::new(Rc::clone(&self.reader), p.start, p.size)?;
         let opened: Result<Box<dyn Volume>> = match p.fs {
             FsKind::Fat => fat::FatVolume::open(view).map(|v| Box::new(v) as Box<dyn Volume>),
+            FsKind::Ntfs => ntfs::NtfsVolume::open(view).map(|v| Box::new(v) as Box<dyn Volume>),
             _ => ext4::Ext4Volume::open(view).map(|v| Box::new(v) as Box<dyn Volume>),
         };
         opened.map_err(|e| e.context_prefix(self.label(p)))

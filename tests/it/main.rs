@@ -16,6 +16,7 @@ mod encryption;
 mod export;
 mod files;
 mod files_fat;
+mod files_ntfs;
 mod garage;
 mod garage_trust;
 mod hostile;
