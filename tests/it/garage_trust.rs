@@ -333,3 +333,54 @@ fn files_and_a_drill_read_an_encrypted_vault_on_garage_with_its_key_only() {
         "the drill left files"
     );
 }
+
+#[test]
+fn two_appliances_locking_at_once_lose_no_record_of_the_bucket_journal() {
+    use blockvault::vault::store::ChunkStore;
+    let g = Garage::start();
+    let first = Env::bare();
+    g.create_vault(&first, "v", "race");
+    let img = first.path("web.raw");
+    let names = ["a0", "a1", "b0", "b1"];
+    for (i, n) in names.iter().enumerate() {
+        write_raw(&img, 4 << 20, 0, &random_bytes(1 << 20, 90 + i as u64));
+        first.ok(&[
+            "backup",
+            img.to_str().unwrap(),
+            "--vault",
+            "v",
+            "--id",
+            "web",
+            "--name",
+            n,
+        ]);
+    }
+    let second = Env::bare();
+    g.attach_vault(&second, "v", "race");
+    // Each appliance extends the locks of its two backups three times, both at once:
+    // without the journal lease, one appliance's read-modify-write drops the other's.
+    std::thread::scope(|sc| {
+        for (env, mine) in [(&first, ["a0", "a1"]), (&second, ["b0", "b1"])] {
+            sc.spawn(move || {
+                for y in ["2030", "2031", "2032"] {
+                    for b in mine {
+                        env.ok(&["backups", "lock", b, "--until", &format!("{y}-01-01")]);
+                    }
+                }
+            });
+        }
+    });
+    let journal = g.store("race").get("locks/retention.journal").unwrap();
+    assert_eq!(journal.iter().filter(|b| **b == b'\n').count(), 12);
+    first.ok(&["verify", "--vault", "v"]);
+    for env in [&first, &second] {
+        for n in names {
+            let show = env.json(&["backups", "show", n]);
+            assert_eq!(show["locked_until"], "2032-01-01T00:00:00Z", "{n}: {show}");
+        }
+    }
+    assert!(
+        g.objects("race", "locks/leases").is_empty(),
+        "a journal lease was left behind"
+    );
+}
