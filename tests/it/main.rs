@@ -18,6 +18,7 @@ mod files;
 mod garage;
 mod hostile;
 mod incremental;
+mod instant_api;
 mod integrity;
 mod libvirt;
 mod limits;
