@@ -13,6 +13,7 @@
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, readdirSync, existsSync, statSync, rmSync } from "node:fs";
 import { createInterface } from "node:readline";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -203,6 +204,33 @@ try {
     execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", src, out]);
   });
 
+  await step("instant access from a backup's row: qemu-img compare reads it byte-exact; Stop closes its port", async () => {
+    await view("backups");
+    await page.locator("tbody tr", { hasText: "web" }).first().getByRole("button", { name: "Instant access" }).click();
+    const code = page.locator("section[aria-label^='instant access'] code[data-uri]");
+    await code.waitFor();
+    const uri = await code.getAttribute("data-uri");
+    assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+\/$/);
+    await shot("backups-instant");
+    execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", src, uri]);
+    await view("instant");
+    const row = page.locator("tbody tr", { hasText: uri });
+    await row.locator(".badge", { hasText: "running" }).waitFor();
+    await shot("instant");
+    await row.getByRole("button", { name: "Stop" }).click();
+    await page.locator(".flash", { hasText: "Stopped instant access" }).waitFor();
+    await page.locator("main [data-view=instant] .empty").waitFor();
+    const left = await (await fetch(`${url}/api/v1/instant`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+    assert.deepEqual(left, []);
+    const [host, port] = uri.slice("nbd://".length, -1).split(":");
+    const open = await new Promise((ok) => {
+      const s = connect({ host, port: Number(port) });
+      s.once("connect", () => (s.destroy(), ok(true)));
+      s.once("error", () => ok(false));
+    });
+    assert.equal(open, false, `${uri} still accepts connections after Stop`);
+  });
+
   await step("cancel a running backup (nbdkit with the delay filter)", async () => {
     await view("resources");
     await page.locator("tr", { hasText: "slow.sock" }).getByRole("button", { name: "Back up now" }).click();
@@ -228,7 +256,7 @@ try {
     await page.keyboard.press("Tab");
     const seen = Number(await page.locator("main").getAttribute("data-polls"));
     await page.waitForFunction((n) => Number(document.querySelector("main").dataset.polls) >= n + 2, seen);
-    assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Protect");
+    assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Instant access");
     await view("vaults");
     await page.locator("main td", { hasText: "v" }).first().waitFor();
     await shot("vaults");
@@ -290,7 +318,7 @@ try {
     await login(auditor);
     await page.locator("#who", { hasText: "watcher (auditor)" }).waitFor();
     assert.equal(await page.locator("nav a[data-view=tokens]").count(), 0);
-    for (const v of ["dashboard", "backups", "tasks", "resources", "policies", "vaults", "audit", "alerts"]) {
+    for (const v of ["dashboard", "backups", "tasks", "instant", "resources", "policies", "vaults", "audit", "alerts"]) {
       await view(v);
       // The view has drawn its data (a table or its "nothing yet" line) before we look.
       await page.locator(`main [data-view="${v}"] table, main [data-view="${v}"] .empty`).first().waitFor();
