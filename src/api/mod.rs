@@ -242,6 +242,7 @@ routes! {
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => locks::protect_backup;
     POST "/backups/{id}/lock" Admin "Lock a backup until a date (extend only)" => locks::lock_backup;
     POST "/backups/{id}/drill" Operator "Boot a backup in a throwaway VM (recovery drill task)" => drill::drill_backup;
+    GET "/backups/{id}/drill/screenshot" Auditor "The PNG screenshot of a backup's last drill" => drill::screenshot;
     GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
     GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
     POST "/instant" Operator "Serve a backup's disk read-only over NBD (instant access)" => instant::start;
