@@ -4,6 +4,7 @@ import { api, ApiError, RANK, Role, setOnUnauthorized, setToken, token } from ".
 import { field, h, replace } from "./dom";
 import { alerts } from "./alerts";
 import { instant } from "./instant";
+import { drills } from "./drills";
 import { audit, policies, resources, tokens, vaults } from "./manage";
 import { backups, Ctx, dashboard, tasks, View } from "./views";
 
@@ -16,6 +17,7 @@ const VIEWS: { hash: string; title: string; view: View; role: Role }[] = [
   { hash: "instant", title: "Instant access", view: instant, role: "auditor" },
   { hash: "resources", title: "Resources", view: resources, role: "auditor" },
   { hash: "policies", title: "Policies", view: policies, role: "auditor" },
+  { hash: "drills", title: "Drills", view: drills, role: "auditor" },
   { hash: "vaults", title: "Vaults", view: vaults, role: "auditor" },
   { hash: "tokens", title: "Tokens", view: tokens, role: "admin" },
   { hash: "audit", title: "Audit log", view: audit, role: "auditor" },

@@ -65,6 +65,7 @@ mod maintenance;
 mod metrics;
 mod openapi;
 mod replicate;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,6 +105,8 @@ pub struct ApiState {
     views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
     /// Instant-access exports served by the service (`instant`).
     exports: instant::Exports,
+    /// Configured webhook targets, shown without secrets (`webhooks`).
+    pub webhooks: Vec<crate::config::Webhook>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -137,6 +140,7 @@ impl ApiState {
             capacity_warn_percent,
             views: Default::default(),
             exports: Default::default(),
+            webhooks: Vec::new(),
         })
     }
 
@@ -262,6 +266,7 @@ routes! {
     POST "/tasks/{id}/cancel" Operator "Cancel a task" => handlers::cancel_task;
     GET "/audit" Auditor "Who did what, when" => handlers::audit;
     GET "/alerts" Auditor "Raised alerts" => handlers::alerts;
+    GET "/webhooks" Auditor "Configured webhook targets (host, events, signed; never the secret)" => webhooks::list;
     GET "/tokens" Admin "List tokens" => handlers::list_tokens;
     POST "/tokens" Admin "Create a token (secret shown once)" => handlers::create_token;
     DELETE "/tokens/{name}" Admin "Delete a token" => handlers::delete_token;
@@ -614,6 +619,7 @@ pub fn run_appliance(
         config.capacity_warn_percent,
     )?;
     state.confine = confine;
+    state.webhooks = config.webhooks.clone();
     state.audit.set_retention(audit::AuditRetention {
         keep_days: config.audit_keep_days,
         keep_max: config.audit_keep_max,
