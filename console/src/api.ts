@@ -89,3 +89,17 @@ export function duration(s: number | null | undefined): string {
   if (s < 5400) return `${Math.round(s / 60)} min`;
   return `${(s / 3600).toFixed(1)} h`;
 }
+
+/** GET `path` as bytes (an image): an object URL for an <img>, with the token in a header. */
+export async function apiBlobUrl(path: string): Promise<string> {
+  const t = token();
+  const r = await fetch(`/api/v1${path}`, { headers: t ? { Authorization: `Bearer ${t}` } : {} });
+  if (!r.ok) {
+    let v: any = await r.text();
+    try {
+      v = JSON.parse(v);
+    } catch {}
+    throw new ApiError(r.status, `${r.status}: ${errorMessage(v) || r.statusText}`);
+  }
+  return URL.createObjectURL(await r.blob());
+}

@@ -3,6 +3,8 @@
 import { api, ApiError, RANK, Role, setOnUnauthorized, setToken, token } from "./api";
 import { field, h, replace } from "./dom";
 import { alerts } from "./alerts";
+import { instant } from "./instant";
+import { drills } from "./drills";
 import { audit, policies, resources, tokens, vaults } from "./manage";
 import { backups, Ctx, dashboard, tasks, View } from "./views";
 
@@ -12,8 +14,10 @@ const VIEWS: { hash: string; title: string; view: View; role: Role }[] = [
   { hash: "dashboard", title: "Dashboard", view: dashboard, role: "auditor" },
   { hash: "backups", title: "Backups", view: backups, role: "auditor" },
   { hash: "tasks", title: "Tasks", view: tasks, role: "auditor" },
+  { hash: "instant", title: "Instant access", view: instant, role: "auditor" },
   { hash: "resources", title: "Resources", view: resources, role: "auditor" },
   { hash: "policies", title: "Policies", view: policies, role: "auditor" },
+  { hash: "drills", title: "Drills", view: drills, role: "auditor" },
   { hash: "vaults", title: "Vaults", view: vaults, role: "auditor" },
   { hash: "tokens", title: "Tokens", view: tokens, role: "admin" },
   { hash: "audit", title: "Audit log", view: audit, role: "auditor" },

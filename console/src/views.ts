@@ -2,6 +2,7 @@
 
 import { api, ApiError, age, bytes, duration, RANK, Role } from "./api";
 import { Child, field, h, replace, table, val } from "./dom";
+import { instantPanel } from "./instant";
 
 export interface Ctx {
   role: Role;
@@ -153,7 +154,14 @@ export const dashboard: View = {
 
 // ---- backups ----
 
+/** Whole-server images a server backup can be restored into: OVA, or a directory of qcow2s. */
+const SERVER_IMAGES: [string, string][] = [
+  ["image:ova", "OVA (whole server, one file)"],
+  ["image:qcow2-set", "qcow2 set (whole server, a directory)"],
+];
+
 function restoreForm(b: any, ctx: Ctx, done: () => void): HTMLElement {
+  const server = b.resource_kind === "server" || (b.disks || []).length > 1;
   const form = h(
     "form",
     { class: "card", "aria-label": `restore ${b.name}` },
@@ -161,7 +169,13 @@ function restoreForm(b: any, ctx: Ctx, done: () => void): HTMLElement {
     field("Target path", h("input", { name: "to", required: true, placeholder: "/var/lib/blockvault/restored.qcow2", size: 50 })),
     field(
       "Format",
-      h("select", { name: "format" }, ["qcow2", "raw", "vmdk"].map((f) => h("option", { value: f }, f))),
+      h(
+        "select",
+        { name: "format" },
+        ["qcow2", "raw", "vmdk", "vmdk-stream"].map((f) => h("option", { value: f }, f)),
+        // A server backup can also become one whole-server image (`image` in POST /restores).
+        server ? SERVER_IMAGES.map(([v, t]) => h("option", { value: v }, t)) : null,
+      ),
     ),
     field("Size (bytes, optional)", h("input", { name: "size", inputmode: "numeric", placeholder: String(b.logical_size) })),
     h("button", { type: "submit" }, "Start restore"),
@@ -169,7 +183,8 @@ function restoreForm(b: any, ctx: Ctx, done: () => void): HTMLElement {
   );
   form.onsubmit = async (ev) => {
     ev.preventDefault();
-    const body: any = { backup: b.id, to: val(form, "to"), format: val(form, "format") };
+    const fmt = val(form, "format");
+    const body: any = fmt.startsWith("image:") ? { backup: b.id, to: val(form, "to"), image: fmt.slice(6) } : { backup: b.id, to: val(form, "to"), format: fmt };
     const size = val(form, "size");
     if (size) body.size = Number(size);
     try {
@@ -259,6 +274,7 @@ export const backups: View = {
               "span",
               { class: "actions" },
               h("button", { onclick: () => replace(panel, restoreForm(b, ctx, () => replace(panel))) }, "Restore"),
+              h("button", { onclick: () => replace(panel, instantPanel(b, ctx, () => replace(panel))) }, "Instant access"),
               h(
                 "button",
                 {

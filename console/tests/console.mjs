@@ -13,6 +13,7 @@
 import { spawn, execFileSync } from "node:child_process";
 import { mkdtempSync, mkdirSync, readFileSync, writeFileSync, readdirSync, existsSync, statSync, rmSync } from "node:fs";
 import { createInterface } from "node:readline";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -32,7 +33,15 @@ const data = join(work, "data");
 // The API only reaches host paths under [paths] (the defaults are inside the data dir):
 // this test's images, restores and the nbdkit socket live in `work`.
 const config = join(work, "serve.toml");
-writeFileSync(config, `[paths]\nsources = ["${work}"]\nrestore_to = ["${work}"]\n`);
+// One webhook target (to a closed loopback port, for an event this test never raises):
+// the alerts view shows its host and "signed", never its secret or its URL's path.
+const HOOK_SECRET = "console-test-signing-secret";
+writeFileSync(
+  config,
+  `[paths]\nsources = ["${work}"]\nrestore_to = ["${work}"]\n` +
+    `[alerts]\nallowed_hosts = ["127.0.0.1"]\n` +
+    `[[alerts.webhook]]\nurl = "http://127.0.0.1:9/hooks/PATH-TOKEN"\nevents = ["vault_full"]\nsecret = "${HOOK_SECRET}"\n`,
+);
 const children = [];
 process.on("exit", () => {
   for (const c of children) c.kill("SIGTERM");
@@ -203,6 +212,33 @@ try {
     execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", src, out]);
   });
 
+  await step("instant access from a backup's row: qemu-img compare reads it byte-exact; Stop closes its port", async () => {
+    await view("backups");
+    await page.locator("tbody tr", { hasText: "web" }).first().getByRole("button", { name: "Instant access" }).click();
+    const code = page.locator("section[aria-label^='instant access'] code[data-uri]");
+    await code.waitFor();
+    const uri = await code.getAttribute("data-uri");
+    assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+\/$/);
+    await shot("backups-instant");
+    execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", src, uri]);
+    await view("instant");
+    const row = page.locator("tbody tr", { hasText: uri });
+    await row.locator(".badge", { hasText: "running" }).waitFor();
+    await shot("instant");
+    await row.getByRole("button", { name: "Stop" }).click();
+    await page.locator(".flash", { hasText: "Stopped instant access" }).waitFor();
+    await page.locator("main [data-view=instant] .empty").waitFor();
+    const left = await (await fetch(`${url}/api/v1/instant`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+    assert.deepEqual(left, []);
+    const [host, port] = uri.slice("nbd://".length, -1).split(":");
+    const open = await new Promise((ok) => {
+      const s = connect({ host, port: Number(port) });
+      s.once("connect", () => (s.destroy(), ok(true)));
+      s.once("error", () => ok(false));
+    });
+    assert.equal(open, false, `${uri} still accepts connections after Stop`);
+  });
+
   await step("cancel a running backup (nbdkit with the delay filter)", async () => {
     await view("resources");
     await page.locator("tr", { hasText: "slow.sock" }).getByRole("button", { name: "Back up now" }).click();
@@ -228,7 +264,7 @@ try {
     await page.keyboard.press("Tab");
     const seen = Number(await page.locator("main").getAttribute("data-polls"));
     await page.waitForFunction((n) => Number(document.querySelector("main").dataset.polls) >= n + 2, seen);
-    assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Protect");
+    assert.equal(await page.evaluate(() => document.activeElement?.textContent), "Instant access");
     await view("vaults");
     await page.locator("main td", { hasText: "v" }).first().waitFor();
     await shot("vaults");
@@ -280,8 +316,36 @@ try {
     await view("dashboard");
     await page.locator("main tr", { hasText: "web" }).locator(".badge.failed", { hasText: "drill failed" }).waitFor();
     await shot("dashboard-drill");
+    // The drills view: the last drill per resource, its screenshot served by the API.
+    await view("drills");
+    await page.locator("[data-drill=web]", { hasText: "failed" }).waitFor();
+    await page.locator("main tr", { hasText: "web" }).getByRole("button", { name: "Screenshot" }).click();
+    const img = page.locator("img[data-screenshot=web]");
+    await img.waitFor();
+    await page.waitForFunction(() => document.querySelector("img[data-screenshot=web]")?.naturalWidth > 0);
+    const res = await (await fetch(`${url}/api/v1/resources/web`, { headers: { Authorization: `Bearer ${auditor}` } })).json();
+    const png = Buffer.from(await (await fetch(`${url}/api/v1/backups/${res.last_drill.backup}/drill/screenshot`, { headers: { Authorization: `Bearer ${auditor}` } })).arrayBuffer());
+    assert.equal(png.subarray(1, 4).toString(), "PNG", "the screenshot route serves a PNG");
+    await shot("drills");
+    // A drill policy made in the view exists in the API as kind "drill".
+    const f = page.locator("form[aria-label='drill policy']");
+    await f.getByLabel("Name").fill("weekly-drill");
+    await f.locator("[name=resources]").fill("web");
+    await f.getByRole("button", { name: "Save drill policy" }).click();
+    await page.locator(".flash", { hasText: "Drill policy weekly-drill created" }).waitFor();
+    await page.locator("main td", { hasText: "weekly-drill" }).waitFor();
+    const dp = await (await fetch(`${url}/api/v1/policies/weekly-drill`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+    assert.equal(dp.kind, "drill", JSON.stringify(dp));
+    assert.deepEqual(dp.resources, ["web"]);
     await view("alerts");
     await page.locator("main [data-view=alerts] table, main [data-view=alerts] .empty").first().waitFor();
+    const hook = page.locator("main tr", { has: page.locator("[data-webhook='127.0.0.1']") });
+    await hook.locator(".badge", { hasText: "signed" }).waitFor();
+    await hook.locator("td", { hasText: "vault_full" }).waitFor();
+    const text = await page.locator("main").textContent();
+    assert.ok(!text.includes(HOOK_SECRET) && !text.includes("PATH-TOKEN"), "the alerts view shows no secret and no URL path");
+    const raw = await (await fetch(`${url}/api/v1/webhooks`, { headers: { Authorization: `Bearer ${auditor}` } })).text();
+    assert.ok(!raw.includes(HOOK_SECRET) && !raw.includes("PATH-TOKEN"), raw);
     await shot("alerts");
   });
 
@@ -290,12 +354,12 @@ try {
     await login(auditor);
     await page.locator("#who", { hasText: "watcher (auditor)" }).waitFor();
     assert.equal(await page.locator("nav a[data-view=tokens]").count(), 0);
-    for (const v of ["dashboard", "backups", "tasks", "resources", "policies", "vaults", "audit", "alerts"]) {
+    for (const v of ["dashboard", "backups", "tasks", "instant", "drills", "resources", "policies", "vaults", "audit", "alerts"]) {
       await view(v);
       // The view has drawn its data (a table or its "nothing yet" line) before we look.
       await page.locator(`main [data-view="${v}"] table, main [data-view="${v}"] .empty`).first().waitFor();
       const buttons = await page.locator("main button").allTextContents();
-      const allowed = ["Log", "Preview retention"];
+      const allowed = ["Log", "Preview retention", "Screenshot"];
       assert.deepEqual(buttons.filter((b) => !allowed.includes(b)), [], `auditor sees buttons on ${v}: ${buttons}`);
       assert.equal(await page.locator("main form[aria-label=resource], main form[aria-label=policy], main form[aria-label=vault]").count(), 0);
     }

@@ -50,10 +50,11 @@ pub async fn asset(uri: axum::http::Uri) -> Response {
             [
                 (header::CONTENT_TYPE, *ty),
                 (header::CACHE_CONTROL, "no-cache"),
-                // Nothing from elsewhere: no CDN, no inline script, no framing.
+                // Nothing from elsewhere: no CDN, no inline script, no framing. Images may
+                // be blob: URLs (drill screenshots, fetched with the token in a header).
                 (
                     header::CONTENT_SECURITY_POLICY,
-                    "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                    "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'",
                 ),
                 (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             ],

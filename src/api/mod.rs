@@ -7,7 +7,7 @@
 //! `GET /health` without an `Authorization` header, which answers `{"status":"ok"}` and
 //! nothing more (for probes; not audited; see [`ANONYMOUS`]). The route table
 //! ([`ROUTES`]) gives each route the least role it needs (auditor reads; operator also
-//! backs up, restores, protects, deletes backups, verifies vaults and cancels tasks; admin
+//! backs up, restores, serves instant access, protects, deletes backups, verifies vaults and cancels tasks; admin
 //! also manages vaults, resources, policies and tokens, locks backups and runs GC): a weaker role gets 403. Every call with a
 //! token or refused, goes to the audit log with the token's name. Deny by default: a
 //! method or path the table does not list is refused (405/404) before any handler runs,
@@ -45,6 +45,9 @@
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
 //!
+//! Instant access (`/instant`, see `instant`): the service serves backups over NBD
+//! itself, as managed exports that stop with it.
+//!
 //! Outside `/api/v1`: the web console's embedded assets at `/` (no token; see
 //! `console`) and `GET /metrics` (Prometheus text, any valid token; see `metrics`).
 
@@ -55,12 +58,14 @@ mod drill;
 mod files;
 mod guard;
 mod handlers;
+mod instant;
 pub mod listen;
 mod locks;
 mod maintenance;
 mod metrics;
 mod openapi;
 mod replicate;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -98,6 +103,10 @@ pub struct ApiState {
     /// Each backup's list view as JSON text, keyed by id (with its protected flag): a
     /// committed manifest never changes, so `GET /backups` parses none it has seen.
     views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
+    /// Instant-access exports served by the service (`instant`).
+    exports: instant::Exports,
+    /// Configured webhook targets, shown without secrets (`webhooks`).
+    pub webhooks: Vec<crate::config::Webhook>,
 }
 
 pub type Shared = Arc<ApiState>;
@@ -130,6 +139,8 @@ impl ApiState {
             alerts,
             capacity_warn_percent,
             views: Default::default(),
+            exports: Default::default(),
+            webhooks: Vec::new(),
         })
     }
 
@@ -235,8 +246,12 @@ routes! {
     POST "/backups/{id}/protect" Operator "Protect (or unprotect) a backup" => locks::protect_backup;
     POST "/backups/{id}/lock" Admin "Lock a backup until a date (extend only)" => locks::lock_backup;
     POST "/backups/{id}/drill" Operator "Boot a backup in a throwaway VM (recovery drill task)" => drill::drill_backup;
+    GET "/backups/{id}/drill/screenshot" Auditor "The PNG screenshot of a backup's last drill" => drill::screenshot;
     GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
     GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
+    POST "/instant" Operator "Serve a backup's disk read-only over NBD (instant access)" => instant::start;
+    GET "/instant" Auditor "Running instant-access exports with their nbd:// URI" => instant::list;
+    DELETE "/instant/{id}" Operator "Stop an instant-access export (its port is closed on return)" => instant::stop;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     POST "/replications" Operator "Copy backups from one vault to another (task)" => replicate::create_replication;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
@@ -251,6 +266,7 @@ routes! {
     POST "/tasks/{id}/cancel" Operator "Cancel a task" => handlers::cancel_task;
     GET "/audit" Auditor "Who did what, when" => handlers::audit;
     GET "/alerts" Auditor "Raised alerts" => handlers::alerts;
+    GET "/webhooks" Auditor "Configured webhook targets (host, events, signed; never the secret)" => webhooks::list;
     GET "/tokens" Admin "List tokens" => handlers::list_tokens;
     POST "/tokens" Admin "Create a token (secret shown once)" => handlers::create_token;
     DELETE "/tokens/{name}" Admin "Delete a token" => handlers::delete_token;
@@ -603,6 +619,7 @@ pub fn run_appliance(
         config.capacity_warn_percent,
     )?;
     state.confine = confine;
+    state.webhooks = config.webhooks.clone();
     state.audit.set_retention(audit::AuditRetention {
         keep_days: config.audit_keep_days,
         keep_max: config.audit_keep_max,
@@ -660,6 +677,7 @@ pub fn run_appliance(
     if let Some(s) = scheduler.as_mut() {
         s.stop();
     }
+    state.exports.stop_all();
     tasks.shutdown(std::time::Duration::from_secs(
         config.shutdown_grace_seconds,
     ));

@@ -21,6 +21,7 @@ mod garage;
 mod garage_trust;
 mod hostile;
 mod incremental;
+mod instant_api;
 mod integrity;
 mod libvirt;
 mod limits;
