@@ -42,7 +42,17 @@ fn every_refusal_is_one_json_error_shape_with_its_kind_and_nothing_is_written() 
     let srv = Appliance::start(&env, &[]);
     let big = format!("{{\"name\":\"{}\"}}", "x".repeat(2 << 20));
     // (who, method, path, content type, body, status, kind, words in the message)
-    let table: Vec<(Option<&str>, &str, &str, &str, String, u16, &str, &str)> = vec![
+    type Row<'a> = (
+        Option<&'a str>,
+        &'a str,
+        &'a str,
+        &'a str,
+        String,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let table: Vec<Row> = vec![
         (
             Some(&admin),
             "GET",
@@ -193,6 +203,46 @@ fn every_refusal_is_one_json_error_shape_with_its_kind_and_nothing_is_written() 
             "config",
             "a",
         ),
+        (
+            Some(&admin),
+            "GET",
+            "/api/v1/backups?colour=red",
+            "application/json",
+            String::new(),
+            400,
+            "bad_request",
+            "colour",
+        ),
+        (
+            Some(&admin),
+            "GET",
+            "/api/v1/tasks?limit=5&sort=up",
+            "application/json",
+            String::new(),
+            400,
+            "bad_request",
+            "sort",
+        ),
+        (
+            Some(&admin),
+            "GET",
+            "/api/v1/vaults?limit=0",
+            "application/json",
+            String::new(),
+            400,
+            "bad_request",
+            "limit",
+        ),
+        (
+            Some(&admin),
+            "GET",
+            "/api/v1/backups?limit=1001",
+            "application/json",
+            String::new(),
+            400,
+            "bad_request",
+            "limit",
+        ),
     ];
     for (who, method, path, ct, body, status, kind, words) in &table {
         let what = format!("{method} {path} ({ct}, {} bytes)", body.len());
@@ -293,4 +343,51 @@ fn the_cli_reads_the_appliance_errors_kind_and_exits_as_a_local_run_would() {
     }
     let vaults = srv.ok("GET", "/vaults", &admin, None, 200);
     assert_eq!(vaults.as_array().unwrap().len(), 1, "{vaults}");
+}
+
+#[test]
+fn backups_are_listed_a_page_at_a_time_with_the_total_and_a_link_to_the_next_page() {
+    let env = Env::new();
+    let disk = env.path("disk.raw");
+    crate::common::write_raw(&disk, 1 << 20, 0, &crate::common::random_bytes(65536, 7));
+    for i in 0..5u8 {
+        env.backup(&disk, "web01");
+        crate::common::write_raw(&disk, 1 << 20, 65536, &[i; 512]);
+    }
+    let admin = token(&env, "admin", "root");
+    let srv = Appliance::start(&env, &[]);
+    let all = srv.ok("GET", "/backups", &admin, None, 200);
+    let all: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(all.len(), 5);
+    let mut seen = Vec::new();
+    let mut next = Some("/api/v1/backups?vault=v&limit=2".to_string());
+    while let Some(path) = next.take() {
+        let (status, headers, text) =
+            srv.raw_typed("GET", &path, Some(&admin), "application/json", "");
+        assert_eq!(status, 200, "{path}: {text}");
+        assert_eq!(headers["x-total-count"], "5", "{path}");
+        let page: Vec<Value> = serde_json::from_str(&text).unwrap();
+        assert!(
+            page.len() <= 2 && !page.is_empty(),
+            "{path}: {}",
+            page.len()
+        );
+        seen.extend(page.iter().map(|b| b["id"].as_str().unwrap().to_string()));
+        next = headers.get("link").map(|l| {
+            let l = l.to_str().unwrap();
+            assert!(l.ends_with("; rel=\"next\""), "{l}");
+            l[1..l.find('>').unwrap()].to_string()
+        });
+    }
+    assert_eq!(seen, all, "the pages in order make the whole list once");
+    let (_, headers, text) = srv.raw("GET", "/backups?limit=2&offset=4", Some(&admin), "");
+    assert!(headers.get("link").is_none(), "last page: {text}");
+    let (_, headers, text) = srv.raw("GET", "/backups?offset=9&limit=2", Some(&admin), "");
+    assert_eq!(text, "[]");
+    assert_eq!(headers["x-total-count"], "5");
 }
