@@ -60,6 +60,9 @@
 //! `--json` failures have the same shape (plus `exit_code`), and its remote mode exits
 //! by the appliance's `kind` as a local run would.
 //!
+//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers; query
+//! parameters are typed structs that refuse unknown names (see `handlers/page.rs`).
+//!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
 //!
