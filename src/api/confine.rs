@@ -320,7 +320,7 @@ mod tests {
         ] {
             let e = c.check_source(&s).unwrap_err();
             assert!(
-                e.0 == StatusCode::FORBIDDEN || e.0 == StatusCode::BAD_REQUEST,
+                e.status == StatusCode::FORBIDDEN || e.status == StatusCode::BAD_REQUEST,
                 "{s}"
             );
         }
@@ -344,13 +344,13 @@ mod tests {
         std::fs::write(img.join("old.raw"), b"x").unwrap();
         let old = out.join("old.raw").display().to_string();
         assert_eq!(
-            c.check_target(&old, false).unwrap_err().0,
+            c.check_target(&old, false).unwrap_err().status,
             StatusCode::CONFLICT
         );
         assert!(c.check_target(&old, true).is_ok());
         let elsewhere = img.join("old.raw").display().to_string();
         assert_eq!(
-            c.check_target(&elsewhere, true).unwrap_err().0,
+            c.check_target(&elsewhere, true).unwrap_err().status,
             StatusCode::FORBIDDEN
         );
     }
@@ -379,9 +379,9 @@ mod tests {
         ] {
             let e = c.check_nbd_tls(&bad).unwrap_err();
             assert!(
-                e.0 == StatusCode::FORBIDDEN || e.0 == StatusCode::BAD_REQUEST,
+                e.status == StatusCode::FORBIDDEN || e.status == StatusCode::BAD_REQUEST,
                 "{bad:?}: {}",
-                e.1
+                e.message
             );
         }
     }

@@ -263,8 +263,9 @@ pub async fn serve(
 }
 
 /// What a plain-HTTP client of the HTTPS port is told.
-const USE_HTTPS: &str = "{\"error\":\"this port speaks HTTPS: use an https:// URL \
-(with --fingerprint or --ca for the appliance's certificate)\"}";
+const USE_HTTPS: &str = "{\"error\":{\"kind\":\"bad_request\",\"message\":\"this port \
+speaks HTTPS: use an https:// URL (with --fingerprint or --ca for the appliance's \
+certificate)\"}}";
 
 /// The TLS handshake on `stream` within `timeout`; None if it failed, timed out, or the
 /// client spoke plain HTTP (answered with a 400 that says so).

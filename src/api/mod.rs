@@ -42,6 +42,27 @@
 //! GET /backups, two backups running         240–280         4,300–9,000
 //! ```
 //!
+//! Errors: every refusal, whoever makes it (a handler, an extractor's rejection of bad
+//! JSON, a wrong content type, an unknown field or a bad path or query, the router's
+//! 404/405, auth's 401/403, the body limit's 413, the rate limiter's 429, a lock's 409),
+//! answers one JSON shape (handlers build it from [`ApiError`]; [`json_errors`] rewrites
+//! any other error answer into it):
+//!
+//! ```text
+//! {"error": {"kind": "not_found", "message": "no backup \"x\" (see GET /api/v1/backups)"}}
+//! ```
+//!
+//! `kind` is one word of [`KINDS`]: the library's `ErrorKind` in snake case (`io`,
+//! `invalid_format`, `unsupported`, `corrupt`, `not_found`, `conflict`, `config`,
+//! `cancelled`, `full`, `unreachable`, `key_required`, `wrong_key`), or the HTTP layer's
+//! `bad_request`, `unauthorized`, `forbidden`, `method_not_allowed`, `payload_too_large`,
+//! `unsupported_media_type`, `rate_limited`, `internal`, `unavailable`. The CLI's
+//! `--json` failures have the same shape (plus `exit_code`), and its remote mode exits
+//! by the appliance's `kind` as a local run would.
+//!
+//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers; query
+//! parameters are typed structs that refuse unknown names (see `handlers/page.rs`).
+//!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
 //!
@@ -272,8 +293,102 @@ routes! {
     DELETE "/tokens/{name}" Admin "Delete a token" => handlers::delete_token;
 }
 
-/// An error as an HTTP response: `{"error": "..."}` with a status from its kind.
-pub struct ApiError(pub StatusCode, pub String);
+/// An error as an HTTP response: `{"error": {"kind": KIND, "message": TEXT}}` with a
+/// status from its kind (see the module doc for the kinds).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// The `kind` word of the body (see [`KINDS`]).
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// `ApiError(status, message)`: an error whose kind follows from its status
+/// ([`kind_of_status`]). Kept in the old tuple-constructor form so that call sites read
+/// as before.
+#[allow(non_snake_case)]
+pub fn ApiError(status: StatusCode, message: String) -> ApiError {
+    ApiError::new(status, message)
+}
+
+impl ApiError {
+    /// An error whose kind follows from `status`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind: kind_of_status(status),
+            message: message.into(),
+        }
+    }
+
+    /// A `400 bad_request` error.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+/// Every `kind` an error body may carry, with its status. The library's
+/// [`ErrorKind`]s come first (snake case), then the kinds of the HTTP layer.
+pub const KINDS: &[(&str, u16)] = &[
+    ("io", 500),
+    ("invalid_format", 400),
+    ("unsupported", 400),
+    ("corrupt", 500),
+    ("not_found", 404),
+    ("conflict", 409),
+    ("config", 400),
+    ("cancelled", 409),
+    ("full", 507),
+    ("unreachable", 500),
+    ("key_required", 403),
+    ("wrong_key", 403),
+    ("bad_request", 400),
+    ("unauthorized", 401),
+    ("forbidden", 403),
+    ("method_not_allowed", 405),
+    ("payload_too_large", 413),
+    ("unsupported_media_type", 415),
+    ("rate_limited", 429),
+    ("internal", 500),
+    ("unavailable", 503),
+];
+
+/// The `kind` of a library error kind: its name in snake case.
+pub fn kind_of(k: ErrorKind) -> &'static str {
+    match k {
+        ErrorKind::Io => "io",
+        ErrorKind::InvalidFormat => "invalid_format",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::Corrupt => "corrupt",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::Conflict => "conflict",
+        ErrorKind::Config => "config",
+        ErrorKind::Cancelled => "cancelled",
+        ErrorKind::Full => "full",
+        ErrorKind::Unreachable => "unreachable",
+        ErrorKind::KeyRequired => "key_required",
+        ErrorKind::WrongKey => "wrong_key",
+    }
+}
+
+/// The `kind` of an error known only by its HTTP status (the router's, an extractor's
+/// rejection, or a handler's own refusal).
+pub fn kind_of_status(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        429 => "rate_limited",
+        503 => "unavailable",
+        507 => "full",
+        400..500 => "bad_request",
+        _ => "internal",
+    }
+}
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> ApiError {
@@ -287,14 +402,65 @@ impl From<Error> for ApiError {
             ErrorKind::KeyRequired | ErrorKind::WrongKey => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
+        ApiError {
+            status,
+            kind: kind_of(e.kind()),
+            message: e.to_string(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+        (self.status, Json(error_body(self.kind, &self.message))).into_response()
     }
+}
+
+/// The one error body: `{"error": {"kind": KIND, "message": TEXT}}`.
+pub fn error_body(kind: &str, message: &str) -> serde_json::Value {
+    json!({"error": {"kind": kind, "message": message}})
+}
+
+/// Longest error text of the HTTP layer (an extractor's rejection) taken into a body.
+const MAX_REJECTION_TEXT: usize = 4096;
+
+/// Every error answer in the one JSON shape: an answer of status 400 or more that is
+/// not JSON already (axum's extractor rejections — bad JSON, wrong content type, unknown
+/// field, bad path or query, body over the limit — and the router's own 404/405) gets
+/// its text as the message and its kind from its status.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_REJECTION_TEXT).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    let body = error_body(kind_of_status(status), &message).to_string();
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// The least role for a request, from the route table: `HEAD` takes `GET`'s role; a
@@ -482,6 +648,11 @@ fn no_store(mut r: Response) -> Response {
     r
 }
 
+/// A path outside `/api/v1` that nothing serves (those inside are refused by [`auth`]).
+async fn no_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {}", uri.path()))
+}
+
 /// The router over `state`.
 pub fn router(state: Shared) -> Router {
     add_routes(Router::new())
@@ -496,6 +667,8 @@ pub fn router(state: Shared) -> Router {
         .route("/index.html", axum::routing::get(console::asset))
         .route("/app.js", axum::routing::get(console::asset))
         .route("/app.css", axum::routing::get(console::asset))
+        .fallback(no_route)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 

@@ -135,8 +135,11 @@ impl Remote {
             .with_context(|| format!("reading the answer of {method} {url}"))?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if !(200..300).contains(&status) {
-            let msg = v["error"]
+            // `{"error": {"kind", "message"}}` (an older appliance: `{"error": "..."}`).
+            let e = &v["error"];
+            let msg = e["message"]
                 .as_str()
+                .or_else(|| e.as_str())
                 .map(str::to_string)
                 .unwrap_or_else(|| match status {
                     401 => "no or unknown token".into(),
@@ -146,6 +149,7 @@ impl Remote {
             return Err(Refused {
                 what: format!("{method} {path}"),
                 status,
+                kind: e["kind"].as_str().map(str::to_string),
                 msg,
             }
             .into());

@@ -74,6 +74,26 @@ fn of_status(status: u16) -> Class {
     }
 }
 
+/// The class of an appliance's error `kind` (see `blockvault::api::KINDS`): the exit
+/// code a local run of the same command would have given; None for a kind that only
+/// its status classifies.
+fn of_api_kind(kind: &str) -> Option<Class> {
+    Some(match kind {
+        "config" | "bad_request" => USAGE,
+        "not_found" => NOT_FOUND,
+        "conflict" => CONFLICT,
+        "corrupt" => CORRUPT,
+        "invalid_format" | "unsupported" => INVALID,
+        "io" | "unreachable" => IO,
+        "full" => FULL,
+        "cancelled" => CANCELLED,
+        "key_required" => KEY_REQUIRED,
+        "wrong_key" => WRONG_KEY,
+        "unauthorized" | "forbidden" => DENIED,
+        _ => return None,
+    })
+}
+
 /// The class of an error: the first cause in its chain that has one.
 pub fn classify(e: &anyhow::Error) -> Class {
     for cause in e.chain() {
@@ -89,7 +109,11 @@ pub fn classify(e: &anyhow::Error) -> Class {
             return of_kind(b.kind());
         }
         if let Some(r) = cause.downcast_ref::<Refused>() {
-            return of_status(r.status);
+            return r
+                .kind
+                .as_deref()
+                .and_then(of_api_kind)
+                .unwrap_or(of_status(r.status));
         }
         if cause.is::<Usage>() {
             return USAGE;
@@ -143,6 +167,8 @@ pub fn fail(class: Class, message: &str, json: bool) -> ! {
 pub struct Refused {
     pub what: String,
     pub status: u16,
+    /// The appliance's error `kind`, when it gave one.
+    pub kind: Option<String>,
     pub msg: String,
 }
 

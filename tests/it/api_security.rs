@@ -374,7 +374,7 @@ fn hostile_paths_sockets_and_hosts_are_refused_and_nothing_is_read_or_written() 
         let (got, v) = srv.call(method, path, Some(t), Some(body.clone()));
         let shown: String = body.to_string().chars().take(200).collect();
         assert_eq!(got, *status, "{method} {path} {shown}: {v}");
-        let err = v["error"].as_str().unwrap_or_default();
+        let err = v["error"]["message"].as_str().unwrap_or_default();
         assert!(
             err.contains(words),
             "{method} {path} {shown}: {err:?} lacks {words:?}"
@@ -552,7 +552,10 @@ fn a_token_past_its_expiry_is_refused_and_its_last_use_is_listed() {
     );
     assert_eq!(s, 400, "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("in the future"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in the future"),
         "{v}"
     );
     let t = srv.ok(

@@ -184,10 +184,29 @@ impl Appliance {
         token: Option<&str>,
         body: &str,
     ) -> (u16, ureq::http::HeaderMap, String) {
+        self.raw_typed(
+            method,
+            &format!("/api/v1{path}"),
+            token,
+            "application/json",
+            body,
+        )
+    }
+
+    /// Like `raw` with any `content_type`, on any `path` of the appliance (not only
+    /// under `/api/v1`).
+    pub fn raw_typed(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: &str,
+    ) -> (u16, ureq::http::HeaderMap, String) {
         let mut rb = ureq::http::Request::builder()
             .method(method)
-            .uri(format!("{}/api/v1{path}", self.url))
-            .header("content-type", "application/json");
+            .uri(format!("{}{path}", self.url))
+            .header("content-type", content_type);
         if let Some(t) = token {
             rb = rb.header("Authorization", format!("Bearer {t}"));
         }

@@ -136,7 +136,10 @@ fn next_runs_of_a_cron_expression_are_listed_and_a_bad_one_is_refused() {
     );
     assert_eq!(s, 400, "{v}");
     assert!(
-        v["error"].as_str().unwrap().contains("cron expression"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cron expression"),
         "{v}"
     );
     let (s, _) = srv.call(

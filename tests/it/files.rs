@@ -771,7 +771,7 @@ fn the_api_lists_a_directory_and_streams_a_file_to_operators_only() {
         None,
     );
     assert_eq!(status, 500, "{v}");
-    let msg = v["error"].as_str().unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("/data/random.bin") && msg.contains("digest"),
         "{msg}"

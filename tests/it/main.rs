@@ -3,6 +3,7 @@
 
 mod common;
 
+mod api_contract;
 mod api_security;
 mod appliance;
 mod backup;

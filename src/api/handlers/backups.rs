@@ -50,20 +50,40 @@ pub async fn create_backup(
     Ok((StatusCode::ACCEPTED, Json(json!({"task": id}))))
 }
 
+/// `GET /backups?vault=&resource=&limit=&offset=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupsQuery {
+    vault: Option<String>,
+    resource: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// `GET /backups/{id}?disk=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupQuery {
+    disk: Option<String>,
+}
+
 /// `GET /backups`: ids from SQL, each backup's view from [`super::ApiState::backup_view_text`]
 /// (manifests are parsed once per backup, not once per request).
 pub async fn list_backups(
     State(st): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
+    Query(q): Query<BackupsQuery>,
 ) -> R<Response> {
+    let page = Page::new(q.limit, q.offset)?;
     st.run(move |st, app| {
-        let ids = app.catalog().backup_ids(
-            q.get("vault").map(String::as_str),
-            q.get("resource").map(String::as_str),
-        )?;
-        let mut body = String::with_capacity(ids.len() * 1536 + 2);
+        let ids = app
+            .catalog()
+            .backup_ids(q.vault.as_deref(), q.resource.as_deref())?;
+        // Only this page's views are rendered: the ids are cheap, the views are not.
+        let shown = page.slice(&ids);
+        let mut body = String::with_capacity(shown.len() * 1536 + 2);
         body.push('[');
-        for (id, protected) in &ids {
+        for (id, protected) in shown {
             let text = match st.backup_view_text(app, id, *protected) {
                 Ok(t) => t,
                 // Deleted since the ids were read.
@@ -76,7 +96,8 @@ pub async fn list_backups(
             body.push_str(&text);
         }
         body.push(']');
-        Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        let resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+        Ok(page.headers(&uri, ids.len(), resp))
     })
     .await
 }
@@ -88,10 +109,10 @@ pub async fn list_backups(
 pub async fn get_backup(
     State(st): State<Shared>,
     Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<BackupQuery>,
 ) -> R<Json<Value>> {
     st.run(move |st, app| {
-        let entry = app.resolve_backup(&id, q.get("disk").map(String::as_str))?;
+        let entry = app.resolve_backup(&id, q.disk.as_deref())?;
         let (v, fresh) = app.backup_detail_cached(&entry)?;
         if fresh == crate::app::Freshness::Fresh {
             return Ok(Json(v));

@@ -5,6 +5,7 @@
 //! side. This module holds what the submodules share (error helpers, JSON merge).
 
 mod backups;
+mod page;
 mod policies;
 mod resources;
 mod tasks;
@@ -18,13 +19,12 @@ pub use tasks::*;
 pub use tokens::*;
 pub use vaults::*;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +39,7 @@ use crate::error::{Error, ErrorKind};
 use crate::restore::ImageFormat;
 use crate::service::{Policy, Resource, backup_resource, prune, resource_of};
 use crate::task::TaskState;
+use page::{Page, PageQuery, page_of};
 
 type R<T> = Result<T, ApiError>;
 

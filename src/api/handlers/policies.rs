@@ -4,9 +4,17 @@ use super::*;
 
 // ---- policies ----
 
-pub async fn list_policies(State(st): State<Shared>) -> R<Json<Vec<Policy>>> {
-    st.run(|_, app| Ok(Json(app.catalog().list_named(Table::Policies)?)))
-        .await
+pub async fn list_policies(
+    State(st): State<Shared>,
+    uri: Uri,
+    Query(q): Query<PageQuery>,
+) -> R<Response> {
+    let page = page_of(q)?;
+    st.run(move |_, app| {
+        let ps: Vec<Policy> = app.catalog().list_named(Table::Policies)?;
+        Ok(page.answer(&uri, &ps))
+    })
+    .await
 }
 
 pub async fn create_policy(

@@ -12,10 +12,21 @@ pub(super) fn resource_view(app: &crate::app::App, r: &Resource) -> Value {
     v
 }
 
-pub async fn list_resources(State(st): State<Shared>) -> R<Json<Vec<Value>>> {
-    st.run(|_, app| {
+pub async fn list_resources(
+    State(st): State<Shared>,
+    uri: Uri,
+    Query(q): Query<PageQuery>,
+) -> R<Response> {
+    let page = page_of(q)?;
+    st.run(move |_, app| {
         let rs: Vec<Resource> = app.catalog().list_named(Table::Resources)?;
-        Ok(Json(rs.iter().map(|r| resource_view(app, r)).collect()))
+        let views: Vec<Value> = page
+            .slice(&rs)
+            .iter()
+            .map(|r| resource_view(app, r))
+            .collect();
+        let resp = Json(views).into_response();
+        Ok(page.headers(&uri, rs.len(), resp))
     })
     .await
 }

@@ -4,23 +4,30 @@ use super::*;
 
 // ---- tasks, audit, alerts, tokens ----
 
+/// `GET /tasks?state=&limit=&offset=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
 pub async fn list_tasks(
     State(st): State<Shared>,
-    Query(q): Query<HashMap<String, String>>,
-) -> R<Json<Value>> {
-    let state = match q.get("state") {
+    uri: Uri,
+    Query(q): Query<TasksQuery>,
+) -> R<Response> {
+    let page = Page::new(q.limit, q.offset)?;
+    let state = match &q.state {
         None => None,
         Some(s) => Some(
             serde_json::from_value::<TaskState>(json!(s))
                 .map_err(|_| bad(format!("unknown task state {s:?}")))?,
         ),
     };
-    st.run(move |st, _| {
-        Ok(Json(
-            serde_json::to_value(st.tasks.list(state)?).unwrap_or_default(),
-        ))
-    })
-    .await
+    st.run(move |st, _| Ok(page.answer(&uri, &st.tasks.list(state)?)))
+        .await
 }
 
 pub async fn get_task(State(st): State<Shared>, Path(id): Path<String>) -> R<Json<Value>> {
@@ -41,23 +48,29 @@ pub async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> R<
     .await
 }
 
-pub async fn audit(State(st): State<Shared>) -> R<Json<Value>> {
-    st.run(|st, app| {
+/// The newest 1,000 audit records (newest first), a page at a time.
+pub async fn audit(State(st): State<Shared>, uri: Uri, Query(q): Query<PageQuery>) -> R<Response> {
+    let page = page_of(q)?;
+    st.run(move |st, app| {
         st.flush_audit();
-        Ok(Json(
-            serde_json::to_value(app.catalog().audit_log(1000)?).unwrap_or_default(),
-        ))
+        Ok(page.answer(&uri, &app.catalog().audit_log(1000)?))
     })
     .await
 }
 
-pub async fn alerts(State(st): State<Shared>) -> R<([(&'static str, String); 1], Json<Value>)> {
+/// The newest 1,000 alerts, a page at a time.
+pub async fn alerts(
+    State(st): State<Shared>,
+    uri: Uri,
+    Query(q): Query<PageQuery>,
+) -> R<([(&'static str, String); 1], Response)> {
+    let page = page_of(q)?;
     // Webhook deliveries dropped by a full queue (see crate::alerts).
     let dropped = st.alerts.stats().dropped.to_string();
     st.run(move |_, app| {
         Ok((
             [("blockvault-alerts-dropped", dropped)],
-            Json(serde_json::to_value(app.catalog().alerts(1000)?).unwrap_or_default()),
+            page.answer(&uri, &app.catalog().alerts(1000)?),
         ))
     })
     .await

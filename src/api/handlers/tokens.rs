@@ -2,13 +2,14 @@
 
 use super::*;
 
-pub async fn list_tokens(State(st): State<Shared>) -> R<Json<Value>> {
-    st.run(|_, app| {
-        Ok(Json(
-            serde_json::to_value(app.catalog().tokens()?).unwrap_or_default(),
-        ))
-    })
-    .await
+pub async fn list_tokens(
+    State(st): State<Shared>,
+    uri: Uri,
+    Query(q): Query<PageQuery>,
+) -> R<Response> {
+    let page = page_of(q)?;
+    st.run(move |_, app| Ok(page.answer(&uri, &app.catalog().tokens()?)))
+        .await
 }
 
 pub async fn create_token(

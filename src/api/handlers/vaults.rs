@@ -6,13 +6,19 @@ use super::*;
 
 /// Vaults with their usage as last computed (`usage_computed_at`); no pack directory is
 /// listed here.
-pub async fn list_vaults(State(st): State<Shared>) -> R<Json<Value>> {
-    st.run(|_, app| {
+pub async fn list_vaults(
+    State(st): State<Shared>,
+    uri: Uri,
+    Query(q): Query<PageQuery>,
+) -> R<Response> {
+    let page = page_of(q)?;
+    st.run(move |_, app| {
+        let all = app.catalog().vaults()?;
         let mut out = Vec::new();
-        for v in app.catalog().vaults()? {
+        for v in page.slice(&all) {
             out.push(serde_json::to_value(app.vault_info_cached(&v.name)?).unwrap_or_default());
         }
-        Ok(Json(Value::Array(out)))
+        Ok(page.headers(&uri, all.len(), Json(out).into_response()))
     })
     .await
 }
