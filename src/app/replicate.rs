@@ -246,3 +246,71 @@ impl App {
         self.register_vault(name, path, &vault)
     }
 }
+
+impl App {
+    /// Publish `manifest`, pushed by another appliance, in the mirror vault `vault_name`
+    /// held by `target`: refused unless it names that vault and every blob it reaches
+    /// (roots, pages, data chunks) has landed; then the catalog learns the backup. An
+    /// already present manifest is left as it is.
+    pub fn land_replica_manifest(
+        &self,
+        vault_name: &str,
+        target: &VaultTarget,
+        manifest: &crate::manifest::BackupManifest,
+    ) -> Result<()> {
+        use crate::replicate::ReplicaTarget;
+        use crate::vault::walk::{WalkItem, walk_disk};
+        let vault = target.vault();
+        if manifest.vault_id != vault.config().id {
+            return Err(Error::invalid(format!(
+                "manifest {} is for vault id {}, but vault {vault_name} is {}: it was derived for another target",
+                manifest.id,
+                manifest.vault_id,
+                vault.config().id
+            )));
+        }
+        if target.has_manifest(manifest)? {
+            return Ok(());
+        }
+        let lookup = vault.lookup_reconciled()?;
+        let mut visited = std::collections::HashSet::new();
+        let mut lacking: Vec<String> = Vec::new();
+        for disk in &manifest.disks {
+            walk_disk(vault, &lookup, disk, &mut visited, &mut |item| {
+                match item {
+                    WalkItem::Root(_) | WalkItem::Page { .. } => {}
+                    WalkItem::Chunks(cs) => {
+                        for (off, d) in cs {
+                            if lacking.len() < 5 && !lookup.contains(d)? {
+                                lacking.push(format!(
+                                    "chunk {d} at offset {off} of disk {}",
+                                    disk.name
+                                ));
+                            }
+                        }
+                    }
+                    WalkItem::Damaged { what, error } => {
+                        if lacking.len() < 5 {
+                            lacking.push(format!("{what}: {error}"));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        if !lacking.is_empty() {
+            return Err(Error::new(
+                crate::ErrorKind::Conflict,
+                format!(
+                    "manifest {} ({}) refused: vault {vault_name} lacks blobs it needs ({}); send the missing blobs first",
+                    manifest.id,
+                    manifest.name,
+                    lacking.join("; ")
+                ),
+            ));
+        }
+        target.put_manifest(manifest)?;
+        self.record_backup(vault_name, manifest);
+        Ok(())
+    }
+}

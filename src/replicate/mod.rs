@@ -27,6 +27,7 @@
 
 pub mod engine;
 pub mod vault_target;
+pub mod wire;
 
 pub use engine::{ReplicaProgress, ReplicaStats, ReplicateOptions, replicate_backup};
 pub use vault_target::VaultTarget;
