@@ -10,7 +10,9 @@ use serde::Serialize;
 use super::App;
 use crate::catalog::VaultEntry;
 use crate::error::{Error, Result};
-use crate::replicate::{ReplicaStats, ReplicateOptions, VaultTarget, replicate_backup};
+use crate::replicate::{
+    ReplicaStats, ReplicaTarget, ReplicateOptions, VaultTarget, replicate_backup,
+};
 use crate::vault::Vault;
 use crate::vault::keys::{self, KeySecret};
 
@@ -69,6 +71,16 @@ impl App {
                 "--from and --to both name vault {from}: replicate into another vault"
             )));
         }
+        let (source, manifests) = self.selected(selection, from)?;
+        self.replicate_manifests(&source, &manifests, from, to, opts)
+    }
+
+    /// The source vault `from` and its backups `selection` names, oldest first.
+    fn selected(
+        &self,
+        selection: &ReplicaSelection,
+        from: &str,
+    ) -> Result<(Vault, Vec<crate::manifest::BackupManifest>)> {
         let source = self.open_vault(from)?;
         let manifests = match selection {
             ReplicaSelection::Backup(spec) => {
@@ -92,7 +104,51 @@ impl App {
             }
             ReplicaSelection::All => source.manifests()?,
         };
-        self.replicate_manifests(&source, &manifests, from, to, opts)
+        Ok((source, manifests))
+    }
+
+    /// Copy the selected backups of vault `from` to a mirror vault on another appliance
+    /// (`target`, named `to` in the report); its catalog learns each replica as its
+    /// manifest lands there.
+    pub fn replicate_to(
+        &self,
+        selection: &ReplicaSelection,
+        from: &str,
+        target: &dyn ReplicaTarget,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
+        let (source, manifests) = self.selected(selection, from)?;
+        let target_id = target.info()?.vault_id;
+        let mut report = ReplicateReport {
+            from: from.into(),
+            to: to.into(),
+            backups: Vec::new(),
+            blobs_sent: 0,
+            bytes_sent: 0,
+            blobs_skipped: 0,
+            backups_sent: 0,
+            seconds: 0.0,
+        };
+        for m in &manifests {
+            let stats = replicate_backup(&source, m, target, opts).map_err(|e| {
+                e.context_prefix(format!("replicating backup {} ({}) to {to}", m.name, m.id))
+            })?;
+            report.blobs_sent += stats.blobs_sent;
+            report.bytes_sent += stats.bytes_sent;
+            report.blobs_skipped += stats.blobs_skipped;
+            report.backups_sent += u64::from(stats.manifest_sent);
+            report.backups.push(ReplicatedBackup {
+                source_id: m.id.clone(),
+                replica_id: crate::replicate::engine::replica_id(&m.id, &target_id),
+                name: m.name.clone(),
+                resource: m.resource.clone(),
+                stats,
+            });
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
     }
 
     /// Copy `manifests` (backups of the opened vault `from`) into vault `to`, in order.
@@ -258,7 +314,6 @@ impl App {
         target: &VaultTarget,
         manifest: &crate::manifest::BackupManifest,
     ) -> Result<()> {
-        use crate::replicate::ReplicaTarget;
         use crate::vault::walk::{WalkItem, walk_disk};
         let vault = target.vault();
         if manifest.vault_id != vault.config().id {

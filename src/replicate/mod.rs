@@ -26,6 +26,7 @@
 //! mirror vault on another appliance.
 
 pub mod engine;
+pub mod remote;
 pub mod vault_target;
 pub mod wire;
 
