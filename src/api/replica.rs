@@ -162,7 +162,7 @@ pub async fn put_manifest(
     let id = m.id.clone();
     st.run(move |_, app| {
         let t = target(app, &name)?;
-        Ok(app.land_replica_manifest(&name, &t, &m).map_err(refused)?)
+        app.land_replica_manifest(&name, &t, &m).map_err(refused)
     })
     .await?;
     Ok(Json(json!({"id": id})))
