@@ -158,6 +158,9 @@ pub struct Config {
     /// `[server] plain_http`: serve plain HTTP instead of HTTPS; only on a loopback
     /// listen address (see [`Config::check_tls`]).
     pub plain_http: bool,
+    /// `[server] mirror_vaults`: vaults of this appliance that accept backups pushed by
+    /// another appliance (`replication` tokens; see `api::replica`). Empty: none.
+    pub mirror_vaults: Vec<String>,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -206,6 +209,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             plain_http: false,
+            mirror_vaults: Vec::new(),
             paths: PathsConfig::default(),
         }
     }
@@ -275,6 +279,7 @@ struct RawServer {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     plain_http: Option<bool>,
+    mirror_vaults: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -563,6 +568,7 @@ impl Config {
             tls_cert: raw.server.tls_cert,
             tls_key: raw.server.tls_key,
             plain_http: raw.server.plain_http.unwrap_or(d.plain_http),
+            mirror_vaults: raw.server.mirror_vaults.unwrap_or_default(),
             scratch_dir: raw.live.scratch_dir,
             listen,
             data: raw.server.data.unwrap_or(d.data),

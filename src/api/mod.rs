@@ -85,6 +85,7 @@ mod locks;
 mod maintenance;
 mod metrics;
 mod openapi;
+mod replica;
 mod replicate;
 mod webhooks;
 
@@ -275,6 +276,11 @@ routes! {
     DELETE "/instant/{id}" Operator "Stop an instant-access export (its port is closed on return)" => instant::stop;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     POST "/replications" Operator "Copy backups from one vault to another (task)" => replicate::create_replication;
+    GET "/vaults/{name}/replica/info" Replication "Mirror vault: identity, chunk size, key check" => replica::info;
+    POST "/vaults/{name}/replica/missing" Replication "Mirror vault: which of these digests it lacks" => replica::missing;
+    PUT "/vaults/{name}/replica/blobs" Replication "Mirror vault: land a batch of verified blobs (binary)" => replica::put_blobs;
+    POST "/vaults/{name}/replica/manifest/present" Replication "Mirror vault: whether it holds this manifest" => replica::has_manifest;
+    PUT "/vaults/{name}/replica/manifest" Replication "Mirror vault: publish a manifest whose blobs all landed" => replica::put_manifest;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;
     GET "/policies/{name}" Auditor "A policy" => handlers::get_policy;
@@ -581,7 +587,7 @@ async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Respons
             .await;
         return no_store(ApiError(status, msg).into_response());
     };
-    if token.role < need {
+    if !token.role.may(need) {
         st.audit
             .record(
                 &token.name,
@@ -753,6 +759,7 @@ pub fn run_appliance(
         Some(c)
     };
     crate::service::configure(&config);
+    replica::configure(&config.mirror_vaults);
     crate::app::set_configured_key_files(config.key_files.clone());
     // Connections are capped well below the open-file limit: a flood of idle clients
     // cannot take the descriptors the scheduler and the tasks need.

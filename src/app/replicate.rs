@@ -10,7 +10,9 @@ use serde::Serialize;
 use super::App;
 use crate::catalog::VaultEntry;
 use crate::error::{Error, Result};
-use crate::replicate::{ReplicaStats, ReplicateOptions, VaultTarget, replicate_backup};
+use crate::replicate::{
+    ReplicaStats, ReplicaTarget, ReplicateOptions, VaultTarget, replicate_backup,
+};
 use crate::vault::Vault;
 use crate::vault::keys::{self, KeySecret};
 
@@ -69,6 +71,16 @@ impl App {
                 "--from and --to both name vault {from}: replicate into another vault"
             )));
         }
+        let (source, manifests) = self.selected(selection, from)?;
+        self.replicate_manifests(&source, &manifests, from, to, opts)
+    }
+
+    /// The source vault `from` and its backups `selection` names, oldest first.
+    fn selected(
+        &self,
+        selection: &ReplicaSelection,
+        from: &str,
+    ) -> Result<(Vault, Vec<crate::manifest::BackupManifest>)> {
         let source = self.open_vault(from)?;
         let manifests = match selection {
             ReplicaSelection::Backup(spec) => {
@@ -92,7 +104,51 @@ impl App {
             }
             ReplicaSelection::All => source.manifests()?,
         };
-        self.replicate_manifests(&source, &manifests, from, to, opts)
+        Ok((source, manifests))
+    }
+
+    /// Copy the selected backups of vault `from` to a mirror vault on another appliance
+    /// (`target`, named `to` in the report); its catalog learns each replica as its
+    /// manifest lands there.
+    pub fn replicate_to(
+        &self,
+        selection: &ReplicaSelection,
+        from: &str,
+        target: &dyn ReplicaTarget,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
+        let (source, manifests) = self.selected(selection, from)?;
+        let target_id = target.info()?.vault_id;
+        let mut report = ReplicateReport {
+            from: from.into(),
+            to: to.into(),
+            backups: Vec::new(),
+            blobs_sent: 0,
+            bytes_sent: 0,
+            blobs_skipped: 0,
+            backups_sent: 0,
+            seconds: 0.0,
+        };
+        for m in &manifests {
+            let stats = replicate_backup(&source, m, target, opts).map_err(|e| {
+                e.context_prefix(format!("replicating backup {} ({}) to {to}", m.name, m.id))
+            })?;
+            report.blobs_sent += stats.blobs_sent;
+            report.bytes_sent += stats.bytes_sent;
+            report.blobs_skipped += stats.blobs_skipped;
+            report.backups_sent += u64::from(stats.manifest_sent);
+            report.backups.push(ReplicatedBackup {
+                source_id: m.id.clone(),
+                replica_id: crate::replicate::engine::replica_id(&m.id, &target_id),
+                name: m.name.clone(),
+                resource: m.resource.clone(),
+                stats,
+            });
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
     }
 
     /// Copy `manifests` (backups of the opened vault `from`) into vault `to`, in order.
@@ -252,6 +308,73 @@ impl App {
         let to = keys::stored_key_path(&self.data, vault_id);
         std::fs::copy(stored_src, &to)
             .map_err(|e| Error::io(format!("storing the replica's key as {}", to.display()), e))?;
+        Ok(())
+    }
+}
+
+impl App {
+    /// Publish `manifest`, pushed by another appliance, in the mirror vault `vault_name`
+    /// held by `target`: refused unless it names that vault and every blob it reaches
+    /// (roots, pages, data chunks) has landed; then the catalog learns the backup. An
+    /// already present manifest is left as it is.
+    pub fn land_replica_manifest(
+        &self,
+        vault_name: &str,
+        target: &VaultTarget,
+        manifest: &crate::manifest::BackupManifest,
+    ) -> Result<()> {
+        use crate::vault::walk::{WalkItem, walk_disk};
+        let vault = target.vault();
+        if manifest.vault_id != vault.config().id {
+            return Err(Error::invalid(format!(
+                "manifest {} is for vault id {}, but vault {vault_name} is {}: it was derived for another target",
+                manifest.id,
+                manifest.vault_id,
+                vault.config().id
+            )));
+        }
+        if target.has_manifest(manifest)? {
+            return Ok(());
+        }
+        let lookup = vault.lookup_reconciled()?;
+        let mut visited = std::collections::HashSet::new();
+        let mut lacking: Vec<String> = Vec::new();
+        for disk in &manifest.disks {
+            walk_disk(vault, &lookup, disk, &mut visited, &mut |item| {
+                match item {
+                    WalkItem::Root(_) | WalkItem::Page { .. } => {}
+                    WalkItem::Chunks(cs) => {
+                        for (off, d) in cs {
+                            if lacking.len() < 5 && !lookup.contains(d)? {
+                                lacking.push(format!(
+                                    "chunk {d} at offset {off} of disk {}",
+                                    disk.name
+                                ));
+                            }
+                        }
+                    }
+                    WalkItem::Damaged { what, error } => {
+                        if lacking.len() < 5 {
+                            lacking.push(format!("{what}: {error}"));
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        if !lacking.is_empty() {
+            return Err(Error::new(
+                crate::ErrorKind::Conflict,
+                format!(
+                    "manifest {} ({}) refused: vault {vault_name} lacks blobs it needs ({}); send the missing blobs first",
+                    manifest.id,
+                    manifest.name,
+                    lacking.join("; ")
+                ),
+            ));
+        }
+        target.put_manifest(manifest)?;
+        self.record_backup(vault_name, manifest);
         Ok(())
     }
 }

@@ -13,10 +13,13 @@ use crate::error::{Error, Result};
 use crate::manifest::now_rfc3339;
 
 /// What a token may do: auditors read; operators also back up and restore; admins also
-/// manage vaults, resources, policies and tokens.
+/// manage vaults, resources, policies and tokens. `Replication` stands apart: it may call
+/// only the mirror-vault routes (`/vaults/{name}/replica/*`, which admins may call too)
+/// and nothing else; it orders below `Auditor` so that no `role >= X` check lets it in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    Replication,
     Auditor,
     Operator,
     Admin,
@@ -29,8 +32,9 @@ impl std::str::FromStr for Role {
             "auditor" => Ok(Role::Auditor),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
+            "replication" => Ok(Role::Replication),
             o => Err(Error::config(format!(
-                "unknown role {o:?} (admin, operator or auditor)"
+                "unknown role {o:?} (admin, operator, auditor or replication)"
             ))),
         }
     }
@@ -42,6 +46,17 @@ impl Role {
             Role::Auditor => "auditor",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Replication => "replication",
+        }
+    }
+
+    /// Whether a token of this role may call a route that needs `need`: a replication
+    /// token only the replication routes, those only it and admins, the others by rank.
+    pub fn may(self, need: Role) -> bool {
+        match (self, need) {
+            (Role::Replication, n) => n == Role::Replication,
+            (r, Role::Replication) => r == Role::Admin,
+            (r, n) => r >= n,
         }
     }
 }

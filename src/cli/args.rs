@@ -230,9 +230,17 @@ pub enum Cmd {
         #[arg(long)]
         from: String,
         /// Target vault (same chunk size; for an encrypted source, created with
-        /// `vault create NAME --replica-of SOURCE`).
+        /// `vault create NAME --replica-of SOURCE`), or a mirror vault on another
+        /// appliance: `https://HOST:PORT/VAULT` (pinned with --fingerprint; token from
+        /// --token-file or BLOCKVAULT_REPLICA_TOKEN).
         #[arg(long)]
         to: String,
+        /// With an https:// target: a file holding the replication token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// With an https:// target: bytes per second at most (e.g. 20MiB).
+        #[arg(long, value_parser = super::replicate::parse_rate)]
+        bwlimit: Option<u64>,
     },
     /// The `blockvault-…` dirty bitmaps in a live QEMU's disks: list them, retire unused ones.
     #[command(subcommand)]

@@ -1,10 +1,11 @@
 //! `blockvault replicate`: copy backups between vaults (in-process on the data dir).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::args::{Cli, Cmd};
 use super::output::*;
 use blockvault::app::ReplicaSelection;
+use blockvault::replicate::remote::{RemoteOptions, RemoteTarget};
 use blockvault::replicate::{ReplicaProgress, ReplicateOptions};
 
 /// What `replicate` was asked to copy.
@@ -15,6 +16,7 @@ pub fn selection(cmd: &Cmd) -> Option<(ReplicaSelection, &str, &str)> {
         all,
         from,
         to,
+        ..
     } = cmd
     else {
         return None;
@@ -39,14 +41,31 @@ pub fn local(cli: &Cli) -> Result<()> {
         task: None,
     };
     let spin = spinner(cli, &format!("replicating {from} → {to}"));
-    let report = app.replicate(&sel, from, to, &opts);
+    let mirror = mirror_target(cli, to)?;
+    let report = match &mirror {
+        Some(t) => app.replicate_to(&sel, from, t, to, &opts),
+        None => app.replicate(&sel, from, to, &opts),
+    };
     spin.finish_and_clear();
     let report = report?;
+    let wire = mirror.as_ref().map(|t| {
+        (
+            t.stats
+                .body_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            t.stats.retries.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
     for w in app.take_warnings() {
         eprintln!("warning: {w}");
     }
     if cli.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some((bytes, retries)) = wire {
+            v["wire_bytes"] = bytes.into();
+            v["retries"] = retries.into();
+        }
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else if !cli.quiet {
         for b in &report.backups {
             outln!(
@@ -72,4 +91,60 @@ pub fn local(cli: &Cli) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--bwlimit`: a size per second, `20M`, `20MiB`, `20MiB/s` (powers of 1024).
+pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().trim_end_matches("/s");
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    match super::args::parse_size(t)? {
+        0 => Err(format!("--bwlimit {s:?} would send nothing")),
+        n => Ok(n),
+    }
+}
+
+/// The mirror vault on another appliance that `--to` names (an `https://` URL), or None
+/// for a vault of this appliance. The token comes from `--token-file` or
+/// `BLOCKVAULT_REPLICA_TOKEN`, never from argv.
+fn mirror_target(cli: &Cli, to: &str) -> Result<Option<RemoteTarget>> {
+    let Cmd::Replicate {
+        token_file,
+        bwlimit,
+        ..
+    } = &cli.cmd
+    else {
+        return Ok(None);
+    };
+    if !(to.starts_with("https://") || to.starts_with("http://")) {
+        if token_file.is_some() || bwlimit.is_some() {
+            return Err(super::exit::usage(
+                "--token-file and --bwlimit are for a mirror on another appliance (--to https://HOST:PORT/VAULT)",
+            ));
+        }
+        return Ok(None);
+    }
+    let token = match token_file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the replication token from {}", p.display()))?,
+        None => std::env::var("BLOCKVAULT_REPLICA_TOKEN").map_err(|_| {
+            super::exit::usage(
+                "a mirror on another appliance needs its replication token: --token-file PATH or BLOCKVAULT_REPLICA_TOKEN",
+            )
+        })?,
+    };
+    Ok(Some(RemoteTarget::new(RemoteOptions {
+        url: to.to_string(),
+        token,
+        trust: super::client::trust(cli)?,
+        bwlimit: *bwlimit,
+        retry_for: std::time::Duration::from_secs(
+            std::env::var("BLOCKVAULT_REPLICA_RETRY_SECONDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300),
+        ),
+    })?))
 }

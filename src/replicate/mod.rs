@@ -26,7 +26,9 @@
 //! mirror vault on another appliance.
 
 pub mod engine;
+pub mod remote;
 pub mod vault_target;
+pub mod wire;
 
 pub use engine::{ReplicaProgress, ReplicaStats, ReplicateOptions, replicate_backup};
 pub use vault_target::VaultTarget;

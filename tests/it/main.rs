@@ -31,6 +31,7 @@ mod live_names;
 mod live_settings;
 mod locks;
 mod maintenance;
+mod mirror;
 mod nbd;
 mod nbd_server;
 mod nbd_tls;
