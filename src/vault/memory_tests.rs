@@ -541,3 +541,68 @@ fn instant_access_from_a_shared_store_reads_a_window_per_get_not_a_chunk() {
     // 3 MiB of chunks in windows of up to 4 MiB, plus index root and page.
     assert!(gets <= 6, "{gets} GETs for {chunks} chunks");
 }
+
+#[test]
+fn replication_onto_an_object_store_lands_several_packs_at_once_and_restores_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Vault::create(&dir.path().join("src"), ChunkSize::new(65536).unwrap(), 1).unwrap();
+    // 24 MiB of random data: three send batches of 8 MiB, one pack each.
+    let img = dir.path().join("big.raw");
+    let mut data = vec![0u8; 24 << 20];
+    blake3::Hasher::new()
+        .update(b"replica")
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let m = backup_disk(
+        &source,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("b"),
+    )
+    .unwrap();
+
+    let store = Arc::new(ConcurrentPuts {
+        inner: MemoryStore::new(),
+        state: std::sync::Mutex::new((0, 0, false)),
+        changed: std::sync::Condvar::new(),
+    });
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
+    let state = dir.path().join("target-state");
+    let target = Vault::create_in(
+        dyn_store,
+        &state,
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    let t = crate::replicate::VaultTarget::new(target).unwrap();
+    crate::replicate::replicate_backup(
+        &source,
+        &m,
+        &t,
+        &crate::replicate::ReplicateOptions::default(),
+    )
+    .unwrap();
+    let most = store.most_at_once();
+    assert!(
+        (2..=crate::replicate::engine::MAX_PUTS_IN_FLIGHT).contains(&most),
+        "{most} replica packs in flight at once"
+    );
+    let target = t.vault();
+    let replicas = target.manifests().unwrap();
+    assert_eq!(replicas.len(), 1);
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        target,
+        &replicas[0].disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
