@@ -11,7 +11,7 @@
 //! On object storage (a vault whose store is shared, e.g. S3) every read is a request, so
 //! a blob's read also fetches the blobs that follow it in its pack, up to
 //! [`READ_AHEAD`] bytes, in the same ranged GET; the next blobs of the disk are then
-//! served from that window. A worker is told the chunks of its batch first
+//! served from that window (a worker keeps the last [`WINDOWS`]). A worker is told the chunks of its batch first
 //! ([`Fetcher::expect`]): the window then stops at the last of them in that pack, so
 //! workers that share a pack read disjoint ranges, never the same bytes twice. A restore
 //! from object storage hands each worker batches of about [`READ_AHEAD`] bytes and runs
@@ -37,6 +37,10 @@ pub const CACHED_PACKS: usize = 16;
 /// Bytes one ranged read of a shared (object) store covers at most.
 pub const READ_AHEAD: u64 = 8 << 20;
 
+/// Windows one worker keeps: an incremental's batch alternates between the full's packs
+/// and the incremental's own, and one window would be read again after each switch.
+pub const WINDOWS: usize = 2;
+
 /// Restore workers (so ranged GETs in flight) at least, on a shared (object) store.
 pub const GETS_IN_FLIGHT: usize = 4;
 
@@ -50,8 +54,9 @@ pub struct Fetcher<'a> {
     packs: VecDeque<(PackId, Vec<ChunkDigest>)>,
     decoder: Decoder,
     capacity: usize,
-    /// Shared store: the last window read, (pack, offset of its first byte, bytes).
-    window: Option<(PackId, u64, Vec<u8>)>,
+    /// Shared store: the last [`WINDOWS`] windows read, newest last, (pack, offset of
+    /// its first byte, bytes).
+    windows: VecDeque<(PackId, u64, Vec<u8>)>,
     read_ahead: bool,
     /// The end of the last blob of the current batch in each of its packs.
     expected_end: HashMap<PackId, u64>,
@@ -71,7 +76,7 @@ impl<'a> Fetcher<'a> {
             locations: HashMap::new(),
             packs: VecDeque::new(),
             decoder: Decoder::new(vault.codec()?)?,
-            window: None,
+            windows: VecDeque::new(),
             read_ahead: vault.is_shared_store(),
             expected_end: HashMap::new(),
         })
@@ -148,11 +153,9 @@ impl<'a> Fetcher<'a> {
                 .map(Some);
         }
         let end = offset + u64::from(length);
-        if let Some((p, start, bytes)) = &self.window
-            && *p == pack
-            && offset >= *start
-            && end <= *start + bytes.len() as u64
-        {
+        if let Some((_, start, bytes)) = self.windows.iter().find(|(p, start, bytes)| {
+            *p == pack && offset >= *start && end <= *start + bytes.len() as u64
+        }) {
             let at = (offset - start) as usize;
             return Ok(Some(bytes[at..at + length as usize].to_vec()));
         }
@@ -186,7 +189,10 @@ impl<'a> Fetcher<'a> {
                 bytes.len()
             )));
         };
-        self.window = Some((pack, offset, bytes));
+        if self.windows.len() >= WINDOWS {
+            self.windows.pop_front();
+        }
+        self.windows.push_back((pack, offset, bytes));
         Ok(Some(blob))
     }
 

@@ -606,3 +606,69 @@ fn replication_onto_an_object_store_lands_several_packs_at_once_and_restores_byt
     .unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
+
+#[test]
+fn restoring_an_incremental_from_a_shared_store_reads_each_byte_about_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RangeBytes {
+        inner: MemoryStore::new(),
+        bytes: std::sync::atomic::AtomicU64::new(0),
+    });
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
+    let vault = Vault::create_in(
+        dyn_store,
+        &dir.path().join("state"),
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    let img = dir.path().join("disk.raw");
+    let mut data = vec![0u8; 24 << 20];
+    blake3::Hasher::new()
+        .update(b"incr")
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("full"),
+    )
+    .unwrap();
+    // One chunk in every 16 changes: the next backup's chunks alternate between the full's
+    // packs and its own.
+    for c in (0..data.len() / 65536).step_by(16) {
+        data[c * 65536] ^= 0xff;
+    }
+    std::fs::write(&img, &data).unwrap();
+    let m = backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("next"),
+    )
+    .unwrap();
+    assert_eq!(m.disks[0].chunks_new, 24);
+    let packs: u64 = store
+        .inner
+        .list("packs")
+        .unwrap()
+        .iter()
+        .map(|o| o.len)
+        .sum();
+    store.bytes.store(0, std::sync::atomic::Ordering::SeqCst);
+    let out = dir.path().join("restored.raw");
+    let ropts = BackupOptions {
+        threads: 4,
+        ..opts("r")
+    };
+    restore_disk(&vault, &m.disks[0], &out, ImageFormat::Raw, None, &ropts).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let read = store.bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        read <= packs + packs / 20,
+        "{read} bytes read for {packs} bytes of packs"
+    );
+}
