@@ -9,6 +9,13 @@
 //! chunk that fails is an error for the read that needs it, never cached, never zeros.
 //! A `ZERO` slot reads as zeros without touching the vault; the last chunk of a disk may
 //! be short, the rest of it reads as zeros.
+//!
+//! On object storage (a shared store) every read is a request, so a chunk missing from
+//! the cache is fetched with the blobs that follow it in its pack, up to
+//! [`READ_AHEAD_BYTES`] of stored bytes (and at most that much plaintext), in one ranged
+//! GET; each is verified and put in the chunk cache, so a sequential reader costs one GET
+//! per window instead of one per chunk. Memory stays bounded by the chunk cache
+//! ([`CHUNK_CACHE_BYTES`] by default) plus one window per reader being fetched.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::num::NonZeroUsize;
@@ -17,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
-use crate::chunk::ChunkDigest;
+use crate::chunk::{ChunkDigest, Decoder};
 use crate::error::{Error, ErrorKind, Result};
 use crate::index::{IndexRoot, PAGE_ENTRIES};
 use crate::manifest::DiskManifest;
@@ -27,6 +34,8 @@ use crate::vault::walk::{load_page, load_root};
 
 /// Bytes of decoded chunks kept in memory by default.
 pub const CHUNK_CACHE_BYTES: usize = 64 << 20;
+/// Stored bytes one ranged GET fetches at most for a reader of a shared store.
+pub const READ_AHEAD_BYTES: u64 = 4 << 20;
 /// Index pages kept in memory (each 32 KiB: covers 64 MiB at 64 KiB chunks).
 pub const PAGE_CACHE: usize = 64;
 
@@ -78,9 +87,15 @@ impl DiskCache {
 
     /// A reader for this thread.
     pub fn reader(self: &Arc<Self>) -> Result<DiskReader> {
+        let decoder = if self.vault.is_shared_store() {
+            Some(std::cell::RefCell::new(Decoder::new(self.vault.codec()?)?))
+        } else {
+            None
+        };
         Ok(DiskReader {
             lookup: self.vault.lookup()?,
             cache: Arc::clone(self),
+            decoder,
         })
     }
 }
@@ -89,6 +104,8 @@ impl DiskCache {
 pub struct DiskReader {
     cache: Arc<DiskCache>,
     lookup: LookupIndex,
+    /// Shared store only: decodes the blobs of a read-ahead window.
+    decoder: Option<std::cell::RefCell<Decoder>>,
 }
 
 impl DiskReader {
@@ -125,6 +142,9 @@ impl DiskReader {
         if let Some(c) = s.chunks.lock().unwrap_or_else(|e| e.into_inner()).get(d) {
             return Ok(Arc::clone(c));
         }
+        if let Some(data) = self.read_ahead(d) {
+            return Ok(data);
+        }
         let (_, data) = s.vault.read_blob(&self.lookup, d).map_err(|e| {
             e.context_prefix(format!(
                 "disk {}: chunk {d} at disk offset {offset}",
@@ -137,6 +157,59 @@ impl DiskReader {
             .unwrap_or_else(|e| e.into_inner())
             .put(*d, Arc::clone(&data));
         Ok(data)
+    }
+
+    /// Shared store: fetch `d` and the blobs after it in its pack with one ranged GET,
+    /// verify each and cache them; `None` (the caller then reads `d` alone through the
+    /// vault's own path, whose errors say what is wrong) when anything fails.
+    fn read_ahead(&self, d: &ChunkDigest) -> Option<Arc<Vec<u8>>> {
+        let mut decoder = self.decoder.as_ref()?.try_borrow_mut().ok()?;
+        let loc = self.lookup.get(d).ok()??;
+        let entries = self.lookup.entries_in_pack(loc.pack).ok()?;
+        let first = entries.iter().position(|e| e.offset == loc.offset)?;
+        let max_plain = (READ_AHEAD_BYTES / self.cache.chunk_size()).max(1) as usize;
+        let mut end = loc.offset + u64::from(loc.length);
+        let mut last = first;
+        for (i, e) in entries.iter().enumerate().skip(first + 1) {
+            let e_end = e.offset + u64::from(e.length);
+            if e.offset != end || e_end - loc.offset > READ_AHEAD_BYTES || i - first >= max_plain {
+                break;
+            }
+            end = e_end;
+            last = i;
+        }
+        let bytes = self
+            .cache
+            .vault
+            .store()
+            .read_pack_range(loc.pack, loc.offset, (end - loc.offset) as usize)
+            .ok()?;
+        let mut wanted = None;
+        let mut others = Vec::new();
+        for e in &entries[first..=last] {
+            let at = (e.offset - loc.offset) as usize;
+            let Some(stored) = bytes.get(at..at + e.length as usize) else {
+                break;
+            };
+            let Ok((_, plain)) = decoder.decode(stored, &e.digest) else {
+                continue; // not cached: a later read of it fails (or heals) on its own
+            };
+            let plain = Arc::new(plain.to_vec());
+            if e.digest == *d {
+                wanted = Some(plain);
+            } else {
+                others.push((e.digest, plain));
+            }
+        }
+        let mut chunks = self.cache.chunks.lock().unwrap_or_else(|e| e.into_inner());
+        for (digest, plain) in others {
+            if !chunks.contains(&digest) {
+                chunks.put(digest, plain);
+            }
+        }
+        let wanted = wanted?;
+        chunks.put(*d, Arc::clone(&wanted));
+        Some(wanted)
     }
 
     /// Fill `buf` with the disk's bytes at `offset`. A read past the end of the disk is

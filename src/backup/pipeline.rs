@@ -7,16 +7,17 @@
 //!    stores pages and the root                           zstd (only for new chunks)
 //!                                                              │ new blobs (bounded)
 //!                                                              ▼
-//!                                                       writer thread: PackWriter →
-//!                                                       publish pack → lookup index
+//!                                                       writer thread: PackWriter
+//!                                                         ──sealed packs──▶ 4 publishers:
+//!                                                       upload pack → lookup index
 //! ```
 //!
 //! A page with nothing to read keeps the previous backup's page digest (or `ZERO`); a
 //! page with something to read starts from the previous page's entries and overwrites the
 //! slots read. Memory is bounded: the job queue holds a few chunks per worker, only the
 //! pages being filled are in memory, and dedup state lives in the SQLite lookup index
-//! (plus a set of digests claimed by this backup and not yet indexed, at most about a
-//! pack's worth).
+//! (plus a set of digests claimed by this backup and not yet indexed, at most about
+//! [`UPLOADS_IN_FLIGHT`] + 2 packs' worth).
 //!
 //! Every pack published is recorded in the caller's `published` list, so that a backup
 //! that fails later removes them (see `cleanup`); a pack still being filled when the
@@ -443,8 +444,17 @@ fn hash_worker(
     Ok(())
 }
 
-/// The writer thread: packs blobs; a publisher thread beside it makes each full pack
-/// durable and indexes it while the writer fills the next one.
+/// Packs of one disk backup uploaded at once. An object store takes one PUT at a time
+/// per connection, so a single publisher left the hash workers waiting on each 32 MiB
+/// upload; several in flight keep the link busy while the writer fills the next pack.
+pub const UPLOADS_IN_FLIGHT: usize = 4;
+
+/// The writer thread: packs blobs; [`UPLOADS_IN_FLIGHT`] publisher threads beside it make
+/// full packs durable and index them while the writer fills the next one. Bounds: one
+/// open pack, one sealed pack waiting and one per publisher, each spooled on local disk
+/// (an object store's PUT holds the pack in memory: at most `UPLOADS_IN_FLIGHT` × 32 MiB).
+/// The manifest is written by the caller after this returns, that is after every
+/// publisher has finished: never before each pack it references is durable.
 fn write_blobs(
     vault: &Vault,
     blobs: Receiver<EncodedBlob>,
@@ -454,27 +464,47 @@ fn write_blobs(
     opts: &BackupOptions,
     published: &Mutex<Vec<PackId>>,
 ) -> Result<()> {
-    let mut lookup = vault.lookup()?;
+    let lookup = Mutex::new(vault.lookup()?);
+    let upload_failed = AtomicBool::new(false);
     let (sealed_tx, sealed_rx) = bounded::<SealedPack>(1);
     std::thread::scope(|scope| {
-        let publisher = scope.spawn(move || -> Result<()> {
-            for sealed in sealed_rx {
-                let info = sealed.publish()?;
-                published
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(info.id);
-                lookup.insert_pack(&info)?;
-                let mut c = claimed.lock().unwrap_or_else(|p| p.into_inner());
-                for e in &info.entries {
-                    c.remove(&e.digest);
-                }
-            }
-            Ok(())
-        });
+        let publishers: Vec<_> = (0..UPLOADS_IN_FLIGHT)
+            .map(|_| {
+                let sealed_rx = sealed_rx.clone();
+                let (lookup, upload_failed) = (&lookup, &upload_failed);
+                scope.spawn(move || -> Result<()> {
+                    let r = (|| {
+                        for sealed in sealed_rx {
+                            let info = sealed.publish()?;
+                            published
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push(info.id);
+                            lookup
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert_pack(&info)?;
+                            let mut c = claimed.lock().unwrap_or_else(|p| p.into_inner());
+                            for e in &info.entries {
+                                c.remove(&e.digest);
+                            }
+                        }
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        upload_failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        drop(sealed_rx);
         let written = (|| -> Result<()> {
             let mut writer = vault.pack_writer();
             for blob in blobs {
+                if upload_failed.load(Ordering::Relaxed) {
+                    break;
+                }
                 let total = stored.load(Ordering::Relaxed) + blob.stored_len() as u64;
                 if let Some(left) = capacity_left
                     && total > left
@@ -498,15 +528,24 @@ fn write_blobs(
                     break;
                 }
             }
-            if let Some(s) = writer.seal() {
+            if !upload_failed.load(Ordering::Relaxed)
+                && let Some(s) = writer.seal()
+            {
                 let _ = sealed_tx.send(s);
             }
             Ok(())
         })();
         drop(sealed_tx);
-        let published = publisher
-            .join()
-            .map_err(|_| Error::new(ErrorKind::Io, "pack publisher thread panicked"))?;
+        let mut published = Ok(());
+        for p in publishers {
+            let r = p
+                .join()
+                .map_err(|_| Error::new(ErrorKind::Io, "pack publisher thread panicked"))
+                .and_then(|r| r);
+            if published.is_ok() {
+                published = r;
+            }
+        }
         written.and(published)
     })
 }

@@ -23,8 +23,10 @@
 //!    copy stops the replication (`Corrupt`) before the manifest is sent;
 //! 6. blobs go to the target in batches of about [`SEND_BATCH`] bytes (`put_blobs`,
 //!    durable when it returns), so a batch asked later sees what earlier ones landed; the
-//!    next batch is read while the target lands the current one (at most two batches in
-//!    memory);
+//!    next batches are read while the target lands the current ones: up to
+//!    [`ReplicaTarget::parallel_puts`] batches (at most [`MAX_PUTS_IN_FLIGHT`]) land at
+//!    once, e.g. several packs uploaded to an object store at a time (at most that many
+//!    batches + 2 in memory: 48 MiB);
 //! 7. the manifest last (`put_manifest`).
 //!
 //! Memory is bounded by the batch sizes, not by the disk size: no set of every digest is
@@ -49,6 +51,9 @@ pub const ASK_BATCH: usize = 4096;
 pub const SEND_BATCH: u64 = 8 << 20;
 /// Threads reading blobs from the source packs.
 pub const READ_THREADS: usize = 4;
+/// Send batches landing on the target at once at most (see
+/// [`ReplicaTarget::parallel_puts`]).
+pub const MAX_PUTS_IN_FLIGHT: usize = 4;
 /// Neighbouring blobs of one pack are read in one range when the gap between them is at
 /// most this many bytes.
 const MERGE_GAP: u64 = 64 << 10;
@@ -340,25 +345,28 @@ fn send_missing(
         batches.push(&located[start..end]);
         start = end;
     }
-    // The next batch is read (and verified) while the target lands the current one.
-    std::thread::scope(|s| {
-        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<RawBlob>>>(1);
-        s.spawn(move || {
-            for b in batches {
-                let r = check_cancel(opts).and_then(|()| read_verified(source, b));
-                let failed = r.is_err();
-                if tx.send(r).is_err() || failed {
-                    break;
-                }
-            }
-        });
+    // The next batches are read (and verified) while the target lands the current ones,
+    // up to `target.parallel_puts()` at once.
+    let senders = target.parallel_puts().clamp(1, MAX_PUTS_IN_FLIGHT);
+    let failed = AtomicBool::new(false);
+    let (sent_blobs, sent_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let send = |rx: crossbeam_channel::Receiver<Result<Vec<RawBlob>>>| -> Result<()> {
         for blobs in rx {
-            let blobs = blobs?;
-            let n = blobs.len() as u64;
-            let sent: u64 = blobs.iter().map(|b| b.stored.len() as u64).sum();
-            target.put_blobs(blobs)?;
-            stats.blobs_sent += n;
-            stats.bytes_sent += sent;
+            let landed = blobs.and_then(|blobs| {
+                let n = blobs.len() as u64;
+                let sent: u64 = blobs.iter().map(|b| b.stored.len() as u64).sum();
+                target.put_blobs(blobs)?;
+                Ok((n, sent))
+            });
+            let (n, sent) = match landed {
+                Ok(x) => x,
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            sent_blobs.fetch_add(n, Ordering::Relaxed);
+            sent_bytes.fetch_add(sent, Ordering::Relaxed);
             if let Some(p) = &opts.progress {
                 p.blobs_sent.fetch_add(n, Ordering::Relaxed);
                 p.bytes_sent.fetch_add(sent, Ordering::Relaxed);
@@ -368,7 +376,43 @@ fn send_missing(
             }
         }
         Ok(())
-    })
+    };
+    let send = &send;
+    let result = std::thread::scope(|s| {
+        let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<RawBlob>>>(1);
+        let failed = &failed;
+        s.spawn(move || {
+            for b in batches {
+                if failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = check_cancel(opts).and_then(|()| read_verified(source, b));
+                let stop = r.is_err();
+                if tx.send(r).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let others: Vec<_> = (1..senders)
+            .map(|_| {
+                let rx = rx.clone();
+                s.spawn(move || send(rx))
+            })
+            .collect();
+        let mut result = send(rx);
+        for h in others {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "a sending thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    });
+    stats.blobs_sent += sent_blobs.load(Ordering::Relaxed);
+    stats.bytes_sent += sent_bytes.load(Ordering::Relaxed);
+    result
 }
 
 /// Find a good copy of `d` through the trailers and return its (repaired) location.

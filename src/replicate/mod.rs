@@ -70,6 +70,10 @@ pub trait ReplicaTarget: Send + Sync {
     fn has_manifest(&self, manifest: &BackupManifest) -> Result<bool>;
     /// Publish a manifest whose blobs have all landed.
     fn put_manifest(&self, manifest: &BackupManifest) -> Result<()>;
+    /// How many `put_blobs` calls the target takes at once (1: one after the other).
+    fn parallel_puts(&self) -> usize {
+        1
+    }
 }
 
 #[cfg(test)]

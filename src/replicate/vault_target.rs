@@ -7,7 +7,9 @@
 //! under the *target's* codec (so a blob that would not restore there is refused, never
 //! stored). Landed blobs are packed with `PackWriter::add_raw` (stored bytes unchanged),
 //! each pack published (durable) and indexed in the target's lookup cache before
-//! `put_blobs` returns. The manifest is written last, atomically (`Vault::put_manifest`).
+//! `put_blobs` returns. On object storage several `put_blobs` run at once
+//! (`parallel_puts`); the capacity check of concurrent batches may then overshoot by
+//! those batches (a few × 8 MiB). The manifest is written last, atomically (`Vault::put_manifest`).
 //!
 //! Retention: the manifest is copied as it is; protection locks and retention journal
 //! records of the source are **not** copied — the target's own policy (its compliance
@@ -174,5 +176,15 @@ impl ReplicaTarget for VaultTarget {
 
     fn put_manifest(&self, manifest: &BackupManifest) -> Result<()> {
         self.vault.put_manifest(manifest)
+    }
+
+    /// An object store takes one PUT per connection at a time: several batches (each
+    /// about one pack) land at once. A local vault is bounded by its disk: one.
+    fn parallel_puts(&self) -> usize {
+        if self.vault.is_shared_store() {
+            super::engine::MAX_PUTS_IN_FLIGHT
+        } else {
+            1
+        }
     }
 }

@@ -11,8 +11,13 @@
 //! On object storage (a vault whose store is shared, e.g. S3) every read is a request, so
 //! a blob's read also fetches the blobs that follow it in its pack, up to
 //! [`READ_AHEAD`] bytes, in the same ranged GET; the next blobs of the disk are then
-//! served from that window. A local vault reads each blob with its own `pread` (the page
-//! cache does the read-ahead).
+//! served from that window (a worker keeps the last [`WINDOWS`]). A worker is told the chunks of its batch first
+//! ([`Fetcher::expect`]): the window then stops at the last of them in that pack, so
+//! workers that share a pack read disjoint ranges, never the same bytes twice. A restore
+//! from object storage hands each worker batches of about [`READ_AHEAD`] bytes and runs
+//! at least [`GETS_IN_FLIGHT`] workers, so that many GETs are in flight ahead of the
+//! writer. A local vault reads each blob with its own `pread` (the page cache does the
+//! read-ahead).
 //!
 //! Any failure on this fast path (missing pack, bad blob) is retried through
 //! [`Vault::read_blob`], the vault's own read path, so that errors read the same as
@@ -32,6 +37,13 @@ pub const CACHED_PACKS: usize = 16;
 /// Bytes one ranged read of a shared (object) store covers at most.
 pub const READ_AHEAD: u64 = 8 << 20;
 
+/// Windows one worker keeps: an incremental's batch alternates between the full's packs
+/// and the incremental's own, and one window would be read again after each switch.
+pub const WINDOWS: usize = 2;
+
+/// Restore workers (so ranged GETs in flight) at least, on a shared (object) store.
+pub const GETS_IN_FLIGHT: usize = 4;
+
 /// One worker's view of the vault.
 pub struct Fetcher<'a> {
     vault: &'a Vault,
@@ -42,9 +54,12 @@ pub struct Fetcher<'a> {
     packs: VecDeque<(PackId, Vec<ChunkDigest>)>,
     decoder: Decoder,
     capacity: usize,
-    /// Shared store: the last window read, (pack, offset of its first byte, bytes).
-    window: Option<(PackId, u64, Vec<u8>)>,
+    /// Shared store: the last [`WINDOWS`] windows read, newest last, (pack, offset of
+    /// its first byte, bytes).
+    windows: VecDeque<(PackId, u64, Vec<u8>)>,
     read_ahead: bool,
+    /// The end of the last blob of the current batch in each of its packs.
+    expected_end: HashMap<PackId, u64>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -61,9 +76,38 @@ impl<'a> Fetcher<'a> {
             locations: HashMap::new(),
             packs: VecDeque::new(),
             decoder: Decoder::new(vault.codec()?)?,
-            window: None,
+            windows: VecDeque::new(),
             read_ahead: vault.is_shared_store(),
+            expected_end: HashMap::new(),
         })
+    }
+
+    /// The chunks this worker fetches next: a window read for one of them stops at the
+    /// last of them in its pack (other workers read what follows). Chunks not indexed
+    /// are skipped here (their fetch fails as the vault says).
+    pub fn expect<'d>(&mut self, digests: impl Iterator<Item = &'d ChunkDigest>) {
+        self.expected_end.clear();
+        if !self.read_ahead {
+            return;
+        }
+        for d in digests {
+            let loc = match self.locations.get(d) {
+                Some(&l) => Some(l),
+                None => match self.lookup.get(d) {
+                    Ok(Some(loc)) => {
+                        if self.cache_pack(loc.pack).is_err() {
+                            continue;
+                        }
+                        Some((loc.pack, loc.offset, loc.length))
+                    }
+                    _ => None,
+                },
+            };
+            if let Some((pack, offset, length)) = loc {
+                let end = self.expected_end.entry(pack).or_insert(0);
+                *end = (*end).max(offset + u64::from(length));
+            }
+        }
     }
 
     /// Hand the verified plaintext of `digest` to `f` (without copying it when the
@@ -109,17 +153,19 @@ impl<'a> Fetcher<'a> {
                 .map(Some);
         }
         let end = offset + u64::from(length);
-        if let Some((p, start, bytes)) = &self.window
-            && *p == pack
-            && offset >= *start
-            && end <= *start + bytes.len() as u64
-        {
+        if let Some((_, start, bytes)) = self.windows.iter().find(|(p, start, bytes)| {
+            *p == pack && offset >= *start && end <= *start + bytes.len() as u64
+        }) {
             let at = (offset - start) as usize;
             return Ok(Some(bytes[at..at + length as usize].to_vec()));
         }
         // The window: this blob and the known blobs that follow it, up to READ_AHEAD
-        // bytes (never past the last indexed blob, so never past the pack's end).
-        let limit = offset + READ_AHEAD.max(u64::from(length));
+        // bytes (never past the last indexed blob, so never past the pack's end) and
+        // never past the last blob of this pack the batch needs.
+        let mut limit = offset + READ_AHEAD.max(u64::from(length));
+        if let Some(&want) = self.expected_end.get(&pack) {
+            limit = limit.min(want.max(end));
+        }
         let window_end = self
             .packs
             .iter()
@@ -143,7 +189,10 @@ impl<'a> Fetcher<'a> {
                 bytes.len()
             )));
         };
-        self.window = Some((pack, offset, bytes));
+        if self.windows.len() >= WINDOWS {
+            self.windows.pop_front();
+        }
+        self.windows.push_back((pack, offset, bytes));
         Ok(Some(blob))
     }
 

@@ -306,6 +306,7 @@ fn restore_worker(
     };
     for batch in jobs {
         let (mut chunks, mut bytes) = (0, 0);
+        fetcher.expect(batch.iter().map(|(_, d)| d));
         for (offset, digest) in batch {
             let done = fetcher.fetch(&digest, |data| match &shared {
                 None => Some(Msg::Data(offset, data.to_vec())),
@@ -352,14 +353,23 @@ pub fn restore_into(
     let lookup = vault.lookup()?;
     let root = load_root(vault, &lookup, disk)?;
     let cs = root.chunk_size.as_u64();
-    let threads = if opts.threads == 0 {
+    let mut threads = if opts.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
         opts.threads
     };
-    let batch_len = (BATCH_BYTES / cs).clamp(1, 16) as usize;
+    let mut batch_len = (BATCH_BYTES / cs).clamp(1, 16) as usize;
     // Chunks in flight (sent, not yet accounted for): bounds memory.
-    let window = ((WINDOW_BYTES / cs) as usize).max(2 * batch_len);
+    let mut window = ((WINDOW_BYTES / cs) as usize).max(2 * batch_len);
+    if vault.is_shared_store() {
+        // Object storage: each worker reads its batch with one ranged GET of about
+        // READ_AHEAD bytes (see `fetch`), and at least GETS_IN_FLIGHT workers wait on
+        // the network at once, ahead of the writer. In flight at most: threads + 1
+        // batches of chunks, plus one window of stored bytes per worker.
+        batch_len = (fetch::READ_AHEAD / cs).clamp(1, 128) as usize;
+        threads = threads.max(fetch::GETS_IN_FLIGHT);
+        window = window.max((threads + 1) * batch_len);
+    }
     let progress: Option<&Arc<Progress>> = opts.progress.as_ref();
     if let Some(p) = progress {
         p.bytes_total.store(disk.size, Ordering::Relaxed);

@@ -42,13 +42,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::chunk::{ChunkDigest, decode_blob};
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 
 use super::Vault;
 use super::badblobs::BadBlobs;
 use super::digestset::DigestSet;
 use super::lookup::IndexRepair;
 use super::pack::{PackEntry, PackId, PackInfo, read_pack_entries};
+use super::store::{ChunkStore, pack_key};
 use super::walk::{WalkItem, walk_disk};
 
 /// A blob GC found rotten while copying it (not carried forward).
@@ -306,7 +307,7 @@ pub fn gc_with_progress(
     scan.index().replace_packs(&old_packs, &new_packs)?;
     stats.index_repaired = scan.heal(|| Ok(surviving.clone()))?;
     for id in &old_packs {
-        store.remove_pack(*id)?;
+        remove_pack_once(store.as_ref(), *id)?;
     }
     let gone: HashSet<PackId> = old_packs.iter().copied().collect();
     if bad.retain(|c| !gone.contains(&c.pack)) > 0 {
@@ -397,4 +398,21 @@ fn mark(
         })?;
     }
     Ok(())
+}
+
+/// Delete a pack GC found dead. One already gone (another GC, an operator, a bucket
+/// lifecycle rule) is logged at warn with its key and skipped: not silent, not an error.
+/// An S3 DELETE of a missing object succeeds, so the pack's length is asked first.
+fn remove_pack_once(store: &dyn ChunkStore, id: PackId) -> Result<()> {
+    match store.pack_len(id).and_then(|_| store.remove_pack(id)) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            tracing::warn!(
+                key = %pack_key(id),
+                store = %store.describe(),
+                "GC: a pack to delete was already gone"
+            );
+            Ok(())
+        }
+        other => other,
+    }
 }

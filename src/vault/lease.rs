@@ -29,8 +29,9 @@
 //! packs were collected meanwhile fails verify rather than restoring wrong bytes (every
 //! blob is digest-checked); (c) conditional writes (If-None-Match) would make step 3
 //! unnecessary but are not used, since not every S3-compatible store honours them.
-//! Pins of readers (restore, serve-nbd) stay local to their appliance: a GC on another
-//! appliance does not see them.
+//! Pins of readers (restore, serve-nbd, files, drills, replication) are files local to
+//! their appliance, which a GC on another appliance does not see; so on a shared store
+//! `Vault::pin` also takes a use lease, and such a GC is refused while a reader runs.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};

@@ -450,8 +450,24 @@ impl Vault {
     /// Pin `backups` for a long read (restore, export, serve-nbd): GC keeps them live
     /// while the returned guard lives, even if they are deleted meanwhile. Fails with
     /// `NotFound` when a backup was deleted before the pin was taken.
+    ///
+    /// Pins are files of this appliance's state directory: on a shared store (S3) a GC on
+    /// another appliance cannot see them, so the guard also holds a **use** lease there
+    /// (see `lease`): such a GC is refused (`Conflict`) while the reader runs, and a
+    /// reader is refused while a GC elsewhere holds its lease.
     pub fn pin(&self, backups: &[&BackupManifest]) -> Result<pin::PinGuard> {
-        let guard = pin::pin(&self.root, backups)?;
+        let lease = if self.shared_store {
+            Some(lease::Lease::take(
+                Arc::clone(&self.store),
+                lease::LeaseKind::Use,
+            )?)
+        } else {
+            None
+        };
+        let mut guard = pin::pin(&self.root, backups)?;
+        if let Some(l) = lease {
+            guard = guard.with_lease(l);
+        }
         // GC reads manifests before pins: with the pin durable, a manifest still here now
         // was either seen by any GC that missed the pin, or that GC has not run yet.
         for m in backups {

@@ -58,6 +58,17 @@ pub struct PinGuard {
     path: PathBuf,
     stop: Option<Sender<()>>,
     renewer: Option<JoinHandle<()>>,
+    /// Shared store: the use lease that keeps a GC on another appliance off (pins are
+    /// local files it cannot see); released after the pin.
+    _lease: Option<super::lease::Lease>,
+}
+
+impl PinGuard {
+    /// Hold `lease` as long as the pin (see `Vault::pin`).
+    pub(crate) fn with_lease(mut self, lease: super::lease::Lease) -> PinGuard {
+        self._lease = Some(lease);
+        self
+    }
 }
 
 impl Drop for PinGuard {
@@ -131,6 +142,7 @@ pub fn pin(vault_root: &Path, backups: &[&BackupManifest]) -> Result<PinGuard> {
         path,
         stop: Some(stop),
         renewer: Some(renewer),
+        _lease: None,
     })
 }
 

@@ -567,3 +567,54 @@ fn gc_on_a_second_appliance_is_refused_while_a_backup_holds_the_vault() {
     second.json(&["gc", "--vault", "v"]);
     assert!(g.objects("two", "locks").is_empty());
 }
+
+#[test]
+fn gc_on_a_second_appliance_is_refused_while_the_first_serves_a_backup_over_nbd() {
+    let g = Garage::start();
+    let first = s3_env(&g, "pinned");
+    let img = random_image(&first, "a.raw", 4, 9);
+    let b = first.backup(&img, "a");
+    let second = Env::bare();
+    g.attach_vault(&second, "v", "pinned");
+    // The first appliance's reader pins the backup in its own state directory, which the
+    // second cannot see: the use lease beside the pin is what keeps the second's GC off.
+    let sock = first.path("serve.sock");
+    let mut child = first
+        .cmd()
+        .args(["serve-nbd", s(&b, "id"), "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("nbd+unix://"), "{line}");
+    // The URI is printed once the socket listens; the pin (and lease) follow at once.
+    wait_for("the reader's use lease", || {
+        !g.objects("pinned", "locks/leases").is_empty()
+    });
+    let leases = g.objects("pinned", "locks");
+    assert!(leases[0].starts_with("locks/leases/use-"), "{leases:?}");
+    let packs = g.objects("pinned", "packs");
+    let out = second.run(&["gc", "--vault", "v"]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "GC ran beside a reader on another appliance: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(g.objects("pinned", "packs"), packs, "GC deleted nothing");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    // The reader is gone (its lease names a dead pid of this host): GC runs.
+    second.json(&["gc", "--vault", "v"]);
+    assert_eq!(
+        g.objects("pinned", "packs"),
+        packs,
+        "the backup is still live"
+    );
+}
