@@ -25,7 +25,8 @@
 //!
 //! Every length is bounded ([`MAX_DIR_BYTES`], [`MAX_DEPTH`] extent levels) and every
 //! offset checked, so hostile metadata gives an error, which the caller takes as "inode
-//! unknown" (the file is then copied, not linked). Inline-data directories are not
+//! unknown" (the file is then copied, not linked); an extent tree may not have more
+//! nodes than its directory has blocks. Inline-data directories are not
 //! parsed (same outcome).
 
 use std::cell::RefCell;
@@ -175,7 +176,10 @@ impl Inodes {
             return Err(Error::unsupported("inline-data directory"));
         }
         if inode.flags & FLAG_EXTENTS != 0 {
-            self.extents(&inode.block, MAX_DEPTH + 1, &mut out)?;
+            // A sane tree reads at most one node per mapped block; a hostile one whose
+            // index entries all point at one node would otherwise be walked 340^4 times.
+            let mut budget = n.saturating_add(16);
+            self.extents(&inode.block, MAX_DEPTH + 1, &mut out, &mut budget)?;
         } else {
             for (i, o) in out.iter_mut().enumerate().take(12) {
                 *o = u32at(&inode.block, i * 4) as u64;
@@ -218,7 +222,13 @@ impl Inodes {
         Ok(())
     }
 
-    fn extents(&self, node: &[u8], depth_left: u16, out: &mut [u64]) -> Result<()> {
+    fn extents(
+        &self,
+        node: &[u8],
+        depth_left: u16,
+        out: &mut [u64],
+        budget: &mut u64,
+    ) -> Result<()> {
         if u16at(node, 0) != 0xF30A {
             return Err(Error::corrupt("extent header: bad magic"));
         }
@@ -231,8 +241,12 @@ impl Inodes {
             let o = 12 + e * 12;
             if depth > 0 {
                 let leaf = u32at(node, o + 4) as u64 | (u16at(node, o + 8) as u64) << 32;
+                if *budget == 0 {
+                    return Err(Error::corrupt("extent tree: more nodes than blocks"));
+                }
+                *budget -= 1;
                 let child = self.read_block(leaf)?;
-                self.extents(&child, depth, out)?;
+                self.extents(&child, depth, out, budget)?;
             } else {
                 let lblk = u32at(node, o) as u64;
                 let mut len = u16at(node, o + 4) as u64;
