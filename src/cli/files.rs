@@ -64,10 +64,11 @@ pub fn run(cli: &Cli, a: &FilesArgs) -> Result<i32> {
                 }
                 if !cli.quiet {
                     outln!(
-                        "restored {} files, {} directories, {} symlinks ({}) to {} in {:.2}s{}",
+                        "restored {} files, {} directories, {} symlinks, {} hard links ({}) to {} in {:.2}s{}",
                         r.files,
                         r.dirs,
                         r.symlinks,
+                        r.links,
                         human(r.bytes),
                         r.to.display(),
                         seconds,

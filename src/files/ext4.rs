@@ -5,14 +5,17 @@
 //! `ext4-view` reads ahead up to 32 KiB from the block it needs and keeps a small block
 //! cache; a read that meets a chunk failing verification fails as a whole (never wrong
 //! bytes), so a file ending within 32 KiB before a damaged chunk fails with it.
-//! `ext4-view` exposes no inode numbers: hard links cannot be recognised and come back as
-//! separate copies. An `ext4-view` panic (none known) is caught and reported as corrupt
+//! `ext4-view` exposes no inode numbers nor link counts: [`super::ext4_ino`] reads them
+//! from the raw inode table and directory blocks, and an entry gets them only when the raw
+//! inode's mode and size agree with what `ext4-view` read (else the inode is unknown and a
+//! hard-linked file comes back as a copy). An `ext4-view` panic (none known) is caught and reported as corrupt
 //! metadata rather than taking the process down.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read, Metadata};
 
+use super::ext4_ino::Inodes;
 use super::{Entry, EntryKind, Volume};
 use crate::disk_reader::DiskView;
 use crate::error::{Error, ErrorKind, Result};
@@ -37,6 +40,8 @@ pub struct Ext4Volume {
     fs: Ext4,
     /// Bytes the file system spans (block count × block size).
     fs_bytes: u64,
+    /// Inode numbers and link counts (`None`: the raw superblock did not parse).
+    inodes: Option<Inodes>,
 }
 
 /// Run `f`, turning a panic inside `ext4-view` into a `Corrupt` error.
@@ -87,8 +92,13 @@ impl Ext4Volume {
         let log = u32::from_le_bytes([sb[24], sb[25], sb[26], sb[27]]);
         let bs = 1024u64.checked_shl(log.min(16)).unwrap_or(1024);
         let fs_bytes = blocks.saturating_mul(bs);
+        let inodes = Inodes::open(view.reopen()).ok();
         let fs = guarded("ext4 file system", || Ext4::load(Box::new(Source(view))))?;
-        Ok(Ext4Volume { fs, fs_bytes })
+        Ok(Ext4Volume {
+            fs,
+            fs_bytes,
+            inodes,
+        })
     }
 }
 
@@ -106,7 +116,56 @@ fn kind_of(m: &Metadata) -> EntryKind {
 }
 
 impl Ext4Volume {
+    /// Inode number and link count of the entry `ino` names, when the raw inode agrees
+    /// with `m` (mode and size); `(0, 0)` when unknown.
+    fn links(&self, ino: Option<u32>, m: &Metadata) -> (u64, u32) {
+        let (Some(inodes), Some(ino)) = (&self.inodes, ino) else {
+            return (0, 0);
+        };
+        match inodes.inode(ino) {
+            Ok(raw)
+                if raw.mode & 0o7777 == m.mode() && raw.size == m.len() && {
+                    let t = raw.mode & 0o170000;
+                    match kind_of(m) {
+                        EntryKind::Dir => t == 0o040000,
+                        EntryKind::File => t == 0o100000,
+                        EntryKind::Symlink => t == 0o120000,
+                        EntryKind::Special => true,
+                    }
+                } =>
+            {
+                (ino as u64, raw.links as u32)
+            }
+            _ => (0, 0),
+        }
+    }
+
+    /// Raw names → inode numbers of directory `path` (empty when unknown).
+    fn raw_dir(&self, path: &[u8]) -> std::collections::HashMap<Vec<u8>, u32> {
+        self.inodes
+            .as_ref()
+            .and_then(|i| i.dir_ino(path).and_then(|d| i.entries(d)).ok())
+            .unwrap_or_default()
+    }
+
     fn entry(&self, path: &[u8], name: &[u8], m: &Metadata) -> Result<Entry> {
+        let ino = if path == b"/" {
+            Some(2)
+        } else {
+            let cut = path.iter().rposition(|&b| b == b'/').unwrap_or(0);
+            let parent: &[u8] = if cut == 0 { b"/" } else { &path[..cut] };
+            self.raw_dir(parent).get(base_name(path)).copied()
+        };
+        self.entry_with(path, name, m, ino)
+    }
+
+    fn entry_with(
+        &self,
+        path: &[u8],
+        name: &[u8],
+        m: &Metadata,
+        ino: Option<u32>,
+    ) -> Result<Entry> {
         let kind = kind_of(m);
         let target = if kind == EntryKind::Symlink {
             let shown = String::from_utf8_lossy(path);
@@ -115,7 +174,14 @@ impl Ext4Volume {
         } else {
             None
         };
-        Ok(Entry::new(path, name, kind, m, target))
+        let mut e = Entry::new(path, name, kind, m, target);
+        (e.ino, e.nlink) = self.links(ino, m);
+        if e.ino != 0 {
+            // The inode number tells inodes apart for sure.
+            e.identity = e.ino;
+            e.precise = true;
+        }
+        Ok(e)
     }
 }
 
@@ -151,6 +217,8 @@ impl Entry {
                 h.finish()
             },
             precise: m.created().is_some_and(|c| c.nanoseconds() != 0),
+            ino: 0,
+            nlink: 0,
         }
     }
 }
@@ -177,6 +245,7 @@ impl Volume for Ext4Volume {
     fn list(&self, path: &[u8]) -> Result<Vec<Entry>> {
         let shown = String::from_utf8_lossy(path).into_owned();
         let dir = guarded(&shown, || self.fs.read_dir(path))?;
+        let raw = self.raw_dir(path);
         let mut out = Vec::new();
         let mut iter = dir;
         loop {
@@ -196,7 +265,7 @@ impl Volume for Ext4Volume {
             let child: &[u8] = p.as_ref();
             let child_shown = String::from_utf8_lossy(child).into_owned();
             let m = guarded(&child_shown, || e.metadata())?;
-            out.push(self.entry(child, &name, &m)?);
+            out.push(self.entry_with(child, &name, &m, raw.get(&name).copied())?);
         }
         out.sort_by(|a, b| a.raw_name.cmp(&b.raw_name));
         Ok(out)

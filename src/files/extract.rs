@@ -7,8 +7,10 @@
 //! fails that entry instead of writing through the link.
 //!
 //! Kept: permission bits, mtime and atime (nanoseconds), symlink targets (never
-//! followed), owner and group when running as root. Hard links become separate copies
-//! (the reader exposes no inode numbers). Device nodes, FIFOs and sockets are skipped and
+//! followed), owner and group when running as root. Hard links: a file with more than one
+//! name and a known inode number is restored once, and its other names inside the same
+//! `get` become hard links to that copy (`links` in the report); where the reader does
+//! not know the inode, they come back as separate copies. Device nodes, FIFOs and sockets are skipped and
 //! listed. Sparse: 4 KiB blocks of zeros are not written (holes), the length is set at
 //! the end. A file that cannot be read (a chunk failing verification, corrupt metadata)
 //! is removed, listed under `failed`, and the walk goes on with the next entry.
@@ -37,6 +39,8 @@ pub struct GetReport {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// Names restored as hard links to a file restored earlier in this `get`.
+    pub links: u64,
     /// Bytes of file content restored (holes included).
     pub bytes: u64,
     /// Entries not restored on purpose (special files).
@@ -59,6 +63,8 @@ struct Walk<'a> {
     ancestors: Vec<u64>,
     /// Directories already restored whose inode is recognisable: identity → path.
     seen: std::collections::HashMap<u64, String>,
+    /// Files with several names already restored: inode number → where.
+    linked: std::collections::HashMap<u64, PathBuf>,
     as_root: bool,
     entries: usize,
     report: GetReport,
@@ -97,6 +103,7 @@ pub fn get(vol: &dyn Volume, path: &[u8], dest: &Path) -> Result<GetReport> {
         vol,
         ancestors: Vec::new(),
         seen: Default::default(),
+        linked: Default::default(),
         as_root: nix::unistd::geteuid().is_root(),
         entries: 0,
         report: GetReport {
@@ -138,6 +145,17 @@ impl Walk<'_> {
     }
 
     fn file(&mut self, e: &Entry, src: &[u8], to: &Path) -> Result<()> {
+        let several = e.ino != 0 && e.nlink > 1;
+        if several && let Some(first) = self.linked.get(&e.ino) {
+            fs::hard_link(first, to).map_err(|err| {
+                Error::io(
+                    format!("linking {} to {}", to.display(), first.display()),
+                    err,
+                )
+            })?;
+            self.report.links += 1;
+            return Ok(());
+        }
         let f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -175,7 +193,11 @@ impl Walk<'_> {
         }
         self.report.files += 1;
         self.report.bytes += written;
-        self.attrs(e, to)
+        self.attrs(e, to)?;
+        if several {
+            self.linked.insert(e.ino, to.to_path_buf());
+        }
+        Ok(())
     }
 
     fn symlink(&mut self, e: &Entry, to: &Path) -> Result<()> {

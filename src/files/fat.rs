@@ -210,6 +210,8 @@ impl FatVolume {
             raw_target: None,
             identity: 0,
             precise: false,
+            ino: 0,
+            nlink: 0,
         }
     }
 
@@ -259,6 +261,8 @@ impl Volume for FatVolume {
                 raw_target: None,
                 identity: 0,
                 precise: false,
+                ino: 0,
+                nlink: 0,
             });
         }
         self.find(path)

@@ -26,6 +26,7 @@
 //! a fuzzed inode ends in an error, not a hang.
 
 pub mod ext4;
+pub mod ext4_ino;
 pub mod extract;
 pub mod fat;
 pub mod ntfs;
@@ -86,6 +87,21 @@ pub struct Entry {
     /// creation times, so two inodes practically never share it).
     #[serde(skip)]
     pub precise: bool,
+    /// Inode number (`0`: the reader does not know it).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ino: u64,
+    /// Names this inode has (`0`: unknown); a file with more and a known inode number
+    /// is restored once and linked under its other names.
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub nlink: u32,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 /// A file system opened read-only.

@@ -10,7 +10,8 @@
 //! reached twice (a loop) is refused. Not mapped: ACLs and owners (security
 //! descriptors), alternate data streams, reparse points (junctions and symlinks come
 //! back as what their record holds), compression and EFS encryption (a compressed or
-//! encrypted file is an error, never wrong bytes), hard links (each name is a copy).
+//! encrypted file is an error, never wrong bytes). The record number is also the inode
+//! number, so names of one record within a `get` come back as hard links.
 //! The root's `$` system files are not listed.
 //!
 //! Hostile metadata: `ntfs` checks record signatures and fixups and bounds its reads;
@@ -165,6 +166,8 @@ impl NtfsVolume {
             raw_target: None,
             identity: file.file_record_number(),
             precise: true,
+            ino: file.file_record_number(),
+            nlink: u32::from(file.hard_link_count()),
         })
     }
 }

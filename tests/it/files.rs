@@ -48,6 +48,8 @@ fn make_tree(root: &Path) {
     }
     fs::create_dir_all(&deep).unwrap();
     fs::write(deep.join("bottom.txt"), b"the bottom\n").unwrap();
+    // A third name for the random file, 40 levels down.
+    fs::hard_link(root.join("data/random.bin"), deep.join("random-again.bin")).unwrap();
     sh("mkfifo", &[root.join("fifo").to_str().unwrap()]);
     if nix::unistd::geteuid().is_root() {
         std::os::unix::fs::chown(root.join("hello.txt"), Some(1234), Some(5678)).unwrap();
@@ -286,7 +288,7 @@ fn every_file_of_an_ext4_tree_in_a_gpt_partition_comes_back_equal() {
     assert_eq!(u(&r, "symlinks"), 3);
     let m = fs::metadata(out.join("data/random.bin")).unwrap();
     assert_eq!((m.mtime(), m.mtime_nsec()), (1580702706, 123456789));
-    // Sparse stays sparse; hard links come back as two equal copies.
+    // Sparse stays sparse; hard links come back as links: one inode, its link count.
     let sp = fs::metadata(out.join("sparse.img")).unwrap();
     assert_eq!(sp.len(), 20 << 20);
     assert!(
@@ -298,6 +300,31 @@ fn every_file_of_an_ext4_tree_in_a_gpt_partition_comes_back_equal() {
         hash(&out.join("hardlink.txt")),
         hash(&out.join("hello.txt"))
     );
+    let ino = |p: &str| {
+        let m = fs::metadata(out.join(p)).unwrap();
+        (m.ino(), m.nlink())
+    };
+    let deep_copy = (0..40).fold(String::from("deep"), |p, i| format!("{p}/level{i}"));
+    let (hello, hello_links) = ino("hello.txt");
+    assert_eq!(
+        ino("hardlink.txt"),
+        (hello, 2),
+        "hello.txt and hardlink.txt"
+    );
+    assert_eq!(hello_links, 2);
+    let (random, random_links) = ino("data/random.bin");
+    assert_eq!(
+        ino(&format!("{deep_copy}/random-again.bin")),
+        (random, 2),
+        "data/random.bin and its name 40 levels down are one inode"
+    );
+    assert_eq!(random_links, 2);
+    assert_eq!(u(&r, "links"), 2, "{r}");
+    assert_eq!(ino("script.sh").1, 1);
+    // ls shows the inode number and link count.
+    assert_eq!(entries["hello.txt"]["nlink"], 2);
+    assert_eq!(entries["hello.txt"]["ino"], entries["hardlink.txt"]["ino"]);
+    assert_ne!(entries["hello.txt"]["ino"], entries["script.sh"]["ino"]);
     // One file into an existing directory; the source disk was never written.
     let one = env.path("one");
     fs::create_dir(&one).unwrap();
