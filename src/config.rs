@@ -20,12 +20,27 @@ pub enum AlertKind {
     VaultDamaged,
     /// A recovery drill's guest did not pass its check.
     DrillFailed,
+    /// A backup finished. Sent only to webhooks that list it in `events` (never by
+    /// default: it is the one kind that fires on every good run).
+    BackupSucceeded,
+}
+
+impl AlertKind {
+    /// Whether a webhook listing `events` gets this kind: the kinds listed, or with an
+    /// empty list every kind but `backup_succeeded`.
+    pub fn delivered_to(self, events: &[AlertKind]) -> bool {
+        if events.is_empty() {
+            self != AlertKind::BackupSucceeded
+        } else {
+            events.contains(&self)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Webhook {
     pub url: String,
-    /// Empty: every kind.
+    /// Empty: every kind but `backup_succeeded` ([`AlertKind::delivered_to`]).
     pub events: Vec<AlertKind>,
     pub timeout_seconds: u64,
     /// Shared secret that signs each delivery (HMAC-SHA256, see `alerts`): from

@@ -73,11 +73,11 @@ pub async fn gc_vault(
 /// Raises `vault_damaged` when a verify task (from the API or the scheduler) found damage.
 pub fn alert_hook(alerts: Alerter) -> Hook {
     std::sync::Arc::new(move |t| {
-        if let Some((kind, subject, message)) = maintenance_alert(t) {
+        if let Some((kind, subject, message, details)) = maintenance_alert(t) {
             let alerts = alerts.clone();
             // Alerts open the catalog and talk to webhooks: off the worker's path.
             std::thread::spawn(move || {
-                if let Err(e) = alerts.raise(kind, &subject, &message) {
+                if let Err(e) = alerts.raise_with(kind, &subject, &message, &details) {
                     tracing::error!("raising an alert: {e}");
                 }
             });

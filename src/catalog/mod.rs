@@ -123,6 +123,10 @@ CREATE INDEX drills_by_resource ON drills(resource, seq);
 ALTER TABLE tokens ADD COLUMN expires TEXT;
 ALTER TABLE tokens ADD COLUMN last_used TEXT;
 ",
+    // An alert's typed details (resource, vault, backup, task …) as JSON.
+    "
+ALTER TABLE alerts ADD COLUMN details TEXT NOT NULL DEFAULT '{}';
+",
 ];
 
 /// A vault known to the catalog.

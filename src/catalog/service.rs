@@ -98,6 +98,8 @@ pub struct AlertRecord {
     pub kind: String,
     pub subject: String,
     pub message: String,
+    /// Typed details: resource, vault, backup, task … (see `alerts`).
+    pub details: serde_json::Value,
 }
 
 /// Hash of a token secret as stored.
@@ -498,11 +500,17 @@ impl Catalog {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    pub fn add_alert(&self, kind: &str, subject: &str, message: &str) -> Result<AlertRecord> {
+    pub fn add_alert(
+        &self,
+        kind: &str,
+        subject: &str,
+        message: &str,
+        details: &serde_json::Value,
+    ) -> Result<AlertRecord> {
         let at = now_rfc3339();
         self.conn.execute(
-            "INSERT INTO alerts (at, kind, subject, message) VALUES (?1, ?2, ?3, ?4)",
-            params![at, kind, subject, message],
+            "INSERT INTO alerts (at, kind, subject, message, details) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![at, kind, subject, message, details.to_string()],
         )?;
         Ok(AlertRecord {
             seq: self.conn.last_insert_rowid(),
@@ -510,12 +518,13 @@ impl Catalog {
             kind: kind.into(),
             subject: subject.into(),
             message: message.into(),
+            details: details.clone(),
         })
     }
 
     pub fn alerts(&self, limit: usize) -> Result<Vec<AlertRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT seq, at, kind, subject, message FROM alerts ORDER BY seq DESC LIMIT ?1",
+            "SELECT seq, at, kind, subject, message, details FROM alerts ORDER BY seq DESC LIMIT ?1",
         )?;
         let rows = st.query_map(params![limit as i64], |r| {
             Ok(AlertRecord {
@@ -524,6 +533,7 @@ impl Catalog {
                 kind: r.get(2)?,
                 subject: r.get(3)?,
                 message: r.get(4)?,
+                details: serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -295,23 +295,61 @@ pub fn submit_gc(
 }
 
 /// The alert a finished task calls for beyond `task_failed`: a verify that found damage
-/// raises `vault_damaged` for its vault; a failed drill `drill_failed` for its resource.
+/// raises `vault_damaged` for its vault, naming the damaged backups and places in its
+/// details (read back from the `damaged:` lines [`verify_vault`] logs); a failed drill
+/// `drill_failed` for its resource.
 pub fn maintenance_alert(
     t: &crate::task::TaskInfo,
-) -> Option<(crate::config::AlertKind, String, String)> {
-    if let Some(a) = super::drill::drill_alert(t) {
-        return Some(a);
+) -> Option<(
+    crate::config::AlertKind,
+    String,
+    String,
+    crate::alerts::AlertDetails,
+)> {
+    let task = Some(t.id.clone());
+    if let Some((k, subject, msg)) = super::drill::drill_alert(t) {
+        let details = crate::alerts::AlertDetails {
+            resource: Some(subject.clone()),
+            task,
+            ..Default::default()
+        };
+        return Some((k, subject, msg, details));
     }
     (t.kind == "verify"
         && t.state == crate::task::TaskState::Failed
         && t.error_kind == Some(ErrorKind::Corrupt))
     .then(|| {
+        let damaged: Vec<Value> = t.log.iter().filter_map(|l| damage_of_line(l)).collect();
+        let details = crate::alerts::AlertDetails {
+            vault: Some(t.target.clone()),
+            task,
+            damaged: Some(Value::Array(damaged)),
+            ..Default::default()
+        };
         (
             crate::config::AlertKind::VaultDamaged,
             t.target.clone(),
             t.error.clone().unwrap_or_default(),
+            details,
         )
     })
+}
+
+/// One `damaged: backup NAME (ID) disk DISK[ at offset N]: WHAT` log line of
+/// [`verify_vault`] as `{"backup", "backup_name", "disk", "offset", "problem"}` (the
+/// task log may carry a time prefix before `damaged:`).
+fn damage_of_line(line: &str) -> Option<Value> {
+    let rest = line.split_once("damaged: backup ")?.1;
+    let (name, rest) = rest.split_once(" (")?;
+    let (id, rest) = rest.split_once(") disk ")?;
+    let (place, what) = rest.split_once(": ")?;
+    let (disk, offset) = match place.split_once(" at offset ") {
+        Some((d, o)) => (d, o.parse::<u64>().ok()),
+        None => (place, None),
+    };
+    Some(serde_json::json!({
+        "backup": id, "backup_name": name, "disk": disk, "offset": offset, "problem": what,
+    }))
 }
 
 #[cfg(test)]
@@ -321,6 +359,22 @@ mod tests {
     fn req(json: &str) -> std::result::Result<(), String> {
         let r: VerifyRequest = serde_json::from_str(json).map_err(|e| e.to_string())?;
         r.validate().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_damaged_line_of_the_verify_log_becomes_a_damage_record() {
+        let v = damage_of_line(
+            "2026-11-28T23:50:00Z damaged: backup autobk_1 (abc) disk d0 at offset 65536: chunk x corrupt: bad",
+        )
+        .unwrap();
+        assert_eq!(v["backup"], "abc");
+        assert_eq!(v["backup_name"], "autobk_1");
+        assert_eq!(v["disk"], "d0");
+        assert_eq!(v["offset"], 65536);
+        assert_eq!(v["problem"], "chunk x corrupt: bad");
+        let v = damage_of_line("t damaged: backup b (i) disk d1: index page gone").unwrap();
+        assert!(v["offset"].is_null() && v["disk"] == "d1", "{v}");
+        assert!(damage_of_line("t lock journal damaged: chain broken").is_none());
     }
 
     #[test]

@@ -123,6 +123,18 @@ fn a_flipped_pack_byte_fails_the_verify_task_raises_vault_damaged_and_names_the_
     let alerts = wait_alert(&srv, &aud, "vault_damaged");
     assert_eq!(alerts[0]["subject"], "v");
     assert!(s(&alerts[0], "message").contains(&a), "{}", alerts[0]);
+    // Its details name the vault, the verify task and the damaged backup and place.
+    let d = &alerts[0]["details"];
+    assert_eq!(d["vault"], "v", "{d}");
+    assert_eq!(d["task"], done["id"], "{d}");
+    let damaged = d["damaged"].as_array().expect("damaged list");
+    assert!(
+        damaged
+            .iter()
+            .any(|x| x["backup"] == a.as_str() && x["offset"] == 0)
+            && damaged.iter().all(|x| x["backup"] != b.as_str()),
+        "{d}"
+    );
     // Verifying only the intact backup reads only its packs and passes.
     let t = srv.ok(
         "POST",

@@ -77,14 +77,40 @@ pub async fn alerts(
 }
 
 /// Raise the alerts a finished task calls for, chosen by the failure's kind (never by
-/// its message). Runs on its own thread (see `run_appliance`), not on the runtime.
+/// its message); a backup that succeeded raises `backup_succeeded` (webhooks get it only
+/// when they list it). Runs on its own thread (see `run_appliance`), not on the runtime.
 pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
     if t.state != TaskState::Failed && t.state != TaskState::Succeeded {
         return;
     }
     let err = t.error.clone().unwrap_or_default();
+    let is_backup = t.kind == "backup";
+    // The resource's vault, and the vault's usage as recorded by the backup.
+    let usage = is_backup
+        .then(|| {
+            let app = st.apps.get().ok()?;
+            let res = resource_of(&app, &t.target).ok()?;
+            let info = app.vault_info_cached(&res.vault).ok();
+            Some((res.vault, info))
+        })
+        .flatten();
+    let result_str = |k: &str| {
+        t.result
+            .as_ref()
+            .and_then(|r| r.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let details = crate::alerts::AlertDetails {
+        resource: is_backup.then(|| t.target.clone()),
+        vault: usage.as_ref().map(|(v, _)| v.clone()),
+        backup: result_str("backup"),
+        backup_name: result_str("name"),
+        task: Some(t.id.clone()),
+        damaged: None,
+    };
     let raise = |k: AlertKind, subject: &str, msg: &str| {
-        if let Err(e) = st.alerts.raise(k, subject, msg) {
+        if let Err(e) = st.alerts.raise_with(k, subject, msg, &details) {
             tracing::error!("raising an alert: {e}");
         }
     };
@@ -100,29 +126,30 @@ pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
             &err,
         );
     }
-    if t.kind == "backup" {
-        // Capacity warning for the resource's vault (usage as recorded by the backup).
-        let usage = st.apps.get().ok().and_then(|app| {
-            let res = resource_of(&app, &t.target).ok()?;
-            let info = app.vault_info_cached(&res.vault).ok()?;
-            Some((res.vault, info))
-        });
-        if let Some((vault, info)) = usage
-            && let Some(cap) = info.capacity
-            && cap > 0
-            && info.pack_bytes * 100 >= cap * u64::from(st.capacity_warn_percent)
-        {
-            raise(
-                AlertKind::VaultCapacity,
-                &vault,
-                &format!(
-                    "vault {} holds {} of its {} byte limit ({}%)",
-                    vault,
-                    info.pack_bytes,
-                    cap,
-                    info.pack_bytes * 100 / cap
-                ),
-            );
-        }
+    if is_backup && t.state == TaskState::Succeeded {
+        let name = details.backup_name.clone().unwrap_or_default();
+        let vault = details.vault.clone().unwrap_or_default();
+        raise(
+            AlertKind::BackupSucceeded,
+            &t.target,
+            &format!("backup {name} of {} stored in vault {vault}", t.target),
+        );
+    }
+    if let Some((vault, Some(info))) = usage
+        && let Some(cap) = info.capacity
+        && cap > 0
+        && info.pack_bytes * 100 >= cap * u64::from(st.capacity_warn_percent)
+    {
+        raise(
+            AlertKind::VaultCapacity,
+            &vault,
+            &format!(
+                "vault {} holds {} of its {} byte limit ({}%)",
+                vault,
+                info.pack_bytes,
+                cap,
+                info.pack_bytes * 100 / cap
+            ),
+        );
     }
 }

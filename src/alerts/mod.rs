@@ -1,9 +1,17 @@
 //! Alerts: task failed, vault over its warning level or full, source unreachable, vault
-//! damaged (verify found corrupt data).
+//! damaged (verify found corrupt data), drill failed, backup succeeded.
 //!
 //! Every alert is logged, recorded in the catalog (`GET /alerts`) and POSTed as JSON to
-//! every configured webhook that subscribed to its kind:
-//! `{"kind": "task_failed", "subject": "...", "message": "...", "at": "..."}`.
+//! every configured webhook that subscribed to its kind (a webhook with no `events`
+//! gets every kind but `backup_succeeded`, which must be listed):
+//! ```text
+//! {"kind": "backup_succeeded", "subject": "web1", "message": "...",
+//!  "time": "2026-11-28T23:50:00Z", "at": "<same as time>",
+//!  "details": {"resource": "web1", "vault": "v", "backup": "<id>",
+//!              "backup_name": "autobk_…", "task": "<task id>"}}
+//! ```
+//! `details` holds what applies of resource, vault, backup, backup_name, task and, for
+//! `vault_damaged`, `damaged` (what verify found); see [`AlertDetails`].
 //!
 //! Each delivery carries `X-Blockvault-Delivery` (random id, the same on every retry)
 //! and `X-Blockvault-Timestamp` (Unix seconds of this attempt); a webhook with a secret
@@ -35,15 +43,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use std::collections::BinaryHeap;
-use std::time::Instant;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use hmac::{Hmac, Mac};
+use crossbeam_channel::{Sender, TrySendError, bounded};
 use serde::Serialize;
 
+mod deliver;
+pub use deliver::signature;
+use deliver::{Delivery, deliver, retry_loop};
+
 use crate::catalog::{AlertRecord, Catalog};
-use crate::config::{AlertKind, Webhook, WebhookSecret};
+use crate::config::{AlertKind, Webhook};
 use crate::error::{Error, Result};
 
 /// Task ends waiting to be checked for alerts.
@@ -57,7 +65,31 @@ pub fn kind_str(k: AlertKind) -> &'static str {
         AlertKind::SourceUnreachable => "source_unreachable",
         AlertKind::VaultDamaged => "vault_damaged",
         AlertKind::DrillFailed => "drill_failed",
+        AlertKind::BackupSucceeded => "backup_succeeded",
     }
+}
+
+/// What an alert is about, as far as it applies: the `details` object of its payload
+/// and of its catalog record. Absent fields are left out.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct AlertDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vault: Option<String>,
+    /// Backup id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Backup name (`autobk_…`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_name: Option<String>,
+    /// The task that raised it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// What verify found damaged: `[{"backup", "disk", "offset", "length", "problem"}]`
+    /// or as much of it as the verify report names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<serde_json::Value>,
 }
 
 /// Bounds of alert delivery.
@@ -100,36 +132,6 @@ pub struct AlertStats {
     pub checked: u64,
     /// Finished tasks not checked for alerts: the check queue was full.
     pub unchecked: u64,
-}
-
-struct Delivery {
-    url: String,
-    agent: ureq::Agent,
-    body: Arc<str>,
-    secret: Option<WebhookSecret>,
-    id: String,
-    /// Attempts made so far.
-    attempt: usize,
-}
-
-/// A delivery waiting for its retry, earliest first in the heap.
-struct Retry(Instant, Delivery);
-
-impl PartialEq for Retry {
-    fn eq(&self, o: &Self) -> bool {
-        self.0 == o.0
-    }
-}
-impl Eq for Retry {}
-impl PartialOrd for Retry {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Retry {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        o.0.cmp(&self.0)
-    }
 }
 
 type Check = Box<dyn FnOnce() + Send>;
@@ -221,19 +223,32 @@ impl Alerter {
         })
     }
 
-    /// Record, log and queue an alert for its webhooks.
+    /// Record, log and queue an alert for its webhooks (no details).
     pub fn raise(&self, kind: AlertKind, subject: &str, message: &str) -> Result<AlertRecord> {
-        tracing::warn!(alert = kind_str(kind), subject, "{message}");
-        let rec = Catalog::open(&self.data)?.add_alert(kind_str(kind), subject, message)?;
-        let body: Arc<str> = serde_json::json!({
-            "kind": rec.kind, "subject": rec.subject, "message": rec.message, "at": rec.at,
-        })
-        .to_string()
-        .into();
+        self.raise_with(kind, subject, message, &AlertDetails::default())
+    }
+
+    /// Record, log and queue an alert with its typed details.
+    pub fn raise_with(
+        &self,
+        kind: AlertKind,
+        subject: &str,
+        message: &str,
+        details: &AlertDetails,
+    ) -> Result<AlertRecord> {
+        if kind == AlertKind::BackupSucceeded {
+            tracing::info!(alert = kind_str(kind), subject, "{message}");
+        } else {
+            tracing::warn!(alert = kind_str(kind), subject, "{message}");
+        }
+        let details = serde_json::to_value(details).unwrap_or_default();
+        let rec =
+            Catalog::open(&self.data)?.add_alert(kind_str(kind), subject, message, &details)?;
+        let body: Arc<str> = payload(&rec).to_string().into();
         for h in self
             .hooks
             .iter()
-            .filter(|h| h.cfg.events.is_empty() || h.cfg.events.contains(&kind))
+            .filter(|h| kind.delivered_to(&h.cfg.events))
         {
             let d = Delivery {
                 url: h.cfg.url.clone(),
@@ -285,157 +300,19 @@ impl Alerter {
     }
 }
 
-/// The signature header value of `body` sent at `timestamp`.
-pub fn signature(secret: &str, timestamp: u64, body: &str) -> String {
-    // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body.as_bytes());
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// What one attempt came to.
-enum Outcome {
-    Delivered,
-    /// Worth another try (connection error, timeout, 5xx, 429).
-    Retry(String),
-    /// Refused for good (another 4xx).
-    Refused(String),
-}
-
-fn attempt(d: &Delivery) -> Outcome {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.as_secs());
-    let mut req = d
-        .agent
-        .post(&d.url)
-        .header("Content-Type", "application/json")
-        .header("X-Blockvault-Delivery", &d.id)
-        .header("X-Blockvault-Timestamp", ts.to_string());
-    if let Some(s) = &d.secret {
-        req = req.header("X-Blockvault-Signature", signature(&s.0, ts, &d.body));
-    }
-    match req.send(d.body.as_bytes()) {
-        Ok(r) if r.status().is_success() => Outcome::Delivered,
-        Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
-            Outcome::Retry(format!("answered {}", r.status()))
-        }
-        Ok(r) => Outcome::Refused(format!("answered {}", r.status())),
-        Err(e) => Outcome::Retry(e.to_string()),
-    }
-}
-
-/// A delivery worker: one POST at a time until every sender is gone; a failed attempt
-/// goes to the retry thread while retries are left.
-fn deliver(rx: &Receiver<Delivery>, c: &Counters, retry: &Sender<Delivery>, waits: &[Duration]) {
-    for mut d in rx {
-        d.attempt += 1;
-        match attempt(&d) {
-            Outcome::Delivered => {
-                c.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Outcome::Refused(why) => {
-                c.failed.fetch_add(1, Ordering::Relaxed);
-                c.given_up.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    url = d.url,
-                    delivery = d.id,
-                    "webhook refused the alert, not retried: {why}"
-                );
-            }
-            Outcome::Retry(why) if d.attempt > waits.len() => {
-                c.failed.fetch_add(1, Ordering::Relaxed);
-                c.given_up.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    url = d.url,
-                    delivery = d.id,
-                    attempts = d.attempt,
-                    "webhook failed, given up: {why}"
-                );
-            }
-            Outcome::Retry(why) => {
-                c.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    url = d.url,
-                    delivery = d.id,
-                    attempt = d.attempt,
-                    "webhook failed, will retry: {why}"
-                );
-                if let Err(TrySendError::Full(d) | TrySendError::Disconnected(d)) =
-                    retry.try_send(d)
-                {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        url = d.url,
-                        delivery = d.id,
-                        "webhook retry queue full: alert not retried"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// Hold failed deliveries until their next try (the wait after attempt n is
-/// `waits[n - 1]`, ±10 % jitter), then queue them again. At most `cap` wait at once.
-fn retry_loop(
-    rx: &Receiver<Delivery>,
-    again: &Sender<Delivery>,
-    c: &Counters,
-    waits: &[Duration],
-    cap: usize,
-) {
-    let mut heap: BinaryHeap<Retry> = BinaryHeap::new();
-    loop {
-        let now = Instant::now();
-        while heap.peek().is_some_and(|r| r.0 <= now) {
-            let Some(Retry(_, d)) = heap.pop() else { break };
-            if let Err(TrySendError::Full(d) | TrySendError::Disconnected(d)) = again.try_send(d) {
-                c.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    url = d.url,
-                    delivery = d.id,
-                    "webhook queue full: a retry was dropped"
-                );
-            }
-        }
-        let wait = heap.peek().map_or(Duration::from_secs(3600), |r| {
-            r.0.saturating_duration_since(now)
-        });
-        match rx.recv_timeout(wait) {
-            Ok(d) => {
-                if heap.len() >= cap {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        url = d.url,
-                        delivery = d.id,
-                        "too many webhook retries waiting: alert not retried"
-                    );
-                    continue;
-                }
-                let base = waits
-                    .get(d.attempt - 1)
-                    .copied()
-                    .unwrap_or(Duration::from_secs(60));
-                let wait = base.mul_f64(0.9 + rand::random::<f64>() * 0.2);
-                heap.push(Retry(Instant::now() + wait, d));
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                if heap.is_empty() {
-                    return;
-                }
-                std::thread::sleep(wait.min(Duration::from_secs(1)));
-            }
-        }
-    }
+/// The JSON body POSTed for an alert: kind, subject, message, time (`at` is the same
+/// time under its older name) and the typed details.
+pub fn payload(rec: &AlertRecord) -> serde_json::Value {
+    serde_json::json!({
+        "kind": rec.kind, "subject": rec.subject, "message": rec.message,
+        "time": rec.at, "at": rec.at, "details": rec.details,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::WebhookSecret;
     use std::net::TcpListener;
 
     /// A receiver that accepts and never answers: the queue fills, the rest is dropped
@@ -618,5 +495,60 @@ mod tests {
                 .contains_key("x-blockvault-signature")
         );
         assert_eq!(a.stats().delivered, 0);
+    }
+
+    #[test]
+    fn backup_succeeded_goes_only_to_a_webhook_that_lists_it_with_its_details() {
+        let dir = tempfile::tempdir().unwrap();
+        let (every, got_every) = scripted_receiver(vec![]);
+        let (listed, got_listed) = scripted_receiver(vec![]);
+        let hooks = vec![
+            Webhook {
+                url: every,
+                events: Vec::new(),
+                timeout_seconds: 5,
+                secret: None,
+            },
+            Webhook {
+                url: listed,
+                events: vec![AlertKind::BackupSucceeded],
+                timeout_seconds: 5,
+                secret: None,
+            },
+        ];
+        let a = Alerter::start(dir.path(), hooks, AlertLimits::default()).unwrap();
+        let details = AlertDetails {
+            resource: Some("web1".into()),
+            vault: Some("v".into()),
+            backup: Some("b-id".into()),
+            backup_name: Some("autobk_1".into()),
+            task: Some("t-1".into()),
+            damaged: None,
+        };
+        a.raise_with(AlertKind::BackupSucceeded, "web1", "ok", &details)
+            .unwrap();
+        // A failure after it: the "every kind" webhook gets this one only.
+        a.raise(AlertKind::TaskFailed, "backup web1", "boom")
+            .unwrap();
+        wait_for("the success delivery", || {
+            got_listed.lock().unwrap().len() == 1
+        });
+        wait_for("the failure delivery", || {
+            got_every.lock().unwrap().len() == 1
+        });
+        wait_for("both delivered", || a.stats().delivered == 2);
+        let v: serde_json::Value = serde_json::from_str(&got_listed.lock().unwrap()[0].1).unwrap();
+        assert_eq!(v["kind"], "backup_succeeded");
+        assert_eq!(v["subject"], "web1");
+        assert_eq!(v["details"]["backup"], "b-id");
+        assert_eq!(v["details"]["vault"], "v");
+        assert_eq!(v["details"]["task"], "t-1");
+        assert!(v["time"].is_string() && v["time"] == v["at"], "{v}");
+        let v: serde_json::Value = serde_json::from_str(&got_every.lock().unwrap()[0].1).unwrap();
+        assert_eq!(v["kind"], "task_failed", "{v}");
+        // Both are in the catalog with their details.
+        let rec = Catalog::open(dir.path()).unwrap().alerts(10).unwrap();
+        assert_eq!(rec.len(), 2);
+        assert_eq!(rec[1].details["resource"], "web1");
     }
 }
