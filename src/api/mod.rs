@@ -61,6 +61,7 @@ mod maintenance;
 mod metrics;
 mod openapi;
 mod replicate;
+mod schema;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

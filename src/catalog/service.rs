@@ -14,7 +14,9 @@ use crate::manifest::now_rfc3339;
 
 /// What a token may do: auditors read; operators also back up and restore; admins also
 /// manage vaults, resources, policies and tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Auditor,
@@ -47,7 +49,7 @@ impl Role {
 }
 
 /// A token as listed (never its secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub name: String,
@@ -65,7 +67,7 @@ fn passed(at: &str) -> bool {
         .map_or(true, |t| t <= time::OffsetDateTime::now_utc())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: i64,
     pub at: String,
@@ -76,7 +78,7 @@ pub struct AuditRecord {
     pub status: u16,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AlertRecord {
     pub seq: i64,
     pub at: String,
