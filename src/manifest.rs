@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// What a backup protects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ResourceKind {
     Disk,

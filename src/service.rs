@@ -58,7 +58,7 @@ pub use maintenance::{
 pub use replicate::{ReplicateRequest, replicate_job, submit_replicate};
 
 /// A disk or a server the appliance protects.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resource {
     pub name: String,
@@ -78,13 +78,16 @@ pub struct Resource {
     pub hooks: Option<String>,
     /// Server: guest-agent socket; its file systems are frozen around the instant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub qga: Option<PathBuf>,
     /// Never accepted: present so that a request carrying a freeze command is refused
     /// with a clear message (commands come from the config file only). Never stored.
     #[serde(default, skip_serializing)]
+    #[schema(value_type = Option<Object>)]
     pub freeze: Option<Value>,
     /// Never accepted, like `freeze`.
     #[serde(default, skip_serializing)]
+    #[schema(value_type = Option<Object>)]
     pub thaw: Option<Value>,
     /// Fail a backup that cannot be application-consistent instead of storing a
     /// crash-consistent one.
@@ -93,6 +96,7 @@ pub struct Resource {
     /// `nbds://` sources: paths of the CA (and client certificate/key) and the host name
     /// to verify, as `{"ca": PATH, "cert": PATH, "key": PATH, "hostname": NAME}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
 }
 
@@ -222,7 +226,7 @@ fn default_true() -> bool {
 }
 
 /// What a policy does when it fires.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
     /// Back up `resources`, then apply `retention` (and GC after a prune).
@@ -253,7 +257,7 @@ impl PolicyKind {
 }
 
 /// A policy: a schedule and what to do then (see the module doc for the kinds).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,

@@ -15,7 +15,8 @@
 //! method the router does not know does not compile). Requests without a valid token
 //! are limited per peer (`guard`: 429 past 60 a minute, audited once). Host paths,
 //! sockets and NBD servers a request names are confined by `[paths]` (`confine`).
-//! Every answer to a token carries `Cache-Control: no-store`. The same table generates the
+//! Every answer to a token carries `Cache-Control: no-store`. The same table (with each
+//! route's request and answer types in `openapi::SHAPES`) generates the
 //! OpenAPI document (`GET /api/v1/openapi.json`), so it cannot list a route the router
 //! lacks or miss one it has (tested).
 //!
@@ -87,6 +88,7 @@ mod metrics;
 mod openapi;
 mod replica;
 mod replicate;
+mod schema;
 mod webhooks;
 
 use std::net::SocketAddr;

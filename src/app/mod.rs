@@ -55,7 +55,7 @@ pub struct App {
 }
 
 /// Usage figures of a vault.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct VaultInfo {
     pub name: String,
     pub path: String,

@@ -25,7 +25,7 @@ use crate::restore::{
 };
 
 /// What to restore and where; the shape of `POST /api/v1/restores`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// Backup id or name.
@@ -64,6 +64,7 @@ pub struct RestoreRequest {
     /// With an `nbds://` target: how to verify the NBD server (CA, optional client
     /// certificate; paths on the machine that runs the restore).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub nbd_tls: Option<crate::nbd::NbdTlsClient>,
     /// Replace an existing regular file at `to` (one raw or qcow2 image): the new image
     /// is staged beside it and renamed over it at the end, so a failed restore leaves

@@ -16,7 +16,9 @@ use crate::manifest::now_rfc3339;
 /// manage vaults, resources, policies and tokens. `Replication` stands apart: it may call
 /// only the mirror-vault routes (`/vaults/{name}/replica/*`, which admins may call too)
 /// and nothing else; it orders below `Auditor` so that no `role >= X` check lets it in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Replication,
@@ -62,7 +64,7 @@ impl Role {
 }
 
 /// A token as listed (never its secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub id: String,
     pub name: String,
@@ -80,7 +82,7 @@ fn passed(at: &str) -> bool {
         .map_or(true, |t| t <= time::OffsetDateTime::now_utc())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: i64,
     pub at: String,
@@ -91,7 +93,7 @@ pub struct AuditRecord {
     pub status: u16,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AlertRecord {
     pub seq: i64,
     pub at: String,

@@ -57,7 +57,7 @@ mod vm;
 pub use check::Check;
 
 /// Which accelerator to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// KVM when usable, else TCG (and TCG again when KVM fails the guest).

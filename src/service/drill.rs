@@ -25,7 +25,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::task::{TaskCtx, TaskState, Tasks};
 
 /// What `POST /backups/{id}/drill` asks for (all optional).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DrillRequest {
     /// `agent` (default), `console:REGEX` or `port:N`.

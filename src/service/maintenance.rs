@@ -20,7 +20,7 @@ use crate::vault::gc::gc_with_progress;
 use crate::vault::verify::{Pace, VerifyReport, verify_paced};
 
 /// What `POST /vaults/{name}/verify` (and a verify policy) asks for.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// Verify a random N percent (1-100) of the vault's backups, at least one, reading
@@ -67,7 +67,7 @@ impl VerifyRequest {
 }
 
 /// What `POST /vaults/{name}/gc` (and a gc policy) asks for: the CLI's options.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
     /// Rewrite packs whose live share fell below this percentage (default 50).

@@ -35,7 +35,7 @@ use crate::replicate::engine::replica_id;
 use crate::task::{TaskCtx, Tasks};
 
 /// What `POST /replications` asks for (and what a replication policy does each run).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicateRequest {
     /// Source vault.

@@ -44,7 +44,7 @@ use crate::manifest::now_rfc3339;
 /// Most log lines kept per task.
 const MAX_LOG: usize = 200;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
     Queued,
@@ -73,7 +73,7 @@ impl TaskState {
 }
 
 /// A task as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskInfo {
     pub id: String,
     /// backup, restore, prune, gc, …
@@ -97,6 +97,7 @@ pub struct TaskInfo {
     /// so that a client and the alerts tell failures apart without reading the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_kind: Option<ErrorKind>,
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
 }
 
