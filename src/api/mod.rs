@@ -363,20 +363,7 @@ pub const KINDS: &[(&str, u16)] = &[
 
 /// The `kind` of a library error kind: its name in snake case.
 pub fn kind_of(k: ErrorKind) -> &'static str {
-    match k {
-        ErrorKind::Io => "io",
-        ErrorKind::InvalidFormat => "invalid_format",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::Corrupt => "corrupt",
-        ErrorKind::NotFound => "not_found",
-        ErrorKind::Conflict => "conflict",
-        ErrorKind::Config => "config",
-        ErrorKind::Cancelled => "cancelled",
-        ErrorKind::Full => "full",
-        ErrorKind::Unreachable => "unreachable",
-        ErrorKind::KeyRequired => "key_required",
-        ErrorKind::WrongKey => "wrong_key",
-    }
+    k.as_str()
 }
 
 /// The `kind` of an error known only by its HTTP status (the router's, an extractor's

@@ -56,6 +56,41 @@ pub struct ReplicateReport {
     pub seconds: f64,
 }
 
+impl ReplicateReport {
+    fn new(from: &str, to: &str) -> ReplicateReport {
+        ReplicateReport {
+            from: from.into(),
+            to: to.into(),
+            backups: Vec::new(),
+            blobs_sent: 0,
+            bytes_sent: 0,
+            blobs_skipped: 0,
+            backups_sent: 0,
+            seconds: 0.0,
+        }
+    }
+
+    /// Count backup `m`, copied as `replica_id`.
+    fn add(
+        &mut self,
+        m: &crate::manifest::BackupManifest,
+        replica_id: String,
+        stats: crate::replicate::engine::ReplicaStats,
+    ) {
+        self.blobs_sent += stats.blobs_sent;
+        self.bytes_sent += stats.bytes_sent;
+        self.blobs_skipped += stats.blobs_skipped;
+        self.backups_sent += u64::from(stats.manifest_sent);
+        self.backups.push(ReplicatedBackup {
+            source_id: m.id.clone(),
+            replica_id,
+            name: m.name.clone(),
+            resource: m.resource.clone(),
+            stats,
+        });
+    }
+}
+
 impl App {
     /// Copy the selected backups of vault `from` into vault `to` (oldest first: an
     /// incremental then finds its parent's blobs there already).
@@ -121,31 +156,13 @@ impl App {
         let started = std::time::Instant::now();
         let (source, manifests) = self.selected(selection, from)?;
         let target_id = target.info()?.vault_id;
-        let mut report = ReplicateReport {
-            from: from.into(),
-            to: to.into(),
-            backups: Vec::new(),
-            blobs_sent: 0,
-            bytes_sent: 0,
-            blobs_skipped: 0,
-            backups_sent: 0,
-            seconds: 0.0,
-        };
+        let mut report = ReplicateReport::new(from, to);
         for m in &manifests {
             let stats = replicate_backup(&source, m, target, opts).map_err(|e| {
                 e.context_prefix(format!("replicating backup {} ({}) to {to}", m.name, m.id))
             })?;
-            report.blobs_sent += stats.blobs_sent;
-            report.bytes_sent += stats.bytes_sent;
-            report.blobs_skipped += stats.blobs_skipped;
-            report.backups_sent += u64::from(stats.manifest_sent);
-            report.backups.push(ReplicatedBackup {
-                source_id: m.id.clone(),
-                replica_id: crate::replicate::engine::replica_id(&m.id, &target_id),
-                name: m.name.clone(),
-                resource: m.resource.clone(),
-                stats,
-            });
+            let replica_id = crate::replicate::engine::replica_id(&m.id, &target_id);
+            report.add(m, replica_id, stats);
         }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
@@ -162,16 +179,7 @@ impl App {
     ) -> Result<ReplicateReport> {
         let started = std::time::Instant::now();
         let target = VaultTarget::new(self.open_target(source, to)?)?;
-        let mut report = ReplicateReport {
-            from: from.into(),
-            to: to.into(),
-            backups: Vec::new(),
-            blobs_sent: 0,
-            bytes_sent: 0,
-            blobs_skipped: 0,
-            backups_sent: 0,
-            seconds: 0.0,
-        };
+        let mut report = ReplicateReport::new(from, to);
         let target_id = target.vault().config().id.clone();
         for m in manifests {
             let stats = replicate_backup(source, m, &target, opts).map_err(|e| {
@@ -182,17 +190,7 @@ impl App {
             key.id = replica_id.clone();
             let replica = target.vault().read_manifest(&key.key())?;
             self.record_backup(to, &replica);
-            report.blobs_sent += stats.blobs_sent;
-            report.bytes_sent += stats.bytes_sent;
-            report.blobs_skipped += stats.blobs_skipped;
-            report.backups_sent += u64::from(stats.manifest_sent);
-            report.backups.push(ReplicatedBackup {
-                source_id: m.id.clone(),
-                replica_id,
-                name: m.name.clone(),
-                resource: m.resource.clone(),
-                stats,
-            });
+            report.add(m, replica_id, stats);
         }
         drop(target);
         report.seconds = started.elapsed().as_secs_f64();

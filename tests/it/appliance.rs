@@ -167,6 +167,7 @@ impl Appliance {
             ("POST", Some(b)) => with_auth!(self.agent.post(&url)).send_json(&b),
             ("POST", None) => with_auth!(self.agent.post(&url)).send_empty(),
             ("PATCH", b) => with_auth!(self.agent.patch(&url)).send_json(b.unwrap_or(json!({}))),
+            ("PUT", b) => with_auth!(self.agent.put(&url)).send_json(b.unwrap_or(json!({}))),
             (m, _) => panic!("method {m}"),
         };
         let mut resp = r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
