@@ -2,17 +2,20 @@
 
 pub mod args;
 pub mod backup;
+pub mod backups;
 pub mod bitmaps;
 pub mod client;
 pub mod drill;
 pub mod exit;
 pub mod files;
 pub mod local;
+pub mod maint;
 pub mod output;
 pub mod remote;
 pub mod replicate;
 pub mod restore;
 pub mod tasks;
+pub mod tokens;
 
 use std::sync::Arc;
 
