@@ -108,6 +108,14 @@ fn sealed_blobs_round_trip_and_refuse_tampering() {
 }
 
 proptest! {
+    // Failure seeds are kept beside this file (tests.proptest-regressions), re-run first.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(
+            proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"),
+        )),
+        ..ProptestConfig::default()
+    })]
+
     #[test]
     fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = decode_blob(&bytes, &ChunkDigest::ZERO, &BlobCodec::plain());

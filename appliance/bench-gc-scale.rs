@@ -2,7 +2,7 @@
 //! RSS. Not a test (minutes, gigabytes); run it in release mode:
 //!
 //! ```text
-//! cargo run --release --example gc_scale -- DIR BLOBS [REPACK_BELOW]
+//! cargo run --release --example gc_scale (appliance/bench-gc-scale.rs) -- DIR BLOBS [REPACK_BELOW]
 //! ```
 //!
 //! Backup A references every blob (one disk of BLOBS chunk slots), backup B three in four
