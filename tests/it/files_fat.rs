@@ -11,7 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::files::{bounded, disk_with, files_json};
+use crate::files::{disk_with, files_json};
+use crate::files_hostile::bounded;
 
 /// mtools and mkfs.vfat with the clock in UTC (FAT stores local time).
 fn mtool(tool: &str, args: &[&str]) {

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
-use crate::files::{bounded, disk_with, files_json};
+use crate::files::{disk_with, files_json};
+use crate::files_hostile::bounded;
 
 fn tool(t: &str, args: &[&str]) {
     let out = Command::new(t)

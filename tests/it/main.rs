@@ -17,6 +17,7 @@ mod encryption;
 mod export;
 mod files;
 mod files_fat;
+mod files_hostile;
 mod files_ntfs;
 mod garage;
 mod garage_trust;
