@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{Env, images_equal, random_bytes, s, u};
+use crate::guest_agent::{AgentScript, scripted_guest_agent};
 use crate::qsd::Qsd;
-use crate::server::{
-    AgentScript, disk, live_backup, live_backup_ok, random_image, scripted_guest_agent,
-};
+use crate::server::{disk, live_backup, live_backup_ok, random_image};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 << 10;

@@ -149,7 +149,7 @@ fn a_server_resource_with_a_guest_agent_freezes_and_thaws_it_around_the_instant(
     let qga = env.path("qga.sock");
     // The SCRIPTED guest agent of the live tests (no VM with a real qemu-ga runs here).
     let (seen, _agent) =
-        crate::server::scripted_guest_agent(&qga, crate::server::AgentScript::default());
+        crate::guest_agent::scripted_guest_agent(&qga, crate::guest_agent::AgentScript::default());
     let sources = json!([
         format!("sys={}", sys.display()),
         format!("data={}", data.display())

@@ -21,6 +21,7 @@ mod files_hostile;
 mod files_ntfs;
 mod garage;
 mod garage_trust;
+mod guest_agent;
 mod hostile;
 mod incremental;
 mod instant_api;
