@@ -45,6 +45,25 @@ pub struct RemoteOptions {
     pub retry_for: Duration,
 }
 
+impl RemoteOptions {
+    /// The options of a configured `[remote.NAME]`: its token is read from its file now
+    /// (never logged); retries for 300 s.
+    pub fn from_config(r: &crate::config::RemoteConfig) -> Result<RemoteOptions> {
+        let trust = match (&r.fingerprint, &r.ca_file) {
+            (Some(f), _) => Trust::Fingerprint(crate::tls::parse_fingerprint(f)?),
+            (None, Some(ca)) => Trust::Ca(ca.clone()),
+            (None, None) => Trust::PublicRoots,
+        };
+        Ok(RemoteOptions {
+            url: r.url.clone(),
+            token: r.token()?,
+            trust,
+            bwlimit: r.bwlimit,
+            retry_for: Duration::from_secs(300),
+        })
+    }
+}
+
 /// Counters of what went over the wire.
 #[derive(Debug, Default)]
 pub struct WireStats {
