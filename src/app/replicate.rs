@@ -153,12 +153,26 @@ impl App {
         to: &str,
         opts: &ReplicateOptions,
     ) -> Result<ReplicateReport> {
-        let started = std::time::Instant::now();
         let (source, manifests) = self.selected(selection, from)?;
+        self.replicate_manifests_to(&source, &manifests, from, target, to, opts)
+    }
+
+    /// Copy `manifests` (backups of the opened vault `from`) to a mirror vault on
+    /// another appliance (`target`, named `to` in the report), in order.
+    pub fn replicate_manifests_to(
+        &self,
+        source: &Vault,
+        manifests: &[crate::manifest::BackupManifest],
+        from: &str,
+        target: &dyn ReplicaTarget,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
         let target_id = target.info()?.vault_id;
         let mut report = ReplicateReport::new(from, to);
-        for m in &manifests {
-            let stats = replicate_backup(&source, m, target, opts).map_err(|e| {
+        for m in manifests {
+            let stats = replicate_backup(source, m, target, opts).map_err(|e| {
                 e.context_prefix(format!("replicating backup {} ({}) to {to}", m.name, m.id))
             })?;
             let replica_id = crate::replicate::engine::replica_id(&m.id, &target_id);

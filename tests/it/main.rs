@@ -32,6 +32,7 @@ mod live_settings;
 mod locks;
 mod maintenance;
 mod mirror;
+mod mirror_policy;
 mod nbd;
 mod nbd_server;
 mod nbd_tls;

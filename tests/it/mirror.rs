@@ -17,15 +17,15 @@ use crate::common::*;
 
 /// The receiving appliance: a data dir with vault `m` listed as a mirror vault and
 /// vault `plain` not listed, a replication token and an admin token.
-struct Receiver {
-    env: Env,
-    config: PathBuf,
-    rep: String,
-    admin: String,
+pub(crate) struct Receiver {
+    pub(crate) env: Env,
+    pub(crate) config: PathBuf,
+    pub(crate) rep: String,
+    pub(crate) admin: String,
 }
 
 impl Receiver {
-    fn new() -> Receiver {
+    pub(crate) fn new() -> Receiver {
         let env = Env::bare();
         env.ok(&["vault", "create", "m"]);
         env.ok(&["vault", "create", "plain"]);
@@ -46,7 +46,7 @@ impl Receiver {
     }
 
     /// `serve` on `listen` (e.g. 127.0.0.1:0); returns it with its URL and fingerprint.
-    fn serve(&self, listen: &str) -> (Serve, String, String) {
+    pub(crate) fn serve(&self, listen: &str) -> (Serve, String, String) {
         let mut child = self
             .env
             .cmd()
@@ -63,13 +63,13 @@ impl Receiver {
         (Serve(child), url, fp.expect("serve prints its fingerprint"))
     }
 
-    fn vault_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn vault_dir(&self, name: &str) -> PathBuf {
         self.env.data().join("vaults").join(name)
     }
 }
 
 /// A running `serve`, killed when dropped.
-struct Serve(Child);
+pub(crate) struct Serve(Child);
 
 impl std::ops::Deref for Serve {
     type Target = Child;
@@ -137,7 +137,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 /// Restore every backup of the receiver's vault `m` (serve stopped) and compare each
 /// with the image it was taken of, by backup name.
-fn restore_all_from_mirror(r: &Receiver, images: &[(&str, &Path)]) {
+pub(crate) fn restore_all_from_mirror(r: &Receiver, images: &[(&str, &Path)]) {
     let list = r.env.json(&["backups", "list", "--vault", "m"]);
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), images.len(), "{list:?}");
