@@ -42,6 +42,7 @@ mod quickstart;
 mod remote;
 mod replicate;
 mod restore;
+mod s3_named;
 mod server;
 mod service;
 mod service_load;
