@@ -185,7 +185,20 @@ pub fn replicate_backup(
     target: &dyn ReplicaTarget,
     opts: &ReplicateOptions,
 ) -> Result<ReplicaStats> {
-    let info = target.info()?;
+    let mut info = target.info()?;
+    // An encrypted source and a plaintext target of the same chunk size: a mirror vault
+    // may take the source's key material (only while empty) and become its encrypted
+    // mirror. Anything else is refused by `check_compatible` below.
+    if let (Some(enc), None) = (&source.config().encryption, &info.key_check)
+        && info.chunk_size == source.chunk_size()
+        && info.vault_id != source.config().id
+    {
+        let mut enc = enc.clone();
+        enc.wrapped_for = Some(enc.wrap_id(&source.config().id).to_string());
+        if target.adopt_encryption(&enc)? {
+            info = target.info()?;
+        }
+    }
     check_compatible(source, &info)?;
     source.codec()?;
     let mut stats = ReplicaStats::default();
@@ -225,7 +238,12 @@ pub fn replicate_backup(
     }
     batch.flush(source, target, opts, &mut stats)?;
     check_cancel(opts)?;
-    target.put_manifest(&replica)?;
+    let sealed = if source.is_encrypted() {
+        Some(source.seal_manifest(&replica)?)
+    } else {
+        None
+    };
+    target.put_manifest_sealed(&replica, sealed.as_deref())?;
     stats.manifest_sent = true;
     if let Some(p) = &opts.progress {
         p.backups_done.fetch_add(1, Ordering::Relaxed);
