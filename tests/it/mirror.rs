@@ -476,7 +476,7 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
         }
     }
     // Dedup holds on the mirror (the digests are the source's keyed ones): a rerun
-    // sends nothing.
+    // sends nothing, an incremental about its stored size.
     let again = replicate_cmd(&src, &to, &fp, &r.rep, &["--keyfile", k])
         .output()
         .unwrap();
@@ -484,6 +484,31 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(u(&again, "bytes_sent"), 0, "{again}");
     assert_eq!(u(&again, "wire_bytes"), 0, "{again}");
+    let v1 = src.path("v1.raw");
+    std::fs::copy(&img, &v1).unwrap();
+    write_raw(&img, 8 << 20, 6 << 20, &random_bytes(512 << 10, 43));
+    let inc = src.json(&[
+        "--keyfile",
+        k,
+        "backup",
+        img.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "d",
+        "--name",
+        "sealed-inc",
+    ]);
+    let out = replicate_cmd(&src, &to, &fp, &r.rep, &["--keyfile", k])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&second, "backups_sent"), 1, "{second}");
+    assert!(
+        u(&second, "bytes_sent") as f64 <= 1.2 * u(&inc, "bytes_stored") as f64 + 65536.0,
+        "{second} vs {inc}"
+    );
     // A plaintext source cannot push into the encrypted mirror.
     let packs = pack_files(&r.vault_dir("m")).len();
     let out = replicate_cmd(&plain, &to, &fp, &r.rep, &[])
@@ -503,13 +528,24 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
     .unwrap();
     assert!(serve.wait().unwrap().success());
     let list = r.env.json(&["backups", "list", "--vault", "m"]);
-    let id = s(&list[0], "id").to_string();
-    let out_img = r.env.path("restored.raw");
-    let o = out_img.to_str().unwrap();
-    let denied = r.env.run(&["restore", &id, "--to", o, "--format", "raw"]);
-    assert_eq!(denied.status.code(), Some(10), "{}", stderr(&denied));
-    assert!(!out_img.exists());
-    r.env
-        .ok(&["--keyfile", k, "restore", &id, "--to", o, "--format", "raw"]);
-    assert!(images_equal(&img, &out_img));
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    for (name, want) in [("sealed-full", &v1), ("sealed-inc", &img)] {
+        let b = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| s(b, "name") == name)
+            .unwrap_or_else(|| panic!("no {name} on the mirror: {list}"));
+        let id = s(b, "id").to_string();
+        let out_img = r.env.path(&format!("{name}.raw"));
+        let o = out_img.to_str().unwrap();
+        let denied = r.env.run(&["restore", &id, "--to", o, "--format", "raw"]);
+        assert_eq!(denied.status.code(), Some(10), "{}", stderr(&denied));
+        assert!(!out_img.exists());
+        r.env
+            .ok(&["--keyfile", k, "restore", &id, "--to", o, "--format", "raw"]);
+        assert!(images_equal(want, &out_img), "{name} differs");
+    }
+    // With the key, the mirror verifies clean.
+    r.env.ok(&["--keyfile", k, "verify", "--vault", "m"]);
 }
