@@ -3,7 +3,8 @@
 //! byte-exact from it alone; reruns send nothing; the token can do nothing else; a vault
 //! not listed in `[server] mirror_vaults` refuses; a wrong fingerprint is refused before
 //! anything is sent; a blob that does not verify is refused and not kept; a receiving
-//! appliance killed mid-transfer and restarted is resumed without resending what landed.
+//! appliance killed mid-transfer and restarted is resumed without resending what landed;
+//! an encrypted vault becomes an encrypted mirror without the mirror holding its key.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};

@@ -242,7 +242,8 @@ pub enum Cmd {
         /// Target vault (same chunk size; for an encrypted source, created with
         /// `vault create NAME --replica-of SOURCE`), or a mirror vault on another
         /// appliance: `https://HOST:PORT/VAULT` (pinned with --fingerprint; token from
-        /// --token-file or BLOCKVAULT_REPLICA_TOKEN).
+        /// --token-file or BLOCKVAULT_REPLICA_TOKEN; an encrypted source makes an empty
+        /// mirror vault encrypted with its key material, never sending the key).
         #[arg(long, required_unless_present = "to_remote")]
         to: Option<String>,
         /// A mirror vault on another appliance named in the config file's
