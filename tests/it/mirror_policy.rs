@@ -203,6 +203,22 @@ fn a_policy_to_a_named_remote_runs_on_schedule_reruns_send_nothing_and_the_mirro
         200,
     );
     wait_idle(&srv, &admin);
+    // The CLI in remote mode names the remote too; nothing is left to send.
+    let out = Env::bare()
+        .cmd()
+        .args(["--server", &srv.url, "--token", &admin, "--json"])
+        .envs(crate::appliance::trust_env(&srv.url))
+        .args(["replicate", "--all", "--from", "v", "--to-remote", "b"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&v, "backups_sent"), 0, "{v}");
+    assert_eq!(u(&v, "wire_bytes"), 0, "{v}");
     drop(srv);
 
     // The CLI pushes an incremental to the same named remote: about its stored size.
