@@ -25,8 +25,9 @@ fn source_config(src: &Env, r: &Receiver, url: &str, fp: &str) -> (PathBuf, Path
     std::fs::write(
         &cfg,
         format!(
-            "[remote.b]\nurl = \"{url}/m\"\ntoken_file = \"{}\"\nfingerprint = \"{fp}\"\n",
-            tok.display()
+            "[remote.b]\nurl = \"{url}/m\"\ntoken_file = \"{tok}\"\nfingerprint = \"{fp}\"\n\n\
+             [remote.notmirror]\nurl = \"{url}/plain\"\ntoken_file = \"{tok}\"\nfingerprint = \"{fp}\"\n",
+            tok = tok.display()
         ),
     )
     .unwrap();
@@ -165,6 +166,30 @@ fn a_policy_to_a_named_remote_runs_on_schedule_reruns_send_nothing_and_the_mirro
         400,
     );
     assert!(pack_files(&mirror).is_empty(), "a refused request wrote");
+    // A push the mirror appliance refuses (its vault `plain` is no mirror vault) fails
+    // the task and raises task_failed.
+    let t = srv.ok(
+        "POST",
+        "/replications",
+        &admin,
+        Some(json!({"from": "v", "to_remote": "notmirror"})),
+        202,
+    );
+    let failed = srv.wait_task(&admin, s(&t, "task"), Duration::from_secs(60));
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    assert!(s(&failed, "error").contains("mirror_vaults"), "{failed:#}");
+    assert!(pack_files(&r.vault_dir("plain")).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !srv
+        .ok("GET", "/alerts", &admin, None, 200)
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["kind"] == "task_failed" && s(a, "message").contains("mirror_vaults"))
+    {
+        assert!(Instant::now() < deadline, "no task_failed alert");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // The policy runs on its schedule and pushes the backup; the next run sends nothing.
     let p = srv.ok(
