@@ -129,9 +129,9 @@ fn configured_remote(cli: &Cli, name: &str) -> Result<RemoteTarget> {
             "--to-remote takes the certificate pin from [remote.NAME] in the config file: drop --fingerprint/--ca",
         ));
     }
-    let c = blockvault::config::Config::load(config).map_err(|e| super::exit::usage(&e))?;
+    let c = blockvault::config::Config::load(config).map_err(super::exit::usage)?;
     let remote = c.remotes.get(name).ok_or_else(|| {
-        super::exit::usage(&format!(
+        super::exit::usage(format!(
             "no [remote.{name}] in {}{}",
             config.display(),
             if c.remotes.is_empty() {
