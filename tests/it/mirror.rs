@@ -510,8 +510,33 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
         u(&second, "bytes_sent") as f64 <= 1.2 * u(&inc, "bytes_stored") as f64 + 65536.0,
         "{second} vs {inc}"
     );
-    // A plaintext source cannot push into the encrypted mirror.
+    // A plaintext source cannot push into the encrypted mirror, nor can a hand-made
+    // unsealed blob land there (the mirror checks what it can without the key).
     let packs = pack_files(&r.vault_dir("m")).len();
+    let plain_blob = blockvault::chunk::encode_blob(
+        blockvault::chunk::BlobKind::Data,
+        marked[..65536].to_vec(),
+        1,
+        &blockvault::chunk::BlobCodec::plain(),
+    )
+    .unwrap();
+    let mut stored = plain_blob.header.to_vec();
+    stored.extend_from_slice(&plain_blob.payload);
+    let body = blockvault::replicate::wire::encode(&[blockvault::replicate::RawBlob {
+        digest: plain_blob.digest,
+        kind: blockvault::chunk::BlobKind::Data,
+        stored,
+    }]);
+    let (st, text) = call(
+        &agent_for(Some(&fp)),
+        "PUT",
+        &format!("{url}/api/v1/vaults/m/replica/blobs"),
+        &r.rep,
+        Some(body),
+    );
+    assert_eq!(st, 422, "{text}");
+    assert!(text.contains("not sealed"), "{text}");
+    assert_eq!(pack_files(&r.vault_dir("m")).len(), packs);
     let out = replicate_cmd(&plain, &to, &fp, &r.rep, &[])
         .output()
         .unwrap();
