@@ -189,6 +189,7 @@ pub fn configure(config: &crate::config::Config) {
         gc_after_prune: config.gc_after_prune,
         scratch_dir: config.scratch_dir.clone(),
     };
+    replicate::configure_remotes(&config.remotes);
 }
 
 /// Hook set `name` of the config file.
@@ -304,6 +305,10 @@ pub struct Policy {
     /// replicate: the target vault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// replicate: a mirror vault on another appliance instead of `to`, by the name of
+    /// its `[remote.NAME]` in the config file (no retention: the mirror's own policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_remote: Option<String>,
     #[serde(default = "default_true")]
     pub enabled: bool,
 }
@@ -326,8 +331,10 @@ impl Policy {
         {
             return refuse("check/timeout_seconds", "drill");
         }
-        if self.kind != PolicyKind::Replicate && (self.from.is_some() || self.to.is_some()) {
-            return refuse("from/to", "replicate");
+        if self.kind != PolicyKind::Replicate
+            && (self.from.is_some() || self.to.is_some() || self.to_remote.is_some())
+        {
+            return refuse("from/to/to_remote", "replicate");
         }
         match self.kind {
             PolicyKind::Replicate => {
@@ -343,7 +350,9 @@ impl Policy {
                 if self.repack_below.is_some() {
                     return refuse("repack_below", "gc");
                 }
-                self.replicate_request()?.validate(app)?;
+                let req = self.replicate_request()?;
+                req.validate(app)?;
+                req.check_retention(Some(&self.retention))?;
             }
             PolicyKind::Drill => {
                 if !self.vaults.is_empty() {
@@ -444,17 +453,19 @@ impl Policy {
         }
     }
 
-    /// What a replicate policy asks each run (`from` and `to` are required).
+    /// What a replicate policy asks each run (`from` and one of `to`/`to_remote` are
+    /// required).
     pub fn replicate_request(&self) -> Result<ReplicateRequest> {
-        let (Some(from), Some(to)) = (&self.from, &self.to) else {
+        let Some(from) = &self.from else {
             return Err(Error::config(format!(
-                "policy {}: a replicate policy needs \"from\": VAULT and \"to\": VAULT",
+                "policy {}: a replicate policy needs \"from\": VAULT and \"to\": VAULT or \"to_remote\": NAME",
                 self.name
             )));
         };
         Ok(ReplicateRequest {
             from: from.clone(),
-            to: to.clone(),
+            to: self.to.clone(),
+            to_remote: self.to_remote.clone(),
             backup: None,
             resources: self.resources.clone(),
         })

@@ -285,6 +285,8 @@ routes! {
     PUT "/vaults/{name}/replica/blobs" Replication "Mirror vault: land a batch of verified blobs (binary)" => replica::put_blobs;
     POST "/vaults/{name}/replica/manifest/present" Replication "Mirror vault: whether it holds this manifest" => replica::has_manifest;
     PUT "/vaults/{name}/replica/manifest" Replication "Mirror vault: publish a manifest whose blobs all landed" => replica::put_manifest;
+    PUT "/vaults/{name}/replica/manifest/sealed" Replication "Encrypted mirror vault: publish a manifest sealed by its source" => replica::put_sealed_manifest;
+    PUT "/vaults/{name}/replica/encryption" Replication "Mirror vault: take an encrypted source's key material (wrappings, never the key) while empty" => replica::put_encryption;
     GET "/policies" Auditor "List policies" => handlers::list_policies;
     POST "/policies" Admin "Create a policy" => handlers::create_policy;
     GET "/policies/{name}" Auditor "A policy" => handlers::get_policy;

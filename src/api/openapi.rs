@@ -260,6 +260,24 @@ pub const SHAPES: &[Shape] = &[
         ),
         t::<LooseObject>,
     ),
+    b(
+        s(
+            "PUT",
+            "/vaults/{name}/replica/manifest/sealed",
+            200,
+            One(t::<LooseObject>),
+        ),
+        t::<LooseObject>,
+    ),
+    b(
+        s(
+            "PUT",
+            "/vaults/{name}/replica/encryption",
+            200,
+            One(t::<LooseObject>),
+        ),
+        t::<LooseObject>,
+    ),
     s("GET", "/webhooks", 200, One(t::<LooseList>)),
 ];
 

@@ -10,6 +10,8 @@
 //! | `PUT blobs` | binary batch (`replicate::wire`, ≤ 32 MiB) | `{"blobs", "bytes_written"}` once durable |
 //! | `POST manifest/present` | manifest JSON | `{"present": bool}` |
 //! | `PUT manifest` | manifest JSON | `{"id"}` once published and in the catalog |
+//! | `PUT manifest/sealed` | `{"manifest", "sealed": hex}` | `{"id"}`: an encrypted mirror stores the source's sealed form |
+//! | `PUT encryption` | `[encryption]` of the source's vault.toml (wrappings, key check, `wrapped_for`) | `{"adopted": bool}` |
 //!
 //! Only vaults listed in the config file's `[server] mirror_vaults` accept these calls
 //! (403 otherwise): a replication token cannot write into an appliance's own backup
@@ -17,6 +19,13 @@
 //! kept (`VaultTarget::put_blobs`; one bad blob: the batch is refused, 422, nothing
 //! kept); a manifest lands only when every blob it reaches is present
 //! (`App::land_replica_manifest`, 409 otherwise). Calls are audited like all others.
+//!
+//! An encrypted source makes an empty mirror vault encrypted with its own key material
+//! (`PUT encryption`; the vault key itself never leaves the source): the mirror opens
+//! the vault without a key, keeps sealed blobs after checking their header, and stores
+//! manifests sealed by the source (`PUT manifest/sealed`), publishing one when each of
+//! its disks' index roots has landed (`App::land_sealed_replica_manifest`). Restoring
+//! there needs the key.
 
 use std::sync::RwLock;
 
@@ -68,7 +77,9 @@ fn target(app: &App, name: &str) -> Result<VaultTarget, ApiError> {
             ),
         ));
     }
-    Ok(VaultTarget::new(app.open_vault(name)?)?)
+    // Opened without a key: an encrypted mirror never holds one.
+    let vault = crate::vault::Vault::open(&app.catalog().vault(name)?.path)?;
+    Ok(VaultTarget::new(vault)?)
 }
 
 /// `GET /vaults/{name}/replica/info`.
@@ -166,4 +177,51 @@ pub async fn put_manifest(
     })
     .await?;
     Ok(Json(json!({"id": id})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedManifest {
+    manifest: BackupManifest,
+    /// The manifest as stored, sealed by the source (hex).
+    sealed: String,
+}
+
+/// `PUT /vaults/{name}/replica/manifest/sealed`.
+pub async fn put_sealed_manifest(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(m): Json<SealedManifest>,
+) -> Result<Json<Value>, ApiError> {
+    let id = m.manifest.id.clone();
+    let sealed = hex::decode(&m.sealed).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("\"sealed\" is not hex: {e}"),
+        )
+    })?;
+    st.run(move |_, app| {
+        let t = target(app, &name)?;
+        app.land_sealed_replica_manifest(&name, &t, &m.manifest, &sealed)
+            .map_err(refused)
+    })
+    .await?;
+    Ok(Json(json!({"id": id})))
+}
+
+/// `PUT /vaults/{name}/replica/encryption`.
+pub async fn put_encryption(
+    State(st): State<Shared>,
+    Path(name): Path<String>,
+    Json(enc): Json<crate::vault::keys::EncryptionConfig>,
+) -> Result<Json<Value>, ApiError> {
+    let adopted = st
+        .run(move |_, app| {
+            // Only a vault listed as a mirror vault.
+            drop(target(app, &name)?);
+            let mut vault = crate::vault::Vault::open(&app.catalog().vault(&name)?.path)?;
+            Ok(vault.adopt_encryption(&enc)?)
+        })
+        .await?;
+    Ok(Json(json!({"adopted": adopted})))
 }

@@ -1,5 +1,7 @@
-//! Handler of `POST /replications` (`202 {"task": ID}`): a one-off replication between
-//! two vaults of this appliance as a task. Thin glue: the work and its checks are in
+//! Handler of `POST /replications` (`202 {"task": ID}`): a one-off replication as a
+//! task, into another vault of this appliance (`"to"`) or a mirror vault on another
+//! appliance named by its `[remote.NAME]` in the config file (`"to_remote"`; a URL or
+//! token in the body is an unknown field, refused). Thin glue: the work and its checks are in
 //! [`crate::service`] ([`submit_replicate`]). Replication policies go through the policy
 //! routes (`kind: "replicate"`).
 
@@ -11,7 +13,7 @@ use serde_json::{Value, json};
 use super::{ApiError, Caller, Shared};
 use crate::service::{ReplicateRequest, submit_replicate};
 
-/// `POST /replications` `{"from", "to", "backup"?, "resources"?}`.
+/// `POST /replications` `{"from", "to" | "to_remote", "backup"?, "resources"?}`.
 pub async fn create_replication(
     State(st): State<Shared>,
     Extension(caller): Extension<Caller>,

@@ -221,6 +221,30 @@ impl App {
         compliance_days: Option<u32>,
         encrypt: Option<(&crate::vault::keys::KeySecret, crate::chunk::VaultKey)>,
     ) -> Result<VaultEntry> {
+        self.create_vault_s3_named(
+            name,
+            location,
+            None,
+            chunk_size,
+            zstd_level,
+            compliance_days,
+            encrypt,
+        )
+    }
+
+    /// [`App::create_vault_s3_with`], the credentials taken from the config file's
+    /// `[s3.NAME]` that `profile` names (remembered by the vault) when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_vault_s3_named(
+        &self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+        profile: Option<&crate::vault::remote::S3Profile>,
+        chunk_size: ChunkSize,
+        zstd_level: i32,
+        compliance_days: Option<u32>,
+        encrypt: Option<(&crate::vault::keys::KeySecret, crate::chunk::VaultKey)>,
+    ) -> Result<VaultEntry> {
         crate::name::Name::parse(name, "vault")?;
         if self.catalog.vault(name).is_ok() {
             return Err(Error::conflict(format!(
@@ -228,9 +252,10 @@ impl App {
             )));
         }
         let state = self.data.join("vaults").join(name);
-        let vault = crate::vault::remote::create(
+        let vault = crate::vault::remote::create_with(
             &state,
             location,
+            profile,
             chunk_size,
             zstd_level,
             compliance_days,
@@ -247,6 +272,17 @@ impl App {
         name: &str,
         location: &crate::vault::store::S3Location,
     ) -> Result<usize> {
+        self.attach_vault_s3_named(name, location, None)
+    }
+
+    /// [`App::attach_vault_s3`] with the credentials of the config file's `[s3.NAME]`
+    /// that `profile` names (remembered by the vault) when given.
+    pub fn attach_vault_s3_named(
+        &mut self,
+        name: &str,
+        location: &crate::vault::store::S3Location,
+        profile: Option<&crate::vault::remote::S3Profile>,
+    ) -> Result<usize> {
         crate::name::Name::parse(name, "vault")?;
         if self.catalog.vault(name).is_ok() {
             return Err(Error::conflict(format!(
@@ -254,7 +290,7 @@ impl App {
             )));
         }
         let state = self.data.join("vaults").join(name);
-        let mut vault = crate::vault::remote::attach(&state, location)?;
+        let mut vault = crate::vault::remote::attach_with(&state, location, profile)?;
         // An encrypted vault is attached only with a key that opens it.
         if let Err(e) = self.unlock(name, &mut vault) {
             crate::vault::remote::detach(&state);

@@ -153,12 +153,26 @@ impl App {
         to: &str,
         opts: &ReplicateOptions,
     ) -> Result<ReplicateReport> {
-        let started = std::time::Instant::now();
         let (source, manifests) = self.selected(selection, from)?;
+        self.replicate_manifests_to(&source, &manifests, from, target, to, opts)
+    }
+
+    /// Copy `manifests` (backups of the opened vault `from`) to a mirror vault on
+    /// another appliance (`target`, named `to` in the report), in order.
+    pub fn replicate_manifests_to(
+        &self,
+        source: &Vault,
+        manifests: &[crate::manifest::BackupManifest],
+        from: &str,
+        target: &dyn ReplicaTarget,
+        to: &str,
+        opts: &ReplicateOptions,
+    ) -> Result<ReplicateReport> {
+        let started = std::time::Instant::now();
         let target_id = target.info()?.vault_id;
         let mut report = ReplicateReport::new(from, to);
-        for m in &manifests {
-            let stats = replicate_backup(&source, m, target, opts).map_err(|e| {
+        for m in manifests {
+            let stats = replicate_backup(source, m, target, opts).map_err(|e| {
                 e.context_prefix(format!("replicating backup {} ({}) to {to}", m.name, m.id))
             })?;
             let replica_id = crate::replicate::engine::replica_id(&m.id, &target_id);
@@ -372,6 +386,61 @@ impl App {
             ));
         }
         target.put_manifest(manifest)?;
+        self.record_backup(vault_name, manifest);
+        Ok(())
+    }
+}
+
+impl App {
+    /// Publish `manifest`, pushed by an encrypted vault on another appliance, in its
+    /// encrypted mirror vault `vault_name` (held by `target`, locked: this appliance has
+    /// no key) as `sealed`, its stored form sealed by the source. Refused unless the
+    /// vault is encrypted, `sealed` is a sealed file, the manifest names this vault and
+    /// the index root of each disk has landed (the pages and chunks below a root cannot
+    /// be read without the key: they are checked by a restore or a verify with it).
+    pub fn land_sealed_replica_manifest(
+        &self,
+        vault_name: &str,
+        target: &VaultTarget,
+        manifest: &crate::manifest::BackupManifest,
+        sealed: &[u8],
+    ) -> Result<()> {
+        let vault = target.vault();
+        if !vault.is_encrypted() {
+            return Err(Error::config(format!(
+                "vault {vault_name} is plaintext: it takes the plaintext manifests of a plaintext vault, not sealed ones (an encrypted source makes an empty mirror vault encrypted first)"
+            )));
+        }
+        if !crate::chunk::BlobCodec::is_sealed_file(sealed) {
+            return Err(Error::invalid(format!(
+                "manifest {} was sent unsealed to the encrypted vault {vault_name}",
+                manifest.id
+            )));
+        }
+        if manifest.vault_id != vault.config().id {
+            return Err(Error::invalid(format!(
+                "manifest {} is for vault id {}, but vault {vault_name} is {}: it was derived for another target",
+                manifest.id,
+                manifest.vault_id,
+                vault.config().id
+            )));
+        }
+        if target.has_manifest(manifest)? {
+            return Ok(());
+        }
+        let lookup = vault.lookup_reconciled()?;
+        for disk in &manifest.disks {
+            if !disk.index_root.is_zero() && !lookup.contains(&disk.index_root)? {
+                return Err(Error::new(
+                    crate::ErrorKind::Conflict,
+                    format!(
+                        "manifest {} ({}) refused: vault {vault_name} lacks the index root {} of disk {}; send the missing blobs first",
+                        manifest.id, manifest.name, disk.index_root, disk.name
+                    ),
+                ));
+            }
+        }
+        target.put_sealed_manifest(manifest, sealed)?;
         self.record_backup(vault_name, manifest);
         Ok(())
     }

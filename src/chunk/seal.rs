@@ -251,6 +251,11 @@ impl BlobCodec {
         Ok(out)
     }
 
+    /// Whether `stored` is a sealed file (by its header; authenticity needs the key).
+    pub fn is_sealed_file(stored: &[u8]) -> bool {
+        stored.len() >= FILE_HEADER_LEN + NONCE_LEN + TAG_LEN && &stored[..4] == FILE_MAGIC
+    }
+
     /// Open a file read from `name`. A sealed file without a key is `KeyRequired`; a
     /// plaintext file in an encrypted vault, or one failing authentication, `Corrupt`.
     pub fn open_file(&self, name: &str, stored: &[u8]) -> Result<Vec<u8>> {

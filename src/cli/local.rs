@@ -38,6 +38,11 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             ref s3,
         }) => {
             if let Some(src) = replica_of {
+                if s3.s3_config.is_some() {
+                    return Err(usage(
+                        "vault create --replica-of does not take --s3-config yet: give the S3 key in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                    ));
+                }
                 let app = super::open_app(cli)?;
                 let v =
                     app.create_replica_vault(name, path.as_deref(), s3.location()?.as_ref(), src)?;
@@ -65,9 +70,10 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             };
             let chunk_size = ChunkSize::parse(chunk_size)?;
             let v = match s3.location()? {
-                Some(loc) => app.create_vault_s3_with(
+                Some(loc) => app.create_vault_s3_named(
                     name,
                     &loc,
+                    s3.profile().as_ref(),
                     chunk_size,
                     zstd_level,
                     compliance_days,
@@ -163,7 +169,10 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
         }) => {
             let mut app = super::open_app(cli)?;
             let (n, at) = match (s3.location()?, path) {
-                (Some(loc), _) => (app.attach_vault_s3(name, &loc)?, loc.url()),
+                (Some(loc), _) => (
+                    app.attach_vault_s3_named(name, &loc, s3.profile().as_ref())?,
+                    loc.url(),
+                ),
                 (None, Some(path)) => (app.attach_vault(name, path)?, path.display().to_string()),
                 (None, None) => anyhow::bail!("vault attach needs a PATH or --s3"),
             };

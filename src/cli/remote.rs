@@ -368,10 +368,20 @@ pub fn run(cli: &Cli, url: &str) -> Result<i32> {
             resource,
             from,
             to,
+            to_remote,
             ..
         } => {
-            let body = json!({"from": from, "to": to, "backup": backup,
+            let mut body = json!({"from": from, "backup": backup,
                               "resources": resource.iter().collect::<Vec<_>>()});
+            match (to, to_remote) {
+                (Some(t), _) => body["to"] = json!(t),
+                (None, Some(r)) => body["to_remote"] = json!(r),
+                (None, None) => {}
+            }
+            let to = to
+                .clone()
+                .or_else(|| to_remote.as_ref().map(|r| format!("remote {r}")))
+                .unwrap_or_default();
             let task = r.call("POST", "/replications", Some(&body))?;
             let id = task["task"]
                 .as_str()

@@ -8,14 +8,16 @@ use blockvault::app::ReplicaSelection;
 use blockvault::replicate::remote::{RemoteOptions, RemoteTarget};
 use blockvault::replicate::{ReplicaProgress, ReplicateOptions};
 
-/// What `replicate` was asked to copy.
-pub fn selection(cmd: &Cmd) -> Option<(ReplicaSelection, &str, &str)> {
+/// What `replicate` was asked to copy: the selection, the source vault and the target
+/// (a vault name, an `https://` mirror URL, or `remote NAME` for `--to-remote NAME`).
+pub fn selection(cmd: &Cmd) -> Option<(ReplicaSelection, &str, String)> {
     let Cmd::Replicate {
         backup,
         resource,
         all,
         from,
         to,
+        to_remote,
         ..
     } = cmd
     else {
@@ -26,7 +28,12 @@ pub fn selection(cmd: &Cmd) -> Option<(ReplicaSelection, &str, &str)> {
         (None, Some(r), _) => ReplicaSelection::Resource(r.clone()),
         _ => ReplicaSelection::All,
     };
-    Some((sel, from.as_str(), to.as_str()))
+    let to = match (to, to_remote) {
+        (Some(t), _) => t.clone(),
+        (None, Some(r)) => format!("remote {r}"),
+        (None, None) => String::new(),
+    };
+    Some((sel, from.as_str(), to))
 }
 
 pub fn local(cli: &Cli) -> Result<()> {
@@ -41,10 +48,10 @@ pub fn local(cli: &Cli) -> Result<()> {
         task: None,
     };
     let spin = spinner(cli, &format!("replicating {from} → {to}"));
-    let mirror = mirror_target(cli, to)?;
+    let mirror = mirror_target(cli, &to)?;
     let report = match &mirror {
-        Some(t) => app.replicate_to(&sel, from, t, to, &opts),
-        None => app.replicate(&sel, from, to, &opts),
+        Some(t) => app.replicate_to(&sel, from, t, &to, &opts),
+        None => app.replicate(&sel, from, &to, &opts),
     };
     spin.finish_and_clear();
     let report = report?;
@@ -95,15 +102,54 @@ pub fn local(cli: &Cli) -> Result<()> {
 
 /// `--bwlimit`: a size per second, `20M`, `20MiB`, `20MiB/s` (powers of 1024).
 pub fn parse_rate(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim().trim_end_matches("/s");
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    match super::args::parse_size(t)? {
-        0 => Err(format!("--bwlimit {s:?} would send nothing")),
-        n => Ok(n),
+    blockvault::config::parse_rate(s)
+}
+
+/// How long a failing mirror request is retried (`BLOCKVAULT_REPLICA_RETRY_SECONDS`,
+/// default 300).
+fn retry_for() -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var("BLOCKVAULT_REPLICA_RETRY_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    )
+}
+
+/// `--to-remote NAME`: the `[remote.NAME]` of the config file (`--config`).
+fn configured_remote(cli: &Cli, name: &str) -> Result<RemoteTarget> {
+    let Cmd::Replicate {
+        config, bwlimit, ..
+    } = &cli.cmd
+    else {
+        return Err(super::exit::usage("--to-remote is an option of replicate"));
+    };
+    if cli.fingerprint.is_some() || cli.ca.is_some() {
+        return Err(super::exit::usage(
+            "--to-remote takes the certificate pin from [remote.NAME] in the config file: drop --fingerprint/--ca",
+        ));
     }
+    let c = blockvault::config::Config::load(config).map_err(super::exit::usage)?;
+    let remote = c.remotes.get(name).ok_or_else(|| {
+        super::exit::usage(format!(
+            "no [remote.{name}] in {}{}",
+            config.display(),
+            if c.remotes.is_empty() {
+                String::from(" (it names no remote)")
+            } else {
+                format!(
+                    " (it names {})",
+                    c.remotes.keys().cloned().collect::<Vec<_>>().join(", ")
+                )
+            }
+        ))
+    })?;
+    let mut opts = RemoteOptions::from_config(remote)?;
+    opts.retry_for = retry_for();
+    if bwlimit.is_some() {
+        opts.bwlimit = *bwlimit;
+    }
+    Ok(RemoteTarget::new(opts)?)
 }
 
 /// The mirror vault on another appliance that `--to` names (an `https://` URL), or None
@@ -113,11 +159,15 @@ fn mirror_target(cli: &Cli, to: &str) -> Result<Option<RemoteTarget>> {
     let Cmd::Replicate {
         token_file,
         bwlimit,
+        to_remote,
         ..
     } = &cli.cmd
     else {
         return Ok(None);
     };
+    if let Some(name) = to_remote {
+        return Ok(Some(configured_remote(cli, name)?));
+    }
     if !(to.starts_with("https://") || to.starts_with("http://")) {
         if token_file.is_some() || bwlimit.is_some() {
             return Err(super::exit::usage(
@@ -140,11 +190,6 @@ fn mirror_target(cli: &Cli, to: &str) -> Result<Option<RemoteTarget>> {
         token,
         trust: super::client::trust(cli)?,
         bwlimit: *bwlimit,
-        retry_for: std::time::Duration::from_secs(
-            std::env::var("BLOCKVAULT_REPLICA_RETRY_SECONDS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(300),
-        ),
+        retry_for: retry_for(),
     })?))
 }

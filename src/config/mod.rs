@@ -4,10 +4,12 @@
 //!
 //! Layout: this file holds the validated [`Config`] and its defaults; `parse` turns the
 //! raw TOML into it (one `Raw*` struct per table, `deny_unknown_fields`); `alerts` holds
-//! the alert kinds and webhook settings with their host allow-list.
+//! the alert kinds and webhook settings with their host allow-list; `remote` the named
+//! mirror appliances (`[remote.NAME]`) and S3 endpoints (`[s3.NAME]`).
 
 mod alerts;
 mod parse;
+mod remote;
 #[cfg(test)]
 mod tests;
 
@@ -16,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use alerts::{AlertKind, Webhook, WebhookSecret, host_allowed, url_host};
+pub use remote::{RemoteConfig, S3Config, S3CredentialFiles, parse_rate};
 
 /// A named set of freeze/thaw commands (`[hooks.NAME]`), run with `sh -c` around the
 /// instant of a server backup. Commands come from this file only: a resource in the API
@@ -106,6 +109,10 @@ pub struct Config {
     /// `[server] mirror_vaults`: vaults of this appliance that accept backups pushed by
     /// another appliance (`replication` tokens; see `api::replica`). Empty: none.
     pub mirror_vaults: Vec<String>,
+    /// `[remote.NAME]`: mirror vaults on other appliances, by name (see `remote`).
+    pub remotes: BTreeMap<String, RemoteConfig>,
+    /// `[s3.NAME]`: S3 endpoints and their credential files, by name (see `remote`).
+    pub s3: BTreeMap<String, S3Config>,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -155,6 +162,8 @@ impl Default for Config {
             tls_key: None,
             plain_http: false,
             mirror_vaults: Vec::new(),
+            remotes: BTreeMap::new(),
+            s3: BTreeMap::new(),
             paths: PathsConfig::default(),
         }
     }

@@ -31,6 +31,10 @@ struct Raw {
     keys: BTreeMap<String, PathBuf>,
     #[serde(default)]
     paths: RawPaths,
+    #[serde(default)]
+    remote: BTreeMap<String, super::remote::RawRemote>,
+    #[serde(default)]
+    s3: BTreeMap<String, super::remote::RawS3>,
 }
 
 #[derive(Deserialize, Default)]
@@ -350,7 +354,11 @@ impl Config {
                 ));
             }
         }
+        let remotes = super::remote::remotes(raw.remote, origin)?;
+        let s3 = super::remote::s3s(raw.s3, origin)?;
         let c = Config {
+            remotes,
+            s3,
             key_files: raw.keys,
             paths: PathsConfig {
                 sources: raw.paths.sources,

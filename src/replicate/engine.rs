@@ -4,7 +4,9 @@
 //! 1. compatibility ([`check_compatible`]): same chunk size; an encrypted source needs a
 //!    target with the same vault key (same `key_check`); a plaintext source is never
 //!    copied into an encrypted target (its blobs would land unsealed) — nothing is sent
-//!    when they do not fit;
+//!    when they do not fit. Before that check, an encrypted source offers a plaintext
+//!    target its key material ([`ReplicaTarget::adopt_encryption`]): an empty mirror
+//!    vault on another appliance takes it and becomes encrypted with the same key;
 //! 2. the replica's manifest is derived ([`replica_manifest`]: its own id, stable across
 //!    runs, and `replica_of` naming the source backup); a target that already holds it
 //!    is skipped;
@@ -27,7 +29,8 @@
 //!    [`ReplicaTarget::parallel_puts`] batches (at most [`MAX_PUTS_IN_FLIGHT`]) land at
 //!    once, e.g. several packs uploaded to an object store at a time (at most that many
 //!    batches + 2 in memory: 48 MiB);
-//! 7. the manifest last (`put_manifest`).
+//! 7. the manifest last (`put_manifest_sealed`: an encrypted source seals it itself, so
+//!    a mirror without the key can store it).
 //!
 //! Memory is bounded by the batch sizes, not by the disk size: no set of every digest is
 //! kept (a digest repeated in a later batch is simply reported present by the target).
@@ -185,7 +188,20 @@ pub fn replicate_backup(
     target: &dyn ReplicaTarget,
     opts: &ReplicateOptions,
 ) -> Result<ReplicaStats> {
-    let info = target.info()?;
+    let mut info = target.info()?;
+    // An encrypted source and a plaintext target of the same chunk size: a mirror vault
+    // may take the source's key material (only while empty) and become its encrypted
+    // mirror. Anything else is refused by `check_compatible` below.
+    if let (Some(enc), None) = (&source.config().encryption, &info.key_check)
+        && info.chunk_size == source.chunk_size()
+        && info.vault_id != source.config().id
+    {
+        let mut enc = enc.clone();
+        enc.wrapped_for = Some(enc.wrap_id(&source.config().id).to_string());
+        if target.adopt_encryption(&enc)? {
+            info = target.info()?;
+        }
+    }
     check_compatible(source, &info)?;
     source.codec()?;
     let mut stats = ReplicaStats::default();
@@ -225,7 +241,12 @@ pub fn replicate_backup(
     }
     batch.flush(source, target, opts, &mut stats)?;
     check_cancel(opts)?;
-    target.put_manifest(&replica)?;
+    let sealed = if source.is_encrypted() {
+        Some(source.seal_manifest(&replica)?)
+    } else {
+        None
+    };
+    target.put_manifest_sealed(&replica, sealed.as_deref())?;
     stats.manifest_sent = true;
     if let Some(p) = &opts.progress {
         p.backups_done.fetch_add(1, Ordering::Relaxed);

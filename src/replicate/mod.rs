@@ -18,7 +18,17 @@
 //! |------------------|------|
 //! | engine, source   | each blob it sends decodes and matches its digest under the source vault's codec (a rotten copy is looked up again in the pack trailers; none good: `Corrupt`, no manifest); a damaged index page or root stops the replication |
 //! | engine           | the target's chunk size and key (`key_check`) match the source's, before anything is sent ([`engine::check_compatible`]) |
-//! | target, landing  | each blob's header names the kind it was sent as, and it decodes and matches its digest under the target's codec; a batch with one bad blob keeps nothing |
+//! | target, landing  | each blob's header names the kind it was sent as, and it decodes and matches its digest under the target's codec; a batch with one bad blob keeps nothing. A mirror of an encrypted vault holds no key: there a blob must be sealed and name its kind, and its digest is checked at restore (AEAD tag, keyed digest) |
+//!
+//! **Encrypted mirror.** An encrypted source pushing to an empty plaintext mirror vault
+//! first sends its key material (`ReplicaTarget::adopt_encryption`: the wrappings of
+//! vault.toml and the key check, bound to the source's vault id by `wrapped_for`), so
+//! the mirror becomes an encrypted vault with the same vault key without ever holding
+//! it; blobs go sealed as stored, manifests sealed by the source
+//! (`put_manifest_sealed`). Digests are keyed blake3 of the plaintext under the vault
+//! key, the same in both vaults, so dedup on the mirror holds. Restoring there needs
+//! the key (`--keyfile`), as at the source. The mirror's catalog learns each backup's
+//! plaintext manifest (names, sizes, times: no data).
 //!
 //! A replica has its own backup id ([`engine::replica_id`]: the catalog keys backups by
 //! id) and records where it came from (`replica_of` in the manifest). [`VaultTarget`]
@@ -70,6 +80,21 @@ pub trait ReplicaTarget: Send + Sync {
     fn has_manifest(&self, manifest: &BackupManifest) -> Result<bool>;
     /// Publish a manifest whose blobs have all landed.
     fn put_manifest(&self, manifest: &BackupManifest) -> Result<()>;
+    /// Publish a manifest with its stored form `sealed` by the source (an encrypted
+    /// source: the same vault key seals it alike). A target that holds the key seals it
+    /// itself ([`ReplicaTarget::put_manifest`]); a mirror without the key stores `sealed`.
+    fn put_manifest_sealed(&self, manifest: &BackupManifest, sealed: Option<&[u8]>) -> Result<()> {
+        let _ = sealed;
+        self.put_manifest(manifest)
+    }
+    /// Take an encrypted source's key material (wrappings and key check, never the key)
+    /// so that an empty plaintext target becomes an encrypted vault with the same vault
+    /// key. Returns whether it did. Vaults of this appliance do not (create them with
+    /// `vault create NAME --replica-of SOURCE`); a mirror vault on another appliance does.
+    fn adopt_encryption(&self, enc: &crate::vault::keys::EncryptionConfig) -> Result<bool> {
+        let _ = enc;
+        Ok(false)
+    }
     /// How many `put_blobs` calls the target takes at once (1: one after the other).
     fn parallel_puts(&self) -> usize {
         1

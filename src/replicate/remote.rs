@@ -17,6 +17,10 @@
 //!   of its digests it still lacks, so blobs that landed before the connection dropped
 //!   (or the receiving appliance was killed) are not sent twice. A refusal (4xx: token,
 //!   role, vault not a mirror, a blob that does not verify) is not retried.
+//! - **Encrypted source**: its key material (vault.toml's wrappings and key check, never
+//!   the key) goes first (`PUT encryption`) so an empty mirror vault becomes encrypted
+//!   with the same vault key; blobs go sealed as stored and manifests sealed by the
+//!   source (`PUT manifest/sealed`).
 //! - **Bandwidth**: an optional limit in bytes per second ([`RemoteOptions::bwlimit`]), a
 //!   token bucket of one second's worth taken before each body is sent.
 
@@ -43,6 +47,25 @@ pub struct RemoteOptions {
     pub bwlimit: Option<u64>,
     /// How long a failing request is retried before the replication fails.
     pub retry_for: Duration,
+}
+
+impl RemoteOptions {
+    /// The options of a configured `[remote.NAME]`: its token is read from its file now
+    /// (never logged); retries for 300 s.
+    pub fn from_config(r: &crate::config::RemoteConfig) -> Result<RemoteOptions> {
+        let trust = match (&r.fingerprint, &r.ca_file) {
+            (Some(f), _) => Trust::Fingerprint(crate::tls::parse_fingerprint(f)?),
+            (None, Some(ca)) => Trust::Ca(ca.clone()),
+            (None, None) => Trust::PublicRoots,
+        };
+        Ok(RemoteOptions {
+            url: r.url.clone(),
+            token: r.token()?,
+            trust,
+            bwlimit: r.bwlimit,
+            retry_for: Duration::from_secs(300),
+        })
+    }
 }
 
 /// Counters of what went over the wire.
@@ -376,6 +399,24 @@ impl ReplicaTarget for RemoteTarget {
             .map_err(|e| Error::invalid(format!("manifest {}: {e}", manifest.id)))?;
         self.call("PUT", "/manifest", &mut Body::Json(body), |_| Ok(true))?;
         Ok(())
+    }
+
+    fn put_manifest_sealed(&self, manifest: &BackupManifest, sealed: Option<&[u8]>) -> Result<()> {
+        let Some(sealed) = sealed else {
+            return self.put_manifest(manifest);
+        };
+        let body = json!({"manifest": manifest, "sealed": hex::encode(sealed)});
+        self.call("PUT", "/manifest/sealed", &mut Body::Json(body), |_| {
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    fn adopt_encryption(&self, enc: &crate::vault::keys::EncryptionConfig) -> Result<bool> {
+        let body = serde_json::to_value(enc)
+            .map_err(|e| Error::invalid(format!("encoding the key material: {e}")))?;
+        let v = self.call("PUT", "/encryption", &mut Body::Json(body), |_| Ok(true))?;
+        Ok(v["adopted"].as_bool().unwrap_or(false))
     }
 }
 

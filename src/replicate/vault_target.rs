@@ -11,6 +11,10 @@
 //! (`parallel_puts`); the capacity check of concurrent batches may then overshoot by
 //! those batches (a few × 8 MiB). The manifest is written last, atomically (`Vault::put_manifest`).
 //!
+//! A vault that is encrypted and locked (the mirror of an encrypted vault on another
+//! appliance, which never holds the key) takes sealed blobs after checking their header
+//! only, and manifests sealed by the source (`put_sealed_manifest`).
+//!
 //! Retention: the manifest is copied as it is; protection locks and retention journal
 //! records of the source are **not** copied — the target's own policy (its compliance
 //! mode, a replication policy's retention) decides how long a replica is kept.
@@ -74,8 +78,10 @@ impl VaultTarget {
 }
 
 /// A received blob is what it claims: its header names its kind, it is not oversized,
-/// and it decodes and matches its digest under the target's codec.
-fn check_blob(b: &RawBlob, codec: &crate::chunk::BlobCodec) -> Result<()> {
+/// and it decodes and matches its digest under the target's codec. Without a codec (a
+/// mirror of an encrypted vault, which never holds the key) it must be sealed: its
+/// digest and seal are checked where the key is, at restore.
+fn check_blob(b: &RawBlob, codec: Option<&crate::chunk::BlobCodec>) -> Result<()> {
     let header = parse_blob_header(&b.stored)
         .map_err(|e| e.context_prefix(format!("received blob {}", b.digest)))?;
     if header.kind != b.kind {
@@ -91,6 +97,15 @@ fn check_blob(b: &RawBlob, codec: &crate::chunk::BlobCodec) -> Result<()> {
             b.stored.len()
         )));
     }
+    let Some(codec) = codec else {
+        if !header.sealed {
+            return Err(Error::corrupt(format!(
+                "received blob {} is not sealed, but this mirror vault is encrypted: it takes the sealed blobs of its encrypted source only (nothing of this batch was kept)",
+                b.digest
+            )));
+        }
+        return Ok(());
+    };
     decode_blob(&b.stored, &b.digest, codec).map_err(|e| {
         e.context_prefix(format!(
             "received blob {} does not verify in the target vault (nothing of this batch was kept)",
@@ -98,6 +113,14 @@ fn check_blob(b: &RawBlob, codec: &crate::chunk::BlobCodec) -> Result<()> {
         ))
     })?;
     Ok(())
+}
+
+impl VaultTarget {
+    /// Store `sealed`, the stored form of `manifest` sealed by an encrypted source with
+    /// the vault key this (locked) vault shares, as it is.
+    pub fn put_sealed_manifest(&self, manifest: &BackupManifest, sealed: &[u8]) -> Result<()> {
+        self.vault.store().put_file(&manifest.key(), sealed)
+    }
 }
 
 impl ReplicaTarget for VaultTarget {
@@ -122,7 +145,12 @@ impl ReplicaTarget for VaultTarget {
     }
 
     fn put_blobs(&self, blobs: Vec<RawBlob>) -> Result<u64> {
-        let codec = self.vault.codec()?;
+        // A mirror of an encrypted vault is encrypted and locked: it has no key.
+        let codec = if self.vault.is_encrypted() && !self.vault.is_unlocked() {
+            None
+        } else {
+            Some(self.vault.codec()?)
+        };
         // Verified on a few threads: decoding (decrypt, decompress, hash) is the cost.
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())

@@ -7,6 +7,14 @@
 //! the target lacks as they are found, `bytes_done` by what was sent. Cancel stops before
 //! the next batch; a failed replication raises `task_failed` like any task.
 //!
+//! A target is a vault of this appliance (`to`) or a mirror vault on another appliance
+//! (`to_remote`: the name of a `[remote.NAME]` of the config file, whose URL, token file,
+//! pin and bandwidth limit are used; an API caller can only name it). A push to a mirror
+//! has no retention here: what the mirror keeps is the mirror appliance's own policy (a
+//! `replication` token can add backups there, never delete), so `retention` together
+//! with `to_remote` is refused. Its task result adds `wire_bytes` (blob bodies the
+//! mirror answered) and `retries`.
+//!
 //! A replication policy (`kind: "replicate"`) copies the backups of `resources` (every
 //! resource of the source vault when empty) from vault `from` to vault `to`, and applies
 //! its own `retention` on the target — so the target may keep longer than the source.
@@ -17,9 +25,10 @@
 //! backups (`manualbk_…`, named) are always replicated and never pruned. Without
 //! retention rules everything is kept.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -27,21 +36,55 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::app::App;
+use crate::config::RemoteConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::BackupManifest;
 use crate::policy::{Candidate, Retention, plan};
 use crate::replicate::ReplicateOptions;
 use crate::replicate::engine::replica_id;
+use crate::replicate::remote::{RemoteOptions, RemoteTarget};
 use crate::task::{TaskCtx, Tasks};
 
+/// The `[remote.NAME]` tables of the config file (set by `service::configure`).
+static REMOTES: RwLock<BTreeMap<String, RemoteConfig>> = RwLock::new(BTreeMap::new());
+
+/// Take the config file's remotes (at service start).
+pub fn configure_remotes(remotes: &BTreeMap<String, RemoteConfig>) {
+    *REMOTES.write().unwrap_or_else(|e| e.into_inner()) = remotes.clone();
+}
+
+/// The configured remote `name`, or a `Config` error naming the known ones.
+fn remote(name: &str) -> Result<RemoteConfig> {
+    let all = REMOTES.read().unwrap_or_else(|e| e.into_inner());
+    all.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = all.keys().map(String::as_str).collect();
+        Error::config(format!(
+            "no remote {name:?} in the appliance's config file (known: {}); add [remote.{name}] with url, token_file and fingerprint there and restart the service",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
 /// What `POST /replications` asks for (and what a replication policy does each run).
+/// The target is exactly one of `to` (a vault of this appliance) and `to_remote` (a
+/// mirror vault on another appliance, by the name of its `[remote.NAME]` in the config
+/// file: a caller never passes a URL or a token).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplicateRequest {
     /// Source vault.
     pub from: String,
-    /// Target vault.
-    pub to: String,
+    /// Target vault of this appliance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Target: a mirror vault on another appliance, by its `[remote.NAME]` in the
+    /// appliance's config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_remote: Option<String>,
     /// Only this backup (id, unique id prefix or name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,
@@ -50,14 +93,48 @@ pub struct ReplicateRequest {
     pub resources: Vec<String>,
 }
 
+/// Where a replication goes.
+enum Target<'a> {
+    Vault(&'a str),
+    Remote(&'a str),
+}
+
 impl ReplicateRequest {
-    /// Check the request against the catalog (both vaults exist and differ).
+    fn target(&self) -> Result<Target<'_>> {
+        match (&self.to, &self.to_remote) {
+            (Some(t), None) => Ok(Target::Vault(t)),
+            (None, Some(r)) => Ok(Target::Remote(r)),
+            _ => Err(Error::config(
+                "replicate: give exactly one target: \"to\": VAULT (of this appliance) or \"to_remote\": NAME (a [remote.NAME] of the config file)",
+            )),
+        }
+    }
+
+    /// The target as tasks and reports name it: the vault, or `remote NAME`.
+    pub fn target_label(&self) -> String {
+        match self.target() {
+            Ok(Target::Vault(v)) => v.to_string(),
+            Ok(Target::Remote(r)) => format!("remote {r}"),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Check the request against the catalog and the config (both vaults exist and
+    /// differ; a remote is configured).
     pub fn validate(&self, app: &App) -> Result<()> {
-        if self.from == self.to {
-            return Err(Error::config(format!(
-                "replicate: \"from\" and \"to\" both name vault {}",
-                self.from
-            )));
+        match self.target()? {
+            Target::Vault(to) => {
+                if self.from == to {
+                    return Err(Error::config(format!(
+                        "replicate: \"from\" and \"to\" both name vault {}",
+                        self.from
+                    )));
+                }
+                app.catalog().vault(to)?;
+            }
+            Target::Remote(name) => {
+                remote(name)?;
+            }
         }
         if self.backup.is_some() && !self.resources.is_empty() {
             return Err(Error::config(
@@ -65,7 +142,6 @@ impl ReplicateRequest {
             ));
         }
         app.catalog().vault(&self.from)?;
-        app.catalog().vault(&self.to)?;
         if let Some(b) = &self.backup {
             let e = app.find_backup(b)?;
             if e.vault != self.from {
@@ -77,53 +153,62 @@ impl ReplicateRequest {
         }
         Ok(())
     }
+
+    /// Retention applies on a vault of this appliance only: a mirror vault on another
+    /// appliance keeps its backups by that appliance's own policies (a `replication`
+    /// token can add, never delete).
+    pub fn check_retention(&self, retention: Option<&Retention>) -> Result<()> {
+        if self.to_remote.is_some() && retention.is_some_and(|r| !r.is_empty()) {
+            return Err(Error::config(
+                "replicate: \"retention\" cannot go with \"to_remote\": what a mirror vault on another appliance keeps is that appliance's own policy (a replication token may add backups, never delete them); drop retention, or set a backup policy's retention on the mirror appliance",
+            ));
+        }
+        Ok(())
+    }
 }
 
-fn parse_time(m: &BackupManifest) -> Result<OffsetDateTime> {
-    OffsetDateTime::parse(&m.created, &Rfc3339)
-        .map_err(|e| Error::invalid(format!("backup {} has a bad time", m.id)).with_source(e))
-}
-
-/// Run `req` with the target `retention` (a policy's; None for a one-off) as the task's
-/// job. Returns the report (with the replicas pruned on the target).
-pub fn replicate_job(
-    app: &App,
-    req: &ReplicateRequest,
-    retention: Option<&Retention>,
-    ctx: &TaskCtx,
-) -> Result<Value> {
-    let (from, to) = (req.from.as_str(), req.to.as_str());
-    let target_id = app.catalog().vault(to)?.vault_id;
-    let source_backups: Vec<BackupManifest> = match &req.backup {
+/// The backups of `req.from` that `req` selects, oldest first.
+fn source_backups(app: &App, req: &ReplicateRequest) -> Result<Vec<BackupManifest>> {
+    Ok(match &req.backup {
         Some(b) => vec![app.find_backup(b)?.manifest],
         None => app
             .catalog()
-            .backups(Some(from), None)?
+            .backups(Some(&req.from), None)?
             .into_iter()
             .map(|b| b.manifest)
             .filter(|m| req.resources.is_empty() || req.resources.contains(&m.resource))
             .collect(),
-    };
-    let mut chosen = source_backups.clone();
-    let mut prune: Vec<String> = Vec::new();
-    if let Some(ret) = retention.filter(|r| !r.is_empty()) {
-        let (keep, drop) = plan_target(app, ret, &source_backups, to, &target_id, req)?;
-        chosen.retain(|m| {
-            !m.name.starts_with("autobk_") || keep.contains(&replica_id(&m.id, &target_id))
-        });
-        prune = drop;
-    }
+    })
+}
+
+/// Push the backups `req` selects to the mirror vault of remote `name`.
+fn replicate_remote_job(
+    app: &App,
+    req: &ReplicateRequest,
+    name: &str,
+    opts: &ReplicateOptions,
+    ctx: &TaskCtx,
+) -> Result<Value> {
+    let r = remote(name)?;
+    let target = RemoteTarget::new(RemoteOptions::from_config(&r)?)?;
+    let chosen = source_backups(app, req)?;
     ctx.log(format!(
-        "replicating {} backup(s) from vault {from} to vault {to}",
-        chosen.len()
+        "replicating {} backup(s) from vault {} to the mirror vault of remote {name}",
+        chosen.len(),
+        req.from
     ));
-    let source = app.open_vault(from)?;
-    let opts = ReplicateOptions {
-        cancel: Some(Arc::clone(&ctx.cancel)),
-        progress: None,
-        task: Some(Arc::clone(&ctx.progress)),
-    };
-    let report = app.replicate_manifests(&source, &chosen, from, to, &opts)?;
+    let source = app.open_vault(&req.from)?;
+    let label = format!("remote {name}");
+    let report = app.replicate_manifests_to(&source, &chosen, &req.from, &target, &label, opts)?;
+    log_report(ctx, &report);
+    let mut out = serde_json::to_value(&report)
+        .map_err(|e| Error::invalid("encoding the replication report").with_source(e))?;
+    out["wire_bytes"] = json!(target.stats.body_bytes.load(Ordering::Relaxed));
+    out["retries"] = json!(target.stats.retries.load(Ordering::Relaxed));
+    Ok(out)
+}
+
+fn log_report(ctx: &TaskCtx, report: &crate::app::ReplicateReport) {
     for b in &report.backups {
         ctx.log(format!(
             "{} ({} → {}): {}",
@@ -140,6 +225,49 @@ pub fn replicate_job(
             }
         ));
     }
+}
+
+fn parse_time(m: &BackupManifest) -> Result<OffsetDateTime> {
+    OffsetDateTime::parse(&m.created, &Rfc3339)
+        .map_err(|e| Error::invalid(format!("backup {} has a bad time", m.id)).with_source(e))
+}
+
+/// Run `req` with the target `retention` (a policy's; None for a one-off) as the task's
+/// job. Returns the report (with the replicas pruned on the target).
+pub fn replicate_job(
+    app: &App,
+    req: &ReplicateRequest,
+    retention: Option<&Retention>,
+    ctx: &TaskCtx,
+) -> Result<Value> {
+    let opts = ReplicateOptions {
+        cancel: Some(Arc::clone(&ctx.cancel)),
+        progress: None,
+        task: Some(Arc::clone(&ctx.progress)),
+    };
+    let to = match req.target()? {
+        Target::Remote(name) => return replicate_remote_job(app, req, name, &opts, ctx),
+        Target::Vault(to) => to,
+    };
+    let from = req.from.as_str();
+    let target_id = app.catalog().vault(to)?.vault_id;
+    let source_backups = source_backups(app, req)?;
+    let mut chosen = source_backups.clone();
+    let mut prune: Vec<String> = Vec::new();
+    if let Some(ret) = retention.filter(|r| !r.is_empty()) {
+        let (keep, drop) = plan_target(app, ret, &source_backups, to, &target_id, req)?;
+        chosen.retain(|m| {
+            !m.name.starts_with("autobk_") || keep.contains(&replica_id(&m.id, &target_id))
+        });
+        prune = drop;
+    }
+    ctx.log(format!(
+        "replicating {} backup(s) from vault {from} to vault {to}",
+        chosen.len()
+    ));
+    let source = app.open_vault(from)?;
+    let report = app.replicate_manifests(&source, &chosen, from, to, &opts)?;
+    log_report(ctx, &report);
     let mut pruned = Vec::new();
     let mut kept_locked = Vec::new();
     for id in &prune {
@@ -229,9 +357,9 @@ fn plan_target(
     Ok((keep, drop))
 }
 
-/// The lock key of replications into vault `to`.
-fn replicate_lock(to: &str) -> String {
-    format!("replicate:{to}")
+/// The lock key of replications into target `label` (a vault, or `remote NAME`).
+fn replicate_lock(label: &str) -> String {
+    format!("replicate:{label}")
 }
 
 /// Queue a replication (checked now). Returns the task id.
@@ -244,8 +372,9 @@ pub fn submit_replicate(
     by: &str,
 ) -> Result<String> {
     req.validate(app)?;
+    req.check_retention(retention.as_ref())?;
     let data = data.to_path_buf();
-    let to = req.to.clone();
+    let to = req.target_label();
     tasks.submit(
         "replicate",
         &to,

@@ -23,7 +23,12 @@ impl Vault {
         let Some(enc) = &self.config.encryption else {
             return Ok(());
         };
-        let key = keys::unlock(&self.display_name(), &self.config.id, enc, secret)?;
+        let key = keys::unlock(
+            &self.display_name(),
+            enc.wrap_id(&self.config.id),
+            enc,
+            secret,
+        )?;
         self.codec = Some(BlobCodec::sealed(&key)?);
         self.key = Some(key);
         Ok(())
@@ -65,7 +70,13 @@ impl Vault {
 
     /// Wrap the (unlocked) vault key with one more secret; returns the new wrapping.
     pub fn add_key(&mut self, secret: &KeySecret, label: Option<&str>) -> Result<Wrapping> {
-        let w = keys::wrap(&self.config.id, self.unlocked_key()?, secret, label)?;
+        let wrap_id = self
+            .config
+            .encryption
+            .as_ref()
+            .map_or(self.config.id.as_str(), |e| e.wrap_id(&self.config.id))
+            .to_string();
+        let w = keys::wrap(&wrap_id, self.unlocked_key()?, secret, label)?;
         let mut config = self.config.clone();
         if let Some(enc) = config.encryption.as_mut() {
             enc.keys.push(w.clone());
@@ -102,5 +113,44 @@ impl Vault {
     /// The paper recovery key of the (unlocked) vault.
     pub fn paper_key(&self) -> Result<zeroize::Zeroizing<String>> {
         Ok(keys::paper(&self.config.id, self.unlocked_key()?))
+    }
+}
+
+impl Vault {
+    /// Become an encrypted vault with the key material `enc` of another vault (its
+    /// wrappings and key check; never the key itself), as a mirror vault does when an
+    /// encrypted vault first pushes to it: the sealed blobs and manifests that follow
+    /// then mean the same here, and the same key files or passphrases open it. Only an
+    /// empty plaintext vault (no manifest, no pack) takes it; one that has the same key
+    /// already is left as it is (returns false). `enc.wrapped_for` must name the vault
+    /// id its wrappings are bound to.
+    pub fn adopt_encryption(&mut self, enc: &keys::EncryptionConfig) -> Result<bool> {
+        if let Some(mine) = &self.config.encryption {
+            if mine.key_check == enc.key_check {
+                return Ok(false);
+            }
+            return Err(Error::conflict(format!(
+                "vault {} is encrypted with another vault key: it cannot take the pushing vault's",
+                self.display_name()
+            )));
+        }
+        if enc.wrapped_for.is_none() || enc.keys.is_empty() {
+            return Err(Error::invalid(
+                "key material without wrappings or the vault id they are bound to",
+            ));
+        }
+        let holds = !self.store().list_files("backups")?.is_empty()
+            || !self.store().list_files("packs")?.is_empty();
+        if holds {
+            return Err(Error::conflict(format!(
+                "vault {} holds plaintext backups or packs: only an empty vault can become the encrypted mirror of an encrypted vault; create a new mirror vault for it",
+                self.display_name()
+            )));
+        }
+        let mut config = self.config.clone();
+        config.encryption = Some(enc.clone());
+        self.write_config(config)?;
+        self.codec = None;
+        Ok(true)
     }
 }

@@ -23,6 +23,10 @@
 //!                                 # associated data "blockvault key wrapping v1" ‖ vault id ‖ id
 //! ```
 //!
+//! A mirror vault that took its key material from the vault that pushes to it (see
+//! `Vault::adopt_encryption`) also has `wrapped_for = "<vault id>"` in `[encryption]`:
+//! the vault id its wrappings are bound to (the source's), used in place of its own.
+//!
 //! The KEK (key-encryption key) is Argon2id(passphrase, salt) or blake3
 //! `derive_key("… key file wrapping", file key)` (a key file holds 32 random bytes, so it
 //! needs no stretching). The wrapping's own GCM tag tells a wrong key apart from damage:
@@ -61,6 +65,19 @@ pub struct EncryptionConfig {
     pub digest: String,
     pub key_check: String,
     pub keys: Vec<Wrapping>,
+    /// The vault id the wrappings are bound to when it is not this vault's own: a mirror
+    /// vault that took another vault's key material as it is (`Vault::adopt_encryption`;
+    /// `wrapped_for = "<vault id>"` in vault.toml), so the same key files and
+    /// passphrases open both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped_for: Option<String>,
+}
+
+impl EncryptionConfig {
+    /// The vault id that wrappings of vault `vault_id` are bound to.
+    pub fn wrap_id<'a>(&'a self, vault_id: &'a str) -> &'a str {
+        self.wrapped_for.as_deref().unwrap_or(vault_id)
+    }
 }
 
 /// What opens a wrapping.
@@ -206,6 +223,7 @@ pub fn new_encryption(
         digest: "blake3-keyed".into(),
         key_check: key.check_value(),
         keys: vec![wrap(vault_id, key, secret, label)?],
+        wrapped_for: None,
     })
 }
 

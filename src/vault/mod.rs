@@ -605,11 +605,16 @@ impl Vault {
 
     /// Write a manifest atomically. This is the commit point of a backup.
     pub fn put_manifest(&self, m: &BackupManifest) -> Result<()> {
+        let sealed = self.seal_manifest(m)?;
+        self.store.put_file(&m.key(), &sealed)
+    }
+
+    /// `m` as it is stored (sealed in an encrypted vault): what [`Vault::put_manifest`]
+    /// writes. A vault with the same key may store these bytes as they are.
+    pub fn seal_manifest(&self, m: &BackupManifest) -> Result<Vec<u8>> {
         let bytes = serde_json::to_vec_pretty(m)
             .map_err(|e| Error::invalid("encoding manifest").with_source(e))?;
-        let key = m.key();
-        let sealed = self.codec()?.seal_file(&key, &bytes)?;
-        self.store.put_file(&key, &sealed)
+        self.codec()?.seal_file(&m.key(), &bytes)
     }
 
     /// Read and parse (opening it in an encrypted vault) the manifest stored at `key`.

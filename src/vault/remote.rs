@@ -7,16 +7,21 @@
 //! ```text
 //! <state>/s3.toml                 bucket, prefix, endpoint, region (no secrets)
 //! <state>/s3-credentials.toml     access_key_id, secret_access_key; mode 0600; optional
+//! <state>/s3-config.toml          name = "NAME", config = "/etc/…/blockvault.toml"; optional
 //! <state>/cache/lookup.sqlite     lookup cache, rebuilt from the pack trailers when lost
 //! <state>/locks/vault.lock        flock of this appliance (beside the lease objects)
 //! <state>/locks/pins/             pins of this appliance's readers
 //! <state>/spool/                  packs being written, before their PUT
 //! ```
 //!
-//! Credentials come from `<state>/s3-credentials.toml` when present, else from the
-//! standard `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` environment variables. `vault
-//! create --s3` and `vault attach --s3` save the environment's key there so that the
-//! service can open the vault later; they are never taken from arguments.
+//! Credentials come, first that applies, from the `[s3.NAME]` table of a config file when
+//! the vault was created (or attached) with `--s3-config NAME` (`<state>/s3-config.toml`
+//! remembers the name and the config file, no secret; the credential files it names are
+//! read at every connect, so a rotated key is picked up), from
+//! `<state>/s3-credentials.toml`, else from the standard `AWS_ACCESS_KEY_ID` /
+//! `AWS_SECRET_ACCESS_KEY` environment variables. `vault create --s3` and `vault attach
+//! --s3` without `--s3-config` save the environment's key there so that the service can
+//! open the vault later; they are never taken from arguments.
 
 use std::fs;
 use std::io::Write;
@@ -35,6 +40,43 @@ use crate::chunk::VaultKey;
 /// Marks a state directory of an object-store vault.
 pub const LOCATION_FILE: &str = "s3.toml";
 const CREDENTIALS_FILE: &str = "s3-credentials.toml";
+const PROFILE_FILE: &str = "s3-config.toml";
+
+/// A vault's credentials by name: `[s3.NAME]` of the config file `config` (absolute).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Profile {
+    pub name: String,
+    pub config: std::path::PathBuf,
+}
+
+impl S3Profile {
+    /// The `[s3.NAME]` table, loaded from the config file now.
+    pub fn table(&self) -> Result<crate::config::S3Config> {
+        let c = crate::config::Config::load(&self.config).map_err(Error::config)?;
+        c.s3.get(&self.name).cloned().ok_or_else(|| {
+            Error::config(format!(
+                "{} has no [s3.{}] (it names {}): add it, or give the vault credentials another way",
+                self.config.display(),
+                self.name,
+                if c.s3.is_empty() {
+                    "none".to_string()
+                } else {
+                    c.s3.keys().cloned().collect::<Vec<_>>().join(", ")
+                }
+            ))
+        })
+    }
+
+    /// The credentials its `[s3.NAME]` names, read from their files now.
+    pub fn credentials(&self) -> Result<S3Credentials> {
+        let (id, secret) = self.table()?.read_credentials()?;
+        Ok(S3Credentials {
+            access_key_id: id,
+            secret_access_key: secret,
+        })
+    }
+}
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).ctx(|| format!("reading {}", path.display()))?;
@@ -44,6 +86,11 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 /// The credentials of the vault whose state is in `state`.
 pub fn credentials(state: &Path) -> Result<S3Credentials> {
+    let profile = state.join(PROFILE_FILE);
+    if profile.exists() {
+        let p: S3Profile = read_toml(&profile)?;
+        return p.credentials();
+    }
     let file = state.join(CREDENTIALS_FILE);
     if file.exists() {
         return read_toml(&file);
@@ -71,7 +118,7 @@ pub fn location(state: &Path) -> Option<S3Location> {
 
 /// Write the state directory's description of `location` (and the environment's
 /// credentials, 0600, when set).
-fn write_state(state: &Path, location: &S3Location) -> Result<()> {
+fn write_state(state: &Path, location: &S3Location, profile: Option<&S3Profile>) -> Result<()> {
     if state.join(LOCATION_FILE).exists() || state.join("vault.toml").exists() {
         return Err(Error::conflict(format!(
             "{} already describes a vault",
@@ -81,7 +128,11 @@ fn write_state(state: &Path, location: &S3Location) -> Result<()> {
     fs::create_dir_all(state).ctx(|| format!("creating {}", state.display()))?;
     let text =
         toml::to_string(location).map_err(|e| Error::invalid("encoding s3.toml").with_source(e))?;
-    if let Some(creds) = S3Credentials::from_env() {
+    if let Some(p) = profile {
+        let text = toml::to_string(p)
+            .map_err(|e| Error::invalid("encoding s3-config.toml").with_source(e))?;
+        write_atomic(&state.join(PROFILE_FILE), text.as_bytes())?;
+    } else if let Some(creds) = S3Credentials::from_env() {
         let text = toml::to_string(&creds)
             .map_err(|e| Error::invalid("encoding the S3 credentials").with_source(e))?;
         let path = state.join(CREDENTIALS_FILE);
@@ -108,6 +159,7 @@ pub fn detach(state: &Path) {
 fn undo_state(state: &Path) {
     let _ = fs::remove_file(state.join(LOCATION_FILE));
     let _ = fs::remove_file(state.join(CREDENTIALS_FILE));
+    let _ = fs::remove_file(state.join(PROFILE_FILE));
 }
 
 /// Create a vault at `location`, with local state in `state`: in compliance mode with
@@ -122,7 +174,29 @@ pub fn create(
     compliance_days: Option<u32>,
     encrypt: Option<(&KeySecret, VaultKey)>,
 ) -> Result<Vault> {
-    write_state(state, location)?;
+    create_with(
+        state,
+        location,
+        None,
+        chunk_size,
+        zstd_level,
+        compliance_days,
+        encrypt,
+    )
+}
+
+/// [`create`] with the credentials of `profile` (remembered in the state) instead of
+/// the environment's.
+pub fn create_with(
+    state: &Path,
+    location: &S3Location,
+    profile: Option<&S3Profile>,
+    chunk_size: ChunkSize,
+    zstd_level: i32,
+    compliance_days: Option<u32>,
+    encrypt: Option<(&KeySecret, VaultKey)>,
+) -> Result<Vault> {
+    write_state(state, location, profile)?;
     let made = connect(state).and_then(|store| {
         Vault::create_keyed(
             Arc::new(store),
@@ -142,7 +216,16 @@ pub fn create(
 
 /// Attach the existing vault at `location`, with local state in `state`.
 pub fn attach(state: &Path, location: &S3Location) -> Result<Vault> {
-    write_state(state, location)?;
+    attach_with(state, location, None)
+}
+
+/// [`attach`] with the credentials of `profile` (remembered in the state).
+pub fn attach_with(
+    state: &Path,
+    location: &S3Location,
+    profile: Option<&S3Profile>,
+) -> Result<Vault> {
+    write_state(state, location, profile)?;
     let opened = connect(state).and_then(|store| Vault::open_in(Arc::new(store), state, true));
     if opened.is_err() {
         undo_state(state);

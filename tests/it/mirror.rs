@@ -3,7 +3,8 @@
 //! byte-exact from it alone; reruns send nothing; the token can do nothing else; a vault
 //! not listed in `[server] mirror_vaults` refuses; a wrong fingerprint is refused before
 //! anything is sent; a blob that does not verify is refused and not kept; a receiving
-//! appliance killed mid-transfer and restarted is resumed without resending what landed.
+//! appliance killed mid-transfer and restarted is resumed without resending what landed;
+//! an encrypted vault becomes an encrypted mirror without the mirror holding its key.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -17,15 +18,15 @@ use crate::common::*;
 
 /// The receiving appliance: a data dir with vault `m` listed as a mirror vault and
 /// vault `plain` not listed, a replication token and an admin token.
-struct Receiver {
-    env: Env,
-    config: PathBuf,
-    rep: String,
-    admin: String,
+pub(crate) struct Receiver {
+    pub(crate) env: Env,
+    pub(crate) config: PathBuf,
+    pub(crate) rep: String,
+    pub(crate) admin: String,
 }
 
 impl Receiver {
-    fn new() -> Receiver {
+    pub(crate) fn new() -> Receiver {
         let env = Env::bare();
         env.ok(&["vault", "create", "m"]);
         env.ok(&["vault", "create", "plain"]);
@@ -46,7 +47,7 @@ impl Receiver {
     }
 
     /// `serve` on `listen` (e.g. 127.0.0.1:0); returns it with its URL and fingerprint.
-    fn serve(&self, listen: &str) -> (Serve, String, String) {
+    pub(crate) fn serve(&self, listen: &str) -> (Serve, String, String) {
         let mut child = self
             .env
             .cmd()
@@ -63,13 +64,13 @@ impl Receiver {
         (Serve(child), url, fp.expect("serve prints its fingerprint"))
     }
 
-    fn vault_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn vault_dir(&self, name: &str) -> PathBuf {
         self.env.data().join("vaults").join(name)
     }
 }
 
 /// A running `serve`, killed when dropped.
-struct Serve(Child);
+pub(crate) struct Serve(Child);
 
 impl std::ops::Deref for Serve {
     type Target = Child;
@@ -137,7 +138,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 /// Restore every backup of the receiver's vault `m` (serve stopped) and compare each
 /// with the image it was taken of, by backup name.
-fn restore_all_from_mirror(r: &Receiver, images: &[(&str, &Path)]) {
+pub(crate) fn restore_all_from_mirror(r: &Receiver, images: &[(&str, &Path)]) {
     let list = r.env.json(&["backups", "list", "--vault", "m"]);
     let list = list.as_array().unwrap();
     assert_eq!(list.len(), images.len(), "{list:?}");
@@ -376,4 +377,201 @@ fn a_receiving_appliance_killed_mid_transfer_is_resumed_without_resending_what_l
     let out_img = r.env.path("restored.raw");
     r.env.restore(&id, &out_img, "raw");
     assert!(images_equal(&img, &out_img));
+}
+
+/// Every byte of every file under `dir`.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_with_its_key() {
+    const MARKER: &[u8] = b"PLAINTEXT-MARKER-of-site-a-7f3c";
+    // An encrypted source whose disk holds a plaintext marker all over.
+    let src = Env::bare();
+    let key = src.path("v.key");
+    let k = key.to_str().unwrap();
+    src.ok(&["vault", "create", "v", "--encrypt", "--keyfile", k]);
+    let img = src.path("disk.raw");
+    let marked: Vec<u8> = MARKER.iter().copied().cycle().take(2 << 20).collect();
+    write_raw(&img, 8 << 20, 0, &marked);
+    write_raw(&img, 8 << 20, 4 << 20, &random_bytes(2 << 20, 41));
+    src.json(&[
+        "--keyfile",
+        k,
+        "backup",
+        img.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "d",
+        "--name",
+        "sealed-full",
+    ]);
+    // A plaintext source.
+    let plain = Env::new();
+    let pimg = plain.path("p.raw");
+    write_raw(&pimg, 4 << 20, 0, &random_bytes(1 << 20, 42));
+    plain.backup(&pimg, "p");
+
+    // A mirror vault that holds plaintext backups cannot become the encrypted mirror.
+    let r1 = Receiver::new();
+    let (_s1, url1, fp1) = r1.serve("127.0.0.1:0");
+    replicate_ok(&plain, &format!("{url1}/m"), &fp1, &r1.rep);
+    let packs_before = pack_files(&r1.vault_dir("m")).len();
+    let out = replicate_cmd(&src, &format!("{url1}/m"), &fp1, &r1.rep, &["--keyfile", k])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("plaintext backups"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(pack_files(&r1.vault_dir("m")).len(), packs_before);
+
+    // An empty mirror vault takes the key material and the sealed blobs as they are.
+    let r = Receiver::new();
+    let (mut serve, url, fp) = r.serve("127.0.0.1:0");
+    let to = format!("{url}/m");
+    let out = replicate_cmd(&src, &to, &fp, &r.rep, &["--keyfile", k])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&first, "backups_sent"), 1, "{first}");
+    let vt = std::fs::read_to_string(r.vault_dir("m").join("vault.toml")).unwrap();
+    assert!(
+        vt.contains("[encryption]") && vt.contains("wrapped_for"),
+        "{vt}"
+    );
+    // The mirror never held the key: no key store, and no stored byte shows the data
+    // or the backup's name.
+    assert!(!r.env.data().join("keys").exists());
+    let stored = files_under(&r.vault_dir("m"));
+    assert!(
+        stored
+            .iter()
+            .any(|(p, _)| p.extension().is_some_and(|e| e == "pack"))
+    );
+    for (p, bytes) in &stored {
+        assert!(!contains(bytes, MARKER), "plaintext in {}", p.display());
+        if p.to_string_lossy().contains("/backups/") {
+            assert!(!contains(bytes, b"sealed-full"), "{}", p.display());
+        }
+    }
+    // Dedup holds on the mirror (the digests are the source's keyed ones): a rerun
+    // sends nothing, an incremental about its stored size.
+    let again = replicate_cmd(&src, &to, &fp, &r.rep, &["--keyfile", k])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let again: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(u(&again, "bytes_sent"), 0, "{again}");
+    assert_eq!(u(&again, "wire_bytes"), 0, "{again}");
+    let v1 = src.path("v1.raw");
+    std::fs::copy(&img, &v1).unwrap();
+    write_raw(&img, 8 << 20, 6 << 20, &random_bytes(512 << 10, 43));
+    let inc = src.json(&[
+        "--keyfile",
+        k,
+        "backup",
+        img.to_str().unwrap(),
+        "--vault",
+        "v",
+        "--id",
+        "d",
+        "--name",
+        "sealed-inc",
+    ]);
+    let out = replicate_cmd(&src, &to, &fp, &r.rep, &["--keyfile", k])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&second, "backups_sent"), 1, "{second}");
+    assert!(
+        u(&second, "bytes_sent") as f64 <= 1.2 * u(&inc, "bytes_stored") as f64 + 65536.0,
+        "{second} vs {inc}"
+    );
+    // A plaintext source cannot push into the encrypted mirror, nor can a hand-made
+    // unsealed blob land there (the mirror checks what it can without the key).
+    let packs = pack_files(&r.vault_dir("m")).len();
+    let plain_blob = blockvault::chunk::encode_blob(
+        blockvault::chunk::BlobKind::Data,
+        marked[..65536].to_vec(),
+        1,
+        &blockvault::chunk::BlobCodec::plain(),
+    )
+    .unwrap();
+    let mut stored = plain_blob.header.to_vec();
+    stored.extend_from_slice(&plain_blob.payload);
+    let body = blockvault::replicate::wire::encode(&[blockvault::replicate::RawBlob {
+        digest: plain_blob.digest,
+        kind: blockvault::chunk::BlobKind::Data,
+        stored,
+    }]);
+    let (st, text) = call(
+        &agent_for(Some(&fp)),
+        "PUT",
+        &format!("{url}/api/v1/vaults/m/replica/blobs"),
+        &r.rep,
+        Some(body),
+    );
+    assert_eq!(st, 422, "{text}");
+    assert!(text.contains("not sealed"), "{text}");
+    assert_eq!(pack_files(&r.vault_dir("m")).len(), packs);
+    let out = replicate_cmd(&plain, &to, &fp, &r.rep, &[])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("plaintext"), "{}", stderr(&out));
+    assert_eq!(pack_files(&r.vault_dir("m")).len(), packs);
+
+    // Site A is lost. On the mirror, a restore needs the key: without it exit 10 and
+    // nothing written; with it byte-exact.
+    std::fs::remove_dir_all(src.vault_dir()).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(serve.wait().unwrap().success());
+    let list = r.env.json(&["backups", "list", "--vault", "m"]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    for (name, want) in [("sealed-full", &v1), ("sealed-inc", &img)] {
+        let b = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| s(b, "name") == name)
+            .unwrap_or_else(|| panic!("no {name} on the mirror: {list}"));
+        let id = s(b, "id").to_string();
+        let out_img = r.env.path(&format!("{name}.raw"));
+        let o = out_img.to_str().unwrap();
+        let denied = r.env.run(&["restore", &id, "--to", o, "--format", "raw"]);
+        assert_eq!(denied.status.code(), Some(10), "{}", stderr(&denied));
+        assert!(!out_img.exists());
+        r.env
+            .ok(&["--keyfile", k, "restore", &id, "--to", o, "--format", "raw"]);
+        assert!(images_equal(want, &out_img), "{name} differs");
+    }
+    // With the key, the mirror verifies clean.
+    r.env.ok(&["--keyfile", k, "verify", "--vault", "m"]);
 }

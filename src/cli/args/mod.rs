@@ -242,9 +242,22 @@ pub enum Cmd {
         /// Target vault (same chunk size; for an encrypted source, created with
         /// `vault create NAME --replica-of SOURCE`), or a mirror vault on another
         /// appliance: `https://HOST:PORT/VAULT` (pinned with --fingerprint; token from
-        /// --token-file or BLOCKVAULT_REPLICA_TOKEN).
-        #[arg(long)]
-        to: String,
+        /// --token-file or BLOCKVAULT_REPLICA_TOKEN; an encrypted source makes an empty
+        /// mirror vault encrypted with its key material, never sending the key).
+        #[arg(long, required_unless_present = "to_remote")]
+        to: Option<String>,
+        /// A mirror vault on another appliance named in the config file's
+        /// `[remote.NAME]` (URL, token file, pin and bandwidth limit from there).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["to", "token_file"])]
+        to_remote: Option<String>,
+        /// The config file with the `[remote.NAME]` tables (with --to-remote).
+        #[arg(
+            long,
+            env = "BLOCKVAULT_CONFIG",
+            value_name = "PATH",
+            default_value = "/etc/blockvault/blockvault.toml"
+        )]
+        config: PathBuf,
         /// With an https:// target: a file holding the replication token.
         #[arg(long)]
         token_file: Option<PathBuf>,

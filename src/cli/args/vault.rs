@@ -63,16 +63,17 @@ pub enum VaultCmd {
 }
 
 /// A vault on S3-compatible object storage. Credentials are never arguments: they come
-/// from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (kept, mode 0600, in the vault's
-/// state directory <data>/vaults/NAME/s3-credentials.toml).
+/// from the config file's [s3.NAME] (--s3-config NAME: the vault remembers the name and
+/// reads its credential files at each use), or from AWS_ACCESS_KEY_ID and
+/// AWS_SECRET_ACCESS_KEY (kept, mode 0600, in the vault's state directory
+/// <data>/vaults/NAME/s3-credentials.toml).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct S3Args {
     /// The vault in a bucket: s3://BUCKET/PREFIX (local state stays in <data>/vaults/NAME).
     #[arg(
         long = "s3",
         value_name = "s3://BUCKET/PREFIX",
-        conflicts_with = "path",
-        requires = "endpoint"
+        conflicts_with = "path"
     )]
     pub s3: Option<String>,
     /// URL of the S3 API (e.g. http://127.0.0.1:3900).
@@ -81,19 +82,55 @@ pub struct S3Args {
     /// Region (default us-east-1; Garage's default is "garage").
     #[arg(long, requires = "s3")]
     pub region: Option<String>,
+    /// Endpoint, region and credentials from the config file's [s3.NAME].
+    #[arg(long, value_name = "NAME", requires = "s3", conflicts_with_all = ["endpoint", "region"])]
+    pub s3_config: Option<String>,
+    /// The config file with the [s3.NAME] tables (with --s3-config).
+    #[arg(
+        long = "config",
+        env = "BLOCKVAULT_CONFIG",
+        value_name = "PATH",
+        default_value = "/etc/blockvault/blockvault.toml"
+    )]
+    pub config: PathBuf,
 }
 
 impl S3Args {
+    /// The `[s3.NAME]` that --s3-config names (its config file made absolute).
+    pub fn profile(&self) -> Option<blockvault::vault::remote::S3Profile> {
+        self.s3_config
+            .as_ref()
+            .map(|name| blockvault::vault::remote::S3Profile {
+                name: name.clone(),
+                config: std::path::absolute(&self.config).unwrap_or_else(|_| self.config.clone()),
+            })
+    }
+
     /// The location given, if any.
     pub fn location(&self) -> blockvault::Result<Option<blockvault::vault::store::S3Location>> {
-        match (&self.s3, &self.endpoint) {
-            (Some(url), Some(endpoint)) => Ok(Some(blockvault::vault::store::S3Location::parse(
+        let Some(url) = &self.s3 else {
+            return Ok(None);
+        };
+        if let Some(p) = self.profile() {
+            let t = p.table()?;
+            // Refused now, clearly, rather than at the first request.
+            p.credentials()?;
+            return Ok(Some(blockvault::vault::store::S3Location::parse(
                 url,
-                endpoint,
-                self.region.as_deref(),
-            )?)),
-            _ => Ok(None),
+                &t.endpoint,
+                t.region.as_deref(),
+            )?));
         }
+        let Some(endpoint) = &self.endpoint else {
+            return Err(blockvault::Error::config(
+                "--s3 needs --endpoint URL (and --region), or --s3-config NAME for a [s3.NAME] of the config file",
+            ));
+        };
+        Ok(Some(blockvault::vault::store::S3Location::parse(
+            url,
+            endpoint,
+            self.region.as_deref(),
+        )?))
     }
 }
 
