@@ -61,8 +61,11 @@
 //! `--json` failures have the same shape (plus `exit_code`), and its remote mode exits
 //! by the appliance's `kind` as a local run would.
 //!
-//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers; query
-//! parameters are typed structs that refuse unknown names (see `handlers/page.rs`).
+//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers (see
+//! `handlers/page.rs`). Unknown names are refused everywhere: a query parameter the
+//! route's `openapi::SHAPES` line does not name, before any handler runs (`contract`),
+//! and a body field its type does not have (`deny_unknown_fields`), both `400
+//! bad_request` naming it.
 //!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
@@ -76,6 +79,7 @@
 mod audit;
 pub mod confine;
 mod console;
+mod contract;
 mod drill;
 mod error;
 pub use error::*;
@@ -498,6 +502,8 @@ pub fn router(state: Shared) -> Router {
     add_routes(Router::new())
         // Prometheus text format, for any valid token (see `metrics`).
         .route("/metrics", axum::routing::get(metrics::metrics))
+        // Query parameters a route's SHAPES line does not name are refused (`contract`).
+        .layer(axum::middleware::from_fn(contract::known_query))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth,

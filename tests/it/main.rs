@@ -4,6 +4,7 @@
 mod common;
 
 mod api_contract;
+mod api_refusals;
 mod api_security;
 mod appliance;
 mod backup;

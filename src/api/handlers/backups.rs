@@ -1,15 +1,9 @@
 //! Backup and restore routes: start a backup, list, show, delete, restore.
 
 use super::*;
+use crate::api::schema::NewBackup;
 
 // ---- backups ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewBackup {
-    resource: String,
-    name: Option<String>,
-}
 
 pub async fn create_backup(
     State(st): State<Shared>,
