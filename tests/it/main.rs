@@ -6,6 +6,7 @@ mod common;
 mod api_contract;
 mod api_refusals;
 mod api_security;
+mod api_views;
 mod appliance;
 mod backup;
 mod bitmaps;
