@@ -5,6 +5,7 @@ mod common;
 
 mod api_contract;
 mod api_refusals;
+mod api_schemas;
 mod api_security;
 mod api_views;
 mod appliance;
