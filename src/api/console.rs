@@ -7,8 +7,6 @@
 //! role may do) and `GET /api/v1/schedules/next` (the next fire times of a cron
 //! expression, for the policy editor).
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::extract::{Extension, Query};
 use axum::http::{StatusCode, header};
@@ -70,22 +68,24 @@ pub async fn whoami(Extension(Caller(t)): Extension<Caller>) -> Json<Value> {
     Json(json!({"name": t.name, "role": t.role.as_str()}))
 }
 
+/// `?cron=&count=` (any other name is refused, naming it).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NextQuery {
+    cron: Option<String>,
+    count: Option<String>,
+}
+
 /// `?cron=EXPR[&count=N]` (N ≤ 20, default 5): the next N fire times after now (UTC,
 /// RFC 3339), or 400 naming what is wrong with the expression.
-pub async fn next_runs(Query(q): Query<HashMap<String, String>>) -> Result<Json<Value>, ApiError> {
-    if let Some(k) = q.keys().find(|k| !matches!(k.as_str(), "cron" | "count")) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("unknown query parameter {k:?} (cron, count)"),
-        ));
-    }
-    let expr = q.get("cron").ok_or_else(|| {
+pub async fn next_runs(Query(q): Query<NextQuery>) -> Result<Json<Value>, ApiError> {
+    let expr = q.cron.as_ref().ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
             "give the cron expression as ?cron=EXPR".into(),
         )
     })?;
-    let count: usize = match q.get("count") {
+    let count: usize = match &q.count {
         None => 5,
         Some(c) => c
             .parse()

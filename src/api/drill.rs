@@ -11,13 +11,20 @@ use serde_json::{Value, json};
 use super::{ApiError, Caller, Shared};
 use crate::service::{DrillRequest, submit_drill};
 
+/// `?disk=`: with `latest` as id, the resource whose latest backup to drill.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillQuery {
+    disk: Option<String>,
+}
+
 /// `POST /backups/{id}/drill` `{"check"?, "timeout_seconds"?, "accel"?, "memory_mib"?,
 /// "bus"?, "cpu"?}`.
 pub async fn drill_backup(
     State(st): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
+    Query(q): Query<DrillQuery>,
     v: Option<Json<Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: DrillRequest = match v {
@@ -27,7 +34,7 @@ pub async fn drill_backup(
     };
     let task = st
         .run(move |st, app| {
-            let backup = app.resolve_backup(&id, q.get("disk").map(String::as_str))?;
+            let backup = app.resolve_backup(&id, q.disk.as_deref())?;
             Ok(submit_drill(
                 app,
                 &st.tasks,

@@ -131,9 +131,12 @@ const MAX_REJECTION_TEXT: usize = 4096;
 /// Every error answer in the one JSON shape: an answer of status 400 or more that is
 /// not JSON already (axum's extractor rejections — bad JSON, wrong content type, unknown
 /// field, bad path or query, body over the limit — and the router's own 404/405) gets
-/// its text as the message and its kind from its status.
+/// its text as the message and its kind from its status. axum answers a body that is
+/// JSON but not of the route's shape (a missing or unknown field, a wrong type) with
+/// 422; handlers that check a body themselves answer 400 `bad_request`, so that
+/// rejection becomes the same 400.
 pub(super) async fn json_errors(resp: Response) -> Response {
-    let status = resp.status();
+    let mut status = resp.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return resp;
     }
@@ -145,7 +148,11 @@ pub(super) async fn json_errors(resp: Response) -> Response {
     if is_json {
         return resp;
     }
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        status = StatusCode::BAD_REQUEST;
+    }
     let (mut parts, body) = resp.into_parts();
+    parts.status = status;
     let text = match axum::body::to_bytes(body, MAX_REJECTION_TEXT).await {
         Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
         Err(_) => String::new(),

@@ -8,13 +8,12 @@
 //! later it aborts the response (the client sees a short body, never wrong bytes); a
 //! client that goes away stops the reading.
 
-use std::collections::HashMap;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, Shared};
@@ -23,8 +22,18 @@ use crate::files::{EntryKind, normalize};
 
 type R<T> = Result<T, ApiError>;
 
-fn partition(q: &HashMap<String, String>) -> R<Option<u32>> {
-    q.get("partition")
+/// `?disk=&partition=&path=` of both routes; any other name is refused (400, naming it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesQuery {
+    disk: Option<String>,
+    partition: Option<String>,
+    path: Option<String>,
+}
+
+fn partition(q: &FilesQuery) -> R<Option<u32>> {
+    q.partition
+        .as_ref()
         .map(|p| {
             p.parse::<u32>().map_err(|_| {
                 ApiError(
@@ -41,18 +50,18 @@ fn partition(q: &HashMap<String, String>) -> R<Option<u32>> {
 pub async fn list(
     State(st): State<Shared>,
     Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<FilesQuery>,
 ) -> R<Json<Value>> {
     let part = partition(&q)?;
     st.run(move |_, app| {
-        let s = app.open_files(&id, q.get("disk").map(String::as_str))?;
+        let s = app.open_files(&id, q.disk.as_deref())?;
         let mut v = json!({
             "backup": s.backup_id,
             "disk": s.disk_name,
             "scheme": s.disk.scheme,
             "partitions": s.disk.partitions,
         });
-        let Some(path) = q.get("path") else {
+        let Some(path) = &q.path else {
             return Ok(Json(v));
         };
         let vol = s.disk.volume(part)?;
@@ -74,10 +83,10 @@ pub async fn list(
 pub async fn content(
     State(st): State<Shared>,
     Path(id): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
+    Query(q): Query<FilesQuery>,
 ) -> R<Response> {
     let part = partition(&q)?;
-    let Some(path) = q.get("path").cloned() else {
+    let Some(path) = q.path.clone() else {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "path= names the file".into(),
@@ -89,7 +98,7 @@ pub async fn content(
     tokio::task::spawn_blocking(move || {
         let opened = (|| -> R<_> {
             let app = st2.apps.get()?;
-            let s = app.open_files(&id, q.get("disk").map(String::as_str))?;
+            let s = app.open_files(&id, q.disk.as_deref())?;
             drop(app);
             let vol = s.disk.volume(part)?;
             let p = normalize(&path)?;

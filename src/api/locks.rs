@@ -6,8 +6,8 @@ use axum::Json;
 use axum::extract::{Extension, Path, State};
 use serde_json::{Value, json};
 
+use super::schema::{LockBody, ProtectBody};
 use super::{ApiError, Caller, Shared};
-use crate::error::Error;
 use crate::vault::retention::{format_time, parse_until};
 
 type R<T> = Result<T, ApiError>;
@@ -19,10 +19,15 @@ pub async fn protect_backup(
     Path(id): Path<String>,
     body_v: Option<Json<Value>>,
 ) -> R<Json<Value>> {
+    // No body, `null` or `{}`: protect. A field it does not know (or `"protected":
+    // "yes"`) is refused, never read as true.
     let protect = match body_v {
-        Some(Json(v)) => v.get("protected").and_then(Value::as_bool).unwrap_or(true),
-        None => true,
-    };
+        Some(Json(Value::Null)) | None => ProtectBody::default(),
+        Some(Json(v)) => serde_json::from_value(v)
+            .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))?,
+    }
+    .protected
+    .unwrap_or(true);
     let actor = format!("token {}", caller.0.name);
     st.run(move |_, app| {
         let entry = app.set_protected(&id, protect, &actor)?;
@@ -39,10 +44,12 @@ pub async fn lock_backup(
     Path(id): Path<String>,
     Json(v): Json<Value>,
 ) -> R<Json<Value>> {
-    let until = v.get("until").and_then(Value::as_str).ok_or_else(|| {
-        Error::config("the body needs \"until\": \"YYYY-MM-DD\" or an RFC 3339 time")
+    let body: LockBody = serde_json::from_value(v).map_err(|e| {
+        ApiError::bad_request(format!(
+            "bad request body: {e} (give {{\"until\": \"YYYY-MM-DD\" or an RFC 3339 time}})"
+        ))
     })?;
-    let until = parse_until(until)?;
+    let until = parse_until(&body.until)?;
     let actor = format!("token {}", caller.0.name);
     st.run(move |_, app| {
         let (entry, lock) = app.lock_backup(&id, until, &actor)?;

@@ -61,8 +61,11 @@
 //! `--json` failures have the same shape (plus `exit_code`), and its remote mode exits
 //! by the appliance's `kind` as a local run would.
 //!
-//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers; query
-//! parameters are typed structs that refuse unknown names (see `handlers/page.rs`).
+//! Lists: `?limit=&offset=` with `X-Total-Count` and `Link: rel="next"` headers (see
+//! `handlers/page.rs`). Unknown names are refused everywhere: a query parameter the
+//! route's `openapi::SHAPES` line does not name, before any handler runs (`contract`),
+//! and a body field its type does not have (`deny_unknown_fields`), both `400
+//! bad_request` naming it.
 //!
 //! Connections (cap, header/idle timeout, body limit, open-file limit) are the
 //! listener's business: see [`listen`].
@@ -76,6 +79,7 @@
 mod audit;
 pub mod confine;
 mod console;
+mod contract;
 mod drill;
 mod error;
 pub use error::*;
@@ -126,9 +130,12 @@ pub struct ApiState {
     pub confine: confine::Confinement,
     /// Failed logins per peer (429 over the limit).
     failed: guard::FailedLogins,
-    /// Each backup's list view as JSON text, keyed by id (with its protected flag): a
-    /// committed manifest never changes, so `GET /backups` parses none it has seen.
-    views: std::sync::Mutex<std::collections::HashMap<String, (bool, Arc<str>)>>,
+    /// Each backup's list view as JSON text, keyed by id, with the state it was
+    /// rendered for (protected flag, last drill): a committed manifest never changes, so
+    /// `GET /backups` parses none it has seen unless a protect or a drill changed its view.
+    views: std::sync::Mutex<
+        std::collections::HashMap<String, (crate::catalog::BackupState, Arc<str>)>,
+    >,
     /// Instant-access exports served by the service (`instant`).
     exports: instant::Exports,
     /// Configured webhook targets, shown without secrets (`webhooks`).
@@ -170,20 +177,20 @@ impl ApiState {
         })
     }
 
-    /// The list view of backup `id` (protected or not) as JSON text, from the cache or
-    /// rendered now (and cached).
+    /// The list view of backup `state.id` as JSON text, from the cache when it was
+    /// rendered for the same `state`, else rendered now (and cached).
     pub fn backup_view_text(
         &self,
         app: &App,
-        id: &str,
-        protected: bool,
+        state: &crate::catalog::BackupState,
     ) -> crate::Result<Arc<str>> {
+        let id = state.id.as_str();
         let cached = self
             .views
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
-            .filter(|(p, _)| *p == protected)
+            .filter(|(s, _)| s == state)
             .map(|(_, v)| Arc::clone(v));
         if let Some(v) = cached {
             return Ok(v);
@@ -194,7 +201,7 @@ impl ApiState {
         if views.len() >= 100_000 {
             views.clear();
         }
-        views.insert(id.to_owned(), (protected, Arc::clone(&text)));
+        views.insert(id.to_owned(), (state.clone(), Arc::clone(&text)));
         Ok(text)
     }
 
@@ -500,6 +507,8 @@ pub fn router(state: Shared) -> Router {
     add_routes(Router::new())
         // Prometheus text format, for any valid token (see `metrics`).
         .route("/metrics", axum::routing::get(metrics::metrics))
+        // Query parameters a route's SHAPES line does not name are refused (`contract`).
+        .layer(axum::middleware::from_fn(contract::known_query))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth,

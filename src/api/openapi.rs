@@ -33,6 +33,23 @@ fn t<T: ToSchema>() -> Named {
     (T::name().into_owned(), all)
 }
 
+/// A resource as `GET /resources` and `GET /resources/{name}` show it: [`Resource`]
+/// with `last_drill` (its latest drill's verdict, or null). Built from `Resource`'s own
+/// schema, so the two cannot drift apart.
+fn resource_view() -> Named {
+    let (_, mut all) = t::<Resource>();
+    let mut v =
+        serde_json::to_value(<Resource as utoipa::PartialSchema>::schema()).unwrap_or(Value::Null);
+    v["properties"]["last_drill"] = json!({
+        "type": ["object", "null"],
+        "description": "The verdict of the latest drill of one of its backups, or null.",
+    });
+    let view =
+        serde_json::from_value(v).unwrap_or_else(|_| <Resource as utoipa::PartialSchema>::schema());
+    all.push(("ResourceView".into(), view));
+    ("ResourceView".into(), all)
+}
+
 /// A success answer.
 #[derive(Clone, Copy)]
 pub enum Answer {
@@ -129,12 +146,12 @@ pub const SHAPES: &[Shape] = &[
         s("POST", "/vaults/{name}/gc", 202, One(t::<TaskAccepted>)),
         t::<GcRequest>,
     )),
-    s("GET", "/resources", 200, List(t::<Resource>)),
+    s("GET", "/resources", 200, List(resource_view)),
     b(
         s("POST", "/resources", 201, One(t::<Resource>)),
         t::<Resource>,
     ),
-    s("GET", "/resources/{name}", 200, One(t::<Resource>)),
+    s("GET", "/resources/{name}", 200, One(resource_view)),
     b(
         s("PATCH", "/resources/{name}", 200, One(t::<Resource>)),
         t::<ResourcePatch>,

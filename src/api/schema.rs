@@ -1,7 +1,9 @@
 //! Shapes of the API's requests and answers that have no home in the core: the
 //! answers handlers build by hand (`{"task": ID}`, `{"deleted": NAME}`, a backup's view)
 //! and the error body. They exist for the OpenAPI document (`openapi`); their field
-//! names are the ones the handlers send.
+//! names are the ones the handlers send. The request bodies here are the types the
+//! handlers read (`deny_unknown_fields`: an unknown field is refused, naming it), so
+//! the document and the check cannot drift apart.
 
 #![allow(dead_code)]
 
@@ -114,6 +116,7 @@ pub struct NewBackup {
 
 /// `POST /tokens`.
 #[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewToken {
     pub name: String,
     pub role: crate::catalog::Role,
@@ -134,7 +137,8 @@ pub struct CreatedToken {
 }
 
 /// `POST /backups/{id}/protect`.
-#[derive(Serialize, Deserialize, ToSchema)]
+#[derive(Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ProtectBody {
     /// Default true.
     pub protected: Option<bool>,
@@ -148,6 +152,7 @@ pub struct Protected {
 
 /// `POST /backups/{id}/lock`.
 #[derive(Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct LockBody {
     /// `YYYY-MM-DD` or an RFC 3339 time; never earlier than the backup's lock.
     pub until: String,

@@ -139,6 +139,16 @@ pub struct VaultEntry {
     pub created: String,
 }
 
+/// What of a backup can change after it was made, as the catalog knows it (see
+/// [`Catalog::backup_ids`]): a list view rendered for one state is stale for another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupState {
+    pub id: String,
+    pub protected: bool,
+    /// Sequence number of its last drill (None: never drilled).
+    pub last_drill: Option<i64>,
+}
+
 /// A backup as the catalog knows it.
 #[derive(Debug, Clone)]
 pub struct BackupEntry {
@@ -295,20 +305,28 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Ids and protected flags of the backups [`Catalog::backups`] would list, in the
-    /// same order, without reading their manifests.
+    /// Ids and changeable state (protected flag, last drill) of the backups
+    /// [`Catalog::backups`] would list, in the same order, without reading their
+    /// manifests.
     pub fn backup_ids(
         &self,
         vault: Option<&str>,
         resource: Option<&str>,
-    ) -> Result<Vec<(String, bool)>> {
+    ) -> Result<Vec<BackupState>> {
+        // The last drill's seq: one seek per backup in drills_by_backup.
         let mut st = self.conn.prepare_cached(
-            "SELECT id, protected FROM backups
+            "SELECT id, protected,
+                    (SELECT MAX(seq) FROM drills d WHERE d.backup_id = backups.id)
+             FROM backups
              WHERE (?1 IS NULL OR vault = ?1) AND (?2 IS NULL OR resource = ?2)
              ORDER BY created, id",
         )?;
         let rows = st.query_map(params![vault, resource], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? != 0))
+            Ok(BackupState {
+                id: r.get::<_, String>(0)?,
+                protected: r.get::<_, i64>(1)? != 0,
+                last_drill: r.get::<_, Option<i64>>(2)?,
+            })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

@@ -402,10 +402,20 @@ impl Catalog {
 
     /// How many task records are in `state`.
     pub fn count_tasks(&self, state: &str) -> Result<u64> {
+        self.count_tasks_except(state, &[])
+    }
+
+    /// How many task records are in `state`, leaving out the tasks `except` (those a
+    /// task registry holds newer states of in memory).
+    pub fn count_tasks_except(&self, state: &str, except: &[String]) -> Result<u64> {
+        let except = serde_json::to_string(except).unwrap_or_else(|_| "[]".into());
         Ok(self
             .conn
-            .prepare_cached("SELECT COUNT(*) FROM tasks WHERE state = ?1")?
-            .query_row(params![state], |r| r.get::<_, i64>(0))? as u64)
+            .prepare_cached(
+                "SELECT COUNT(*) FROM tasks WHERE state = ?1
+                 AND id NOT IN (SELECT value FROM json_each(?2))",
+            )?
+            .query_row(params![state, except], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// Trim the history of ended tasks (succeeded, failed, cancelled): drop those created

@@ -385,6 +385,16 @@ impl Tasks {
         (queued, running)
     }
 
+    /// Every task held in memory with its state: queued and running ones, and ended ones
+    /// whose last record the writer has not written yet (newer than the catalog's).
+    pub fn live_states(&self) -> Vec<(String, TaskState)> {
+        let st = self.inner.lock();
+        st.tasks
+            .iter()
+            .map(|(id, l)| (id.clone(), l.info.state))
+            .collect()
+    }
+
     /// Wait until every record handed to the writer so far is in the catalog (or
     /// `timeout` passed).
     pub fn flush(&self, timeout: Duration) -> bool {

@@ -4,7 +4,10 @@
 mod common;
 
 mod api_contract;
+mod api_refusals;
+mod api_schemas;
 mod api_security;
+mod api_views;
 mod appliance;
 mod backup;
 mod bitmaps;

@@ -1,15 +1,9 @@
 //! Backup and restore routes: start a backup, list, show, delete, restore.
 
 use super::*;
+use crate::api::schema::NewBackup;
 
 // ---- backups ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewBackup {
-    resource: String,
-    name: Option<String>,
-}
 
 pub async fn create_backup(
     State(st): State<Shared>,
@@ -83,8 +77,8 @@ pub async fn list_backups(
         let shown = page.slice(&ids);
         let mut body = String::with_capacity(shown.len() * 1536 + 2);
         body.push('[');
-        for (id, protected) in shown {
-            let text = match st.backup_view_text(app, id, *protected) {
+        for state in shown {
+            let text = match st.backup_view_text(app, state) {
                 Ok(t) => t,
                 // Deleted since the ids were read.
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use super::{ApiError, Caller, Shared};
 use crate::app::RestoreRequest;
 use crate::backup::BackupOptions;
-use crate::catalog::{Role, Table};
+use crate::catalog::Table;
 use crate::chunk::ChunkSize;
 use crate::config::AlertKind;
 use crate::error::{Error, ErrorKind};

@@ -1,6 +1,7 @@
 //! Token routes (admin only): list, create (the secret is shown once), delete.
 
 use super::*;
+use crate::api::schema::NewToken;
 
 pub async fn list_tokens(
     State(st): State<Shared>,
@@ -16,21 +17,8 @@ pub async fn create_token(
     State(st): State<Shared>,
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
-    let name = v
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("a token needs a name"))?;
-    let role: Role = v
-        .get("role")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("a token needs a role"))?
-        .parse()?;
-    let expires = match v.get("expires") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(e)) => Some(e.clone()),
-        Some(_) => return Err(bad("expires is an RFC 3339 instant (2030-01-31T00:00:00Z)")),
-    };
-    let name = name.to_owned();
+    let t: NewToken = body(v)?;
+    let (name, role, expires) = (t.name, t.role, t.expires);
     let (info, secret) = st
         .run(move |_, app| {
             Ok(app

@@ -1,6 +1,7 @@
 //! Vault routes: list, create or attach, show, change, forget.
 
 use super::*;
+use crate::api::schema::{NewVault, PatchVault};
 
 // ---- vaults ----
 
@@ -23,25 +24,14 @@ pub async fn list_vaults(
     .await
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewVault {
-    name: String,
-    path: Option<PathBuf>,
-    chunk_size: Option<String>,
-    zstd_level: Option<i32>,
-    capacity: Option<u64>,
-    /// Compliance mode: every backup locked at least this many days (fixed for life).
-    compliance_days: Option<u32>,
-}
-
 pub async fn create_vault(
     State(st): State<Shared>,
     Json(v): Json<Value>,
 ) -> R<(StatusCode, Json<Value>)> {
     let v: NewVault = body(v)?;
     crate::name::Name::parse(&v.name, "vault")?;
-    if let Some(p) = &v.path
+    let path = v.path.as_ref().map(PathBuf::from);
+    if let Some(p) = &path
         && !p.is_absolute()
     {
         return Err(bad(format!(
@@ -57,14 +47,7 @@ pub async fn create_vault(
     };
     st.run(move |_, app| {
         let zstd = v.zstd_level.unwrap_or(1);
-        app.create_vault_with(
-            &v.name,
-            v.path.as_deref(),
-            cs,
-            zstd,
-            v.compliance_days,
-            None,
-        )?;
+        app.create_vault_with(&v.name, path.as_deref(), cs, zstd, v.compliance_days, None)?;
         if v.capacity.is_some() {
             app.set_capacity(&v.name, v.capacity)?;
         }
@@ -90,17 +73,8 @@ pub async fn patch_vault(
     Path(name): Path<String>,
     Json(v): Json<Value>,
 ) -> R<Json<Value>> {
-    let obj = v.as_object().ok_or_else(|| bad("expected a JSON object"))?;
-    if obj.keys().any(|k| k != "capacity") {
-        return Err(bad("only \"capacity\" (bytes or null) can be changed"));
-    }
-    let cap = match obj.get("capacity") {
-        Some(Value::Null) | None => None,
-        Some(c) => Some(
-            c.as_u64()
-                .ok_or_else(|| bad("capacity must be bytes or null"))?,
-        ),
-    };
+    // Only the capacity changes: bytes, or null (or left out) for no limit.
+    let cap = body::<PatchVault>(v)?.capacity;
     st.run(move |_, app| {
         app.set_capacity(&name, cap)?;
         Ok(Json(
