@@ -4,9 +4,11 @@
 //!
 //! Layout: this file holds the validated [`Config`] and its defaults; `parse` turns the
 //! raw TOML into it (one `Raw*` struct per table, `deny_unknown_fields`); `alerts` holds
-//! the alert kinds and webhook settings with their host allow-list.
+//! the alert kinds and webhook settings with their host allow-list; `instant` the
+//! `[instant]` table (instant-access exports: address, port range, TLS).
 
 mod alerts;
+mod instant;
 mod parse;
 #[cfg(test)]
 mod tests;
@@ -16,6 +18,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use alerts::{AlertKind, Webhook, WebhookSecret, host_allowed, url_host};
+pub use instant::InstantConfig;
 
 /// A named set of freeze/thaw commands (`[hooks.NAME]`), run with `sh -c` around the
 /// instant of a server backup. Commands come from this file only: a resource in the API
@@ -106,6 +109,8 @@ pub struct Config {
     /// `[server] mirror_vaults`: vaults of this appliance that accept backups pushed by
     /// another appliance (`replication` tokens; see `api::replica`). Empty: none.
     pub mirror_vaults: Vec<String>,
+    /// `[instant]`: where instant-access exports listen, with TLS or not.
+    pub instant: InstantConfig,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -155,6 +160,7 @@ impl Default for Config {
             tls_key: None,
             plain_http: false,
             mirror_vaults: Vec::new(),
+            instant: InstantConfig::default(),
             paths: PathsConfig::default(),
         }
     }

@@ -31,6 +31,8 @@ struct Raw {
     keys: BTreeMap<String, PathBuf>,
     #[serde(default)]
     paths: RawPaths,
+    #[serde(default)]
+    instant: super::instant::RawInstant,
 }
 
 #[derive(Deserialize, Default)]
@@ -351,6 +353,7 @@ impl Config {
             }
         }
         let c = Config {
+            instant: super::instant::validate(raw.instant, origin)?,
             key_files: raw.keys,
             paths: PathsConfig {
                 sources: raw.paths.sources,
