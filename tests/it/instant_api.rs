@@ -11,11 +11,13 @@ use serde_json::{Value, json};
 use crate::appliance::{Appliance, token};
 use crate::common::*;
 
-/// The TCP address in an `nbd://HOST:PORT/` URI.
+/// The TCP address in an `nbd://HOST:PORT/EXPORT` URI.
 fn addr_of(uri: &str) -> String {
     uri.strip_prefix("nbd://")
-        .and_then(|r| r.strip_suffix('/'))
-        .unwrap_or_else(|| panic!("not an nbd://HOST:PORT/ URI: {uri}"))
+        .or_else(|| uri.strip_prefix("nbds://"))
+        .and_then(|r| r.split_once('/'))
+        .map(|(a, _)| a)
+        .unwrap_or_else(|| panic!("not an nbd(s)://HOST:PORT/EXPORT URI: {uri}"))
         .to_string()
 }
 

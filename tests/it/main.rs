@@ -23,6 +23,7 @@ mod garage_trust;
 mod hostile;
 mod incremental;
 mod instant_api;
+mod instant_tls;
 mod integrity;
 mod libvirt;
 mod limits;
