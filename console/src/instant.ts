@@ -63,7 +63,8 @@ export function connectInfo(e: any, ctx: Ctx): HTMLElement {
           tls.client_certificate_required ? h("span", { class: "muted" }, ". A client certificate is required: put client-cert.pem and client-key.pem into blockvault-pki/") : null,
         )
       : h("p", { class: "muted" }, "Plain NBD on this host's loopback address (no TLS)."),
-    h("p", {}, "Copy the disk out (or use the same options for qemu-system's -drive):"),
+    e.command ? h("p", {}, "Copy the disk out (or use the same options for qemu-system's -drive):") : h("p", { class: "muted" }, "Only operators see how to connect: the export name opens the backup."),
+    e.command &&
     h(
       "div",
       { class: "command" },

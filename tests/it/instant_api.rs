@@ -117,10 +117,19 @@ fn an_instant_access_export_started_through_the_api_reads_byte_exact_and_stop_cl
     assert_eq!(e["size"], 24u64 << 20, "{e}");
     let uri = s(&e, "uri").to_string();
     let id = s(&e, "id").to_string();
-    let listed = srv.ok("GET", "/instant", &aud, None, 200);
+    let listed = srv.ok("GET", "/instant", &op, None, 200);
     let listed: &Vec<Value> = listed.as_array().unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["uri"], uri.as_str());
+    // An auditor sees the export but not its name: the name opens the backup.
+    let export = s(&e, "export").to_string();
+    let seen = srv.ok("GET", "/instant", &aud, None, 200);
+    assert_eq!(seen[0]["id"], id.as_str(), "{seen}");
+    assert!(
+        !seen.to_string().contains(&export),
+        "an auditor got the name: {seen}"
+    );
+    assert!(seen[0]["command"].is_null(), "{seen}");
 
     // Byte-exact against the source, read over NBD by qemu-img.
     sh(

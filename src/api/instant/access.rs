@@ -114,6 +114,15 @@ impl Access {
             let certificate = std::fs::read_to_string(&server.cert).map_err(|e| {
                 Error::io(format!("reading certificate {}", server.cert.display()), e)
             })?;
+            if !covers(&server.cert, &host)? {
+                tracing::warn!(
+                    cert = %server.cert.display(),
+                    "the instant-access certificate does not name {host:?}: clients that check \
+                     the host name (QEMU does) will refuse it. Set [instant] host to a name the \
+                     certificate carries, or (self-signed) remove nbd-cert.pem and nbd-key.pem \
+                     to make one that names it"
+                );
+            }
             let mut trust = certificate.clone();
             if let Some(ca) = &i.client_ca {
                 let pem = std::fs::read_to_string(ca).map_err(|e| {
@@ -212,6 +221,37 @@ impl Access {
     }
 }
 
+/// Whether the leaf certificate in PEM file `cert` is valid for `host` (a DNS name or
+/// an IP address in its SANs).
+fn covers(cert: &std::path::Path, host: &str) -> Result<bool> {
+    let certs = crate::tls::read_certs(cert)?;
+    let ee = webpki::EndEntityCert::try_from(&certs[0]).map_err(|e| {
+        Error::invalid(format!(
+            "{}: not an X.509 certificate ({e})",
+            cert.display()
+        ))
+    })?;
+    let Ok(name) = rustls::pki_types::ServerName::try_from(host) else {
+        return Ok(false);
+    };
+    Ok(ee.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
+/// What a caller who may not start exports sees of one: no export name, the URI
+/// without it (`…/(hidden)`), no command.
+pub fn redact(view: &mut Value) {
+    if let Some(m) = view.as_object_mut() {
+        m.remove("export");
+        m.remove("command");
+        if let Some(Value::String(uri)) = m.get_mut("uri")
+            && let Some(i) = uri.rfind('/')
+        {
+            uri.truncate(i + 1);
+            uri.push_str("(hidden)");
+        }
+    }
+}
+
 /// A shell command that writes PEM `pem` to `blockvault-pki/ca-cert.pem`. PEM text is
 /// base64, `=`, `-` and spaces: each line is safe in single quotes.
 fn write_ca_command(pem: &str) -> String {
@@ -253,5 +293,29 @@ mod tests {
             ..Access::default()
         };
         assert_eq!(v6.describe(1, "e")["uri"], "nbd://[::1]:1/e");
+    }
+
+    #[test]
+    fn a_redacted_view_keeps_no_trace_of_the_export_name() {
+        let mut v = Access::default().describe(10809, "0123abcd");
+        redact(&mut v);
+        assert_eq!(v["uri"], "nbd://127.0.0.1:10809/(hidden)");
+        assert!(!v.to_string().contains("0123abcd"), "{v}");
+    }
+
+    #[test]
+    fn the_self_signed_certificate_names_the_host_clients_use() {
+        let d = tempfile::tempdir().unwrap();
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        let (cert, _, made) =
+            crate::tls::nbd_self_signed(d.path(), ip, &["backup1.example.com".into()]).unwrap();
+        assert!(made);
+        for host in ["backup1.example.com", "192.0.2.7", "127.0.0.1", "localhost"] {
+            assert!(covers(&cert, host).unwrap(), "{host}");
+        }
+        assert!(!covers(&cert, "other.example.com").unwrap());
+        // Kept as it is on the next start (clients pinned it).
+        let again = crate::tls::nbd_self_signed(d.path(), ip, &["x.example.com".into()]).unwrap();
+        assert!(!again.2);
     }
 }

@@ -9,7 +9,8 @@
 //! random bits; the server serves no default export and lists none), so finding the
 //! port does not give the backup out. The answer is `201 {"id", "uri", "host", "port",
 //! "export", "tls", "command", "backup", "disk", ...}` (fields: [`access`]); `GET
-//! /instant` (auditor) lists the exports the same way; `DELETE /instant/{id}` (operator)
+//! /instant` (auditor) lists the exports the same way, but a caller below operator gets
+//! no export name, URI path or command (the name opens the backup); `DELETE /instant/{id}` (operator)
 //! stops one and answers once its port is closed. Every export stops when the service
 //! stops ([`Exports::stop_all`], and on drop). At most [`MAX_EXPORTS`] run at once.
 //!
@@ -263,9 +264,15 @@ pub async fn start(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-/// `GET /instant` → the running exports.
-pub async fn list(State(st): State<Shared>) -> Json<Value> {
-    Json(Value::Array(st.exports.list()))
+/// `GET /instant` → the running exports. The export name is a read credential for the
+/// backup: a caller below operator (who could not start an export) gets each view
+/// without it ([`access::redact`]).
+pub async fn list(State(st): State<Shared>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    let mut xs = st.exports.list();
+    if caller.0.role < crate::catalog::Role::Operator {
+        xs.iter_mut().for_each(access::redact);
+    }
+    Json(Value::Array(xs))
 }
 
 /// `DELETE /instant/{id}` → the stopped export's view, once its port is closed.
