@@ -97,8 +97,11 @@ impl Access {
             let (cert, key, self_signed) = match own {
                 Some((c, k)) => (c, k, false),
                 None => {
-                    let (c, k, made) =
-                        crate::tls::nbd_self_signed(&config.data, i.listen, &[host.clone()])?;
+                    let (c, k, made) = crate::tls::nbd_self_signed(
+                        &config.data,
+                        i.listen,
+                        std::slice::from_ref(&host),
+                    )?;
                     if made {
                         tracing::info!(cert = %c.display(), "made the instant-access certificate");
                     }
