@@ -128,6 +128,9 @@ impl Access {
             }
             let mut trust = certificate.clone();
             if let Some(ca) = &i.client_ca {
+                if !trust.ends_with('\n') {
+                    trust.push('\n');
+                }
                 let pem = std::fs::read_to_string(ca).map_err(|e| {
                     Error::io(format!("reading [instant] client_ca {}", ca.display()), e)
                 })?;
