@@ -53,7 +53,8 @@ impl ExportReader for Reader {
     }
 }
 
-/// Serve `disk` (of a backup in `vault`) on `listener` until `stop` is set.
+/// Serve `disk` (of a backup in `vault`) on `listener` until `stop` is set, as the
+/// export named after the disk.
 pub fn serve_backup(
     vault: Arc<Vault>,
     disk: &DiskManifest,
@@ -61,14 +62,28 @@ pub fn serve_backup(
     stop: &AtomicBool,
     tls: Option<&crate::nbd::NbdTlsServer>,
 ) -> Result<()> {
+    serve_backup_as(vault, disk, listener, stop, tls, None)
+}
+
+/// [`serve_backup`]; with `secret`, the export's name is that secret and nothing else
+/// opens it (`Limits::secret_name`: no default export, an empty LIST).
+pub fn serve_backup_as(
+    vault: Arc<Vault>,
+    disk: &DiskManifest,
+    listener: &Listener,
+    stop: &AtomicBool,
+    tls: Option<&crate::nbd::NbdTlsServer>,
+    secret: Option<&str>,
+) -> Result<()> {
     let limits = crate::nbd::server::Limits {
         tls: tls.map(|t| t.config()).transpose()?,
+        secret_name: secret.is_some(),
         ..Default::default()
     };
     let shared = Arc::new(DiskCache::open(vault, disk, CHUNK_CACHE_BYTES)?);
     let cs = shared.chunk_size();
     let info = ExportInfo {
-        name: disk.name.clone(),
+        name: secret.unwrap_or(&disk.name).to_string(),
         size: disk.size,
         preferred_block: cs as u32,
     };

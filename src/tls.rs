@@ -9,6 +9,10 @@
 //!                       ::1, the listen IP (unless unspecified), the host name
 //! <data>/tls/key.pem    its PKCS#8 private key, PEM, mode 0600 (written to a temp name
 //!                       with that mode, fsynced, then renamed: never readable by others)
+//! <data>/tls/nbd-cert.pem   instant-access exports over NBD-TLS, when [server] names no
+//! <data>/tls/nbd-key.pem    certificate of its own: the same, made at first use, with the
+//!                           `[instant]` host/listen among its SANs and marked as a CA
+//!                           (QEMU takes it as its `ca-cert.pem`; see [`nbd_self_signed`])
 //! ```
 //! A certificate is made only when neither file exists; one without the other is an
 //! error (never silently replaced: clients pin the fingerprint).
@@ -126,7 +130,7 @@ pub fn server_cert(
             let made = match (c.exists(), k.exists()) {
                 (true, true) => false,
                 (false, false) => {
-                    make_self_signed(&c, &k, listen)?;
+                    make_self_signed(&c, &k, sans_for(listen.ip(), &[]), false)?;
                     true
                 }
                 _ => {
@@ -173,28 +177,78 @@ pub fn server_cert(
 }
 
 /// The host name (for the certificate's SANs), if the kernel has one.
-fn host_name() -> Option<String> {
+pub fn host_name() -> Option<String> {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let h = h.trim();
     (!h.is_empty() && h != "localhost").then(|| h.to_string())
 }
 
-/// Make a self-signed certificate for `listen` into `cert` and `key` (0600).
-fn make_self_signed(cert: &Path, key: &Path, listen: SocketAddr) -> Result<()> {
+/// The names a self-signed certificate carries: localhost, the loopback addresses, `ip`
+/// (unless unspecified), `extra` and the host name.
+fn sans_for(ip: IpAddr, extra: &[String]) -> Vec<String> {
     let mut sans = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    let ip = listen.ip();
-    if !ip.is_unspecified() && !sans.contains(&ip.to_string()) {
-        sans.push(ip.to_string());
+    let mut add = |n: String| {
+        if !sans.contains(&n) {
+            sans.push(n);
+        }
+    };
+    if !ip.is_unspecified() {
+        add(ip.to_string());
+    }
+    for e in extra {
+        add(e.clone());
     }
     if let Some(h) = host_name()
         && h.parse::<IpAddr>().is_err()
     {
-        sans.push(h);
+        add(h);
     }
+    sans
+}
+
+/// `<data>/tls/nbd-cert.pem` and `<data>/tls/nbd-key.pem`: the certificate of the
+/// instant-access exports when the administrator gave none of their own.
+pub fn nbd_self_signed_paths(data: &Path) -> (PathBuf, PathBuf) {
+    let dir = data.join("tls");
+    (dir.join("nbd-cert.pem"), dir.join("nbd-key.pem"))
+}
+
+/// The instant-access exports' self-signed certificate, made now if neither file
+/// exists (SANs: see [`sans_for`] with `ip` and `extra`); returns (cert, key, made now).
+///
+/// Unlike the admin port's, it is marked as a CA (basicConstraints CA:TRUE, pathlen 0,
+/// keyCertSign): QEMU's `tls-creds-x509` refuses a `ca-cert.pem` without CA basic
+/// constraints, and a client of a self-signed server trusts exactly that certificate.
+/// A certificate made earlier is kept as it is (clients pinned it): remove both files
+/// to make one with new names.
+pub fn nbd_self_signed(
+    data: &Path,
+    ip: IpAddr,
+    extra: &[String],
+) -> Result<(PathBuf, PathBuf, bool)> {
+    let (c, k) = nbd_self_signed_paths(data);
+    match (c.exists(), k.exists()) {
+        (true, true) => Ok((c, k, false)),
+        (false, false) => {
+            make_self_signed(&c, &k, sans_for(ip, extra), true)?;
+            Ok((c, k, true))
+        }
+        _ => Err(Error::config(format!(
+            "{} and {} must both exist or both be absent: restore the missing one, or \
+             remove both to make a new certificate",
+            c.display(),
+            k.display()
+        ))),
+    }
+}
+
+/// Make a self-signed certificate for `sans` into `cert` and `key` (0600); `ca`: mark
+/// it as a CA too (see [`nbd_self_signed`]).
+fn make_self_signed(cert: &Path, key: &Path, sans: Vec<String>, ca: bool) -> Result<()> {
     let fail = |e: rcgen::Error| {
         Error::new(
             ErrorKind::Io,
@@ -205,6 +259,14 @@ fn make_self_signed(cert: &Path, key: &Path, listen: SocketAddr) -> Result<()> {
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(rcgen::DnType::CommonName, "blockvault appliance");
     params.distinguished_name = dn;
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyCertSign,
+        ];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    }
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(3650);

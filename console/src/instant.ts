@@ -1,5 +1,7 @@
 // Instant access: a backup's disk served over NBD by the appliance (`/api/v1/instant`),
-// started from a backup's row, listed with its nbd:// URI, stopped with a button.
+// started from a backup's row, listed with its URI (nbds:// when [instant] serves TLS),
+// the certificate's fingerprint, a ready-to-paste qemu-img command (Copy button) and a
+// Stop button.
 
 import { age, api, bytes } from "./api";
 import { h, replace, table } from "./dom";
@@ -24,6 +26,68 @@ function stopButton(e: any, ctx: Ctx, after: () => Promise<void> | void): HTMLEl
   );
 }
 
+/** Put `text` on the clipboard (the Clipboard API, else a selected textarea). */
+async function copyText(text: string): Promise<void> {
+  if (navigator.clipboard && window.isSecureContext) {
+    await navigator.clipboard.writeText(text);
+    return;
+  }
+  const t = h("textarea", { readonly: true, style: "position:fixed;left:-9999px" }) as HTMLTextAreaElement;
+  t.value = text;
+  document.body.appendChild(t);
+  t.select();
+  const ok = document.execCommand("copy");
+  t.remove();
+  if (!ok) throw new Error("the browser refused to copy: select the command and copy it by hand");
+}
+
+/** How a client reaches export `e`: URI, certificate fingerprint (and the certificate
+ * to trust), and the qemu-img command line with a Copy button. */
+export function connectInfo(e: any, ctx: Ctx): HTMLElement {
+  const tls = e.tls;
+  const cert = tls ? h("a", { href: `data:application/x-pem-file;charset=utf-8,${encodeURIComponent(tls.certificate)}`, download: "ca-cert.pem" }, "ca-cert.pem") : null;
+  return h(
+    "div",
+    { class: "connect", "data-export": e.id },
+    h("p", {}, "URI ", h("code", { "data-uri": e.uri }, e.uri)),
+    tls
+      ? h(
+          "p",
+          {},
+          "NBD-TLS, certificate SHA-256 ",
+          h("code", { "data-fingerprint": tls.fingerprint }, tls.fingerprint),
+          " (",
+          cert,
+          tls.self_signed ? ", self-signed: the command below trusts exactly it" : ", signed by your CA",
+          ")",
+          tls.client_certificate_required ? h("span", { class: "muted" }, ". A client certificate is required: put client-cert.pem and client-key.pem into blockvault-pki/") : null,
+        )
+      : h("p", { class: "muted" }, "Plain NBD on this host's loopback address (no TLS)."),
+    e.command ? h("p", {}, "Copy the disk out (or use the same options for qemu-system's -drive):") : h("p", { class: "muted" }, "Only operators see how to connect: the export name opens the backup."),
+    e.command &&
+    h(
+      "div",
+      { class: "command" },
+      h("pre", { "data-command": "" }, e.command),
+      h(
+        "button",
+        {
+          type: "button",
+          onclick: async () => {
+            try {
+              await copyText(e.command);
+              ctx.flash("Command copied.");
+            } catch (err: any) {
+              ctx.flash(err.message, true);
+            }
+          },
+        },
+        "Copy",
+      ),
+    ),
+  );
+}
+
 /** Start serving backup `b` (its first disk, or `disk`); shows the URI and a Stop button. */
 export function instantPanel(b: any, ctx: Ctx, done: () => void): HTMLElement {
   const body = h("div", {}, h("p", { class: "muted" }, "Starting…"));
@@ -43,7 +107,7 @@ export function instantPanel(b: any, ctx: Ctx, done: () => void): HTMLElement {
       const e = await api("POST", "/instant", sel ? { backup: b.id, disk: sel.value } : { backup: b.id });
       replace(
         body,
-        h("p", {}, "Connect to ", h("code", { "data-uri": e.uri }, e.uri), " (e.g. ", h("code", {}, `qemu-img convert -O qcow2 ${e.uri} copy.qcow2`), ")"),
+        connectInfo(e, ctx),
         stopButton(e, ctx, () => replace(body, h("p", { class: "muted" }, "Stopped."))),
       );
     } catch (err: any) {
@@ -81,6 +145,9 @@ export const instant: View = {
             ctx.can("operator") ? stopButton(e, ctx, refresh) : null,
           ]),
           "No instant access running.",
+        ),
+        xs.map((e) =>
+          h("details", { class: "card", "data-export": e.id }, h("summary", {}, `How to connect to ${e.id} (${e.resource}, ${e.disk})`), connectInfo(e, ctx)),
         ),
       );
     };

@@ -39,6 +39,7 @@ const HOOK_SECRET = "console-test-signing-secret";
 writeFileSync(
   config,
   `[paths]\nsources = ["${work}"]\nrestore_to = ["${work}"]\n` +
+    `[instant]\ntls = true\n` +
     `[alerts]\nallowed_hosts = ["127.0.0.1"]\n` +
     `[[alerts.webhook]]\nurl = "http://127.0.0.1:9/hooks/PATH-TOKEN"\nevents = ["vault_full"]\nsecret = "${HOOK_SECRET}"\n`,
 );
@@ -212,25 +213,44 @@ try {
     execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", src, out]);
   });
 
-  await step("instant access from a backup's row: qemu-img compare reads it byte-exact; Stop closes its port", async () => {
+  await step("instant access from a backup's row over NBD-TLS: the shown command (Copy) reads it byte-exact; Stop closes its port", async () => {
     await view("backups");
     await page.locator("tbody tr", { hasText: "web" }).first().getByRole("button", { name: "Instant access" }).click();
-    const code = page.locator("section[aria-label^='instant access'] code[data-uri]");
+    const panel = page.locator("section[aria-label^='instant access']");
+    const code = panel.locator("code[data-uri]");
     await code.waitFor();
     const uri = await code.getAttribute("data-uri");
-    assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+\/$/);
+    assert.match(uri, /^nbds:\/\/127\.0\.0\.1:\d+\/[0-9a-f]{32}$/);
+    const listed = await (await fetch(`${url}/api/v1/instant`, { headers: { Authorization: `Bearer ${admin}` } })).json();
+    const e = listed.find((x) => x.uri === uri);
+    assert.ok(e, `${uri} is not in GET /instant`);
+    assert.equal(await panel.locator("code[data-fingerprint]").textContent(), e.tls.fingerprint);
+    assert.equal(await panel.locator("pre[data-command]").textContent(), e.command);
+    await browser.grantPermissions(["clipboard-read", "clipboard-write"], { origin: url });
+    await panel.getByRole("button", { name: "Copy" }).click();
+    await page.locator(".flash", { hasText: "Command copied" }).waitFor();
+    const copied = await page.evaluate(() => navigator.clipboard.readText());
+    assert.equal(copied, e.command);
     await shot("backups-instant");
-    execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", src, uri]);
+    // The copied command, run as it is in a fresh dir, copies the disk out over TLS.
+    const client = mkdtempSync(join(work, "client-"));
+    execFileSync("sh", ["-c", copied], { cwd: client, stdio: "ignore" });
+    execFileSync("qemu-img", ["compare", "-f", "qcow2", "-F", "qcow2", src, join(client, "copy.qcow2")]);
+    rmSync(client, { recursive: true, force: true });
     await view("instant");
     const row = page.locator("tbody tr", { hasText: uri });
     await row.locator(".badge", { hasText: "running" }).waitFor();
+    const how = page.locator(`details[data-export="${e.id}"]`);
+    await how.locator("summary").click();
+    assert.equal(await how.locator("pre[data-command]").textContent(), e.command);
+    assert.equal(await how.locator("code[data-fingerprint]").textContent(), e.tls.fingerprint);
     await shot("instant");
     await row.getByRole("button", { name: "Stop" }).click();
     await page.locator(".flash", { hasText: "Stopped instant access" }).waitFor();
     await page.locator("main [data-view=instant] .empty").waitFor();
     const left = await (await fetch(`${url}/api/v1/instant`, { headers: { Authorization: `Bearer ${admin}` } })).json();
     assert.deepEqual(left, []);
-    const [host, port] = uri.slice("nbd://".length, -1).split(":");
+    const [host, port] = uri.replace(/^nbds?:\/\//, "").split("/")[0].split(":");
     const open = await new Promise((ok) => {
       const s = connect({ host, port: Number(port) });
       s.once("connect", () => (s.destroy(), ok(true)));

@@ -283,7 +283,7 @@ routes! {
     GET "/backups/{id}/files" Operator "Partitions and a directory of a backup's file system (?disk=&partition=&path=)" => files::list;
     GET "/backups/{id}/files/content" Operator "A file's bytes out of a backup (?disk=&partition=&path=)" => files::content;
     POST "/instant" Operator "Serve a backup's disk read-only over NBD (instant access)" => instant::start;
-    GET "/instant" Auditor "Running instant-access exports with their nbd:// URI" => instant::list;
+    GET "/instant" Auditor "Running instant-access exports with their URI, certificate and command line" => instant::list;
     DELETE "/instant/{id}" Operator "Stop an instant-access export (its port is closed on return)" => instant::stop;
     POST "/restores" Operator "Restore a backup (task)" => handlers::create_restore;
     POST "/replications" Operator "Copy backups from one vault to another (task)" => replicate::create_replication;
@@ -645,6 +645,7 @@ pub fn run_appliance(
     )?;
     state.confine = confine;
     state.webhooks = config.webhooks.clone();
+    state.exports = instant::Exports::new(instant::Access::from_config(&config)?);
     state.audit.set_retention(audit::AuditRetention {
         keep_days: config.audit_keep_days,
         keep_max: config.audit_keep_max,

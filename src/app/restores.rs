@@ -423,7 +423,8 @@ impl App {
         restore_onto_nbd(&vault, d, uri, target_bitmap, opts)
     }
 
-    /// Serve one disk (default: the first) of a backup read-only over NBD until `stop`.
+    /// Serve one disk (default: the first) of a backup read-only over NBD until `stop`;
+    /// `secret`: the export's only name (see `instant::serve_backup_as`), else the disk's.
     pub fn serve_nbd(
         &self,
         id_or_name: &str,
@@ -431,12 +432,13 @@ impl App {
         listener: &crate::nbd::server::Listener,
         stop: &std::sync::atomic::AtomicBool,
         tls: Option<&crate::nbd::NbdTlsServer>,
+        secret: Option<&str>,
     ) -> Result<()> {
         let entry = self.find_backup(id_or_name)?;
         let vault = std::sync::Arc::new(self.open_vault(&entry.vault)?);
         let d = pick_disk(&entry.manifest, disk)?;
         let _pin = vault.pin(&[&entry.manifest])?;
-        crate::instant::serve_backup(vault, d, listener, stop, tls)
+        crate::instant::serve_backup_as(vault, d, listener, stop, tls, secret)
     }
 
     /// Restore one disk (default: the first) of a backup into a new image.

@@ -218,7 +218,14 @@ pub fn run(cli: &Cli, serve_config: Option<Config>) -> Result<i32> {
             }
             use std::io::Write;
             std::io::stdout().flush()?;
-            app.serve_nbd(backup, disk.as_deref(), &listener, &stop, tls.as_ref())?;
+            app.serve_nbd(
+                backup,
+                disk.as_deref(),
+                &listener,
+                &stop,
+                tls.as_ref(),
+                None,
+            )?;
         }
         Cmd::Serve {
             ref listen,

@@ -5,9 +5,11 @@
 //! Layout: this file holds the validated [`Config`] and its defaults; `parse` turns the
 //! raw TOML into it (one `Raw*` struct per table, `deny_unknown_fields`); `alerts` holds
 //! the alert kinds and webhook settings with their host allow-list; `remote` the named
-//! mirror appliances (`[remote.NAME]`) and S3 endpoints (`[s3.NAME]`).
+//! mirror appliances (`[remote.NAME]`) and S3 endpoints (`[s3.NAME]`); `instant` the
+//! `[instant]` table (instant-access exports: address, port range, TLS).
 
 mod alerts;
+mod instant;
 mod parse;
 mod remote;
 #[cfg(test)]
@@ -18,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 pub use alerts::{AlertKind, Webhook, WebhookSecret, host_allowed, url_host};
+pub use instant::InstantConfig;
 pub use remote::{RemoteConfig, S3Config, S3CredentialFiles, parse_rate};
 
 /// A named set of freeze/thaw commands (`[hooks.NAME]`), run with `sh -c` around the
@@ -113,6 +116,8 @@ pub struct Config {
     pub remotes: BTreeMap<String, RemoteConfig>,
     /// `[s3.NAME]`: S3 endpoints and their credential files, by name (see `remote`).
     pub s3: BTreeMap<String, S3Config>,
+    /// `[instant]`: where instant-access exports listen, with TLS or not.
+    pub instant: InstantConfig,
 }
 
 /// The data dir when none is given: `/var/lib/blockvault` for root, else
@@ -164,6 +169,7 @@ impl Default for Config {
             mirror_vaults: Vec::new(),
             remotes: BTreeMap::new(),
             s3: BTreeMap::new(),
+            instant: InstantConfig::default(),
             paths: PathsConfig::default(),
         }
     }

@@ -35,6 +35,7 @@ struct Raw {
     remote: BTreeMap<String, super::remote::RawRemote>,
     #[serde(default)]
     s3: BTreeMap<String, super::remote::RawS3>,
+    instant: super::instant::RawInstant,
 }
 
 #[derive(Deserialize, Default)]
@@ -359,6 +360,7 @@ impl Config {
         let c = Config {
             remotes,
             s3,
+            instant: super::instant::validate(raw.instant, origin)?,
             key_files: raw.keys,
             paths: PathsConfig {
                 sources: raw.paths.sources,

@@ -11,11 +11,13 @@ use serde_json::{Value, json};
 use crate::appliance::{Appliance, token};
 use crate::common::*;
 
-/// The TCP address in an `nbd://HOST:PORT/` URI.
+/// The TCP address in an `nbd://HOST:PORT/EXPORT` URI.
 fn addr_of(uri: &str) -> String {
     uri.strip_prefix("nbd://")
-        .and_then(|r| r.strip_suffix('/'))
-        .unwrap_or_else(|| panic!("not an nbd://HOST:PORT/ URI: {uri}"))
+        .or_else(|| uri.strip_prefix("nbds://"))
+        .and_then(|r| r.split_once('/'))
+        .map(|(a, _)| a)
+        .unwrap_or_else(|| panic!("not an nbd(s)://HOST:PORT/EXPORT URI: {uri}"))
         .to_string()
 }
 
@@ -115,10 +117,19 @@ fn an_instant_access_export_started_through_the_api_reads_byte_exact_and_stop_cl
     assert_eq!(e["size"], 24u64 << 20, "{e}");
     let uri = s(&e, "uri").to_string();
     let id = s(&e, "id").to_string();
-    let listed = srv.ok("GET", "/instant", &aud, None, 200);
+    let listed = srv.ok("GET", "/instant", &op, None, 200);
     let listed: &Vec<Value> = listed.as_array().unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["uri"], uri.as_str());
+    // An auditor sees the export but not its name: the name opens the backup.
+    let export = s(&e, "export").to_string();
+    let seen = srv.ok("GET", "/instant", &aud, None, 200);
+    assert_eq!(seen[0]["id"], id.as_str(), "{seen}");
+    assert!(
+        !seen.to_string().contains(&export),
+        "an auditor got the name: {seen}"
+    );
+    assert!(seen[0]["command"].is_null(), "{seen}");
 
     // Byte-exact against the source, read over NBD by qemu-img.
     sh(

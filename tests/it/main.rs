@@ -28,6 +28,7 @@ mod guest_agent;
 mod hostile;
 mod incremental;
 mod instant_api;
+mod instant_tls;
 mod integrity;
 mod libvirt;
 mod limits;

@@ -33,6 +33,10 @@
 //! `NBD_REP_ERR_TLS_REQD`, so no export is given out in plain text. Without TLS,
 //! STARTTLS is answered `NBD_REP_ERR_POLICY`.
 //!
+//! A secret export name ([`Limits::secret_name`]) is the only name served: the default
+//! export `""` is unknown and LIST answers an empty list, so a port scan learns nothing
+//! that opens the export.
+//!
 //! `unix:PATH` never removes what it did not create: an existing non-socket at PATH, or
 //! a socket another server answers on, is an error; only a stale socket (connection
 //! refused) is replaced. On exit the socket is removed only if PATH is still the one this
@@ -108,11 +112,12 @@ pub struct ExportInfo {
 }
 
 mod listen;
+mod options;
 mod session;
 
 pub use listen::{Listener, SocketFile};
+pub use options::{parse_go, parse_meta};
 use session::Session;
-pub use session::{parse_go, parse_meta};
 
 /// Bounds on what clients can hold.
 #[derive(Debug, Clone)]
@@ -124,6 +129,9 @@ pub struct Limits {
     /// Serve only over TLS: a client must send NBD_OPT_STARTTLS before any option that
     /// names or gives out the export (those get `NBD_REP_ERR_TLS_REQD`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The export's name is a secret (instant access from the API): only that exact
+    /// name is served (not the default `""`) and NBD_OPT_LIST lists nothing.
+    pub secret_name: bool,
 }
 
 impl Default for Limits {
@@ -132,6 +140,7 @@ impl Default for Limits {
             max_clients: DEFAULT_MAX_CLIENTS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             tls: None,
+            secret_name: false,
         }
     }
 }
@@ -201,12 +210,15 @@ pub fn serve_with(
                 let (info, open) = (info.clone(), Arc::clone(&open));
                 let timeout = limits.handshake_timeout;
                 let tls = limits.tls.clone();
+                let secret = limits.secret_name;
                 let spawned =
                     std::thread::Builder::new()
                         .name("nbd-client".into())
                         .spawn(move || {
                             let _slot = slot;
-                            if let Err(e) = Session::new(conn, info, open, timeout, tls).run() {
+                            if let Err(e) =
+                                Session::new(conn, info, open, timeout, tls, secret).run()
+                            {
                                 tracing::info!("NBD client: {e}");
                             }
                         });

@@ -1,6 +1,7 @@
 //! One client connection: option negotiation, then transmission (reads, block status,
 //! refusals), with the limits and replies the module doc of `server` describes.
 
+use super::options::{parse_go, parse_meta};
 use super::*;
 
 pub(super) struct Session {
@@ -17,6 +18,8 @@ pub(super) struct Session {
     tls_pending: Option<Arc<rustls::ServerConfig>>,
     /// TLS runs on this connection.
     tls_on: bool,
+    /// Only `info.name` itself is served (see `Limits::secret_name`).
+    secret_name: bool,
 }
 
 /// The connection while it is being wrapped in TLS.
@@ -49,47 +52,6 @@ enum Next {
     Close,
 }
 
-fn be32(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(o..o + 4)?.try_into().ok()?))
-}
-fn be16(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(o..o + 2)?.try_into().ok()?))
-}
-
-/// INFO/GO payload: export name and the info types requested.
-pub fn parse_go(data: &[u8]) -> Option<(String, Vec<u16>)> {
-    let n = be32(data, 0)? as usize;
-    let name = data.get(4..4usize.checked_add(n)?)?;
-    let count = be16(data, 4 + n)? as usize;
-    let mut reqs = Vec::with_capacity(count.min(16));
-    for i in 0..count {
-        reqs.push(be16(data, 6 + n + 2 * i)?);
-    }
-    if data.len() != 6 + n + 2 * count {
-        return None;
-    }
-    Some((String::from_utf8(name.to_vec()).ok()?, reqs))
-}
-
-/// LIST/SET_META_CONTEXT payload: export name and the queries.
-pub fn parse_meta(data: &[u8]) -> Option<(String, Vec<String>)> {
-    let n = be32(data, 0)? as usize;
-    let name = data.get(4..4usize.checked_add(n)?)?;
-    let count = be32(data, 4 + n)? as usize;
-    let mut pos = 8 + n;
-    let mut queries = Vec::with_capacity(count.min(16));
-    for _ in 0..count {
-        let l = be32(data, pos)? as usize;
-        let q = data.get(pos + 4..(pos + 4).checked_add(l)?)?;
-        queries.push(String::from_utf8(q.to_vec()).ok()?);
-        pos += 4 + l;
-    }
-    if pos != data.len() {
-        return None;
-    }
-    Some((String::from_utf8(name.to_vec()).ok()?, queries))
-}
-
 impl Session {
     pub(super) fn new(
         conn: Box<dyn Conn>,
@@ -97,6 +59,7 @@ impl Session {
         open: Arc<ReaderFactory>,
         handshake_timeout: Duration,
         tls: Option<Arc<rustls::ServerConfig>>,
+        secret_name: bool,
     ) -> Session {
         Session {
             conn,
@@ -109,6 +72,7 @@ impl Session {
             deadline: None,
             tls_pending: tls,
             tls_on: false,
+            secret_name,
         }
     }
 
@@ -235,7 +199,7 @@ impl Session {
     }
 
     fn name_ok(&self, name: &str) -> bool {
-        name.is_empty() || name == self.info.name
+        (name.is_empty() && !self.secret_name) || name == self.info.name
     }
 
     fn options(&mut self) -> Result<Next> {
@@ -301,6 +265,7 @@ impl Session {
                     let _ = self.opt_reply(opt, REP_ACK, b"");
                     return Ok(Next::Close);
                 }
+                OPT_LIST if self.secret_name => self.opt_reply(opt, REP_ACK, b"")?,
                 OPT_LIST => {
                     let mut d = (self.info.name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(self.info.name.as_bytes());
@@ -584,40 +549,5 @@ impl Session {
                 _ => self.error(cookie, EINVAL, "unknown command")?,
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #[test]
-        fn option_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
-            let _ = parse_go(&bytes);
-            let _ = parse_meta(&bytes);
-        }
-    }
-
-    #[test]
-    fn option_payloads_parse() {
-        let mut go = 3u32.to_be_bytes().to_vec();
-        go.extend_from_slice(b"abc");
-        go.extend_from_slice(&2u16.to_be_bytes());
-        go.extend_from_slice(&0u16.to_be_bytes());
-        go.extend_from_slice(&3u16.to_be_bytes());
-        assert_eq!(parse_go(&go), Some(("abc".into(), vec![0, 3])));
-        assert_eq!(parse_go(&go[..go.len() - 1]), None);
-        let mut m = 0u32.to_be_bytes().to_vec();
-        m.extend_from_slice(&1u32.to_be_bytes());
-        m.extend_from_slice(&15u32.to_be_bytes());
-        m.extend_from_slice(b"base:allocation");
-        assert_eq!(
-            parse_meta(&m),
-            Some((String::new(), vec!["base:allocation".into()]))
-        );
-        m.push(0);
-        assert_eq!(parse_meta(&m), None);
     }
 }

@@ -1,13 +1,18 @@
 //! Instant access from the API: `serve-nbd` inside the service, as managed exports.
 //!
-//! `POST /instant {"backup", "disk"?}` (operator) binds a TCP port on 127.0.0.1 (an
-//! ephemeral one, so two exports never collide) and serves that disk of the backup
-//! read-only over NBD on its own thread ([`crate::instant`]: on-demand chunk reads,
-//! every chunk verified, writes refused with EPERM, the backup pinned against GC). The
-//! answer is `201 {"id", "uri", "backup", "disk", ...}`; `GET /instant` (auditor) lists
-//! the exports with their `nbd://` URI; `DELETE /instant/{id}` (operator) stops one and
-//! answers once its port is closed. Every export stops when the service stops
-//! ([`Exports::stop_all`], and on drop). At most [`MAX_EXPORTS`] run at once.
+//! `POST /instant {"backup", "disk"?}` (operator) binds a TCP port as `[instant]` says
+//! ([`access`]: the first free port of the range on the configured address, or an
+//! ephemeral port on 127.0.0.1 by default; all taken → 409) and serves that disk of the
+//! backup read-only over NBD (NBD-TLS when configured) on its own thread
+//! ([`crate::instant`]: on-demand chunk reads, every chunk verified, writes refused with
+//! EPERM, the backup pinned against GC). Each export gets an unguessable name (128
+//! random bits; the server serves no default export and lists none), so finding the
+//! port does not give the backup out. The answer is `201 {"id", "uri", "host", "port",
+//! "export", "tls", "command", "backup", "disk", ...}` (fields: [`access`]); `GET
+//! /instant` (auditor) lists the exports the same way, but a caller below operator gets
+//! no export name, URI path or command (the name opens the backup); `DELETE /instant/{id}` (operator)
+//! stops one and answers once its port is closed. Every export stops when the service
+//! stops ([`Exports::stop_all`], and on drop). At most [`MAX_EXPORTS`] run at once.
 //!
 //! An export whose server thread ended by itself (an I/O error on the listener) shows
 //! `"state": "ended"` with its error until it is deleted.
@@ -27,10 +32,12 @@ use serde_json::{Value, json};
 use super::{ApiError, Caller, Shared};
 use crate::error::{Error, Result};
 
+mod access;
+
+pub use access::Access;
+
 /// Exports running at once.
 pub const MAX_EXPORTS: usize = 16;
-/// Where exports listen (port 0: the system picks a free one).
-const LISTEN: &str = "127.0.0.1:0";
 
 /// One running export.
 struct Export {
@@ -68,9 +75,20 @@ impl Export {
 pub struct Exports {
     running: Mutex<BTreeMap<String, Export>>,
     next: AtomicU64,
+    /// Where and how exports are served (`[instant]`).
+    access: Access,
 }
 
 impl Exports {
+    /// No export yet; new ones served as `access` says.
+    pub fn new(access: Access) -> Exports {
+        Exports {
+            running: Default::default(),
+            next: Default::default(),
+            access,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Export>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -107,13 +125,18 @@ impl Exports {
                 disk.unwrap_or("(it has none)")
             ))
         })?;
-        let listener = crate::nbd::server::Listener::bind(LISTEN)?;
-        let uri = listener.uri();
+        let listener = self.access.bind()?;
+        let port = match &listener {
+            crate::nbd::server::Listener::Tcp(l) => l.local_addr().map(|a| a.port()),
+            crate::nbd::server::Listener::Unix(..) => Ok(0),
+        }
+        .map_err(|e| Error::io("reading the instant-access port", e))?;
+        let secret = access::secret_name();
         let n = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         let id = format!("ia-{n}");
-        let view = json!({
+        let mut view = self.access.describe(port, &secret);
+        let more = json!({
             "id": id,
-            "uri": uri,
             "backup": entry.manifest.id,
             "resource": entry.manifest.resource,
             "disk": d.name,
@@ -121,6 +144,10 @@ impl Exports {
             "started": crate::manifest::now_rfc3339(),
             "by": by,
         });
+        if let (Some(v), Value::Object(m)) = (view.as_object_mut(), more) {
+            v.extend(m);
+        }
+        let tls = self.access.tls_server();
         let stop = Arc::new(AtomicBool::new(false));
         let (backup_id, disk_name) = (entry.manifest.id.clone(), d.name.clone());
         let s = Arc::clone(&stop);
@@ -143,7 +170,14 @@ impl Exports {
                     }
                 };
                 tell(Ok(()));
-                app.serve_nbd(&backup_id, Some(&disk_name), &listener, &s, None)
+                app.serve_nbd(
+                    &backup_id,
+                    Some(&disk_name),
+                    &listener,
+                    &s,
+                    tls.as_ref(),
+                    Some(&secret),
+                )
             })
             .map_err(|e| Error::io("starting an instant-access thread", e))?;
         {
@@ -230,9 +264,15 @@ pub async fn start(
     Ok((StatusCode::CREATED, Json(v)))
 }
 
-/// `GET /instant` → the running exports.
-pub async fn list(State(st): State<Shared>) -> Json<Value> {
-    Json(Value::Array(st.exports.list()))
+/// `GET /instant` → the running exports. The export name is a read credential for the
+/// backup: a caller below operator (who could not start an export) gets each view
+/// without it ([`access::redact`]).
+pub async fn list(State(st): State<Shared>, Extension(caller): Extension<Caller>) -> Json<Value> {
+    let mut xs = st.exports.list();
+    if caller.0.role < crate::catalog::Role::Operator {
+        xs.iter_mut().for_each(access::redact);
+    }
+    Json(Value::Array(xs))
 }
 
 /// `DELETE /instant/{id}` → the stopped export's view, once its port is closed.
