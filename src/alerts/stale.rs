@@ -2,13 +2,15 @@
 //! every [`EVERY`].
 //!
 //! Every enabled backup policy watches each of its resources. A resource is late when
-//! its newest backup in its vault (a backup exists only once its manifest is written,
-//! so every backup in the catalog is a good one) — or, if it has none, the moment the
-//! check started watching it — is older than the policy's period plus the grace. The
-//! period is the time between the policy's next two fire times; the grace is `[alerts]
-//! stale_grace_minutes`, by default half the period and at least 10 minutes (the
-//! console's RPO column marks "late" by the same rule with its own grace of half a
-//! period).
+//! a run of the policy fell due more than the grace ago and no good backup came after
+//! it: the policy has a fire time after the resource's newest backup in its vault (a
+//! backup exists only once its manifest is written, so every backup in the catalog is a
+//! good one) — or, if it has none, after the moment the check started watching it — and
+//! at least the grace before now. For a regular schedule that is "no good backup within
+//! the period plus the grace"; for an irregular one (weekdays only) a weekend is not
+//! taken for a missed run. The period is the time between the policy's next two fire
+//! times; the grace is `[alerts] stale_grace_minutes`, by default half the period and at
+//! least 10 minutes (the console's RPO column marks "late" with the same default grace).
 //!
 //! One `backup_stale` per episode: the episode is recorded in the catalog
 //! (`stale_watch.stale_since`) when the alert is raised, so neither the next check nor
@@ -110,10 +112,10 @@ pub fn check(alerter: &Alerter, grace_minutes: Option<f64>, now: OffsetDateTime)
         .iter()
         .filter(|p| p.enabled && p.kind.as_deref().is_none_or(|k| k == "backup"))
     {
-        let Some(period) = Schedule::parse(&p.schedule)
-            .ok()
-            .and_then(|s| period_of(&s, now))
-        else {
+        let Ok(schedule) = Schedule::parse(&p.schedule) else {
+            continue;
+        };
+        let Some(period) = period_of(&schedule, now) else {
             continue;
         };
         let grace = grace_of(period, grace_minutes);
@@ -140,7 +142,7 @@ pub fn check(alerter: &Alerter, grace_minutes: Option<f64>, now: OffsetDateTime)
                 .and_then(|b| parse(&b.created))
                 .map_or(since, |t| t.max(since));
             let age = Duration::try_from(now - reference).unwrap_or_default();
-            let late = age > period + grace;
+            let late = schedule.missed(reference, now - grace).is_some();
             let details = AlertDetails {
                 resource: Some(r.clone()),
                 vault: Some(vault.clone()),
@@ -205,6 +207,22 @@ fn stale_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_weekend_without_runs_is_not_late_and_a_missed_run_is_once_the_grace_passed() {
+        use time::macros::datetime;
+        let weekdays = Schedule::parse("0 2 * * 1-5").unwrap();
+        // Friday's backup at 02:00:30; Saturday afternoon nothing was due.
+        let friday = datetime!(2026-11-27 02:00:30 UTC);
+        let grace = grace_of(Duration::from_secs(86_400), None);
+        let saturday = datetime!(2026-11-28 15:00 UTC);
+        assert!(weekdays.missed(friday, saturday - grace).is_none());
+        // Monday's run did not back up: late once Monday 02:00 + 12 h passed.
+        let monday_noon = datetime!(2026-11-30 12:00 UTC);
+        assert!(weekdays.missed(friday, monday_noon - grace).is_none());
+        let monday_late = datetime!(2026-11-30 14:01 UTC);
+        assert!(weekdays.missed(friday, monday_late - grace).is_some());
+    }
 
     #[test]
     fn the_period_is_the_gap_between_two_runs_and_the_grace_half_of_it_at_least_10_min() {

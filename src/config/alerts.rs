@@ -147,3 +147,31 @@ pub fn host_allowed(host: &str, list: &[String]) -> bool {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alert_settings_take_their_defaults_and_refuse_out_of_range_values_naming_the_key() {
+        let d = AlertSettings::from_raw("f", None, None, None).unwrap();
+        assert_eq!(d, AlertSettings::default());
+        let s = AlertSettings::from_raw("f", Some(0.5), Some(true), Some(100)).unwrap();
+        assert_eq!(
+            (s.stale_grace_minutes, s.allow_private, s.outbox_max),
+            (Some(0.5), true, 100)
+        );
+        let e = AlertSettings::from_raw("f", Some(-1.0), None, None).unwrap_err();
+        assert!(e.contains("stale_grace_minutes"), "{e}");
+        let e = AlertSettings::from_raw("f", None, None, Some(5)).unwrap_err();
+        assert!(e.contains("outbox_max"), "{e}");
+    }
+
+    #[test]
+    fn a_webhook_listing_backup_stale_also_gets_backup_fresh() {
+        assert!(AlertKind::BackupFresh.delivered_to(&[AlertKind::BackupStale]));
+        assert!(!AlertKind::BackupFresh.delivered_to(&[AlertKind::TaskFailed]));
+        assert!(AlertKind::BackupStale.delivered_to(&[]));
+        assert!(!AlertKind::BackupSucceeded.delivered_to(&[]));
+    }
+}

@@ -211,14 +211,6 @@ fn a_resource_without_a_good_backup_is_stale_once_across_a_restart_and_fresh_aft
         "{backups}"
     );
     assert!(v["details"]["backup_time"].is_string(), "{v}");
-    srv.ok(
-        "PATCH",
-        "/policies/often",
-        &admin,
-        Some(json!({"enabled": false})),
-        200,
-    );
-    assert_eq!(rx.kinds("backup_stale").len(), 1);
     assert!(srv.stop());
 }
 
@@ -318,9 +310,8 @@ fn a_dead_receiver_cannot_grow_the_outbox_past_its_cap_and_the_drops_are_counted
         let h = srv.ok("GET", "/health", &admin, None, 200);
         h["alerts"]["dropped"] == n - 10 && h["alerts"]["queued"] == 10
     });
-    // The newest ones are kept, each waiting for its retry after a refused connection.
-    let newest = raised.as_array().unwrap()[0]["kind"].clone();
-    assert_eq!(d[0]["kind"], newest);
+    // Those kept wait for their retry after a refused connection (which of them are
+    // kept, oldest pending dropped first, is the catalog's unit test).
     wait_until("first attempts", Duration::from_secs(30), || {
         let d = srv.ok("GET", "/alerts/deliveries", &admin, None, 200);
         d.as_array()
