@@ -10,6 +10,10 @@
 //! vault. A failed task raises `task_failed`; a verify that found damage also raises
 //! `vault_damaged` (the service's task-end hooks).
 //!
+//! Stale backups: at start and then every `alerts::stale::EVERY`, the thread checks
+//! that every resource of a backup policy has a good backup within the policy's period
+//! plus the grace, and raises `backup_stale` / `backup_fresh` (`alerts::stale`).
+//!
 //! Missed runs: the last run of every policy is recorded in the catalog. At start, a
 //! policy that had a fire time between its last run and now runs once, not once per
 //! missed slot; a policy that never ran starts with its next slot.
@@ -152,6 +156,13 @@ fn log_skipped(decisions: &[crate::policy::Decision], ctx: &crate::task::TaskCtx
     }
 }
 
+/// What the scheduler needs to check for stale backups: the alerter and `[alerts]
+/// stale_grace_minutes`.
+pub struct StaleCheck {
+    pub alerter: crate::alerts::Alerter,
+    pub grace_minutes: Option<f64>,
+}
+
 /// The scheduler thread.
 pub struct Scheduler {
     stop: Arc<AtomicBool>,
@@ -159,10 +170,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(data: &Path, tasks: Tasks) -> Scheduler {
+    pub fn start(data: &Path, tasks: Tasks, stale: Option<StaleCheck>) -> Scheduler {
         let stop = Arc::new(AtomicBool::new(false));
         let (s, data) = (Arc::clone(&stop), data.to_path_buf());
-        let handle = std::thread::spawn(move || run(data, tasks, s));
+        let handle = std::thread::spawn(move || run(data, tasks, s, stale));
         Scheduler {
             stop,
             handle: Some(handle),
@@ -187,16 +198,26 @@ fn parse_time(s: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339).ok()
 }
 
-fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>) {
+fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>, stale: Option<StaleCheck>) {
     // Next fire time per policy (by name, with its schedule text to notice edits);
     // None: the schedule is invalid or never fires, skipped until it is edited.
     let mut next: HashMap<String, (String, Option<OffsetDateTime>)> = HashMap::new();
     let mut first = true;
+    let mut last_stale: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         if let Err(e) = tick(&data, &tasks, &mut next, first) {
             tracing::error!("scheduler: {e}");
         }
         first = false;
+        if let Some(sc) = &stale
+            && last_stale.is_none_or(|t| t.elapsed() >= crate::alerts::stale::EVERY)
+        {
+            last_stale = Some(std::time::Instant::now());
+            let now = OffsetDateTime::now_utc();
+            if let Err(e) = crate::alerts::stale::check(&sc.alerter, sc.grace_minutes, now) {
+                tracing::error!("stale-backup check: {e}");
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -33,15 +33,16 @@ const data = join(work, "data");
 // The API only reaches host paths under [paths] (the defaults are inside the data dir):
 // this test's images, restores and the nbdkit socket live in `work`.
 const config = join(work, "serve.toml");
-// One webhook target (to a closed loopback port, for an event this test never raises):
-// the alerts view shows its host and "signed", never its secret or its URL's path.
+// One webhook target (to a closed loopback port: every delivery fails and waits for its
+// retry): the alerts view shows its host and "signed", never its secret or its URL's
+// path, and the drill_failed delivery with its state, attempts and error.
 const HOOK_SECRET = "console-test-signing-secret";
 writeFileSync(
   config,
   `[paths]\nsources = ["${work}"]\nrestore_to = ["${work}"]\n` +
     `[instant]\ntls = true\n` +
-    `[alerts]\nallowed_hosts = ["127.0.0.1"]\n` +
-    `[[alerts.webhook]]\nurl = "http://127.0.0.1:9/hooks/PATH-TOKEN"\nevents = ["vault_full"]\nsecret = "${HOOK_SECRET}"\n`,
+    `[alerts]\nallowed_hosts = ["127.0.0.1"]\nretry_seconds = [600]\n` +
+    `[[alerts.webhook]]\nurl = "http://127.0.0.1:9/hooks/PATH-TOKEN"\nevents = ["vault_full", "drill_failed"]\nsecret = "${HOOK_SECRET}"\n`,
 );
 const children = [];
 process.on("exit", () => {
@@ -362,6 +363,13 @@ try {
     const hook = page.locator("main tr", { has: page.locator("[data-webhook='127.0.0.1']") });
     await hook.locator(".badge", { hasText: "signed" }).waitFor();
     await hook.locator("td", { hasText: "vault_full" }).waitFor();
+    // The failed drill's alert went to the outbox; its delivery (to a closed port) shows
+    // up by polling, pending its retry, with its attempt and the connection error.
+    const delivery = page.locator("main tr", { has: page.locator("[data-delivery-kind=drill_failed]") });
+    await delivery.locator("td:nth-child(7)", { hasText: /\S/ }).waitFor({ timeout: DEADLINE });
+    await delivery.locator(".badge", { hasText: "pending" }).waitFor();
+    await delivery.locator("td", { hasText: "http://127.0.0.1:9" }).waitFor();
+    assert.equal((await delivery.locator("td").nth(4).textContent()).trim(), "1", "one attempt so far");
     const text = await page.locator("main").textContent();
     assert.ok(!text.includes(HOOK_SECRET) && !text.includes("PATH-TOKEN"), "the alerts view shows no secret and no URL path");
     const raw = await (await fetch(`${url}/api/v1/webhooks`, { headers: { Authorization: `Bearer ${auditor}` } })).text();

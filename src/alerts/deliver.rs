@@ -1,45 +1,33 @@
-//! Webhook delivery: one attempt (signed POST, no redirects), the worker loop, and the
-//! retry heap that holds failed deliveries until their next try.
+//! Webhook delivery from the catalog's outbox: one attempt (address check, signed POST
+//! to the checked address, no redirects), the worker loop that records each attempt's
+//! outcome, and the dispatcher that hands due deliveries to the workers.
 
-use std::collections::BinaryHeap;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hmac::{Hmac, Mac};
 
 use super::Counters;
-use crate::config::WebhookSecret;
+use super::dns::{NoAddress, addresses, pinned_agent};
+use crate::catalog::{Catalog, DeliveryState, OutboxRow};
+use crate::config::Webhook;
 
-pub(super) struct Delivery {
-    pub(super) url: String,
-    pub(super) agent: ureq::Agent,
-    pub(super) body: Arc<str>,
-    pub(super) secret: Option<WebhookSecret>,
-    pub(super) id: String,
-    /// Attempts made so far.
-    pub(super) attempt: usize,
-}
-
-/// A delivery waiting for its retry, earliest first in the heap.
-struct Retry(Instant, Delivery);
-
-impl PartialEq for Retry {
-    fn eq(&self, o: &Self) -> bool {
-        self.0 == o.0
-    }
-}
-impl Eq for Retry {}
-impl PartialOrd for Retry {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Retry {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        o.0.cmp(&self.0)
-    }
+/// What the dispatcher and the workers share.
+pub(super) struct Outbox {
+    pub(super) data: PathBuf,
+    pub(super) hooks: Vec<Webhook>,
+    pub(super) counters: Arc<Counters>,
+    /// Waits before each retry.
+    pub(super) waits: Vec<Duration>,
+    pub(super) allow_private: bool,
+    /// Deliveries handed to a worker and not yet recorded.
+    pub(super) in_flight: Mutex<HashSet<String>>,
+    /// Wakes the dispatcher (a new delivery, or a worker finished one).
+    pub(super) wake: Sender<()>,
 }
 
 /// The signature header value of `body` sent at `timestamp`.
@@ -52,26 +40,37 @@ pub fn signature(secret: &str, timestamp: u64, body: &str) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.as_millis() as i64)
+}
+
 /// What one attempt came to.
 enum Outcome {
     Delivered,
-    /// Worth another try (connection error, timeout, 5xx, 429).
+    /// Worth another try (connection error, timeout, failed lookup, 5xx, 429).
     Retry(String),
-    /// Refused for good (another 4xx).
+    /// Refused for good by the receiver (another 4xx) or gone from the configuration.
+    Failed(String),
+    /// The address rule refused the host.
     Refused(String),
 }
 
-fn attempt(d: &Delivery) -> Outcome {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |t| t.as_secs());
-    let mut req = d
-        .agent
-        .post(&d.url)
+fn attempt(hook: &Webhook, d: &OutboxRow, allow_private: bool) -> Outcome {
+    let timeout = Duration::from_secs(hook.timeout_seconds);
+    let addrs = match addresses(&hook.url, allow_private, timeout) {
+        Ok(a) => a,
+        Err(NoAddress::Refused(why)) => return Outcome::Refused(why),
+        Err(NoAddress::Unresolved(why)) => return Outcome::Retry(why),
+    };
+    let ts = (now_ms() / 1000).max(0) as u64;
+    let mut req = pinned_agent(addrs, timeout)
+        .post(&hook.url)
         .header("Content-Type", "application/json")
         .header("X-Blockvault-Delivery", &d.id)
         .header("X-Blockvault-Timestamp", ts.to_string());
-    if let Some(s) = &d.secret {
+    if let Some(s) = &hook.secret {
         req = req.header("X-Blockvault-Signature", signature(&s.0, ts, &d.body));
     }
     match req.send(d.body.as_bytes()) {
@@ -79,118 +78,145 @@ fn attempt(d: &Delivery) -> Outcome {
         Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
             Outcome::Retry(format!("answered {}", r.status()))
         }
-        Ok(r) => Outcome::Refused(format!("answered {}", r.status())),
+        Ok(r) => Outcome::Failed(format!("answered {}", r.status())),
         Err(e) => Outcome::Retry(e.to_string()),
     }
 }
 
-/// A delivery worker: one POST at a time until every sender is gone; a failed attempt
-/// goes to the retry thread while retries are left.
-pub(super) fn deliver(
-    rx: &Receiver<Delivery>,
-    c: &Counters,
-    retry: &Sender<Delivery>,
-    waits: &[Duration],
-) {
-    for mut d in rx {
-        d.attempt += 1;
-        match attempt(&d) {
+fn open(data: &std::path::Path) -> Option<Catalog> {
+    Catalog::open(data)
+        .map_err(|e| tracing::error!("webhook outbox: opening the catalog: {e}"))
+        .ok()
+}
+
+/// A delivery worker: one POST at a time until the dispatcher is gone; each outcome is
+/// written to the outbox before the delivery leaves the in-flight set.
+pub(super) fn work(ob: &Outbox, rx: &Receiver<OutboxRow>) {
+    let mut cat = open(&ob.data);
+    for d in rx {
+        let c = &ob.counters;
+        let outcome = match ob.hooks.iter().find(|h| h.url == d.url) {
+            Some(h) => attempt(h, &d, ob.allow_private),
+            None => Outcome::Failed("the webhook is no longer configured".into()),
+        };
+        let attempts = d.attempts + 1;
+        let now = now_ms();
+        let (state, next, err) = match outcome {
             Outcome::Delivered => {
                 c.delivered.fetch_add(1, Ordering::Relaxed);
+                (DeliveryState::Delivered, now, None)
             }
             Outcome::Refused(why) => {
+                c.refused.fetch_add(1, Ordering::Relaxed);
+                c.given_up.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(delivery = d.id, "webhook not sent: {why}");
+                (DeliveryState::Refused, now, Some(why))
+            }
+            Outcome::Failed(why) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 c.given_up.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
-                    url = d.url,
                     delivery = d.id,
                     "webhook refused the alert, not retried: {why}"
                 );
+                (DeliveryState::Failed, now, Some(why))
             }
-            Outcome::Retry(why) if d.attempt > waits.len() => {
+            Outcome::Retry(why) if attempts as usize > ob.waits.len() => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
                 c.given_up.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    url = d.url,
-                    delivery = d.id,
-                    attempts = d.attempt,
-                    "webhook failed, given up: {why}"
-                );
+                tracing::error!(delivery = d.id, attempts, "webhook failed, given up: {why}");
+                (DeliveryState::Failed, now, Some(why))
             }
             Outcome::Retry(why) => {
                 c.failed.fetch_add(1, Ordering::Relaxed);
+                let base = ob.waits[attempts as usize - 1];
+                let wait = base.mul_f64(0.9 + rand::random::<f64>() * 0.2);
                 tracing::warn!(
-                    url = d.url,
                     delivery = d.id,
-                    attempt = d.attempt,
+                    attempts,
+                    ?wait,
                     "webhook failed, will retry: {why}"
                 );
-                if let Err(TrySendError::Full(d) | TrySendError::Disconnected(d)) =
-                    retry.try_send(d)
-                {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        url = d.url,
-                        delivery = d.id,
-                        "webhook retry queue full: alert not retried"
-                    );
-                }
+                (
+                    DeliveryState::Pending,
+                    now + wait.as_millis() as i64,
+                    Some(why),
+                )
             }
+        };
+        if cat.is_none() {
+            cat = open(&ob.data);
         }
+        if let Some(k) = &cat
+            && let Err(e) = k.outbox_update(&d.id, state, attempts, next, err.as_deref())
+        {
+            tracing::error!(delivery = d.id, "webhook outbox: recording an attempt: {e}");
+        }
+        if let Ok(mut f) = ob.in_flight.lock() {
+            f.remove(&d.id);
+        }
+        let _ = ob.wake.try_send(());
     }
 }
 
-/// Hold failed deliveries until their next try (the wait after attempt n is
-/// `waits[n - 1]`, ±10 % jitter), then queue them again. At most `cap` wait at once.
-pub(super) fn retry_loop(
-    rx: &Receiver<Delivery>,
-    again: &Sender<Delivery>,
-    c: &Counters,
-    waits: &[Duration],
-    cap: usize,
+/// The dispatcher: hands the due deliveries of the outbox to the workers (at most as
+/// many as their queue holds; the rest wait in the outbox), then sleeps until the next
+/// one is due, a wake-up, or a second. Ends within a second of the last `Alerter` clone.
+pub(super) fn dispatch(
+    ob: &Outbox,
+    alive: &Weak<()>,
+    wake: &Receiver<()>,
+    work: &Sender<OutboxRow>,
+    queue: usize,
 ) {
-    let mut heap: BinaryHeap<Retry> = BinaryHeap::new();
-    loop {
-        let now = Instant::now();
-        while heap.peek().is_some_and(|r| r.0 <= now) {
-            let Some(Retry(_, d)) = heap.pop() else { break };
-            if let Err(TrySendError::Full(d) | TrySendError::Disconnected(d)) = again.try_send(d) {
-                c.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    url = d.url,
-                    delivery = d.id,
-                    "webhook queue full: a retry was dropped"
-                );
+    let mut cat = None;
+    while alive.upgrade().is_some() {
+        if cat.is_none() {
+            cat = open(&ob.data);
+        }
+        let mut wait = Duration::from_secs(1);
+        if let Some(k) = &cat {
+            let now = now_ms();
+            let busy = ob.in_flight.lock().map_or(0, |f| f.len());
+            match k.outbox_due(now, queue + busy) {
+                Ok(rows) => {
+                    for d in rows {
+                        let Ok(mut f) = ob.in_flight.lock() else {
+                            break;
+                        };
+                        if f.contains(&d.id) {
+                            continue;
+                        }
+                        if work.is_full() {
+                            break;
+                        }
+                        f.insert(d.id.clone());
+                        drop(f);
+                        if let Err(e) = work.try_send(d) {
+                            if let Ok(mut f) = ob.in_flight.lock() {
+                                f.remove(&e.into_inner().id);
+                            }
+                            break;
+                        }
+                    }
+                }
+                Err(e) => tracing::error!("webhook outbox: reading due deliveries: {e}"),
+            }
+            match k.outbox_pending() {
+                Ok((next, pending)) => {
+                    ob.counters.queued.store(pending, Ordering::Relaxed);
+                    if let Some(n) = next
+                        && n > now
+                    {
+                        wait = wait.min(Duration::from_millis((n - now) as u64));
+                    }
+                }
+                Err(e) => tracing::error!("webhook outbox: {e}"),
             }
         }
-        let wait = heap.peek().map_or(Duration::from_secs(3600), |r| {
-            r.0.saturating_duration_since(now)
-        });
-        match rx.recv_timeout(wait) {
-            Ok(d) => {
-                if heap.len() >= cap {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        url = d.url,
-                        delivery = d.id,
-                        "too many webhook retries waiting: alert not retried"
-                    );
-                    continue;
-                }
-                let base = waits
-                    .get(d.attempt - 1)
-                    .copied()
-                    .unwrap_or(Duration::from_secs(60));
-                let wait = base.mul_f64(0.9 + rand::random::<f64>() * 0.2);
-                heap.push(Retry(Instant::now() + wait, d));
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                if heap.is_empty() {
-                    return;
-                }
-                std::thread::sleep(wait.min(Duration::from_secs(1)));
-            }
+        match wake.recv_timeout(wait) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }

@@ -306,6 +306,7 @@ routes! {
     POST "/tasks/{id}/cancel" Operator "Cancel a task" => handlers::cancel_task;
     GET "/audit" Auditor "Who did what, when" => handlers::audit;
     GET "/alerts" Auditor "Raised alerts" => handlers::alerts;
+    GET "/alerts/deliveries" Auditor "Webhook deliveries: state, attempts, next try, last error (no body, no secret)" => webhooks::deliveries;
     GET "/webhooks" Auditor "Configured webhook targets (host, events, signed; never the secret)" => webhooks::list;
     GET "/tokens" Admin "List tokens" => handlers::list_tokens;
     POST "/tokens" Admin "Create a token (secret shown once)" => handlers::create_token;
@@ -639,6 +640,8 @@ pub fn run_appliance(
                     .iter()
                     .map(|s| std::time::Duration::from_secs(*s))
                     .collect(),
+                outbox: config.alerting.outbox_max,
+                allow_private: config.alerting.allow_private,
             },
         )?,
         config.capacity_warn_percent,
@@ -671,9 +674,13 @@ pub fn run_appliance(
             .check(move || handlers::alerts_for(&st, &t));
     }));
     tasks.on_end(maintenance::alert_hook(state.alerts.clone()));
-    let mut scheduler = config
-        .scheduler_enabled
-        .then(|| crate::scheduler::Scheduler::start(&config.data, tasks.clone()));
+    let mut scheduler = config.scheduler_enabled.then(|| {
+        let stale = crate::scheduler::StaleCheck {
+            alerter: state.alerts.clone(),
+            grace_minutes: config.alerting.stale_grace_minutes,
+        };
+        crate::scheduler::Scheduler::start(&config.data, tasks.clone(), Some(stale))
+    });
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -20,7 +20,7 @@ use utoipa::openapi::{RefOr, schema::Schema};
 use super::schema::*;
 use super::{ANONYMOUS, ROUTES};
 use crate::app::{RestoreRequest, VaultInfo};
-use crate::catalog::{AlertRecord, AuditRecord, TokenInfo};
+use crate::catalog::{AlertRecord, AuditRecord, DeliveryRecord, TokenInfo};
 use crate::service::{DrillRequest, GcRequest, Policy, ReplicateRequest, Resource, VerifyRequest};
 use crate::task::TaskInfo;
 
@@ -224,6 +224,7 @@ pub const SHAPES: &[Shape] = &[
     s("POST", "/tasks/{id}/cancel", 200, One(t::<TaskInfo>)),
     s("GET", "/audit", 200, List(t::<AuditRecord>)),
     s("GET", "/alerts", 200, List(t::<AlertRecord>)),
+    s("GET", "/alerts/deliveries", 200, List(t::<DeliveryRecord>)),
     s("GET", "/tokens", 200, List(t::<TokenInfo>)),
     b(
         s("POST", "/tokens", 201, One(t::<CreatedToken>)),

@@ -7,7 +7,7 @@
 //! ordered [`MIGRATIONS`]; a catalog newer than this build is refused.
 //!
 //! The service's own state (tokens, resources, policies, tasks, audit, alerts) lives here
-//! too (`service`); that part is not in any vault. The backups' protected flag here is a
+//! too (`service`; the webhook outbox and stale-backup episodes in `outbox`); that part is not in any vault. The backups' protected flag here is a
 //! cache of the vault's lock journal (`vault::retention`), synced at rescan/attach.
 //! `figures` caches what is costly to compute from a vault (usage, the bytes only one
 //! backup references) so that the API serves them without walking the vault.
@@ -127,6 +127,30 @@ ALTER TABLE tokens ADD COLUMN last_used TEXT;
     "
 ALTER TABLE alerts ADD COLUMN details TEXT NOT NULL DEFAULT '{}';
 ",
+    // Webhook deliveries that survive a restart, and stale-backup episodes (`outbox`).
+    "
+CREATE TABLE alert_outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    url        TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    created    TEXT NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_try   INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    last_error TEXT,
+    updated    TEXT NOT NULL
+);
+CREATE INDEX alert_outbox_due ON alert_outbox(state, next_try);
+CREATE TABLE stale_watch (
+    resource      TEXT NOT NULL,
+    policy        TEXT NOT NULL,
+    watched_since TEXT NOT NULL,
+    stale_since   TEXT,
+    PRIMARY KEY (resource, policy)
+);
+",
 ];
 
 /// A vault known to the catalog.
@@ -158,10 +182,14 @@ pub struct BackupEntry {
 
 mod drills;
 mod figures;
+mod outbox;
 mod pool;
 mod service;
 
 pub use figures::{BackupFigure, VaultFigures};
+pub use outbox::{
+    DeliveryRecord, DeliveryState, LastBackup, NewDelivery, OutboxRow, StaleWatch, Trimmed,
+};
 pub use pool::{Lent, Pool};
 pub use service::{AlertRecord, AuditRecord, Role, Table, TokenInfo};
 

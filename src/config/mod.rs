@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-pub use alerts::{AlertKind, Webhook, WebhookSecret, host_allowed, url_host};
+pub use alerts::{AlertKind, AlertSettings, Webhook, WebhookSecret, host_allowed, url_host};
 pub use instant::InstantConfig;
 pub use remote::{RemoteConfig, S3Config, S3CredentialFiles, parse_rate};
 
@@ -94,6 +94,8 @@ pub struct Config {
     pub alert_workers: usize,
     /// `[alerts] retry_seconds`: waits before each retry of a failed delivery.
     pub alert_retry_seconds: Vec<u64>,
+    /// `[alerts]` staleness grace, outbox cap and address rule.
+    pub alerting: AlertSettings,
     /// `[tasks] keep_days` / `keep_max`: ended tasks older than this, or beyond the
     /// newest `keep_max`, are trimmed from the history by the service.
     pub task_keep_days: u32,
@@ -159,6 +161,7 @@ impl Default for Config {
             alert_queue: 1000,
             alert_workers: 2,
             alert_retry_seconds: vec![5, 30, 120, 600, 3600],
+            alerting: AlertSettings::default(),
             task_keep_days: 30,
             task_keep_max: 10_000,
             audit_keep_days: 365,

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{
-    AlertKind, Config, HookSet, PathsConfig, Webhook, WebhookSecret, host_allowed, url_host,
+    AlertKind, AlertSettings, Config, HookSet, PathsConfig, Webhook, WebhookSecret, host_allowed,
+    url_host,
 };
 
 #[derive(Deserialize, Default)]
@@ -115,6 +116,9 @@ struct RawAlerts {
     #[serde(default)]
     allowed_hosts: Vec<String>,
     retry_seconds: Option<Vec<u64>>,
+    stale_grace_minutes: Option<f64>,
+    allow_private: Option<bool>,
+    outbox_max: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +234,12 @@ impl Config {
                 "{origin}: [alerts] retry_seconds must list at most 10 waits of 1..=86400 seconds, got {alert_retry_seconds:?}"
             ));
         }
+        let alerting = AlertSettings::from_raw(
+            origin,
+            raw.alerts.stale_grace_minutes,
+            raw.alerts.allow_private,
+            raw.alerts.outbox_max,
+        )?;
         let mut webhooks = Vec::new();
         for w in raw.alerts.webhook {
             if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
@@ -398,6 +408,7 @@ impl Config {
             alert_queue,
             alert_workers,
             alert_retry_seconds,
+            alerting,
         };
         c.check_tls().map_err(|e| format!("{origin}: {e}"))?;
         Ok(c)

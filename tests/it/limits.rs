@@ -181,7 +181,7 @@ fn a_silent_webhook_and_1000_failing_tasks_keep_threads_and_memory_bounded_and_c
     std::fs::write(
         &cfg,
         format!(
-            "[alerts]\nqueue = 100\nworkers = 2\nallowed_hosts = [\"127.0.0.1\"]\n[[alerts.webhook]]\nurl = \"{url}\"\ntimeout_seconds = 60\n"
+            "[alerts]\nqueue = 100\noutbox_max = 100\nworkers = 2\nallowed_hosts = [\"127.0.0.1\"]\n[[alerts.webhook]]\nurl = \"{url}\"\ntimeout_seconds = 60\n"
         ),
     )
     .unwrap();

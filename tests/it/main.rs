@@ -57,3 +57,4 @@ mod tls;
 mod vault;
 mod vm;
 mod vsphere_cbt;
+mod webhooks;

@@ -5,7 +5,7 @@
 //! side. This module holds what the submodules share (error helpers, JSON merge).
 
 mod backups;
-mod page;
+pub(crate) mod page;
 mod policies;
 mod resources;
 mod tasks;

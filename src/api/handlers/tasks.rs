@@ -107,7 +107,7 @@ pub fn alerts_for(st: &Shared, t: &crate::task::TaskInfo) {
         backup: result_str("backup"),
         backup_name: result_str("name"),
         task: Some(t.id.clone()),
-        damaged: None,
+        ..Default::default()
     };
     let raise = |k: AlertKind, subject: &str, msg: &str| {
         if let Err(e) = st.alerts.raise_with(k, subject, msg, &details) {
