@@ -226,13 +226,16 @@ impl Drop for Task {
     }
 }
 
+/// The running pool: its queue and threads.
+type Pool = (Sender<Task>, Vec<JoinHandle<()>>);
+
 /// The pool of one served disk, started on first use and stopped on drop.
 pub(crate) struct Prefetcher {
     vault: Arc<Vault>,
     cache: Arc<ChunkCache>,
     counters: Arc<Counters>,
     closing: Arc<AtomicBool>,
-    pool: Mutex<Option<(Sender<Task>, Vec<JoinHandle<()>>)>>,
+    pool: Mutex<Option<Pool>>,
 }
 
 impl Prefetcher {
@@ -285,7 +288,7 @@ impl Prefetcher {
         }
     }
 
-    fn start(&self) -> (Sender<Task>, Vec<JoinHandle<()>>) {
+    fn start(&self) -> Pool {
         let (tx, rx) = crossbeam_channel::bounded::<Task>(PREFETCH_QUEUE);
         let mut threads = Vec::new();
         for _ in 0..PREFETCH_THREADS {
