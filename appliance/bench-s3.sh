@@ -157,8 +157,9 @@ def instant_read(data, backup):
     _, err = srv.communicate(timeout=60)
     counts = {}
     for line in err.splitlines():
-        if "S3 requests" in line:
-            for k in ("get", "head", "put", "list", "delete"):
+        if "S3 requests" in line or "disk reads" in line:
+            for k in ("get", "head", "put", "list", "delete", "bytes_in", "bytes_out",
+                      "chunks_read", "prefetched", "prefetch_gets", "reader_fetches"):
                 m = re.search(r"\b%s=(\d+)" % k, line)
                 if m:
                     counts[k] = counts.get(k, 0) + int(m.group(1))
@@ -248,4 +249,9 @@ if g.get("objects_incr") and g.get("stored_full"):
     print(f"\nobjects in bucket: {g['objects_full']} after the full, {g['objects_incr']} after the incremental; "
           f"{g['stored_full'] / 1e9:.2f} GB stored by the full -> {g['objects_full'] / g['stored_full'] * 1e12:,.0f} objects per TB stored")
 print(f"incremental changed {g['changed_bytes'] / 1e6:.1f} MB")
+for kind in ("local", "garage"):
+    c = results[kind]["instant"][1]
+    if "chunks_read" in c:
+        print(f"instant access ({kind}): {c['chunks_read']} chunks read, {c.get('prefetched', 0)} fetched ahead "
+              f"in {c.get('prefetch_gets', 0)} GETs, {c.get('reader_fetches', 0)} fetched by the reader")
 PY

@@ -3,7 +3,11 @@
 //! overlay on top of it can use the backup at once, without restoring it first.
 //!
 //! Chunks are fetched from the vault on demand, verified (digest) and kept in a shared
-//! LRU cache (decoded chunks, bounded by bytes), index pages in a second small LRU.
+//! LRU cache (decoded chunks, bounded by bytes), index pages in a second small LRU
+//! ([`crate::disk_reader`]). On object storage a connection that reads sequentially gets
+//! the chunks ahead of it fetched on a small pool (coalesced ranged GETs) while it is
+//! served; what it read and what was fetched ahead is logged when the export ends
+//! ("disk reads", at info).
 //! Allocation is answered from the index alone: a `ZERO` slot is a hole that reads as
 //! zeros, so clients skip it without reading. A chunk that fails verification makes the
 //! NBD read covering it fail with EIO; it is never cached and never served.
@@ -75,19 +79,31 @@ pub fn serve_backup_as(
     tls: Option<&crate::nbd::NbdTlsServer>,
     secret: Option<&str>,
 ) -> Result<()> {
+    let shared = Arc::new(DiskCache::open(vault, disk, CHUNK_CACHE_BYTES)?);
+    serve_cache(&shared, listener, stop, tls, secret)
+}
+
+/// Serve the disk of `shared` on `listener` until `stop` is set (named `secret` when
+/// given, as in [`serve_backup_as`]); the caller keeps `shared` to read its counters
+/// ([`DiskCache::counts`]) afterwards.
+pub fn serve_cache(
+    shared: &Arc<DiskCache>,
+    listener: &Listener,
+    stop: &AtomicBool,
+    tls: Option<&crate::nbd::NbdTlsServer>,
+    secret: Option<&str>,
+) -> Result<()> {
     let limits = crate::nbd::server::Limits {
         tls: tls.map(|t| t.config()).transpose()?,
         secret_name: secret.is_some(),
         ..Default::default()
     };
-    let shared = Arc::new(DiskCache::open(vault, disk, CHUNK_CACHE_BYTES)?);
-    let cs = shared.chunk_size();
     let info = ExportInfo {
-        name: secret.unwrap_or(&disk.name).to_string(),
-        size: disk.size,
-        preferred_block: cs as u32,
+        name: secret.unwrap_or(shared.name()).to_owned(),
+        size: shared.size(),
+        preferred_block: shared.chunk_size() as u32,
     };
-    let s = Arc::clone(&shared);
+    let s = Arc::clone(shared);
     let open =
         Arc::new(move || -> Result<Box<dyn ExportReader>> { Ok(Box::new(Reader(s.reader()?))) });
     crate::nbd::server::serve_with(listener, &info, open, stop, &limits)

@@ -618,3 +618,81 @@ fn gc_on_a_second_appliance_is_refused_while_the_first_serves_a_backup_over_nbd(
         "the backup is still live"
     );
 }
+
+/// The first `name=N` field of the log line containing `what`.
+fn logged(log: &str, what: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no {what:?} line in the log:\n{log}"));
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    line[at + name.len() + 2..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number in {line}"))
+}
+
+#[test]
+fn instant_access_from_garage_reads_ahead_and_serves_the_backup_byte_exact_in_few_gets() {
+    let g = Garage::start();
+    let env = s3_env(&g, "ahead");
+    let img = random_image(&env, "a.raw", 48, 17);
+    let b = env.backup(&img, "a");
+    let sock = env.path("serve.sock");
+    let log_path = env.path("serve.log");
+    let mut child = env
+        .cmd()
+        .env("RUST_LOG", "blockvault=info")
+        .args(["serve-nbd", s(&b, "id"), "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("nbd+unix://"), "{line}");
+    let out = env.path("copy.raw");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            line.trim(),
+            out.to_str().unwrap(),
+        ],
+    );
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(same.success(), "the copy over NBD differs from the source");
+    // SIGTERM: the export ends cleanly and logs what it read and fetched.
+    sh("kill", &["-TERM", &child.id().to_string()]);
+    assert!(child.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let chunks = logged(&log, "disk reads", "chunks_read");
+    let ahead = logged(&log, "disk reads", "prefetched");
+    let gets = logged(&log, "S3 requests", "get");
+    assert!(chunks >= 768, "48 MiB of 64 KiB chunks, each read:\n{log}");
+    assert!(
+        ahead >= chunks / 2,
+        "{ahead} of {chunks} chunks fetched ahead:\n{log}"
+    );
+    // About one GET per 4 MiB window (index blobs and the lease aside), not per chunk.
+    assert!(
+        gets * 16 < chunks,
+        "{gets} GETs for {chunks} chunks:\n{log}"
+    );
+}

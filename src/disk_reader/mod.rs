@@ -16,11 +16,27 @@
 //! GET; each is verified and put in the chunk cache, so a sequential reader costs one GET
 //! per window instead of one per chunk. Memory stays bounded by the chunk cache
 //! ([`CHUNK_CACHE_BYTES`] by default) plus one window per reader being fetched.
+//!
+//! A reader that reads sequentially on object storage does not wait for those windows
+//! one at a time: [`prefetch`] notices the run and fetches the data chunks ahead of it
+//! on a small pool, into the same cache, verified the same way.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::num::NonZeroUsize;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+
+mod prefetch;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use self::prefetch::{ChunkCache, Counters, Prefetcher};
+pub use self::prefetch::{
+    MAX_GAP, PREFETCH_AHEAD, PREFETCH_BATCH, PREFETCH_QUEUE, PREFETCH_THREADS, ReadCounts,
+    SEQ_SLACK,
+};
+use self::stream::Stream;
 
 use lru::LruCache;
 
@@ -39,35 +55,69 @@ pub const READ_AHEAD_BYTES: u64 = 4 << 20;
 /// Index pages kept in memory (each 32 KiB: covers 64 MiB at 64 KiB chunks).
 pub const PAGE_CACHE: usize = 64;
 
-/// What the readers of one disk share: index root and caches.
+/// What the readers of one disk share: index root, caches, read-ahead pool, counters.
 pub struct DiskCache {
     vault: Arc<Vault>,
     name: String,
     root: IndexRoot,
     size: u64,
     pages: Mutex<LruCache<usize, Arc<Vec<ChunkDigest>>>>,
-    chunks: Mutex<LruCache<ChunkDigest, Arc<Vec<u8>>>>,
+    chunks: Arc<ChunkCache>,
+    counters: Arc<Counters>,
+    /// Sequential read-ahead (see [`prefetch`]); on object storage only.
+    prefetch: Option<Prefetcher>,
 }
 
 impl DiskCache {
     /// Load `disk`'s index root from `vault`; caches of `chunk_bytes` decoded chunk bytes.
+    /// Sequential readers get read-ahead when the vault is on object storage.
     pub fn open(vault: Arc<Vault>, disk: &DiskManifest, chunk_bytes: usize) -> Result<DiskCache> {
+        let prefetch = vault.is_shared_store();
+        DiskCache::open_with(vault, disk, chunk_bytes, prefetch)
+    }
+
+    /// [`DiskCache::open`], with read-ahead for sequential readers or without.
+    pub fn open_with(
+        vault: Arc<Vault>,
+        disk: &DiskManifest,
+        chunk_bytes: usize,
+        prefetch: bool,
+    ) -> Result<DiskCache> {
         let lookup = vault.lookup()?;
         let root = load_root(&vault, &lookup, disk)?;
         drop(lookup);
         let cs = root.chunk_size.as_u64() as usize;
+        let chunks = Arc::new(ChunkCache::new((chunk_bytes / cs).max(1)));
+        let counters = Arc::new(Counters::default());
+        let prefetch = prefetch.then(|| {
+            Prefetcher::new(
+                Arc::clone(&vault),
+                Arc::clone(&chunks),
+                Arc::clone(&counters),
+            )
+        });
         Ok(DiskCache {
             size: disk.size,
             name: disk.name.clone(),
             pages: Mutex::new(LruCache::new(
                 NonZeroUsize::new(PAGE_CACHE).unwrap_or(NonZeroUsize::MIN),
             )),
-            chunks: Mutex::new(LruCache::new(
-                NonZeroUsize::new((chunk_bytes / cs).max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            chunks,
+            counters,
+            prefetch,
             vault,
             root,
         })
+    }
+
+    /// What the readers of this disk did so far.
+    pub fn counts(&self) -> ReadCounts {
+        self.counters.snapshot()
+    }
+
+    /// The disk's name in its backup.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Virtual size of the disk in bytes.
@@ -96,7 +146,29 @@ impl DiskCache {
             lookup: self.vault.lookup()?,
             cache: Arc::clone(self),
             decoder,
+            stream: std::cell::RefCell::new(Stream::new()),
         })
+    }
+}
+
+impl Drop for DiskCache {
+    fn drop(&mut self) {
+        // Stop the pool first: its counts are final after that.
+        drop(self.prefetch.take());
+        let c = self.counters.snapshot();
+        if c.chunks_read > 0 {
+            tracing::info!(
+                disk = %self.name,
+                chunks_read = c.chunks_read,
+                reader_fetches = c.reader_fetches,
+                waited = c.waited,
+                prefetched = c.prefetched,
+                prefetch_gets = c.prefetch_gets,
+                rejected = c.rejected,
+                cancelled = c.cancelled,
+                "disk reads"
+            );
+        }
     }
 }
 
@@ -106,6 +178,8 @@ pub struct DiskReader {
     lookup: LookupIndex,
     /// Shared store only: decodes the blobs of a read-ahead window.
     decoder: Option<std::cell::RefCell<Decoder>>,
+    /// This reader's access pattern, for read-ahead.
+    stream: std::cell::RefCell<Stream>,
 }
 
 impl DiskReader {
@@ -139,9 +213,17 @@ impl DiskReader {
 
     fn chunk(&self, d: &ChunkDigest, offset: u64) -> Result<Arc<Vec<u8>>> {
         let s = &self.cache;
-        if let Some(c) = s.chunks.lock().unwrap_or_else(|e| e.into_inner()).get(d) {
-            return Ok(Arc::clone(c));
+        s.counters.chunk_read();
+        if let Some(c) = s.chunks.get(d) {
+            return Ok(c);
         }
+        if s.chunks.wait_landed(d) {
+            s.counters.waited();
+            if let Some(c) = s.chunks.get(d) {
+                return Ok(c);
+            }
+        }
+        s.counters.reader_fetch();
         if let Some(data) = self.read_ahead(d) {
             return Ok(data);
         }
@@ -152,11 +234,55 @@ impl DiskReader {
             ))
         })?;
         let data = Arc::new(data);
-        s.chunks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .put(*d, Arc::clone(&data));
+        s.chunks.put(*d, Arc::clone(&data));
         Ok(data)
+    }
+
+    /// Note a read of `len` bytes at `offset`; when it continues a sequential run, queue
+    /// the data chunks from it onward for the read-ahead pool (see [`prefetch`]).
+    fn schedule_read_ahead(&self, offset: u64, len: u64) {
+        let Some(prefetcher) = &self.cache.prefetch else {
+            return;
+        };
+        let Ok(mut stream) = self.stream.try_borrow_mut() else {
+            return;
+        };
+        let cs = self.cache.chunk_size();
+        let Some(ahead) = stream.note(offset, len, cs) else {
+            return;
+        };
+        let slots = self.cache.size.div_ceil(cs);
+        let batch = (PREFETCH_BATCH / cs).max(1) as usize;
+        // Top up in whole batches (fewer, larger GETs), not by each read's few chunks.
+        let step = PREFETCH_BATCH.min(ahead).max(cs);
+        let mut scanned = 0;
+        while stream.scheduled(cs) + step <= ahead && scanned < Stream::max_scan() {
+            let mut slot = stream.frontier_slot(cs);
+            if slot >= slots {
+                break;
+            }
+            let (mut data_slots, mut digests) = (Vec::new(), Vec::new());
+            while slot < slots
+                && scanned < Stream::max_scan()
+                && data_slots.len() < batch
+                && stream.scheduled(cs) + (data_slots.len() as u64) * cs < ahead
+            {
+                // An index page that cannot be read: the read itself says why.
+                let Ok(d) = self.digest(slot) else {
+                    return;
+                };
+                scanned += 1;
+                if !d.is_zero() {
+                    data_slots.push(slot);
+                    digests.push(d);
+                }
+                slot += 1;
+            }
+            if !digests.is_empty() && !prefetcher.schedule(&stream, &digests) {
+                break;
+            }
+            stream.advance(slot, &data_slots, cs);
+        }
     }
 
     /// Shared store: fetch `d` and the blobs after it in its pack with one ranged GET,
@@ -201,14 +327,9 @@ impl DiskReader {
                 others.push((e.digest, plain));
             }
         }
-        let mut chunks = self.cache.chunks.lock().unwrap_or_else(|e| e.into_inner());
-        for (digest, plain) in others {
-            if !chunks.contains(&digest) {
-                chunks.put(digest, plain);
-            }
-        }
+        self.cache.chunks.put_if_absent(others);
         let wanted = wanted?;
-        chunks.put(*d, Arc::clone(&wanted));
+        self.cache.chunks.put(*d, Arc::clone(&wanted));
         Some(wanted)
     }
 
@@ -224,6 +345,7 @@ impl DiskReader {
                 self.cache.size
             )));
         }
+        self.schedule_read_ahead(offset, buf.len() as u64);
         let cs = self.cache.chunk_size();
         let mut done = 0usize;
         while done < buf.len() {

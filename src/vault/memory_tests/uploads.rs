@@ -1,0 +1,187 @@
+//! Several uploads at once: a backup's packs, a replication's replica packs.
+
+use super::*;
+
+/// A [`MemoryStore`] whose pack uploads wait (up to a deadline) for a second upload to be
+/// in flight, and which records how many were in flight at once: a slow link where only
+/// parallel uploads keep up.
+struct ConcurrentPuts {
+    inner: MemoryStore,
+    state: std::sync::Mutex<(usize, usize, bool)>, // (in flight, most at once, gave up)
+    changed: std::sync::Condvar,
+}
+
+impl ConcurrentPuts {
+    fn most_at_once(&self) -> usize {
+        self.state.lock().unwrap().1
+    }
+}
+
+impl ChunkStore for ConcurrentPuts {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn len(&self, key: &str) -> crate::error::Result<u64> {
+        self.inner.len(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
+        self.inner.put(key, bytes)
+    }
+    fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.0 < 2 && !s.2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.2 = true; // never two at once: stop waiting for good
+                break;
+            }
+            s = self.changed.wait_timeout(s, left).unwrap().0;
+        }
+        drop(s);
+        let r = self.inner.put_spooled(key, spooled);
+        self.state.lock().unwrap().0 -= 1;
+        r
+    }
+    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> crate::error::Result<()> {
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn a_backup_uploads_several_packs_at_once_and_records_its_manifest_after_all_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(ConcurrentPuts {
+        inner: MemoryStore::new(),
+        state: std::sync::Mutex::new((0, 0, false)),
+        changed: std::sync::Condvar::new(),
+    });
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
+    let state = dir.path().join("state");
+    Vault::create_in(
+        Arc::clone(&dyn_store),
+        &state,
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    // 256 KiB packs: the 3 MiB of data make a dozen packs.
+    let toml = String::from_utf8(store.get("vault.toml").unwrap()).unwrap();
+    assert!(toml.contains("pack_target = 33554432"), "{toml}");
+    store
+        .put(
+            "vault.toml",
+            toml.replace("pack_target = 33554432", "pack_target = 262144")
+                .as_bytes(),
+        )
+        .unwrap();
+    let vault = Vault::open_in(dyn_store, &state, true).unwrap();
+    let img = image(dir.path(), 7);
+
+    let m = backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("b1"),
+    )
+    .unwrap();
+    let packs = keys_under(&store.inner, "packs/").len();
+    assert!(packs >= 8, "{packs} packs");
+    let most = store.most_at_once();
+    assert!(
+        (2..=crate::backup::pipeline::UPLOADS_IN_FLIGHT).contains(&most),
+        "{most} pack uploads in flight at once"
+    );
+    // The manifest names only durable packs: the restore is byte-exact.
+    assert_eq!(keys_under(&store.inner, "backups/").len(), 1);
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        &vault,
+        &m.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn replication_onto_an_object_store_lands_several_packs_at_once_and_restores_byte_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = Vault::create(&dir.path().join("src"), ChunkSize::new(65536).unwrap(), 1).unwrap();
+    // 24 MiB of random data: three send batches of 8 MiB, one pack each.
+    let img = dir.path().join("big.raw");
+    let mut data = vec![0u8; 24 << 20];
+    blake3::Hasher::new()
+        .update(b"replica")
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(&img, &data).unwrap();
+    let m = backup_disk(
+        &source,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("b"),
+    )
+    .unwrap();
+
+    let store = Arc::new(ConcurrentPuts {
+        inner: MemoryStore::new(),
+        state: std::sync::Mutex::new((0, 0, false)),
+        changed: std::sync::Condvar::new(),
+    });
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
+    let state = dir.path().join("target-state");
+    let target = Vault::create_in(
+        dyn_store,
+        &state,
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    let t = crate::replicate::VaultTarget::new(target).unwrap();
+    crate::replicate::replicate_backup(
+        &source,
+        &m,
+        &t,
+        &crate::replicate::ReplicateOptions::default(),
+    )
+    .unwrap();
+    let most = store.most_at_once();
+    assert!(
+        (2..=crate::replicate::engine::MAX_PUTS_IN_FLIGHT).contains(&most),
+        "{most} replica packs in flight at once"
+    );
+    let target = t.vault();
+    let replicas = target.manifests().unwrap();
+    assert_eq!(replicas.len(), 1);
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        target,
+        &replicas[0].disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+}
