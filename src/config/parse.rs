@@ -36,6 +36,7 @@ struct Raw {
     remote: BTreeMap<String, super::remote::RawRemote>,
     #[serde(default)]
     s3: BTreeMap<String, super::remote::RawS3>,
+    #[serde(default)]
     instant: super::instant::RawInstant,
 }
 
