@@ -12,11 +12,14 @@ use serde_json::{Value, json};
 use crate::appliance::{Appliance, token};
 use crate::common::{Env, random_bytes, s, write_raw};
 
-/// Bodies that carry another format than the API's requests: a backup manifest (the
-/// vault's own versioned format) pushed to a mirror vault.
+/// Bodies that carry another format than the API's requests: a backup manifest or a
+/// vault's `[encryption]` key material (the vault's own versioned formats) pushed to a
+/// mirror vault.
 const NOT_API_BODIES: &[&str] = &[
     "POST /api/v1/vaults/{name}/replica/manifest/present",
     "PUT /api/v1/vaults/{name}/replica/manifest",
+    "PUT /api/v1/vaults/{name}/replica/manifest/sealed",
+    "PUT /api/v1/vaults/{name}/replica/encryption",
 ];
 
 /// What a test can see of the appliance's state (everything but the audit log, which

@@ -23,6 +23,8 @@ const NOT_CALLED: &[&str] = &[
     "PUT /api/v1/vaults/{name}/replica/blobs",
     "POST /api/v1/vaults/{name}/replica/manifest/present",
     "PUT /api/v1/vaults/{name}/replica/manifest",
+    "PUT /api/v1/vaults/{name}/replica/manifest/sealed",
+    "PUT /api/v1/vaults/{name}/replica/encryption",
     "GET /api/v1/backups/{id}/files/content",
     "GET /api/v1/backups/{id}/drill/screenshot",
 ];
@@ -298,6 +300,7 @@ fn every_answer_of_a_real_scenario_matches_the_openapi_schema_of_its_route_and_s
     c.ok("DELETE", "/tokens/{name}", &["eve"], None, 200);
     c.ok("GET", "/audit", &[], None, 200);
     c.ok("GET", "/alerts", &[], None, 200);
+    c.ok("GET", "/alerts/deliveries", &[], None, 200);
     c.ok("GET", "/webhooks", &[], None, 200);
     // Errors match the error body of their status too.
     c.ok("GET", "/vaults/{name}", &["nope"], None, 404);
