@@ -126,9 +126,12 @@ install -m 0755 "$binary" "$root/usr/local/bin/blockvault"
 install -m 0644 "$here/blockvault.service" "$root/etc/systemd/system/blockvault.service"
 install -d -m 0755 "$root/etc/blockvault"
 # The shipped config, with the API on every address (the appliance is driven over the
-# network) and the example webhook commented out (it would post to example.com).
+# network; only [server] listen: [instant] has its own) and the example webhook, mirror
+# appliance and S3 endpoint commented out (they name hosts and files that do not exist).
 awk -v nbd="$nbd_hosts" '
-    /^listen = / { print "listen = \"0.0.0.0:8420\""; next }
+    /^\[/ { section = $0 }
+    section == "[server]" && /^listen = / { print "listen = \"0.0.0.0:8420\""; next }
+    /^\[remote\.|^\[s3\./ { skip = 1 }
     /^nbd_hosts = / && nbd != "" { n = split(nbd, h, ","); line = "nbd_hosts = ["
         for (i = 1; i <= n; i++) line = line (i > 1 ? ", " : "") "\"" h[i] "\""
         print line "]"; next }
