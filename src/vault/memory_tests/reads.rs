@@ -66,9 +66,8 @@ impl ChunkStore for RangeBytes {
     }
 }
 
-#[test]
-fn a_restore_from_a_shared_store_with_several_workers_reads_each_pack_byte_once_in_few_gets() {
-    let dir = tempfile::tempdir().unwrap();
+/// A vault (64 KiB chunks, zstd 1) over a [`RangeBytes`]-counting in-memory store.
+fn range_counted_vault(dir: &Path) -> (Arc<RangeBytes>, Vault) {
     let store = Arc::new(RangeBytes {
         inner: MemoryStore::new(),
         bytes: std::sync::atomic::AtomicU64::new(0),
@@ -76,7 +75,7 @@ fn a_restore_from_a_shared_store_with_several_workers_reads_each_pack_byte_once_
     let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
     let vault = Vault::create_in(
         dyn_store,
-        &dir.path().join("state"),
+        &dir.join("state"),
         true,
         ChunkSize::new(65536).unwrap(),
         1,
@@ -84,6 +83,13 @@ fn a_restore_from_a_shared_store_with_several_workers_reads_each_pack_byte_once_
         None,
     )
     .unwrap();
+    (store, vault)
+}
+
+#[test]
+fn a_restore_from_a_shared_store_with_several_workers_reads_each_pack_byte_once_in_few_gets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, vault) = range_counted_vault(dir.path());
     // 40 MiB of random data: two packs, five batches of 8 MiB.
     let img = dir.path().join("big.raw");
     let mut data = vec![0u8; 40 << 20];
@@ -156,21 +162,7 @@ fn instant_access_from_a_shared_store_reads_a_window_per_get_not_a_chunk() {
 #[test]
 fn restoring_an_incremental_from_a_shared_store_reads_each_byte_about_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RangeBytes {
-        inner: MemoryStore::new(),
-        bytes: std::sync::atomic::AtomicU64::new(0),
-    });
-    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
-    let vault = Vault::create_in(
-        dyn_store,
-        &dir.path().join("state"),
-        true,
-        ChunkSize::new(65536).unwrap(),
-        1,
-        None,
-        None,
-    )
-    .unwrap();
+    let (store, vault) = range_counted_vault(dir.path());
     let img = dir.path().join("disk.raw");
     let mut data = vec![0u8; 24 << 20];
     blake3::Hasher::new()
