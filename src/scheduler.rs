@@ -204,9 +204,25 @@ fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>, stale: Option<StaleCh
     let mut next: HashMap<String, (String, Option<OffsetDateTime>)> = HashMap::new();
     let mut first = true;
     let mut last_stale: Option<std::time::Instant> = None;
+    // One catalog connection for the thread's life (the loop runs 5 times a second: no
+    // open per tick), opened again after an error.
+    let mut catalog: Option<Catalog> = None;
     while !stop.load(Ordering::Relaxed) {
-        if let Err(e) = tick(&data, &tasks, &mut next, first) {
+        if !first {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let cat = match catalog.take().map_or_else(|| Catalog::open(&data), Ok) {
+            Ok(c) => catalog.insert(c),
+            Err(e) => {
+                tracing::error!("scheduler: {e}");
+                first = false;
+                continue;
+            }
+        };
+        let mut ok = true;
+        if let Err(e) = tick(&data, cat, &tasks, &mut next, first) {
             tracing::error!("scheduler: {e}");
+            ok = false;
         }
         first = false;
         if let Some(sc) = &stale
@@ -214,21 +230,24 @@ fn run(data: PathBuf, tasks: Tasks, stop: Arc<AtomicBool>, stale: Option<StaleCh
         {
             last_stale = Some(std::time::Instant::now());
             let now = OffsetDateTime::now_utc();
-            if let Err(e) = crate::alerts::stale::check(&sc.alerter, sc.grace_minutes, now) {
+            if let Err(e) = crate::alerts::stale::check(cat, &sc.alerter, sc.grace_minutes, now) {
                 tracing::error!("stale-backup check: {e}");
+                ok = false;
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        if !ok {
+            catalog = None;
+        }
     }
 }
 
 fn tick(
     data: &Path,
+    catalog: &Catalog,
     tasks: &Tasks,
     next: &mut HashMap<String, (String, Option<OffsetDateTime>)>,
     first: bool,
 ) -> Result<()> {
-    let catalog = Catalog::open(data)?;
     let policies: Vec<Policy> = catalog.list_named(Table::Policies)?;
     let now = OffsetDateTime::now_utc();
     next.retain(|name, _| policies.iter().any(|p| &p.name == name && p.enabled));

@@ -94,8 +94,12 @@ fn human(d: Duration) -> String {
 }
 
 /// Run the check once at `now`.
-pub fn check(alerter: &Alerter, grace_minutes: Option<f64>, now: OffsetDateTime) -> Result<()> {
-    let cat = Catalog::open(alerter.data())?;
+pub fn check(
+    cat: &Catalog,
+    alerter: &Alerter,
+    grace_minutes: Option<f64>,
+    now: OffsetDateTime,
+) -> Result<()> {
     let policies: Vec<PolicyView> = cat.list_named(Table::Policies)?;
     let resources: HashMap<String, String> = cat
         .list_named::<ResourceView>(Table::Resources)?
