@@ -32,11 +32,12 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use super::{BackupOptions, DiskOutcome, ReadPlan, check_cancel};
 use crate::chunk::{BlobKind, ChunkDigest, EncodedBlob, Encoder, encode_blob, is_zero};
 use crate::error::{Error, ErrorKind, Result};
-use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page, encode_page, page_len, pages_for};
+use crate::index::{IndexRoot, PAGE_ENTRIES, encode_page, page_len, pages_for};
 use crate::source::{BlockSource, Extent};
 use crate::vault::Vault;
 use crate::vault::lookup::LookupIndex;
 use crate::vault::pack::{PackId, SealedPack};
+use crate::vault::walk::PageReader;
 
 /// Consecutive chunks read with one request.
 const READ_RUN: usize = 16;
@@ -96,6 +97,25 @@ fn plan_chunks(extents: &[Extent], chunk: u64, disk_size: u64) -> impl Iterator<
         next = next.max(last);
         first..last.max(first)
     })
+}
+
+/// The index pages the chunks of `extents` fall in, ascending.
+fn plan_pages(extents: &[Extent], chunk: u64, disk_size: u64) -> Vec<usize> {
+    let per_page = chunk * PAGE_ENTRIES as u64;
+    let mut pages: Vec<usize> = Vec::new();
+    for e in extents {
+        let end = e.end().min(disk_size);
+        if e.length == 0 || e.offset >= end {
+            continue;
+        }
+        let (first, last) = (
+            (e.offset / per_page) as usize,
+            ((end - 1) / per_page) as usize,
+        );
+        let from = pages.last().map_or(first, |&l| first.max(l + 1));
+        pages.extend(from..=last);
+    }
+    pages
 }
 
 /// Run the pipeline for one disk according to `plan`; every pack published is pushed
@@ -175,7 +195,9 @@ pub fn run_disk(
             lookup: &main_lookup,
             claimed: &claimed,
             level,
-            base: plan.base.as_ref(),
+            base: plan.base.as_ref().map(|b| {
+                PageReader::new(vault, &main_lookup, b, plan_pages(&plan.extents, cs, size))
+            }),
             chunks,
             pages: HashMap::new(),
             root_pages: match &plan.base {
@@ -242,7 +264,8 @@ struct Reader<'a> {
     lookup: &'a LookupIndex,
     claimed: &'a Claimed,
     level: i32,
-    base: Option<&'a IndexRoot>,
+    /// The previous backup's pages (read ahead on object storage).
+    base: Option<PageReader<'a>>,
     chunks: u64,
     pages: HashMap<usize, PageState>,
     root_pages: Vec<ChunkDigest>,
@@ -335,12 +358,10 @@ impl Reader<'_> {
 
     fn open_page(&mut self, page: usize) -> Result<()> {
         let n = page_len(self.chunks, page);
-        let entries = match self.base.map(|b| b.pages[page]) {
-            Some(d) if !d.is_zero() => {
-                let (_, bytes) = self.vault.read_blob(self.lookup, &d)?;
-                decode_page(&bytes, n)?
-            }
-            _ => vec![ChunkDigest::ZERO; n],
+        let entries = match &mut self.base {
+            // Same disk size as this backup (checked), so the same page lengths.
+            Some(b) => b.page(page)?,
+            None => vec![ChunkDigest::ZERO; n],
         };
         self.pages.insert(
             page,
@@ -576,5 +597,19 @@ mod tests {
         ];
         let v: Vec<u64> = plan_chunks(&ext, 128, 1050).collect();
         assert_eq!(v, vec![0, 1, 2, 7, 8]);
+    }
+
+    #[test]
+    fn plan_pages_lists_each_touched_page_once_in_order() {
+        let per_page = 128 * PAGE_ENTRIES as u64;
+        let ext = |offset, length| Extent { offset, length };
+        let plan = [
+            ext(0, 10),
+            ext(per_page - 1, 2),
+            ext(per_page + 5, 1),
+            ext(5 * per_page, 0),
+            ext(7 * per_page, 3 * per_page),
+        ];
+        assert_eq!(plan_pages(&plan, 128, 9 * per_page), vec![0, 1, 7, 8]);
     }
 }

@@ -37,7 +37,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::index::PAGE_ENTRIES;
 use crate::manifest::DiskManifest;
 use crate::vault::Vault;
-use crate::vault::walk::{load_page, load_root};
+use crate::vault::walk::{PageReader, load_root};
 
 mod deflate_pool;
 mod fetch;
@@ -405,8 +405,9 @@ pub fn restore_into(
         let stopped = || Error::new(ErrorKind::Io, "restore workers stopped");
         let walk = (|| -> Result<()> {
             let mut batch = Vec::with_capacity(batch_len);
+            let mut pages = PageReader::all(vault, &lookup, &root);
             for p in 0..root.pages.len() {
-                let entries = match load_page(vault, &lookup, &root, p) {
+                let entries = match pages.page(p) {
                     Ok(e) => e,
                     Err(e) if keep_going => {
                         let offset = (p * PAGE_ENTRIES) as u64 * cs;

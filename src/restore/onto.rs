@@ -28,7 +28,7 @@ use crate::nbd::proto::{STATE_DIRTY, STATE_ZERO};
 use crate::nbd::{BASE_ALLOCATION, NbdClient, NbdUri, dirty_bitmap_context};
 use crate::source::Extent;
 use crate::vault::Vault;
-use crate::vault::walk::{load_page, load_root};
+use crate::vault::walk::{PageReader, load_root};
 
 /// Chunks read from the target with one request.
 const RUN: usize = 16;
@@ -119,8 +119,9 @@ pub fn restore_onto_nbd(
         Ok(())
     };
     let mut buf = vec![0u8; RUN * cs as usize];
+    let mut pages = PageReader::all(vault, &lookup, &root);
     for p in 0..root.pages.len() {
-        let entries = load_page(vault, &lookup, &root, p)?;
+        let entries = pages.page(p)?;
         let mut slot = 0;
         while slot < entries.len() {
             if opts

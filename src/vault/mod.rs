@@ -67,7 +67,7 @@ use crate::manifest::BackupManifest;
 use self::badblobs::BadBlobs;
 use self::keys::{EncryptionConfig, KeySecret};
 use self::lookup::{BlobLocation, LookupIndex};
-use self::pack::{DEFAULT_PACK_TARGET, PackWriter, read_pack_entries};
+use self::pack::{DEFAULT_PACK_TARGET, PackWriter, Staging, read_pack_entries};
 use self::store::{ChunkStore, LocalStore};
 
 /// Current vault format version.
@@ -346,9 +346,16 @@ impl Vault {
         }
     }
 
-    /// A pack writer spooling in [`spool_dir`](Self::spool_dir), `target` bytes a pack.
+    /// A pack writer of `target` bytes a pack, staging packs in
+    /// [`spool_dir`](Self::spool_dir) for a local vault and in memory for a shared
+    /// (object) store, where the PUT is what makes a pack durable.
     pub fn pack_writer_with_target(&self, target: u64) -> PackWriter {
-        PackWriter::new(Arc::clone(&self.store), &self.spool_dir(), target)
+        let staging = if self.shared_store {
+            Staging::Memory
+        } else {
+            Staging::Spool(self.spool_dir())
+        };
+        PackWriter::staged(Arc::clone(&self.store), staging, target)
     }
 
     /// A pack writer with the vault's pack target.

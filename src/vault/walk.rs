@@ -3,8 +3,20 @@
 //! Shared by restore, GC (mark) and verify (map damage to backups and disk offsets).
 //! A page already visited (same digest, e.g. unchanged between backups) is not walked
 //! twice when the caller passes the same `visited` set.
+//!
+//! Index pages are small blobs (32 KiB for 1024 chunks), one per 64 MiB of disk. A local
+//! vault reads each with a `pread`; on object storage each is a request, and reading them
+//! one after the other costs one round trip each (about 44 ms on Garage here: its S3
+//! API answers a small GET on a kept-alive connection only after the client's delayed
+//! ACK), so a 4 GiB incremental spent 2 s of its 2.3 s waiting on its base's 48 pages.
+//! [`PageReader`] reads the pages a caller will ask for ahead of it on such a store:
+//! [`PAGE_BATCH`] at a time, [`PAGE_GETS`] ranged GETs in flight, at most one batch of
+//! plaintext pages (1 MiB) held. A page it could not read is read again by the caller's
+//! own path ([`Vault::read_blob`]), so errors and repairs are the usual ones.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::chunk::ChunkDigest;
 use crate::error::{Error, Result};
@@ -12,7 +24,126 @@ use crate::index::{IndexRoot, PAGE_ENTRIES, decode_page};
 use crate::manifest::DiskManifest;
 
 use super::Vault;
-use super::lookup::LookupIndex;
+use super::lookup::{BlobLocation, LookupIndex};
+
+/// Pages a [`PageReader`] fetches at once on a shared store.
+pub const PAGE_BATCH: usize = 32;
+/// Ranged GETs a [`PageReader`] keeps in flight.
+pub const PAGE_GETS: usize = 8;
+
+/// Reads one index's pages, ahead of the caller on a shared (object) store.
+pub struct PageReader<'a> {
+    vault: &'a Vault,
+    lookup: &'a LookupIndex,
+    root: &'a IndexRoot,
+    /// The pages the caller will ask for, ascending (shared store only).
+    order: Vec<usize>,
+    /// Plaintext of pages fetched ahead, by page.
+    ready: HashMap<usize, Vec<u8>>,
+}
+
+impl<'a> PageReader<'a> {
+    /// A reader of `root`'s pages; `order` lists the pages the caller will ask for,
+    /// ascending (others are read on demand).
+    pub fn new(
+        vault: &'a Vault,
+        lookup: &'a LookupIndex,
+        root: &'a IndexRoot,
+        mut order: Vec<usize>,
+    ) -> PageReader<'a> {
+        if !vault.is_shared_store() {
+            order.clear();
+        }
+        order.retain(|&p| root.pages.get(p).is_some_and(|d| !d.is_zero()));
+        order.dedup();
+        PageReader {
+            vault,
+            lookup,
+            root,
+            order,
+            ready: HashMap::new(),
+        }
+    }
+
+    /// A reader of every stored page of `root`, in disk order.
+    pub fn all(vault: &'a Vault, lookup: &'a LookupIndex, root: &'a IndexRoot) -> PageReader<'a> {
+        PageReader::new(vault, lookup, root, (0..root.pages.len()).collect())
+    }
+
+    /// Page `p`, decoded (all-zero pages are not stored).
+    pub fn page(&mut self, p: usize) -> Result<Vec<ChunkDigest>> {
+        match self.take(p) {
+            Some(bytes) => decode_page(&bytes, self.root.page_len(p)),
+            None => load_page(self.vault, self.lookup, self.root, p),
+        }
+    }
+
+    /// The plaintext of stored page `p` (the caller decodes it), read through
+    /// [`Vault::read_blob`] when it was not fetched ahead.
+    pub fn page_bytes(&mut self, p: usize) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.take(p) {
+            return Ok(bytes);
+        }
+        let d = self.root.pages[p];
+        Ok(self.vault.read_blob(self.lookup, &d)?.1)
+    }
+
+    /// The page if it was, or now is, fetched ahead.
+    fn take(&mut self, p: usize) -> Option<Vec<u8>> {
+        if let Some(b) = self.ready.remove(&p) {
+            return Some(b);
+        }
+        let at = self.order.binary_search(&p).ok()?;
+        self.fetch(at);
+        self.ready.remove(&p)
+    }
+
+    /// Fetch the pages of `order[at..]`, up to [`PAGE_BATCH`], several GETs at once.
+    /// Failures are left out: the caller reads those pages on its own path.
+    fn fetch(&mut self, at: usize) {
+        self.ready.clear();
+        let end = (at + PAGE_BATCH).min(self.order.len());
+        // Distinct digests and their locations (the lookup index is this thread's).
+        let mut wanted: Vec<(ChunkDigest, BlobLocation, Vec<usize>)> = Vec::new();
+        let mut by_digest: HashMap<ChunkDigest, usize> = HashMap::new();
+        for &p in &self.order[at..end] {
+            let d = self.root.pages[p];
+            if let Some(&i) = by_digest.get(&d) {
+                wanted[i].2.push(p);
+            } else if let Ok(Some(loc)) = self.lookup.get(&d) {
+                by_digest.insert(d, wanted.len());
+                wanted.push((d, loc, vec![p]));
+            }
+        }
+        let next = AtomicUsize::new(0);
+        let got: Mutex<Vec<(usize, Vec<u8>)>> = Mutex::new(Vec::new());
+        let vault = self.vault;
+        std::thread::scope(|scope| {
+            for _ in 0..PAGE_GETS.min(wanted.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((d, loc, _)) = wanted.get(i) else {
+                            break;
+                        };
+                        if let Ok((_, bytes)) = vault.read_blob_at(loc, d) {
+                            got.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((i, bytes));
+                        }
+                    }
+                });
+            }
+        });
+        for (i, bytes) in got.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let pages = &wanted[i].2;
+            for &p in &pages[1..] {
+                self.ready.insert(p, bytes.clone());
+            }
+            self.ready.insert(pages[0], bytes);
+        }
+    }
+}
 
 /// Load and check a disk's index root.
 pub fn load_root(vault: &Vault, lookup: &LookupIndex, disk: &DiskManifest) -> Result<IndexRoot> {
@@ -83,6 +214,11 @@ pub fn walk_disk(
     };
     let cs = root.chunk_size.as_u64();
     let mut chunks = Vec::with_capacity(PAGE_ENTRIES);
+    let mut first_seen = HashSet::new();
+    let order = (0..root.pages.len())
+        .filter(|&p| !visited.contains(&root.pages[p]) && first_seen.insert(root.pages[p]))
+        .collect();
+    let mut pages = PageReader::new(vault, lookup, &root, order);
     for (p, d) in root.pages.iter().enumerate() {
         if d.is_zero() || !visited.insert(*d) {
             continue;
@@ -91,7 +227,7 @@ pub fn walk_disk(
             page: p,
             digest: *d,
         })?;
-        match load_page(vault, lookup, &root, p) {
+        match pages.page(p) {
             Ok(entries) => {
                 chunks.clear();
                 chunks.extend(

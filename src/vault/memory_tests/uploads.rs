@@ -15,6 +15,30 @@ impl ConcurrentPuts {
     fn most_at_once(&self) -> usize {
         self.state.lock().unwrap().1
     }
+
+    /// Run one upload, waiting first (up to a deadline) for a second one to be in flight.
+    fn counted(
+        &self,
+        upload: impl FnOnce() -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.0 < 2 && !s.2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.2 = true; // never two at once: stop waiting for good
+                break;
+            }
+            s = self.changed.wait_timeout(s, left).unwrap().0;
+        }
+        drop(s);
+        let r = upload();
+        self.state.lock().unwrap().0 -= 1;
+        r
+    }
 }
 
 impl ChunkStore for ConcurrentPuts {
@@ -34,23 +58,10 @@ impl ChunkStore for ConcurrentPuts {
         self.inner.put(key, bytes)
     }
     fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        s.0 += 1;
-        s.1 = s.1.max(s.0);
-        self.changed.notify_all();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while s.0 < 2 && !s.2 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                s.2 = true; // never two at once: stop waiting for good
-                break;
-            }
-            s = self.changed.wait_timeout(s, left).unwrap().0;
-        }
-        drop(s);
-        let r = self.inner.put_spooled(key, spooled);
-        self.state.lock().unwrap().0 -= 1;
-        r
+        self.counted(|| self.inner.put_spooled(key, spooled))
+    }
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> crate::error::Result<()> {
+        self.counted(|| self.inner.put_owned(key, bytes))
     }
     fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
         self.inner.list(prefix)

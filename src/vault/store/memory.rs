@@ -168,6 +168,10 @@ impl ChunkStore for MemoryStore {
         self.store(key, bytes.to_vec())
     }
 
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.store(key, bytes)
+    }
+
     fn put_spooled(&self, key: &str, spooled: &Path) -> Result<()> {
         let bytes = std::fs::read(spooled).ctx(|| format!("reading {}", spooled.display()))?;
         self.store(key, bytes)?;

@@ -12,11 +12,11 @@
 //! locks/leases/<kind>-<owner>.json        GC / backup leases of object-store vaults (see `lease`)
 //! ```
 //!
-//! Five primitives (get, ranged get, put from bytes or from a spooled local file, list by
+//! Five primitives (get, ranged get, put from bytes, an owned buffer or a spooled local file, list by
 //! prefix, delete) plus length; the pack and file helpers every caller uses are provided
 //! methods on top of them. A put is atomic: a reader sees the old object or the whole new
 //! one, never a part. Nothing here hands out local paths: staging a pack is the writer's
-//! business (`Vault::spool_dir`), and local-only state (lookup cache, flock, pins) lives
+//! business (`pack::Staging`: a spool file or memory), and local-only state (lookup cache, flock, pins) lives
 //! in the vault's local state directory, not in the store.
 //!
 //! Implementations: [`LocalStore`] (a directory: rename-on-publish), [`MemoryStore`]
@@ -77,6 +77,11 @@ pub trait ChunkStore: Send + Sync {
     /// Store a whole object atomically from a fully written, fsynced local file, which the
     /// store consumes (moves or deletes) on success.
     fn put_spooled(&self, key: &str, spooled: &Path) -> Result<()>;
+    /// Store a whole object atomically from a buffer the store may keep (no copy where
+    /// the client can send it as is).
+    fn put_owned(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.put(key, &bytes)
+    }
     /// Every object whose key starts with `prefix/` (recursive), sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// Remove an object (`NotFound` when absent).
@@ -87,6 +92,10 @@ pub trait ChunkStore: Send + Sync {
     /// Publish a fully written, fsynced staged pack under `id` (atomic).
     fn publish_pack(&self, id: PackId, staged: &Path) -> Result<()> {
         self.put_spooled(&pack_key(id), staged)
+    }
+    /// Publish a whole pack staged in memory under `id` (atomic).
+    fn publish_pack_bytes(&self, id: PackId, bytes: Vec<u8>) -> Result<()> {
+        self.put_owned(&pack_key(id), bytes)
     }
     /// Length of a pack in bytes.
     fn pack_len(&self, id: PackId) -> Result<u64> {
