@@ -2,7 +2,7 @@
 //! read or a listing that misses an object does to a backup, a restore and GC.
 //!
 //! Shared helpers here; the tests by what they cover: [`faults`] (injected put, get and
-//! list faults), [`gc`] (what GC frees and logs), [`reads`] (how restores and instant
+//! list faults), [`gc`] (what GC frees and logs), [`pages`] (index pages read ahead), [`reads`] (how restores and instant
 //! access read a shared store: windows, GETs, bytes), [`uploads`] (packs and replicas
 //! uploaded several at once).
 
@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 mod faults;
 mod gc;
+mod pages;
 mod reads;
 mod uploads;
 

@@ -1,0 +1,186 @@
+//! Index pages read ahead on a shared store (`walk::PageReader`): a backup reads its
+//! base's pages several GETs at once, and a page whose read-ahead failed is read again on
+//! the caller's own path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use super::*;
+use crate::error::Error;
+use crate::vault::walk::load_root;
+
+/// A [`MemoryStore`] whose ranged GETs of the chosen blobs (the index pages) wait (up to
+/// a deadline) for a second one to be in flight and record the most at once; one chosen
+/// read can fail once.
+struct SlowPages {
+    inner: MemoryStore,
+    pages: Mutex<Vec<(u64, usize)>>,
+    state: Mutex<(usize, usize, bool)>, // (in flight, most at once, gave up)
+    changed: Condvar,
+    fail_once: Mutex<Option<(u64, usize)>>,
+    failed: AtomicU64,
+}
+
+impl ChunkStore for SlowPages {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
+        {
+            let mut f = self.fail_once.lock().unwrap();
+            if *f == Some((offset, len)) {
+                *f = None;
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Err(Error::corrupt("injected short read"));
+            }
+        }
+        if !self.pages.lock().unwrap().contains(&(offset, len)) {
+            return self.inner.get_range(key, offset, len);
+        }
+        let mut s = self.state.lock().unwrap();
+        s.0 += 1;
+        s.1 = s.1.max(s.0);
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s.0 < 2 && !s.2 && s.1 < 2 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.2 = true; // never two at once: stop waiting for good
+                break;
+            }
+            s = self.changed.wait_timeout(s, left).unwrap().0;
+        }
+        drop(s);
+        let r = self.inner.get_range(key, offset, len);
+        self.state.lock().unwrap().0 -= 1;
+        r
+    }
+    fn len(&self, key: &str) -> crate::error::Result<u64> {
+        self.inner.len(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
+        self.inner.put(key, bytes)
+    }
+    fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
+        self.inner.put_spooled(key, spooled)
+    }
+    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> crate::error::Result<()> {
+        self.inner.delete(key)
+    }
+}
+
+/// 64 MiB of disk per index page (1024 chunks of 64 KiB).
+const PAGE_SPAN: u64 = 64 << 20;
+
+#[test]
+fn a_backup_reads_its_bases_index_pages_several_at_once_and_rereads_a_page_that_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SlowPages {
+        inner: MemoryStore::new(),
+        pages: Mutex::new(Vec::new()),
+        state: Mutex::new((0, 0, false)),
+        changed: Condvar::new(),
+        fail_once: Mutex::new(None),
+        failed: AtomicU64::new(0),
+    });
+    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
+    let vault = Vault::create_in(
+        dyn_store,
+        &dir.path().join("state"),
+        true,
+        ChunkSize::new(65536).unwrap(),
+        1,
+        None,
+        None,
+    )
+    .unwrap();
+    // A sparse 256 MiB disk: one 64 KiB chunk of data in each page's span.
+    let img = dir.path().join("disk.raw");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(4 * PAGE_SPAN).unwrap();
+    let mut chunk = vec![0u8; 65536];
+    let write_all = |salt: &[u8], chunk: &mut Vec<u8>| {
+        for p in 0..4u64 {
+            blake3::Hasher::new()
+                .update(salt)
+                .update(&p.to_le_bytes())
+                .finalize_xof()
+                .fill(chunk);
+            f.write_all_at(chunk, p * PAGE_SPAN + (p + 1) * 65536)
+                .unwrap();
+        }
+    };
+    write_all(b"full", &mut chunk);
+    let full = backup_disk(
+        &vault,
+        Box::new(RawSource::open(&img).unwrap()),
+        &opts("full"),
+    )
+    .unwrap();
+
+    // The next backup is given its change list against the full: it opens the full's 4
+    // pages. Page 2's read-ahead fails once.
+    let lookup = vault.lookup().unwrap();
+    let root = load_root(&vault, &lookup, &full.disks[0]).unwrap();
+    assert!(root.pages.iter().all(|d| !d.is_zero()));
+    let loc = lookup.get(&root.pages[2]).unwrap().unwrap();
+    *store.fail_once.lock().unwrap() = Some((loc.offset, loc.length as usize));
+    write_all(b"next", &mut chunk);
+    *store.pages.lock().unwrap() = root
+        .pages
+        .iter()
+        .map(|d| lookup.get(d).unwrap().unwrap())
+        .map(|l| (l.offset, l.length as usize))
+        .collect();
+    let changed = (0..4u64)
+        .map(|p| crate::source::Extent {
+            offset: p * PAGE_SPAN + (p + 1) * 65536,
+            length: 65536,
+        })
+        .collect();
+    let next_opts = BackupOptions {
+        change: crate::cbt::ChangeHint::ChangeList {
+            extents: changed,
+            since: None,
+            covers: None,
+        },
+        ..opts("next")
+    };
+    let next = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &next_opts).unwrap();
+    assert_eq!(
+        next.disks[0].chunks_read, 4,
+        "a change list: only the 4 chunks read"
+    );
+    store.pages.lock().unwrap().clear();
+    let (_, most, gave_up) = *store.state.lock().unwrap();
+    assert!(
+        most >= 2 && !gave_up,
+        "the base's pages are read several at once (at most {most} GETs at once)"
+    );
+    assert_eq!(
+        store.failed.load(Ordering::SeqCst),
+        1,
+        "the injected failure fired"
+    );
+    assert_eq!(next.disks[0].chunks_new, 4);
+
+    // The page read again after its failed read-ahead is right: the backup restores.
+    let out = dir.path().join("restored.raw");
+    restore_disk(
+        &vault,
+        &next.disks[0],
+        &out,
+        ImageFormat::Raw,
+        None,
+        &opts("r"),
+    )
+    .unwrap();
+    let (a, b) = (std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
+    assert!(a == b, "restored image differs from the disk");
+}
