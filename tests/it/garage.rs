@@ -1,5 +1,5 @@
 //! Vaults on S3-compatible object storage, against a real single-node Garage started per
-//! test on 127.0.0.1 (throwaway config: sqlite metadata, replication_factor 1, random
+//! test on 127.0.0.1 (throwaway config: sqlite metadata, replication_factor 1, no compression, random
 //! rpc_secret; layout assigned and applied, one bucket, one key). Garage is found as
 //! `$BLOCKVAULT_GARAGE`, `garage` on PATH or `~/.cargo/bin/garage`; when it is missing
 //! these tests fail with the command that installs it.
@@ -75,6 +75,7 @@ impl Garage {
         let secret = hex(&rand_bytes(32));
         let config = format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             compression_level = \"none\"\n\
              replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\n\
              rpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
              [s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n",

@@ -12,6 +12,21 @@
 //! doubling to 5 s, at most [`RETRIES`] times within [`RETRY_WINDOW`]); a store that
 //! stays unreachable gives `Unreachable`.
 //!
+//! Payload signing: over `http://` every request signs the SHA-256 of its body (SigV4),
+//! so a body damaged or altered on the way is refused by the server. Over `https://` the
+//! body is sent as `UNSIGNED-PAYLOAD`, as the AWS SDKs do: TLS already protects every
+//! byte end to end, and hashing each pack twice more (here and at the server) cost about
+//! a tenth of a full backup's CPU on both sides.
+//!
+//! Connections: over `https://` they are kept alive and reused. Over `http://` (a store
+//! on the local network) each request opens its own: Garage's S3 API leaves Nagle's
+//! algorithm on, so on a kept-alive connection every answer's body waited for the
+//! client's delayed ACK of its headers, about 40 ms per request whatever its size (seen
+//! with strace: headers at once, body 42 ms later). A fresh connection ACKs at once;
+//! connecting costs ~0.1 ms on a LAN. Measured on a 4 GiB backup: instant access 10.2 →
+//! 7.1 s, restore 8.8 → 7.0 s. (A TLS terminator in front of such a store sets
+//! `TCP_NODELAY` itself, and a TLS handshake per request would cost more than it saves.)
+//!
 //! Credentials are never part of a URL, an argument or a message: [`S3Credentials`] has
 //! a redacting `Debug`, and [`S3Store::describe`] names only the bucket and prefix.
 
@@ -158,6 +173,8 @@ struct Requests {
     delete: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Microseconds the ranged GETs took, summed (their mean latency in the log line).
+    range_us: AtomicU64,
 }
 
 fn count(c: &AtomicU64, n: u64) {
@@ -177,6 +194,7 @@ impl Drop for S3Store {
             delete = v(&r.delete),
             bytes_in = v(&r.bytes_in),
             bytes_out = v(&r.bytes_out),
+            ranged_get_ms_mean = v(&r.range_us) / 1000 / v(&r.get).max(1),
             "S3 requests"
         );
     }
@@ -223,6 +241,12 @@ impl S3Store {
             .with_allow_http(location.endpoint.starts_with("http://"))
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(300));
+        // Plain http: a connection per request (see the module doc).
+        let options = if location.endpoint.starts_with("http://") {
+            options.with_pool_max_idle_per_host(0)
+        } else {
+            options
+        };
         let client = AmazonS3Builder::new()
             .with_bucket_name(&location.bucket)
             .with_endpoint(&location.endpoint)
@@ -230,6 +254,7 @@ impl S3Store {
             .with_access_key_id(&credentials.access_key_id)
             .with_secret_access_key(&credentials.secret_access_key)
             .with_virtual_hosted_style_request(false)
+            .with_unsigned_payload(location.endpoint.starts_with("https://"))
             .with_retry(retry)
             .with_client_options(options)
             .build()
@@ -340,9 +365,14 @@ impl ChunkStore for S3Store {
         let range: Range<u64> = offset..offset + len as u64;
         count(&self.requests.get, 1);
         count(&self.requests.bytes_in, len as u64);
+        let started = std::time::Instant::now();
         let bytes = self
             .run(move |c| async move { c.get_range(&path, range).await })
             .map_err(|e| self.error(format!("reading {len} bytes at {offset} of {key}"), e))?;
+        count(
+            &self.requests.range_us,
+            started.elapsed().as_micros().min(u64::MAX as u128) as u64,
+        );
         if bytes.len() != len {
             return Err(Error::corrupt(format!(
                 "{key} in {}: got {} of the {len} bytes asked at offset {offset} (object truncated?)",
