@@ -199,6 +199,20 @@ pub fn replicate_backup(
         let mut enc = enc.clone();
         enc.wrapped_for = Some(enc.wrap_id(&source.config().id).to_string());
         if target.adopt_encryption(&enc)? {
+            let passphrases = enc
+                .keys
+                .iter()
+                .filter(|w| w.kind == crate::vault::keys::WrappingKind::Passphrase)
+                .count();
+            if passphrases > 0 {
+                // Said once, when the mirror takes the key material: whoever reads the
+                // mirror's vault.toml can try passphrases offline (argon2id slows each
+                // guess, nothing stops them).
+                tracing::warn!(
+                    target_vault = %info.vault_id,
+                    "the mirror took {passphrases} passphrase wrapping(s) of the data key with the key material; anyone who can read its vault.toml can guess those passphrases offline (argon2id makes each guess slow): prefer key files (`vault key add NAME --new-keyfile PATH`) and long passphrases for vaults that are mirrored"
+                );
+            }
             info = target.info()?;
         }
     }

@@ -446,6 +446,17 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
     );
     assert_eq!(pack_files(&r1.vault_dir("m")).len(), packs_before);
 
+    // A passphrase wrapping too: the mirror takes it with the key material, and the
+    // push says that it can be guessed offline there.
+    let add = src
+        .cmd()
+        .env("NEWPASS", "a passphrase for site b")
+        .args(["--keyfile", k, "vault", "key", "add", "v"])
+        .args(["--new-passphrase-env", "NEWPASS"])
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "{}", stderr(&add));
+
     // An empty mirror vault takes the key material and the sealed blobs as they are.
     let r = Receiver::new();
     let (mut serve, url, fp) = r.serve("127.0.0.1:0");
@@ -454,6 +465,11 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("1 passphrase wrapping(s)"),
+        "{}",
+        stderr(&out)
+    );
     let first: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(u(&first, "backups_sent"), 1, "{first}");
     let vt = std::fs::read_to_string(r.vault_dir("m").join("vault.toml")).unwrap();
@@ -482,6 +498,11 @@ fn an_encrypted_vault_pushed_to_a_mirror_stays_sealed_there_and_restores_only_wi
         .output()
         .unwrap();
     assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        !stderr(&again).contains("passphrase wrapping"),
+        "said once, when the key material is taken: {}",
+        stderr(&again)
+    );
     let again: Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(u(&again, "bytes_sent"), 0, "{again}");
     assert_eq!(u(&again, "wire_bytes"), 0, "{again}");
