@@ -25,27 +25,7 @@ struct PacksVanish {
 }
 
 impl ChunkStore for PacksVanish {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
-        self.inner.get(key)
-    }
-    fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
-        self.inner.get_range(key, offset, len)
-    }
-    fn len(&self, key: &str) -> crate::error::Result<u64> {
-        self.inner.len(key)
-    }
-    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
-        self.inner.put(key, bytes)
-    }
-    fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
-        self.inner.put_spooled(key, spooled)
-    }
-    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
+    forward_to_inner!(describe, get, get_range, len, put, put_spooled, list);
     fn delete(&self, key: &str) -> crate::error::Result<()> {
         if key.starts_with("packs/") {
             self.inner.delete(key)?;

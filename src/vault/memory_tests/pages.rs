@@ -2,8 +2,8 @@
 //! base's pages several GETs at once, and a page whose read-ahead failed is read again on
 //! the caller's own path.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
 
 use super::*;
 use crate::error::Error;
@@ -15,19 +15,13 @@ use crate::vault::walk::load_root;
 struct SlowPages {
     inner: MemoryStore,
     pages: Mutex<Vec<(u64, usize)>>,
-    state: Mutex<(usize, usize, bool)>, // (in flight, most at once, gave up)
-    changed: Condvar,
+    gets: AtOnce,
     fail_once: Mutex<Option<(u64, usize)>>,
     failed: AtomicU64,
 }
 
 impl ChunkStore for SlowPages {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
-        self.inner.get(key)
-    }
+    forward_to_inner!(describe, get, len, put, put_spooled, list, delete);
     fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
         {
             let mut f = self.fail_once.lock().unwrap();
@@ -40,38 +34,7 @@ impl ChunkStore for SlowPages {
         if !self.pages.lock().unwrap().contains(&(offset, len)) {
             return self.inner.get_range(key, offset, len);
         }
-        let mut s = self.state.lock().unwrap();
-        s.0 += 1;
-        s.1 = s.1.max(s.0);
-        self.changed.notify_all();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while s.0 < 2 && !s.2 && s.1 < 2 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                s.2 = true; // never two at once: stop waiting for good
-                break;
-            }
-            s = self.changed.wait_timeout(s, left).unwrap().0;
-        }
-        drop(s);
-        let r = self.inner.get_range(key, offset, len);
-        self.state.lock().unwrap().0 -= 1;
-        r
-    }
-    fn len(&self, key: &str) -> crate::error::Result<u64> {
-        self.inner.len(key)
-    }
-    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
-        self.inner.put(key, bytes)
-    }
-    fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
-        self.inner.put_spooled(key, spooled)
-    }
-    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> crate::error::Result<()> {
-        self.inner.delete(key)
+        self.gets.run(|| self.inner.get_range(key, offset, len))
     }
 }
 
@@ -84,8 +47,7 @@ fn a_backup_reads_its_bases_index_pages_several_at_once_and_rereads_a_page_that_
     let store = Arc::new(SlowPages {
         inner: MemoryStore::new(),
         pages: Mutex::new(Vec::new()),
-        state: Mutex::new((0, 0, false)),
-        changed: Condvar::new(),
+        gets: AtOnce::default(),
         fail_once: Mutex::new(None),
         failed: AtomicU64::new(0),
     });
@@ -158,7 +120,7 @@ fn a_backup_reads_its_bases_index_pages_several_at_once_and_rereads_a_page_that_
         "a change list: only the 4 chunks read"
     );
     store.pages.lock().unwrap().clear();
-    let (_, most, gave_up) = *store.state.lock().unwrap();
+    let (most, gave_up) = store.gets.most();
     assert!(
         most >= 2 && !gave_up,
         "the base's pages are read several at once (at most {most} GETs at once)"

@@ -38,31 +38,11 @@ struct RangeBytes {
 }
 
 impl ChunkStore for RangeBytes {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
-        self.inner.get(key)
-    }
+    forward_to_inner!(describe, get, len, put, put_spooled, list, delete);
     fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
         self.bytes
             .fetch_add(len as u64, std::sync::atomic::Ordering::SeqCst);
         self.inner.get_range(key, offset, len)
-    }
-    fn len(&self, key: &str) -> crate::error::Result<u64> {
-        self.inner.len(key)
-    }
-    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
-        self.inner.put(key, bytes)
-    }
-    fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
-        self.inner.put_spooled(key, spooled)
-    }
-    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> crate::error::Result<()> {
-        self.inner.delete(key)
     }
 }
 

@@ -7,67 +7,16 @@ use super::*;
 /// parallel uploads keep up.
 struct ConcurrentPuts {
     inner: MemoryStore,
-    state: std::sync::Mutex<(usize, usize, bool)>, // (in flight, most at once, gave up)
-    changed: std::sync::Condvar,
-}
-
-impl ConcurrentPuts {
-    fn most_at_once(&self) -> usize {
-        self.state.lock().unwrap().1
-    }
-
-    /// Run one upload, waiting first (up to a deadline) for a second one to be in flight.
-    fn counted(
-        &self,
-        upload: impl FnOnce() -> crate::error::Result<()>,
-    ) -> crate::error::Result<()> {
-        let mut s = self.state.lock().unwrap();
-        s.0 += 1;
-        s.1 = s.1.max(s.0);
-        self.changed.notify_all();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while s.0 < 2 && !s.2 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                s.2 = true; // never two at once: stop waiting for good
-                break;
-            }
-            s = self.changed.wait_timeout(s, left).unwrap().0;
-        }
-        drop(s);
-        let r = upload();
-        self.state.lock().unwrap().0 -= 1;
-        r
-    }
+    puts: AtOnce,
 }
 
 impl ChunkStore for ConcurrentPuts {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn get(&self, key: &str) -> crate::error::Result<Vec<u8>> {
-        self.inner.get(key)
-    }
-    fn get_range(&self, key: &str, offset: u64, len: usize) -> crate::error::Result<Vec<u8>> {
-        self.inner.get_range(key, offset, len)
-    }
-    fn len(&self, key: &str) -> crate::error::Result<u64> {
-        self.inner.len(key)
-    }
-    fn put(&self, key: &str, bytes: &[u8]) -> crate::error::Result<()> {
-        self.inner.put(key, bytes)
-    }
+    forward_to_inner!(describe, get, get_range, len, put, list, delete);
     fn put_spooled(&self, key: &str, spooled: &Path) -> crate::error::Result<()> {
-        self.counted(|| self.inner.put_spooled(key, spooled))
+        self.puts.run(|| self.inner.put_spooled(key, spooled))
     }
     fn put_owned(&self, key: &str, bytes: Vec<u8>) -> crate::error::Result<()> {
-        self.counted(|| self.inner.put_owned(key, bytes))
-    }
-    fn list(&self, prefix: &str) -> crate::error::Result<Vec<crate::vault::store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    fn delete(&self, key: &str) -> crate::error::Result<()> {
-        self.inner.delete(key)
+        self.puts.run(|| self.inner.put_owned(key, bytes))
     }
 }
 
@@ -76,8 +25,7 @@ fn a_backup_uploads_several_packs_at_once_and_records_its_manifest_after_all_of_
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(ConcurrentPuts {
         inner: MemoryStore::new(),
-        state: std::sync::Mutex::new((0, 0, false)),
-        changed: std::sync::Condvar::new(),
+        puts: AtOnce::default(),
     });
     let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
     let state = dir.path().join("state");
@@ -112,7 +60,7 @@ fn a_backup_uploads_several_packs_at_once_and_records_its_manifest_after_all_of_
     .unwrap();
     let packs = keys_under(&store.inner, "packs/").len();
     assert!(packs >= 8, "{packs} packs");
-    let most = store.most_at_once();
+    let most = store.puts.most().0;
     assert!(
         (2..=crate::backup::pipeline::UPLOADS_IN_FLIGHT).contains(&most),
         "{most} pack uploads in flight at once"
@@ -153,8 +101,7 @@ fn replication_onto_an_object_store_lands_several_packs_at_once_and_restores_byt
 
     let store = Arc::new(ConcurrentPuts {
         inner: MemoryStore::new(),
-        state: std::sync::Mutex::new((0, 0, false)),
-        changed: std::sync::Condvar::new(),
+        puts: AtOnce::default(),
     });
     let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
     let state = dir.path().join("target-state");
@@ -176,7 +123,7 @@ fn replication_onto_an_object_store_lands_several_packs_at_once_and_restores_byt
         &crate::replicate::ReplicateOptions::default(),
     )
     .unwrap();
-    let most = store.most_at_once();
+    let most = store.puts.most().0;
     assert!(
         (2..=crate::replicate::engine::MAX_PUTS_IN_FLIGHT).contains(&most),
         "{most} replica packs in flight at once"
