@@ -53,17 +53,7 @@ fn gc_logs_a_pack_already_gone_at_warn_with_its_key_and_finishes() {
     let store = Arc::new(PacksVanish {
         inner: MemoryStore::new(),
     });
-    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
-    let vault = Vault::create_in(
-        dyn_store,
-        &dir.path().join("state"),
-        true,
-        ChunkSize::new(65536).unwrap(),
-        1,
-        None,
-        None,
-    )
-    .unwrap();
+    let vault = vault_over(&store, &dir.path().join("state"));
     let img = image(dir.path(), 5);
     let m = backup_disk(&vault, Box::new(RawSource::open(&img).unwrap()), &opts("b")).unwrap();
     let packs = keys_under(&store.inner, "packs/");

@@ -119,7 +119,8 @@ fn image(dir: &Path, seed: u8) -> std::path::PathBuf {
     path
 }
 
-fn vault_over(store: &Arc<MemoryStore>, state: &Path) -> Vault {
+/// A shared-store vault (64 KiB chunks, zstd 1) over `store`, its local state in `state`.
+fn vault_over<S: ChunkStore + 'static>(store: &Arc<S>, state: &Path) -> Vault {
     let dyn_store: Arc<dyn ChunkStore> = Arc::clone(store) as Arc<dyn ChunkStore>;
     Vault::create_in(
         dyn_store,

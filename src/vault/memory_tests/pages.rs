@@ -51,17 +51,7 @@ fn a_backup_reads_its_bases_index_pages_several_at_once_and_rereads_a_page_that_
         fail_once: Mutex::new(None),
         failed: AtomicU64::new(0),
     });
-    let dyn_store: Arc<dyn ChunkStore> = Arc::clone(&store) as Arc<dyn ChunkStore>;
-    let vault = Vault::create_in(
-        dyn_store,
-        &dir.path().join("state"),
-        true,
-        ChunkSize::new(65536).unwrap(),
-        1,
-        None,
-        None,
-    )
-    .unwrap();
+    let vault = vault_over(&store, &dir.path().join("state"));
     // A sparse 256 MiB disk: one 64 KiB chunk of data in each page's span.
     let img = dir.path().join("disk.raw");
     let f = std::fs::File::create(&img).unwrap();
