@@ -78,16 +78,6 @@ impl<'a> PageReader<'a> {
         }
     }
 
-    /// The plaintext of stored page `p` (the caller decodes it), read through
-    /// [`Vault::read_blob`] when it was not fetched ahead.
-    pub fn page_bytes(&mut self, p: usize) -> Result<Vec<u8>> {
-        if let Some(bytes) = self.take(p) {
-            return Ok(bytes);
-        }
-        let d = self.root.pages[p];
-        Ok(self.vault.read_blob(self.lookup, &d)?.1)
-    }
-
     /// The page if it was, or now is, fetched ahead.
     fn take(&mut self, p: usize) -> Option<Vec<u8>> {
         if let Some(b) = self.ready.remove(&p) {

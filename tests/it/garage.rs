@@ -697,3 +697,32 @@ fn instant_access_from_garage_reads_ahead_and_serves_the_backup_byte_exact_in_fe
         "{gets} GETs for {chunks} chunks:\n{log}"
     );
 }
+
+#[test]
+fn objects_above_the_multipart_size_upload_in_parts_from_memory_and_from_a_spool_file() {
+    let g = Garage::start();
+    let store = g.store("parts");
+    // 80 MiB from memory (5 parts of 16 MiB), 70 MiB from a spool file (4 parts, the
+    // last one short): each reads back byte for byte.
+    let big = random_bytes(80 << 20, 71);
+    store.put_owned("big-owned", big.clone()).unwrap();
+    assert_eq!(store.len("big-owned").unwrap(), big.len() as u64);
+    assert!(
+        store.get("big-owned").unwrap() == big,
+        "owned upload differs"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let spooled = dir.path().join("spooled.tmp");
+    let data = random_bytes(70 << 20, 72);
+    std::fs::write(&spooled, &data).unwrap();
+    store.put_spooled("big-spooled", &spooled).unwrap();
+    assert!(!spooled.exists(), "the store consumed the spool file");
+    assert!(
+        store.get_range("big-spooled", 64 << 20, 6 << 20).unwrap() == data[64 << 20..],
+        "the short last part differs"
+    );
+    assert!(
+        store.get("big-spooled").unwrap() == data,
+        "spooled upload differs"
+    );
+}

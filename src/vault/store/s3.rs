@@ -154,6 +154,12 @@ impl S3Credentials {
     }
 }
 
+/// What a multipart upload reads its parts from.
+enum Parts {
+    Memory(bytes::Bytes),
+    File(std::fs::File),
+}
+
 /// A vault's objects in an S3 bucket.
 pub struct S3Store {
     location: S3Location,
@@ -335,6 +341,39 @@ impl S3Store {
         })
     }
 
+    /// Upload `size` bytes in parts of [`PART_SIZE`], at most 4 in flight.
+    fn put_parts(&self, key: &str, size: u64, parts: Parts) -> Result<()> {
+        let path = self.path(key)?;
+        count(&self.requests.put, size.div_ceil(PART_SIZE as u64) + 2);
+        count(&self.requests.bytes_out, size);
+        self.run(move |c| async move {
+            let upload = c.put_multipart(&path).await?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+            let mut off = 0u64;
+            while off < size {
+                let n = PART_SIZE.min((size - off) as usize);
+                let part = match &parts {
+                    Parts::Memory(b) => b.slice(off as usize..off as usize + n),
+                    Parts::File(f) => {
+                        let mut buf = vec![0u8; n];
+                        std::os::unix::fs::FileExt::read_exact_at(f, &mut buf, off).map_err(
+                            |e| object_store::Error::Generic {
+                                store: "S3",
+                                source: Box::new(e),
+                            },
+                        )?;
+                        bytes::Bytes::from(buf)
+                    }
+                };
+                w.wait_for_capacity(4).await?;
+                w.put(part);
+                off += n as u64;
+            }
+            w.finish().await.map(|_| ())
+        })
+        .map_err(|e| self.error(format!("uploading {key} in parts"), e))
+    }
+
     fn put_payload(&self, key: &str, payload: PutPayload) -> Result<()> {
         let path = self.path(key)?;
         count(&self.requests.put, 1);
@@ -401,20 +440,7 @@ impl ChunkStore for S3Store {
         if size <= MULTIPART_ABOVE {
             return self.put_payload(key, PutPayload::from(bytes));
         }
-        let path = self.path(key)?;
-        let bytes = bytes::Bytes::from(bytes);
-        count(&self.requests.put, size.div_ceil(PART_SIZE as u64) + 2);
-        count(&self.requests.bytes_out, size);
-        self.run(move |c| async move {
-            let upload = c.put_multipart(&path).await?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-            for start in (0..bytes.len()).step_by(PART_SIZE) {
-                w.wait_for_capacity(4).await?;
-                w.put(bytes.slice(start..(start + PART_SIZE).min(bytes.len())));
-            }
-            w.finish().await.map(|_| ())
-        })
-        .map_err(|e| self.error(format!("uploading {key} in parts"), e))
+        self.put_parts(key, size, Parts::Memory(bytes::Bytes::from(bytes)))
     }
 
     fn put_spooled(&self, key: &str, spooled: &Path) -> Result<()> {
@@ -425,34 +451,9 @@ impl ChunkStore for S3Store {
             let bytes = std::fs::read(spooled).ctx(|| format!("reading {}", spooled.display()))?;
             self.put_payload(key, PutPayload::from(bytes))?;
         } else {
-            let path = self.path(key)?;
             let file =
                 std::fs::File::open(spooled).ctx(|| format!("opening {}", spooled.display()))?;
-            count(&self.requests.put, size.div_ceil(PART_SIZE as u64) + 2);
-            count(&self.requests.bytes_out, size);
-            self.run(move |c| async move {
-                let upload = c.put_multipart(&path).await?;
-                let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-                let mut buf = vec![0u8; PART_SIZE];
-                let mut off = 0u64;
-                loop {
-                    let n =
-                        std::os::unix::fs::FileExt::read_at(&file, &mut buf, off).map_err(|e| {
-                            object_store::Error::Generic {
-                                store: "S3",
-                                source: Box::new(e),
-                            }
-                        })?;
-                    if n == 0 {
-                        break;
-                    }
-                    w.wait_for_capacity(4).await?;
-                    w.write(&buf[..n]);
-                    off += n as u64;
-                }
-                w.finish().await.map(|_| ())
-            })
-            .map_err(|e| self.error(format!("uploading {key} in parts"), e))?;
+            self.put_parts(key, size, Parts::File(file))?;
         }
         std::fs::remove_file(spooled).ctx(|| format!("removing {}", spooled.display()))
     }
