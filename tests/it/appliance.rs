@@ -250,6 +250,21 @@ impl Appliance {
         }
     }
 
+    /// Back up `resource` now (POST /backups), wait for the task to succeed, and return
+    /// the new backup's id.
+    pub fn backup_now(&self, token: &str, resource: &str, limit: Duration) -> String {
+        let t = self.ok(
+            "POST",
+            "/backups",
+            token,
+            Some(serde_json::json!({ "resource": resource })),
+            202,
+        );
+        let t = self.wait_task(token, t["task"].as_str().unwrap(), limit);
+        assert_eq!(t["state"], "succeeded", "{t}");
+        t["result"]["backup"].as_str().unwrap().to_string()
+    }
+
     /// The process id of the running `serve`.
     pub fn pid(&self) -> u32 {
         self.child.id()

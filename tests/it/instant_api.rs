@@ -68,16 +68,7 @@ fn an_instant_access_export_started_through_the_api_reads_byte_exact_and_stop_cl
         Some(json!({"name": "web", "kind": "disk", "sources": [img_s], "vault": "v"})),
         201,
     );
-    let t = srv.ok(
-        "POST",
-        "/backups",
-        &op,
-        Some(json!({"resource": "web"})),
-        202,
-    );
-    let t = srv.wait_task(&op, s(&t, "task"), Duration::from_secs(60));
-    assert_eq!(t["state"], "succeeded", "{t}");
-    let backup = s(&t["result"], "backup").to_string();
+    let backup = srv.backup_now(&op, "web", Duration::from_secs(60));
 
     // An auditor may list but not start; an unknown backup or disk is a clear 404.
     let (st, v) = srv.call(

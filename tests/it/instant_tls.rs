@@ -100,16 +100,7 @@ fn serve_with_backup(env: &Env, instant: &str) -> (Appliance, String, std::path:
         Some(json!({"name": "web", "kind": "disk", "sources": [img_s], "vault": "v"})),
         201,
     );
-    let t = srv.ok(
-        "POST",
-        "/backups",
-        &op,
-        Some(json!({"resource": "web"})),
-        202,
-    );
-    let t = srv.wait_task(&op, s(&t, "task"), Duration::from_secs(60));
-    assert_eq!(t["state"], "succeeded", "{t}");
-    let backup = s(&t["result"], "backup").to_string();
+    let backup = srv.backup_now(&op, "web", Duration::from_secs(60));
     (srv, op, img, backup)
 }
 
