@@ -39,15 +39,20 @@ bv vault info default
 [ "$serve" = 1 ] || exit 0
 token="$(bv --quiet token create --role admin --name "quickstart-$(date +%Y%m%d-%H%M%S)")"
 data="${BLOCKVAULT_DATA:-./blockvault-data}"
-"$bin" --data "$data" serve --listen 127.0.0.1:8420 &
+ready="$(mktemp)"
+"$bin" --data "$data" serve --listen 127.0.0.1:8420 >"$ready" &
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' INT TERM
-# The certificate is made at the appliance's first start (then kept in $data/tls/).
-for _ in $(seq 300); do
-  [ -s "$data/tls/cert.pem" ] && break
-  kill -0 "$pid" 2>/dev/null || { wait "$pid"; exit $?; }
+trap 'kill -TERM "$pid" 2>/dev/null; rm -f "$ready"' INT TERM
+# Wait for serve to say it listens (after it bound the port; the certificate is made at
+# the appliance's first start and kept in $data/tls/). If it stops first (the port is
+# taken, say), its error is on the screen and so is its exit status.
+for _ in $(seq 600); do
+  grep -q "listening on" "$ready" && break
+  kill -0 "$pid" 2>/dev/null || { rm -f "$ready"; wait "$pid"; exit $?; }
   sleep 0.1
 done
+cat "$ready"
+rm -f "$ready"
 fp="$(bv tls fingerprint)"
 echo
 echo "admin token (shown once): $token"
